@@ -1,0 +1,103 @@
+"""The product's error hierarchy.
+
+Two kinds decide what happens next, as in the Singer SDK and stripe-python:
+
+    StripeSageError
+    ├── RetryableError        transient: 429, 5xx, timeouts, resets (carries ``retry_after``)
+    └── FatalError            retrying cannot help
+        ├── AuthenticationError   401/403: stop the run, alert, no retry storm
+        ├── NotFoundError         404: a missing object or permission is never an empty stream
+        ├── ValidationError       the document or record is wrong: dead-letter it
+        ├── ConfigurationError    settings or mapping file are wrong
+        └── DataQualityError      a suite failed wholesale: stop the load
+
+Every error carries the HTTP status and error code when there is one; no error message ever
+contains a secret (clients build messages from response bodies, never from request headers).
+"""
+
+from __future__ import annotations
+
+
+class StripeSageError(Exception):
+    """Base of every error the product raises on purpose."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        code: str | None = None,
+        field: str | None = None,
+        system: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.code = code
+        self.field = field
+        self.system = system
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.system:
+            parts.insert(0, f"[{self.system}]")
+        if self.http_status is not None:
+            parts.append(f"(HTTP {self.http_status}")
+            parts[-1] += f", code={self.code})" if self.code else ")"
+        if self.field:
+            parts.append(f"field={self.field}")
+        return " ".join(parts)
+
+
+class RetryableError(StripeSageError):
+    """Transient: retry with backoff, honouring ``retry_after`` seconds when the server gave it."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class FatalError(StripeSageError):
+    """Retrying cannot help."""
+
+
+class AuthenticationError(FatalError):
+    """Bad or missing credentials: stop the run."""
+
+
+class NotFoundError(FatalError):
+    """The record (or the permission to see it) does not exist."""
+
+
+class ValidationError(FatalError):
+    """The document or record is wrong; dead-letter it with this reason."""
+
+
+class ConfigurationError(FatalError):
+    """Settings or the mapping file are wrong."""
+
+
+class DataQualityError(FatalError):
+    """A data-quality suite failed wholesale; the load must not go on."""
+
+
+def error_for_status(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    field: str | None = None,
+    retry_after: float | None = None,
+    system: str | None = None,
+) -> StripeSageError:
+    """Map one HTTP answer to the error class that decides retry vs fatal. The only such map."""
+    kw: dict[str, object] = {"http_status": status, "code": code, "field": field, "system": system}
+    if status == 429 or status >= 500:
+        return RetryableError(message, retry_after=retry_after, **kw)
+    if status in (401, 403):
+        return AuthenticationError(message, **kw)  # type: ignore[arg-type]
+    if status == 404:
+        return NotFoundError(message, **kw)  # type: ignore[arg-type]
+    if status in (400, 409, 422):
+        return ValidationError(message, **kw)  # type: ignore[arg-type]
+    return FatalError(message, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,45 @@
+"""One settings class, resolved once at the edge (CLI, flow entry) and passed into clients.
+
+Clients never read the environment themselves. Secrets are ``SecretStr`` so that a repr, a
+log line or an exception shows ``**********``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The embedded defaults: both sandboxes on loopback with their well-known test keys.
+SANDBOX_STRIPE_URL = "http://127.0.0.1:12111"
+SANDBOX_SAGE_URL = "http://127.0.0.1:12112"
+SANDBOX_STRIPE_KEY = "sk_test_stripe_sage_sandbox"
+SANDBOX_SAGE_KEY = "sage_test_stripe_sage_sandbox"
+SANDBOX_WEBHOOK_SECRET = "whsec_stripe_sage_sandbox"
+
+
+class Settings(BaseSettings):
+    """Environment variables (and ``.env``); see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    stripe_api_key: SecretStr = Field(default=SecretStr(SANDBOX_STRIPE_KEY))
+    # Unset means real Stripe; the embedded default is the loopback sandbox.
+    stripe_api_base: str | None = Field(default=SANDBOX_STRIPE_URL)
+    stripe_webhook_secret: SecretStr = Field(default=SecretStr(SANDBOX_WEBHOOK_SECRET))
+    sagepro_base_url: str = Field(default=SANDBOX_SAGE_URL)
+    sagepro_api_key: SecretStr = Field(default=SecretStr(SANDBOX_SAGE_KEY))
+    staging_db: Path = Field(default=Path("data/stripe_sage.duckdb"))
+    mapping_file: Path | None = Field(default=None)
+    # Requests per second toward Stripe; under test mode's 25 req/s per endpoint budget.
+    stripe_max_rps: float = Field(default=20.0, gt=0)
+    sage_concurrency: int = Field(default=4, ge=1, le=64)
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for scrubbing tests and log filters."""
+        return [
+            s.get_secret_value()
+            for s in (self.stripe_api_key, self.stripe_webhook_secret, self.sagepro_api_key)
+            if s.get_secret_value()
+        ]
