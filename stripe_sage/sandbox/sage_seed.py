@@ -1,0 +1,67 @@
+"""Seed data for the Sage Pro sandbox: the chart of accounts and the shapes of seeded records.
+
+Kept apart from the app so that tests, the demo and the mapping file can name the same
+accounts and build seeded customers/orders without importing FastAPI. Amounts in seeds are
+integer minor units, like everywhere else inside the product; the sandbox renders them as
+Sage money strings with the currency's exponent.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+AccountType = Literal["asset", "liability", "equity", "revenue", "expense"]
+
+# (account, description, type). The accounts the product's default mapping posts to; a
+# journal line naming any other account is rejected with ``unknown_account``.
+CHART_OF_ACCOUNTS: Final[list[tuple[str, str, AccountType]]] = [
+    ("1000", "Bank - Operating", "asset"),
+    ("1050", "Stripe Clearing USD", "asset"),
+    ("1051", "Stripe Clearing EUR", "asset"),
+    ("1052", "Stripe Clearing GBP", "asset"),
+    ("1100", "Accounts Receivable", "asset"),
+    ("2200", "Sales Tax Payable", "liability"),
+    ("4000", "Sales", "revenue"),
+    ("4010", "Subscription Revenue", "revenue"),
+    ("4900", "Sales Returns and Allowances", "revenue"),
+    ("6100", "Merchant Fees", "expense"),
+    ("6110", "Chargebacks", "expense"),
+    ("6120", "Dispute Fees", "expense"),
+    ("6130", "FX Fees", "expense"),
+    ("6190", "Other Stripe Adjustments", "expense"),
+]
+
+
+@dataclass(frozen=True)
+class SeedCustomer:
+    """A customer that exists in Sage before the integration runs (e.g. created by sales)."""
+
+    customer_id: str
+    name: str
+    email: str | None
+    currency: str
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
+class SeedLine:
+    """One sales-order line; ``quantity`` is a decimal string, the price integer minor units."""
+
+    item: str
+    description: str | None
+    quantity: str
+    unit_price_minor: int
+
+
+@dataclass(frozen=True)
+class SeedSalesOrder:
+    """An open sales order a Stripe charge can settle (``metadata.erp_order_id``)."""
+
+    order_no: str
+    customer_id: str
+    order_date: datetime.date
+    currency: str
+    lines: list[SeedLine] = field(default_factory=list)
+    reference: str | None = None

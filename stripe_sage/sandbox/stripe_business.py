@@ -1,0 +1,489 @@
+"""A deterministic generated Stripe business, held as compact numpy columns.
+
+Every resource is a table sorted by ``created``; an object's *index* is its position in that
+table and is encoded in its id, so that paging (`starting_after`), `created[...]` filters and
+retrieval are index arithmetic and binary searches, and 1,000,000 charges with their refunds,
+disputes, balance transactions, payouts and events fit in a few hundred MB. Objects are only
+rendered into Stripe-shaped dicts when served (see ``stripe_render``).
+
+The same ``BusinessConfig`` (seed, charges, end, days) always yields the same business, byte
+for byte. What it contains, by design, so that the pipeline's hard cases all occur:
+
+- customers: some without email, some pairs sharing an email, names over 40 characters,
+  non-ASCII names; one in ten carries ``metadata.sage_customer_id`` (pushed by an eCommerce
+  platform together with its sales orders);
+- charges in USD, EUR, GBP, JPY (zero-decimal) and KWD (three-decimal), all settling in USD
+  with an ``exchange_rate``; fees of 2.9% + 30¢ (+1% international) itemised in
+  ``fee_details``; about 3% failed;
+- one charge in twenty carries ``metadata.erp_order_id`` of a Sage sales order;
+- one charge in ten pays a Stripe Billing invoice (some over 10 lines, some taxed, half from
+  subscriptions); an invoice whose charge failed stays open;
+- full, partial and failed refunds, days after their charge (so only ``/v1/events`` shows
+  them to an incremental reader);
+- disputes won (fee sometimes returned) and lost, and still open;
+- a monthly Billing fee (`stripe_fee`), automatic daily payouts whose balance transactions'
+  ``net`` sums exactly to the payout amount, and one payout that fails after it was paid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+DAY = 86_400
+HOUR = 3_600
+
+# Presentment currencies: code, exponent, base rate to USD in major units, share of charges.
+CURRENCIES: tuple[tuple[str, int, float, float], ...] = (
+    ("usd", 2, 1.0, 0.70),
+    ("eur", 2, 1.08, 0.10),
+    ("gbp", 2, 1.27, 0.08),
+    ("jpy", 0, 0.0067, 0.07),
+    ("kwd", 3, 3.25, 0.05),
+)
+USD = 0
+DISPUTE_FEE = 1500
+BILLING_FEE = 2500
+
+
+def default_end() -> int:
+    """Midnight UTC today: the business is 'up to now' unless a fixed end is given."""
+    today = dt.datetime.now(dt.UTC).date()
+    return int(dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC).timestamp())
+
+
+def midnight(ts: np.ndarray | int) -> np.ndarray | int:
+    return ts - (ts % DAY)
+
+
+# Balance transaction kinds: (type, reporting_category).
+BT_KINDS: tuple[tuple[str, str], ...] = (
+    ("charge", "charge"),  # 0
+    ("refund", "refund"),  # 1
+    ("refund_failure", "refund_failure"),  # 2
+    ("adjustment", "dispute"),  # 3
+    ("adjustment", "dispute_reversal"),  # 4
+    ("payout", "payout"),  # 5
+    ("payout_failure", "payout_reversal"),  # 6
+    ("stripe_fee", "fee"),  # 7
+)
+BT_CHARGE, BT_REFUND, BT_REFUND_FAILURE, BT_DISPUTE, BT_DISPUTE_REVERSAL = 0, 1, 2, 3, 4
+BT_PAYOUT, BT_PAYOUT_FAILURE, BT_STRIPE_FEE = 5, 6, 7
+
+# Event types the business emits, and which resource their data.object is.
+EVENT_TYPES: tuple[tuple[str, str], ...] = (
+    ("customer.created", "customers"),  # 0
+    ("customer.subscription.created", "subscriptions"),  # 1
+    ("invoice.created", "invoices"),  # 2
+    ("invoice.finalized", "invoices"),  # 3
+    ("invoice.paid", "invoices"),  # 4
+    ("invoice.payment_succeeded", "invoices"),  # 5
+    ("invoice.payment_failed", "invoices"),  # 6
+    ("charge.succeeded", "charges"),  # 7
+    ("charge.failed", "charges"),  # 8
+    ("charge.refunded", "charges"),  # 9
+    ("refund.created", "refunds"),  # 10
+    ("refund.failed", "refunds"),  # 11
+    ("charge.dispute.created", "disputes"),  # 12
+    ("charge.dispute.funds_withdrawn", "disputes"),  # 13
+    ("charge.dispute.closed", "disputes"),  # 14
+    ("charge.dispute.funds_reinstated", "disputes"),  # 15
+    ("payout.created", "payouts"),  # 16
+    ("payout.paid", "payouts"),  # 17
+    ("payout.reconciliation_completed", "payouts"),  # 18
+    ("payout.failed", "payouts"),  # 19
+    ("customer.updated", "customers"),  # 20
+    ("customer.deleted", "customers"),  # 21
+    ("charge.updated", "charges"),  # 22
+    ("invoice.updated", "invoices"),  # 23
+)
+EVENT_CODE = {name: i for i, (name, _) in enumerate(EVENT_TYPES)}
+
+
+@dataclass(frozen=True)
+class BusinessConfig:
+    seed: int = 7
+    charges: int = 1_000
+    end: int = field(default_factory=default_end)
+    days: int = 30
+
+    @property
+    def start(self) -> int:
+        return self.end - self.days * DAY
+
+
+@dataclass
+class Table:
+    """One resource's base rows, sorted by created; ``created[i]`` is object i's timestamp."""
+
+    created: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.created.shape[0])
+
+
+class Business:
+    """The generated business. Build once (seconds at 1M charges), then read-only."""
+
+    def __init__(self, config: BusinessConfig) -> None:
+        if config.charges < 20:
+            raise ValueError("a business needs at least 20 charges")
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+        self._customers()
+        self._charges()
+        self._subscriptions_and_invoices()
+        self._refunds()
+        self._disputes()
+        self._balance_transactions_and_payouts()
+        self._events()
+        del self.rng
+
+    # -- customers -------------------------------------------------------------------------
+    def _customers(self) -> None:
+        c, rng = self.config, self.rng
+        n = max(24, c.charges // 8)
+        self.customers = Table(np.sort(rng.integers(c.start - 90 * DAY, c.start, n)))
+        self.n_customers = n
+
+    # -- charges ---------------------------------------------------------------------------
+    def _charges(self) -> None:
+        c, rng = self.config, self.rng
+        n = c.charges
+        idx = np.arange(n)
+        self.charges = Table(np.sort(rng.integers(c.start, c.end - 3 * HOUR, n)))
+        shares = np.array([s for *_, s in CURRENCIES])
+        cur = rng.choice(len(CURRENCIES), n, p=shares / shares.sum()).astype(np.int8)
+        self.ch_is_invoice = idx % 10 == 3
+        self.ch_is_erp = idx % 20 == 7
+        cur[self.ch_is_invoice | self.ch_is_erp] = USD
+        self.ch_currency = cur
+        major = np.clip(np.exp(rng.normal(3.6, 1.0, n)), 1.0, 5_000.0)
+        exps = np.array([e for _, e, _, _ in CURRENCIES])[cur]
+        to_ccy = np.array([1.0, 1 / 1.08, 1 / 1.27, 1 / 0.0067, 1 / 3.25])[cur]
+        amount = np.round(major * to_ccy * 10.0**exps).astype(np.int64)
+        self.ch_amount = np.maximum(amount, np.where(exps == 0, 100, 10 ** (exps + 0)))
+        base_rate = np.array([r for _, _, r, _ in CURRENCIES])[cur]
+        rate = np.round(base_rate * (1 + rng.normal(0, 0.003, n)), 6)
+        rate[cur == USD] = 1.0
+        self.ch_rate = rate
+        settle = np.round(self.ch_amount * rate * 10.0 ** (2 - exps)).astype(np.int64)
+        self.ch_bt_amount = np.where(cur == USD, self.ch_amount, settle)
+        self.ch_fee_processing = np.round(self.ch_bt_amount * 0.029).astype(np.int64) + 30
+        self.ch_fee_intl = np.where(
+            cur == USD, 0, np.round(self.ch_bt_amount * 0.01).astype(np.int64)
+        )
+        self.ch_customer = rng.integers(0, self.n_customers, n).astype(np.int32)
+        erp_customers = 10 * rng.integers(0, (self.n_customers + 9) // 10, n)
+        self.ch_customer[self.ch_is_erp] = erp_customers[self.ch_is_erp].astype(np.int32)
+        self.ch_failed = (rng.random(n) < 0.03) & ~self.ch_is_erp
+        self.ch_card = rng.integers(0, 4, n).astype(np.int8)  # brand index
+
+    # -- Billing ---------------------------------------------------------------------------
+    def _subscriptions_and_invoices(self) -> None:
+        c, rng = self.config, self.rng
+        inv_charge = np.nonzero(self.ch_is_invoice)[0]
+        n_inv = len(inv_charge)
+        self.inv_charge = inv_charge
+        self.invoices = Table(self.charges.created[inv_charge] - HOUR)
+        n_sub = max(3, n_inv // 6)
+        self.subscriptions = Table(np.sort(rng.integers(c.start - 60 * DAY, c.start, n_sub)))
+        self.sub_customer = rng.integers(0, self.n_customers, n_sub).astype(np.int32)
+        j = np.arange(n_inv)
+        from_sub = j % 2 == 0
+        self.inv_subscription = np.where(from_sub, rng.integers(0, n_sub, n_inv), -1).astype(
+            np.int32
+        )
+        cust = self.ch_customer[inv_charge]
+        cust[from_sub] = self.sub_customer[self.inv_subscription[from_sub]]
+        self.ch_customer[inv_charge] = cust
+        many = rng.random(n_inv) < 0.15
+        self.inv_lines = np.where(
+            many, rng.integers(11, 15, n_inv), rng.integers(1, 4, n_inv)
+        ).astype(np.int16)
+        total = self.ch_amount[inv_charge]
+        taxed = j % 4 == 1
+        subtotal = np.where(taxed, np.round(total / 1.0825).astype(np.int64), total)
+        self.inv_tax = total - subtotal
+        # Lines need at least one minor unit each.
+        self.inv_lines = np.minimum(self.inv_lines, np.maximum(subtotal, 1)).astype(np.int16)
+        self.ch_invoice = np.full(c.charges, -1, np.int32)
+        self.ch_invoice[inv_charge] = j
+
+    # -- refunds ---------------------------------------------------------------------------
+    def _refunds(self) -> None:
+        c, rng = self.config, self.rng
+        n = c.charges
+        ok = ~self.ch_failed
+        delay = rng.integers(HOUR, 10 * DAY, n)
+        created = self.charges.created + delay
+        want = ok & (rng.random(n) < 0.08) & (created <= c.end - 2 * HOUR)
+        partial = rng.random(n) < 0.4
+        frac = rng.uniform(0.1, 0.9, n)
+        amount = np.where(
+            partial, np.maximum(1, np.round(self.ch_amount * frac)).astype(np.int64), self.ch_amount
+        )
+        bt_amount = np.where(
+            partial,
+            np.maximum(1, np.round(self.ch_bt_amount * (amount / self.ch_amount))).astype(
+                np.int64
+            ),
+            self.ch_bt_amount,
+        )
+        fail = (rng.random(n) < 0.1) & (created <= c.end - 2 * DAY)
+        charge_ids = np.nonzero(want)[0]
+        order = np.argsort(created[charge_ids], kind="stable")
+        charge_ids = charge_ids[order]
+        self.refunds = Table(created[charge_ids])
+        self.rf_charge = charge_ids.astype(np.int32)
+        self.rf_amount = amount[charge_ids]
+        self.rf_bt_amount = bt_amount[charge_ids]
+        self.rf_failed = fail[charge_ids]
+        self.rf_failed_at = np.where(self.rf_failed, self.refunds.created + DAY, 0)
+        self.ch_refund = np.full(n, -1, np.int32)
+        self.ch_refund[charge_ids] = np.arange(len(charge_ids), dtype=np.int32)
+
+    # -- disputes --------------------------------------------------------------------------
+    def _disputes(self) -> None:
+        c, rng = self.config, self.rng
+        n = c.charges
+        created = self.charges.created + rng.integers(2 * DAY, 20 * DAY, n)
+        want = (
+            ~self.ch_failed
+            & (self.ch_refund < 0)
+            & (rng.random(n) < 0.012)
+            & (created <= c.end - HOUR)
+        )
+        closed_at = created + 8 * DAY
+        charge_ids = np.nonzero(want)[0]
+        order = np.argsort(created[charge_ids], kind="stable")
+        charge_ids = charge_ids[order]
+        self.disputes = Table(created[charge_ids])
+        m = len(charge_ids)
+        self.dp_charge = charge_ids.astype(np.int32)
+        closed = closed_at[charge_ids] <= c.end
+        won = rng.random(m) < 0.5
+        # 0 needs_response, 1 won, 2 lost
+        self.dp_status = np.where(closed, np.where(won, 1, 2), 0).astype(np.int8)
+        self.dp_closed_at = np.where(closed, closed_at[charge_ids], 0)
+        self.dp_fee_returned = (self.dp_status == 1) & (rng.random(m) < 0.3)
+        self.ch_dispute = np.full(n, -1, np.int32)
+        self.ch_dispute[charge_ids] = np.arange(m, dtype=np.int32)
+
+    # -- balance transactions and payouts --------------------------------------------------
+    def _balance_transactions_and_payouts(self) -> None:
+        c = self.config
+        rows: list[dict[str, np.ndarray]] = []
+
+        def add(kind: int, created: np.ndarray, amount: np.ndarray, fee: np.ndarray,
+                src: np.ndarray, available: np.ndarray) -> None:
+            rows.append({
+                "kind": np.full(len(created), kind, np.int8),
+                "created": created.astype(np.int64),
+                "amount": amount.astype(np.int64),
+                "fee": fee.astype(np.int64),
+                "src": src.astype(np.int32),
+                "available": available.astype(np.int64),
+            })
+
+        ok = np.nonzero(~self.ch_failed)[0]
+        ch_created = self.charges.created[ok]
+        add(BT_CHARGE, ch_created, self.ch_bt_amount[ok],
+            self.ch_fee_processing[ok] + self.ch_fee_intl[ok], ok,
+            midnight(ch_created) + 2 * DAY)
+        r = np.arange(len(self.refunds))
+        add(BT_REFUND, self.refunds.created, -self.rf_bt_amount, np.zeros(len(r)), r,
+            self.refunds.created)
+        rf = np.nonzero(self.rf_failed)[0]
+        add(BT_REFUND_FAILURE, self.rf_failed_at[rf], self.rf_bt_amount[rf],
+            np.zeros(len(rf)), rf, self.rf_failed_at[rf])
+        d = np.arange(len(self.disputes))
+        dp_amount = self.ch_bt_amount[self.dp_charge]
+        add(BT_DISPUTE, self.disputes.created, -dp_amount, np.full(len(d), DISPUTE_FEE), d,
+            self.disputes.created)
+        won = np.nonzero(self.dp_status == 1)[0]
+        add(BT_DISPUTE_REVERSAL, self.dp_closed_at[won], dp_amount[won],
+            np.where(self.dp_fee_returned[won], -DISPUTE_FEE, 0), won, self.dp_closed_at[won])
+        # A monthly Billing fee on the first of each month inside the business.
+        months = []
+        day0 = dt.datetime.fromtimestamp(c.start, dt.UTC).date().replace(day=1)
+        while True:
+            day0 = (day0 + dt.timedelta(days=32)).replace(day=1)
+            ts = int(dt.datetime(day0.year, day0.month, 1, 3, tzinfo=dt.UTC).timestamp())
+            if ts > c.end - HOUR:
+                break
+            months.append(ts)
+        if not months:
+            months.append(c.start + c.days * DAY // 2)
+        m = np.array(months, np.int64)
+        add(BT_STRIPE_FEE, m, np.full(len(m), -BILLING_FEE), np.zeros(len(m)),
+            np.arange(len(m)), m)
+
+        cols = {k: np.concatenate([row[k] for row in rows]) for k in rows[0]}
+        # Automatic daily payouts: each day at 06:00 UTC, everything available by midnight.
+        by_avail = np.argsort(cols["available"], kind="stable")
+        avail_sorted = cols["available"][by_avail]
+        net = cols["amount"] - cols["fee"]
+        payout_of = np.full(len(net), -1, np.int32)
+        po_created: list[int] = []
+        po_amount: list[int] = []
+        pending_extra: list[tuple[int, int, int]] = []  # failure bts: (available, amount, payout)
+        extra_payout_of: list[int] = []  # the later payout that swept each failure bt up
+        failed_payout = -1
+        carry: list[np.ndarray] = []
+        carry_extra: list[int] = []
+        pos = 0
+        fail_after = c.start + c.days * DAY // 2
+        first_day = int(midnight(c.start)) + 2 * DAY
+        for day in range(first_day, int(midnight(c.end)) + 1, DAY):
+            created = day + 6 * HOUR
+            if created > c.end - HOUR:
+                break
+            nxt = int(np.searchsorted(avail_sorted, day, side="right"))
+            carry.append(by_avail[pos:nxt])
+            pos = nxt
+            carry_extra += [
+                k for k, (avail, _, _) in enumerate(pending_extra)
+                if avail <= day and extra_payout_of[k] < 0 and k not in carry_extra
+            ]
+            members = np.concatenate(carry)
+            total = int(net[members].sum()) + sum(pending_extra[k][1] for k in carry_extra)
+            if total <= 0:
+                continue  # nothing to pay out: the balance carries to the next day
+            p = len(po_created)
+            po_created.append(created)
+            po_amount.append(total)
+            payout_of[members] = p
+            for k in carry_extra:
+                extra_payout_of[k] = p
+            carry, carry_extra = [], []
+            arrival = day + 2 * DAY
+            if failed_payout < 0 and day >= fail_after and arrival + DAY <= c.end - DAY:
+                failed_payout = p
+                pending_extra.append((arrival + DAY, total, p))
+                extra_payout_of.append(-1)
+
+        n_po = len(po_created)
+        self.po_created_arr = np.array(po_created, np.int64)
+        self.payouts = Table(self.po_created_arr)
+        self.po_amount = np.array(po_amount, np.int64)
+        self.po_arrival = midnight(self.po_created_arr) + 2 * DAY
+        self.failed_payout = failed_payout
+        self.po_failed_at = np.zeros(n_po, np.int64)
+        if failed_payout >= 0:
+            self.po_failed_at[failed_payout] = self.po_arrival[failed_payout] + DAY
+
+        # Append the payouts' own bts and the failure bts, then sort everything by created.
+        pk = np.arange(n_po)
+        extra = {
+            "kind": np.concatenate([np.full(n_po, BT_PAYOUT, np.int8),
+                                    np.full(len(pending_extra), BT_PAYOUT_FAILURE, np.int8)]),
+            "created": np.concatenate([self.po_created_arr,
+                                       np.array([a for a, _, _ in pending_extra], np.int64)]),
+            "amount": np.concatenate([-self.po_amount,
+                                      np.array([v for _, v, _ in pending_extra], np.int64)]),
+            "fee": np.zeros(n_po + len(pending_extra), np.int64),
+            "src": np.concatenate([pk, np.array([p for _, _, p in pending_extra], np.int64)]
+                                  ).astype(np.int32),
+            "available": np.concatenate([self.po_created_arr,
+                                         np.array([a for a, _, _ in pending_extra], np.int64)]),
+        }
+        payout_all = np.concatenate([payout_of, pk.astype(np.int32),
+                                     np.array(extra_payout_of, np.int32)])
+        allc = {k: np.concatenate([cols[k], extra[k]]) for k in cols}
+        order = np.argsort(allc["created"], kind="stable")
+        self.balance_transactions = Table(allc["created"][order])
+        self.bt_kind = allc["kind"][order]
+        self.bt_amount = allc["amount"][order]
+        self.bt_fee = allc["fee"][order]
+        self.bt_src = allc["src"][order]
+        self.bt_available = allc["available"][order]
+        self.bt_payout = payout_all[order]
+        # Back-references from sources to their bts.
+        self._bt_index: dict[int, np.ndarray] = {}
+        for kind in range(len(BT_KINDS)):
+            sel = np.nonzero(self.bt_kind == kind)[0]
+            lookup = np.full(int(self.bt_src[sel].max(initial=-1)) + 1, -1, np.int64)
+            lookup[self.bt_src[sel]] = sel
+            self._bt_index[kind] = lookup
+        # Balance transactions of each payout, as a CSR (sorted by payout, then index).
+        by_payout = np.lexsort((np.arange(len(order)), self.bt_payout))
+        self.bt_by_payout = by_payout[self.bt_payout[by_payout] >= 0].astype(np.int64)
+        self.bt_by_payout_key = self.bt_payout[self.bt_by_payout]
+
+    def bt_of(self, kind: int, src: int) -> int:
+        """Index of the balance transaction of ``kind`` whose source is ``src``, or -1."""
+        lookup = self._bt_index[kind]
+        return int(lookup[src]) if 0 <= src < len(lookup) else -1
+
+    def payout_bts(self, p: int) -> np.ndarray:
+        lo = int(np.searchsorted(self.bt_by_payout_key, p, side="left"))
+        hi = int(np.searchsorted(self.bt_by_payout_key, p, side="right"))
+        return self.bt_by_payout[lo:hi]
+
+    # -- events ----------------------------------------------------------------------------
+    def _events(self) -> None:
+        c = self.config
+        parts: list[tuple[np.ndarray, int, np.ndarray]] = []  # (created, type, object index)
+
+        def add(created: np.ndarray, etype: str, obj: np.ndarray) -> None:
+            parts.append((np.asarray(created, np.int64), EVENT_CODE[etype], np.asarray(obj)))
+
+        add(self.customers.created, "customer.created", np.arange(len(self.customers)))
+        add(self.subscriptions.created, "customer.subscription.created",
+            np.arange(len(self.subscriptions)))
+        ninv = np.arange(len(self.invoices))
+        add(self.invoices.created, "invoice.created", ninv)
+        add(self.invoices.created + 1, "invoice.finalized", ninv)
+        inv_ok = ~self.ch_failed[self.inv_charge]
+        paid = ninv[inv_ok]
+        add(self.charges.created[self.inv_charge[paid]] + 1, "invoice.paid", paid)
+        add(self.charges.created[self.inv_charge[paid]] + 1, "invoice.payment_succeeded", paid)
+        unpaid = ninv[~inv_ok]
+        add(self.charges.created[self.inv_charge[unpaid]] + 1, "invoice.payment_failed", unpaid)
+        nch = np.arange(c.charges)
+        add(self.charges.created[~self.ch_failed], "charge.succeeded", nch[~self.ch_failed])
+        add(self.charges.created[self.ch_failed], "charge.failed", nch[self.ch_failed])
+        nrf = np.arange(len(self.refunds))
+        add(self.refunds.created, "charge.refunded", self.rf_charge)
+        add(self.refunds.created, "refund.created", nrf)
+        add(self.rf_failed_at[self.rf_failed], "refund.failed", nrf[self.rf_failed])
+        ndp = np.arange(len(self.disputes))
+        add(self.disputes.created, "charge.dispute.created", ndp)
+        add(self.disputes.created, "charge.dispute.funds_withdrawn", ndp)
+        closed = self.dp_status > 0
+        add(self.dp_closed_at[closed], "charge.dispute.closed", ndp[closed])
+        won = self.dp_status == 1
+        add(self.dp_closed_at[won], "charge.dispute.funds_reinstated", ndp[won])
+        npo = np.arange(len(self.payouts))
+        add(self.payouts.created, "payout.created", npo)
+        arrived = self.po_arrival <= c.end
+        add(self.po_arrival[arrived], "payout.paid", npo[arrived])
+        add(self.po_arrival[arrived] + HOUR, "payout.reconciliation_completed", npo[arrived])
+        if self.failed_payout >= 0:
+            add(self.po_failed_at[[self.failed_payout]], "payout.failed",
+                np.array([self.failed_payout]))
+        created = np.concatenate([p[0] for p in parts])
+        etype = np.concatenate([np.full(len(p[0]), p[1], np.int8) for p in parts])
+        obj = np.concatenate([p[2] for p in parts]).astype(np.int32)
+        keep = created <= c.end
+        created, etype, obj = created[keep], etype[keep], obj[keep]
+        order = np.argsort(created, kind="stable")
+        self.events = Table(created[order])
+        self.ev_type = etype[order]
+        self.ev_object = obj[order]
+
+    # -- derived views used by the Sage seed and tests -------------------------------------
+    @cached_property
+    def erp_charges(self) -> np.ndarray:
+        return np.nonzero(self.ch_is_erp)[0]
+
+    def erp_order_no(self, charge: int) -> str:
+        return f"SO{charge // 20:07d}"
+
+    def sage_customer_id(self, customer: int) -> str | None:
+        """The Sage id an eCommerce platform stored on one customer in ten."""
+        return f"E{customer:07d}" if customer % 10 == 0 else None

@@ -1,0 +1,871 @@
+"""The Stripe sandbox's world: the generated business plus what happened since.
+
+Base objects come from ``Business`` columns; activity created later (live mode, the
+``/_sandbox/activity`` control, metadata updates through the API) lives in small overlay
+lists and patch maps. Every object is rendered on demand into the shape of Stripe's own
+example in ``fixtures3.json`` (templates copied shallowly, only what varies is replaced), at a
+point in time: an event's ``data.object`` shows the object as it was when the event happened.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from stripe_sage.sandbox.stripe_business import (
+    BT_CHARGE,
+    BT_DISPUTE,
+    BT_DISPUTE_REVERSAL,
+    BT_KINDS,
+    BT_PAYOUT,
+    BT_PAYOUT_FAILURE,
+    BT_REFUND,
+    BT_REFUND_FAILURE,
+    BT_STRIPE_FEE,
+    CURRENCIES,
+    DAY,
+    DISPUTE_FEE,
+    EVENT_TYPES,
+    HOUR,
+    Business,
+    BusinessConfig,
+)
+
+API_VERSION = "2026-10-28.endive"
+JSON = dict[str, Any]
+
+# Resource name → (id prefix, fixture key).
+RESOURCES: dict[str, tuple[str, str]] = {
+    "customers": ("cus", "customer"),
+    "charges": ("ch", "charge"),
+    "refunds": ("re", "refund"),
+    "disputes": ("du", "dispute"),
+    "invoices": ("in", "invoice"),
+    "invoice_lines": ("il", "line_item"),
+    "subscriptions": ("sub", "subscription"),
+    "payouts": ("po", "payout"),
+    "balance_transactions": ("txn", "balance_transaction"),
+    "events": ("evt", "event"),
+    "invoice_payments": ("inpay", "invoice_payment"),
+}
+PREFIX_TO_RESOURCE = {prefix: name for name, (prefix, _) in RESOURCES.items()}
+
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_MASK = (1 << 64) - 1
+
+
+def _b62(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 62)
+        out.append(_B62[r])
+    return "".join(reversed(out))
+
+
+def _unb62(s: str) -> int:
+    n = 0
+    for ch in s:
+        n = n * 62 + _B62.index(ch)
+    return n
+
+
+def load_fixtures() -> dict[str, JSON]:
+    text = resources.files("stripe_sage.sandbox").joinpath("data/stripe_fixtures3.json").read_text()
+    return json.loads(text)["resources"]
+
+
+FIRST = ["Ada", "Grace", "Alan", "Maria", "Jonas", "Priya", "Kenji", "Fatima", "Luca", "Olga",
+         "Tomás", "Zoë", "Łukasz", "Søren", "Anaïs", "Björn", "Chloé", "Dmitri", "Eun-ji", "Noah"]
+LAST = ["Lovelace", "Hopper", "Turing", "García", "Müller", "Sharma", "Tanaka", "Haddad",
+        "Rossi", "Ivanova", "Nakamura", "Ångström", "Żółć", "Kierkegaard", "Dubois", "O'Neil"]
+COMPANY = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Tyrell",
+           "Cyberdyne", "Soylent", "Wonka", "Aperture"]
+PRODUCTS = [
+    ("Pro plan (monthly)", "prod_pro"), ("Team seat", "prod_seat"),
+    ("API overage, per 1,000 calls", "prod_api"), ("Onboarding package", "prod_onb"),
+    ("Premium support", "prod_sup"), ("Storage add-on 100 GB", "prod_sto"),
+    ("Annual maintenance and priority support for the enterprise deployment tier",
+     "prod_ent"),
+]
+COUNTRIES = ["US", "US", "US", "GB", "DE", "JP", "KW", "FR", "CA", "NL"]
+BRANDS = ["visa", "mastercard", "amex", "discover"]
+
+
+@dataclass
+class ChargeSpec:
+    created: int
+    amount: int
+    currency: int  # index into CURRENCIES
+    rate: float
+    bt_amount: int
+    fee_processing: int
+    fee_intl: int
+    customer: int
+    failed: bool
+    invoice: int = -1
+    erp_order_no: str | None = None
+    card: int = 0
+    bt: int = -1  # overlay charges store their bt index
+
+
+@dataclass
+class RefundSpec:
+    created: int
+    charge: int
+    amount: int
+    bt_amount: int
+    failed_at: int = 0  # 0: never fails
+    bt: int = -1
+    failure_bt: int = -1
+
+
+@dataclass
+class BtSpec:
+    kind: int
+    created: int
+    amount: int
+    fee: int
+    src: int
+    available_on: int
+    payout: int = -1
+
+
+@dataclass
+class Overlay:
+    """What happened after the generated business's end (small, in memory)."""
+
+    customers: list[JSON] = field(default_factory=list)  # extra customer attribute dicts
+    charges: list[ChargeSpec] = field(default_factory=list)
+    refunds: list[RefundSpec] = field(default_factory=list)
+    bts: list[BtSpec] = field(default_factory=list)
+    events: list[JSON] = field(default_factory=list)  # fully rendered
+    charge_refunds: dict[int, list[int]] = field(default_factory=dict)  # charge → refund idx
+    invoice_paid_by: dict[int, int] = field(default_factory=dict)  # open invoice → charge
+    patches: dict[tuple[str, int], JSON] = field(default_factory=dict)  # current-state merges
+    deleted_customers: set[int] = field(default_factory=set)
+
+
+def deep_merge(base: JSON, patch: JSON) -> JSON:
+    """A new dict: ``patch`` merged into ``base`` (nested dicts copied, never mutated)."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class StripeWorld:
+    """Thread-safe facade over the business + overlay used by the sandbox app."""
+
+    def __init__(self, config: BusinessConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.b = Business(config)
+        self.o = Overlay()
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.tpl = load_fixtures()
+        self._salt = int.from_bytes(hashlib.sha256(f"seed:{config.seed}".encode()).digest()[:8])
+        self.listeners: list[Callable[[JSON], None]] = []
+
+    # -- ids -------------------------------------------------------------------------------
+    def make_id(self, resource: str, index: int) -> str:
+        prefix = RESOURCES[resource][0]
+        tail = ((index + 1) * 0x9E3779B97F4A7C15 ^ self._salt) & _MASK
+        return f"{prefix}_{_b62(index, 7)}{_b62(tail, 11)}"
+
+    def parse_id(self, resource: str, obj_id: str) -> int | None:
+        """Index of ``obj_id`` in ``resource``, or None when it is not one of ours."""
+        prefix = RESOURCES[resource][0] + "_"
+        if not obj_id.startswith(prefix) or len(obj_id) != len(prefix) + 18:
+            return None
+        try:
+            index = _unb62(obj_id[len(prefix) : len(prefix) + 7])
+        except ValueError:
+            return None
+        if self.make_id(resource, index) != obj_id or index >= self.count(resource):
+            return None
+        return index
+
+    # -- counts and timestamps -------------------------------------------------------------
+    def base_count(self, resource: str) -> int:
+        if resource == "invoice_payments":
+            return len(self.b.invoices)
+        if resource == "invoice_lines":
+            return 0
+        return len(getattr(self.b, resource))
+
+    def extra(self, resource: str) -> list[Any]:
+        return {
+            "customers": self.o.customers,
+            "charges": self.o.charges,
+            "refunds": self.o.refunds,
+            "balance_transactions": self.o.bts,
+            "events": self.o.events,
+        }.get(resource, [])
+
+    def count(self, resource: str) -> int:
+        return self.base_count(resource) + len(self.extra(resource))
+
+    def base_created(self, resource: str) -> np.ndarray:
+        if resource == "invoice_payments":
+            return self.b.charges.created[self.b.inv_charge]
+        return getattr(self.b, resource).created  # type: ignore[no-any-return]
+
+    def created_of(self, resource: str, index: int) -> int:
+        n = self.base_count(resource)
+        if index < n:
+            return int(self.base_created(resource)[index])
+        item = self.extra(resource)[index - n]
+        return int(item["created"] if isinstance(item, dict) else item.created)
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def as_of(self, t: int | None = None) -> int:
+        return self.now() if t is None else t
+
+    # -- specs -----------------------------------------------------------------------------
+    def charge(self, i: int) -> ChargeSpec:
+        b = self.b
+        if i >= len(b.charges):
+            return self.o.charges[i - len(b.charges)]
+        return ChargeSpec(
+            created=int(b.charges.created[i]), amount=int(b.ch_amount[i]),
+            currency=int(b.ch_currency[i]), rate=float(b.ch_rate[i]),
+            bt_amount=int(b.ch_bt_amount[i]), fee_processing=int(b.ch_fee_processing[i]),
+            fee_intl=int(b.ch_fee_intl[i]), customer=int(b.ch_customer[i]),
+            failed=bool(b.ch_failed[i]), invoice=int(b.ch_invoice[i]),
+            erp_order_no=b.erp_order_no(i) if b.ch_is_erp[i] else None, card=int(b.ch_card[i]),
+            bt=-1 if b.ch_failed[i] else b.bt_of(BT_CHARGE, i),
+        )
+
+    def refund(self, r: int) -> RefundSpec:
+        b = self.b
+        if r >= len(b.refunds):
+            return self.o.refunds[r - len(b.refunds)]
+        return RefundSpec(
+            created=int(b.refunds.created[r]), charge=int(b.rf_charge[r]),
+            amount=int(b.rf_amount[r]), bt_amount=int(b.rf_bt_amount[r]),
+            failed_at=int(b.rf_failed_at[r]), bt=b.bt_of(BT_REFUND, r),
+            failure_bt=b.bt_of(BT_REFUND_FAILURE, r) if b.rf_failed[r] else -1,
+        )
+
+    def bt(self, t: int) -> BtSpec:
+        b = self.b
+        if t >= len(b.balance_transactions):
+            return self.o.bts[t - len(b.balance_transactions)]
+        return BtSpec(
+            kind=int(b.bt_kind[t]), created=int(b.balance_transactions.created[t]),
+            amount=int(b.bt_amount[t]), fee=int(b.bt_fee[t]), src=int(b.bt_src[t]),
+            available_on=int(b.bt_available[t]), payout=int(b.bt_payout[t]),
+        )
+
+    def refunds_of_charge(self, i: int) -> list[int]:
+        out = []
+        if i < len(self.b.charges) and self.b.ch_refund[i] >= 0:
+            out.append(int(self.b.ch_refund[i]))
+        out += self.o.charge_refunds.get(i, [])
+        return out
+
+    # -- rendering -------------------------------------------------------------------------
+    def render(self, resource: str, index: int, *, as_of: int | None = None,
+               expand: frozenset[str] = frozenset()) -> JSON:
+        t = self.as_of(as_of)
+        fn = getattr(self, f"_render_{resource}")
+        obj: JSON = fn(index, t, expand)
+        patch = self.o.patches.get((resource, index))
+        if patch and as_of is None:
+            obj = deep_merge(obj, patch)
+        return obj
+
+    def _customer_attrs(self, k: int) -> JSON:
+        n = len(self.b.customers)
+        if k >= n:
+            return self.o.customers[k - n]
+        rr = random.Random(self.config.seed * 1_000_003 + k)
+        first, last = rr.choice(FIRST), rr.choice(LAST)
+        name = f"{first} {last}"
+        if k % 37 == 5:
+            name = f"{first} {last}, {rr.choice(COMPANY)} International Holdings and Trading Co."
+        elif k % 17 == 2:
+            name = rr.choice(["山田 太郎", "Zoë Ångström-Øvergård", "Łukasz Żółć", "José Müller"])
+        base = k - 1 if k % 29 == 11 else k  # pairs sharing one email
+        email: str | None = f"{first.lower()}.{base}@example.com".replace("ö", "o")
+        if k % 13 == 4:
+            email = None
+        else:
+            email = f"customer{base}@example.com"
+        country = rr.choice(COUNTRIES)
+        return {
+            "created": int(self.b.customers.created[k]), "name": name, "email": email,
+            "phone": f"+1 555 {rr.randint(100, 999)} {rr.randint(1000, 9999)}",
+            "address": {"city": rr.choice(["Springfield", "Berlin", "Tokyo", "Kuwait City",
+                                           "London", "Paris"]),
+                        "country": country, "line1": f"{rr.randint(1, 999)} Main Street",
+                        "line2": None, "postal_code": f"{rr.randint(10000, 99999)}",
+                        "state": "CA" if country == "US" else None},
+            "metadata": ({"sage_customer_id": sid} if (sid := self.b.sage_customer_id(k)) else {}),
+        }
+
+    def _render_customers(self, k: int, t: int, expand: frozenset[str]) -> JSON:
+        if k in self.o.deleted_customers and t >= self.o.patches.get(
+            ("customers_deleted_at", k), {}
+        ).get("at", 0):
+            return {"id": self.make_id("customers", k), "object": "customer", "deleted": True}
+        a = self._customer_attrs(k)
+        obj = dict(self.tpl["customer"])
+        obj.update(
+            id=self.make_id("customers", k), created=a["created"], email=a["email"],
+            name=a["name"], phone=a["phone"], address=dict(a["address"]),
+            metadata=dict(a["metadata"]), currency="usd", description=None, discount=None,
+            invoice_prefix=f"{_b62(k, 6).upper()}", next_invoice_sequence=1, shipping=None,
+            balance=0, delinquent=False, default_source=None, test_clock=None,
+        )
+        return obj
+
+    def _charge_state(self, i: int, t: int) -> tuple[int, list[int], int]:
+        """(amount refunded as of t, refund indices visible at t, dispute index or -1)."""
+        refunded, visible = 0, []
+        for r in self.refunds_of_charge(i):
+            spec = self.refund(r)
+            if spec.created <= t:
+                visible.append(r)
+                if not (spec.failed_at and spec.failed_at <= t):
+                    refunded += spec.amount
+        d = -1
+        if i < len(self.b.charges) and self.b.ch_dispute[i] >= 0:
+            dd = int(self.b.ch_dispute[i])
+            if self.b.disputes.created[dd] <= t:
+                d = dd
+        return refunded, visible, d
+
+    def _render_charges(self, i: int, t: int, expand: frozenset[str]) -> JSON:
+        c = self.charge(i)
+        tpl = self.tpl["charge"]
+        cid = self.make_id("charges", i)
+        code = CURRENCIES[c.currency][0]
+        refunded, visible, dispute = self._charge_state(i, t)
+        cust = self._customer_attrs(c.customer)
+        ok = not c.failed
+        metadata: JSON = {}
+        if c.erp_order_no:
+            metadata["erp_order_id"] = c.erp_order_no
+        card = dict(tpl["payment_method_details"]["card"])
+        rr = random.Random(i * 31 + self.config.seed)
+        card.update(brand=BRANDS[c.card], network=BRANDS[c.card], last4=f"{rr.randint(0, 9999):04d}",
+                    country=cust["address"]["country"], amount_authorized=c.amount,
+                    fingerprint=_b62((self._salt ^ (c.customer * 0x2545F4914F6CDD1D)) & _MASK, 16),
+                    wallet=None, exp_month=rr.randint(1, 12), exp_year=2030)
+        obj = dict(tpl)
+        obj.update(
+            id=cid, amount=c.amount, amount_captured=c.amount if ok else 0,
+            amount_refunded=refunded,
+            balance_transaction=self.make_id("balance_transactions", c.bt) if ok else None,
+            billing_details={**tpl["billing_details"], "email": cust["email"],
+                             "name": cust["name"], "address": dict(cust["address"])},
+            captured=ok, created=c.created, currency=code,
+            customer=self.make_id("customers", c.customer),
+            description=("Payment for invoice" if c.invoice >= 0 else "Order payment"),
+            disputed=dispute >= 0,
+            failure_code="card_declined" if c.failed else None,
+            failure_message="Your card was declined." if c.failed else None,
+            metadata=metadata,
+            outcome={**tpl["outcome"], "network_status": "declined_by_network" if c.failed
+                     else "approved_by_network", "reason": "generic_decline" if c.failed else None,
+                     "seller_message": "The bank did not return any further details."
+                     if c.failed else "Payment complete.",
+                     "type": "issuer_declined" if c.failed else "authorized"},
+            paid=ok, payment_intent=f"pi_{cid[3:]}", payment_method=f"pm_{cid[3:]}",
+            payment_method_details={"card": card, "type": "card"},
+            receipt_email=cust["email"], receipt_url=f"https://pay.stripe.com/receipts/{cid}",
+            refunded=ok and refunded >= c.amount, status="failed" if c.failed else "succeeded",
+            livemode=False, source=None, review=None, transfer_data=None, shipping=None,
+            calculated_statement_descriptor="STRIPE SAGE DEMO",
+        )
+        obj.pop("refunds", None)  # not included since 2022-11-15 unless expanded
+        if "refunds" in expand:
+            data = [self._render_refunds(r, t, frozenset()) for r in reversed(visible)]
+            obj["refunds"] = {"object": "list", "data": data, "has_more": False,
+                              "url": f"/v1/charges/{cid}/refunds"}
+        if "balance_transaction" in expand and ok:
+            obj["balance_transaction"] = self._render_balance_transactions(c.bt, t, frozenset())
+        if "customer" in expand:
+            obj["customer"] = self._render_customers(c.customer, t, frozenset())
+        return obj
+
+    def _render_refunds(self, r: int, t: int, expand: frozenset[str]) -> JSON:
+        s = self.refund(r)
+        ch = self.charge(s.charge)
+        failed = bool(s.failed_at and s.failed_at <= t)
+        obj = dict(self.tpl["refund"])
+        obj.update(
+            id=self.make_id("refunds", r), amount=s.amount,
+            balance_transaction=self.make_id("balance_transactions", s.bt),
+            charge=self.make_id("charges", s.charge), created=s.created,
+            currency=CURRENCIES[ch.currency][0], metadata={},
+            payment_intent=f"pi_{self.make_id('charges', s.charge)[3:]}",
+            reason=("requested_by_customer", "duplicate", "fraudulent")[r % 3],
+            status="failed" if failed else "succeeded",
+            failure_balance_transaction=(self.make_id("balance_transactions", s.failure_bt)
+                                         if failed else None),
+            failure_reason="expired_or_canceled_card" if failed else None,
+        )
+        if "balance_transaction" in expand:
+            obj["balance_transaction"] = self._render_balance_transactions(s.bt, t, frozenset())
+        if "charge" in expand:
+            obj["charge"] = self._render_charges(s.charge, t, frozenset())
+        return obj
+
+    def _dispute_status(self, d: int, t: int) -> str:
+        b = self.b
+        status = int(b.dp_status[d])
+        if status and b.dp_closed_at[d] <= t:
+            return "won" if status == 1 else "lost"
+        return "needs_response"
+
+    def _render_disputes(self, d: int, t: int, expand: frozenset[str]) -> JSON:
+        b = self.b
+        i = int(b.dp_charge[d])
+        ch = self.charge(i)
+        status = self._dispute_status(d, t)
+        bts = [b.bt_of(BT_DISPUTE, d)]
+        if status == "won":
+            bts.append(b.bt_of(BT_DISPUTE_REVERSAL, d))
+        tpl = self.tpl["dispute"]
+        obj = dict(tpl)
+        created = int(b.disputes.created[d])
+        obj.update(
+            id=self.make_id("disputes", d), amount=ch.amount,
+            balance_transactions=[self._render_balance_transactions(x, t, frozenset())
+                                  for x in bts],
+            charge=self.make_id("charges", i), created=created,
+            currency=CURRENCIES[ch.currency][0],
+            evidence_details={**tpl["evidence_details"], "due_by": created + 7 * DAY},
+            is_charge_refundable=False, metadata={},
+            payment_intent=f"pi_{self.make_id('charges', i)[3:]}",
+            payment_method_details={"card": {**tpl["payment_method_details"]["card"],
+                                             "brand": BRANDS[ch.card], "case_type": "chargeback",
+                                             "network": BRANDS[ch.card]}, "type": "card"},
+            reason=("fraudulent", "product_not_received", "duplicate")[d % 3], status=status,
+        )
+        if "charge" in expand:
+            obj["charge"] = self._render_charges(i, t, frozenset())
+        return obj
+
+    def _invoice_lines(self, j: int) -> list[JSON]:
+        b = self.b
+        n = int(b.inv_lines[j])
+        subtotal = int(self.charge(int(b.inv_charge[j])).amount - b.inv_tax[j])
+        rr = random.Random(self.config.seed * 7919 + j)
+        weights = [rr.randint(1, 10) for _ in range(n)]
+        amounts = [subtotal * w // sum(weights) for w in weights]
+        amounts[0] += subtotal - sum(amounts)
+        inv_id = self.make_id("invoices", j)
+        sub = int(b.inv_subscription[j])
+        created = int(b.invoices.created[j])
+        tpl = self.tpl["line_item"]
+        lines = []
+        for k, amount in enumerate(amounts):
+            desc, product = PRODUCTS[rr.randrange(len(PRODUCTS))]
+            qty = 2 if amount % 2 == 0 and amount > 2 and rr.random() < 0.3 else 1
+            line = dict(tpl)
+            line.update(
+                id=f"il_{inv_id[3:]}{k:02d}", invoice=inv_id, amount=amount, currency="usd",
+                description=f"{qty} × {desc}", livemode=False, metadata={},
+                period={"start": created, "end": created + 30 * DAY}, quantity=qty,
+                subtotal=amount, discount_amounts=[], discounts=[], taxes=[],
+                pricing={"type": "price_details", "price_details": {
+                    "price": f"price_{product[5:]}", "product": product},
+                    "unit_amount_decimal": str(amount // qty)},
+                parent=({"type": "subscription_item_details", "invoice_item_details": None,
+                         "subscription_item_details": {
+                             "invoice_item": None, "proration": False,
+                             "proration_details": {"credited_items": None},
+                             "subscription": self.make_id("subscriptions", sub),
+                             "subscription_item": f"si_{self.make_id('subscriptions', sub)[4:]}"}}
+                        if sub >= 0 else
+                        {"type": "invoice_item_details", "subscription_item_details": None,
+                         "invoice_item_details": {"invoice_item": f"ii_{inv_id[3:]}{k:02d}",
+                                                  "proration": False,
+                                                  "proration_details": {"credited_items": None},
+                                                  "subscription": None}}),
+            )
+            lines.append(line)
+        return lines
+
+    def invoice_paid_charge(self, j: int, t: int) -> int:
+        """The charge that paid invoice j as of t, or -1 while it is open."""
+        i = int(self.b.inv_charge[j])
+        if not self.b.ch_failed[i] and self.b.charges.created[i] <= t:
+            return i
+        later = self.o.invoice_paid_by.get(j)
+        if later is not None and self.charge(later).created <= t:
+            return later
+        return -1
+
+    def _render_invoices(self, j: int, t: int, expand: frozenset[str]) -> JSON:
+        b = self.b
+        i = int(b.inv_charge[j])
+        ch = self.charge(i)
+        cust = self._customer_attrs(ch.customer)
+        total = ch.amount
+        tax = int(b.inv_tax[j])
+        paid_by = self.invoice_paid_charge(j, t)
+        paid = paid_by >= 0
+        created = int(b.invoices.created[j])
+        sub = int(b.inv_subscription[j])
+        lines = self._invoice_lines(j)
+        inv_id = self.make_id("invoices", j)
+        tpl = self.tpl["invoice"]
+        obj = dict(tpl)
+        obj.update(
+            id=inv_id, number=f"{_b62(ch.customer, 6).upper()}-{j + 1:04d}",
+            customer=self.make_id("customers", ch.customer), customer_email=cust["email"],
+            customer_name=cust["name"], customer_phone=cust["phone"],
+            customer_address=dict(cust["address"]), customer_shipping=None,
+            amount_due=total, amount_paid=total if paid else 0,
+            amount_remaining=0 if paid else total, amount_overpaid=0, amount_shipping=0,
+            attempt_count=1, attempted=True, auto_advance=not paid,
+            billing_reason="subscription_cycle" if sub >= 0 else "manual",
+            collection_method="charge_automatically", created=created, currency="usd",
+            due_date=None, effective_at=created + 1, ending_balance=0,
+            from_invoice=None, hosted_invoice_url=f"https://invoice.stripe.com/i/{inv_id}",
+            invoice_pdf=f"https://pay.stripe.com/invoice/{inv_id}/pdf",
+            last_finalization_error=None, livemode=False, metadata={},
+            next_payment_attempt=None if paid else created + 3 * DAY,
+            parent=({"type": "subscription_details", "quote_details": None,
+                     "subscription_details": {"metadata": {},
+                                              "subscription": self.make_id("subscriptions", sub)}}
+                    if sub >= 0 else None),
+            period_start=created, period_end=created + 30 * DAY, shipping_cost=None,
+            shipping_details=None, starting_balance=0,
+            status="paid" if paid else "open",
+            status_transitions={"finalized_at": created + 1,
+                                "marked_uncollectible_at": None,
+                                "paid_at": self.charge(paid_by).created if paid else None,
+                                "voided_at": None},
+            subtotal=total - tax, subtotal_excluding_tax=total - tax, total=total,
+            total_excluding_tax=total - tax, total_discount_amounts=[],
+            total_pretax_credit_amounts=[],
+            total_taxes=([{"amount": tax, "tax_behavior": "exclusive",
+                           "tax_rate_details": {"tax_rate": "txr_sales_tax_8_25"},
+                           "taxability_reason": "standard_rated",
+                           "taxable_amount": total - tax, "type": "tax_rate_details"}]
+                         if tax else []),
+            webhooks_delivered_at=created + 1,
+            lines={"object": "list", "data": lines[:10], "has_more": len(lines) > 10,
+                   "url": f"/v1/invoices/{inv_id}/lines"},
+        )
+        if "customer" in expand:
+            obj["customer"] = self._render_customers(ch.customer, t, frozenset())
+        return obj
+
+    def _render_invoice_payments(self, j: int, t: int, expand: frozenset[str]) -> JSON:
+        paid_by = self.invoice_paid_charge(j, t)
+        i = paid_by if paid_by >= 0 else int(self.b.inv_charge[j])
+        ch = self.charge(i)
+        obj = dict(self.tpl["invoice_payment"])
+        obj.update(
+            id=f"inpay_{self.make_id('invoices', j)[3:]}", amount_paid=ch.amount if paid_by >= 0
+            else 0, amount_requested=ch.amount, created=int(self.b.invoices.created[j]),
+            currency="usd", invoice=self.make_id("invoices", j), is_default=True,
+            livemode=False,
+            payment={"type": "charge", "charge": self.make_id("charges", i)},
+            status="paid" if paid_by >= 0 else "open",
+            status_transitions={"canceled_at": None,
+                                "paid_at": ch.created if paid_by >= 0 else None},
+        )
+        return obj
+
+    def _render_subscriptions(self, s: int, t: int, expand: frozenset[str]) -> JSON:
+        tpl = self.tpl["subscription"]
+        created = int(self.b.subscriptions.created[s])
+        sid = self.make_id("subscriptions", s)
+        item = copy.deepcopy(tpl["items"]["data"][0])
+        item.update(id=f"si_{sid[4:]}", subscription=sid, created=created,
+                    current_period_start=created, current_period_end=created + 30 * DAY)
+        obj = dict(tpl)
+        obj.update(
+            id=sid, customer=self.make_id("customers", int(self.b.sub_customer[s])),
+            created=created, start_date=created, billing_cycle_anchor=created,
+            cancel_at=None, canceled_at=None, ended_at=None, status="active", currency="usd",
+            livemode=False, metadata={}, latest_invoice=None, discounts=[],
+            items={"object": "list", "data": [item], "has_more": False,
+                   "url": f"/v1/subscription_items?subscription={sid}"},
+            next_pending_invoice_item_invoice=None, pause_collection=None, trial_end=None,
+            trial_start=None, transfer_data=None, schedule=None, pending_update=None,
+        )
+        return obj
+
+    def _payout_state(self, p: int, t: int) -> tuple[str, str]:
+        b = self.b
+        t = min(t, self.config.end)  # the generated business is frozen at its end
+        arrival = int(b.po_arrival[p])
+        if p == b.failed_payout and b.po_failed_at[p] <= t:
+            return "failed", "completed"
+        if arrival <= t:
+            return "paid", "completed" if arrival + HOUR <= t else "in_progress"
+        return "in_transit", "in_progress"
+
+    def _render_payouts(self, p: int, t: int, expand: frozenset[str]) -> JSON:
+        b = self.b
+        status, recon = self._payout_state(p, t)
+        failed = status == "failed"
+        bt = b.bt_of(BT_PAYOUT, p)
+        fbt = b.bt_of(BT_PAYOUT_FAILURE, p) if failed else -1
+        pid = self.make_id("payouts", p)
+        obj = dict(self.tpl["payout"])
+        obj.update(
+            id=pid, amount=int(b.po_amount[p]), arrival_date=int(b.po_arrival[p]),
+            automatic=True, balance_transaction=self.make_id("balance_transactions", bt),
+            created=int(b.payouts.created[p]), currency="usd", description="STRIPE PAYOUT",
+            destination="ba_stripe_sage_operating",
+            failure_balance_transaction=self.make_id("balance_transactions", fbt)
+            if failed else None,
+            failure_code="account_closed" if failed else None,
+            failure_message="The bank account has been closed." if failed else None,
+            livemode=False, metadata={}, method="standard", reconciliation_status=recon,
+            status=status, type="bank_account", original_payout=None, reversed_by=None,
+            trace_id={"status": "supported" if status != "in_transit" else "pending",
+                      "value": f"TRACE{p:010d}" if status != "in_transit" else None},
+        )
+        if "balance_transaction" in expand:
+            obj["balance_transaction"] = self._render_balance_transactions(bt, t, frozenset())
+        return obj
+
+    def _render_balance_transactions(self, x: int, t: int, expand: frozenset[str]) -> JSON:
+        s = self.bt(x)
+        btype, category = BT_KINDS[s.kind]
+        rate: float | None = None
+        fee_details: list[JSON] = []
+        if s.kind == BT_CHARGE:
+            ch = self.charge(s.src)
+            source = self.make_id("charges", s.src)
+            description = "Payment for invoice" if ch.invoice >= 0 else "Order payment"
+            rate = ch.rate if ch.currency else None
+            fee_details.append({"amount": ch.fee_processing, "application": None,
+                                "currency": "usd", "description": "Stripe processing fees",
+                                "type": "stripe_fee"})
+            if ch.fee_intl:
+                fee_details.append({"amount": ch.fee_intl, "application": None,
+                                    "currency": "usd", "description": "International card fee",
+                                    "type": "stripe_fee"})
+        elif s.kind in (BT_REFUND, BT_REFUND_FAILURE):
+            rf = self.refund(s.src)
+            ch = self.charge(rf.charge)
+            source = self.make_id("refunds", s.src)
+            description = "REFUND FOR CHARGE" if s.kind == BT_REFUND else "REFUND FAILURE"
+            rate = ch.rate if ch.currency else None
+        elif s.kind in (BT_DISPUTE, BT_DISPUTE_REVERSAL):
+            ch = self.charge(int(self.b.dp_charge[s.src]))
+            source = self.make_id("disputes", s.src)
+            description = ("Chargeback withdrawal for " if s.kind == BT_DISPUTE
+                           else "Chargeback reversal for ") + self.make_id(
+                               "charges", int(self.b.dp_charge[s.src]))
+            rate = ch.rate if ch.currency else None
+            if s.fee:
+                fee_details.append({"amount": s.fee, "application": None, "currency": "usd",
+                                    "description": "Dispute fee", "type": "stripe_fee"})
+        elif s.kind in (BT_PAYOUT, BT_PAYOUT_FAILURE):
+            source = self.make_id("payouts", s.src)
+            description = "STRIPE PAYOUT" if s.kind == BT_PAYOUT else "Payout failure"
+        else:  # BT_STRIPE_FEE
+            source = None
+            description = "Billing - Usage Fee (monthly)"
+        obj = dict(self.tpl["balance_transaction"])
+        obj.update(
+            id=self.make_id("balance_transactions", x), amount=s.amount,
+            available_on=s.available_on, created=s.created, currency="usd",
+            description=description, exchange_rate=rate, fee=s.fee, fee_details=fee_details,
+            net=s.amount - s.fee, reporting_category=category, source=source,
+            status="available" if s.available_on <= t else "pending", type=btype,
+            balance_type="payments",
+        )
+        if "source" in expand and source is not None:
+            res = PREFIX_TO_RESOURCE[source.split("_", 1)[0]]
+            obj["source"] = self.render(res, self.parse_id(res, source) or 0, as_of=t)
+        return obj
+
+    def _render_events(self, e: int, t: int, expand: frozenset[str]) -> JSON:
+        n = len(self.b.events)
+        if e >= n:
+            return self.o.events[e - n]
+        etype, resource = EVENT_TYPES[int(self.b.ev_type[e])]
+        created = int(self.b.events.created[e])
+        obj_index = int(self.b.ev_object[e])
+        data_obj = self.render(resource, obj_index, as_of=created)
+        return self._event(self.make_id("events", e), etype, created, data_obj)
+
+    def _event(self, eid: str, etype: str, created: int, data_obj: JSON,
+               previous: JSON | None = None) -> JSON:
+        obj = dict(self.tpl["event"])
+        data: JSON = {"object": data_obj}
+        if previous is not None:
+            data["previous_attributes"] = previous
+        obj.update(id=eid, api_version=API_VERSION, created=created, data=data, livemode=False,
+                   pending_webhooks=1 if self.listeners else 0,
+                   request={"id": None, "idempotency_key": None}, type=etype)
+        return obj
+
+    def iter_events_after(self, index: int) -> Iterator[tuple[int, JSON]]:
+        for e in range(index, self.count("events")):
+            yield e, self.render("events", e)
+
+    # -- activity after the generated business (live mode, controls, API writes) -----------
+    def _tick(self) -> int:
+        """Now, but never before the newest thing that already happened (lists stay sorted)."""
+        latest = max(self.config.end, *(self.created_of(r, self.count(r) - 1)
+                                         for r in ("charges", "refunds", "events",
+                                                   "balance_transactions", "customers")
+                                         if self.count(r)))
+        return max(self.now(), latest)
+
+    def _emit(self, etype: str, resource: str, index: int, previous: JSON | None = None) -> JSON:
+        e = self.count("events")
+        created = self._tick()
+        event = self._event(self.make_id("events", e), etype, created,
+                            self.render(resource, index), previous)
+        self.o.events.append(event)
+        for listener in list(self.listeners):
+            listener(event)
+        return event
+
+    def create_customer(self, *, name: str, email: str | None = None,
+                        metadata: JSON | None = None, phone: str | None = None) -> int:
+        with self.lock:
+            k = self.count("customers")
+            self.o.customers.append({
+                "created": self._tick(), "name": name, "email": email, "phone": phone,
+                "address": {"city": None, "country": None, "line1": None, "line2": None,
+                            "postal_code": None, "state": None},
+                "metadata": dict(metadata or {}),
+            })
+            self._emit("customer.created", "customers", k)
+            return k
+
+    def update_object(self, resource: str, index: int, fields: JSON) -> JSON:
+        """A POST update (customer or charge): merged into current state, emits *.updated."""
+        with self.lock:
+            before = self.render(resource, index)
+            patch = dict(self.o.patches.get((resource, index), {}))
+            previous: JSON = {}
+            for key, value in fields.items():
+                if key == "metadata":
+                    merged = {**patch.get("metadata", before.get("metadata") or {})}
+                    for mk, mv in value.items():
+                        if mv in ("", None):
+                            merged.pop(mk, None)  # Stripe: an empty value unsets the key
+                        else:
+                            merged[mk] = mv
+                    previous["metadata"] = before.get("metadata")
+                    patch["metadata"] = merged
+                else:
+                    previous[key] = before.get(key)
+                    if isinstance(value, dict) and isinstance(before.get(key), dict):
+                        value = deep_merge(before[key], value)
+                    patch[key] = value
+            self.o.patches[(resource, index)] = patch
+            etype = {"customers": "customer.updated", "charges": "charge.updated",
+                     "invoices": "invoice.updated"}[resource]
+            self._emit(etype, resource, index, previous)
+            return self.render(resource, index)
+
+    def delete_customer(self, k: int) -> JSON:
+        with self.lock:
+            self.o.patches[("customers_deleted_at", k)] = {"at": self._tick()}
+            self.o.deleted_customers.add(k)
+            e = self.count("events")
+            created = self._tick()
+            obj = self._render_customers(k, created - 1, frozenset())
+            obj["deleted"] = True
+            event = self._event(self.make_id("events", e), "customer.deleted", created, obj)
+            self.o.events.append(event)
+            for listener in list(self.listeners):
+                listener(event)
+            return {"id": self.make_id("customers", k), "object": "customer", "deleted": True}
+
+    def _new_bt(self, kind: int, amount: int, fee: int, src: int, available_on: int) -> int:
+        x = self.count("balance_transactions")
+        self.o.bts.append(BtSpec(kind=kind, created=self._tick(), amount=amount, fee=fee,
+                                 src=src, available_on=available_on))
+        return x
+
+    def create_charge(self, *, customer: int, amount: int, currency: str = "usd",
+                      metadata: JSON | None = None, invoice: int = -1) -> int:
+        with self.lock:
+            codes = [c for c, *_ in CURRENCIES]
+            if currency not in codes:
+                raise ValueError(f"currency {currency!r} not in {codes}")
+            cur = codes.index(currency)
+            rate = CURRENCIES[cur][2]
+            exp = CURRENCIES[cur][1]
+            bt_amount = amount if cur == 0 else round(amount * rate * 10 ** (2 - exp))
+            i = self.count("charges")
+            created = self._tick()
+            spec = ChargeSpec(created=created, amount=amount, currency=cur,
+                              rate=rate, bt_amount=bt_amount,
+                              fee_processing=round(bt_amount * 0.029) + 30,
+                              fee_intl=0 if cur == 0 else round(bt_amount * 0.01),
+                              customer=customer, failed=False, invoice=invoice,
+                              erp_order_no=(metadata or {}).get("erp_order_id"))
+            spec.bt = self._new_bt(BT_CHARGE, bt_amount, spec.fee_processing + spec.fee_intl,
+                                   i, created - created % DAY + 2 * DAY)
+            self.o.charges.append(spec)
+            if metadata:
+                extra = {k: v for k, v in metadata.items() if k != "erp_order_id"}
+                if extra:
+                    self.o.patches[("charges", i)] = {"metadata": {
+                        **({"erp_order_id": spec.erp_order_no} if spec.erp_order_no else {}),
+                        **extra}}
+            self._emit("charge.succeeded", "charges", i)
+            return i
+
+    def refund_charge(self, i: int, amount: int | None = None) -> int:
+        with self.lock:
+            ch = self.charge(i)
+            if ch.failed:
+                raise ValueError("a failed charge cannot be refunded")
+            refunded, _, _ = self._charge_state(i, self._tick())
+            amount = ch.amount - refunded if amount is None else amount
+            if amount <= 0 or refunded + amount > ch.amount:
+                raise ValueError(f"refund of {amount} exceeds what is left on the charge")
+            bt_amount = ch.bt_amount if amount == ch.amount else max(
+                1, round(ch.bt_amount * amount / ch.amount))
+            r = self.count("refunds")
+            spec = RefundSpec(created=self._tick(), charge=i, amount=amount, bt_amount=bt_amount)
+            spec.bt = self._new_bt(BT_REFUND, -bt_amount, 0, r, spec.created)
+            self.o.refunds.append(spec)
+            self.o.charge_refunds.setdefault(i, []).append(r)
+            self._emit("charge.refunded", "charges", i)
+            self._emit("refund.created", "refunds", r)
+            return r
+
+    def pay_invoice(self, j: int) -> int:
+        with self.lock:
+            if self.invoice_paid_charge(j, self._tick()) >= 0:
+                raise ValueError("invoice is already paid")
+            first = self.charge(int(self.b.inv_charge[j]))
+            i = self.create_charge(customer=first.customer, amount=first.amount, invoice=j)
+            self.o.invoice_paid_by[j] = i
+            self._emit("invoice.paid", "invoices", j)
+            self._emit("invoice.payment_succeeded", "invoices", j)
+            return i
+
+    def open_invoices(self) -> list[int]:
+        t = self._tick()
+        return [int(j) for j in np.nonzero(self.b.ch_failed[self.b.inv_charge])[0]
+                if self.invoice_paid_charge(int(j), t) < 0]
+
+
