@@ -33,7 +33,6 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import httpx
 from fastapi import FastAPI, Query, Request
-from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -121,7 +120,7 @@ COUNTRIES = frozenset(
     MQ MR MS MT MU MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL
     PM PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST
     SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG
-    VI VN VU WF WS YE YT ZA ZM ZW XK""".split()
+    VI VN VU WF WS YE YT ZA ZM ZW XK""".split()  # noqa: SIM905
 )
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
@@ -213,12 +212,8 @@ def _text(max_length: int, min_length: int = 1, **kw: Any) -> Any:
     return Field(strict=True, min_length=min_length, max_length=max_length, **kw)
 
 
-Currency = Annotated[
-    str, Field(strict=True, examples=["USD"]), AfterValidator(_check_currency)
-]
-IsoDate = Annotated[
-    str, Field(strict=True, examples=["2026-01-31"]), AfterValidator(_check_date)
-]
+Currency = Annotated[str, Field(strict=True, examples=["USD"]), AfterValidator(_check_currency)]
+IsoDate = Annotated[str, Field(strict=True, examples=["2026-01-31"]), AfterValidator(_check_date)]
 Money = Annotated[
     str,
     Field(
@@ -261,7 +256,7 @@ class CustomerUpdate(_Model):
 
 
 class CustomerCreate(CustomerUpdate):
-    """A new customer; ``customer_id`` is chosen by the client: 1–10 of ``[A-Z0-9]``, unique."""
+    """A new customer; ``customer_id`` is chosen by the client: 1-10 of ``[A-Z0-9]``, unique."""
 
     customer_id: Annotated[str, Field(strict=True, pattern=r"^[A-Z0-9]{1,10}$")]
     name: Annotated[str, _text(40)]
@@ -302,7 +297,7 @@ class InvoiceCreate(_Model):
     sales_order_no: Annotated[str, _text(10)] | None = None
     lines: Annotated[list[Line], Field(min_length=1)]
     tax_amount: Money | None = Field(default=None, description=">= 0, defaults to zero")
-    total: Money = Field(description="Σ quantity × unit_price + tax_amount, exactly")
+    total: Money = Field(description="Σ quantity x unit_price + tax_amount, exactly")
 
 
 class Invoice(InvoiceCreate):
@@ -395,16 +390,18 @@ class FaultConfig(_Model):
     """Fault injection: fractions 0..1 of eligible ``/api/v1`` requests; all off by default."""
 
     seed: int = 0
-    rate_429: float = Field(0.0, ge=0, le=1)
-    retry_after: float = Field(1.0, ge=0, description="Retry-After seconds of injected 429s")
-    rate_500: float = Field(0.0, ge=0, le=1)
-    rate_503: float = Field(0.0, ge=0, le=1)
-    slow_rate: float = Field(0.0, ge=0, le=1)
-    slow_seconds: float = Field(0.5, ge=0, le=120)
-    drop_rate: float = Field(0.0, ge=0, le=1)
-    commit_then_503_rate: float = Field(0.0, ge=0, le=1)
-    only_methods: list[str] | None = Field(None, description="e.g. ['POST']; null = all")
-    max_faults: int | None = Field(None, ge=0, description="stop injecting after this many")
+    rate_429: float = Field(default=0.0, ge=0, le=1)
+    retry_after: float = Field(
+        default=1.0, ge=0, description="Retry-After seconds of injected 429s"
+    )
+    rate_500: float = Field(default=0.0, ge=0, le=1)
+    rate_503: float = Field(default=0.0, ge=0, le=1)
+    slow_rate: float = Field(default=0.0, ge=0, le=1)
+    slow_seconds: float = Field(default=0.5, ge=0, le=120)
+    drop_rate: float = Field(default=0.0, ge=0, le=1)
+    commit_then_503_rate: float = Field(default=0.0, ge=0, le=1)
+    only_methods: list[str] | None = Field(default=None, description="e.g. ['POST']; null = all")
+    max_faults: int | None = Field(default=None, ge=0, description="stop injecting after this many")
 
 
 class PeriodRef(_Model):
@@ -450,6 +447,11 @@ class SandboxStats(BaseModel):
     requests: int
 
 
+Limit = Annotated[int, Query(ge=1, le=200, description="page size, at most 200")]
+CursorQ = Annotated[str | None, Query(description="opaque, from next_cursor")]
+ReferenceQ = Annotated[str | None, Query(description="exact match on reference")]
+
+
 def _page_model(item: type[BaseModel]) -> type[BaseModel]:
     return create_model(
         f"{item.__name__}List",
@@ -493,7 +495,9 @@ def _money(
         raise _invalid(field, f"{field}: required")
     decimals = len(value.split(".", 1)[1]) if "." in value else 0
     if decimals != exp:
-        raise _invalid(field, f"{field}: {value!r} must carry exactly {exp} decimals for {currency}")
+        raise _invalid(
+            field, f"{field}: {value!r} must carry exactly {exp} decimals for {currency}"
+        )
     amount = Decimal(value)
     if sign == "positive" and amount <= 0:
         raise _invalid(field, f"{field}: must be greater than zero")
@@ -634,8 +638,13 @@ class SageStore:
                 end = _month_end(year, month)
                 closed = self._closed_through is not None and end <= self._closed_through
                 rows.append(
-                    (year, month, datetime.date(year, month, 1).isoformat(), end.isoformat(),
-                     "closed" if closed else "open")
+                    (
+                        year,
+                        month,
+                        datetime.date(year, month, 1).isoformat(),
+                        end.isoformat(),
+                        "closed" if closed else "open",
+                    )
                 )
         return rows
 
@@ -647,16 +656,24 @@ class SageStore:
     ) -> None:
         """Insert what is absent; never touch what exists (idempotent across restarts)."""
         conn.executemany("INSERT OR IGNORE INTO glaccounts VALUES (?, ?, ?)", CHART_OF_ACCOUNTS)
-        conn.executemany("INSERT OR IGNORE INTO periods VALUES (?, ?, ?, ?, ?)", self._period_rows())
+        conn.executemany(
+            "INSERT OR IGNORE INTO periods VALUES (?, ?, ?, ?, ?)", self._period_rows()
+        )
         now = self.clock()
         for cust in customers:
             if self.get(conn, "customers", cust.customer_id) is not None:
                 continue
-            record = _parse(
-                CustomerCreate,
-                {"customer_id": cust.customer_id, "name": cust.name, "email": cust.email,
-                 "currency": cust.currency, "reference": cust.reference},
-            )
+            fields = {
+                "customer_id": cust.customer_id,
+                "name": cust.name,
+                "email": cust.email,
+                "currency": cust.currency,
+                "reference": cust.reference,
+            }
+            try:
+                record = _parse(CustomerCreate, fields)
+            except SageApiError as exc:
+                raise ValueError(f"seed customer {cust.customer_id!r}: {exc.message}") from None
             self.insert(conn, "customers", cust.customer_id, _customer_doc(record, now), now)
         for order in orders:
             if self.get(conn, "salesorders", order.order_no) is not None:
@@ -670,15 +687,21 @@ class SageStore:
                 "currency": order.currency,
                 "reference": order.reference,
                 "lines": [
-                    {"item": ln.item, "description": ln.description, "quantity": ln.quantity,
-                     "unit_price": to_decimal_string(ln.unit_price_minor, order.currency)}
+                    {
+                        "item": ln.item,
+                        "description": ln.description,
+                        "quantity": ln.quantity,
+                        "unit_price": to_decimal_string(ln.unit_price_minor, order.currency),
+                    }
                     for ln in order.lines
                 ],
                 "status": "open",
             }
             self.insert(conn, "salesorders", order.order_no, doc, now)
 
-    def seed_more(self, customers: Sequence[SeedCustomer], orders: Sequence[SeedSalesOrder]) -> None:
+    def seed_more(
+        self, customers: Sequence[SeedCustomer], orders: Sequence[SeedSalesOrder]
+    ) -> None:
         with self.transaction() as conn:
             self._seed(conn, customers, orders)
 
@@ -891,7 +914,9 @@ class SageLedger:
                 f"customer_id: invoice {invoice_no} belongs to {invoice['customer_id']}",
             )
         if invoice["currency"] != currency:
-            raise _invalid("currency", f"currency: invoice {invoice_no} is in {invoice['currency']}")
+            raise _invalid(
+                "currency", f"currency: invoice {invoice_no} is in {invoice['currency']}"
+            )
         return invoice
 
     def _apply(
@@ -913,9 +938,7 @@ class SageLedger:
         now = self._now()
         with self.store.transaction() as conn:
             if self.store.get(conn, "customers", record.customer_id) is not None:
-                raise _invalid(
-                    "customer_id", f"customer_id: {record.customer_id!r} already exists"
-                )
+                raise _invalid("customer_id", f"customer_id: {record.customer_id!r} already exists")
             doc = _customer_doc(record, now)
             self.store.insert(conn, "customers", record.customer_id, doc, now)
         return doc
@@ -964,7 +987,8 @@ class SageLedger:
             raise _invalid("due_date", "due_date: precedes invoice_date")
         if extended + tax != total:
             raise _invalid(
-                "total", f"total: {inv.total} != Σ quantity × unit_price + tax_amount = {extended + tax}"
+                "total",
+                f"total: {inv.total} != Σ quantity x unit_price + tax_amount = {extended + tax}",
             )
         now = self._now()
         with self.store.transaction() as conn:
@@ -1034,7 +1058,9 @@ class SageLedger:
                     )
             if sum(applied.values(), Decimal(0)) > amount:
                 raise _invalid(
-                    "apply_to", "apply_to: applications exceed the receipt amount", "over_application"
+                    "apply_to",
+                    "apply_to: applications exceed the receipt amount",
+                    "over_application",
                 )
             self._period_open(conn, rec.receipt_date, "receipt_date")
             doc = {
@@ -1071,7 +1097,10 @@ class SageLedger:
                         "over_application",
                     )
             self._period_open(conn, memo.memo_date, "memo_date")
-            doc = {"memo_no": self.store.next_number(conn, SPECS["creditmemos"]), **memo.model_dump()}
+            doc = {
+                "memo_no": self.store.next_number(conn, SPECS["creditmemos"]),
+                **memo.model_dump(),
+            }
             self.store.insert(conn, "creditmemos", doc["memo_no"], doc, now)
             if invoice is not None:
                 self._apply(conn, invoice, amount, now)
@@ -1094,8 +1123,12 @@ class SageLedger:
             debits += debit
             credits += credit
             lines.append(
-                {"account": line.account, "debit": _fmt(debit, cur), "credit": _fmt(credit, cur),
-                 "description": line.description}
+                {
+                    "account": line.account,
+                    "debit": _fmt(debit, cur),
+                    "credit": _fmt(credit, cur),
+                    "description": line.description,
+                }
             )
         now = self._now()
         with self.store.transaction() as conn:
@@ -1151,6 +1184,13 @@ class FaultInjector:
         with self._lock:
             self.counts = dict.fromkeys(FAULT_KINDS, 0)
 
+    def _spend(self, cfg: FaultConfig) -> bool:
+        """Count one injected fault against ``max_faults``; False when the budget is spent."""
+        if cfg.max_faults is not None and self._injected >= cfg.max_faults:
+            return False
+        self._injected += 1
+        return True
+
     def decide(self, method: str) -> tuple[str | None, bool]:
         """One draw per eligible request: an exclusive kind (or None) and whether to be slow."""
         with self._lock:
@@ -1174,17 +1214,14 @@ class FaultInjector:
                     kind = name
                     break
             slow = slow_draw < cfg.slow_rate
-            for name, hit in ((kind, kind is not None), ("slow", slow)):
-                if not hit:
-                    continue
-                if cfg.max_faults is not None and self._injected >= cfg.max_faults:
-                    if name == "slow":
-                        slow = False
-                    else:
-                        kind = None
-                    continue
-                self._injected += 1
-                self.counts[str(name)] += 1
+            if kind is not None and self._spend(cfg):
+                self.counts[kind] += 1
+            else:
+                kind = None
+            if slow and self._spend(cfg):
+                self.counts["slow"] += 1
+            else:
+                slow = False
             return kind, slow
 
 
@@ -1267,20 +1304,26 @@ class SandboxMiddleware:
         if kind == "http_429":
             retry = _retry_after_header(self.faults.config.retry_after)
             await _send_json(
-                send, 429, _error_body("rate_limited", "rate limited (sandbox fault)"),
+                send,
+                429,
+                _error_body("rate_limited", "rate limited (sandbox fault)"),
                 [("retry-after", retry)],
             )
             return
         if kind in ("http_500", "http_503"):
             status = 500 if kind == "http_500" else 503
-            await _send_json(send, status, _error_body("unavailable", "unavailable (sandbox fault)"))
+            await _send_json(
+                send, status, _error_body("unavailable", "unavailable (sandbox fault)")
+            )
             return
         wait = self.budget.take() if self.budget is not None else None
         if wait is not None:
             with self.counters.lock:
                 self.counters.rate_limited += 1
             await _send_json(
-                send, 429, _error_body("rate_limited", "over the request budget"),
+                send,
+                429,
+                _error_body("rate_limited", "over the request budget"),
                 [("retry-after", str(max(1, math.ceil(wait))))],
             )
             return
@@ -1357,9 +1400,7 @@ async def _json_object(request: Request) -> JsonDict:
     return body
 
 
-def _page(
-    items: list[JsonDict], tag: str, limit: int, cursor: str | None
-) -> JsonDict:
+def _page(items: list[JsonDict], tag: str, limit: int, cursor: str | None) -> JsonDict:
     start = _decode_cursor(tag, cursor)
     chunk = items[start : start + limit]
     more = start + limit < len(items)
@@ -1380,7 +1421,7 @@ def create_sage_app(
     """Build the sandbox over the SQLite file ``db_path`` (created, or reopened as it is).
 
     Seeds are inserted only when absent, so re-creating the app on the same file keeps every
-    document; ``fiscal_years`` defaults to the clock's year −2 … +1, and periods ending on or
+    document; ``fiscal_years`` defaults to the clock's year -2 ... +1, and periods ending on or
     before ``closed_through`` start closed.
     """
     now_fn: Callable[[], datetime.datetime] = clock or (lambda: datetime.datetime.now(_UTC))
@@ -1432,14 +1473,12 @@ def create_sage_app(
     async def _crash(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(_error_body("unavailable", "internal error"), status_code=500)
 
-    Limit = Annotated[int, Query(ge=1, le=200, description="page size, at most 200")]
-    CursorQ = Annotated[str | None, Query(description="opaque, from next_cursor")]
-    ReferenceQ = Annotated[str | None, Query(description="exact match on reference")]
-
     # customers
 
     @app.post(
-        "/api/v1/customers", status_code=201, tags=["customers"],
+        "/api/v1/customers",
+        status_code=201,
+        tags=["customers"],
         openapi_extra=_doc(Customer, 201, request=CustomerCreate, models=models),
     )
     async def create_customer(request: Request) -> JSONResponse:
@@ -1447,7 +1486,8 @@ def create_sage_app(
         return JSONResponse(ledger.create_customer(await _json_object(request)), status_code=201)
 
     @app.get(
-        "/api/v1/customers", tags=["customers"],
+        "/api/v1/customers",
+        tags=["customers"],
         openapi_extra=_doc(_page_model(Customer), models=models),
     )
     async def list_customers(
@@ -1468,14 +1508,16 @@ def create_sage_app(
         return _list("customers", limit, cursor, reference, since)
 
     @app.get(
-        "/api/v1/customers/{customer_id}", tags=["customers"],
+        "/api/v1/customers/{customer_id}",
+        tags=["customers"],
         openapi_extra=_doc(Customer, errors=(401, 404), models=models),
     )
     async def get_customer(customer_id: str) -> JSONResponse:
         return JSONResponse(ledger.get("customers", customer_id))
 
     @app.put(
-        "/api/v1/customers/{customer_id}", tags=["customers"],
+        "/api/v1/customers/{customer_id}",
+        tags=["customers"],
         openapi_extra=_doc(
             Customer, request=CustomerUpdate, errors=(400, 401, 404, 422), models=models
         ),
@@ -1486,7 +1528,10 @@ def create_sage_app(
         return JSONResponse(ledger.update_customer(customer_id, body))
 
     def _list(
-        collection: str, limit: int, cursor: str | None, reference: str | None,
+        collection: str,
+        limit: int,
+        cursor: str | None,
+        reference: str | None,
         since: int | None = None,
     ) -> JSONResponse:
         after = _decode_cursor(collection, cursor)
@@ -1511,774 +1556,9 @@ def create_sage_app(
 
     # reference data
 
-    def accounts(self) -> list[JsonDict]:
-        with self.reading() as conn:
-            rows = conn.execute("SELECT * FROM glaccounts ORDER BY account").fetchall()
-        return [dict(r) for r in rows]
-
-    def account_exists(self, conn: sqlite3.Connection, account: str) -> bool:
-        found = conn.execute("SELECT 1 FROM glaccounts WHERE account = ?", (account,)).fetchone()
-        return found is not None
-
-    def periods(self) -> list[JsonDict]:
-        with self.reading() as conn:
-            rows = conn.execute("SELECT * FROM periods ORDER BY year, period").fetchall()
-        return [_period_doc(r) for r in rows]
-
-    def period_for(self, conn: sqlite3.Connection, day: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = conn.execute(
-            "SELECT * FROM periods WHERE start_date <= ? AND end_date >= ?", (day, day)
-        ).fetchone()
-        return row
-
-    def set_period(self, year: int, period: int, status: str) -> JsonDict:
-        with self.transaction() as conn:
-            cur = conn.execute(
-                "UPDATE periods SET status = ? WHERE year = ? AND period = ?",
-                (status, year, period),
-            )
-            if cur.rowcount == 0:
-                raise SageApiError(404, "not_found", f"no fiscal period {year}-{period:02d}")
-            row = conn.execute(
-                "SELECT * FROM periods WHERE year = ? AND period = ?", (year, period)
-            ).fetchone()
-        return _period_doc(row)
-
-
-def _period_doc(row: sqlite3.Row) -> JsonDict:
-    return {
-        "year": row["year"],
-        "period": row["period"],
-        "start": row["start_date"],
-        "end": row["end_date"],
-        "status": row["status"],
-    }
-
-
-_CUSTOMER_FIELDS = (
-    "customer_id", "name", "email", "phone", "address1", "address2", "city", "state",
-    "postal_code", "country", "currency", "reference", "status",
-)  # fmt: skip
-
-
-def _customer_doc(record: CustomerCreate, now: datetime.datetime) -> JsonDict:
-    doc = {name: getattr(record, name) for name in _CUSTOMER_FIELDS}
-    doc["status"] = doc["status"] or "active"
-    doc["updated_at"] = _iso(now)
-    return doc
-
-
-# --- the business rules, one function per document type ---
-
-
-class SageLedger:
-    """Validates and posts documents; every rule of the contract is here."""
-
-    def __init__(self, store: SageStore) -> None:
-        self.store = store
-
-    def _now(self) -> datetime.datetime:
-        now = self.store.clock()
-        return now if now.tzinfo else now.replace(tzinfo=_UTC)
-
-    def _customer_exists(self, conn: sqlite3.Connection, customer_id: str) -> None:
-        if self.store.get(conn, "customers", customer_id) is None:
-            raise _invalid("customer_id", f"no customer {customer_id!r}", "unknown_customer")
-
-    def _account_exists(self, conn: sqlite3.Connection, account: str, field: str) -> None:
-        if not self.store.account_exists(conn, account):
-            raise _invalid(field, f"{field}: no GL account {account!r}", "unknown_account")
-
-    def _period_open(self, conn: sqlite3.Connection, day: str, field: str) -> None:
-        row = self.store.period_for(conn, day)
-        if row is None:
-            raise _invalid(field, f"{field}: {day} is in no defined fiscal period", "period_closed")
-        if row["status"] != "open":
-            raise _invalid(
-                field,
-                f"{field}: fiscal period {row['year']}-{row['period']:02d} is closed",
-                "period_closed",
-            )
-
-    def _lines(self, lines: list[Line], currency: str) -> tuple[list[JsonDict], Decimal]:
-        out: list[JsonDict] = []
-        total = Decimal(0)
-        with localcontext() as ctx:
-            ctx.prec = 80
-            for i, line in enumerate(lines):
-                price = _money(line.unit_price, currency, f"lines[{i}].unit_price")
-                total += Decimal(line.quantity) * price
-                out.append(line.model_dump())
-        return out, total
-
-    def _linked_invoice(
-        self, conn: sqlite3.Connection, invoice_no: str, field: str, customer: str, currency: str
-    ) -> JsonDict:
-        invoice = self.store.get(conn, "invoices", invoice_no)
-        if invoice is None:
-            raise _invalid(field, f"{field}: no invoice {invoice_no!r}")
-        if invoice["customer_id"] != customer:
-            raise _invalid(
-                "customer_id",
-                f"customer_id: invoice {invoice_no} belongs to {invoice['customer_id']}",
-            )
-        if invoice["currency"] != currency:
-            raise _invalid("currency", f"currency: invoice {invoice_no} is in {invoice['currency']}")
-        return invoice
-
-    def _apply(
-        self,
-        conn: sqlite3.Connection,
-        invoice: JsonDict,
-        amount: Decimal,
-        now: datetime.datetime,
-    ) -> None:
-        balance = Decimal(invoice["balance_due"]) - amount
-        invoice["balance_due"] = _fmt(balance, invoice["currency"])
-        invoice["status"] = "paid" if balance == 0 else "open"
-        self.store.update(conn, "invoices", invoice["invoice_no"], invoice, now)
-
-    # customers
-
-    def create_customer(self, body: JsonDict) -> JsonDict:
-        record = _parse(CustomerCreate, body)
-        now = self._now()
-        with self.store.transaction() as conn:
-            if self.store.get(conn, "customers", record.customer_id) is not None:
-                raise _invalid(
-                    "customer_id", f"customer_id: {record.customer_id!r} already exists"
-                )
-            doc = _customer_doc(record, now)
-            self.store.insert(conn, "customers", record.customer_id, doc, now)
-        return doc
-
-    def update_customer(self, customer_id: str, body: JsonDict) -> JsonDict:
-        change = _parse(CustomerUpdate, body)
-        if change.customer_id is not None and change.customer_id != customer_id:
-            raise _invalid("customer_id", "customer_id: cannot be changed")
-        now = self._now()
-        with self.store.transaction() as conn:
-            current = self.store.get(conn, "customers", customer_id)
-            if current is None:
-                raise SageApiError(404, "not_found", f"no customer {customer_id!r}")
-            merged = {k: v for k, v in current.items() if k != "updated_at"}
-            merged.update({k: body[k] for k in change.model_fields_set})
-            record = _parse(CustomerCreate, merged)
-            doc = _customer_doc(record, now)
-            self.store.update(conn, "customers", customer_id, doc, now)
-        return doc
-
-    # documents
-
-    def create_sales_order(self, body: JsonDict) -> JsonDict:
-        order = _parse(SalesOrderCreate, body)
-        lines, _ = self._lines(order.lines, order.currency)
-        now = self._now()
-        with self.store.transaction() as conn:
-            self._customer_exists(conn, order.customer_id)
-            doc = {
-                "order_no": self.store.next_number(conn, SPECS["salesorders"]),
-                **order.model_dump(),
-                "lines": lines,
-                "status": "open",
-            }
-            self.store.insert(conn, "salesorders", doc["order_no"], doc, now)
-        return doc
-
-    def create_invoice(self, body: JsonDict) -> JsonDict:
-        inv = _parse(InvoiceCreate, body)
-        cur = inv.currency
-        lines, extended = self._lines(inv.lines, cur)
-        tax = _money(inv.tax_amount, cur, "tax_amount", sign="nonneg", default_zero=True)
-        total = _money(inv.total, cur, "total", sign="nonneg")
-        due = inv.due_date or inv.invoice_date
-        if due < inv.invoice_date:
-            raise _invalid("due_date", "due_date: precedes invoice_date")
-        if extended + tax != total:
-            raise _invalid(
-                "total", f"total: {inv.total} != Σ quantity × unit_price + tax_amount = {extended + tax}"
-            )
-        now = self._now()
-        with self.store.transaction() as conn:
-            self._customer_exists(conn, inv.customer_id)
-            order = None
-            if inv.sales_order_no is not None:
-                order = self.store.get(conn, "salesorders", inv.sales_order_no)
-                if order is None:
-                    raise _invalid(
-                        "sales_order_no", f"sales_order_no: no sales order {inv.sales_order_no!r}"
-                    )
-                if order["customer_id"] != inv.customer_id:
-                    raise _invalid(
-                        "customer_id",
-                        f"customer_id: sales order {inv.sales_order_no} belongs to "
-                        f"{order['customer_id']}",
-                    )
-                if order["currency"] != cur:
-                    raise _invalid(
-                        "currency",
-                        f"currency: sales order {inv.sales_order_no} is in {order['currency']}",
-                    )
-            self._period_open(conn, inv.invoice_date, "invoice_date")
-            doc = {
-                "invoice_no": self.store.next_number(conn, SPECS["invoices"]),
-                **inv.model_dump(),
-                "due_date": due,
-                "lines": lines,
-                "tax_amount": _fmt(tax, cur),
-                "total": _fmt(total, cur),
-                "balance_due": _fmt(total, cur),
-                "status": "paid" if total == 0 else "open",
-            }
-            self.store.insert(conn, "invoices", doc["invoice_no"], doc, now)
-            if order is not None and order["status"] != "invoiced":
-                order["status"] = "invoiced"
-                self.store.update(conn, "salesorders", order["order_no"], order, now)
-        return doc
-
-    def create_cash_receipt(self, body: JsonDict) -> JsonDict:
-        rec = _parse(CashReceiptCreate, body)
-        cur = rec.currency
-        amount = _money(rec.amount, cur, "amount", sign="positive")
-        applications = [
-            (i, app.invoice_no, _money(app.amount, cur, f"apply_to[{i}].amount", sign="positive"))
-            for i, app in enumerate(rec.apply_to or [])
-        ]
-        now = self._now()
-        with self.store.transaction() as conn:
-            self._customer_exists(conn, rec.customer_id)
-            self._account_exists(conn, rec.deposit_account, "deposit_account")
-            invoices: dict[str, JsonDict] = {}
-            applied: dict[str, Decimal] = {}
-            for i, invoice_no, part in applications:
-                if invoice_no not in invoices:
-                    invoices[invoice_no] = self._linked_invoice(
-                        conn, invoice_no, f"apply_to[{i}].invoice_no", rec.customer_id, cur
-                    )
-                applied[invoice_no] = applied.get(invoice_no, Decimal(0)) + part
-                balance = Decimal(invoices[invoice_no]["balance_due"])
-                if applied[invoice_no] > balance:
-                    raise _invalid(
-                        f"apply_to[{i}].amount",
-                        f"apply_to[{i}].amount: more than invoice {invoice_no}'s balance_due "
-                        f"{invoices[invoice_no]['balance_due']}",
-                        "over_application",
-                    )
-            if sum(applied.values(), Decimal(0)) > amount:
-                raise _invalid(
-                    "apply_to", "apply_to: applications exceed the receipt amount", "over_application"
-                )
-            self._period_open(conn, rec.receipt_date, "receipt_date")
-            doc = {
-                "receipt_no": self.store.next_number(conn, SPECS["cashreceipts"]),
-                **rec.model_dump(),
-                "apply_to": [
-                    {"invoice_no": invoice_no, "amount": _fmt(part, cur)}
-                    for _, invoice_no, part in applications
-                ],
-            }
-            self.store.insert(conn, "cashreceipts", doc["receipt_no"], doc, now)
-            for invoice_no, part in applied.items():
-                self._apply(conn, invoices[invoice_no], part, now)
-        return doc
-
-    def create_credit_memo(self, body: JsonDict) -> JsonDict:
-        memo = _parse(CreditMemoCreate, body)
-        cur = memo.currency
-        amount = _money(memo.amount, cur, "amount", sign="positive")
-        now = self._now()
-        with self.store.transaction() as conn:
-            self._customer_exists(conn, memo.customer_id)
-            self._account_exists(conn, memo.gl_account, "gl_account")
-            invoice = None
-            if memo.invoice_no is not None:
-                invoice = self._linked_invoice(
-                    conn, memo.invoice_no, "invoice_no", memo.customer_id, cur
-                )
-                if amount > Decimal(invoice["balance_due"]):
-                    raise _invalid(
-                        "amount",
-                        f"amount: more than invoice {memo.invoice_no}'s balance_due "
-                        f"{invoice['balance_due']}",
-                        "over_application",
-                    )
-            self._period_open(conn, memo.memo_date, "memo_date")
-            doc = {"memo_no": self.store.next_number(conn, SPECS["creditmemos"]), **memo.model_dump()}
-            self.store.insert(conn, "creditmemos", doc["memo_no"], doc, now)
-            if invoice is not None:
-                self._apply(conn, invoice, amount, now)
-        return doc
-
-    def create_journal_entry(self, body: JsonDict) -> JsonDict:
-        entry = _parse(JournalEntryCreate, body)
-        cur = entry.currency
-        lines: list[JsonDict] = []
-        debits = credits = Decimal(0)
-        for i, line in enumerate(entry.lines):
-            debit = _money(line.debit, cur, f"lines[{i}].debit", sign="nonneg", default_zero=True)
-            credit = _money(
-                line.credit, cur, f"lines[{i}].credit", sign="nonneg", default_zero=True
-            )
-            if (debit == 0) == (credit == 0):
-                raise _invalid(
-                    f"lines[{i}]", f"lines[{i}]: exactly one of debit and credit must be non-zero"
-                )
-            debits += debit
-            credits += credit
-            lines.append(
-                {"account": line.account, "debit": _fmt(debit, cur), "credit": _fmt(credit, cur),
-                 "description": line.description}
-            )
-        now = self._now()
-        with self.store.transaction() as conn:
-            for i, line in enumerate(entry.lines):
-                self._account_exists(conn, line.account, f"lines[{i}].account")
-            if debits != credits:
-                raise _invalid(
-                    "lines",
-                    f"lines: debits {_fmt(debits, cur)} != credits {_fmt(credits, cur)}",
-                    "unbalanced",
-                )
-            self._period_open(conn, entry.entry_date, "entry_date")
-            doc = {
-                "entry_no": self.store.next_number(conn, SPECS["journalentries"]),
-                **entry.model_dump(),
-                "lines": lines,
-            }
-            self.store.insert(conn, "journalentries", doc["entry_no"], doc, now)
-        return doc
-
-    def get(self, collection: str, number: str) -> JsonDict:
-        with self.store.reading() as conn:
-            doc = self.store.get(conn, collection, number)
-        if doc is None:
-            raise SageApiError(404, "not_found", f"no {collection} record {number!r}")
-        return doc
-
-
-# --- faults and the rate limit ---
-
-FAULT_KINDS = ("http_429", "http_500", "http_503", "drop", "commit_then_503", "slow")
-
-
-class SandboxDroppedConnection(httpx.RemoteProtocolError):
-    """Raised after the response has started, so the connection ends without a whole answer."""
-
-
-class FaultInjector:
-    """Decides, deterministically from the configured seed, which requests misbehave."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counts: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
-        self.configure(FaultConfig())
-
-    def configure(self, config: FaultConfig) -> None:
-        with self._lock:
-            self.config = config
-            self._rng = random.Random(config.seed)
-            self._injected = 0
-
-    def reset_counts(self) -> None:
-        with self._lock:
-            self.counts = dict.fromkeys(FAULT_KINDS, 0)
-
-    def decide(self, method: str) -> tuple[str | None, bool]:
-        """One draw per eligible request: an exclusive kind (or None) and whether to be slow."""
-        with self._lock:
-            cfg = self.config
-            if cfg.only_methods is not None and method.upper() not in {
-                m.upper() for m in cfg.only_methods
-            }:
-                return None, False
-            pick, slow_draw = self._rng.random(), self._rng.random()
-            kind: str | None = None
-            threshold = 0.0
-            for name, rate in (
-                ("http_429", cfg.rate_429),
-                ("http_500", cfg.rate_500),
-                ("http_503", cfg.rate_503),
-                ("drop", cfg.drop_rate),
-                ("commit_then_503", cfg.commit_then_503_rate),
-            ):
-                threshold += rate
-                if pick < threshold:
-                    kind = name
-                    break
-            slow = slow_draw < cfg.slow_rate
-            for name, hit in ((kind, kind is not None), ("slow", slow)):
-                if not hit:
-                    continue
-                if cfg.max_faults is not None and self._injected >= cfg.max_faults:
-                    if name == "slow":
-                        slow = False
-                    else:
-                        kind = None
-                    continue
-                self._injected += 1
-                self.counts[str(name)] += 1
-            return kind, slow
-
-
-class RateBudget:
-    """A token bucket of ``rps`` requests per second; answers how long to wait when empty."""
-
-    def __init__(self, rps: float) -> None:
-        self.rps = rps
-        self.capacity = max(1.0, rps)
-        self._tokens = self.capacity
-        self._at = time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self) -> float | None:
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rps)
-            self._at = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                return None
-            return (1 - self._tokens) / self.rps
-
-
-def _retry_after_header(seconds: float) -> str:
-    return str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}"
-
-
-async def _send_json(
-    send: Send, status: int, body: JsonDict, headers: Sequence[tuple[str, str]] = ()
-) -> None:
-    raw = json.dumps(body).encode()
-    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    hdrs += [(k.encode(), v.encode()) for k, v in headers]
-    await send({"type": "http.response.start", "status": status, "headers": hdrs})
-    await send({"type": "http.response.body", "body": raw})
-
-
-@dataclass
-class _Counters:
-    requests: int = 0
-    rate_limited: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class SandboxMiddleware:
-    """Faults, the rate limit and bearer auth for ``/api/v1`` — in that order (see the docs)."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        api_key: str,
-        faults: FaultInjector,
-        budget: RateBudget | None,
-        counters: _Counters,
-    ) -> None:
-        self.app = app
-        self._expected = f"Bearer {api_key}".encode()
-        self.faults = faults
-        self.budget = budget
-        self.counters = counters
-
-    def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return hmac.compare_digest(b"Bearer " + token.strip(), self._expected) and (
-                    scheme.lower() == b"bearer"
-                )
-        return False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/api/v1"):
-            await self.app(scope, receive, send)
-            return
-        with self.counters.lock:
-            self.counters.requests += 1
-        kind, slow = self.faults.decide(scope["method"])
-        if kind == "http_429":
-            retry = _retry_after_header(self.faults.config.retry_after)
-            await _send_json(
-                send, 429, _error_body("rate_limited", "rate limited (sandbox fault)"),
-                [("retry-after", retry)],
-            )
-            return
-        if kind in ("http_500", "http_503"):
-            status = 500 if kind == "http_500" else 503
-            await _send_json(send, status, _error_body("unavailable", "unavailable (sandbox fault)"))
-            return
-        wait = self.budget.take() if self.budget is not None else None
-        if wait is not None:
-            with self.counters.lock:
-                self.counters.rate_limited += 1
-            await _send_json(
-                send, 429, _error_body("rate_limited", "over the request budget"),
-                [("retry-after", str(max(1, math.ceil(wait))))],
-            )
-            return
-        if not self._authorized(scope):
-            await _send_json(send, 401, _error_body("unauthorized", "missing or invalid API key"))
-            return
-        if kind is None and not slow:
-            await self.app(scope, receive, send)
-            return
-        messages: list[Message] = []
-
-        async def capture(message: Message) -> None:
-            messages.append(message)
-
-        await self.app(scope, receive, capture)
-        if slow:
-            await asyncio.sleep(self.faults.config.slow_seconds)
-        if kind == "commit_then_503":
-            await _send_json(send, 503, _error_body("unavailable", "unavailable (sandbox fault)"))
-            return
-        if kind == "drop":
-            await send(messages[0])
-            raise SandboxDroppedConnection("sandbox fault: connection dropped mid-response")
-        for message in messages:
-            await send(message)
-
-
-# --- the app ---
-
-
-def _doc(
-    response: type[BaseModel],
-    status: int = 200,
-    *,
-    request: type[BaseModel] | None = None,
-    errors: Sequence[int] = (401, 422),
-    models: list[type[BaseModel]],
-) -> JsonDict:
-    """OpenAPI for a hand-parsed route (bodies are parsed by hand to keep the error shape)."""
-
-    def ref(model: type[BaseModel]) -> JsonDict:
-        if model not in models:
-            models.append(model)
-        return {"$ref": f"#/components/schemas/{model.__name__}"}
-
-    out: JsonDict = {
-        "responses": {
-            str(status): {"content": {"application/json": {"schema": ref(response)}}},
-            **{
-                str(code): {
-                    "description": "error",
-                    "content": {"application/json": {"schema": ref(ErrorBody)}},
-                }
-                for code in errors
-            },
-        }
-    }
-    if request is not None:
-        out["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": ref(request)}},
-        }
-    return out
-
-
-async def _json_object(request: Request) -> JsonDict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise SageApiError(400, "bad_request", "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise SageApiError(400, "bad_request", "the body is not a JSON object")
-    return body
-
-
-def _page(
-    items: list[JsonDict], tag: str, limit: int, cursor: str | None
-) -> JsonDict:
-    start = _decode_cursor(tag, cursor)
-    chunk = items[start : start + limit]
-    more = start + limit < len(items)
-    return {"data": chunk, "next_cursor": _encode_cursor(tag, start + limit) if more else None}
-
-
-def create_sage_app(
-    db_path: str | Path,
-    *,
-    api_key: str,
-    customers: Sequence[SeedCustomer] = (),
-    sales_orders: Sequence[SeedSalesOrder] = (),
-    fiscal_years: Sequence[int] | None = None,
-    closed_through: datetime.date | None = None,
-    rate_limit_rps: float | None = None,
-    clock: Callable[[], datetime.datetime] | None = None,
-) -> FastAPI:
-    """Build the sandbox over the SQLite file ``db_path`` (created, or reopened as it is).
-
-    Seeds are inserted only when absent, so re-creating the app on the same file keeps every
-    document; ``fiscal_years`` defaults to the clock's year −2 … +1, and periods ending on or
-    before ``closed_through`` start closed.
-    """
-    now_fn: Callable[[], datetime.datetime] = clock or (lambda: datetime.datetime.now(_UTC))
-    if fiscal_years is None:
-        year = now_fn().year
-        fiscal_years = range(year - 2, year + 2)
-    store = SageStore(
-        db_path,
-        clock=now_fn,
-        customers=customers,
-        sales_orders=sales_orders,
-        fiscal_years=fiscal_years,
-        closed_through=closed_through,
-    )
-    ledger = SageLedger(store)
-    faults = FaultInjector()
-    counters = _Counters()
-    budget = RateBudget(rate_limit_rps) if rate_limit_rps else None
-
-    app = FastAPI(title="Sage Pro sandbox", version="1.0.0", description=_DESCRIPTION)
-    app.state.store = store
-    app.state.faults = faults
-    app.add_middleware(
-        SandboxMiddleware, api_key=api_key, faults=faults, budget=budget, counters=counters
-    )
-    models: list[type[BaseModel]] = []
-
-    @app.exception_handler(SageApiError)
-    async def _sage_error(_: Request, exc: SageApiError) -> JSONResponse:
-        return JSONResponse(_error_body(exc.code, exc.message, exc.field), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        loc = [p for p in err.get("loc", ()) if p not in ("query", "path", "body")]
-        where = _loc(loc) or None
-        msg = f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
-        return JSONResponse(_error_body("validation_error", msg, where), status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        code = codes.get(exc.status_code, "bad_request" if exc.status_code < 500 else "unavailable")
-        return JSONResponse(
-            _error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
-        )
-
-    @app.exception_handler(Exception)
-    async def _crash(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(_error_body("unavailable", "internal error"), status_code=500)
-
-    Limit = Annotated[int, Query(ge=1, le=200, description="page size, at most 200")]
-    CursorQ = Annotated[str | None, Query(description="opaque, from next_cursor")]
-    ReferenceQ = Annotated[str | None, Query(description="exact match on reference")]
-
-    # customers
-
-    @app.post(
-        "/api/v1/customers", status_code=201, tags=["customers"],
-        openapi_extra=_doc(Customer, 201, request=CustomerCreate, models=models),
-    )
-    async def create_customer(request: Request) -> JSONResponse:
-        """Create a customer; ``customer_id`` is chosen by the client and must be new."""
-        return JSONResponse(ledger.create_customer(await _json_object(request)), status_code=201)
-
     @app.get(
-        "/api/v1/customers", tags=["customers"],
-        openapi_extra=_doc(_page_model(Customer), models=models),
-    )
-    async def list_customers(
-        reference: ReferenceQ = None,
-        updated_since: Annotated[
-            str | None, Query(description="ISO 8601; inclusive; naive means UTC")
-        ] = None,
-        limit: Limit = 50,
-        cursor: CursorQ = None,
-    ) -> JSONResponse:
-        """Customers in creation order; with ``updated_since`` the changes since then."""
-        since = None
-        if updated_since is not None:
-            try:
-                since = _micros(datetime.datetime.fromisoformat(updated_since.replace(" ", "+")))
-            except ValueError:
-                raise _invalid("updated_since", "updated_since: not an ISO 8601 time") from None
-        return _list("customers", limit, cursor, reference, since)
-
-    @app.get(
-        "/api/v1/customers/{customer_id}", tags=["customers"],
-        openapi_extra=_doc(Customer, errors=(401, 404), models=models),
-    )
-    async def get_customer(customer_id: str) -> JSONResponse:
-        return JSONResponse(ledger.get("customers", customer_id))
-
-    @app.put(
-        "/api/v1/customers/{customer_id}", tags=["customers"],
-        openapi_extra=_doc(
-            Customer, request=CustomerUpdate, errors=(400, 401, 404, 422), models=models
-        ),
-    )
-    async def update_customer(customer_id: str, request: Request) -> JSONResponse:
-        """Merge the given fields into the customer (404 when absent); ``updated_at`` moves."""
-        body = await _json_object(request)
-        return JSONResponse(ledger.update_customer(customer_id, body))
-
-    def _list(
-        collection: str, limit: int, cursor: str | None, reference: str | None,
-        since: int | None = None,
-    ) -> JSONResponse:
-        after = _decode_cursor(collection, cursor)
-        data, last = store.page(
-            collection, after=after, limit=limit, reference=reference, updated_since_us=since
-        )
-        next_cursor = _encode_cursor(collection, last) if last is not None else None
-        return JSONResponse({"data": data, "next_cursor": next_cursor})
-
-    # documents
-
-    creators: dict[str, tuple[Callable[[JsonDict], JsonDict], type[BaseModel], type[BaseModel]]]
-    creators = {
-        "salesorders": (ledger.create_sales_order, SalesOrderCreate, SalesOrder),
-        "invoices": (ledger.create_invoice, InvoiceCreate, Invoice),
-        "cashreceipts": (ledger.create_cash_receipt, CashReceiptCreate, CashReceipt),
-        "creditmemos": (ledger.create_credit_memo, CreditMemoCreate, CreditMemo),
-        "journalentries": (ledger.create_journal_entry, JournalEntryCreate, JournalEntry),
-    }
-    for name, (create_fn, in_model, out_model) in creators.items():
-        key = SPECS[name].key
-
-        async def create_doc(
-            request: Request, _create: Callable[[JsonDict], JsonDict] = create_fn
-        ) -> JSONResponse:
-            return JSONResponse(_create(await _json_object(request)), status_code=201)
-
-        async def list_docs(
-            reference: ReferenceQ = None,
-            limit: Limit = 50,
-            cursor: CursorQ = None,
-            _name: str = name,
-        ) -> JSONResponse:
-            return _list(_name, limit, cursor, reference)
-
-        async def get_doc(number: str, _name: str = name) -> JSONResponse:
-            return JSONResponse(ledger.get(_name, number))
-
-        _hide_defaults(create_doc, list_docs, get_doc)
-        app.add_api_route(
-            f"/api/v1/{name}", create_doc, methods=["POST"], status_code=201, tags=[name],
-            name=f"create_{name}", summary=f"Create one of {name} (no deduplication)",
-            openapi_extra=_doc(out_model, 201, request=in_model, errors=(400, 401, 422),
-                               models=models),
-        )
-        app.add_api_route(
-            f"/api/v1/{name}", list_docs, methods=["GET"], tags=[name], name=f"list_{name}",
-            summary=f"List {name}, filter by reference",
-            openapi_extra=_doc(_page_model(out_model), models=models),
-        )
-        app.add_api_route(
-            f"/api/v1/{name}/{{number}}", get_doc, methods=["GET"], tags=[name],
-            name=f"get_{name}", summary=f"Get one of {name} by {key}",
-            openapi_extra=_doc(out_model, errors=(401, 404), models=models),
-        )
-
-    # reference data
-
-    @app.get(
-        "/api/v1/glaccounts", tags=["reference data"],
+        "/api/v1/glaccounts",
+        tags=["reference data"],
         openapi_extra=_doc(_page_model(GLAccount), models=models),
     )
     async def gl_accounts(limit: Limit = 50, cursor: CursorQ = None) -> JSONResponse:
@@ -2286,7 +1566,8 @@ def create_sage_app(
         return JSONResponse(_page(store.accounts(), "glaccounts", limit, cursor))
 
     @app.get(
-        "/api/v1/fiscalperiods", tags=["reference data"],
+        "/api/v1/fiscalperiods",
+        tags=["reference data"],
         openapi_extra=_doc(_page_model(FiscalPeriod), models=models),
     )
     async def fiscal_periods(limit: Limit = 50, cursor: CursorQ = None) -> JSONResponse:
@@ -2296,7 +1577,8 @@ def create_sage_app(
     # sandbox controls
 
     @app.post(
-        "/_sandbox/reset", tags=["sandbox"],
+        "/_sandbox/reset",
+        tags=["sandbox"],
         openapi_extra=_doc(SandboxStats, errors=(), models=models),
     )
     async def sandbox_reset() -> JSONResponse:
@@ -2309,7 +1591,8 @@ def create_sage_app(
         return JSONResponse(_stats())
 
     @app.post(
-        "/_sandbox/seed", tags=["sandbox"],
+        "/_sandbox/seed",
+        tags=["sandbox"],
         openapi_extra=_doc(SandboxStats, request=SeedRequest, errors=(400, 422), models=models),
     )
     async def sandbox_seed(request: Request) -> JSONResponse:
@@ -2320,8 +1603,10 @@ def create_sage_app(
                 [SeedCustomer(**c.model_dump()) for c in seed.customers],
                 [
                     SeedSalesOrder(
-                        **{**o.model_dump(exclude={"lines"}),
-                           "lines": [SeedLine(**ln.model_dump()) for ln in o.lines]}
+                        **{
+                            **o.model_dump(exclude={"lines"}),
+                            "lines": [SeedLine(**ln.model_dump()) for ln in o.lines],
+                        }
                     )
                     for o in seed.sales_orders
                 ],
@@ -2334,31 +1619,40 @@ def create_sage_app(
         _period_route(app, store, action, status, models)
 
     @app.post(
-        "/_sandbox/faults", tags=["sandbox"],
+        "/_sandbox/faults",
+        tags=["sandbox"],
         openapi_extra=_doc(FaultConfig, request=FaultConfig, errors=(400, 422), models=models),
     )
     async def sandbox_faults(request: Request) -> JSONResponse:
         """Replace the fault configuration (omitted fields: off); the RNG restarts at ``seed``."""
         config = _parse(FaultConfig, await _json_object(request))
         exclusive = (
-            config.rate_429 + config.rate_500 + config.rate_503 + config.drop_rate
+            config.rate_429
+            + config.rate_500
+            + config.rate_503
+            + config.drop_rate
             + config.commit_then_503_rate
         )
         if exclusive > 1 + 1e-9:
-            raise _invalid(None, "rate_429 + rate_500 + rate_503 + drop_rate + "
-                           "commit_then_503_rate must not exceed 1")
+            raise _invalid(
+                None,
+                "rate_429 + rate_500 + rate_503 + drop_rate + "
+                "commit_then_503_rate must not exceed 1",
+            )
         faults.configure(config)
         return JSONResponse(config.model_dump())
 
     @app.get(
-        "/_sandbox/faults", tags=["sandbox"],
+        "/_sandbox/faults",
+        tags=["sandbox"],
         openapi_extra=_doc(FaultConfig, errors=(), models=models),
     )
     async def sandbox_faults_get() -> JSONResponse:
         return JSONResponse(faults.config.model_dump())
 
     @app.delete(
-        "/_sandbox/faults", tags=["sandbox"],
+        "/_sandbox/faults",
+        tags=["sandbox"],
         openapi_extra=_doc(FaultConfig, errors=(), models=models),
     )
     async def sandbox_faults_off() -> JSONResponse:
@@ -2367,7 +1661,8 @@ def create_sage_app(
         return JSONResponse(faults.config.model_dump())
 
     @app.get(
-        "/_sandbox/stats", tags=["sandbox"],
+        "/_sandbox/stats",
+        tags=["sandbox"],
         openapi_extra=_doc(SandboxStats, errors=(), models=models),
     )
     async def sandbox_stats() -> JSONResponse:
@@ -2428,30 +1723,47 @@ def _document_routes(
         return JSONResponse(create_fn(await _json_object(request)), status_code=201)
 
     async def list_docs(
-        reference: Annotated[str | None, Query(description="exact match on reference")] = None,
-        limit: Annotated[int, Query(ge=1, le=200, description="page size, at most 200")] = 50,
-        cursor: Annotated[str | None, Query(description="opaque, from next_cursor")] = None,
+        reference: ReferenceQ = None,
+        limit: Limit = 50,
+        cursor: CursorQ = None,
     ) -> JSONResponse:
         return list_fn(name, limit, cursor, reference)
 
-    async def get_doc(number: Annotated[str, PathParam(alias=key)]) -> JSONResponse:
-        return JSONResponse(ledger.get(name, number))
+    async def get_doc(request: Request) -> JSONResponse:
+        return JSONResponse(ledger.get(name, request.path_params[key]))
 
     app.add_api_route(
-        f"/api/v1/{name}", create_doc, methods=["POST"], status_code=201, tags=[name],
-        name=f"create_{name}", summary=f"Create one of {name} (no deduplication)",
-        openapi_extra=_doc(out_model, 201, request=in_model, errors=(400, 401, 422),
-                           models=models),
+        f"/api/v1/{name}",
+        create_doc,
+        methods=["POST"],
+        status_code=201,
+        tags=[name],
+        name=f"create_{name}",
+        summary=f"Create one of {name} (no deduplication)",
+        openapi_extra=_doc(out_model, 201, request=in_model, errors=(400, 401, 422), models=models),
     )
     app.add_api_route(
-        f"/api/v1/{name}", list_docs, methods=["GET"], tags=[name], name=f"list_{name}",
+        f"/api/v1/{name}",
+        list_docs,
+        methods=["GET"],
+        tags=[name],
+        name=f"list_{name}",
         summary=f"List {name}, filter by reference",
         openapi_extra=_doc(_page_model(out_model), models=models),
     )
     app.add_api_route(
-        f"/api/v1/{name}/{{{key}}}", get_doc, methods=["GET"], tags=[name],
-        name=f"get_{name}", summary=f"Get one of {name} by {key}",
-        openapi_extra=_doc(out_model, errors=(401, 404), models=models),
+        f"/api/v1/{name}/{{{key}}}",
+        get_doc,
+        methods=["GET"],
+        tags=[name],
+        name=f"get_{name}",
+        summary=f"Get one of {name} by {key}",
+        openapi_extra={
+            **_doc(out_model, errors=(401, 404), models=models),
+            "parameters": [
+                {"name": key, "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+        },
     )
 
 
@@ -2463,8 +1775,12 @@ def _period_route(
         return JSONResponse(store.set_period(ref.year, ref.period, status))
 
     app.add_api_route(
-        f"/_sandbox/periods/{action}", set_period, methods=["POST"], tags=["sandbox"],
-        name=f"sandbox_period_{action}", summary=f"Mark a fiscal period {status}",
+        f"/_sandbox/periods/{action}",
+        set_period,
+        methods=["POST"],
+        tags=["sandbox"],
+        name=f"sandbox_period_{action}",
+        summary=f"Mark a fiscal period {status}",
         openapi_extra=_doc(FiscalPeriod, request=PeriodRef, errors=(400, 404, 422), models=models),
     )
 

@@ -1,0 +1,51 @@
+# Two commands on a fresh machine with only Python and make:
+#   make demo   — the main job end to end on embedded defaults
+#   make test   — the test suite (what CI runs)
+PY ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+export UV_PYTHON := $(shell command -v $(PY))
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: install demo test test-all check fmt bench sandbox clean
+
+$(UV):
+	$(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+install: $(VENV)/.synced
+
+demo: install
+	$(BIN)/stripe-sage demo
+
+test: install
+	$(BIN)/pytest -m "not slow" -q
+
+test-all: install
+	$(BIN)/pytest -q
+
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/stripe-sage bench
+
+sandbox: install
+	$(BIN)/stripe-sage sandbox
+
+clean:
+	rm -rf $(VENV) $(TOOLS) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,475 @@
+"""The one typed Sage Pro client (``SAGEPRO_API.md``): retries, exactly-once creates, no secrets.
+
+Retry policy lives here and only here, so attempts never multiply across layers:
+
+- ``429`` — a definite rejection: sleep ``Retry-After`` (else the backoff) and send again.
+- ``5xx``, timeouts, dropped connections — transient: exponential backoff with jitter,
+  ``min(backoff_max, backoff_base * 2**(attempt-1)) * (0.5 + jitter() / 2)``, up to
+  ``max_attempts`` requests, then :class:`~stripe_sage.errors.RetryableError`.
+- ``401``/``403`` — :class:`~stripe_sage.errors.AuthenticationError` at once; ``404`` —
+  :class:`~stripe_sage.errors.NotFoundError`; ``400``/``422`` —
+  :class:`~stripe_sage.errors.ValidationError` carrying the API's ``code``
+  (``unbalanced``, ``period_closed``, ``over_application``, ...) and ``field``. No retry.
+
+**Exactly once.** Sage Pro does not deduplicate. A create whose outcome is uncertain — a 5xx,
+a read timeout, a connection cut after the request went out — may have been committed (the
+sandbox's ``commit_then_503`` fault does exactly that). Before posting again, the client
+looks the document up (``GET /api/v1/<collection>?reference=``, or the customer by its
+``customer_id``) and returns what it finds instead of creating a second one. A 429 or a
+connection that was never made is a definite "not done" and is simply retried.
+
+The API key is held as a ``SecretStr``, sent per request (so an injected ``httpx.Client``
+such as Starlette's ``TestClient`` works), and never put in a message, a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import SecretStr
+
+from stripe_sage.errors import (
+    FatalError,
+    RetryableError,
+    StripeSageError,
+    ValidationError,
+    error_for_status,
+)
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "sagepro"
+# collection → the server-assigned (or, for customers, client-chosen) key of its documents.
+COLLECTIONS: dict[str, str] = {
+    "customers": "customer_id",
+    "salesorders": "order_no",
+    "invoices": "invoice_no",
+    "cashreceipts": "receipt_no",
+    "creditmemos": "memo_no",
+    "journalentries": "entry_no",
+}
+MAX_PAGE = 200
+
+JsonDict = dict[str, Any]
+
+
+@dataclass
+class SageClientStats:
+    """Counters a loader reports: how hard the client had to work for its results."""
+
+    attempts: int = 0  # HTTP requests sent (lookups included)
+    retries: int = 0  # backoff sleeps taken before another request
+    rate_limited: int = 0  # 429 answers
+    server_errors: int = 0  # 5xx answers
+    transport_errors: int = 0  # timeouts, refused/reset/dropped connections
+    recovered_by_lookup: int = 0  # creates answered with the document found by lookup
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _Transient(Exception):
+    """One failed exchange that may succeed later; ``uncertain``: the server may have acted."""
+
+    def __init__(self, error: RetryableError, *, uncertain: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.uncertain = uncertain
+
+
+def parse_retry_after(value: str | None, *, now: datetime.datetime | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds (integer or decimal) or HTTP-date."""
+    if not value:
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    now = now or datetime.datetime.now(datetime.UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+class SageProClient:
+    """Typed, retrying, exactly-once client of the Sage Pro API v1.
+
+    Everything comes in by keyword, nothing from the environment: tests inject
+    ``http_client`` (e.g. ``starlette.testclient.TestClient(app)``), a recording ``sleep``
+    and a fixed ``jitter``. An owned ``httpx.Client`` uses ``timeout``; an injected one keeps
+    its own settings.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | SecretStr,
+        *,
+        http_client: httpx.Client | None = None,
+        timeout: float = 10.0,
+        max_attempts: int = 6,
+        backoff_base: float = 0.25,
+        backoff_max: float = 20.0,
+        sleep: Callable[[float], None] = time.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client(timeout=timeout)
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._sleep = sleep
+        self._jitter = jitter
+        self.stats = SageClientStats()
+
+    def __repr__(self) -> str:
+        return f"SageProClient(base_url={self.base_url!r})"
+
+    # lifecycle
+
+    def close(self) -> None:
+        """Close the HTTP client if this object created it (an injected one is the caller's)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> SageProClient:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # customers
+
+    def create_customer(self, payload: JsonDict) -> JsonDict:
+        """Create a customer; an uncertain outcome is resolved by ``GET customers/{id}``."""
+        return self.create("customers", payload)
+
+    def update_customer(self, customer_id: str, fields: JsonDict) -> JsonDict:
+        """Merge ``fields`` into the customer (``NotFoundError`` when absent). Safe to resend."""
+        return self._call("PUT", f"/api/v1/customers/{_seg(customer_id)}", json=fields)
+
+    def get_customer(self, customer_id: str) -> JsonDict:
+        return self.get("customers", customer_id)
+
+    def list_customers(
+        self, updated_since: datetime.datetime | str | None = None
+    ) -> Iterator[JsonDict]:
+        """Every customer (all pages), or those changed at or after ``updated_since``."""
+        params: JsonDict = {}
+        if isinstance(updated_since, datetime.datetime):
+            moment = updated_since
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=datetime.UTC)
+            params["updated_since"] = moment.isoformat()
+        elif updated_since is not None:
+            params["updated_since"] = updated_since
+        return self._paginate("/api/v1/customers", params)
+
+    # documents
+
+    def create_sales_order(self, payload: JsonDict) -> JsonDict:
+        return self.create("salesorders", payload)
+
+    def create_invoice(self, payload: JsonDict) -> JsonDict:
+        return self.create("invoices", payload)
+
+    def create_cash_receipt(self, payload: JsonDict) -> JsonDict:
+        return self.create("cashreceipts", payload)
+
+    def create_credit_memo(self, payload: JsonDict) -> JsonDict:
+        return self.create("creditmemos", payload)
+
+    def create_journal_entry(self, payload: JsonDict) -> JsonDict:
+        return self.create("journalentries", payload)
+
+    def create(
+        self,
+        collection: str,
+        payload: JsonDict,
+        *,
+        reference_unique: bool = True,
+        check_first: bool = False,
+    ) -> JsonDict:
+        """POST one document exactly once and return it as Sage stored it.
+
+        ``reference_unique=True`` (the default) declares that ``payload["reference"]`` (the
+        Stripe id) identifies this document: at most one document of ``collection`` carries
+        it. Then an uncertain outcome (5xx, timeout, dropped connection) is resolved by
+        ``GET ?reference=`` before any resend: if the document is there it is returned (and
+        ``stats.recovered_by_lookup`` counts it), otherwise the POST is sent again. A payload
+        without a reference is refused up front (``ValidationError``, code
+        ``missing_reference``), since nothing could tell a resend from a duplicate.
+        Customers are identified by their client-chosen ``customer_id`` instead.
+
+        ``reference_unique=False`` is for documents that legitimately share a reference: the
+        client then never resends after an uncertain outcome and raises ``FatalError`` with
+        code ``outcome_unknown`` (dead-letter it; a human checks Sage before replaying).
+
+        ``check_first=True`` looks the document up before the first POST too — for replays
+        after a crash, when an earlier process may have posted it without recording that.
+        """
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown Sage Pro collection {collection!r}")
+        resolve: Callable[[], JsonDict | None] | None = None
+        if collection == "customers":
+            customer_id = payload.get("customer_id")
+            if not isinstance(customer_id, str) or not customer_id:
+                raise ValidationError(
+                    "a customer needs a customer_id",
+                    code="validation_error",
+                    field="customer_id",
+                    system=SYSTEM,
+                )
+            resolve = lambda: self._existing_customer(customer_id, payload)  # noqa: E731
+        elif reference_unique:
+            reference = payload.get("reference")
+            if not isinstance(reference, str) or not reference:
+                raise ValidationError(
+                    f"{collection}: a reference_unique create needs a reference",
+                    code="missing_reference",
+                    field="reference",
+                    system=SYSTEM,
+                )
+            resolve = lambda: self._first_by_reference(collection, reference)  # noqa: E731
+        return self._call(
+            "POST",
+            f"/api/v1/{collection}",
+            json=payload,
+            resolve=resolve,
+            resend_uncertain=False,
+            check_first=check_first,
+        )
+
+    def get(self, collection: str, key: str) -> JsonDict:
+        """One document by its number (``NotFoundError`` when there is none)."""
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown Sage Pro collection {collection!r}")
+        return self._call("GET", f"/api/v1/{collection}/{_seg(key)}")
+
+    def find_by_reference(self, collection: str, reference: str) -> list[JsonDict]:
+        """Every document of ``collection`` whose ``reference`` equals ``reference``."""
+        if collection not in COLLECTIONS:
+            raise ValueError(f"unknown Sage Pro collection {collection!r}")
+        return list(self._paginate(f"/api/v1/{collection}", {"reference": reference}))
+
+    # reference data
+
+    def gl_accounts(self) -> list[JsonDict]:
+        return list(self._paginate("/api/v1/glaccounts", {}))
+
+    def fiscal_periods(self) -> list[JsonDict]:
+        return list(self._paginate("/api/v1/fiscalperiods", {}))
+
+    # internals
+
+    def _existing_customer(self, customer_id: str, payload: JsonDict) -> JsonDict | None:
+        try:
+            found = self._once("GET", f"/api/v1/customers/{_seg(customer_id)}")
+        except StripeSageError as exc:
+            if exc.http_status == 404:
+                return None
+            raise
+        reference = payload.get("reference")
+        if reference is not None and found.get("reference") != reference:
+            raise ValidationError(
+                f"customer {customer_id} exists with another reference",
+                code="validation_error",
+                field="customer_id",
+                system=SYSTEM,
+            )
+        return dict(found)
+
+    def _first_by_reference(self, collection: str, reference: str) -> JsonDict | None:
+        page = self._once(
+            "GET", f"/api/v1/{collection}", params={"reference": reference, "limit": MAX_PAGE}
+        )
+        data = page.get("data") or []
+        if len(data) > 1:
+            log.warning(
+                "sagepro: %d %s share reference %s; using the first",
+                len(data),
+                collection,
+                reference,
+            )
+        return dict(data[0]) if data else None
+
+    def _paginate(self, path: str, params: JsonDict) -> Iterator[JsonDict]:
+        cursor: str | None = None
+        while True:
+            query = {**params, "limit": MAX_PAGE}
+            if cursor:
+                query["cursor"] = cursor
+            page = self._call("GET", path, params=query)
+            yield from page.get("data") or []
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+        return float(ceiling * (0.5 + self._jitter() / 2))
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: JsonDict | None = None,
+        params: JsonDict | None = None,
+        resolve: Callable[[], JsonDict | None] | None = None,
+        resend_uncertain: bool = True,
+        check_first: bool = False,
+    ) -> Any:
+        """Send with the retry policy; ``resolve`` finds a create that may already exist."""
+        uncertain = check_first
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if uncertain and resolve is not None:
+                    found = resolve()
+                    if found is not None:
+                        self.stats.recovered_by_lookup += 1
+                        log.info("sagepro: %s %s was already done; found by lookup", method, path)
+                        return found
+                return self._once(method, path, json=json, params=params)
+            except _Transient as failure:
+                error = failure.error
+                if failure.uncertain and method != "GET":
+                    uncertain = True
+                    if resolve is None and not resend_uncertain:
+                        raise FatalError(
+                            f"{method} {path}: outcome unknown after {error.message}; "
+                            "check Sage before replaying",
+                            http_status=error.http_status,
+                            code="outcome_unknown",
+                            system=SYSTEM,
+                        ) from None
+                if attempt >= self.max_attempts:
+                    raise RetryableError(
+                        f"gave up after {attempt} attempts: {error.message}",
+                        retry_after=error.retry_after,
+                        http_status=error.http_status,
+                        code=error.code,
+                        field=error.field,
+                        system=SYSTEM,
+                    ) from None
+                delay = error.retry_after if error.retry_after is not None else None
+                if delay is None:
+                    delay = self._backoff(attempt)
+                self.stats.retries += 1
+                log.warning(
+                    "sagepro: %s %s failed (%s); attempt %d of %d, retrying in %.2fs",
+                    method,
+                    path,
+                    error.code or error.http_status or "transport",
+                    attempt,
+                    self.max_attempts,
+                    delay,
+                )
+                self._sleep(delay)
+
+    def _once(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: JsonDict | None = None,
+        params: JsonDict | None = None,
+    ) -> Any:
+        """One exchange: the parsed body, a fatal error, or ``_Transient``."""
+        self.stats.attempts += 1
+        headers = {
+            "Authorization": f"Bearer {self._api_key.get_secret_value()}",
+            "Accept": "application/json",
+        }
+        try:
+            response = self._http.request(
+                method, f"{self.base_url}{path}", json=json, params=params, headers=headers
+            )
+        except httpx.TransportError as exc:
+            self.stats.transport_errors += 1
+            # A connection never made, or a pool wait, means the request never left.
+            sent = not isinstance(
+                exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+            )
+            code = "timeout" if isinstance(exc, httpx.TimeoutException) else "unavailable"
+            error = RetryableError(
+                self._scrub(f"{method} {path}: {type(exc).__name__}: {exc}"),
+                code=code,
+                system=SYSTEM,
+            )
+            raise _Transient(error, uncertain=sent) from None
+        if response.is_success:
+            try:
+                return response.json()
+            except ValueError:
+                raise _Transient(
+                    RetryableError(
+                        f"{method} {path}: HTTP {response.status_code} with a non-JSON body",
+                        code="unavailable",
+                        system=SYSTEM,
+                    ),
+                    uncertain=True,
+                ) from None
+        failure = self._error(method, path, response)
+        if isinstance(failure, RetryableError):
+            if response.status_code == 429:
+                self.stats.rate_limited += 1
+            else:
+                self.stats.server_errors += 1
+            raise _Transient(failure, uncertain=response.status_code != 429)
+        raise failure
+
+    def _error(self, method: str, path: str, response: httpx.Response) -> StripeSageError:
+        code = field = None
+        message = response.reason_phrase or f"HTTP {response.status_code}"
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            detail = body["error"]
+            code = detail.get("code") if isinstance(detail.get("code"), str) else None
+            field = detail.get("field") if isinstance(detail.get("field"), str) else None
+            if isinstance(detail.get("message"), str):
+                message = detail["message"]
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return error_for_status(
+            response.status_code,
+            self._scrub(f"{method} {path}: {message}"),
+            code=code,
+            field=field,
+            retry_after=retry_after,
+            system=SYSTEM,
+        )
+
+    def _scrub(self, text: str) -> str:
+        secret = self._api_key.get_secret_value()
+        return text.replace(secret, "**********") if secret else text
+
+
+def _seg(value: str) -> str:
+    """A path segment, escaped (a key is data, not path syntax)."""
+    return quote(value, safe="")

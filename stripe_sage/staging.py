@@ -1,0 +1,267 @@
+"""DuckDB staging: the tables analysts rely on (ARCHITECTURE.md), and the only code that writes them.
+
+One ``Staging`` object owns one DuckDB connection, used from one thread: extract threads hand
+pages over, this writes them. Cursors move in the same transaction as the data they cover.
+Secrets never reach any table (nothing here receives them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from stripe_sage.streams import STREAMS, Stream
+
+SCHEMAS = ("raw", "staging", "sage", "ops")
+
+OPS_DDL = """
+CREATE TABLE IF NOT EXISTS ops.sync_state (
+    stream VARCHAR PRIMARY KEY,
+    created_cursor BIGINT,          -- objects created before this (unix s) are staged
+    events_cursor BIGINT,           -- events created at/after this are still to be read
+    backfill_done BOOLEAN DEFAULT false,
+    updated_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS ops.sync_windows (
+    stream VARCHAR, window_start BIGINT, window_end BIGINT, rows BIGINT,
+    run_id VARCHAR, done_at TIMESTAMPTZ,
+    PRIMARY KEY (stream, window_start, window_end)
+);
+CREATE TABLE IF NOT EXISTS ops.runs (
+    run_id VARCHAR PRIMARY KEY,
+    flow VARCHAR, prefect_run_id VARCHAR, trigger VARCHAR,
+    started_at TIMESTAMPTZ, ended_at TIMESTAMPTZ, status VARCHAR,
+    counts JSON, error VARCHAR
+);
+CREATE TABLE IF NOT EXISTS ops.dead_letters (
+    doc_key VARCHAR PRIMARY KEY,
+    doc_type VARCHAR, stripe_id VARCHAR, reason VARCHAR,
+    http_status INTEGER, error_code VARCHAR, error_field VARCHAR,
+    payload JSON, first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ,
+    occurrences INTEGER DEFAULT 1, replayed BOOLEAN DEFAULT false, replayed_at TIMESTAMPTZ,
+    run_id VARCHAR
+);
+CREATE TABLE IF NOT EXISTS staging.quarantine (
+    stream VARCHAR, id VARCHAR, "check" VARCHAR, reason VARCHAR, run_id VARCHAR,
+    quarantined_at TIMESTAMPTZ,
+    PRIMARY KEY (stream, id, "check")
+);
+CREATE TABLE IF NOT EXISTS sage.outbox (
+    doc_key VARCHAR PRIMARY KEY,     -- '<doc_type>:<stripe id>'
+    doc_type VARCHAR, collection VARCHAR, stripe_id VARCHAR, phase INTEGER,
+    depends_on VARCHAR[], payload JSON, status VARCHAR,   -- pending | posted | dead
+    sage_id VARCHAR, attempts INTEGER DEFAULT 0, last_error VARCHAR,
+    created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ, posted_at TIMESTAMPTZ, run_id VARCHAR
+);
+CREATE TABLE IF NOT EXISTS sage.xref (
+    stripe_id VARCHAR, doc_type VARCHAR, collection VARCHAR, sage_id VARCHAR,
+    matched_by VARCHAR, created_at TIMESTAMPTZ, run_id VARCHAR,
+    PRIMARY KEY (stripe_id, doc_type)
+);
+"""
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Staging:
+    """The staging database. ``with Staging(path) as st: ...``."""
+
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(self.path), read_only=read_only)
+        self._exec("SET TimeZone = 'UTC'")
+        if not read_only:
+            self.migrate()
+
+    def _exec(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        """Run a statement to completion (DuckDB 2 keeps a result pending until fetched)."""
+        self.con.execute(sql, params or []).fetchall()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ----------------------------------------------------------------------------
+    def migrate(self) -> None:
+        for schema in SCHEMAS:
+            self._exec(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        for stream in STREAMS.values():
+            self._exec(f"""
+                CREATE TABLE IF NOT EXISTS raw.{stream.name} (
+                    id VARCHAR PRIMARY KEY, created TIMESTAMPTZ, data JSON, source VARCHAR,
+                    api_version VARCHAR, extracted_at TIMESTAMPTZ, run_id VARCHAR)""")
+            cols = ", ".join(f'"{c.name}" {c.sql_type}' for c in stream.columns)
+            self._exec(f"""
+                CREATE TABLE IF NOT EXISTS staging.{stream.name} (
+                    {cols}, run_id VARCHAR, staged_at TIMESTAMPTZ, PRIMARY KEY (id))""")
+        self._exec(OPS_DDL)
+
+    # -- raw -------------------------------------------------------------------------------
+    def upsert_raw(self, stream: str, objects: Sequence[dict[str, Any]], *, source: str,
+                   run_id: str, api_version: str | None = None) -> int:
+        """Insert or replace objects by id (latest version wins). Returns rows written."""
+        if not objects:
+            return 0
+        seen: dict[str, dict[str, Any]] = {}
+        for obj in objects:  # one batch may hold an object twice: keep the last
+            seen[obj["id"]] = obj
+        now = now_utc()
+        table = pa.table({
+            "id": pa.array(list(seen), pa.string()),
+            "created": pa.array([dt.datetime.fromtimestamp(o["created"], dt.UTC)
+                                 if o.get("created") is not None else None
+                                 for o in seen.values()], pa.timestamp("us", tz="UTC")),
+            "data": pa.array([json.dumps(o, separators=(",", ":")) for o in seen.values()],
+                             pa.string()),
+            "source": pa.array([source] * len(seen), pa.string()),
+            "api_version": pa.array([api_version] * len(seen), pa.string()),
+            "extracted_at": pa.array([now] * len(seen), pa.timestamp("us", tz="UTC")),
+            "run_id": pa.array([run_id] * len(seen), pa.string()),
+        })
+        self.con.register("_raw_batch", table)
+        try:
+            self._exec(f"""
+                INSERT OR REPLACE INTO raw.{stream}
+                SELECT id, created, CAST(data AS JSON), source, api_version, extracted_at,
+                       run_id FROM _raw_batch""")
+        finally:
+            self.con.unregister("_raw_batch")
+        return len(seen)
+
+    def tombstone(self, stream: str, object_id: str, *, run_id: str) -> None:
+        """A deleted object: keep the row, flag it (``*.deleted`` events never vanish rows)."""
+        self._exec(f"""
+            UPDATE raw.{stream}
+            SET data = json_merge_patch(data, '{{"deleted": true}}'), run_id = ?,
+                source = 'event', extracted_at = ?
+            WHERE id = ?""", [run_id, now_utc(), object_id])
+
+    # -- staging ---------------------------------------------------------------------------
+    def stage(self, stream: str, run_id: str) -> int:
+        """Type the raw rows this run wrote into ``staging.<stream>`` (upsert by id)."""
+        s: Stream = STREAMS[stream]
+        exprs = ", ".join(f'{c.expr} AS "{c.name}"' for c in s.columns)
+        self._exec(f"""
+            INSERT OR REPLACE INTO staging.{stream}
+            SELECT {exprs}, run_id, ? FROM raw.{stream} WHERE run_id = ?""",
+                         [now_utc(), run_id])
+        rows = self.con.execute(f"SELECT count(*) FROM staging.{stream} WHERE run_id = ?",
+                                [run_id]).fetchall()
+        return int(rows[0][0])
+
+    def frame(self, sql: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
+        return self.con.sql(sql, params=list(params or [])).pl()
+
+    def changed(self, stream: str, run_id: str) -> pl.DataFrame:
+        return self.frame(f"SELECT * FROM staging.{stream} WHERE run_id = ?", [run_id])
+
+    def table(self, stream: str) -> pl.DataFrame:
+        return self.frame(f"SELECT * FROM staging.{stream}")
+
+    def count(self, table: str) -> int:
+        return int(self.con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+
+    # -- quarantine ------------------------------------------------------------------------
+    def replace_quarantine(self, stream: str, ids: Iterable[str], failures: pl.DataFrame) -> None:
+        """Rows re-validated this run leave quarantine unless they failed again."""
+        id_list = list(ids)
+        self._exec("BEGIN")
+        try:
+            if id_list:
+                self._exec("DELETE FROM staging.quarantine WHERE stream = ? AND "
+                                 "id IN (SELECT unnest(?::VARCHAR[]))", [stream, id_list])
+            if failures.height:
+                f = failures.select("stream", "id", "check", "reason", "run_id").with_columns(
+                    pl.lit(now_utc()).alias("quarantined_at")).unique(
+                    subset=["stream", "id", "check"], keep="last")
+                self.con.register("_q", f.to_arrow())
+                self._exec("INSERT OR REPLACE INTO staging.quarantine SELECT * FROM _q")
+                self.con.unregister("_q")
+            self._exec("COMMIT")
+        except Exception:
+            self._exec("ROLLBACK")
+            raise
+
+    def quarantined_ids(self, stream: str) -> set[str]:
+        rows = self.con.execute("SELECT DISTINCT id FROM staging.quarantine WHERE stream = ?",
+                                [stream]).fetchall()
+        return {r[0] for r in rows}
+
+    # -- sync state ------------------------------------------------------------------------
+    def sync_state(self, stream: str) -> dict[str, Any] | None:
+        rows = self.con.execute("SELECT created_cursor, events_cursor, backfill_done "
+                                "FROM ops.sync_state WHERE stream = ?", [stream]).fetchall()
+        if not rows:
+            return None
+        row = rows[0]
+        return {"created_cursor": row[0], "events_cursor": row[1], "backfill_done": row[2]}
+
+    def set_sync_state(self, stream: str, *, created_cursor: int | None = None,
+                       events_cursor: int | None = None,
+                       backfill_done: bool | None = None) -> None:
+        current = self.sync_state(stream) or {}
+        values = {
+            "created_cursor": created_cursor if created_cursor is not None
+            else current.get("created_cursor"),
+            "events_cursor": events_cursor if events_cursor is not None
+            else current.get("events_cursor"),
+            "backfill_done": backfill_done if backfill_done is not None
+            else current.get("backfill_done", False),
+        }
+        self._exec(
+            "INSERT OR REPLACE INTO ops.sync_state VALUES (?, ?, ?, ?, ?)",
+            [stream, values["created_cursor"], values["events_cursor"],
+             values["backfill_done"], now_utc()])
+
+    def windows_done(self, stream: str) -> set[tuple[int, int]]:
+        rows = self.con.execute("SELECT window_start, window_end FROM ops.sync_windows "
+                                "WHERE stream = ?", [stream]).fetchall()
+        return {(int(a), int(b)) for a, b in rows}
+
+    def mark_window(self, stream: str, start: int, end: int, rows: int, run_id: str) -> None:
+        self._exec("INSERT OR REPLACE INTO ops.sync_windows VALUES (?, ?, ?, ?, ?, ?)",
+                         [stream, start, end, rows, run_id, now_utc()])
+
+    # -- runs ------------------------------------------------------------------------------
+    def start_run(self, run_id: str, *, flow: str, prefect_run_id: str | None,
+                  trigger: str) -> None:
+        self._exec("INSERT OR REPLACE INTO ops.runs VALUES (?, ?, ?, ?, ?, NULL, "
+                         "'running', '{}', NULL)",
+                         [run_id, flow, prefect_run_id, trigger, now_utc()])
+
+    def finish_run(self, run_id: str, *, status: str, counts: dict[str, Any],
+                   error: str | None = None) -> None:
+        self._exec("UPDATE ops.runs SET ended_at = ?, status = ?, counts = ?, error = ? "
+                         "WHERE run_id = ?",
+                         [now_utc(), status, json.dumps(counts, default=str), error, run_id])
+
+    def transaction(self) -> _Tx:
+        return _Tx(self.con)
+
+
+class _Tx:
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+
+    def __enter__(self) -> duckdb.DuckDBPyConnection:
+        self.con.execute("BEGIN").fetchall()
+        return self.con
+
+    def __exit__(self, et: type[BaseException] | None, *rest: object) -> None:
+        self.con.execute("ROLLBACK" if et else "COMMIT").fetchall()

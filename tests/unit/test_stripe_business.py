@@ -1,0 +1,312 @@
+"""Invariants of the generated Stripe business (``Business`` + ``StripeWorld``), no I/O.
+
+A fixed ``end`` and a fixed clock make every rendered object deterministic, so these checks
+are exact: they are the hard cases the pipeline depends on (fees, FX, payouts that net to
+zero, a payout that fails after it was paid, refunds days after their charge, ...).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stripe_sage.sandbox.stripe_business import DAY, Business, BusinessConfig
+from stripe_sage.sandbox.stripe_state import RESOURCES, StripeWorld
+
+pytestmark = pytest.mark.unit
+
+END = 1_782_777_600  # 2026-06-30T00:00:00Z: fixed so the business is the same on every run
+CHARGES = 3000
+EXPONENT = {"usd": 2, "eur": 2, "gbp": 2, "jpy": 0, "kwd": 3}
+
+
+def make_world(seed: int = 7, charges: int = CHARGES) -> StripeWorld:
+    # The clock only matters for "as of now" rendering; pin it just after the business ends.
+    return StripeWorld(BusinessConfig(seed=seed, charges=charges, end=END), clock=lambda: END)
+
+
+def render_all(w: StripeWorld, resource: str) -> list[dict[str, Any]]:
+    return [w.render(resource, i) for i in range(w.count(resource))]
+
+
+def world_digest(w: StripeWorld) -> str:
+    h = hashlib.sha256()
+    for resource in RESOURCES:
+        for i in range(w.count(resource)):
+            h.update(json.dumps(w.render(resource, i), sort_keys=True).encode())
+            h.update(b"\n")
+    # Invoice lines are paged from their invoice rather than indexed: include every one.
+    for j in range(w.count("invoices")):
+        h.update(json.dumps(w._invoice_lines(j), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world() -> StripeWorld:
+    return make_world()
+
+
+@pytest.fixture(scope="module")
+def data(world: StripeWorld) -> dict[str, list[dict[str, Any]]]:
+    return {
+        r: render_all(world, r)
+        for r in ("customers", "charges", "refunds", "disputes", "invoices", "payouts",
+                  "balance_transactions", "events")
+    }
+
+
+def test_same_config_same_bytes_other_seed_differs() -> None:
+    a, b = make_world(), make_world()
+    assert a.b is not b.b
+    digest = world_digest(a)
+    assert digest == world_digest(b)
+    assert world_digest(make_world(seed=8)) != digest
+    # Same seed, other end: a different business too (ids are the same, times are not).
+    other_end = StripeWorld(BusinessConfig(seed=7, charges=CHARGES, end=END + DAY),
+                            clock=lambda: END + DAY)
+    assert world_digest(other_end) != digest
+
+
+def test_business_rejects_too_few_charges() -> None:
+    with pytest.raises(ValueError):
+        Business(BusinessConfig(seed=1, charges=5, end=END))
+
+
+def test_ids_round_trip(world: StripeWorld) -> None:
+    for resource in ("charges", "refunds", "balance_transactions", "events", "payouts"):
+        n = world.count(resource)
+        for i in (0, 1, n // 2, n - 1):
+            obj_id = world.make_id(resource, i)
+            assert world.parse_id(resource, obj_id) == i
+        assert world.parse_id(resource, world.make_id(resource, 0)[:-1] + "z") is None
+    assert world.parse_id("charges", world.make_id("refunds", 0)) is None
+
+
+def test_balance_transaction_amounts(data: dict[str, list[dict[str, Any]]]) -> None:
+    bts = data["balance_transactions"]
+    assert len(bts) > CHARGES  # charges, refunds, disputes, payouts, fees...
+    for bt in bts:
+        assert bt["amount"] - bt["fee"] == bt["net"], bt["id"]
+        assert sum(f["amount"] for f in bt["fee_details"]) == bt["fee"], bt["id"]
+    charge_bts = [bt for bt in bts if bt["type"] == "charge"]
+    assert all(bt["fee"] > 0 for bt in charge_bts)
+
+
+def test_payouts_net_exactly(world: StripeWorld, data: dict[str, list[dict[str, Any]]]) -> None:
+    bts = data["balance_transactions"]
+    payouts = data["payouts"]
+    assert len(payouts) >= 20
+    for p, po in enumerate(payouts):
+        members = [bts[x] for x in world.b.payout_bts(p)]
+        own = [m for m in members if m["type"] == "payout"]
+        assert [m["id"] for m in own] == [po["balance_transaction"]]
+        assert own[0]["amount"] == -po["amount"]
+        others = [m for m in members if m["type"] != "payout"]
+        assert others, po["id"]
+        assert sum(m["net"] for m in others) == po["amount"], po["id"]
+        assert sum(m["net"] for m in members) == 0, po["id"]
+    # Every balance transaction except the still-unpaid tail belongs to some payout.
+    assigned = {int(x) for p in range(len(payouts)) for x in world.b.payout_bts(p)}
+    last_payout = max(po["created"] for po in payouts)
+    unassigned = [bt for x, bt in enumerate(bts) if x not in assigned]
+    assert all(bt["available_on"] > last_payout - 6 * 3600 for bt in unassigned)
+
+
+def test_exactly_one_payout_fails_with_a_failure_bt(
+    data: dict[str, list[dict[str, Any]]],
+) -> None:
+    bts = {bt["id"]: bt for bt in data["balance_transactions"]}
+    failed = [po for po in data["payouts"] if po["status"] == "failed"]
+    assert len(failed) == 1
+    po = failed[0]
+    fbt = bts[po["failure_balance_transaction"]]
+    assert fbt["type"] == "payout_failure"
+    assert fbt["amount"] == po["amount"] > 0
+    assert fbt["source"] == po["id"]
+    assert po["failure_code"]
+    assert all(p["failure_balance_transaction"] is None
+               for p in data["payouts"] if p["status"] != "failed")
+    assert {p["status"] for p in data["payouts"]} >= {"paid", "failed"}
+
+
+def test_currencies_and_fx(data: dict[str, list[dict[str, Any]]]) -> None:
+    charges = data["charges"]
+    bts = {bt["id"]: bt for bt in data["balance_transactions"]}
+    assert {c["currency"] for c in charges} == set(EXPONENT)
+    assert {bt["currency"] for bt in bts.values()} == {"usd"}
+    for c in charges:
+        if c["status"] == "failed":
+            assert c["balance_transaction"] is None
+            continue
+        bt = bts[c["balance_transaction"]]
+        assert bt["source"] == c["id"]
+        if c["currency"] == "usd":
+            assert bt["exchange_rate"] is None
+            assert bt["amount"] == c["amount"]
+        else:
+            rate = bt["exchange_rate"]
+            assert isinstance(rate, float) and rate > 0, c["id"]
+            # Settlement in cents: the presentment amount scaled by its own exponent.
+            expected = c["amount"] * rate * 10 ** (2 - EXPONENT[c["currency"]])
+            assert abs(bt["amount"] - expected) <= 1, (c["id"], bt["amount"], expected)
+            # International card fee is itemised for non-USD cards.
+            assert len(bt["fee_details"]) == 2
+
+
+def test_zero_and_three_decimal_amounts_are_plausible(
+    data: dict[str, list[dict[str, Any]]],
+) -> None:
+    usd_value: dict[str, list[float]] = collections.defaultdict(list)
+    for c in data["charges"]:
+        major = c["amount"] / 10 ** EXPONENT[c["currency"]]
+        rate = {"usd": 1.0, "eur": 1.08, "gbp": 1.27, "jpy": 0.0067, "kwd": 3.25}[c["currency"]]
+        usd_value[c["currency"]].append(major * rate)
+    for code, values in usd_value.items():
+        med = float(np.median(values))
+        # Every currency's median charge is worth about the same in dollars (tens of USD):
+        # JPY amounts ×100 or KWD amounts ÷10 would put it two orders of magnitude off.
+        assert 10 <= med <= 150, (code, med)
+        assert min(values) >= 0.5 and max(values) <= 6000, code
+    jpy = [c["amount"] for c in data["charges"] if c["currency"] == "jpy"]
+    assert all(isinstance(a, int) for a in jpy)
+    assert 1_000 <= float(np.median(jpy)) <= 30_000  # whole yen, not sen
+    kwd = [c["amount"] for c in data["charges"] if c["currency"] == "kwd"]
+    assert 3_000 <= float(np.median(kwd)) <= 50_000  # fils: a few KWD to tens of KWD
+    # Not all KWD amounts are multiples of 10: the third decimal really is used.
+    assert any(a % 10 for a in kwd)
+
+
+def test_refund_event_is_days_after_its_charge(
+    world: StripeWorld, data: dict[str, list[dict[str, Any]]],
+) -> None:
+    charges = {c["id"]: c for c in data["charges"]}
+    refunds = data["refunds"]
+    events = data["events"]
+    refunded_events = [e for e in events if e["type"] == "charge.refunded"]
+    assert len(refunded_events) == len(refunds) > 0
+    late = 0
+    created = world.b.charges.created
+    for ev in refunded_events:
+        obj = ev["data"]["object"]
+        ch = charges[obj["id"]]
+        assert ev["created"] > ch["created"]
+        assert obj["amount_refunded"] > 0  # the object as of the refund, not as of the charge
+        if ev["created"] - ch["created"] >= DAY:
+            late += 1
+            # A created-window read around the event does not see the charge at all.
+            lo = int(np.searchsorted(created, ev["created"] - DAY // 2, "left"))
+            hi = int(np.searchsorted(created, ev["created"] + 1, "left"))
+            window_ids = {world.make_id("charges", i) for i in range(lo, hi)}
+            assert ch["id"] not in window_ids
+    assert late >= len(refunded_events) // 2
+
+
+def test_refund_kinds(data: dict[str, list[dict[str, Any]]]) -> None:
+    charges = {c["id"]: c for c in data["charges"]}
+    bts = {bt["id"]: bt for bt in data["balance_transactions"]}
+    kinds = collections.Counter()
+    for r in data["refunds"]:
+        ch = charges[r["charge"]]
+        assert ch["status"] == "succeeded"
+        assert r["created"] > ch["created"]
+        assert 0 < r["amount"] <= ch["amount"]
+        if r["status"] == "failed":
+            kinds["failed"] += 1
+            fbt = bts[r["failure_balance_transaction"]]
+            assert fbt["type"] == "refund_failure"
+            assert fbt["amount"] == -bts[r["balance_transaction"]]["amount"] > 0
+        else:
+            assert r["status"] == "succeeded"
+            kinds["full" if r["amount"] == ch["amount"] else "partial"] += 1
+            assert ch["amount_refunded"] >= r["amount"]
+        assert bts[r["balance_transaction"]]["type"] == "refund"
+    assert kinds["full"] and kinds["partial"] and kinds["failed"], kinds
+    full_refunded = [c for c in data["charges"] if c["refunded"]]
+    assert full_refunded and all(c["amount_refunded"] == c["amount"] for c in full_refunded)
+
+
+def test_disputes_won_and_lost_with_fee(data: dict[str, list[dict[str, Any]]]) -> None:
+    disputes = data["disputes"]
+    charges = {c["id"]: c for c in data["charges"]}
+    statuses = collections.Counter(d["status"] for d in disputes)
+    assert statuses["won"] and statuses["lost"], statuses
+    for d in disputes:
+        assert charges[d["charge"]]["disputed"] is True
+        withdrawal = d["balance_transactions"][0]
+        assert withdrawal["reporting_category"] == "dispute"
+        assert withdrawal["fee"] == 1500
+        assert [f["description"] for f in withdrawal["fee_details"]] == ["Dispute fee"]
+        assert withdrawal["amount"] < 0
+        if d["status"] == "won":
+            assert len(d["balance_transactions"]) == 2
+            reversal = d["balance_transactions"][1]
+            assert reversal["reporting_category"] == "dispute_reversal"
+            assert reversal["amount"] == -withdrawal["amount"]
+            assert reversal["fee"] in (0, -1500)
+        else:
+            assert len(d["balance_transactions"]) == 1
+
+
+def test_invoices(data: dict[str, list[dict[str, Any]]], world: StripeWorld) -> None:
+    invoices = data["invoices"]
+    charges = {c["id"]: c for c in data["charges"]}
+    assert any(len(world._invoice_lines(j)) > 10 for j in range(len(invoices)))
+    assert any(inv["lines"]["has_more"] for inv in invoices)
+    taxed = [inv for inv in invoices if inv["total_taxes"]]
+    assert taxed
+    for inv in taxed:
+        assert inv["total"] - inv["subtotal"] == sum(t["amount"] for t in inv["total_taxes"]) > 0
+    open_ = [inv for inv in invoices if inv["status"] == "open"]
+    assert open_
+    for j, inv in enumerate(invoices):
+        lines = world._invoice_lines(j)
+        assert sum(line["amount"] for line in lines) == inv["subtotal"]
+        assert inv["lines"]["data"] == lines[:10]
+        paying = charges[world.make_id("charges", int(world.b.inv_charge[j]))]
+        if inv["status"] == "open":
+            assert paying["status"] == "failed"
+            assert inv["amount_paid"] == 0 and inv["amount_remaining"] == inv["total"]
+        else:
+            assert paying["status"] == "succeeded"
+            assert inv["amount_paid"] == inv["total"] == paying["amount"]
+    assert {inv["parent"] is None for inv in invoices} == {True, False}
+
+
+def test_some_charges_carry_erp_order_ids(data: dict[str, list[dict[str, Any]]]) -> None:
+    with_order = [c for c in data["charges"] if "erp_order_id" in c["metadata"]]
+    assert len(with_order) >= CHARGES // 25
+    assert all(c["metadata"]["erp_order_id"].startswith("SO") for c in with_order)
+    assert len({c["metadata"]["erp_order_id"] for c in with_order}) == len(with_order)
+    assert all(c["currency"] == "usd" for c in with_order)
+
+
+def test_customer_edge_cases(data: dict[str, list[dict[str, Any]]]) -> None:
+    customers = data["customers"]
+    emails = collections.Counter(c["email"] for c in customers if c["email"])
+    assert any(c["email"] is None for c in customers)
+    assert any(n == 2 for n in emails.values())
+    assert any(len(c["name"]) > 40 for c in customers)
+    assert any(not c["name"].isascii() for c in customers)
+    assert any(c["metadata"].get("sage_customer_id") for c in customers)
+
+
+def test_events_sorted_and_match_their_objects(data: dict[str, list[dict[str, Any]]]) -> None:
+    events = data["events"]
+    created = [e["created"] for e in events]
+    assert created == sorted(created)
+    assert len({e["id"] for e in events}) == len(events)
+    assert max(created) <= END
+    prefix = {"customer": "cus_", "charge": "ch_", "invoice": "in_", "refund": "re_",
+              "payout": "po_", "dispute": "du_", "subscription": "sub_"}
+    for e in events:
+        obj = e["data"]["object"]
+        assert obj["id"].startswith(prefix[obj["object"]]), e["type"]
+    types = {e["type"] for e in events}
+    assert {"charge.succeeded", "charge.failed", "charge.refunded", "refund.failed",
+            "payout.paid", "payout.failed", "invoice.payment_failed",
+            "charge.dispute.closed"} <= types
