@@ -131,22 +131,21 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=_UTC)
 
 @dataclass(frozen=True)
 class _Spec:
-    """One collection: its key field, number format and reference length."""
+    """One collection: the key of its documents and the format of server-assigned numbers."""
 
     name: str
     key: str
     prefix: str
     digits: int
-    date_field: str | None
 
 
 SPECS: dict[str, _Spec] = {
-    "customers": _Spec("customers", "customer_id", "", 0, None),
-    "salesorders": _Spec("salesorders", "order_no", "SO", 7, None),
-    "invoices": _Spec("invoices", "invoice_no", "INV", 7, "invoice_date"),
-    "cashreceipts": _Spec("cashreceipts", "receipt_no", "RCP", 7, "receipt_date"),
-    "creditmemos": _Spec("creditmemos", "memo_no", "CM", 8, "memo_date"),
-    "journalentries": _Spec("journalentries", "entry_no", "JE", 8, "entry_date"),
+    "customers": _Spec("customers", "customer_id", "", 0),  # chosen by the client
+    "salesorders": _Spec("salesorders", "order_no", "SO", 7),
+    "invoices": _Spec("invoices", "invoice_no", "INV", 7),
+    "cashreceipts": _Spec("cashreceipts", "receipt_no", "RCP", 7),
+    "creditmemos": _Spec("creditmemos", "memo_no", "CM", 8),
+    "journalentries": _Spec("journalentries", "entry_no", "JE", 8),
 }
 
 
@@ -1791,6 +1790,7 @@ __all__ = [
     "FaultConfig",
     "SageApiError",
     "SeedCustomer",
+    "SeedLine",
     "SeedSalesOrder",
     "create_sage_app",
 ]

@@ -1,7 +1,9 @@
 """Fixtures and payload builders shared by the Sage Pro sandbox and client tests.
 
 Imported explicitly by the test modules (``from tests.integration.sage_fixtures import ...``)
-rather than through a conftest, so each test module says what it depends on.
+rather than through a conftest, so each test module says what it depends on. Fixture functions
+are named ``<fixture>_fixture`` and registered under ``name=<fixture>``, so importing them does
+not shadow the test parameters that use them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from stripe_sage.sandbox.sage_seed import SeedCustomer, SeedLine, SeedSalesOrder
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers the httpx2 package for its test client; plain httpx still works.
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from starlette.testclient import TestClient
 
 API_KEY = "sage_test_K3y-do-not-leak-7f2c"
@@ -72,21 +74,21 @@ class SleepRecorder:
         self.delays.append(seconds)
 
 
-@pytest.fixture
-def clock() -> Clock:
+@pytest.fixture(name="clock")
+def clock_fixture() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def sage_db(tmp_path: Path) -> Path:
+@pytest.fixture(name="sage_db")
+def sage_db_fixture(tmp_path: Path) -> Path:
     return tmp_path / "sagepro.sqlite"
 
 
 AppFactory = Callable[..., FastAPI]
 
 
-@pytest.fixture
-def make_sage_app(sage_db: Path, clock: Clock) -> AppFactory:
+@pytest.fixture(name="make_sage_app")
+def make_sage_app_fixture(sage_db: Path, clock: Clock) -> AppFactory:
     """``make_sage_app(**overrides)``: the sandbox on the test's SQLite file."""
 
     def make(**overrides: Any) -> FastAPI:
@@ -105,32 +107,32 @@ def make_sage_app(sage_db: Path, clock: Clock) -> AppFactory:
     return make
 
 
-@pytest.fixture
-def sage_app(make_sage_app: AppFactory) -> FastAPI:
+@pytest.fixture(name="sage_app")
+def sage_app_fixture(make_sage_app: AppFactory) -> FastAPI:
     return make_sage_app()
 
 
-@pytest.fixture
-def api(sage_app: FastAPI) -> Iterator[TestClient]:
+@pytest.fixture(name="api")
+def api_fixture(sage_app: FastAPI) -> Iterator[TestClient]:
     """In-process HTTP client carrying the bearer token."""
     with TestClient(sage_app, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         yield client
 
 
-@pytest.fixture
-def anon(sage_app: FastAPI) -> Iterator[TestClient]:
+@pytest.fixture(name="anon")
+def anon_fixture(sage_app: FastAPI) -> Iterator[TestClient]:
     """In-process HTTP client without credentials (sandbox controls, 401 checks)."""
     with TestClient(sage_app) as client:
         yield client
 
 
-@pytest.fixture
-def sleeps() -> SleepRecorder:
+@pytest.fixture(name="sleeps")
+def sleeps_fixture() -> SleepRecorder:
     return SleepRecorder()
 
 
-@pytest.fixture
-def sage_client(sage_app: FastAPI, sleeps: SleepRecorder) -> Iterator[SageProClient]:
+@pytest.fixture(name="sage_client")
+def sage_client_fixture(sage_app: FastAPI, sleeps: SleepRecorder) -> Iterator[SageProClient]:
     """The real client over the in-process sandbox; jitter fixed at 1.0 (multiplier 1)."""
     with (
         TestClient(sage_app) as http,
@@ -154,7 +156,7 @@ def sandbox_stats(http: httpx.Client) -> dict[str, Any]:
 
 
 def assert_error(
-    response: httpx.Response, status: int, code: str, field: str | None | object = ...
+    response: httpx.Response, status: int, code: str, field: object = ...
 ) -> dict[str, Any]:
     """The contract's error shape, with the expected status, code and (optionally) field."""
     assert response.status_code == status, response.text
@@ -196,7 +198,9 @@ def sales_order_payload(**over: Any) -> dict[str, Any]:
         "order_date": "2026-03-01",
         "currency": "USD",
         "reference": "web-so-9",
-        "lines": [{"item": "WIDGET", "description": "Widget", "quantity": "1", "unit_price": "9.99"}],
+        "lines": [
+            {"item": "WIDGET", "description": "Widget", "quantity": "1", "unit_price": "9.99"}
+        ],
     }
     body.update(over)
     return body

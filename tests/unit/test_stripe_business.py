@@ -55,8 +55,16 @@ def world() -> StripeWorld:
 def data(world: StripeWorld) -> dict[str, list[dict[str, Any]]]:
     return {
         r: render_all(world, r)
-        for r in ("customers", "charges", "refunds", "disputes", "invoices", "payouts",
-                  "balance_transactions", "events")
+        for r in (
+            "customers",
+            "charges",
+            "refunds",
+            "disputes",
+            "invoices",
+            "payouts",
+            "balance_transactions",
+            "events",
+        )
     }
 
 
@@ -67,8 +75,9 @@ def test_same_config_same_bytes_other_seed_differs() -> None:
     assert digest == world_digest(b)
     assert world_digest(make_world(seed=8)) != digest
     # Same seed, other end: a different business too (ids are the same, times are not).
-    other_end = StripeWorld(BusinessConfig(seed=7, charges=CHARGES, end=END + DAY),
-                            clock=lambda: END + DAY)
+    other_end = StripeWorld(
+        BusinessConfig(seed=7, charges=CHARGES, end=END + DAY), clock=lambda: END + DAY
+    )
     assert world_digest(other_end) != digest
 
 
@@ -129,8 +138,9 @@ def test_exactly_one_payout_fails_with_a_failure_bt(
     assert fbt["amount"] == po["amount"] > 0
     assert fbt["source"] == po["id"]
     assert po["failure_code"]
-    assert all(p["failure_balance_transaction"] is None
-               for p in data["payouts"] if p["status"] != "failed")
+    assert all(
+        p["failure_balance_transaction"] is None for p in data["payouts"] if p["status"] != "failed"
+    )
     assert {p["status"] for p in data["payouts"]} >= {"paid", "failed"}
 
 
@@ -168,8 +178,9 @@ def test_zero_and_three_decimal_amounts_are_plausible(
         usd_value[c["currency"]].append(major * rate)
     for code, values in usd_value.items():
         med = float(np.median(values))
-        # Every currency's median charge is worth about the same in dollars (tens of USD):
-        # JPY amounts ×100 or KWD amounts ÷10 would put it two orders of magnitude off.
+        # Every currency's median charge is worth about the same in dollars (tens of USD).
+        # JPY written in hundredths would be 100 times too large; KWD in hundredths (not
+        # thousandths) 10 times too small: either falls outside this band.
         assert 10 <= med <= 150, (code, med)
         assert min(values) >= 0.5 and max(values) <= 6000, code
     jpy = [c["amount"] for c in data["charges"] if c["currency"] == "jpy"]
@@ -182,7 +193,8 @@ def test_zero_and_three_decimal_amounts_are_plausible(
 
 
 def test_refund_event_is_days_after_its_charge(
-    world: StripeWorld, data: dict[str, list[dict[str, Any]]],
+    world: StripeWorld,
+    data: dict[str, list[dict[str, Any]]],
 ) -> None:
     charges = {c["id"]: c for c in data["charges"]}
     refunds = data["refunds"]
@@ -209,7 +221,7 @@ def test_refund_event_is_days_after_its_charge(
 def test_refund_kinds(data: dict[str, list[dict[str, Any]]]) -> None:
     charges = {c["id"]: c for c in data["charges"]}
     bts = {bt["id"]: bt for bt in data["balance_transactions"]}
-    kinds = collections.Counter()
+    kinds: collections.Counter[str] = collections.Counter()
     for r in data["refunds"]:
         ch = charges[r["charge"]]
         assert ch["status"] == "succeeded"
@@ -283,6 +295,9 @@ def test_some_charges_carry_erp_order_ids(data: dict[str, list[dict[str, Any]]])
     assert all(c["metadata"]["erp_order_id"].startswith("SO") for c in with_order)
     assert len({c["metadata"]["erp_order_id"] for c in with_order}) == len(with_order)
     assert all(c["currency"] == "usd" for c in with_order)
+    # The eCommerce platform that pushed the order also stamped its customer with a Sage id.
+    customers = {c["id"]: c for c in data["customers"]}
+    assert all(customers[c["customer"]]["metadata"].get("sage_customer_id") for c in with_order)
 
 
 def test_customer_edge_cases(data: dict[str, list[dict[str, Any]]]) -> None:
@@ -301,12 +316,26 @@ def test_events_sorted_and_match_their_objects(data: dict[str, list[dict[str, An
     assert created == sorted(created)
     assert len({e["id"] for e in events}) == len(events)
     assert max(created) <= END
-    prefix = {"customer": "cus_", "charge": "ch_", "invoice": "in_", "refund": "re_",
-              "payout": "po_", "dispute": "du_", "subscription": "sub_"}
+    prefix = {
+        "customer": "cus_",
+        "charge": "ch_",
+        "invoice": "in_",
+        "refund": "re_",
+        "payout": "po_",
+        "dispute": "du_",
+        "subscription": "sub_",
+    }
     for e in events:
         obj = e["data"]["object"]
         assert obj["id"].startswith(prefix[obj["object"]]), e["type"]
     types = {e["type"] for e in events}
-    assert {"charge.succeeded", "charge.failed", "charge.refunded", "refund.failed",
-            "payout.paid", "payout.failed", "invoice.payment_failed",
-            "charge.dispute.closed"} <= types
+    assert {
+        "charge.succeeded",
+        "charge.failed",
+        "charge.refunded",
+        "refund.failed",
+        "payout.paid",
+        "payout.failed",
+        "invoice.payment_failed",
+        "charge.dispute.closed",
+    } <= types

@@ -1,0 +1,110 @@
+"""The main job: Stripe → DuckDB → quality → Polars → Sage Pro, exactly once, with run history."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, runtime
+from prefect.artifacts import create_table_artifact
+from prefect.logging import get_run_logger
+
+from stripe_sage.pipeline import previous_totals, summary_counts
+from stripe_sage.runtime import RunContext
+from stripe_sage.settings import Settings
+from stripe_sage.streams import LISTED_STREAMS
+from tasks.sage import enqueue, fiscal_periods, load, plan
+from tasks.staging import quality, stage
+from tasks.stripe import extract_events, extract_stream
+
+
+def _status(loads: dict[str, Any]) -> str:
+    if any(loads.get("deferred", {}).values()):
+        return "partial"
+    if any(loads.get("dead", {}).values()):
+        return "completed_with_dead_letters"
+    return "completed"
+
+
+@flow(name="stripe_to_sage", log_prints=True)
+def stripe_to_sage(
+    streams: list[str] | None = None,
+    full_refresh: bool = False,
+    since: dt.datetime | None = None,
+    dry_run: bool = False,
+    trigger: str = "manual",
+    backfill_days: int = 3 * 365,
+    window_days: int = 7,
+) -> dict[str, Any]:
+    """Extract every stream incrementally, stage, validate, plan, load, record the run.
+
+    ``since`` re-reads objects created since then (a windowed re-read); ``dry_run`` plans
+    the Sage documents and reports them without posting anything.
+    """
+    logger = get_run_logger()
+    settings = Settings()
+    wanted = tuple(s for s in LISTED_STREAMS if not streams or s in streams)
+    prefect_id = runtime.flow_run.id
+    run_id = str(prefect_id or uuid.uuid4())
+    timings: dict[str, float] = {}
+    counts: dict[str, Any] = {"timings": timings}
+    with RunContext.open(settings, run_id, backfill_days=backfill_days,
+                         window_days=window_days) as ctx:
+        st = ctx.staging
+        st.start_run(run_id, flow="stripe_to_sage", prefect_run_id=prefect_id, trigger=trigger)
+        try:
+            previous = previous_totals(st)
+            t = time.perf_counter()
+            since_ts = int(since.timestamp()) if since else None
+            futures = [extract_stream.submit(ctx.extractor, s, full_refresh or since is not None,
+                                             since_ts) for s in wanted]
+            counts["extract"] = {f.result()["stream"]: f.result() for f in futures}
+            counts["events"] = extract_events(ctx.extractor, wanted)
+            timings["extract"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            counts["staged"] = stage(st, run_id)
+            timings["stage"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            docs_dir = Path(settings.staging_db).parent / "data_docs"
+            q = quality(st, run_id, previous, docs_dir)
+            counts["quarantined"] = q.quarantined
+            counts["data_docs"] = q.docs_path
+            timings["quality"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            periods = fiscal_periods(ctx.sage)
+            docs = plan(st, ctx.mapping, periods)
+            timings["transform"] = time.perf_counter() - t
+            counts["planned"] = {k: v for k, v in docs.group_by("doc_type").len().iter_rows()}
+            if dry_run:
+                counts["dry_run"] = True
+                counts["planned_errors"] = int(docs["error"].is_not_null().sum())
+                st.finish_run(run_id, status="dry_run", counts=counts)
+                return counts
+
+            t = time.perf_counter()
+            enqueue(ctx.loader, docs)
+            counts["load"] = load(ctx.loader)
+            counts["sage_client"] = ctx.sage.stats.as_dict()
+            counts["stripe_client"] = dict(ctx.reader.stats)
+            timings["load"] = time.perf_counter() - t
+            counts["totals"] = summary_counts(st)
+            status = _status(counts["load"])
+            st.finish_run(run_id, status=status, counts=counts)
+            create_table_artifact(
+                key="run-summary", description=f"stripe_to_sage run {run_id}: {status}",
+                table=[{"doc_type": d, **s} for d, s in counts["totals"].items()])
+            logger.info("run %s %s: posted %s, dead %s, deferred %s", run_id, status,
+                        counts["load"]["posted"], counts["load"]["dead"],
+                        counts["load"]["deferred"])
+            counts["status"] = status
+            counts["run_id"] = run_id
+            return counts
+        except BaseException as exc:
+            st.finish_run(run_id, status="failed", counts=counts, error=str(exc)[:2000])
+            raise

@@ -1,0 +1,269 @@
+"""Incremental extraction of Stripe into ``raw.*`` (the rules of STRIPE.md, in code).
+
+- First run of a stream: read by ``created`` in half-open windows ``[a, b)``, a checkpoint
+  per window (``ops.sync_windows``), so a crashed backfill resumes where it stopped.
+- Later runs: the ``created`` window since the stream's cursor (new objects), then
+  ``/v1/events`` since the events cursor, re-fetching every changed object from its own
+  endpoint so that old API-version payloads and missing expansions never leak in.
+- An events cursor older than Stripe's 30-day retention falls back, loudly, to a full
+  windowed re-read of the mutable streams.
+- Balance transactions are immutable: re-read with a lookback and upserted by id.
+- Cursors move only after the data they cover is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from stripe_sage.staging import Staging
+from stripe_sage.streams import LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
+from stripe_sage.stripe_reader import JSON, StripeReader
+
+log = logging.getLogger(__name__)
+
+DAY = 86_400
+EVENT_RETENTION = 30 * DAY
+# Re-read a little before each cursor: objects land in Stripe's lists with a small delay.
+OVERLAP = 300
+
+
+@dataclass
+class ExtractStats:
+    stream: str
+    mode: str = ""
+    listed: int = 0
+    refetched: int = 0
+    tombstoned: int = 0
+    windows: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EventStats:
+    events: int = 0
+    changed: dict[str, int] = field(default_factory=dict)
+    fallback: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def windows(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """Half-open windows ``[a, b)`` covering ``[start, end)``."""
+    out, a = [], start
+    while a < end:
+        b = min(end, a + size)
+        out.append((a, b))
+        a = b
+    return out
+
+
+class Extractor:
+    """Extracts streams into one staging database. Thread-safe: each call uses its own cursor."""
+
+    def __init__(self, reader: StripeReader, staging: Staging, *, run_id: str, now: int,
+                 backfill_start: int, window_seconds: int = 7 * DAY, workers: int = 4,
+                 lock: threading.Lock | None = None) -> None:
+        self.reader = reader
+        self.staging = staging
+        self.run_id = run_id
+        self.now = now
+        self.backfill_start = backfill_start
+        self.window_seconds = window_seconds
+        self.workers = workers
+        # DuckDB allows concurrent writers in one process, but our small transactions are
+        # cheaper serialized than retried on conflict.
+        self.write_lock = lock or threading.Lock()
+
+    # -- writing ---------------------------------------------------------------------------
+    def _write(self, stream: str, objects: list[JSON], source: str,
+               window: tuple[int, int] | None = None) -> int:
+        with self.write_lock:
+            st = self.staging
+            st.con.execute("BEGIN").fetchall()
+            try:
+                n = st.upsert_raw(stream, objects, source=source, run_id=self.run_id,
+                                  api_version=self.reader.api_version)
+                if stream == "invoices":
+                    n_lines = self._embedded_lines(objects)
+                    if n_lines:
+                        st.upsert_raw("invoice_lines", n_lines, source=source,
+                                      run_id=self.run_id, api_version=self.reader.api_version)
+                if window is not None:
+                    st.mark_window(stream, window[0], window[1], n, self.run_id)
+                st.con.execute("COMMIT").fetchall()
+            except BaseException:
+                st.con.execute("ROLLBACK").fetchall()
+                raise
+        return n
+
+    def _embedded_lines(self, invoices: Iterable[JSON]) -> list[JSON]:
+        """Lines of each invoice: embedded ones, plus the rest paged from its lines endpoint."""
+        out: list[JSON] = []
+        for inv in invoices:
+            lines_obj = inv.get("lines") or {}
+            lines = list(lines_obj.get("data", []))
+            if lines_obj.get("has_more"):
+                lines = []
+                for page in self.reader.list_pages(f"/v1/invoices/{inv['id']}/lines"):
+                    lines.extend(page)
+            for position, line in enumerate(lines):
+                out.append({**line, "invoice": line.get("invoice") or inv["id"],
+                            "_position": position, "created": inv.get("created")})
+        return out
+
+    # -- listed streams --------------------------------------------------------------------
+    def _read_window(self, stream: str, a: int, b: int) -> list[JSON]:
+        s = STREAMS[stream]
+        params: JSON = {"created": {"gte": a, "lt": b}}
+        if s.expand:
+            params["expand"] = [f"data.{e}" for e in s.expand]
+        objects: list[JSON] = []
+        for page in self.reader.list_pages(s.path, params):
+            objects.extend(page)
+        return objects
+
+    def extract_stream(self, stream: str, *, full_refresh: bool = False,
+                       since: int | None = None) -> ExtractStats:
+        """List one stream: its backfill windows on the first run, else what is new."""
+        s = STREAMS[stream]
+        stats = ExtractStats(stream)
+        with self.write_lock:
+            state = self.staging.sync_state(stream) or {}
+        if full_refresh or not state.get("backfill_done"):
+            stats.mode = "backfill"
+            start = since if since is not None else self.backfill_start
+            with self.write_lock:
+                done = set() if full_refresh else self.staging.windows_done(stream)
+                if state.get("events_cursor") is None or full_refresh:
+                    # Updates made while the backfill runs are caught by the next event read.
+                    self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
+            todo = [w for w in self.backfill_windows(stream, start) if w not in done]
+
+            def one(w: tuple[int, int]) -> int:
+                return self._write(stream, self._read_window(stream, *w), "list", w)
+
+            with ThreadPoolExecutor(self.workers, thread_name_prefix=f"x-{stream}") as pool:
+                for n in pool.map(one, todo):
+                    stats.listed += n
+                    stats.windows += 1
+            with self.write_lock:
+                self.staging.set_sync_state(stream, created_cursor=self.now, backfill_done=True)
+            return stats
+        stats.mode = "incremental"
+        cursor = int(state["created_cursor"])
+        back = max(OVERLAP, s.lookback_seconds)
+        objects = self._read_window(stream, cursor - back, self.now)
+        stats.listed = self._write(stream, objects, "list")
+        with self.write_lock:
+            self.staging.set_sync_state(stream, created_cursor=self.now)
+        return stats
+
+    def _exists(self, stream: str, start: int, before: int) -> bool:
+        page = self.reader.request("get", STREAMS[stream].path,
+                                   {"created": {"gte": start, "lt": before}, "limit": 1})
+        return bool(page.get("data"))
+
+    def backfill_windows(self, stream: str, start: int) -> list[tuple[int, int]]:
+        """Windows on a fixed grid (so a resumed backfill finds its checkpoints), from the day
+        of the oldest object, found by a binary search of ``limit=1`` probes, to now."""
+        if not self._exists(stream, start, self.now):
+            return []
+        lo, hi = start // DAY, self.now // DAY + 1  # the oldest object's day is in [lo, hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._exists(stream, start, mid * DAY):
+                hi = mid
+            else:
+                lo = mid
+        first = max(start, lo * DAY)
+        size = self.window_seconds
+        grid = [first] + list(range((first // size + 1) * size, self.now, size)) + [self.now]
+        return list(zip(grid[:-1], grid[1:], strict=True))
+
+    # -- events ----------------------------------------------------------------------------
+    def extract_events(self, *, streams: Iterable[str] = LISTED_STREAMS) -> EventStats:
+        """Re-fetch every object an event says changed since the events cursor."""
+        wanted = {s for s in streams if STREAMS[s].mode == "events"}
+        stats = EventStats()
+        cursors = [st["events_cursor"] for s in wanted
+                   if (st := self.staging.sync_state(s)) and st.get("events_cursor") is not None]
+        if not cursors:
+            return stats
+        since = min(cursors)
+        if self.now - since > EVENT_RETENTION - DAY:
+            msg = (f"events cursor is {(self.now - since) / DAY:.1f} days old, beyond Stripe's "
+                   "30-day event retention: re-reading every mutable stream by windows")
+            log.warning(msg)
+            stats.fallback = True
+            stats.warnings.append(msg)
+            for stream in sorted(wanted):
+                self.extract_stream(stream, full_refresh=True)
+                self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
+            return stats
+        changed: dict[str, dict[str, str]] = {}  # stream → id → last event type
+        for page in self.reader.list_pages("/v1/events", {"created": {"gte": since}}):
+            for event in page:
+                stats.events += 1
+                obj = event.get("data", {}).get("object", {})
+                stream = OBJECT_TO_STREAM.get(obj.get("object", ""))
+                if stream in wanted and obj.get("id"):
+                    changed.setdefault(stream, {})[obj["id"]] = event["type"]
+                if obj.get("object") == "invoice" and event["type"] in (
+                        "invoice.paid", "invoice.payment_succeeded"):
+                    # invoice_payment objects have no events of their own.
+                    changed.setdefault("invoice_payments", {})["invoice:" + obj["id"]] = \
+                        event["type"]
+        fresh = self._fresh_ids(changed)
+        for stream, ids in changed.items():
+            todo = [i for i in ids if i not in fresh.get(stream, set())]
+            stats.changed[stream] = len(todo)
+            if todo:
+                self._refetch(stream, todo, ids)
+        for stream in wanted:
+            self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
+        return stats
+
+    def _fresh_ids(self, changed: dict[str, dict[str, str]]) -> dict[str, set[str]]:
+        """Objects this run already listed are current: no need to fetch them again."""
+        out: dict[str, set[str]] = {}
+        for stream, ids in changed.items():
+            rows = self.staging.con.execute(
+                f"SELECT id FROM raw.{stream} WHERE run_id = ? AND source = 'list' "
+                "AND id IN (SELECT unnest(?::VARCHAR[]))", [self.run_id, list(ids)]).fetchall()
+            out[stream] = {r[0] for r in rows}
+        return out
+
+    def _refetch(self, stream: str, ids: list[str], types: dict[str, str]) -> None:
+        s = STREAMS[stream]
+
+        def fetch(object_id: str) -> list[JSON]:
+            if stream == "invoice_payments":
+                invoice = object_id.split(":", 1)[1]
+                out: list[JSON] = []
+                for page in self.reader.list_pages(s.path, {"invoice": invoice}):
+                    out.extend(page)
+                return out
+            obj = self.reader.retrieve(s.path, object_id)
+            if types.get(object_id, "").endswith(".deleted") or obj.get("deleted"):
+                obj = {**obj, "deleted": True}
+            return [obj]
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix=f"ev-{stream}") as pool:
+            results = [obj for objs in pool.map(fetch, ids) for obj in objs]
+        deleted = [o for o in results if o.get("deleted") and "created" not in o]
+        whole = [o for o in results if not (o.get("deleted") and "created" not in o)]
+        self._write(stream, whole, "event")
+        for obj in deleted:
+            with self.write_lock:
+                self.staging.tombstone(stream, obj["id"], run_id=self.run_id)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0

@@ -1,0 +1,197 @@
+"""The mapping file: how Stripe fields become Sage fields, as validated data (no code in strings).
+
+A field rule takes its value from a staged column (``from``), a constant (``const``) or a
+template over columns (``template: "Stripe {id}"``); then a ``value_map`` (``succeeded`` →
+``Paid``), a ``when`` condition, a ``default``, and a length limit with an overflow policy
+(``reject`` dead-letters the record with a clear reason; ``truncate`` is allowed only for free
+text). Errors name the YAML line, so a finance analyst can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stripe_sage.errors import ConfigurationError
+from stripe_sage.streams import STREAMS
+
+TEMPLATE_FIELD = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    column: str
+    equals: str | None = None
+    in_: list[str] | None = Field(default=None, alias="in")
+    is_null: bool | None = None
+
+
+class FieldRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: str | None = Field(default=None, alias="from")
+    const: str | None = None
+    template: str | None = None
+    value_map: dict[str, str] | None = None
+    default: str | None = None
+    when: Condition | None = None
+    max_length: int | None = Field(default=None, gt=0)
+    on_overflow: Literal["reject", "truncate"] = "reject"
+    upper: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FieldRule:
+        given = [k for k in ("from_", "const", "template") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a field rule needs exactly one of 'from', 'const' or 'template'")
+        return self
+
+    def columns(self) -> set[str]:
+        cols = set()
+        if self.from_:
+            cols.add(self.from_)
+        if self.template:
+            cols |= set(TEMPLATE_FIELD.findall(self.template))
+        if self.when:
+            cols.add(self.when.column)
+        return cols
+
+
+class Accounts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    clearing: dict[str, str]  # settlement currency → GL account
+    bank: dict[str, str]
+    receivables: str
+    sales: str
+    subscription_revenue: str
+    sales_tax: str
+    sales_returns: str
+    merchant_fees: str
+    chargebacks: str
+    dispute_fees: str
+    fx_fees: str
+    other_adjustments: str
+
+
+class CustomerMapping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id_prefix: str = Field(default="S", pattern=r"^[A-Z0-9]{0,3}$")
+    fields: dict[str, FieldRule]
+
+
+class ChargeMapping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    document: Literal["invoice", "sales_order_and_invoice"] = "invoice"
+    guest_customer_id: str | None = None
+    invoice: dict[str, FieldRule]
+    receipt: dict[str, FieldRule]
+
+
+class RefundMapping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    credit_memo: dict[str, FieldRule]
+
+
+class InvoiceMapping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    line: dict[str, FieldRule]
+
+
+class Mapping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: Literal[1]
+    timezone: str = "UTC"
+    closed_period_policy: Literal["next_open", "dead_letter"] = "next_open"
+    settlement_currencies: list[str] = ["USD"]
+    source_code: str = Field(default="ST", pattern=r"^[A-Z0-9]{2}$")
+    accounts: Accounts
+    customers: CustomerMapping
+    charges: ChargeMapping
+    refunds: RefundMapping
+    invoices: InvoiceMapping
+    # Stripe balance-transaction reporting categories → account names above (payout journals).
+    reporting_categories: dict[str, str] = {}
+
+
+# Which staged stream each rule group reads, so that unknown columns fail on load.
+RULE_STREAMS: dict[tuple[str, ...], str] = {
+    ("customers", "fields"): "customers",
+    ("charges", "invoice"): "charges",
+    ("charges", "receipt"): "charges",
+    ("refunds", "credit_memo"): "refunds",
+    ("invoices", "line"): "invoice_lines",
+}
+# Derived columns the planners add next to the staged ones (documented in the mapping).
+DERIVED_COLUMNS: dict[str, set[str]] = {
+    "charges": {"presentment", "settlement_amount", "settlement_currency", "exchange_rate"},
+    "refunds": {"presentment", "settlement_amount", "settlement_currency", "charge_customer"},
+    "customers": set(),
+    "invoice_lines": set(),
+}
+
+
+def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """1-based line of ``path`` inside a composed YAML document (the deepest node found)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == str(key) or (key == "from_" and k.value == "from"):
+                    nxt = v
+                    line = k.start_mark.line + 1
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(
+                node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def default_mapping_text() -> str:
+    return resources.files("stripe_sage").joinpath("mappings/default.yaml").read_text()
+
+
+def load_mapping(path: Path | None = None, *, text: str | None = None) -> Mapping:
+    """Load and validate a mapping file; every error names the file and the line."""
+    name = str(path) if path else "default mapping"
+    if text is None:
+        text = path.read_text() if path else default_mapping_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{name}: not valid YAML: {exc}") from None
+    try:
+        mapping = Mapping.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = _line_of(node, loc)
+            where = ".".join(str(p) for p in loc)
+            problems.append(f"{name}, line {line}: {where}: {err['msg']}")
+        raise ConfigurationError("invalid mapping:\n  " + "\n  ".join(problems)) from None
+    problems = []
+    for (group, sub), stream in RULE_STREAMS.items():
+        rules: dict[str, FieldRule] = getattr(getattr(mapping, group), sub)
+        known = {c.name for c in STREAMS[stream].columns} | DERIVED_COLUMNS[stream]
+        for field_name, rule in rules.items():
+            for col in sorted(rule.columns() - known):
+                key = ("from" if rule.from_ == col else
+                       "template" if rule.template and "{" + col + "}" in rule.template
+                       else "when")
+                line = _line_of(node, (group, sub, field_name, key))
+                problems.append(
+                    f"{name}, line {line}: {group}.{sub}.{field_name}: unknown field {col!r} "
+                    f"(the {stream} stream has: {', '.join(sorted(known))})")
+    if problems:
+        raise ConfigurationError("invalid mapping:\n  " + "\n  ".join(problems))
+    return mapping

@@ -1,0 +1,53 @@
+"""Everything one run needs, built from ``Settings`` at the edge and closed afterwards."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from stripe_sage.extract import DAY, Extractor
+from stripe_sage.load import Loader
+from stripe_sage.mapping import Mapping, load_mapping
+from stripe_sage.sage_client import SageProClient
+from stripe_sage.settings import Settings
+from stripe_sage.staging import Staging
+from stripe_sage.stripe_reader import StripeReader
+
+
+@dataclass
+class RunContext:
+    settings: Settings
+    run_id: str
+    staging: Staging
+    reader: StripeReader
+    sage: SageProClient
+    mapping: Mapping
+    extractor: Extractor
+    loader: Loader
+
+    @classmethod
+    def open(cls, settings: Settings, run_id: str, *, now: int | None = None,
+             backfill_days: int = 3 * 365, window_days: int = 7) -> RunContext:
+        mapping = load_mapping(settings.mapping_file)  # fail before touching anything else
+        staging = Staging(settings.staging_db)
+        reader = StripeReader(settings.stripe_api_key.get_secret_value(),
+                              api_base=settings.stripe_api_base, max_rps=settings.stripe_max_rps)
+        sage = SageProClient(settings.sagepro_base_url, settings.sagepro_api_key)
+        now = int(time.time()) if now is None else now
+        extractor = Extractor(reader, staging, run_id=run_id, now=now,
+                              backfill_start=now - backfill_days * DAY,
+                              window_seconds=window_days * DAY)
+        loader = Loader(staging, sage, run_id=run_id, concurrency=settings.sage_concurrency)
+        return cls(settings, run_id, staging, reader, sage, mapping, extractor, loader)
+
+    def close(self) -> None:
+        self.sage.close()
+        self.staging.close()
+
+    def __enter__(self) -> RunContext:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

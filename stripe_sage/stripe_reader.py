@@ -1,0 +1,192 @@
+"""The one Stripe client: the official SDK's transport, our rate limit and our single retry level.
+
+stripe-python retries 409/5xx/connection errors but not 429 and never reads ``Retry-After``,
+so its own retries are switched off (``max_network_retries=0``) and every retry happens here,
+once: 429 (honouring ``Retry-After`` when given), 5xx, timeouts and connection errors, with
+exponential backoff and jitter. 401/403/404/400 are never retried and never read as an empty
+stream. Responses are read raw (``raw_request``) as plain dicts: building ``StripeObject``
+trees would cost more than the network. The API key never appears in an error message.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import stripe
+
+from stripe_sage.errors import (
+    AuthenticationError,
+    FatalError,
+    NotFoundError,
+    RetryableError,
+    StripeSageError,
+    ValidationError,
+)
+
+log = logging.getLogger(__name__)
+JSON = dict[str, Any]
+
+
+class RateLimiter:
+    """Thread-safe token buckets: one per endpoint family, and one for the whole account."""
+
+    def __init__(self, per_endpoint_rps: float, total_rps: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.rates = {"*": total_rps or per_endpoint_rps * 4}
+        self.per_endpoint = per_endpoint_rps
+        self.clock, self.sleep = clock, sleep
+        self.lock = threading.Lock()
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def _tokens(self, key: str, now: float) -> float:
+        rate = self.rates.get(key, self.per_endpoint)
+        tokens, last = self.buckets.get(key, (rate, now))
+        return min(rate, tokens + (now - last) * rate)
+
+    def acquire(self, family: str) -> None:
+        """Block until both the endpoint's and the account's bucket hold a token."""
+        while True:
+            with self.lock:
+                now = self.clock()
+                waits = []
+                for key in (family, "*"):
+                    tokens = self._tokens(key, now)
+                    rate = self.rates.get(key, self.per_endpoint)
+                    waits.append(0.0 if tokens >= 1 else (1 - tokens) / rate)
+                if max(waits) == 0.0:
+                    for key in (family, "*"):
+                        self.buckets[key] = (self._tokens(key, now) - 1, now)
+                    return
+            self.sleep(max(waits))
+
+
+class StripeReader:
+    """Reads (and, for write-back, updates) Stripe. Configured by arguments only."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        api_base: str | None = None,
+        max_rps: float = 20.0,
+        total_rps: float | None = None,
+        max_attempts: int = 6,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        timeout: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        http_client = stripe.HTTPXClient(timeout=timeout, allow_sync_methods=True)
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base} if api_base else None,
+            max_network_retries=0,
+            http_client=http_client,
+        )
+        self.api_version: str = stripe.api_version
+        self.limiter = RateLimiter(max_rps, total_rps, sleep=sleep)
+        self.max_attempts = max_attempts
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        self.sleep, self.jitter = sleep, jitter
+        self.stats = {"requests": 0, "retries": 0, "rate_limited": 0}
+        self._stats_lock = threading.Lock()
+
+    def __repr__(self) -> str:  # never the key
+        return f"StripeReader(max_attempts={self.max_attempts})"
+
+    # -- one request with the single retry level -------------------------------------------
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after + self.jitter() * 0.25
+        return min(self.backoff_max, self.backoff_base * 2**attempt) * (0.5 + self.jitter() / 2)
+
+    def request(self, method: str, path: str, params: JSON | None = None,
+                idempotency_key: str | None = None) -> JSON:
+        family = path.split("/")[2] if path.startswith("/v1/") else path
+        params = dict(params or {})
+        if idempotency_key:
+            params["idempotency_key"] = idempotency_key
+        last: StripeSageError | None = None
+        for attempt in range(self.max_attempts):
+            self.limiter.acquire(family)
+            with self._stats_lock:
+                self.stats["requests"] += 1
+            try:
+                response = self._client.raw_request(method, path, **params)
+                return response.data  # type: ignore[no-any-return]
+            except stripe.StripeError as exc:
+                err = _map_error(exc, method, path)
+            if not isinstance(err, RetryableError):
+                raise err
+            last = err
+            with self._stats_lock:
+                self.stats["retries"] += 1
+                if err.http_status == 429:
+                    self.stats["rate_limited"] += 1
+            delay = self._backoff(attempt, err.retry_after)
+            log.warning("Stripe %s %s: %s; retry %d/%d in %.2fs", method.upper(), path,
+                        err.message, attempt + 1, self.max_attempts - 1, delay)
+            if attempt + 1 < self.max_attempts:
+                self.sleep(delay)
+        assert last is not None
+        raise last
+
+    # -- reading ---------------------------------------------------------------------------
+    def list_pages(self, path: str, params: JSON | None = None, *,
+                   limit: int = 100) -> Iterator[list[JSON]]:
+        """Every page of a list, newest first, following ``starting_after``."""
+        query: JSON = {**(params or {}), "limit": limit}
+        while True:
+            page = self.request("get", path, query)
+            data = page.get("data", [])
+            if data:
+                yield data
+            if not page.get("has_more") or not data:
+                return
+            query["starting_after"] = data[-1]["id"]
+
+    def retrieve(self, path: str, object_id: str, expand: tuple[str, ...] = ()) -> JSON:
+        params = {"expand": list(expand)} if expand else None
+        return self.request("get", f"{path}/{object_id}", params)
+
+    def update(self, path: str, object_id: str, params: JSON, *, idempotency_key: str) -> JSON:
+        """A POST update carrying an idempotency key (Stripe keeps keys ≥ 24 h)."""
+        return self.request("post", f"{path}/{object_id}", params, idempotency_key)
+
+
+def _map_error(exc: stripe.StripeError, method: str, path: str) -> StripeSageError:
+    status = exc.http_status
+    code = getattr(exc, "code", None)
+    param = getattr(exc, "param", None)
+    # Build the message from Stripe's own user message, never from the request.
+    text = exc.user_message or type(exc).__name__
+    message = f"{method.upper()} {path}: {text}"
+    kw: dict[str, Any] = {"http_status": status, "code": code, "field": param,
+                          "system": "stripe"}
+    if isinstance(exc, stripe.RateLimitError) or status == 429:
+        retry_after = None
+        headers = exc.headers or {}
+        value = headers.get("retry-after") or headers.get("Retry-After")
+        if value:
+            try:
+                retry_after = float(value)
+            except ValueError:
+                retry_after = None
+        return RetryableError(message, retry_after=retry_after, **kw)
+    if isinstance(exc, stripe.APIConnectionError) or (status is not None and status >= 500):
+        return RetryableError(message, **kw)
+    if isinstance(exc, (stripe.AuthenticationError, stripe.PermissionError)) or status in (
+            401, 403):
+        return AuthenticationError(message, **kw)
+    if status == 404:
+        return NotFoundError(message, **kw)
+    if status in (400, 402, 409):
+        return ValidationError(message, **kw)
+    return FatalError(message, **kw)

@@ -1,0 +1,40 @@
+"""Plan and load tasks: Polars planning into the outbox, then posting to Sage Pro."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from stripe_sage.load import Loader
+from stripe_sage.mapping import Mapping
+from stripe_sage.pipeline import plan_documents
+from stripe_sage.sage_client import SageProClient
+from stripe_sage.staging import Staging
+
+
+@task(name="fiscal-periods", cache_policy=NO_CACHE)
+def fiscal_periods(client: SageProClient) -> list[dict[str, Any]]:
+    return client.fiscal_periods()
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan(st: Staging, mapping: Mapping, periods: list[dict[str, Any]]) -> pl.DataFrame:
+    docs = plan_documents(st, mapping, periods)
+    get_run_logger().info("planned %d new Sage documents", docs.height)
+    return docs
+
+
+@task(name="enqueue", cache_policy=NO_CACHE)
+def enqueue(loader: Loader, docs: pl.DataFrame) -> int:
+    return loader.enqueue(docs)
+
+
+@task(name="load", cache_policy=NO_CACHE)
+def load(loader: Loader) -> dict[str, Any]:
+    stats = loader.run().as_dict()
+    get_run_logger().info("load: %s", stats)
+    return stats

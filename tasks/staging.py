@@ -1,0 +1,40 @@
+"""Staging and quality tasks."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from stripe_sage.pipeline import QualityOutcome, stage_all, validate_all
+from stripe_sage.staging import Staging
+
+
+@task(name="stage", cache_policy=NO_CACHE)
+def stage(st: Staging, run_id: str) -> dict[str, int]:
+    counts = stage_all(st, run_id)
+    get_run_logger().info("staged: %s", counts)
+    return counts
+
+
+@task(name="quality", cache_policy=NO_CACHE)
+def quality(st: Staging, run_id: str, previous_rows: dict[str, int],
+            docs_dir: Path | None) -> QualityOutcome:
+    outcome = validate_all(st, run_id, now=dt.datetime.now(dt.UTC), docs_dir=docs_dir,
+                           previous_rows=previous_rows)
+    if outcome.results:
+        create_table_artifact(
+            key="data-quality", table=[
+                {k: r.get(k) for k in ("stream", "check", "column", "success",
+                                       "unexpected_count", "element_count")}
+                for r in outcome.results],
+            description="Great Expectations results for the rows this run staged")
+    if outcome.markdown:
+        create_markdown_artifact(key="data-quality-summary", markdown=outcome.markdown)
+    get_run_logger().info("quality: quarantined %s (data docs: %s)", outcome.quarantined,
+                          outcome.docs_path)
+    return outcome
