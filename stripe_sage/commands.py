@@ -32,7 +32,8 @@ def _print_run(title: str, result: dict[str, Any]) -> None:
     print("  extracted   " + ", ".join(f"{s} {n}" for s, n in extracted.items() if n) or "-")
     if events.get("events"):
         print(f"  events      {events['events']} read, re-fetched {events.get('changed')}")
-    print(f"  quarantined {result.get('quarantined') or {}}")
+    quarantined = {k: v for k, v in (result.get("quarantined") or {}).items() if v}
+    print(f"  quarantined {quarantined or 'none'}")
     print(f"  planned     {result.get('planned') or {}}")
     print(f"  posted      {load.get('posted') or {}}")
     print(f"  dead-letter {load.get('dead') or {}}")

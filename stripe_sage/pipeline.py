@@ -118,9 +118,13 @@ def plan_documents(st: Staging, mapping: Mapping,
                      charges_all, bts, mapping, pf),
     ]
     docs = pl.concat([f for f in frames if not f.is_empty()] or [empty_docs()])
-    # A charge that paid a Billing invoice plans no invoice of its own; keys already settled
-    # (e.g. the invoice of a charge whose refund is new) are dropped here.
-    return docs.join(settled, on="doc_key", how="anti")
+    # Keys already settled (e.g. the invoice of a charge whose refund is new) are dropped, and
+    # so are records still failing planning the same way: they are dead letters already.
+    still_failing = st.frame(
+        "SELECT doc_key, reason AS error FROM ops.dead_letters WHERE error_code = 'planning' "
+        "AND NOT replayed")
+    return docs.join(settled, on="doc_key", how="anti").join(
+        still_failing, on=["doc_key", "error"], how="anti")
 
 
 def previous_totals(st: Staging) -> dict[str, int]:
