@@ -117,42 +117,43 @@ def validate_stream(
         checks = [c for c in suite.checks if c.kind == "row_count"]
     else:
         checks = [c for c in suite.checks if all(col in prepared.columns for col in c.columns())]
-    base = {"stream": stream, "rows": df.height, "suite_name": suite.name, "run_id": run_id,
-            "previous_rows": previous_rows}  # fmt: skip
+
+    def outcome(**kw: Any) -> StreamValidation:
+        return StreamValidation(stream=stream, rows=df.height, suite_name=suite.name,
+                                run_id=run_id, previous_rows=previous_rows, **kw)  # fmt: skip
+
     if not checks:
-        return StreamValidation(
+        return outcome(
             quarantine=pl.DataFrame(schema=QUARANTINE_SCHEMA),
             passed_ids=_ids(prepared),
             results=[],
             success=True,
-            **base,  # type: ignore[arg-type]
         )
 
     # GX sees only the columns the checks read; its row positions are the ``_row`` numbers.
     frame = prepared.select(list(dict.fromkeys(col for c in checks for col in c.columns())))
     engine = _GreatExpectations.for_context(context)
-    outcomes, payload = engine.validate(suite, checks, frame, run_id=run_id, now=now)
+    results, payload = engine.validate(suite, checks, frame, run_id=run_id, now=now)
 
     failing: dict[int, None] = {}
     pieces: list[pl.DataFrame] = []
-    for order, (check, outcome) in enumerate(zip(checks, outcomes, strict=True)):
-        if outcome.rows:
-            failing |= dict.fromkeys(outcome.rows)
-            pieces.append(_quarantine_rows(stream, check, order, outcome.rows, prepared, run_id))
+    for order, (check, result) in enumerate(zip(checks, results, strict=True)):
+        if result.rows:
+            failing |= dict.fromkeys(result.rows)
+            pieces.append(_quarantine_rows(stream, check, order, result.rows, prepared, run_id))
     quarantine = (
         pl.concat(pieces).sort(["_row", "_order"]).drop(["_row", "_order"])
         if pieces
         else pl.DataFrame(schema=QUARANTINE_SCHEMA)
     )
     failed = pl.Series(ROW_COLUMN, list(failing), dtype=prepared.schema[ROW_COLUMN])
-    validation = StreamValidation(
+    validation = outcome(
         quarantine=quarantine,
         passed_ids=_ids(prepared.filter(~pl.col(ROW_COLUMN).is_in(failed.implode()))),
-        results=[o.summary(c) for c, o in zip(checks, outcomes, strict=True)],
-        success=all(o.success for o in outcomes),
+        results=[r.summary(c) for c, r in zip(checks, results, strict=True)],
+        success=all(r.success for r in results),
         failed_rows=len(failing),
         gx=payload,
-        **base,  # type: ignore[arg-type]
     )
     if docs_dir is not None:
         build_data_docs([validation], docs_dir)
@@ -452,6 +453,16 @@ class _GreatExpectations:
 
         common: dict[str, Any] = {"meta": {"check": check.name}, "notes": check.description}
         p = check.params
+        if check.kind == "columns_present":
+            return E.ExpectTableColumnsToMatchSet(
+                column_set=list(p["columns"]), exact_match=False, **common
+            )
+        if check.kind == "row_count":
+            return E.ExpectTableRowCountToBeBetween(
+                min_value=p["min_value"], max_value=p["max_value"], **common
+            )
+        if check.column is None:
+            raise ValueError(f"check {check.name} of kind {check.kind} needs a column")
         col = check.column
         match check.kind:
             case "not_null":
@@ -472,20 +483,11 @@ class _GreatExpectations:
                 return E.ExpectColumnValuesToBeInTypeList(
                     column=col, type_list=_INTEGER_TYPES, **common
                 )
-            case "columns_present":
-                return E.ExpectTableColumnsToMatchSet(
-                    column_set=list(p["columns"]), exact_match=False, **common
-                )
-            case "row_count":
-                return E.ExpectTableRowCountToBeBetween(
-                    min_value=p["min_value"], max_value=p["max_value"], **common
-                )
         raise ValueError(f"unknown check kind {check.kind!r}")
 
     @staticmethod
     def _to_pandas(frame: pl.DataFrame) -> Any:
         import pandas as pd
-
         import pyarrow as pa
 
         mapping = {getattr(pa, a)(): getattr(pd, p)() for a, p in _PANDAS_DTYPES.items()}

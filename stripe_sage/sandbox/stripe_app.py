@@ -175,6 +175,7 @@ class StripeSandbox:
         self.webhook_client = webhook_client
         self.requests = 0
         world.listeners.append(self._on_event)
+        world.endpoint_count = lambda: len(self.endpoints)
 
     # -- webhooks ------------------------------------------------------------------------
     def _on_event(self, event: JSON) -> None:
@@ -407,6 +408,9 @@ def create_stripe_app(
 
     def selector(resource: str, filters: JSON) -> Selector | None:
         """Indices in [a, b) passing the filters, ascending; None when nothing filters."""
+        if resource == "customers" and world.o.deleted_customers:
+            # Stripe's customer list leaves deleted customers out.
+            filters = {**filters, "_not_deleted": True}
         if not filters:
             return None
         b = world.b
@@ -474,6 +478,10 @@ def create_stripe_app(
                 codes = [c for c, (name, _) in enumerate(EVENT_TYPES) if matches(name)]
                 predicates.append(lambda a, z, codes=codes: np.isin(b.ev_type[a:z], codes))
                 overlay.append(lambda e, m=matches: m(world.render("events", e)["type"]))
+            elif key == "_not_deleted":
+                gone = np.array(sorted(world.o.deleted_customers), np.int64)
+                predicates.append(lambda a, z, gone=gone: ~np.isin(np.arange(a, z), gone))
+                overlay.append(lambda k: k not in world.o.deleted_customers)
             elif resource == "invoice_payments" and key == "invoice":
                 j = lookup("invoices", value, key)
                 fixed = np.array([j], np.int64)

@@ -178,6 +178,9 @@ class StripeWorld:
         self.tpl = load_fixtures()
         self._salt = int.from_bytes(hashlib.sha256(f"seed:{config.seed}".encode()).digest()[:8])
         self.listeners: list[Callable[[JSON], None]] = []
+        self.endpoint_count: Callable[[], int] = lambda: 0
+        # Presentment currencies; activity may add one Stripe has and our table lacks.
+        self.currencies: list[tuple[str, int, float, float]] = list(CURRENCIES)
 
     # -- ids -------------------------------------------------------------------------------
     def make_id(self, resource: str, index: int) -> str:
@@ -286,7 +289,9 @@ class StripeWorld:
         fn = getattr(self, f"_render_{resource}")
         obj: JSON = fn(index, t, expand)
         patch = self.o.patches.get((resource, index))
-        if patch and as_of is None:
+        # Patches come from activity after the generated business ends; an event from inside
+        # it shows the object as it was then. A deleted customer shows only its tombstone.
+        if patch and t >= self.config.end and not obj.get("deleted"):
             obj = deep_merge(obj, patch)
         return obj
 
@@ -355,7 +360,7 @@ class StripeWorld:
         c = self.charge(i)
         tpl = self.tpl["charge"]
         cid = self.make_id("charges", i)
-        code = CURRENCIES[c.currency][0]
+        code = self.currencies[c.currency][0]
         refunded, visible, dispute = self._charge_state(i, t)
         cust = self._customer_attrs(c.customer)
         ok = not c.failed
@@ -402,7 +407,7 @@ class StripeWorld:
         if "balance_transaction" in expand and ok:
             obj["balance_transaction"] = self._render_balance_transactions(c.bt, t, frozenset())
         if "customer" in expand:
-            obj["customer"] = self._render_customers(c.customer, t, frozenset())
+            obj["customer"] = self.render("customers", c.customer, as_of=t)
         return obj
 
     def _render_refunds(self, r: int, t: int, expand: frozenset[str]) -> JSON:
@@ -414,7 +419,7 @@ class StripeWorld:
             id=self.make_id("refunds", r), amount=s.amount,
             balance_transaction=self.make_id("balance_transactions", s.bt),
             charge=self.make_id("charges", s.charge), created=s.created,
-            currency=CURRENCIES[ch.currency][0], metadata={},
+            currency=self.currencies[ch.currency][0], metadata={},
             payment_intent=f"pi_{self.make_id('charges', s.charge)[3:]}",
             reason=("requested_by_customer", "duplicate", "fraudulent")[r % 3],
             status="failed" if failed else "succeeded",
@@ -425,7 +430,7 @@ class StripeWorld:
         if "balance_transaction" in expand:
             obj["balance_transaction"] = self._render_balance_transactions(s.bt, t, frozenset())
         if "charge" in expand:
-            obj["charge"] = self._render_charges(s.charge, t, frozenset())
+            obj["charge"] = self.render("charges", s.charge, as_of=t)
         return obj
 
     def _dispute_status(self, d: int, t: int) -> str:
@@ -451,7 +456,7 @@ class StripeWorld:
             balance_transactions=[self._render_balance_transactions(x, t, frozenset())
                                   for x in bts],
             charge=self.make_id("charges", i), created=created,
-            currency=CURRENCIES[ch.currency][0],
+            currency=self.currencies[ch.currency][0],
             evidence_details={**tpl["evidence_details"], "due_by": created + 7 * DAY},
             is_charge_refundable=False, metadata={},
             payment_intent=f"pi_{self.make_id('charges', i)[3:]}",
@@ -461,7 +466,7 @@ class StripeWorld:
             reason=("fraudulent", "product_not_received", "duplicate")[d % 3], status=status,
         )
         if "charge" in expand:
-            obj["charge"] = self._render_charges(i, t, frozenset())
+            obj["charge"] = self.render("charges", i, as_of=t)
         return obj
 
     def _invoice_lines(self, j: int) -> list[JSON]:
@@ -569,7 +574,7 @@ class StripeWorld:
                    "url": f"/v1/invoices/{inv_id}/lines"},
         )
         if "customer" in expand:
-            obj["customer"] = self._render_customers(ch.customer, t, frozenset())
+            obj["customer"] = self.render("customers", ch.customer, as_of=t)
         return obj
 
     def _render_invoice_payments(self, j: int, t: int, expand: frozenset[str]) -> JSON:
@@ -715,7 +720,7 @@ class StripeWorld:
         if previous is not None:
             data["previous_attributes"] = previous
         obj.update(id=eid, api_version=API_VERSION, created=created, data=data, livemode=False,
-                   pending_webhooks=1 if self.listeners else 0,
+                   pending_webhooks=self.endpoint_count(),
                    request={"id": None, "idempotency_key": None}, type=etype)
         return obj
 
@@ -805,12 +810,15 @@ class StripeWorld:
     def create_charge(self, *, customer: int, amount: int, currency: str = "usd",
                       metadata: JSON | None = None, invoice: int = -1) -> int:
         with self.lock:
-            codes = [c for c, *_ in CURRENCIES]
+            codes = [c for c, *_ in self.currencies]
             if currency not in codes:
-                raise ValueError(f"currency {currency!r} not in {codes}")
+                if not (len(currency) == 3 and currency.isalpha() and currency.islower()):
+                    raise ValueError(f"currency {currency!r} is not a 3-letter code")
+                self.currencies.append((currency, 2, 1.0, 0.0))
+                codes.append(currency)
             cur = codes.index(currency)
-            rate = CURRENCIES[cur][2]
-            exp = CURRENCIES[cur][1]
+            rate = self.currencies[cur][2]
+            exp = self.currencies[cur][1]
             bt_amount = amount if cur == 0 else round(amount * rate * 10 ** (2 - exp))
             i = self.count("charges")
             created = self._tick()
