@@ -376,7 +376,7 @@ def _write_html_report(validations: Sequence[StreamValidation], docs_dir: Path) 
 # --- Great Expectations: every version-sensitive call is below ---------------------------
 
 _PANDAS_DTYPES: dict[str, str] = {
-    "int8": "Int8Dtype", "int16": "Int16Dtype", "int32": "Int32Dtype", "int64": "Int64Dtype",
+    "int8": "Int8Dtype", "int16": "Int16Dtype", "int32": "Int32Dtype", "int16": "Int16Dtype",
     "uint8": "UInt8Dtype", "uint16": "UInt16Dtype", "uint32": "UInt32Dtype",
     "uint64": "UInt64Dtype", "bool_": "BooleanDtype",
 }  # fmt: skip

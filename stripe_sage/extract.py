@@ -119,7 +119,8 @@ class Extractor:
     # -- listed streams --------------------------------------------------------------------
     def _read_window(self, stream: str, a: int, b: int) -> list[JSON]:
         s = STREAMS[stream]
-        params: JSON = {"created": {"gte": a, "lt": b}}
+        # Stripe's timestamps are whole seconds: the window reaching "now" includes this second.
+        params: JSON = {"created": {"gte": a, "lt": b + 1 if b >= self.now else b}}
         if s.expand:
             params["expand"] = [f"data.{e}" for e in s.expand]
         objects: list[JSON] = []

@@ -55,12 +55,13 @@ class LoadStats:
     posted: Counter[str] = field(default_factory=Counter)
     dead: Counter[str] = field(default_factory=Counter)
     deferred: Counter[str] = field(default_factory=Counter)
+    waiting: Counter[str] = field(default_factory=Counter)  # planned again next run
     revived: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"enqueued": dict(self.enqueued), "posted": dict(self.posted),
                 "dead": dict(self.dead), "deferred": dict(self.deferred),
-                "revived": self.revived}
+                "waiting": dict(self.waiting), "revived": self.revived}
 
 
 @dataclass
@@ -103,6 +104,10 @@ class Loader:
             return 0
         now = now_utc()
         docs = docs.unique(subset="doc_key", keep="last")
+        waiting = docs.filter(pl.col("error").str.starts_with("waiting:").fill_null(False))
+        for doc_type, n in waiting.group_by("doc_type").len().iter_rows():
+            self.stats.waiting[doc_type] += n
+        docs = docs.join(waiting.select("doc_key"), on="doc_key", how="anti")
         existing = self.st.frame(
             "SELECT doc_key, status, attempts, last_error, error_kind FROM ("
             "SELECT o.doc_key, o.status, o.attempts, o.last_error, d.error_code AS error_kind "

@@ -6,7 +6,8 @@ minor units until ``money_string`` renders the payload. The output of every plan
 columns of ``DOC_SCHEMA``: one row per Sage document, its JSON payload (with ``@xref:<doc_key>``
 placeholders the loader resolves to Sage numbers), the documents it depends on, and
 ``error`` — a clear reason when the record cannot become a valid document (it is then
-dead-lettered instead of posted).
+dead-lettered instead of posted), or, prefixed ``waiting:``, what it still waits for (a
+balance transaction not staged yet): such documents are planned again by the next run.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def plan_charges(charges: pl.DataFrame, bts: pl.DataFrame, invoice_payments: pl.
     settle = money_string(pl.col("settlement_amount"), pl.col("settlement_currency"))
     missing = first_error(
         pl.when(pl.col("settlement_amount").is_null()).then(pl.format(
-            "balance transaction {} of the charge is not staged", pl.col("balance_transaction"))),
+            "waiting: balance transaction {} of the charge is not staged", pl.col("balance_transaction"))),
         pl.when(~pl.col("settlement_currency").is_in(mapping.settlement_currencies)).then(
             pl.format("settlement currency {} is not in the mapping's settlement_currencies",
                       pl.col("settlement_currency"))),
@@ -332,7 +333,7 @@ def plan_invoices(invoices: pl.DataFrame, lines: pl.DataFrame, mapping: Mapping,
         pl.concat_str([pl.lit("customer:"), pl.col("customer")]).alias("customer_key"),
     )
     error = first_error(
-        pl.when(pl.col("n_lines").is_null()).then(pl.lit("invoice lines are not staged")),
+        pl.when(pl.col("n_lines").is_null()).then(pl.lit("waiting: invoice lines are not staged")),
         pl.when(~pl.col("currency").is_in(mapping.settlement_currencies)).then(pl.format(
             "invoice currency {} is not a settlement currency; posting it would need FX",
             pl.col("currency"))),
@@ -371,7 +372,8 @@ def plan_refunds(refunds: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
     ch = charges.select(pl.col("id").alias("charge"), pl.col("customer").alias("charge_customer"),
                         pl.col("exchange_rate") if "exchange_rate" in charges.columns
                         else pl.lit(None, pl.Float64).alias("exchange_rate"))
-    df = df.join(ch.drop("exchange_rate"), on="charge", how="left")
+    df = df.join(ch.drop("exchange_rate").with_columns(pl.lit(True).alias("_charge_found")),
+                 on="charge", how="left")
     df = with_settlement(df, bts, "balance_transaction", sign=-1).with_columns(
         presentment(pl.col("amount"), pl.col("currency"), pl.col("exchange_rate"))
         .alias("presentment"),
@@ -382,10 +384,12 @@ def plan_refunds(refunds: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
     clearing = pl.col("settlement_currency").replace_strict(
         mapping.accounts.clearing, default=None)
     error = first_error(
+        pl.when(pl.col("_charge_found").is_null()).then(pl.format(
+            "waiting: refund's charge {} is not staged", pl.col("charge"))),
         pl.when(pl.col("charge_customer").is_null()).then(pl.format(
-            "refund's charge {} is not staged or has no customer", pl.col("charge"))),
+            "refund's charge {} has no customer to credit", pl.col("charge"))),
         pl.when(pl.col("settlement_amount").is_null()).then(pl.format(
-            "balance transaction {} of the refund is not staged", pl.col("balance_transaction"))),
+            "waiting: balance transaction {} of the refund is not staged", pl.col("balance_transaction"))),
         join_errors(),
     )
     settle = money_string(pl.col("settlement_amount"), pl.col("settlement_currency"))
@@ -433,7 +437,7 @@ def plan_refunds(refunds: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
             ).alias("payload"),
             pl.lit([], pl.List(pl.String)).alias("depends_on"),
             first_error(pl.when(pl.col("failure_amount").is_null()).then(pl.format(
-                "failure balance transaction {} is not staged",
+                "waiting: failure balance transaction {} is not staged",
                 pl.col("failure_balance_transaction")))).alias("error"),
         )
         frames.append(_docs(journals.with_columns(pl.col("failure_date").alias("doc_date")),

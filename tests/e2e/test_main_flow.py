@@ -1,0 +1,264 @@
+"""The main job end to end: real Prefect flows, both sandboxes on loopback, a real DuckDB file.
+
+Expected documents are counted from the Stripe side independently of the pipeline (plain
+HTTP listing of the sandbox), then compared with what the Sage sandbox holds.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import pytest
+
+from stripe_sage.sandbox.launch import SandboxPair
+from stripe_sage.sandbox.stripe_business import BusinessConfig
+
+pytestmark = pytest.mark.e2e
+END = 1_782_777_600  # 2026-06-30: a fixed business, so every run sees the same data
+SAGE_COLLECTIONS = {"invoice": "invoices", "cash_receipt": "cashreceipts",
+                    "credit_memo": "creditmemos", "journal_entry": "journalentries",
+                    "customer": "customers"}
+
+
+@dataclass
+class Env:
+    pair: SandboxPair
+    db: Path
+    secrets: list[str]
+
+    def stripe(self) -> httpx.Client:
+        return httpx.Client(base_url=self.pair.stripe_url,
+                            headers={"Authorization": f"Bearer {self.pair.stripe_key}"})
+
+    def sage(self) -> httpx.Client:
+        return httpx.Client(base_url=self.pair.sage_url,
+                            headers={"Authorization": f"Bearer {self.pair.sage_key}"})
+
+
+def stripe_all(client: httpx.Client, path: str, **params: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    query: dict[str, Any] = {"limit": 100, **params}
+    while True:
+        page = client.get(path, params=query).json()
+        out += page["data"]
+        if not page["has_more"]:
+            return out
+        query["starting_after"] = page["data"][-1]["id"]
+
+
+def sage_all(client: httpx.Client, collection: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/api/v1/{collection}", params=params).json()
+        out += page["data"]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return out
+
+
+def expected_documents(env: Env) -> Counter[str]:
+    """What the Stripe business implies, from Stripe's own lists (ACCOUNTING.md)."""
+    with env.stripe() as s:
+        charges = stripe_all(s, "/v1/charges")
+        paid_invoice_charges = {p["payment"]["charge"] for p in stripe_all(
+            s, "/v1/invoice_payments") if p["status"] == "paid"}
+        invoices = [i for i in stripe_all(s, "/v1/invoices") if i["status"] in ("open", "paid")]
+        refunds = stripe_all(s, "/v1/refunds")
+        customers = stripe_all(s, "/v1/customers")
+    succeeded = [c for c in charges if c["status"] == "succeeded"]
+    return Counter({
+        "invoice": len([c for c in succeeded if c["id"] not in paid_invoice_charges])
+        + len(invoices),
+        "cash_receipt": len(succeeded),
+        "credit_memo": len(refunds),
+        "journal_entry": len([r for r in refunds if r["status"] == "failed"]),
+        "customer": len(customers),
+    })
+
+
+def outbox(env: Env) -> dict[str, Counter[str]]:
+    con = duckdb.connect(str(env.db), read_only=True)
+    try:
+        rows = con.sql("SELECT replace(doc_type, 'customer_link', 'customer'), status, count(*) "
+                       "FROM sage.outbox GROUP BY ALL").fetchall()
+    finally:
+        con.close()
+    out: dict[str, Counter[str]] = {}
+    for doc_type, status, n in rows:
+        out.setdefault(status, Counter())[doc_type] += n
+    return out
+
+
+def sage_counts(env: Env) -> Counter[str]:
+    with env.sage() as c:
+        docs = c.get("/_sandbox/stats").json()["documents"]
+    return Counter({t: docs.get(col, 0) for t, col in SAGE_COLLECTIONS.items()})
+
+
+def make_env(tmp: Path, charges: int, seed: int, monkeypatch: pytest.MonkeyPatch) -> Env:
+    stripe_key = f"sk_test_{secrets.token_hex(12)}"
+    sage_key = f"sage_{secrets.token_hex(12)}"
+    webhook_secret = f"whsec_{secrets.token_hex(12)}"
+    pair = SandboxPair(BusinessConfig(seed=seed, charges=charges, end=END),
+                       sage_db=tmp / "sage.sqlite3", stripe_key=stripe_key, sage_key=sage_key)
+    db = tmp / "stripe_sage.duckdb"
+    return Env(pair, db, [stripe_key, sage_key, webhook_secret])
+
+
+def use_env(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {
+        "STRIPE_API_KEY": env.secrets[0], "SAGEPRO_API_KEY": env.secrets[1],
+        "STRIPE_WEBHOOK_SECRET": env.secrets[2], "STRIPE_API_BASE": env.pair.stripe_url,
+        "SAGEPRO_BASE_URL": env.pair.sage_url, "STAGING_DB": str(env.db),
+        "STRIPE_MAX_RPS": "200",
+    }.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="module")
+def main_env(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Iterator[Env]:
+    mp = pytest.MonkeyPatch()
+    env = make_env(tmp_path_factory.mktemp("main"), charges=240, seed=11, monkeypatch=mp)
+    with env.pair:
+        yield env
+    mp.undo()
+
+
+@pytest.fixture()
+def env(main_env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
+    use_env(main_env, monkeypatch)
+    return main_env
+
+
+def run_flow(**kw: Any) -> dict[str, Any]:
+    from flows.stripe_to_sage import stripe_to_sage
+
+    return stripe_to_sage(**kw)
+
+
+# The module's tests build on each other in order: first run, second run, new activity.
+def test_first_run_posts_exactly_what_the_business_implies(env: Env) -> None:
+    result = run_flow(trigger="test")
+    expected = expected_documents(env)
+    box = outbox(env)
+    posted, dead = box.get("posted", Counter()), box.get("dead", Counter())
+    for doc_type, n in expected.items():
+        assert posted[doc_type] + dead[doc_type] == n, doc_type
+    # Sage holds exactly the posted documents (customers: plus the ones seeded beforehand).
+    held = sage_counts(env)
+    for doc_type in ("invoice", "cash_receipt", "credit_memo", "journal_entry"):
+        assert held[doc_type] == posted[doc_type], doc_type
+    with env.stripe() as s:
+        long_names = {c["id"] for c in stripe_all(s, "/v1/customers")
+                      if len(c["name"]) > 40 and not c["metadata"].get("sage_customer_id")}
+    assert long_names, "the generated business has names over 40 characters"
+    con = duckdb.connect(str(env.db), read_only=True)
+    letters = con.sql("SELECT doc_key, doc_type, reason FROM ops.dead_letters").fetchall()
+    runs = con.sql("SELECT status, counts FROM ops.runs").fetchall()
+    con.close()
+    dead_customers = {k.split(":", 1)[1] for k, t, _ in letters if t == "customer"}
+    assert dead_customers == long_names
+    for key, doc_type, reason in letters:
+        if doc_type == "customer":
+            assert "name is" in reason and "Sage allows 40" in reason
+        else:  # everything else that is dead waits on one of those customers
+            assert reason.startswith("blocked: customer:"), (key, reason)
+    assert result["status"] == "completed_with_dead_letters"
+    assert runs[0][0] == "completed_with_dead_letters"
+    assert json.loads(runs[0][1])["staged"]["charges"] == 240
+
+
+def test_second_run_posts_nothing(env: Env) -> None:
+    before = sage_counts(env)
+    result = run_flow(trigger="test")
+    assert sum(result["load"]["posted"].values()) == 0
+    assert sum(result["load"]["enqueued"].values()) == 0
+    assert sage_counts(env) == before
+
+
+def test_new_activity_is_picked_up_by_the_next_run(env: Env) -> None:
+    with env.stripe() as s:
+        customer = next(c for c in stripe_all(s, "/v1/customers")
+                        if len(c["name"]) <= 40 and c["email"])
+        old = next(c for c in stripe_all(s, "/v1/charges")
+                   if c["status"] == "succeeded" and not c["refunded"] and not c["disputed"]
+                   and c["amount_refunded"] == 0)
+        opened = s.get("/_sandbox/open_invoices").json()["data"]
+        assert opened, "the business has an invoice whose payment failed"
+        jpy = s.post("/_sandbox/activity", json={"action": "charge", "customer": customer["id"],
+                                                  "amount": 5000, "currency": "jpy"}).json()["id"]
+        kwd = s.post("/_sandbox/activity", json={"action": "charge", "customer": customer["id"],
+                                                  "amount": 1250, "currency": "kwd"}).json()["id"]
+        refund = s.post("/_sandbox/activity", json={"action": "refund", "charge": old["id"],
+                                                     "amount": 100}).json()["id"]
+        paid_by = s.post("/_sandbox/activity", json={"action": "pay_invoice",
+                                                       "invoice": opened[0]}).json()["id"]
+        bts = {c: s.get(f"/v1/charges/{c}", params={"expand[]": "balance_transaction"}).json()[
+            "balance_transaction"] for c in (jpy, kwd)}
+    before = sage_counts(env)
+    result = run_flow(trigger="test")
+    after = sage_counts(env)
+    assert after - before == Counter({"invoice": 2, "cash_receipt": 3, "credit_memo": 1})
+    assert result["events"]["changed"].get("invoices") == 1  # the invoice paid later
+    with env.sage() as c:
+        receipts = {r["reference"]: r for r in sage_all(c, "cashreceipts")}
+        memos = {m["reference"]: m for m in sage_all(c, "creditmemos")}
+        invoices = {i["reference"]: i for i in sage_all(c, "invoices")}
+    # Zero- and three-decimal presentment currencies: settled in USD cents, memo exact.
+    assert receipts[jpy]["amount"] == f"{bts[jpy]['amount'] / 100:.2f}"
+    assert "JPY 5000 @" in receipts[jpy]["memo"]
+    assert receipts[kwd]["amount"] == f"{bts[kwd]['amount'] / 100:.2f}"
+    assert "KWD 1.250 @" in receipts[kwd]["memo"]
+    assert memos[refund]["amount"] == "1.00"
+    # The invoice paid later: its Sage invoice now has nothing due, paid by the new receipt.
+    assert invoices[opened[0]]["balance_due"] == "0.00"
+    assert invoices[opened[0]]["status"] == "paid"
+    assert receipts[paid_by]["apply_to"][0]["invoice_no"] == invoices[opened[0]]["invoice_no"]
+
+
+def test_no_secret_in_tables_logs_or_output(env: Env, capfd: pytest.CaptureFixture[str],
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    run_flow(trigger="test")
+    out, err = capfd.readouterr()
+    con = duckdb.connect(str(env.db), read_only=True)
+    tables = con.sql("SELECT table_schema, table_name, column_name FROM information_schema.columns "
+                     "WHERE data_type IN ('VARCHAR', 'JSON') OR data_type LIKE 'VARCHAR%'"
+                     ).fetchall()
+    hits = []
+    for secret in env.secrets:
+        for schema, table, column in tables:
+            n = con.execute(f'SELECT count(*) FROM {schema}.{table} WHERE CAST("{column}" AS '
+                            "VARCHAR) LIKE ?", [f"%{secret}%"]).fetchall()[0][0]
+            if n:
+                hits.append((secret[:6], schema, table, column))
+        assert secret not in out + err
+        assert secret not in caplog.text
+    con.close()
+    raw = env.db.read_bytes()
+    assert not any(s.encode() in raw for s in env.secrets)
+    assert hits == []
+
+
+def test_prefect_logs_hold_no_secret(env: Env) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
+
+    async def logs() -> list[str]:
+        async with get_client() as client:
+            return [log.message for log in await client.read_logs(LogFilter(), limit=200)]
+
+    import asyncio
+
+    messages = asyncio.run(logs())
+    assert messages, "the flows logged through Prefect"
+    assert not [m for m in messages for s in env.secrets if s in m]
