@@ -6,10 +6,11 @@
 and ``build_data_docs`` report the run.
 
 Great Expectations is the evaluator: the failing rows come from GX's per-row results
-(``result_format`` COMPLETE with ``unexpected_index_column_names``), never from a second
-implementation of the checks here. Only derived columns are computed beforehand, in Polars
-(``quality.suites.prepare``). GX runs on pandas (its SQL datasource does not speak DuckDB),
-so the frame is converted with nullable integer/boolean dtypes to keep integers integers.
+(``result_format`` COMPLETE, ``unexpected_index_list``: the row positions, mapped back to
+ids in Polars), never from a second implementation of the checks here. Only derived columns
+are computed beforehand, in Polars (``quality.suites.prepare``). GX runs on pandas (its SQL
+datasource does not speak DuckDB), so the frame is converted with nullable integer/boolean
+dtypes to keep integers integers.
 
 Every call into the GX API is in :class:`_GreatExpectations`, so an upgrade touches one class.
 GX is imported lazily (it takes seconds), and one ephemeral context per process is created on
@@ -166,6 +167,7 @@ def check_wholesale(
     previous_rows: int | None,
     max_failed_fraction: float = 0.5,
     min_rows: int = 10,
+    current_rows: int | None = None,
 ) -> None:
     """Raise ``DataQualityError`` when the suite failed wholesale, so the load must stop.
 
@@ -176,7 +178,11 @@ def check_wholesale(
     * the row count collapsed against ``previous_rows`` (``suites.row_count_bounds``: with
       at least 1,000 rows last time, fewer than 10% of them now). When ``validate_stream``
       already ran the row-count expectation with the same ``previous_rows`` its GX result
-      decides; otherwise the same bounds are applied to ``validation.rows`` here;
+      decides; otherwise the same bounds are applied here to ``current_rows``, which
+      defaults to ``validation.rows``. Compare like with like: when the frame validated is
+      only this run's changed rows but ``previous_rows`` is the staged table's total, pass
+      the table's total after staging as ``current_rows`` (else every small incremental run
+      of a large stream looks like a collapse);
     * more than ``max_failed_fraction`` of the rows failed a row-level check, counted only
       from ``min_rows`` rows up: below that a fraction means little, and bad rows are simply
       quarantined.
@@ -191,11 +197,13 @@ def check_wholesale(
             problems.append(f"{r['check']} could not be evaluated: {r['error']}")
         elif r["level"] == "table":
             problems.append(f"{r['check']} failed ({r['reason']})")
-    if previous_rows is not None and previous_rows != validation.previous_rows:
+    evaluated_by_gx = previous_rows == validation.previous_rows and current_rows is None
+    if previous_rows is not None and not evaluated_by_gx:
+        rows = validation.rows if current_rows is None else current_rows
         bounds = suites.row_count_bounds(previous_rows)
-        if bounds is not None and validation.rows < bounds[0]:
+        if bounds is not None and rows < bounds[0]:
             problems.append(
-                f"row_count failed ({validation.rows} rows, expected at least {bounds[0]} "
+                f"row_count failed ({rows} rows, expected at least {bounds[0]} "
                 f"after {previous_rows} in the previous run)"
             )
     if validation.rows >= min_rows and validation.failed_fraction > max_failed_fraction:
@@ -376,7 +384,7 @@ def _write_html_report(validations: Sequence[StreamValidation], docs_dir: Path) 
 # --- Great Expectations: every version-sensitive call is below ---------------------------
 
 _PANDAS_DTYPES: dict[str, str] = {
-    "int8": "Int8Dtype", "int16": "Int16Dtype", "int32": "Int32Dtype", "int16": "Int16Dtype",
+    "int8": "Int8Dtype", "int16": "Int16Dtype", "int32": "Int32Dtype", "int64": "Int64Dtype",
     "uint8": "UInt8Dtype", "uint16": "UInt16Dtype", "uint32": "UInt32Dtype",
     "uint64": "UInt64Dtype", "bool_": "BooleanDtype",
 }  # fmt: skip

@@ -158,10 +158,21 @@ class Loader:
         return {f"{t}:{s}": sid for t, s, sid in rows}
 
     def _dead(self) -> dict[str, str]:
+        """Why each dependency cannot be posted: dead-lettered, or its record quarantined."""
         rows = self.st.con.execute(
-            "SELECT doc_key, coalesce(last_error, 'dead-lettered') FROM sage.outbox "
-            "WHERE status = 'dead'").fetchall()
-        return {k: r for k, r in rows}
+            "SELECT doc_type, stripe_id, doc_key, coalesce(last_error, 'dead-lettered') "
+            "FROM sage.outbox WHERE status = 'dead'").fetchall()
+        out: dict[str, str] = {}
+        for doc_type, stripe_id, key, reason in rows:
+            out[key] = f"{key} is dead-lettered ({reason})"
+            # Dependents name a linked customer as "customer:<id>".
+            out[f"{XREF_TYPE.get(doc_type, doc_type)}:{stripe_id}"] = out[key]
+        for stream, object_id, check, reason in self.st.con.execute(
+                "SELECT stream, id, \"check\", reason FROM staging.quarantine").fetchall():
+            if stream == "customers":
+                out.setdefault(f"customer:{object_id}",
+                               f"customer:{object_id} is quarantined ({check}: {reason})")
+        return out
 
     def pending_count(self) -> int:
         return int(self.st.con.execute(
@@ -182,9 +193,9 @@ class Loader:
             ready: list[tuple[Any, ...]] = []
             for row in rows:
                 doc_key, doc_type, _, stripe_id, _, deps, _ = row
-                blocked = [d for d in deps or [] if d in dead]
+                blocked = [d for d in deps or [] if d in dead and d not in xref]
                 if blocked:
-                    reason = f"blocked: {blocked[0]} is dead-lettered ({dead[blocked[0]]})"
+                    reason = f"blocked: {dead[blocked[0]]}"
                     self._mark_dead(doc_key, doc_type, stripe_id, reason, code="blocked")
                     done += 1
                     continue

@@ -17,19 +17,23 @@ def sage_seed_for(world: StripeWorld) -> tuple[list[SeedCustomer], list[SeedSale
     b = world.b
     customers: dict[int, SeedCustomer] = {}
     orders: list[SeedSalesOrder] = []
+    # The shop pushed every customer it knows (one in ten carries a Sage id) ...
+    for k in range(0, len(b.customers), 10):
+        sage_id = b.sage_customer_id(k)
+        assert sage_id is not None
+        attrs = world._customer_attrs(k)
+        customers[k] = SeedCustomer(
+            customer_id=sage_id,
+            name=attrs["name"][:40],  # the shop truncated it when it pushed the record
+            email=attrs["email"],
+            currency="USD",
+            reference=world.make_id("customers", k),
+        )
+    # ... and a sales order for every charge that carries metadata.erp_order_id.
     for i in b.erp_charges.tolist():
         ch = world.charge(i)
         sage_id = b.sage_customer_id(ch.customer)
         assert sage_id is not None, "erp orders are placed by customers with a Sage id"
-        if ch.customer not in customers:
-            attrs = world._customer_attrs(ch.customer)
-            customers[ch.customer] = SeedCustomer(
-                customer_id=sage_id,
-                name=attrs["name"][:40],  # the shop truncated it when it pushed the record
-                email=attrs["email"],
-                currency="USD",
-                reference=world.make_id("customers", ch.customer),
-            )
         day = dt.datetime.fromtimestamp(ch.created, dt.UTC).date()
         orders.append(
             SeedSalesOrder(

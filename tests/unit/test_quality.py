@@ -288,6 +288,13 @@ def test_given_row_count_only_known_at_wholesale_time_then_same_rule_applies() -
     check_wholesale(v, previous_rows=500)  # small streams fluctuate: no rule
 
 
+def test_given_a_small_delta_of_a_large_table_then_current_rows_compares_like_with_like() -> None:
+    delta = validate(Rows("charges", 3))
+    check_wholesale(delta, previous_rows=5000, current_rows=5003)
+    with pytest.raises(DataQualityError, match="expected at least 500 after 5000"):
+        check_wholesale(delta, previous_rows=5000, current_rows=3)
+
+
 def test_given_modest_drop_then_not_wholesale() -> None:
     v = validate(Rows("charges", 30), previous_rows=200)
     check_wholesale(v, previous_rows=200)

@@ -1,0 +1,128 @@
+"""Failure paths through real flows: Sage faults, bad records, closed periods.
+
+Each test gets its own sandboxes and DuckDB file, so their effects never mix.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tests.e2e.test_main_flow import (
+    Env,
+    expected_documents,
+    make_env,
+    outbox,
+    run_flow,
+    sage_all,
+    stripe_all,
+    use_env,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture()
+def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
+          ) -> Iterator[Env]:
+    env = make_env(tmp_path, charges=120, seed=23, monkeypatch=monkeypatch)
+    with env.pair:
+        use_env(env, monkeypatch)
+        yield env
+
+
+def references(env: Env, collection: str) -> Counter[str]:
+    with env.sage() as c:
+        return Counter(d["reference"] for d in sage_all(c, collection))
+
+
+def test_with_sage_faults_everything_is_posted_exactly_once(fresh: Env) -> None:
+    with fresh.sage() as c:
+        c.post("/_sandbox/faults", json={"seed": 7, "rate_503": 0.2, "rate_429": 0.1,
+                                         "retry_after": 0.05, "commit_then_503_rate": 0.1})
+    first = run_flow(trigger="test")
+    with fresh.sage() as c:
+        injected = c.get("/_sandbox/stats").json()["faults"]
+        c.delete("/_sandbox/faults")
+    # Whatever the client gave up on stays pending and is posted by the next run.
+    second = run_flow(trigger="test")
+    assert injected["http_503"] > 0 and injected["http_429"] > 0
+    assert injected["commit_then_503"] > 0
+    assert first["sage_client"]["recovered_by_lookup"] > 0
+    expected = expected_documents(fresh)
+    box = outbox(fresh)
+    for doc_type, n in expected.items():
+        assert box["posted"][doc_type] + box.get("dead", Counter())[doc_type] == n, (doc_type, box)
+    assert box.get("pending", Counter()) == Counter()
+    for collection in ("invoices", "cashreceipts", "creditmemos", "journalentries"):
+        dupes = {r: n for r, n in references(fresh, collection).items() if n > 1}
+        assert dupes == {}, collection
+    assert sum(second["load"]["dead"].values()) == 0
+
+
+def test_bad_records_are_quarantined_or_dead_lettered_and_the_rest_posts(fresh: Env) -> None:
+    w = fresh.pair.world
+    good = next(k for k in range(w.count("customers"))
+                if len(w.render("customers", k)["name"]) <= 40
+                and not w.render("customers", k)["metadata"])
+    with fresh.stripe() as s:
+        cus = w.make_id("customers", good)
+        odd = s.post("/_sandbox/activity", json={"action": "charge", "customer": cus,
+                                                  "amount": 999, "currency": "xyz"}).json()["id"]
+        ghost = s.post("/_sandbox/activity", json={
+            "action": "customer", "name": "Ghost Buyer", "email": "ghost@example.com",
+            "metadata": {"sage_customer_id": "NOPE123"}}).json()["id"]
+        ghost_charge = s.post("/_sandbox/activity", json={
+            "action": "charge", "customer": ghost, "amount": 1500}).json()["id"]
+        no_order = s.post("/_sandbox/activity", json={
+            "action": "charge", "customer": cus, "amount": 2500,
+            "metadata": {"erp_order_id": "SO9999999"}}).json()["id"]
+    result = run_flow(trigger="test")
+    con = duckdb.connect(str(fresh.db), read_only=True)
+    quarantine = con.sql("SELECT id, \"check\", reason FROM staging.quarantine").fetchall()
+    letters = {k: r for k, r in con.sql("SELECT doc_key, reason FROM ops.dead_letters").fetchall()}
+    con.close()
+    # Unknown currency: quarantined with the field and value named, never posted.
+    assert [(i, r) for i, _, r in quarantine if i == odd]
+    assert any("xyz" in r.lower() and "currency" in r.lower() for i, _, r in quarantine if i == odd)
+    assert not [k for k in letters if odd in k]
+    assert result["quarantined"]["charges"] == 1
+    # A Stripe customer pointing at a Sage customer that does not exist: dead, not guessed.
+    assert "NOPE123" in letters[f"customer_link:{ghost}"]
+    assert letters[f"invoice:{ghost_charge}"].startswith(f"blocked: customer_link:{ghost}")
+    # An ERP order Sage does not have: Sage's own answer, naming the field.
+    assert "sales_order_no" in letters[f"invoice:{no_order}"]
+    assert letters[f"cash_receipt:{no_order}"].startswith(f"blocked: invoice:{no_order}")
+    # Everything else posted.
+    with fresh.sage() as c:
+        receipts = {r["reference"] for r in sage_all(c, "cashreceipts")}
+        charges = stripe_all(c_stripe := fresh.stripe(), "/v1/charges")
+        c_stripe.close()
+    bad = {odd, ghost_charge, no_order}
+    long_named = set()
+    for ch in charges:
+        customer = w.render("customers", w.parse_id("customers", ch["customer"]) or 0)
+        if len(customer["name"]) > 40 and not customer["metadata"]:
+            long_named.add(ch["id"])
+    should_post = {c["id"] for c in charges if c["status"] == "succeeded"} - bad - long_named
+    assert should_post and should_post <= receipts
+    assert not (bad & receipts)
+
+
+def test_closed_period_documents_move_to_the_next_open_period(fresh: Env) -> None:
+    with fresh.sage() as c:
+        closed = c.post("/_sandbox/periods/close", json={"year": 2026, "period": 6})
+        assert closed.status_code == 200
+    run_flow(trigger="test")
+    with fresh.sage() as c:
+        receipts = sage_all(c, "cashreceipts")
+    june = [r for r in receipts if "orig 2026-06" in (r["memo"] or "")]
+    assert june, "June documents were re-dated with the original date in the memo"
+    assert {r["receipt_date"] for r in june} == {"2026-07-01"}
+    assert not [r for r in receipts if r["receipt_date"].startswith("2026-06")]
+    box = outbox(fresh)
+    assert box.get("dead", Counter())["cash_receipt"] < len(receipts)

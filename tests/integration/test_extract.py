@@ -1,0 +1,473 @@
+"""Extraction from the Stripe sandbox into DuckDB, over real loopback HTTP.
+
+Expected rows are counted independently of the extractor: plain ``httpx`` paging of the
+sandbox's lists. Every test builds its own business and its own DuckDB file.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from stripe_sage.errors import AuthenticationError, NotFoundError, RetryableError
+from stripe_sage.extract import DAY, OVERLAP, Extractor
+from stripe_sage.pipeline import stage_all
+from stripe_sage.sandbox.launch import SandboxPair
+from stripe_sage.sandbox.stripe_business import BusinessConfig
+from stripe_sage.staging import Staging
+from stripe_sage.streams import LISTED_STREAMS, STREAMS
+from stripe_sage.stripe_reader import StripeReader
+
+pytestmark = pytest.mark.integration
+
+END = 1_782_777_600  # 2026-06-30 00:00 UTC: a fixed business, the same data on every run
+HOUR = 3_600
+# Seed 1 with 150 charges has refunds, a dispute and two invoices left open by failed charges.
+CONFIG = BusinessConfig(seed=1, charges=150, end=END)
+BACKFILL = 3 * 365 * DAY
+EVENT_STREAMS = tuple(s for s in LISTED_STREAMS if STREAMS[s].mode == "events")
+
+
+# -- fixtures and helpers --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxPair]:
+    """One business for the tests that create no Stripe activity (they only read)."""
+    with SandboxPair(CONFIG, sage_db=tmp_path_factory.mktemp("sage") / "sage.sqlite3") as p:
+        yield p
+
+
+@pytest.fixture()
+def pair(shared: SandboxPair) -> Iterator[SandboxPair]:
+    """The shared business; faults and the rate limit are switched off again afterwards."""
+    yield shared
+    with stripe_http(shared) as http:
+        http.delete("/_sandbox/faults").raise_for_status()
+        http.post("/_sandbox/rate_limit", json={"rps": None}).raise_for_status()
+
+
+@pytest.fixture()
+def own_pair(tmp_path: Path) -> Iterator[SandboxPair]:
+    """A business of its own, for tests that create activity in it."""
+    with SandboxPair(CONFIG, sage_db=tmp_path / "sage.sqlite3") as sandboxes:
+        yield sandboxes
+
+
+@pytest.fixture()
+def st(tmp_path: Path) -> Iterator[Staging]:
+    with Staging(tmp_path / "stripe_sage.duckdb") as staging:
+        yield staging
+
+
+def reader_for(pair: SandboxPair, **kw: Any) -> StripeReader:
+    kw.setdefault("max_rps", 1_000.0)
+    kw.setdefault("sleep", lambda s: None)
+    kw.setdefault("jitter", lambda: 0.0)
+    return StripeReader(kw.pop("api_key", pair.stripe_key), api_base=pair.stripe_url, **kw)
+
+
+def extractor(pair: SandboxPair, st: Staging, run_id: str, now: int, *,
+              reader: StripeReader | None = None, **kw: Any) -> Extractor:
+    kw.setdefault("window_seconds", 30 * DAY)
+    return Extractor(reader or reader_for(pair), st, run_id=run_id, now=now,
+                     backfill_start=now - BACKFILL, **kw)
+
+
+def stripe_http(pair: SandboxPair) -> httpx.Client:
+    return httpx.Client(base_url=pair.stripe_url,
+                        headers={"Authorization": f"Bearer {pair.stripe_key}"})
+
+
+def list_all(http: httpx.Client, path: str, **params: Any) -> list[dict[str, Any]]:
+    """Every object of a list, by plain HTTP paging (independent of the reader)."""
+    out: list[dict[str, Any]] = []
+    query: dict[str, Any] = {"limit": 100, **params}
+    while True:
+        response = http.get(path, params=query)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        out += page["data"]
+        if not page["has_more"]:
+            return out
+        query["starting_after"] = page["data"][-1]["id"]
+
+
+def expected_ids(pair: SandboxPair, streams: tuple[str, ...]) -> dict[str, list[str]]:
+    """Ids per stream from the sandbox's own lists; invoice lines from each invoice's lines."""
+    out: dict[str, list[str]] = {}
+    with stripe_http(pair) as http:
+        for stream in streams:
+            out[stream] = [o["id"] for o in list_all(http, f"/v1/{stream}")]
+        if "invoices" in streams:
+            out["invoice_lines"] = [line["id"] for inv in out["invoices"]
+                                    for line in list_all(http, f"/v1/invoices/{inv}/lines")]
+    return out
+
+
+def ids(st: Staging, table: str, where: str = "true", params: list[Any] | None = None
+        ) -> list[str]:
+    return [r[0] for r in st.con.execute(f"SELECT id FROM {table} WHERE {where}",
+                                         params or []).fetchall()]
+
+
+def windows_of(st: Staging, stream: str) -> list[tuple[int, int, int, str]]:
+    return [(int(a), int(b), int(n), r) for a, b, n, r in st.con.execute(
+        "SELECT window_start, window_end, rows, run_id FROM ops.sync_windows WHERE stream = ? "
+        "ORDER BY window_start", [stream]).fetchall()]
+
+
+def backfill(ex: Extractor, streams: tuple[str, ...]) -> None:
+    for stream in streams:
+        assert ex.extract_stream(stream).mode == "backfill"
+
+
+def one(st: Staging, sql: str, params: list[Any]) -> tuple[Any, ...]:
+    rows = st.con.execute(sql, params).fetchall()
+    assert len(rows) == 1, rows
+    return tuple(rows[0])
+
+
+# -- 1. first run ----------------------------------------------------------------------------
+def test_given_fresh_database_when_every_stream_extracted_then_raw_and_staging_match_the_api(
+        pair: SandboxPair, st: Staging) -> None:
+    now = int(time.time())
+    ex = extractor(pair, st, "run-1", now, window_seconds=7 * DAY)
+
+    stats = {s: ex.extract_stream(s) for s in LISTED_STREAMS}
+    staged = stage_all(st, "run-1")
+
+    expected = expected_ids(pair, LISTED_STREAMS)
+    for stream, want in expected.items():
+        assert want, f"the business has no {stream}: the test would prove nothing"
+        assert len(set(want)) == len(want)
+        raw = ids(st, f"raw.{stream}")
+        assert len(raw) == len(set(raw)), f"duplicate ids in raw.{stream}"
+        assert sorted(raw) == sorted(want), stream
+        assert sorted(ids(st, f"staging.{stream}")) == sorted(want), stream
+        assert staged[stream] == len(want), stream
+    for stream in LISTED_STREAMS:
+        assert stats[stream].mode == "backfill"
+        assert stats[stream].listed == len(expected[stream])
+        windows = windows_of(st, stream)
+        assert windows and stats[stream].windows == len(windows), stream
+        # Half-open windows [a, b) on a grid: contiguous, no overlap, up to now, every row once.
+        assert all(w[0] < w[1] for w in windows)
+        assert all(w1[1] == w2[0] for w1, w2 in zip(windows, windows[1:], strict=False))
+        assert windows[-1][1] == now
+        assert sum(w[2] for w in windows) == len(expected[stream])
+        assert {w[3] for w in windows} == {"run-1"}
+        oldest = st.con.execute(f"SELECT min(epoch(created)) FROM raw.{stream}").fetchall()[0][0]
+        assert windows[0][0] <= oldest
+        state = st.sync_state(stream)
+        assert state == {"created_cursor": now, "events_cursor": now - OVERLAP,
+                         "backfill_done": True}, stream
+
+
+# -- 2. a second run with nothing new ---------------------------------------------------------
+def test_given_backfilled_streams_when_run_again_without_activity_then_only_bt_lookback_reread(
+        pair: SandboxPair, st: Staging) -> None:
+    # The clock is anchored just after the business ends, so that the balance-transaction
+    # lookback (a couple of days) covers real objects and is observable.
+    now1 = END + HOUR
+    backfill(extractor(pair, st, "run-1", now1), LISTED_STREAMS)
+    total_bts = st.count("raw.balance_transactions")
+
+    now2 = now1 + HOUR
+    ex2 = extractor(pair, st, "run-2", now2)
+    stats = {s: ex2.extract_stream(s) for s in LISTED_STREAMS}
+    events = ex2.extract_events()
+
+    for stream in EVENT_STREAMS:
+        assert stats[stream].mode == "incremental", stream
+        assert stats[stream].listed == 0, stream
+        assert ids(st, f"raw.{stream}", "run_id = 'run-2'") == [], stream
+    lookback = STREAMS["balance_transactions"].lookback_seconds
+    assert 0 < lookback <= 7 * DAY
+    with stripe_http(pair) as http:
+        recent = [o["id"] for o in list_all(http, "/v1/balance_transactions", **{
+            "created[gte]": now1 - lookback, "created[lt]": now2 + 1})]
+    assert 0 < len(recent) < total_bts
+    assert stats["balance_transactions"].listed == len(recent)
+    assert sorted(ids(st, "raw.balance_transactions", "run_id = 'run-2'")) == sorted(recent)
+    assert st.count("raw.balance_transactions") == total_bts  # upserted by id: no duplicates
+    assert events.events == 0 and not events.fallback
+    assert sum(events.changed.values()) == 0
+    for stream in LISTED_STREAMS:
+        state = st.sync_state(stream)
+        assert state is not None and state["created_cursor"] == now2, stream
+    for stream in EVENT_STREAMS:
+        assert st.sync_state(stream)["events_cursor"] == now2 - OVERLAP  # type: ignore[index]
+
+
+# -- 3. activity after the first run ---------------------------------------------------------
+def test_given_new_activity_when_events_extracted_then_changed_old_objects_are_refetched(
+        own_pair: SandboxPair, st: Staging) -> None:
+    streams = ("customers", "charges", "refunds", "invoices", "invoice_payments",
+               "balance_transactions")
+    backfill(extractor(own_pair, st, "run-1", int(time.time())), streams)
+    stage_all(st, "run-1", streams)
+    world = own_pair.world
+
+    old_charge, old_amount = one(
+        st, "SELECT id, amount FROM staging.charges WHERE status = 'succeeded' "
+        "AND amount_refunded = 0 ORDER BY created, id LIMIT 1", [])
+    part = old_amount // 2
+    customer = ids(st, "staging.customers", "sage_customer_id IS NULL ORDER BY id LIMIT 1")[0]
+    open_invoice = world.make_id("invoices", world.open_invoices()[0])
+    assert one(st, "SELECT status FROM staging.invoice_payments WHERE invoice = ?",
+               [open_invoice]) == ("open",)
+
+    new_charge = world.make_id("charges", world.create_charge(customer=1, amount=4321))
+    refund = world.make_id("refunds", world.refund_charge(
+        world.parse_id("charges", old_charge) or 0, part))  # type: ignore[arg-type]
+    world.update_object("customers", world.parse_id("customers", customer) or 0,
+                        {"metadata": {"sage_customer_id": "SNEW00001"}})
+    payer = world.make_id("charges", world.pay_invoice(world.parse_id("invoices", open_invoice)
+                                                       or 0))
+
+    ex2 = extractor(own_pair, st, "run-2", int(time.time()))
+    for stream in streams:
+        assert ex2.extract_stream(stream).mode == "incremental"
+    events = ex2.extract_events(streams=streams)
+    stage_all(st, "run-2", streams)
+
+    assert events.events >= 6 and not events.fallback
+    # Old objects changed by events are fetched again; objects this run listed are not.
+    assert events.changed["charges"] == 1
+    assert events.changed["customers"] == 1
+    assert events.changed["invoices"] == 1
+    assert events.changed["invoice_payments"] == 1
+    assert events.changed.get("refunds", 0) == 0
+    assert one(st, "SELECT source, run_id FROM raw.charges WHERE id = ?", [old_charge]) == (
+        "event", "run-2")
+    assert one(st, "SELECT amount_refunded, run_id FROM staging.charges WHERE id = ?",
+               [old_charge]) == (part, "run-2")
+    assert one(st, "SELECT charge, amount, run_id FROM staging.refunds WHERE id = ?",
+               [refund]) == (old_charge, part, "run-2")
+    assert one(st, "SELECT amount, run_id FROM staging.charges WHERE id = ?",
+               [new_charge]) == (4321, "run-2")
+    assert one(st, "SELECT sage_customer_id FROM staging.customers WHERE id = ?",
+               [customer]) == ("SNEW00001",)
+    assert one(st, "SELECT status, charge, run_id FROM staging.invoice_payments "
+               "WHERE invoice = ?", [open_invoice]) == ("paid", payer, "run-2")
+    assert one(st, "SELECT status FROM staging.invoices WHERE id = ?", [open_invoice]) == (
+        "paid",)
+    assert payer in ids(st, "staging.charges")
+    expected = expected_ids(own_pair, ("charges", "refunds"))
+    for stream in ("charges", "refunds"):
+        assert sorted(ids(st, f"raw.{stream}")) == sorted(expected[stream])
+
+
+# -- 4. deletions become tombstones ----------------------------------------------------------
+def test_given_deleted_customer_when_events_extracted_then_its_row_stays_flagged_deleted(
+        own_pair: SandboxPair, st: Staging) -> None:
+    backfill(extractor(own_pair, st, "run-1", int(time.time())), ("customers",))
+    st.stage("customers", "run-1")
+    before = st.count("staging.customers")
+    victim, name = one(st, "SELECT id, name FROM staging.customers ORDER BY id LIMIT 1", [])
+    assert one(st, "SELECT deleted FROM staging.customers WHERE id = ?", [victim]) == (False,)
+
+    own_pair.world.delete_customer(own_pair.world.parse_id("customers", victim) or 0)
+    ex2 = extractor(own_pair, st, "run-2", int(time.time()))
+    ex2.extract_stream("customers")
+    events = ex2.extract_events(streams=("customers",))
+    st.stage("customers", "run-2")
+
+    assert events.changed == {"customers": 1}
+    assert st.count("staging.customers") == before
+    assert one(st, "SELECT deleted, name, run_id FROM staging.customers WHERE id = ?",
+               [victim]) == (True, name, "run-2")
+    assert st.count("staging.customers WHERE deleted") == 1
+
+
+# -- 5. a crashed backfill resumes -----------------------------------------------------------
+def _probe_free_seed(probes: int, rate: float) -> int:
+    """A fault seed whose first ``probes`` draws pass (one draw per /v1 request), so the
+    backfill gets past its binary search and fails part-way through the windows."""
+    for seed in range(100_000):
+        rng = random.Random(seed)
+        if all(rng.random() >= rate for _ in range(probes)):
+            return seed
+    raise AssertionError("no seed found")
+
+
+def test_given_faults_mid_backfill_when_resumed_then_done_windows_are_not_read_again(
+        pair: SandboxPair, st: Staging, tmp_path: Path) -> None:
+    now = int(time.time())
+    later = now + 90  # the resumed run starts later
+    with Staging(tmp_path / "scratch.duckdb") as scratch:  # planning only: nothing written
+        probe_reader = reader_for(pair)
+        grid = extractor(pair, scratch, "probe", now, reader=probe_reader,
+                         window_seconds=7 * DAY).backfill_windows("charges", now - BACKFILL)
+        probes = probe_reader.stats["requests"]  # requests made before the first window
+        grid_later = extractor(pair, scratch, "probe", later,
+                               window_seconds=7 * DAY).backfill_windows("charges",
+                                                                        later - BACKFILL)
+    assert len(grid) > 10 and grid_later[:-1] == grid[:-1]
+    rate = 0.3
+    with stripe_http(pair) as http:
+        want = sorted(o["id"] for o in list_all(http, "/v1/charges"))
+        http.post("/_sandbox/faults", json={"rate_500": rate, "seed": _probe_free_seed(
+            probes, rate)}).raise_for_status()
+    crashing = extractor(pair, st, "run-1", now, reader=reader_for(pair, max_attempts=1),
+                         window_seconds=7 * DAY, workers=1)
+
+    with pytest.raises(RetryableError) as failure:
+        crashing.extract_stream("charges")
+
+    assert failure.value.http_status == 500
+    done_before = windows_of(st, "charges")
+    assert 0 < len(done_before) < len(grid)
+    assert {(a, b) for a, b, _, _ in done_before} < set(grid)
+    state = st.sync_state("charges")
+    assert state is not None and not state["backfill_done"] and state["created_cursor"] is None
+    read_before = set(ids(st, "raw.charges"))
+    assert sum(w[2] for w in done_before) == len(read_before) < len(want)
+
+    with stripe_http(pair) as http:
+        http.delete("/_sandbox/faults").raise_for_status()
+    resumed = extractor(pair, st, "run-2", later, window_seconds=7 * DAY)
+    stats = resumed.extract_stream("charges")
+
+    todo = [w for w in grid_later if w not in {(a, b) for a, b, _, _ in done_before}]
+    assert stats.mode == "backfill"
+    assert stats.windows == len(todo)
+    after = windows_of(st, "charges")
+    assert [w for w in after if w[3] == "run-1"] == done_before  # none of them read again
+    assert sorted((a, b) for a, b, _, r in after if r == "run-2") == todo
+    assert sorted(ids(st, "raw.charges")) == want  # complete, each id once
+    assert set(ids(st, "raw.charges", "run_id = 'run-1'")) == read_before
+    assert stats.listed == len(want) - len(read_before)
+    state = st.sync_state("charges")
+    assert state is not None and state["backfill_done"] and state["created_cursor"] == later
+
+
+# -- 6. rate limits --------------------------------------------------------------------------
+def test_given_small_endpoint_budget_when_client_limit_is_high_then_429s_are_retried(
+        pair: SandboxPair, tmp_path: Path) -> None:
+    with stripe_http(pair) as http:
+        want = sorted(o["id"] for o in list_all(http, "/v1/charges"))
+        http.post("/_sandbox/rate_limit", json={"rps": 5}).raise_for_status()
+    reader = StripeReader(pair.stripe_key, api_base=pair.stripe_url, max_rps=1_000.0,
+                          max_attempts=12, backoff_base=0.05, backoff_max=0.5)
+    now = int(time.time())
+    with Staging(tmp_path / "fast.duckdb") as st:
+        extractor(pair, st, "run-1", now, reader=reader, window_seconds=365 * DAY).extract_stream(
+            "charges", since=END - 40 * DAY)
+        got = sorted(ids(st, "raw.charges"))
+
+    assert reader.stats["rate_limited"] > 0
+    assert reader.stats["retries"] >= reader.stats["rate_limited"]
+    assert got == want
+
+
+def test_given_small_endpoint_budget_when_client_limit_is_below_it_then_no_429(
+        pair: SandboxPair, tmp_path: Path) -> None:
+    with stripe_http(pair) as http:
+        want = sorted(o["id"] for o in list_all(http, "/v1/charges"))
+        http.post("/_sandbox/rate_limit", json={"rps": 5}).raise_for_status()
+    reader = StripeReader(pair.stripe_key, api_base=pair.stripe_url, max_rps=4.0,
+                          max_attempts=1)
+    now = int(time.time())
+    with Staging(tmp_path / "polite.duckdb") as st:
+        extractor(pair, st, "run-1", now, reader=reader, window_seconds=365 * DAY).extract_stream(
+            "charges", since=END - 40 * DAY)
+        got = sorted(ids(st, "raw.charges"))
+
+    assert reader.stats["requests"] > 5  # more than the budget's burst: the limiter paced them
+    assert reader.stats["rate_limited"] == 0 and reader.stats["retries"] == 0
+    assert got == want
+
+
+# -- 7. errors are never an empty stream -----------------------------------------------------
+def test_given_wrong_api_key_when_backfilling_then_authentication_error_and_nothing_written(
+        pair: SandboxPair, st: Staging) -> None:
+    wrong = "sk_test_not_the_right_key_123"
+    ex = extractor(pair, st, "run-1", int(time.time()),
+                   reader=reader_for(pair, api_key=wrong))
+
+    with pytest.raises(AuthenticationError) as failure:
+        ex.extract_stream("charges")
+
+    assert failure.value.http_status == 401
+    assert wrong not in str(failure.value)
+    assert st.count("raw.charges") == 0
+    assert st.count("ops.sync_windows") == 0
+    state = st.sync_state("charges") or {}
+    assert state.get("created_cursor") is None and not state.get("backfill_done")
+
+
+def test_given_backfilled_stream_when_key_is_wrong_then_authentication_error_cursors_unchanged(
+        pair: SandboxPair, st: Staging) -> None:
+    backfill(extractor(pair, st, "run-1", int(time.time())), ("charges",))
+    state = st.sync_state("charges")
+    rows = st.count("raw.charges")
+    windows = windows_of(st, "charges")
+    ex2 = extractor(pair, st, "run-2", int(time.time()) + 60,
+                    reader=reader_for(pair, api_key="sk_test_revoked_key_456"))
+
+    with pytest.raises(AuthenticationError):
+        ex2.extract_stream("charges")
+    with pytest.raises(AuthenticationError):
+        ex2.extract_events(streams=("charges",))
+
+    assert st.sync_state("charges") == state
+    assert st.count("raw.charges") == rows
+    assert ids(st, "raw.charges", "run_id = 'run-2'") == []
+    assert windows_of(st, "charges") == windows
+
+
+def test_given_unknown_id_when_retrieved_then_not_found_error(pair: SandboxPair) -> None:
+    reader = reader_for(pair)
+    beyond = pair.world.make_id("charges", pair.world.count("charges") + 5)
+
+    for missing in ("ch_doesnotexist", beyond):
+        with pytest.raises(NotFoundError) as failure:
+            reader.retrieve("/v1/charges", missing)
+        assert failure.value.http_status == 404
+        assert failure.value.code == "resource_missing"
+    assert reader.stats["retries"] == 0
+
+
+# -- 8. an events cursor past Stripe's retention ---------------------------------------------
+def test_given_events_cursor_older_than_30_days_when_events_extracted_then_windowed_reread(
+        own_pair: SandboxPair, st: Staging) -> None:
+    streams = ("customers", "charges")
+    backfill(extractor(own_pair, st, "run-1", int(time.time())), streams)
+    for stream in streams:
+        st.set_sync_state(stream, events_cursor=int(time.time()) - 31 * DAY)
+    customer = ids(st, "raw.customers", "true ORDER BY id LIMIT 1")[0]
+    own_pair.world.update_object("customers", own_pair.world.parse_id("customers", customer) or 0,
+                             {"metadata": {"sage_customer_id": "SOLD00042"}})
+
+    now2 = int(time.time())
+    events = extractor(own_pair, st, "run-2", now2).extract_events(streams=streams)
+    stage_all(st, "run-2", streams)
+
+    assert events.fallback
+    assert any("30-day" in w for w in events.warnings), events.warnings
+    expected = expected_ids(own_pair, streams)
+    for stream in streams:
+        assert sorted(ids(st, f"raw.{stream}", "run_id = 'run-2'")) == sorted(expected[stream])
+        assert st.count(f"raw.{stream}") == len(expected[stream])
+        assert {w[3] for w in windows_of(st, stream)} == {"run-2"}
+        assert st.sync_state(stream)["events_cursor"] == now2 - OVERLAP  # type: ignore[index]
+    assert one(st, "SELECT sage_customer_id FROM staging.customers WHERE id = ?",
+               [customer]) == ("SOLD00042",)
+
+
+def test_given_events_cursor_within_retention_when_events_extracted_then_no_fallback(
+        pair: SandboxPair, st: Staging) -> None:
+    streams = ("customers",)
+    backfill(extractor(pair, st, "run-1", int(time.time())), streams)
+    st.set_sync_state("customers", events_cursor=int(time.time()) - 20 * DAY)
+
+    events = extractor(pair, st, "run-2", int(time.time())).extract_events(streams=streams)
+
+    assert not events.fallback and events.warnings == []
+    assert ids(st, "raw.customers", "run_id = 'run-2'") == []
