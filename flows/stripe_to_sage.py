@@ -51,16 +51,19 @@ def stripe_to_sage(
     run_id = str(prefect_id or uuid.uuid4())
     timings: dict[str, float] = {}
     counts: dict[str, Any] = {"timings": timings}
-    with RunContext.open(settings, run_id, backfill_days=backfill_days,
-                         window_days=window_days) as ctx:
+    with RunContext.open(
+        settings, run_id, backfill_days=backfill_days, window_days=window_days
+    ) as ctx:
         st = ctx.staging
         st.start_run(run_id, flow="stripe_to_sage", prefect_run_id=prefect_id, trigger=trigger)
         try:
             previous = previous_totals(st)
             t = time.perf_counter()
             since_ts = int(since.timestamp()) if since else None
-            futures = [extract_stream.submit(ctx.extractor, s, full_refresh or since is not None,
-                                             since_ts) for s in wanted]
+            futures = [
+                extract_stream.submit(ctx.extractor, s, full_refresh or since is not None, since_ts)
+                for s in wanted
+            ]
             counts["extract"] = {f.result()["stream"]: f.result() for f in futures}
             counts["events"] = extract_events(ctx.extractor, wanted)
             timings["extract"] = time.perf_counter() - t
@@ -97,11 +100,18 @@ def stripe_to_sage(
             status = _status(counts["load"])
             st.finish_run(run_id, status=status, counts=counts)
             create_table_artifact(
-                key="run-summary", description=f"stripe_to_sage run {run_id}: {status}",
-                table=[{"doc_type": d, **s} for d, s in counts["totals"].items()])
-            logger.info("run %s %s: posted %s, dead %s, deferred %s", run_id, status,
-                        counts["load"]["posted"], counts["load"]["dead"],
-                        counts["load"]["deferred"])
+                key="run-summary",
+                description=f"stripe_to_sage run {run_id}: {status}",
+                table=[{"doc_type": d, **s} for d, s in counts["totals"].items()],
+            )
+            logger.info(
+                "run %s %s: posted %s, dead %s, deferred %s",
+                run_id,
+                status,
+                counts["load"]["posted"],
+                counts["load"]["dead"],
+                counts["load"]["deferred"],
+            )
             counts["status"] = status
             counts["run_id"] = run_id
             return counts

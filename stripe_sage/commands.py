@@ -51,29 +51,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     data = Path(args.data_dir)
     if data.exists() and not args.keep:
-        for name in ("stripe_sage.duckdb", "stripe_sage.duckdb.wal", "sage_sandbox.sqlite3",
-                     "sage_sandbox.sqlite3-wal", "sage_sandbox.sqlite3-shm"):
+        for name in (
+            "stripe_sage.duckdb",
+            "stripe_sage.duckdb.wal",
+            "sage_sandbox.sqlite3",
+            "sage_sandbox.sqlite3-wal",
+            "sage_sandbox.sqlite3-shm",
+        ):
             (data / name).unlink(missing_ok=True)
         shutil.rmtree(data / "data_docs", ignore_errors=True)
     data.mkdir(parents=True, exist_ok=True)
     stripe_port = 12111 if _port_free(12111) else 0
     sage_port = 12112 if _port_free(12112) else 0
-    pair = SandboxPair(_business(args), sage_db=data / "sage_sandbox.sqlite3",
-                       stripe_port=stripe_port, sage_port=sage_port,
-                       stripe_rate_limit=args.rate_limit or None)
+    pair = SandboxPair(
+        _business(args),
+        sage_db=data / "sage_sandbox.sqlite3",
+        stripe_port=stripe_port,
+        sage_port=sage_port,
+        stripe_rate_limit=args.rate_limit or None,
+    )
     with pair:
-        os.environ.update({
-            "STRIPE_API_BASE": pair.stripe_url, "STRIPE_API_KEY": SANDBOX_STRIPE_KEY,
-            "SAGEPRO_BASE_URL": pair.sage_url, "SAGEPRO_API_KEY": SANDBOX_SAGE_KEY,
-            "STAGING_DB": str(data / "stripe_sage.duckdb"),
-        })
+        os.environ.update(
+            {
+                "STRIPE_API_BASE": pair.stripe_url,
+                "STRIPE_API_KEY": SANDBOX_STRIPE_KEY,
+                "SAGEPRO_BASE_URL": pair.sage_url,
+                "SAGEPRO_API_KEY": SANDBOX_SAGE_KEY,
+                "STAGING_DB": str(data / "stripe_sage.duckdb"),
+            }
+        )
         from flows.stripe_to_sage import stripe_to_sage
 
         w = pair.world
-        print(f"Stripe sandbox {pair.stripe_url}: {w.count('customers')} customers, "
-              f"{w.count('charges')} charges, {w.count('refunds')} refunds, "
-              f"{w.count('invoices')} invoices, {w.count('payouts')} payouts, "
-              f"{w.count('events')} events")
+        print(
+            f"Stripe sandbox {pair.stripe_url}: {w.count('customers')} customers, "
+            f"{w.count('charges')} charges, {w.count('refunds')} refunds, "
+            f"{w.count('invoices')} invoices, {w.count('payouts')} payouts, "
+            f"{w.count('events')} events"
+        )
         print(f"Sage Pro sandbox {pair.sage_url} (state in {data / 'sage_sandbox.sqlite3'})")
         first = stripe_to_sage(trigger="demo")
         _print_run("first run (backfill)", first)
@@ -86,16 +101,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if opened:
             w.pay_invoice(opened[0])
         third = stripe_to_sage(trigger="demo")
-        _print_run(f"third run (new charge {w.make_id('charges', new_charge)}, a late refund, "
-                   "an invoice paid late)", third)
+        _print_run(
+            f"third run (new charge {w.make_id('charges', new_charge)}, a late refund, "
+            "an invoice paid late)",
+            third,
+        )
     db = data / "stripe_sage.duckdb"
     print(f"""
 Where to look
   staging DB   {db}   (e.g. .venv/bin/python -c "import duckdb; print(duckdb.connect('{db}',
-               read_only=True).sql('select doc_type, status, count(*) from sage.outbox group by all'))")
+               read_only=True).sql('select doc_type, status, count(*) from sage.outbox
+               group by all'))")
   dead letters ops.dead_letters (reason, Sage error code and field)
-  run history  ops.runs; quality report {first.get('data_docs') or '-'}
-  Prefect UI   PREFECT_HOME={os.environ['PREFECT_HOME']} .venv/bin/prefect server start
+  run history  ops.runs; quality report {first.get("data_docs") or "-"}
+  Prefect UI   PREFECT_HOME={os.environ["PREFECT_HOME"]} .venv/bin/prefect server start
                then open http://127.0.0.1:4200""")
     return 0
 
@@ -113,8 +132,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     prefect_defaults()
     from flows.stripe_to_sage import stripe_to_sage
 
-    result = stripe_to_sage(streams=args.streams, full_refresh=args.full_refresh,
-                            dry_run=args.dry_run, trigger="cli")
+    result = stripe_to_sage(
+        streams=args.streams, full_refresh=args.full_refresh, dry_run=args.dry_run, trigger="cli"
+    )
     _print_run("sync", result)
     return 0 if result.get("status") in ("completed", "dry_run") else 1
 
@@ -122,20 +142,30 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     from stripe_sage.cli import _business_args
 
-    p = sub.add_parser("demo", help="the main job end to end on embedded defaults",
-                       description="Start both sandboxes on loopback, run the main flow on a "
-                       "generated business (local DuckDB, local Prefect), run it again to show "
-                       "that nothing is posted twice, add activity, run once more.")
+    p = sub.add_parser(
+        "demo",
+        help="the main job end to end on embedded defaults",
+        description="Start both sandboxes on loopback, run the main flow on a "
+        "generated business (local DuckDB, local Prefect), run it again to show "
+        "that nothing is posted twice, add activity, run once more.",
+    )
     _business_args(p, charges=500)
     p.add_argument("--data-dir", default=str(DEMO_DIR))
     p.add_argument("--keep", action="store_true", help="keep the previous demo's state")
-    p.add_argument("--rate-limit", type=float, default=0.0,
-                   help="Stripe sandbox requests/s per endpoint (0 = unlimited)")
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0.0,
+        help="Stripe sandbox requests/s per endpoint (0 = unlimited)",
+    )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("sync", help="run the main flow once against the configured systems",
-                       description="Run stripe_to_sage once with settings from the "
-                       "environment / .env (see the README's configuration table).")
+    p = sub.add_parser(
+        "sync",
+        help="run the main flow once against the configured systems",
+        description="Run stripe_to_sage once with settings from the "
+        "environment / .env (see the README's configuration table).",
+    )
     p.add_argument("--streams", nargs="*", help="only these streams")
     p.add_argument("--full-refresh", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="plan documents, post nothing")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -65,9 +66,18 @@ def windows(start: int, end: int, size: int) -> list[tuple[int, int]]:
 class Extractor:
     """Extracts streams into one staging database. Thread-safe: each call uses its own cursor."""
 
-    def __init__(self, reader: StripeReader, staging: Staging, *, run_id: str, now: int,
-                 backfill_start: int, window_seconds: int = 7 * DAY, workers: int = 4,
-                 lock: threading.Lock | None = None) -> None:
+    def __init__(
+        self,
+        reader: StripeReader,
+        staging: Staging,
+        *,
+        run_id: str,
+        now: int,
+        backfill_start: int,
+        window_seconds: int = 7 * DAY,
+        workers: int = 4,
+        lock: threading.Lock | None = None,
+    ) -> None:
         self.reader = reader
         self.staging = staging
         self.run_id = run_id
@@ -80,19 +90,30 @@ class Extractor:
         self.write_lock = lock or threading.Lock()
 
     # -- writing ---------------------------------------------------------------------------
-    def _write(self, stream: str, objects: list[JSON], source: str,
-               window: tuple[int, int] | None = None) -> int:
+    def _write(
+        self, stream: str, objects: list[JSON], source: str, window: tuple[int, int] | None = None
+    ) -> int:
         with self.write_lock:
             st = self.staging
             st.con.execute("BEGIN").fetchall()
             try:
-                n = st.upsert_raw(stream, objects, source=source, run_id=self.run_id,
-                                  api_version=self.reader.api_version)
+                n = st.upsert_raw(
+                    stream,
+                    objects,
+                    source=source,
+                    run_id=self.run_id,
+                    api_version=self.reader.api_version,
+                )
                 if stream == "invoices":
                     n_lines = self._embedded_lines(objects)
                     if n_lines:
-                        st.upsert_raw("invoice_lines", n_lines, source=source,
-                                      run_id=self.run_id, api_version=self.reader.api_version)
+                        st.upsert_raw(
+                            "invoice_lines",
+                            n_lines,
+                            source=source,
+                            run_id=self.run_id,
+                            api_version=self.reader.api_version,
+                        )
                 if window is not None:
                     st.mark_window(stream, window[0], window[1], n, self.run_id)
                 st.con.execute("COMMIT").fetchall()
@@ -112,8 +133,14 @@ class Extractor:
                 for page in self.reader.list_pages(f"/v1/invoices/{inv['id']}/lines"):
                     lines.extend(page)
             for position, line in enumerate(lines):
-                out.append({**line, "invoice": line.get("invoice") or inv["id"],
-                            "_position": position, "created": inv.get("created")})
+                out.append(
+                    {
+                        **line,
+                        "invoice": line.get("invoice") or inv["id"],
+                        "_position": position,
+                        "created": inv.get("created"),
+                    }
+                )
         return out
 
     # -- listed streams --------------------------------------------------------------------
@@ -128,8 +155,9 @@ class Extractor:
             objects.extend(page)
         return objects
 
-    def extract_stream(self, stream: str, *, full_refresh: bool = False,
-                       since: int | None = None) -> ExtractStats:
+    def extract_stream(
+        self, stream: str, *, full_refresh: bool = False, since: int | None = None
+    ) -> ExtractStats:
         """List one stream: its backfill windows on the first run, else what is new."""
         s = STREAMS[stream]
         stats = ExtractStats(stream)
@@ -165,8 +193,9 @@ class Extractor:
         return stats
 
     def _exists(self, stream: str, start: int, before: int) -> bool:
-        page = self.reader.request("get", STREAMS[stream].path,
-                                   {"created": {"gte": start, "lt": before}, "limit": 1})
+        page = self.reader.request(
+            "get", STREAMS[stream].path, {"created": {"gte": start, "lt": before}, "limit": 1}
+        )
         return bool(page.get("data"))
 
     def backfill_windows(self, stream: str, start: int) -> list[tuple[int, int]]:
@@ -183,22 +212,27 @@ class Extractor:
                 lo = mid
         first = max(start, lo * DAY)
         size = self.window_seconds
-        grid = [first] + list(range((first // size + 1) * size, self.now, size)) + [self.now]
-        return list(zip(grid[:-1], grid[1:], strict=True))
+        grid = [first, *range((first // size + 1) * size, self.now, size), self.now]
+        return list(itertools.pairwise(grid))
 
     # -- events ----------------------------------------------------------------------------
     def extract_events(self, *, streams: Iterable[str] = LISTED_STREAMS) -> EventStats:
         """Re-fetch every object an event says changed since the events cursor."""
         wanted = {s for s in streams if STREAMS[s].mode == "events"}
         stats = EventStats()
-        cursors = [st["events_cursor"] for s in wanted
-                   if (st := self.staging.sync_state(s)) and st.get("events_cursor") is not None]
+        cursors = [
+            st["events_cursor"]
+            for s in wanted
+            if (st := self.staging.sync_state(s)) and st.get("events_cursor") is not None
+        ]
         if not cursors:
             return stats
         since = min(cursors)
         if self.now - since > EVENT_RETENTION - DAY:
-            msg = (f"events cursor is {(self.now - since) / DAY:.1f} days old, beyond Stripe's "
-                   "30-day event retention: re-reading every mutable stream by windows")
+            msg = (
+                f"events cursor is {(self.now - since) / DAY:.1f} days old, beyond Stripe's "
+                "30-day event retention: re-reading every mutable stream by windows"
+            )
             log.warning(msg)
             stats.fallback = True
             stats.warnings.append(msg)
@@ -211,14 +245,17 @@ class Extractor:
             for event in page:
                 stats.events += 1
                 obj = event.get("data", {}).get("object", {})
-                stream = OBJECT_TO_STREAM.get(obj.get("object", ""))
+                stream = OBJECT_TO_STREAM.get(obj.get("object", ""), "")
                 if stream in wanted and obj.get("id"):
                     changed.setdefault(stream, {})[obj["id"]] = event["type"]
                 if obj.get("object") == "invoice" and event["type"] in (
-                        "invoice.paid", "invoice.payment_succeeded"):
+                    "invoice.paid",
+                    "invoice.payment_succeeded",
+                ):
                     # invoice_payment objects have no events of their own.
-                    changed.setdefault("invoice_payments", {})["invoice:" + obj["id"]] = \
-                        event["type"]
+                    changed.setdefault("invoice_payments", {})["invoice:" + obj["id"]] = event[
+                        "type"
+                    ]
         fresh = self._fresh_ids(changed)
         for stream, ids in changed.items():
             todo = [i for i in ids if i not in fresh.get(stream, set())]
@@ -235,7 +272,9 @@ class Extractor:
         for stream, ids in changed.items():
             rows = self.staging.con.execute(
                 f"SELECT id FROM raw.{stream} WHERE run_id = ? AND source = 'list' "
-                "AND id IN (SELECT unnest(?::VARCHAR[]))", [self.run_id, list(ids)]).fetchall()
+                "AND id IN (SELECT unnest(?::VARCHAR[]))",
+                [self.run_id, list(ids)],
+            ).fetchall()
             out[stream] = {r[0] for r in rows}
         return out
 

@@ -41,9 +41,14 @@ from stripe_sage.transform import sage_customer_id
 
 log = logging.getLogger(__name__)
 
-KEY_FIELD = {"customers": "customer_id", "salesorders": "order_no", "invoices": "invoice_no",
-             "cashreceipts": "receipt_no", "creditmemos": "memo_no",
-             "journalentries": "entry_no"}
+KEY_FIELD = {
+    "customers": "customer_id",
+    "salesorders": "order_no",
+    "invoices": "invoice_no",
+    "cashreceipts": "receipt_no",
+    "creditmemos": "memo_no",
+    "journalentries": "entry_no",
+}
 XREF_TYPE = {"customer_link": "customer"}
 PLANNING_ERROR = "planning"
 MAX_ID_SALT = 5
@@ -59,9 +64,14 @@ class LoadStats:
     revived: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"enqueued": dict(self.enqueued), "posted": dict(self.posted),
-                "dead": dict(self.dead), "deferred": dict(self.deferred),
-                "waiting": dict(self.waiting), "revived": self.revived}
+        return {
+            "enqueued": dict(self.enqueued),
+            "posted": dict(self.posted),
+            "dead": dict(self.dead),
+            "deferred": dict(self.deferred),
+            "waiting": dict(self.waiting),
+            "revived": self.revived,
+        }
 
 
 @dataclass
@@ -86,9 +96,16 @@ def resolve_placeholders(value: Any, xref: dict[str, str]) -> Any:
 
 
 class Loader:
-    def __init__(self, staging: Staging, client: SageProClient, *, run_id: str,
-                 concurrency: int = 4, batch_size: int = 200,
-                 on_progress: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        staging: Staging,
+        client: SageProClient,
+        *,
+        run_id: str,
+        concurrency: int = 4,
+        batch_size: int = 200,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.st = staging
         self.client = client
         self.run_id = run_id
@@ -111,44 +128,80 @@ class Loader:
         existing = self.st.frame(
             "SELECT doc_key, status, attempts, last_error, error_kind FROM ("
             "SELECT o.doc_key, o.status, o.attempts, o.last_error, d.error_code AS error_kind "
-            "FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key))")
+            "FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key))"
+        )
         fresh = docs.join(existing.select("doc_key"), on="doc_key", how="anti")
         revive = docs.filter(pl.col("error").is_null()).join(
-            existing.filter((pl.col("status") == "dead")
-                            & (pl.col("error_kind") == PLANNING_ERROR)).select("doc_key"),
-            on="doc_key", how="semi")
-        rows = pl.concat([fresh, revive]).with_columns(
-            pl.when(pl.col("error").is_null()).then(pl.lit("pending")).otherwise(
-                pl.lit("dead")).alias("status"),
-            pl.lit(None, pl.String).alias("sage_id"),
-            pl.lit(0, pl.Int32).alias("attempts"),
-            pl.col("error").alias("last_error"),
-            pl.lit(now).alias("created_at"), pl.lit(now).alias("updated_at"),
-            pl.lit(None, pl.Datetime("us", "UTC")).alias("posted_at"),
-            pl.lit(self.run_id).alias("run_id"),
-        ).select("doc_key", "doc_type", "collection", "stripe_id", "phase", "depends_on",
-                 "payload", "status", "sage_id", "attempts", "last_error", "created_at",
-                 "updated_at", "posted_at", "run_id")
+            existing.filter(
+                (pl.col("status") == "dead") & (pl.col("error_kind") == PLANNING_ERROR)
+            ).select("doc_key"),
+            on="doc_key",
+            how="semi",
+        )
+        rows = (
+            pl.concat([fresh, revive])
+            .with_columns(
+                pl.when(pl.col("error").is_null())
+                .then(pl.lit("pending"))
+                .otherwise(pl.lit("dead"))
+                .alias("status"),
+                pl.lit(None, pl.String).alias("sage_id"),
+                pl.lit(0, pl.Int32).alias("attempts"),
+                pl.col("error").alias("last_error"),
+                pl.lit(now).alias("created_at"),
+                pl.lit(now).alias("updated_at"),
+                pl.lit(None, pl.Datetime("us", "UTC")).alias("posted_at"),
+                pl.lit(self.run_id).alias("run_id"),
+            )
+            .select(
+                "doc_key",
+                "doc_type",
+                "collection",
+                "stripe_id",
+                "phase",
+                "depends_on",
+                "payload",
+                "status",
+                "sage_id",
+                "attempts",
+                "last_error",
+                "created_at",
+                "updated_at",
+                "posted_at",
+                "run_id",
+            )
+        )
         if rows.is_empty():
             return 0
         with self.st.transaction() as con:
             con.register("_new_docs", rows.to_arrow())
-            con.execute("INSERT OR REPLACE INTO sage.outbox SELECT doc_key, doc_type, "
-                        "collection, stripe_id, phase, depends_on, CAST(payload AS JSON), "
-                        "status, sage_id, attempts, last_error, created_at, updated_at, "
-                        "posted_at, run_id FROM _new_docs").fetchall()
+            con.execute(
+                "INSERT OR REPLACE INTO sage.outbox SELECT doc_key, doc_type, "
+                "collection, stripe_id, phase, depends_on, CAST(payload AS JSON), "
+                "status, sage_id, attempts, last_error, created_at, updated_at, "
+                "posted_at, run_id FROM _new_docs"
+            ).fetchall()
             con.unregister("_new_docs")
             if revive.height:
-                con.execute("UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
-                            "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
-                            [now, revive["doc_key"].to_list()]).fetchall()
-        for doc_type, n in rows.filter(pl.col("status") == "pending").group_by(
-                "doc_type").len().iter_rows():
+                con.execute(
+                    "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
+                    "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                    [now, revive["doc_key"].to_list()],
+                ).fetchall()
+        for doc_type, n in (
+            rows.filter(pl.col("status") == "pending").group_by("doc_type").len().iter_rows()
+        ):
             self.stats.enqueued[doc_type] += n
         self.stats.revived += revive.height
         for row in rows.filter(pl.col("status") == "dead").iter_rows(named=True):
-            self._dead_letter(row["doc_key"], row["doc_type"], row["stripe_id"],
-                              row["last_error"], payload=row["payload"], code=PLANNING_ERROR)
+            self._dead_letter(
+                row["doc_key"],
+                row["doc_type"],
+                row["stripe_id"],
+                row["last_error"],
+                payload=row["payload"],
+                code=PLANNING_ERROR,
+            )
             self.stats.dead[row["doc_type"]] += 1
         return rows.height
 
@@ -161,34 +214,45 @@ class Loader:
         """Why each dependency cannot be posted: dead-lettered, or its record quarantined."""
         rows = self.st.con.execute(
             "SELECT doc_type, stripe_id, doc_key, coalesce(last_error, 'dead-lettered') "
-            "FROM sage.outbox WHERE status = 'dead'").fetchall()
+            "FROM sage.outbox WHERE status = 'dead'"
+        ).fetchall()
         out: dict[str, str] = {}
         for doc_type, stripe_id, key, reason in rows:
             out[key] = f"{key} is dead-lettered ({reason})"
             # Dependents name a linked customer as "customer:<id>".
             out[f"{XREF_TYPE.get(doc_type, doc_type)}:{stripe_id}"] = out[key]
         for stream, object_id, check, reason in self.st.con.execute(
-                "SELECT stream, id, \"check\", reason FROM staging.quarantine").fetchall():
+            'SELECT stream, id, "check", reason FROM staging.quarantine'
+        ).fetchall():
             if stream == "customers":
-                out.setdefault(f"customer:{object_id}",
-                               f"customer:{object_id} is quarantined ({check}: {reason})")
+                out.setdefault(
+                    f"customer:{object_id}",
+                    f"customer:{object_id} is quarantined ({check}: {reason})",
+                )
         return out
 
     def pending_count(self) -> int:
-        return int(self.st.con.execute(
-            "SELECT count(*) FROM sage.outbox WHERE status = 'pending'").fetchall()[0][0])
+        return int(
+            self.st.con.execute(
+                "SELECT count(*) FROM sage.outbox WHERE status = 'pending'"
+            ).fetchall()[0][0]
+        )
 
     def run(self) -> LoadStats:
         total = self.pending_count()
         done = 0
-        phases = [r[0] for r in self.st.con.execute(
-            "SELECT DISTINCT phase FROM sage.outbox WHERE status = 'pending' ORDER BY phase"
-        ).fetchall()]
+        phases = [
+            r[0]
+            for r in self.st.con.execute(
+                "SELECT DISTINCT phase FROM sage.outbox WHERE status = 'pending' ORDER BY phase"
+            ).fetchall()
+        ]
         for phase in phases:
             rows = self.st.con.execute(
                 "SELECT doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts "
                 "FROM sage.outbox WHERE status = 'pending' AND phase = ? ORDER BY doc_key",
-                [phase]).fetchall()
+                [phase],
+            ).fetchall()
             xref, dead = self._xref(), self._dead()
             ready: list[tuple[Any, ...]] = []
             for row in rows:
@@ -204,7 +268,7 @@ class Loader:
                     continue
                 ready.append(row)
             for i in range(0, len(ready), self.batch_size):
-                batch = ready[i:i + self.batch_size]
+                batch = ready[i : i + self.batch_size]
                 self._post_batch(batch, xref)
                 done += len(batch)
                 if self.on_progress:
@@ -214,30 +278,50 @@ class Loader:
     def _post_batch(self, batch: list[tuple[Any, ...]], xref: dict[str, str]) -> None:
         keys = [r[0] for r in batch]
         # Committed before any POST: after a crash these documents are looked up first.
-        self.st._exec("UPDATE sage.outbox SET attempts = attempts + 1, updated_at = ? "
-                      "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))", [now_utc(), keys])
+        self.st._exec(
+            "UPDATE sage.outbox SET attempts = attempts + 1, updated_at = ? "
+            "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+            [now_utc(), keys],
+        )
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sage") as pool:
             outcomes = list(pool.map(lambda r: self._post_one(r, xref), batch))
-        auth = next((o.error for o in outcomes if isinstance(o.error, AuthenticationError)),
-                    None)
+        auth = next((o.error for o in outcomes if isinstance(o.error, AuthenticationError)), None)
         by_key = {r[0]: r for r in batch}
         posted = [o for o in outcomes if o.status == "posted"]
-        self._mark_posted_many([(o.doc_key, by_key[o.doc_key][1], by_key[o.doc_key][2],
-                                 by_key[o.doc_key][3], o.sage_id or "", o.matched_by)
-                                for o in posted])
+        self._mark_posted_many(
+            [
+                (
+                    o.doc_key,
+                    by_key[o.doc_key][1],
+                    by_key[o.doc_key][2],
+                    by_key[o.doc_key][3],
+                    o.sage_id or "",
+                    o.matched_by,
+                )
+                for o in posted
+            ]
+        )
         for o in outcomes:
-            _, doc_type, collection, stripe_id, payload, _, _ = by_key[o.doc_key]
+            _, doc_type, _, stripe_id, payload, _, _ = by_key[o.doc_key]
             if o.status == "posted":
                 self.stats.posted[doc_type] += 1
             elif o.status == "dead":
                 err = o.error
-                self._mark_dead(o.doc_key, doc_type, stripe_id, o.reason or str(err),
-                                code=err.code if err else None,
-                                http_status=err.http_status if err else None,
-                                field=err.field if err else None, payload=payload)
+                self._mark_dead(
+                    o.doc_key,
+                    doc_type,
+                    stripe_id,
+                    o.reason or str(err),
+                    code=err.code if err else None,
+                    http_status=err.http_status if err else None,
+                    field=err.field if err else None,
+                    payload=payload,
+                )
             else:
-                self.st._exec("UPDATE sage.outbox SET last_error = ?, updated_at = ? "
-                              "WHERE doc_key = ?", [o.reason, now_utc(), o.doc_key])
+                self.st._exec(
+                    "UPDATE sage.outbox SET last_error = ?, updated_at = ? WHERE doc_key = ?",
+                    [o.reason, now_utc(), o.doc_key],
+                )
                 self.stats.deferred[doc_type] += 1
         if auth is not None:
             raise auth
@@ -245,8 +329,9 @@ class Loader:
     def _post_one(self, row: tuple[Any, ...], xref: dict[str, str]) -> Outcome:
         doc_key, doc_type, collection, stripe_id, payload, _, attempts = row
         try:
-            body = resolve_placeholders(json.loads(payload) if isinstance(payload, str)
-                                        else payload, xref)
+            body = resolve_placeholders(
+                json.loads(payload) if isinstance(payload, str) else payload, xref
+            )
             if doc_type == "customer_link":
                 self.client.get_customer(body["customer_id"])
                 return Outcome(doc_key, "posted", body["customer_id"], matched_by="metadata")
@@ -260,9 +345,15 @@ class Loader:
             return Outcome(doc_key, "pending", error=exc, reason=str(exc))
         except NotFoundError as exc:
             if doc_type == "customer_link":
-                return Outcome(doc_key, "dead", error=exc, reason=(
-                    f"Stripe metadata.sage_customer_id names Sage customer "
-                    f"{body['customer_id']}, which does not exist in Sage"))
+                return Outcome(
+                    doc_key,
+                    "dead",
+                    error=exc,
+                    reason=(
+                        f"Stripe metadata.sage_customer_id names Sage customer "
+                        f"{body['customer_id']}, which does not exist in Sage"
+                    ),
+                )
             return Outcome(doc_key, "dead", error=exc, reason=str(exc))
         except ValidationError as exc:
             return Outcome(doc_key, "dead", error=exc, reason=_reason(exc, doc_key))
@@ -281,11 +372,16 @@ class Loader:
             except ValidationError as exc:
                 if exc.field != "customer_id":
                     raise
-                log.warning("Sage customer id %s is taken by another customer; trying another",
-                            body["customer_id"])
-        raise ValidationError(f"no free Sage customer id for {stripe_id} after "
-                              f"{MAX_ID_SALT} candidates", code="validation_error",
-                              field="customer_id", system="sagepro")
+                log.warning(
+                    "Sage customer id %s is taken by another customer; trying another",
+                    body["customer_id"],
+                )
+        raise ValidationError(
+            f"no free Sage customer id for {stripe_id} after {MAX_ID_SALT} candidates",
+            code="validation_error",
+            field="customer_id",
+            system="sagepro",
+        )
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _mark_posted_many(self, rows: list[tuple[str, str, str, str, str, str]]) -> None:
@@ -294,34 +390,70 @@ class Loader:
             return
         now = now_utc()
         frame = pl.DataFrame(
-            rows, schema=["doc_key", "doc_type", "collection", "stripe_id", "sage_id",
-                          "matched_by"], orient="row"
+            rows,
+            schema=["doc_key", "doc_type", "collection", "stripe_id", "sage_id", "matched_by"],
+            orient="row",
         ).with_columns(pl.col("doc_type").replace(XREF_TYPE).alias("xref_type"))
         with self.st.transaction() as con:
             con.register("_posted", frame.to_arrow())
-            con.execute("UPDATE sage.outbox o SET status = 'posted', sage_id = p.sage_id, "
-                        "posted_at = ?, updated_at = ?, last_error = NULL FROM _posted p "
-                        "WHERE o.doc_key = p.doc_key", [now, now]).fetchall()
-            con.execute("INSERT OR REPLACE INTO sage.xref SELECT stripe_id, xref_type, "
-                        "collection, sage_id, matched_by, ?, ? FROM _posted",
-                        [now, self.run_id]).fetchall()
+            con.execute(
+                "UPDATE sage.outbox o SET status = 'posted', sage_id = p.sage_id, "
+                "posted_at = ?, updated_at = ?, last_error = NULL FROM _posted p "
+                "WHERE o.doc_key = p.doc_key",
+                [now, now],
+            ).fetchall()
+            con.execute(
+                "INSERT OR REPLACE INTO sage.xref SELECT stripe_id, xref_type, "
+                "collection, sage_id, matched_by, ?, ? FROM _posted",
+                [now, self.run_id],
+            ).fetchall()
             con.unregister("_posted")
 
-    def _mark_dead(self, doc_key: str, doc_type: str, stripe_id: str, reason: str, *,
-                   code: str | None = None, http_status: int | None = None,
-                   field: str | None = None, payload: Any = None) -> None:
-        self.st._exec("UPDATE sage.outbox SET status = 'dead', last_error = ?, updated_at = ? "
-                      "WHERE doc_key = ?", [reason, now_utc(), doc_key])
-        self._dead_letter(doc_key, doc_type, stripe_id, reason, code=code,
-                          http_status=http_status, field=field, payload=payload)
+    def _mark_dead(
+        self,
+        doc_key: str,
+        doc_type: str,
+        stripe_id: str,
+        reason: str,
+        *,
+        code: str | None = None,
+        http_status: int | None = None,
+        field: str | None = None,
+        payload: Any = None,
+    ) -> None:
+        self.st._exec(
+            "UPDATE sage.outbox SET status = 'dead', last_error = ?, updated_at = ? "
+            "WHERE doc_key = ?",
+            [reason, now_utc(), doc_key],
+        )
+        self._dead_letter(
+            doc_key,
+            doc_type,
+            stripe_id,
+            reason,
+            code=code,
+            http_status=http_status,
+            field=field,
+            payload=payload,
+        )
         self.stats.dead[doc_type] += 1
 
-    def _dead_letter(self, doc_key: str, doc_type: str, stripe_id: str, reason: str, *,
-                     code: str | None = None, http_status: int | None = None,
-                     field: str | None = None, payload: Any = None) -> None:
+    def _dead_letter(
+        self,
+        doc_key: str,
+        doc_type: str,
+        stripe_id: str,
+        reason: str,
+        *,
+        code: str | None = None,
+        http_status: int | None = None,
+        field: str | None = None,
+        payload: Any = None,
+    ) -> None:
         now = now_utc()
         body = payload if isinstance(payload, str) or payload is None else json.dumps(payload)
-        self.st._exec("""
+        self.st._exec(
+            """
             INSERT INTO ops.dead_letters (doc_key, doc_type, stripe_id, reason, http_status,
                 error_code, error_field, payload, first_seen, last_seen, occurrences, replayed,
                 replayed_at, run_id)
@@ -331,8 +463,20 @@ class Loader:
                 error_field = excluded.error_field, payload = excluded.payload,
                 last_seen = excluded.last_seen, occurrences = ops.dead_letters.occurrences + 1,
                 replayed = false, run_id = excluded.run_id""",
-            [doc_key, doc_type, stripe_id, reason, http_status, code, field, body, now, now,
-             self.run_id])
+            [
+                doc_key,
+                doc_type,
+                stripe_id,
+                reason,
+                http_status,
+                code,
+                field,
+                body,
+                now,
+                now,
+                self.run_id,
+            ],
+        )
 
 
 def _reason(exc: StripeSageError, doc_key: str) -> str:

@@ -146,8 +146,7 @@ def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
                     line = k.start_mark.line + 1
                     break
             node = nxt
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(
-                node.value):
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
             line = node.start_mark.line + 1
         else:
@@ -185,13 +184,18 @@ def load_mapping(path: Path | None = None, *, text: str | None = None) -> Mappin
         known = {c.name for c in STREAMS[stream].columns} | DERIVED_COLUMNS[stream]
         for field_name, rule in rules.items():
             for col in sorted(rule.columns() - known):
-                key = ("from" if rule.from_ == col else
-                       "template" if rule.template and "{" + col + "}" in rule.template
-                       else "when")
+                key = (
+                    "from"
+                    if rule.from_ == col
+                    else "template"
+                    if rule.template and "{" + col + "}" in rule.template
+                    else "when"
+                )
                 line = _line_of(node, (group, sub, field_name, key))
                 problems.append(
                     f"{name}, line {line}: {group}.{sub}.{field_name}: unknown field {col!r} "
-                    f"(the {stream} stream has: {', '.join(sorted(known))})")
+                    f"(the {stream} stream has: {', '.join(sorted(known))})"
+                )
     if problems:
         raise ConfigurationError("invalid mapping:\n  " + "\n  ".join(problems))
     return mapping

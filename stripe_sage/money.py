@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-ZERO_DECIMAL = frozenset(
-    "BIF CLP DJF GNF JPY KMF KRW MGA PYG RWF UGX VND VUV XAF XOF XPF".split()
-)
+ZERO_DECIMAL = frozenset("BIF CLP DJF GNF JPY KMF KRW MGA PYG RWF UGX VND VUV XAF XOF XPF".split())
 THREE_DECIMAL = frozenset("BHD JOD KWD OMR TND".split())
 # Every other ISO 4217 currency Stripe settles or presents in is two-decimal. The set is
 # explicit so that an unknown code is a data-quality failure, not a guess.

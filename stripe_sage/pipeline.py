@@ -26,8 +26,12 @@ from stripe_sage.transform import (
 )
 
 # Reference checks: which staged ids a stream's rows must point at.
-REFERENCES = {"refunds": ("charges",), "invoice_lines": ("invoices",),
-              "invoice_payments": ("invoices",), "disputes": ("charges",)}
+REFERENCES = {
+    "refunds": ("charges",),
+    "invoice_lines": ("invoices",),
+    "invoice_payments": ("invoices",),
+    "disputes": ("charges",),
+}
 
 
 @dataclass
@@ -43,9 +47,14 @@ def stage_all(st: Staging, run_id: str, streams: tuple[str, ...] = STREAM_ORDER)
     return {s: st.stage(s, run_id) for s in streams}
 
 
-def validate_all(st: Staging, run_id: str, *, now: dt.datetime,
-                 docs_dir: Path | None = None,
-                 previous_rows: dict[str, int] | None = None) -> QualityOutcome:
+def validate_all(
+    st: Staging,
+    run_id: str,
+    *,
+    now: dt.datetime,
+    docs_dir: Path | None = None,
+    previous_rows: dict[str, int] | None = None,
+) -> QualityOutcome:
     """Validate what this run staged; failing rows go to ``staging.quarantine``."""
     from quality.runner import build_data_docs, check_wholesale, render_markdown, validate_stream
 
@@ -55,8 +64,10 @@ def validate_all(st: Staging, run_id: str, *, now: dt.datetime,
         df = st.changed(stream, run_id)
         if df.is_empty():
             continue
-        known = {ref: st.frame(f"SELECT id FROM staging.{ref}")["id"]
-                 for ref in REFERENCES.get(stream, ())}
+        known = {
+            ref: st.frame(f"SELECT id FROM staging.{ref}")["id"]
+            for ref in REFERENCES.get(stream, ())
+        }
         v = validate_stream(stream, df, known_ids=known, now=now, run_id=run_id)
         check_wholesale(v, previous_rows=(previous_rows or {}).get(stream))
         st.replace_quarantine(stream, df["id"].to_list(), v.quarantine)
@@ -73,16 +84,19 @@ def validate_all(st: Staging, run_id: str, *, now: dt.datetime,
 
 def _clean(st: Staging, stream: str) -> pl.DataFrame:
     """Staged rows of a stream, without the quarantined ones (never loaded)."""
-    return st.frame(f"SELECT * FROM staging.{stream} s WHERE NOT EXISTS ("
-                    "SELECT 1 FROM staging.quarantine q WHERE q.stream = ? AND q.id = s.id)",
-                    [stream])
+    return st.frame(
+        f"SELECT * FROM staging.{stream} s WHERE NOT EXISTS ("
+        "SELECT 1 FROM staging.quarantine q WHERE q.stream = ? AND q.id = s.id)",
+        [stream],
+    )
 
 
 def _settled_keys(st: Staging) -> pl.DataFrame:
     """Doc keys that need no planning again: pending, posted, or dead for a Sage reason."""
     return st.frame(
         "SELECT o.doc_key FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key) "
-        "WHERE o.status <> 'dead' OR coalesce(d.error_code, '') <> 'planning'")
+        "WHERE o.status <> 'dead' OR coalesce(d.error_code, '') <> 'planning'"
+    )
 
 
 def _unsettled(df: pl.DataFrame, settled: pl.DataFrame, *keys: str) -> pl.DataFrame:
@@ -91,15 +105,17 @@ def _unsettled(df: pl.DataFrame, settled: pl.DataFrame, *keys: str) -> pl.DataFr
         return df
     need = None
     for prefix in keys:
-        k = df.select(pl.col("id"), pl.concat_str([pl.lit(prefix), pl.col("id")]).alias(
-            "doc_key")).join(settled, on="doc_key", how="anti").select("id")
+        k = (
+            df.select(pl.col("id"), pl.concat_str([pl.lit(prefix), pl.col("id")]).alias("doc_key"))
+            .join(settled, on="doc_key", how="anti")
+            .select("id")
+        )
         need = k if need is None else pl.concat([need, k])
     assert need is not None
     return df.join(need.unique(), on="id", how="semi")
 
 
-def plan_documents(st: Staging, mapping: Mapping,
-                   periods: list[dict[str, object]]) -> pl.DataFrame:
+def plan_documents(st: Staging, mapping: Mapping, periods: list[dict[str, object]]) -> pl.DataFrame:
     """Every Sage document the staged data implies that the outbox does not hold yet."""
     settled = _settled_keys(st)
     pf = periods_frame(periods) if periods else None
@@ -107,24 +123,38 @@ def plan_documents(st: Staging, mapping: Mapping,
     charges_all = _clean(st, "charges")
     invoice_payments = st.table("invoice_payments")
     frames = [
-        plan_customers(_unsettled(_clean(st, "customers"), settled, "customer:",
-                                  "customer_link:"), mapping),
-        plan_charges(_unsettled(charges_all, settled, "cash_receipt:"), bts, invoice_payments,
-                     mapping, pf),
-        plan_invoices(_unsettled(_clean(st, "invoices"), settled, "invoice:"),
-                      _clean(st, "invoice_lines"), mapping, pf),
-        plan_refunds(_unsettled(_clean(st, "refunds"), settled, "credit_memo:",
-                                "journal_entry:refund_failure:"),
-                     charges_all, bts, mapping, pf),
+        plan_customers(
+            _unsettled(_clean(st, "customers"), settled, "customer:", "customer_link:"), mapping
+        ),
+        plan_charges(
+            _unsettled(charges_all, settled, "cash_receipt:"), bts, invoice_payments, mapping, pf
+        ),
+        plan_invoices(
+            _unsettled(_clean(st, "invoices"), settled, "invoice:"),
+            _clean(st, "invoice_lines"),
+            mapping,
+            pf,
+        ),
+        plan_refunds(
+            _unsettled(
+                _clean(st, "refunds"), settled, "credit_memo:", "journal_entry:refund_failure:"
+            ),
+            charges_all,
+            bts,
+            mapping,
+            pf,
+        ),
     ]
     docs = pl.concat([f for f in frames if not f.is_empty()] or [empty_docs()])
     # Keys already settled (e.g. the invoice of a charge whose refund is new) are dropped, and
     # so are records still failing planning the same way: they are dead letters already.
     still_failing = st.frame(
         "SELECT doc_key, reason AS error FROM ops.dead_letters WHERE error_code = 'planning' "
-        "AND NOT replayed")
+        "AND NOT replayed"
+    )
     return docs.join(settled, on="doc_key", how="anti").join(
-        still_failing, on=["doc_key", "error"], how="anti")
+        still_failing, on=["doc_key", "error"], how="anti"
+    )
 
 
 def previous_totals(st: Staging) -> dict[str, int]:
@@ -133,8 +163,9 @@ def previous_totals(st: Staging) -> dict[str, int]:
 
 def summary_counts(st: Staging) -> dict[str, Any]:
     """Totals per document type and status, for the run summary and the demo."""
-    rows = st.con.execute("SELECT doc_type, status, count(*) FROM sage.outbox "
-                          "GROUP BY ALL ORDER BY ALL").fetchall()
+    rows = st.con.execute(
+        "SELECT doc_type, status, count(*) FROM sage.outbox GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
     out: dict[str, dict[str, int]] = {}
     for doc_type, status, n in rows:
         out.setdefault(doc_type, {})[status] = int(n)

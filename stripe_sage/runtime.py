@@ -27,17 +27,32 @@ class RunContext:
     loader: Loader
 
     @classmethod
-    def open(cls, settings: Settings, run_id: str, *, now: int | None = None,
-             backfill_days: int = 3 * 365, window_days: int = 7) -> RunContext:
+    def open(
+        cls,
+        settings: Settings,
+        run_id: str,
+        *,
+        now: int | None = None,
+        backfill_days: int = 3 * 365,
+        window_days: int = 7,
+    ) -> RunContext:
         mapping = load_mapping(settings.mapping_file)  # fail before touching anything else
         staging = Staging(settings.staging_db)
-        reader = StripeReader(settings.stripe_api_key.get_secret_value(),
-                              api_base=settings.stripe_api_base, max_rps=settings.stripe_max_rps)
+        reader = StripeReader(
+            settings.stripe_api_key.get_secret_value(),
+            api_base=settings.stripe_api_base,
+            max_rps=settings.stripe_max_rps,
+        )
         sage = SageProClient(settings.sagepro_base_url, settings.sagepro_api_key)
         now = int(time.time()) if now is None else now
-        extractor = Extractor(reader, staging, run_id=run_id, now=now,
-                              backfill_start=now - backfill_days * DAY,
-                              window_seconds=window_days * DAY)
+        extractor = Extractor(
+            reader,
+            staging,
+            run_id=run_id,
+            now=now,
+            backfill_start=now - backfill_days * DAY,
+            window_seconds=window_days * DAY,
+        )
         loader = Loader(staging, sage, run_id=run_id, concurrency=settings.sage_concurrency)
         return cls(settings, run_id, staging, reader, sage, mapping, extractor, loader)
 
@@ -48,6 +63,7 @@ class RunContext:
     def __enter__(self) -> RunContext:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -1,4 +1,4 @@
-"""DuckDB staging: the tables analysts rely on (ARCHITECTURE.md), and the only code that writes them.
+"""DuckDB staging: the tables analysts rely on (ARCHITECTURE.md); the only code writing them.
 
 One ``Staging`` object owns one DuckDB connection, used from one thread: extract threads hand
 pages over, this writes them. Cursors move in the same transaction as the data they cover.
@@ -113,8 +113,15 @@ class Staging:
         self._exec(OPS_DDL)
 
     # -- raw -------------------------------------------------------------------------------
-    def upsert_raw(self, stream: str, objects: Sequence[dict[str, Any]], *, source: str,
-                   run_id: str, api_version: str | None = None) -> int:
+    def upsert_raw(
+        self,
+        stream: str,
+        objects: Sequence[dict[str, Any]],
+        *,
+        source: str,
+        run_id: str,
+        api_version: str | None = None,
+    ) -> int:
         """Insert or replace objects by id (latest version wins). Returns rows written."""
         if not objects:
             return 0
@@ -122,18 +129,27 @@ class Staging:
         for obj in objects:  # one batch may hold an object twice: keep the last
             seen[obj["id"]] = obj
         now = now_utc()
-        table = pa.table({
-            "id": pa.array(list(seen), pa.string()),
-            "created": pa.array([dt.datetime.fromtimestamp(o["created"], dt.UTC)
-                                 if o.get("created") is not None else None
-                                 for o in seen.values()], pa.timestamp("us", tz="UTC")),
-            "data": pa.array([json.dumps(o, separators=(",", ":")) for o in seen.values()],
-                             pa.string()),
-            "source": pa.array([source] * len(seen), pa.string()),
-            "api_version": pa.array([api_version] * len(seen), pa.string()),
-            "extracted_at": pa.array([now] * len(seen), pa.timestamp("us", tz="UTC")),
-            "run_id": pa.array([run_id] * len(seen), pa.string()),
-        })
+        table = pa.table(
+            {
+                "id": pa.array(list(seen), pa.string()),
+                "created": pa.array(
+                    [
+                        dt.datetime.fromtimestamp(o["created"], dt.UTC)
+                        if o.get("created") is not None
+                        else None
+                        for o in seen.values()
+                    ],
+                    pa.timestamp("us", tz="UTC"),
+                ),
+                "data": pa.array(
+                    [json.dumps(o, separators=(",", ":")) for o in seen.values()], pa.string()
+                ),
+                "source": pa.array([source] * len(seen), pa.string()),
+                "api_version": pa.array([api_version] * len(seen), pa.string()),
+                "extracted_at": pa.array([now] * len(seen), pa.timestamp("us", tz="UTC")),
+                "run_id": pa.array([run_id] * len(seen), pa.string()),
+            }
+        )
         self.con.register("_raw_batch", table)
         try:
             self._exec(f"""
@@ -146,23 +162,29 @@ class Staging:
 
     def tombstone(self, stream: str, object_id: str, *, run_id: str) -> None:
         """A deleted object: keep the row, flag it (``*.deleted`` events never vanish rows)."""
-        self._exec(f"""
+        self._exec(
+            f"""
             UPDATE raw.{stream}
             SET data = json_merge_patch(data, '{{"deleted": true}}'), run_id = ?,
                 source = 'event', extracted_at = ?
-            WHERE id = ?""", [run_id, now_utc(), object_id])
+            WHERE id = ?""",
+            [run_id, now_utc(), object_id],
+        )
 
     # -- staging ---------------------------------------------------------------------------
     def stage(self, stream: str, run_id: str) -> int:
         """Type the raw rows this run wrote into ``staging.<stream>`` (upsert by id)."""
         s: Stream = STREAMS[stream]
         exprs = ", ".join(f'{c.expr} AS "{c.name}"' for c in s.columns)
-        self._exec(f"""
+        self._exec(
+            f"""
             INSERT OR REPLACE INTO staging.{stream}
             SELECT {exprs}, run_id, ? FROM raw.{stream} WHERE run_id = ?""",
-                         [now_utc(), run_id])
-        rows = self.con.execute(f"SELECT count(*) FROM staging.{stream} WHERE run_id = ?",
-                                [run_id]).fetchall()
+            [now_utc(), run_id],
+        )
+        rows = self.con.execute(
+            f"SELECT count(*) FROM staging.{stream} WHERE run_id = ?", [run_id]
+        ).fetchall()
         return int(rows[0][0])
 
     def frame(self, sql: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
@@ -184,12 +206,17 @@ class Staging:
         self._exec("BEGIN")
         try:
             if id_list:
-                self._exec("DELETE FROM staging.quarantine WHERE stream = ? AND "
-                                 "id IN (SELECT unnest(?::VARCHAR[]))", [stream, id_list])
+                self._exec(
+                    "DELETE FROM staging.quarantine WHERE stream = ? AND "
+                    "id IN (SELECT unnest(?::VARCHAR[]))",
+                    [stream, id_list],
+                )
             if failures.height:
-                f = failures.select("stream", "id", "check", "reason", "run_id").with_columns(
-                    pl.lit(now_utc()).alias("quarantined_at")).unique(
-                    subset=["stream", "id", "check"], keep="last")
+                f = (
+                    failures.select("stream", "id", "check", "reason", "run_id")
+                    .with_columns(pl.lit(now_utc()).alias("quarantined_at"))
+                    .unique(subset=["stream", "id", "check"], keep="last")
+                )
                 self.con.register("_q", f.to_arrow())
                 self._exec("INSERT OR REPLACE INTO staging.quarantine SELECT * FROM _q")
                 self.con.unregister("_q")
@@ -199,57 +226,82 @@ class Staging:
             raise
 
     def quarantined_ids(self, stream: str) -> set[str]:
-        rows = self.con.execute("SELECT DISTINCT id FROM staging.quarantine WHERE stream = ?",
-                                [stream]).fetchall()
+        rows = self.con.execute(
+            "SELECT DISTINCT id FROM staging.quarantine WHERE stream = ?", [stream]
+        ).fetchall()
         return {r[0] for r in rows}
 
     # -- sync state ------------------------------------------------------------------------
     def sync_state(self, stream: str) -> dict[str, Any] | None:
-        rows = self.con.execute("SELECT created_cursor, events_cursor, backfill_done "
-                                "FROM ops.sync_state WHERE stream = ?", [stream]).fetchall()
+        rows = self.con.execute(
+            "SELECT created_cursor, events_cursor, backfill_done "
+            "FROM ops.sync_state WHERE stream = ?",
+            [stream],
+        ).fetchall()
         if not rows:
             return None
         row = rows[0]
         return {"created_cursor": row[0], "events_cursor": row[1], "backfill_done": row[2]}
 
-    def set_sync_state(self, stream: str, *, created_cursor: int | None = None,
-                       events_cursor: int | None = None,
-                       backfill_done: bool | None = None) -> None:
+    def set_sync_state(
+        self,
+        stream: str,
+        *,
+        created_cursor: int | None = None,
+        events_cursor: int | None = None,
+        backfill_done: bool | None = None,
+    ) -> None:
         current = self.sync_state(stream) or {}
         values = {
-            "created_cursor": created_cursor if created_cursor is not None
+            "created_cursor": created_cursor
+            if created_cursor is not None
             else current.get("created_cursor"),
-            "events_cursor": events_cursor if events_cursor is not None
+            "events_cursor": events_cursor
+            if events_cursor is not None
             else current.get("events_cursor"),
-            "backfill_done": backfill_done if backfill_done is not None
+            "backfill_done": backfill_done
+            if backfill_done is not None
             else current.get("backfill_done", False),
         }
         self._exec(
             "INSERT OR REPLACE INTO ops.sync_state VALUES (?, ?, ?, ?, ?)",
-            [stream, values["created_cursor"], values["events_cursor"],
-             values["backfill_done"], now_utc()])
+            [
+                stream,
+                values["created_cursor"],
+                values["events_cursor"],
+                values["backfill_done"],
+                now_utc(),
+            ],
+        )
 
     def windows_done(self, stream: str) -> set[tuple[int, int]]:
-        rows = self.con.execute("SELECT window_start, window_end FROM ops.sync_windows "
-                                "WHERE stream = ?", [stream]).fetchall()
+        rows = self.con.execute(
+            "SELECT window_start, window_end FROM ops.sync_windows WHERE stream = ?", [stream]
+        ).fetchall()
         return {(int(a), int(b)) for a, b in rows}
 
     def mark_window(self, stream: str, start: int, end: int, rows: int, run_id: str) -> None:
-        self._exec("INSERT OR REPLACE INTO ops.sync_windows VALUES (?, ?, ?, ?, ?, ?)",
-                         [stream, start, end, rows, run_id, now_utc()])
+        self._exec(
+            "INSERT OR REPLACE INTO ops.sync_windows VALUES (?, ?, ?, ?, ?, ?)",
+            [stream, start, end, rows, run_id, now_utc()],
+        )
 
     # -- runs ------------------------------------------------------------------------------
-    def start_run(self, run_id: str, *, flow: str, prefect_run_id: str | None,
-                  trigger: str) -> None:
-        self._exec("INSERT OR REPLACE INTO ops.runs VALUES (?, ?, ?, ?, ?, NULL, "
-                         "'running', '{}', NULL)",
-                         [run_id, flow, prefect_run_id, trigger, now_utc()])
+    def start_run(
+        self, run_id: str, *, flow: str, prefect_run_id: str | None, trigger: str
+    ) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO ops.runs VALUES (?, ?, ?, ?, ?, NULL, 'running', '{}', NULL)",
+            [run_id, flow, prefect_run_id, trigger, now_utc()],
+        )
 
-    def finish_run(self, run_id: str, *, status: str, counts: dict[str, Any],
-                   error: str | None = None) -> None:
-        self._exec("UPDATE ops.runs SET ended_at = ?, status = ?, counts = ?, error = ? "
-                         "WHERE run_id = ?",
-                         [now_utc(), status, json.dumps(counts, default=str), error, run_id])
+    def finish_run(
+        self, run_id: str, *, status: str, counts: dict[str, Any], error: str | None = None
+    ) -> None:
+        self._exec(
+            "UPDATE ops.runs SET ended_at = ?, status = ?, counts = ?, error = ? WHERE run_id = ?",
+            [now_utc(), status, json.dumps(counts, default=str), error, run_id],
+        )
 
     def transaction(self) -> _Tx:
         return _Tx(self.con)

@@ -35,9 +35,13 @@ JSON = dict[str, Any]
 class RateLimiter:
     """Thread-safe token buckets: one per endpoint family, and one for the whole account."""
 
-    def __init__(self, per_endpoint_rps: float, total_rps: float | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        per_endpoint_rps: float,
+        total_rps: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.rates = {"*": total_rps or per_endpoint_rps * 4}
         self.per_endpoint = per_endpoint_rps
         self.clock, self.sleep = clock, sleep
@@ -107,8 +111,9 @@ class StripeReader:
             return retry_after + self.jitter() * 0.25
         return min(self.backoff_max, self.backoff_base * 2**attempt) * (0.5 + self.jitter() / 2)
 
-    def request(self, method: str, path: str, params: JSON | None = None,
-                idempotency_key: str | None = None) -> JSON:
+    def request(
+        self, method: str, path: str, params: JSON | None = None, idempotency_key: str | None = None
+    ) -> JSON:
         family = path.split("/")[2] if path.startswith("/v1/") else path
         params = dict(params or {})
         if idempotency_key:
@@ -120,7 +125,8 @@ class StripeReader:
                 self.stats["requests"] += 1
             try:
                 response = self._client.raw_request(method, path, **params)
-                return response.data  # type: ignore[no-any-return]
+                data: JSON = response.data
+                return data
             except stripe.StripeError as exc:
                 err = _map_error(exc, method, path)
             if not isinstance(err, RetryableError):
@@ -131,16 +137,24 @@ class StripeReader:
                 if err.http_status == 429:
                     self.stats["rate_limited"] += 1
             delay = self._backoff(attempt, err.retry_after)
-            log.warning("Stripe %s %s: %s; retry %d/%d in %.2fs", method.upper(), path,
-                        err.message, attempt + 1, self.max_attempts - 1, delay)
+            log.warning(
+                "Stripe %s %s: %s; retry %d/%d in %.2fs",
+                method.upper(),
+                path,
+                err.message,
+                attempt + 1,
+                self.max_attempts - 1,
+                delay,
+            )
             if attempt + 1 < self.max_attempts:
                 self.sleep(delay)
         assert last is not None
         raise last
 
     # -- reading ---------------------------------------------------------------------------
-    def list_pages(self, path: str, params: JSON | None = None, *,
-                   limit: int = 100) -> Iterator[list[JSON]]:
+    def list_pages(
+        self, path: str, params: JSON | None = None, *, limit: int = 100
+    ) -> Iterator[list[JSON]]:
         """Every page of a list, newest first, following ``starting_after``."""
         query: JSON = {**(params or {}), "limit": limit}
         while True:
@@ -168,8 +182,7 @@ def _map_error(exc: stripe.StripeError, method: str, path: str) -> StripeSageErr
     # Build the message from Stripe's own user message, never from the request.
     text = exc.user_message or type(exc).__name__
     message = f"{method.upper()} {path}: {text}"
-    kw: dict[str, Any] = {"http_status": status, "code": code, "field": param,
-                          "system": "stripe"}
+    kw: dict[str, Any] = {"http_status": status, "code": code, "field": param, "system": "stripe"}
     if isinstance(exc, stripe.RateLimitError) or status == 429:
         retry_after = None
         headers = exc.headers or {}
@@ -183,7 +196,9 @@ def _map_error(exc: stripe.StripeError, method: str, path: str) -> StripeSageErr
     if isinstance(exc, stripe.APIConnectionError) or (status is not None and status >= 500):
         return RetryableError(message, **kw)
     if isinstance(exc, (stripe.AuthenticationError, stripe.PermissionError)) or status in (
-            401, 403):
+        401,
+        403,
+    ):
         return AuthenticationError(message, **kw)
     if status == 404:
         return NotFoundError(message, **kw)

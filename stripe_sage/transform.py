@@ -12,7 +12,6 @@ balance transaction not staged yet): such documents are planned again by the nex
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 
 import polars as pl
@@ -21,17 +20,34 @@ from stripe_sage.mapping import FieldRule, Mapping
 from stripe_sage.money import KNOWN_CURRENCIES, THREE_DECIMAL, ZERO_DECIMAL
 
 DOC_SCHEMA: dict[str, pl.DataType] = {
-    "doc_key": pl.String(), "doc_type": pl.String(), "collection": pl.String(),
-    "phase": pl.Int32(), "stripe_id": pl.String(), "depends_on": pl.List(pl.String()),
-    "payload": pl.String(), "error": pl.String(),
+    "doc_key": pl.String(),
+    "doc_type": pl.String(),
+    "collection": pl.String(),
+    "phase": pl.Int32(),
+    "stripe_id": pl.String(),
+    "depends_on": pl.List(pl.String()),
+    "payload": pl.String(),
+    "error": pl.String(),
 }
 # Customers first, then what references them; receipts and memos after the invoices.
-PHASES = {"customer": 0, "customer_link": 0, "sales_order": 1, "invoice": 2,
-          "cash_receipt": 3, "credit_memo": 3, "journal_entry": 3}
-COLLECTIONS = {"customer": "customers", "customer_link": "customers",
-               "sales_order": "salesorders", "invoice": "invoices",
-               "cash_receipt": "cashreceipts", "credit_memo": "creditmemos",
-               "journal_entry": "journalentries"}
+PHASES = {
+    "customer": 0,
+    "customer_link": 0,
+    "sales_order": 1,
+    "invoice": 2,
+    "cash_receipt": 3,
+    "credit_memo": 3,
+    "journal_entry": 3,
+}
+COLLECTIONS = {
+    "customer": "customers",
+    "customer_link": "customers",
+    "sales_order": "salesorders",
+    "invoice": "invoices",
+    "cash_receipt": "cashreceipts",
+    "credit_memo": "creditmemos",
+    "journal_entry": "journalentries",
+}
 
 
 def empty_docs() -> pl.DataFrame:
@@ -41,10 +57,15 @@ def empty_docs() -> pl.DataFrame:
 # -- money and dates ---------------------------------------------------------------------
 def exponent_expr(currency: pl.Expr) -> pl.Expr:
     cur = currency.str.to_uppercase()
-    return (pl.when(cur.is_in(list(ZERO_DECIMAL))).then(0)
-            .when(cur.is_in(list(THREE_DECIMAL))).then(3)
-            .when(cur.is_in(list(KNOWN_CURRENCIES))).then(2)
-            .otherwise(None))
+    return (
+        pl.when(cur.is_in(list(ZERO_DECIMAL)))
+        .then(0)
+        .when(cur.is_in(list(THREE_DECIMAL)))
+        .then(3)
+        .when(cur.is_in(list(KNOWN_CURRENCIES)))
+        .then(2)
+        .otherwise(None)
+    )
 
 
 def money_string(amount: pl.Expr, currency: pl.Expr) -> pl.Expr:
@@ -56,9 +77,13 @@ def money_string(amount: pl.Expr, currency: pl.Expr) -> pl.Expr:
     scale = pl.when(exp == 0).then(1).when(exp == 3).then(1000).otherwise(100)
     whole = (mag // scale).cast(pl.String)
     frac = (mag % scale).cast(pl.String)
-    return (pl.when(exp == 0).then(pl.concat_str([sign, whole]))
-            .when(exp == 3).then(pl.concat_str([sign, whole, pl.lit("."), frac.str.zfill(3)]))
-            .otherwise(pl.concat_str([sign, whole, pl.lit("."), frac.str.zfill(2)])))
+    return (
+        pl.when(exp == 0)
+        .then(pl.concat_str([sign, whole]))
+        .when(exp == 3)
+        .then(pl.concat_str([sign, whole, pl.lit("."), frac.str.zfill(3)]))
+        .otherwise(pl.concat_str([sign, whole, pl.lit("."), frac.str.zfill(2)]))
+    )
 
 
 def local_date(ts: pl.Expr, tz: str) -> pl.Expr:
@@ -68,8 +93,11 @@ def local_date(ts: pl.Expr, tz: str) -> pl.Expr:
 def presentment(amount: pl.Expr, currency: pl.Expr, rate: pl.Expr) -> pl.Expr:
     """'EUR 12.34 @1.08' for the memo when the charge was not in the settlement currency."""
     text = pl.concat_str([currency.str.to_uppercase(), pl.lit(" "), money_string(amount, currency)])
-    return pl.when(rate.is_not_null()).then(
-        pl.concat_str([text, pl.lit(" @"), rate.round(6).cast(pl.String)])).otherwise(text)
+    return (
+        pl.when(rate.is_not_null())
+        .then(pl.concat_str([text, pl.lit(" @"), rate.round(6).cast(pl.String)]))
+        .otherwise(text)
+    )
 
 
 # -- field rules -------------------------------------------------------------------------
@@ -83,7 +111,7 @@ def rule_value(rule: FieldRule) -> pl.Expr:
 
         for m in re.finditer(r"\{([a-z_][a-z0-9_]*)\}", rule.template):
             if m.start() > pos:
-                parts.append(pl.lit(rule.template[pos:m.start()]))
+                parts.append(pl.lit(rule.template[pos : m.start()]))
             parts.append(pl.col(m.group(1)).cast(pl.String).fill_null(""))
             pos = m.end()
         if pos < len(rule.template):
@@ -94,7 +122,8 @@ def rule_value(rule: FieldRule) -> pl.Expr:
         value = col.cast(pl.String)
         if rule.value_map is not None:
             value = value.str.to_lowercase().replace_strict(
-                rule.value_map, default=None, return_dtype=pl.String)
+                rule.value_map, default=None, return_dtype=pl.String
+            )
     if rule.upper:
         value = value.str.to_uppercase()
     if rule.when is not None:
@@ -118,9 +147,15 @@ def rule_error(name: str, rule: FieldRule) -> pl.Expr:
     if not rule.max_length or rule.on_overflow != "reject":
         return pl.lit(None, pl.String)
     value = rule_value(rule)
-    return pl.when(value.str.len_chars() > rule.max_length).then(pl.format(
-        "{} is {} characters ({}); Sage allows {}", pl.lit(name), value.str.len_chars(),
-        value, pl.lit(rule.max_length)))
+    return pl.when(value.str.len_chars() > rule.max_length).then(
+        pl.format(
+            "{} is {} characters ({}); Sage allows {}",
+            pl.lit(name),
+            value.str.len_chars(),
+            value,
+            pl.lit(rule.max_length),
+        )
+    )
 
 
 def apply_rules(df: pl.DataFrame, rules: dict[str, FieldRule], prefix: str) -> pl.DataFrame:
@@ -128,7 +163,8 @@ def apply_rules(df: pl.DataFrame, rules: dict[str, FieldRule], prefix: str) -> p
     errs = [rule_error(name, rule) for name, rule in rules.items()]
     return df.with_columns(
         *[rule_value(rule).alias(f"{prefix}{name}") for name, rule in rules.items()],
-        pl.concat_list(errs).list.drop_nulls().alias("_rule_errors") if errs
+        pl.concat_list(errs).list.drop_nulls().alias("_rule_errors")
+        if errs
         else pl.lit([], pl.List(pl.String)).alias("_rule_errors"),
     )
 
@@ -163,17 +199,24 @@ def plan_customers(customers: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
     df = apply_rules(customers, rules, "f_")
     prefix = mapping.customers.id_prefix
     df = df.with_columns(
-        pl.col("id").map_batches(
+        pl.col("id")
+        .map_batches(
             lambda s: pl.Series([sage_customer_id(x, prefix) for x in s], dtype=pl.String),
-            return_dtype=pl.String).alias("_new_id"),
+            return_dtype=pl.String,
+        )
+        .alias("_new_id"),
     )
     linked = pl.col("sage_customer_id").is_not_null()
     payload_fields = [pl.col(f"f_{name}").alias(name) for name in rules]
     df = df.with_columns(
-        pl.when(linked).then(pl.lit("customer_link")).otherwise(pl.lit("customer"))
+        pl.when(linked)
+        .then(pl.lit("customer_link"))
+        .otherwise(pl.lit("customer"))
         .alias("doc_type"),
         pl.struct(
-            pl.when(linked).then(pl.col("sage_customer_id")).otherwise(pl.col("_new_id"))
+            pl.when(linked)
+            .then(pl.col("sage_customer_id"))
+            .otherwise(pl.col("_new_id"))
             .alias("customer_id"),
             *payload_fields,
             pl.col("id").alias("reference"),
@@ -187,23 +230,34 @@ def plan_customers(customers: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
 def classify_charges(charges: pl.DataFrame, invoice_payments: pl.DataFrame) -> pl.DataFrame:
     """Succeeded charges, each with the Stripe invoice it paid (if any)."""
     paid = charges.filter((pl.col("status") == "succeeded") & pl.col("paid"))
-    links = (invoice_payments.filter(pl.col("status") == "paid")
-             .select(pl.col("charge").alias("id"), pl.col("invoice").alias("paid_invoice"))
-             .unique(subset="id"))
+    links = (
+        invoice_payments.filter(pl.col("status") == "paid")
+        .select(pl.col("charge").alias("id"), pl.col("invoice").alias("paid_invoice"))
+        .unique(subset="id")
+    )
     return paid.join(links, on="id", how="left")
 
 
-def with_settlement(df: pl.DataFrame, bts: pl.DataFrame, bt_col: str,
-                    sign: int = 1) -> pl.DataFrame:
+def with_settlement(
+    df: pl.DataFrame, bts: pl.DataFrame, bt_col: str, sign: int = 1
+) -> pl.DataFrame:
     """Attach the balance transaction's settlement amount/currency/rate (ACCOUNTING.md)."""
-    b = bts.select(pl.col("id").alias(bt_col), (pl.col("amount") * sign).alias(
-        "settlement_amount"), pl.col("currency").alias("settlement_currency"),
-        pl.col("exchange_rate"))
+    b = bts.select(
+        pl.col("id").alias(bt_col),
+        (pl.col("amount") * sign).alias("settlement_amount"),
+        pl.col("currency").alias("settlement_currency"),
+        pl.col("exchange_rate"),
+    )
     return df.join(b, on=bt_col, how="left")
 
 
-def plan_charges(charges: pl.DataFrame, bts: pl.DataFrame, invoice_payments: pl.DataFrame,
-                 mapping: Mapping, periods: pl.DataFrame | None = None) -> pl.DataFrame:
+def plan_charges(
+    charges: pl.DataFrame,
+    bts: pl.DataFrame,
+    invoice_payments: pl.DataFrame,
+    mapping: Mapping,
+    periods: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """Each succeeded charge → a Sage invoice (or its ERP sales order's invoice) + a cash
     receipt applied to it; a charge that paid a Stripe Billing invoice → just the receipt,
     applied to that invoice's Sage document. Amounts in the settlement currency."""
@@ -211,41 +265,68 @@ def plan_charges(charges: pl.DataFrame, bts: pl.DataFrame, invoice_payments: pl.
     if df.is_empty():
         return empty_docs()
     df = with_settlement(df, bts, "balance_transaction").with_columns(
-        presentment(pl.col("amount"), pl.col("currency"), pl.col("exchange_rate"))
-        .alias("presentment"),
+        presentment(pl.col("amount"), pl.col("currency"), pl.col("exchange_rate")).alias(
+            "presentment"
+        ),
         local_date(pl.col("created"), mapping.timezone).alias("doc_date"),
     )
     tz_clearing = mapping.accounts.clearing
     guest = mapping.charges.guest_customer_id
-    df = apply_rules(df, {**{f"inv_{k}": v for k, v in mapping.charges.invoice.items()},
-                          **{f"rcp_{k}": v for k, v in mapping.charges.receipt.items()}}, "")
+    df = apply_rules(
+        df,
+        {
+            **{f"inv_{k}": v for k, v in mapping.charges.invoice.items()},
+            **{f"rcp_{k}": v for k, v in mapping.charges.receipt.items()},
+        },
+        "",
+    )
     customer_key = pl.concat_str([pl.lit("customer:"), pl.col("customer")])
-    customer_ref = (pl.when(pl.col("customer").is_not_null())
-                    .then(pl.concat_str([pl.lit("@xref:"), customer_key]))
-                    .otherwise(pl.lit(guest, pl.String)))
+    customer_ref = (
+        pl.when(pl.col("customer").is_not_null())
+        .then(pl.concat_str([pl.lit("@xref:"), customer_key]))
+        .otherwise(pl.lit(guest, pl.String))
+    )
     settle = money_string(pl.col("settlement_amount"), pl.col("settlement_currency"))
     missing = first_error(
-        pl.when(pl.col("settlement_amount").is_null()).then(pl.format(
-            "waiting: balance transaction {} of the charge is not staged", pl.col("balance_transaction"))),
+        pl.when(pl.col("settlement_amount").is_null()).then(
+            pl.format(
+                "waiting: balance transaction {} of the charge is not staged",
+                pl.col("balance_transaction"),
+            )
+        ),
         pl.when(~pl.col("settlement_currency").is_in(mapping.settlement_currencies)).then(
-            pl.format("settlement currency {} is not in the mapping's settlement_currencies",
-                      pl.col("settlement_currency"))),
-        pl.when(pl.col("customer").is_null() & pl.lit(guest is None)).then(pl.lit(
-            "charge has no customer and the mapping sets no charges.guest_customer_id")),
+            pl.format(
+                "settlement currency {} is not in the mapping's settlement_currencies",
+                pl.col("settlement_currency"),
+            )
+        ),
+        pl.when(pl.col("customer").is_null() & pl.lit(guest is None)).then(
+            pl.lit("charge has no customer and the mapping sets no charges.guest_customer_id")
+        ),
         join_errors(),
     )
-    df = df.with_columns(missing.alias("error"), customer_ref.alias("customer_ref"),
-                         customer_key.alias("customer_key"),
-                         pl.col("settlement_currency").replace_strict(
-                             tz_clearing, default=None).alias("clearing_account"))
-    base_deps = pl.when(pl.col("customer").is_not_null()).then(
-        pl.concat_list([pl.col("customer_key")])).otherwise(pl.lit([], pl.List(pl.String)))
+    df = df.with_columns(
+        missing.alias("error"),
+        customer_ref.alias("customer_ref"),
+        customer_key.alias("customer_key"),
+        pl.col("settlement_currency")
+        .replace_strict(tz_clearing, default=None)
+        .alias("clearing_account"),
+    )
+    base_deps = (
+        pl.when(pl.col("customer").is_not_null())
+        .then(pl.concat_list([pl.col("customer_key")]))
+        .otherwise(pl.lit([], pl.List(pl.String)))
+    )
 
     own = df.filter(pl.col("paid_invoice").is_null())
     as_order = mapping.charges.document == "sales_order_and_invoice"
     line = pl.struct(
-        pl.col("inv_item").alias("item"), pl.col("inv_description").alias("description"),
-        pl.lit("1").alias("quantity"), settle.alias("unit_price"))
+        pl.col("inv_item").alias("item"),
+        pl.col("inv_description").alias("description"),
+        pl.lit("1").alias("quantity"),
+        settle.alias("unit_price"),
+    )
     erp = pl.col("erp_order_id").is_not_null()
     order_key = pl.concat_str([pl.lit("sales_order:"), pl.col("id")])
     invoice_key = pl.concat_str([pl.lit("invoice:"), pl.col("id")])
@@ -271,19 +352,37 @@ def plan_charges(charges: pl.DataFrame, bts: pl.DataFrame, invoice_payments: pl.
             pl.col("doc_date").cast(pl.String).alias("due_date"),
             pl.col("settlement_currency").alias("currency"),
             pl.col("id").alias("reference"),
-            pl.when(erp).then(pl.col("erp_order_id"))
-            .otherwise(pl.concat_str([pl.lit("@xref:"), order_key]) if as_order
-                       else pl.lit(None, pl.String)).alias("sales_order_no"),
+            pl.when(erp)
+            .then(pl.col("erp_order_id"))
+            .otherwise(
+                pl.concat_str([pl.lit("@xref:"), order_key])
+                if as_order
+                else pl.lit(None, pl.String)
+            )
+            .alias("sales_order_no"),
             pl.concat_list([line]).alias("lines"),
             money_string(pl.lit(0), pl.col("settlement_currency")).alias("tax_amount"),
             settle.alias("total"),
         ).alias("payload"),
-        (pl.concat_list([base_deps, pl.when(~erp).then(pl.concat_list([order_key])).otherwise(
-            pl.lit([], pl.List(pl.String)))]) if as_order else base_deps).alias("depends_on"),
+        (
+            pl.concat_list(
+                [
+                    base_deps,
+                    pl.when(~erp)
+                    .then(pl.concat_list([order_key]))
+                    .otherwise(pl.lit([], pl.List(pl.String))),
+                ]
+            )
+            if as_order
+            else base_deps
+        ).alias("depends_on"),
     )
     frames.append(invoices)
-    applied_key = pl.when(pl.col("paid_invoice").is_not_null()).then(
-        pl.concat_str([pl.lit("invoice:"), pl.col("paid_invoice")])).otherwise(invoice_key)
+    applied_key = (
+        pl.when(pl.col("paid_invoice").is_not_null())
+        .then(pl.concat_str([pl.lit("invoice:"), pl.col("paid_invoice")]))
+        .otherwise(invoice_key)
+    )
     receipts = df.with_columns(
         pl.lit("cash_receipt").alias("doc_type"),
         pl.struct(
@@ -294,9 +393,14 @@ def plan_charges(charges: pl.DataFrame, bts: pl.DataFrame, invoice_payments: pl.
             pl.col("rcp_payment_method").alias("payment_method"),
             pl.col("id").alias("reference"),
             pl.col("clearing_account").alias("deposit_account"),
-            pl.concat_list([pl.struct(
-                pl.concat_str([pl.lit("@xref:"), applied_key]).alias("invoice_no"),
-                settle.alias("amount"))]).alias("apply_to"),
+            pl.concat_list(
+                [
+                    pl.struct(
+                        pl.concat_str([pl.lit("@xref:"), applied_key]).alias("invoice_no"),
+                        settle.alias("amount"),
+                    )
+                ]
+            ).alias("apply_to"),
             pl.col("rcp_memo").alias("memo"),
         ).alias("payload"),
         pl.concat_list([base_deps, pl.concat_list([applied_key])]).alias("depends_on"),
@@ -306,27 +410,42 @@ def plan_charges(charges: pl.DataFrame, bts: pl.DataFrame, invoice_payments: pl.
 
 
 # -- Stripe Billing invoices -------------------------------------------------------------
-def plan_invoices(invoices: pl.DataFrame, lines: pl.DataFrame, mapping: Mapping,
-                  periods: pl.DataFrame | None = None) -> pl.DataFrame:
+def plan_invoices(
+    invoices: pl.DataFrame,
+    lines: pl.DataFrame,
+    mapping: Mapping,
+    periods: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """Finalized Stripe invoices (open or paid) → Sage invoices with all their lines."""
     inv = invoices.filter(pl.col("status").is_in(["open", "paid"]))
     if inv.is_empty():
         return empty_docs()
     ln = apply_rules(lines, mapping.invoices.line, "l_").with_columns(
         pl.when(pl.col("quantity") * pl.col("unit_amount") == pl.col("amount"))
-        .then(pl.col("quantity")).otherwise(1).alias("q"),
+        .then(pl.col("quantity"))
+        .otherwise(1)
+        .alias("q"),
         pl.when(pl.col("quantity") * pl.col("unit_amount") == pl.col("amount"))
-        .then(pl.col("unit_amount")).otherwise(pl.col("amount")).alias("unit"),
+        .then(pl.col("unit_amount"))
+        .otherwise(pl.col("amount"))
+        .alias("unit"),
     )
-    ln = ln.sort("invoice", "position").group_by("invoice", maintain_order=True).agg(
-        pl.struct(
-            pl.col("l_item").alias("item"), pl.col("l_description").alias("description"),
-            pl.col("q").cast(pl.String).alias("quantity"),
-            money_string(pl.col("unit"), pl.col("currency")).alias("unit_price"),
-        ).alias("lines"),
-        pl.col("amount").sum().alias("lines_total"),
-        pl.col("_rule_errors").list.explode(keep_nulls=False, empty_as_null=False).alias("line_errors"),
-        pl.len().alias("n_lines"),
+    ln = (
+        ln.sort("invoice", "position")
+        .group_by("invoice", maintain_order=True)
+        .agg(
+            pl.struct(
+                pl.col("l_item").alias("item"),
+                pl.col("l_description").alias("description"),
+                pl.col("q").cast(pl.String).alias("quantity"),
+                money_string(pl.col("unit"), pl.col("currency")).alias("unit_price"),
+            ).alias("lines"),
+            pl.col("amount").sum().alias("lines_total"),
+            pl.col("_rule_errors")
+            .list.explode(keep_nulls=False, empty_as_null=False)
+            .alias("line_errors"),
+            pl.len().alias("n_lines"),
+        )
     )
     df = inv.join(ln, left_on="id", right_on="invoice", how="left").with_columns(
         local_date(pl.coalesce("finalized_at", "created"), mapping.timezone).alias("doc_date"),
@@ -334,14 +453,21 @@ def plan_invoices(invoices: pl.DataFrame, lines: pl.DataFrame, mapping: Mapping,
     )
     error = first_error(
         pl.when(pl.col("n_lines").is_null()).then(pl.lit("waiting: invoice lines are not staged")),
-        pl.when(~pl.col("currency").is_in(mapping.settlement_currencies)).then(pl.format(
-            "invoice currency {} is not a settlement currency; posting it would need FX",
-            pl.col("currency"))),
-        pl.when(pl.col("lines_total") + pl.col("tax") != pl.col("total")).then(pl.format(
-            "lines ({}) + tax ({}) differ from the invoice total ({})", pl.col("lines_total"),
-            pl.col("tax"), pl.col("total"))),
-        pl.when(pl.col("line_errors").list.len() > 0).then(
-            pl.col("line_errors").list.join("; ")),
+        pl.when(~pl.col("currency").is_in(mapping.settlement_currencies)).then(
+            pl.format(
+                "invoice currency {} is not a settlement currency; posting it would need FX",
+                pl.col("currency"),
+            )
+        ),
+        pl.when(pl.col("lines_total") + pl.col("tax") != pl.col("total")).then(
+            pl.format(
+                "lines ({}) + tax ({}) differ from the invoice total ({})",
+                pl.col("lines_total"),
+                pl.col("tax"),
+                pl.col("total"),
+            )
+        ),
+        pl.when(pl.col("line_errors").list.len() > 0).then(pl.col("line_errors").list.join("; ")),
     )
     df = df.with_columns(
         pl.lit("invoice").alias("doc_type"),
@@ -362,34 +488,52 @@ def plan_invoices(invoices: pl.DataFrame, lines: pl.DataFrame, mapping: Mapping,
 
 
 # -- refunds -----------------------------------------------------------------------------
-def plan_refunds(refunds: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame,
-                 mapping: Mapping, periods: pl.DataFrame | None = None) -> pl.DataFrame:
+def plan_refunds(
+    refunds: pl.DataFrame,
+    charges: pl.DataFrame,
+    bts: pl.DataFrame,
+    mapping: Mapping,
+    periods: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """Every refund that moved money → a credit memo against Stripe Clearing; a refund that
     later failed → also a journal entry reversing it (Dr Clearing, Cr Sales Returns)."""
     df = refunds.filter(pl.col("balance_transaction").is_not_null())
     if df.is_empty():
         return empty_docs()
-    ch = charges.select(pl.col("id").alias("charge"), pl.col("customer").alias("charge_customer"),
-                        pl.col("exchange_rate") if "exchange_rate" in charges.columns
-                        else pl.lit(None, pl.Float64).alias("exchange_rate"))
-    df = df.join(ch.drop("exchange_rate").with_columns(pl.lit(True).alias("_charge_found")),
-                 on="charge", how="left")
+    ch = charges.select(
+        pl.col("id").alias("charge"),
+        pl.col("customer").alias("charge_customer"),
+        pl.col("exchange_rate")
+        if "exchange_rate" in charges.columns
+        else pl.lit(None, pl.Float64).alias("exchange_rate"),
+    )
+    df = df.join(
+        ch.drop("exchange_rate").with_columns(pl.lit(True).alias("_charge_found")),
+        on="charge",
+        how="left",
+    )
     df = with_settlement(df, bts, "balance_transaction", sign=-1).with_columns(
-        presentment(pl.col("amount"), pl.col("currency"), pl.col("exchange_rate"))
-        .alias("presentment"),
+        presentment(pl.col("amount"), pl.col("currency"), pl.col("exchange_rate")).alias(
+            "presentment"
+        ),
         local_date(pl.col("created"), mapping.timezone).alias("doc_date"),
         pl.concat_str([pl.lit("customer:"), pl.col("charge_customer")]).alias("customer_key"),
     )
     df = apply_rules(df, mapping.refunds.credit_memo, "m_")
-    clearing = pl.col("settlement_currency").replace_strict(
-        mapping.accounts.clearing, default=None)
+    clearing = pl.col("settlement_currency").replace_strict(mapping.accounts.clearing, default=None)
     error = first_error(
-        pl.when(pl.col("_charge_found").is_null()).then(pl.format(
-            "waiting: refund's charge {} is not staged", pl.col("charge"))),
-        pl.when(pl.col("charge_customer").is_null()).then(pl.format(
-            "refund's charge {} has no customer to credit", pl.col("charge"))),
-        pl.when(pl.col("settlement_amount").is_null()).then(pl.format(
-            "waiting: balance transaction {} of the refund is not staged", pl.col("balance_transaction"))),
+        pl.when(pl.col("_charge_found").is_null()).then(
+            pl.format("waiting: refund's charge {} is not staged", pl.col("charge"))
+        ),
+        pl.when(pl.col("charge_customer").is_null()).then(
+            pl.format("refund's charge {} has no customer to credit", pl.col("charge"))
+        ),
+        pl.when(pl.col("settlement_amount").is_null()).then(
+            pl.format(
+                "waiting: balance transaction {} of the refund is not staged",
+                pl.col("balance_transaction"),
+            )
+        ),
         join_errors(),
     )
     settle = money_string(pl.col("settlement_amount"), pl.col("settlement_currency"))
@@ -402,7 +546,8 @@ def plan_refunds(refunds: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
             pl.col("settlement_currency").alias("currency"),
             pl.col("id").alias("reference"),
             pl.concat_str([pl.col("m_reason"), pl.lit(" "), pl.col("presentment")])
-            .str.slice(0, 60).alias("reason"),
+            .str.slice(0, 60)
+            .alias("reason"),
             clearing.alias("gl_account"),
         ).alias("payload"),
         pl.concat_list([pl.col("customer_key")]).alias("depends_on"),
@@ -411,9 +556,11 @@ def plan_refunds(refunds: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
     failed = df.filter(pl.col("failure_balance_transaction").is_not_null())
     frames = [_docs(memos, mapping, periods)]
     if not failed.is_empty():
-        fb = bts.select(pl.col("id").alias("failure_balance_transaction"),
-                        pl.col("amount").alias("failure_amount"),
-                        local_date(pl.col("created"), mapping.timezone).alias("failure_date"))
+        fb = bts.select(
+            pl.col("id").alias("failure_balance_transaction"),
+            pl.col("amount").alias("failure_amount"),
+            local_date(pl.col("created"), mapping.timezone).alias("failure_date"),
+        )
         failed = failed.join(fb, on="failure_balance_transaction", how="left")
         amount = money_string(pl.col("failure_amount"), pl.col("settlement_currency"))
         zero = money_string(pl.lit(0), pl.col("settlement_currency"))
@@ -427,89 +574,149 @@ def plan_refunds(refunds: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
                 desc.alias("description"),
                 pl.col("id").alias("reference"),
                 pl.col("settlement_currency").alias("currency"),
-                pl.concat_list([
-                    pl.struct(clearing.alias("account"), amount.alias("debit"),
-                              zero.alias("credit"), desc.alias("description")),
-                    pl.struct(pl.lit(mapping.accounts.sales_returns).alias("account"),
-                              zero.alias("debit"), amount.alias("credit"),
-                              desc.alias("description")),
-                ]).alias("lines"),
+                pl.concat_list(
+                    [
+                        pl.struct(
+                            clearing.alias("account"),
+                            amount.alias("debit"),
+                            zero.alias("credit"),
+                            desc.alias("description"),
+                        ),
+                        pl.struct(
+                            pl.lit(mapping.accounts.sales_returns).alias("account"),
+                            zero.alias("debit"),
+                            amount.alias("credit"),
+                            desc.alias("description"),
+                        ),
+                    ]
+                ).alias("lines"),
             ).alias("payload"),
             pl.lit([], pl.List(pl.String)).alias("depends_on"),
-            first_error(pl.when(pl.col("failure_amount").is_null()).then(pl.format(
-                "waiting: failure balance transaction {} is not staged",
-                pl.col("failure_balance_transaction")))).alias("error"),
+            first_error(
+                pl.when(pl.col("failure_amount").is_null()).then(
+                    pl.format(
+                        "waiting: failure balance transaction {} is not staged",
+                        pl.col("failure_balance_transaction"),
+                    )
+                )
+            ).alias("error"),
         )
-        frames.append(_docs(journals.with_columns(pl.col("failure_date").alias("doc_date")),
-                            mapping, periods, key_col="stripe_key"))
+        frames.append(
+            _docs(
+                journals.with_columns(pl.col("failure_date").alias("doc_date")),
+                mapping,
+                periods,
+                key_col="stripe_key",
+            )
+        )
     return pl.concat(frames)
 
 
 # -- closed periods ----------------------------------------------------------------------
-DATE_FIELDS = {"invoice": "invoice_date",
-               "cash_receipt": "receipt_date", "credit_memo": "memo_date",
-               "journal_entry": "entry_date"}
+DATE_FIELDS = {
+    "invoice": "invoice_date",
+    "cash_receipt": "receipt_date",
+    "credit_memo": "memo_date",
+    "journal_entry": "entry_date",
+}
 MEMO_FIELDS = {"cash_receipt": "memo", "credit_memo": "reason", "journal_entry": "description"}
 
 
 def periods_frame(periods: list[dict[str, object]]) -> pl.DataFrame:
     """Sage fiscal periods with, for each, the first day of the next open period after it."""
-    df = pl.DataFrame(periods, schema_overrides={"start": pl.String, "end": pl.String}).select(
-        pl.col("start").str.to_date(), pl.col("end").str.to_date(), pl.col("status"),
-        pl.format("{}-{}", pl.col("year"), pl.col("period").cast(pl.String).str.zfill(2))
-        .alias("period_name"),
-    ).sort("start")
+    df = (
+        pl.DataFrame(periods, schema_overrides={"start": pl.String, "end": pl.String})
+        .select(
+            pl.col("start").str.to_date(),
+            pl.col("end").str.to_date(),
+            pl.col("status"),
+            pl.format("{}-{}", pl.col("year"), pl.col("period").cast(pl.String).str.zfill(2)).alias(
+                "period_name"
+            ),
+        )
+        .sort("start")
+    )
     open_start = pl.when(pl.col("status") == "open").then(pl.col("start"))
     return df.with_columns(open_start.shift(-1).backward_fill().alias("next_open"))
 
 
-def adjust_for_periods(df: pl.DataFrame, doc_type: str, mapping: Mapping,
-                       periods: pl.DataFrame) -> pl.DataFrame:
+def adjust_for_periods(
+    df: pl.DataFrame, doc_type: str, mapping: Mapping, periods: pl.DataFrame
+) -> pl.DataFrame:
     """Apply the closed-period policy to dated documents: re-date to the next open period
     (original date kept in the memo) or dead-letter. Never silently dropped."""
     date_field = DATE_FIELDS[doc_type]
     memo_field = MEMO_FIELDS.get(doc_type)
     p = periods.rename({c: f"_p_{c}" for c in periods.columns})
-    df = df.sort("doc_date").join_asof(p, left_on="doc_date", right_on="_p_start",
-                                       strategy="backward")
-    closed = pl.col("_p_end").is_null() | (pl.col("doc_date") > pl.col("_p_end")) | (
-        pl.col("_p_status") != "open")
+    df = df.sort("doc_date").join_asof(
+        p, left_on="doc_date", right_on="_p_start", strategy="backward"
+    )
+    closed = (
+        pl.col("_p_end").is_null()
+        | (pl.col("doc_date") > pl.col("_p_end"))
+        | (pl.col("_p_status") != "open")
+    )
     note = pl.format(" (orig {}, period closed)", pl.col("doc_date"))
     if mapping.closed_period_policy == "next_open":
         eff = pl.when(closed).then(pl.col("_p_next_open")).otherwise(pl.col("doc_date"))
-        err = pl.when(closed & pl.col("_p_next_open").is_null()).then(pl.format(
-            "{} {} falls in a closed period and no later period is open", pl.lit(date_field),
-            pl.col("doc_date")))
+        err = pl.when(closed & pl.col("_p_next_open").is_null()).then(
+            pl.format(
+                "{} {} falls in a closed period and no later period is open",
+                pl.lit(date_field),
+                pl.col("doc_date"),
+            )
+        )
     else:
         eff = pl.col("doc_date")
-        err = pl.when(closed).then(pl.format(
-            "{} {} falls in closed fiscal period {} (policy dead_letter)", pl.lit(date_field),
-            pl.col("doc_date"), pl.col("_p_period_name")))
+        err = pl.when(closed).then(
+            pl.format(
+                "{} {} falls in closed fiscal period {} (policy dead_letter)",
+                pl.lit(date_field),
+                pl.col("doc_date"),
+                pl.col("_p_period_name"),
+            )
+        )
     fields = [eff.cast(pl.String).alias(date_field)]
     if doc_type == "invoice":
-        fields.append(pl.when(closed & pl.lit(mapping.closed_period_policy == "next_open"))
-                      .then(eff).otherwise(pl.col("doc_date")).cast(pl.String).alias("due_date"))
+        fields.append(
+            pl.when(closed & pl.lit(mapping.closed_period_policy == "next_open"))
+            .then(eff)
+            .otherwise(pl.col("doc_date"))
+            .cast(pl.String)
+            .alias("due_date")
+        )
     if memo_field and mapping.closed_period_policy == "next_open":
         memo = pl.col("payload").struct.field(memo_field).fill_null("")
         # Sage memos hold 60 characters: shorten the memo, never the note with the date.
         room = pl.lit(60, pl.Int64) - note.str.len_chars().cast(pl.Int64)
-        fields.append(pl.when(closed).then(
-            pl.concat_str([memo.str.slice(0, room).str.strip_chars(), note]))
-            .otherwise(pl.col("payload").struct.field(memo_field)).alias(memo_field))
+        fields.append(
+            pl.when(closed)
+            .then(pl.concat_str([memo.str.slice(0, room).str.strip_chars(), note]))
+            .otherwise(pl.col("payload").struct.field(memo_field))
+            .alias(memo_field)
+        )
     return df.with_columns(
         pl.col("payload").struct.with_fields(*fields),
         pl.coalesce(pl.col("error"), err).alias("error"),
     ).drop([f"_p_{c}" for c in periods.columns])
 
 
-def _docs(df: pl.DataFrame, mapping: Mapping | None = None, periods: pl.DataFrame | None = None,
-          key_col: str = "id") -> pl.DataFrame:
+def _docs(
+    df: pl.DataFrame,
+    mapping: Mapping | None = None,
+    periods: pl.DataFrame | None = None,
+    key_col: str = "id",
+) -> pl.DataFrame:
     """Apply the period policy, render payloads as JSON, project onto DOC_SCHEMA."""
     if df.is_empty():
         return empty_docs()
     doc_type = df["doc_type"][0]
-    if periods is not None and mapping is not None and doc_type in DATE_FIELDS \
-            and "doc_date" in df.columns:
+    if (
+        periods is not None
+        and mapping is not None
+        and doc_type in DATE_FIELDS
+        and "doc_date" in df.columns
+    ):
         df = adjust_for_periods(df, doc_type, mapping, periods)
     return df.select(
         pl.concat_str([pl.col("doc_type"), pl.lit(":"), pl.col(key_col)]).alias("doc_key"),

@@ -22,19 +22,34 @@ def stage(st: Staging, run_id: str) -> dict[str, int]:
 
 
 @task(name="quality", cache_policy=NO_CACHE)
-def quality(st: Staging, run_id: str, previous_rows: dict[str, int],
-            docs_dir: Path | None) -> QualityOutcome:
-    outcome = validate_all(st, run_id, now=dt.datetime.now(dt.UTC), docs_dir=docs_dir,
-                           previous_rows=previous_rows)
+def quality(
+    st: Staging, run_id: str, previous_rows: dict[str, int], docs_dir: Path | None
+) -> QualityOutcome:
+    outcome = validate_all(
+        st, run_id, now=dt.datetime.now(dt.UTC), docs_dir=docs_dir, previous_rows=previous_rows
+    )
     if outcome.results:
         create_table_artifact(
-            key="data-quality", table=[
-                {k: r.get(k) for k in ("stream", "check", "column", "success",
-                                       "unexpected_count", "element_count")}
-                for r in outcome.results],
-            description="Great Expectations results for the rows this run staged")
+            key="data-quality",
+            table=[
+                {
+                    k: r.get(k)
+                    for k in (
+                        "stream",
+                        "check",
+                        "column",
+                        "success",
+                        "unexpected_count",
+                        "element_count",
+                    )
+                }
+                for r in outcome.results
+            ],
+            description="Great Expectations results for the rows this run staged",
+        )
     if outcome.markdown:
         create_markdown_artifact(key="data-quality-summary", markdown=outcome.markdown)
-    get_run_logger().info("quality: quarantined %s (data docs: %s)", outcome.quarantined,
-                          outcome.docs_path)
+    get_run_logger().info(
+        "quality: quarantined %s (data docs: %s)", outcome.quarantined, outcome.docs_path
+    )
     return outcome

@@ -13,11 +13,13 @@ from stripe_sage.extract import Extractor
 
 
 @task(name="extract-stream", task_run_name="extract-{stream}", cache_policy=NO_CACHE)
-def extract_stream(extractor: Extractor, stream: str, full_refresh: bool = False,
-                   since: int | None = None) -> dict[str, Any]:
+def extract_stream(
+    extractor: Extractor, stream: str, full_refresh: bool = False, since: int | None = None
+) -> dict[str, Any]:
     stats = extractor.extract_stream(stream, full_refresh=full_refresh, since=since)
-    get_run_logger().info("%s: %s, %d listed in %d windows", stream, stats.mode, stats.listed,
-                          stats.windows)
+    get_run_logger().info(
+        "%s: %s, %d listed in %d windows", stream, stats.mode, stats.listed, stats.windows
+    )
     return asdict(stats)
 
 

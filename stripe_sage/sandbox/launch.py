@@ -27,8 +27,13 @@ def closed_through_for(config: BusinessConfig) -> dt.date:
 
 def fiscal_years_for(config: BusinessConfig, now: float) -> list[int]:
     first = dt.datetime.fromtimestamp(config.start, dt.UTC).year - 1
-    last = max(dt.datetime.fromtimestamp(config.end, dt.UTC).year,
-               dt.datetime.fromtimestamp(now, dt.UTC).year) + 1
+    last = (
+        max(
+            dt.datetime.fromtimestamp(config.end, dt.UTC).year,
+            dt.datetime.fromtimestamp(now, dt.UTC).year,
+        )
+        + 1
+    )
     return list(range(first, last + 1))
 
 
@@ -55,14 +60,21 @@ class SandboxPair:
         self.world = StripeWorld(self.config, clock=self.clock)
         customers, orders = sage_seed_for(self.world)
         self.stripe_app = create_stripe_app(
-            world=self.world, api_key=self.stripe_key, rate_limit=self.stripe_rate_limit,
-            live_rate=self.live_rate)
+            world=self.world,
+            api_key=self.stripe_key,
+            rate_limit=self.stripe_rate_limit,
+            live_rate=self.live_rate,
+        )
         self.sage_db.parent.mkdir(parents=True, exist_ok=True)
         self.sage_app = create_sage_app(
-            self.sage_db, api_key=self.sage_key, customers=customers, sales_orders=orders,
+            self.sage_db,
+            api_key=self.sage_key,
+            customers=customers,
+            sales_orders=orders,
             fiscal_years=fiscal_years_for(self.config, self.clock()),
             closed_through=self.closed_through or closed_through_for(self.config),
-            rate_limit_rps=self.sage_rate_limit)
+            rate_limit_rps=self.sage_rate_limit,
+        )
 
     @property
     def stripe_url(self) -> str:
@@ -73,8 +85,10 @@ class SandboxPair:
         return self._servers[1].url
 
     def start(self) -> SandboxPair:
-        self._servers = [ThreadedServer(self.stripe_app, host=self.host, port=self.stripe_port),
-                         ThreadedServer(self.sage_app, host=self.host, port=self.sage_port)]
+        self._servers = [
+            ThreadedServer(self.stripe_app, host=self.host, port=self.stripe_port),
+            ThreadedServer(self.sage_app, host=self.host, port=self.sage_port),
+        ]
         for server in self._servers:
             server.start()
         return self
@@ -86,10 +100,15 @@ class SandboxPair:
     def __enter__(self) -> SandboxPair:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def describe(self) -> dict[str, Any]:
-        return {"stripe_url": self.stripe_url, "sage_url": self.sage_url,
-                "stripe_key": self.stripe_key, "sage_key": self.sage_key}
+        return {
+            "stripe_url": self.stripe_url,
+            "sage_url": self.sage_url,
+            "stripe_key": self.stripe_key,
+            "sage_key": self.sage_key,
+        }

@@ -28,9 +28,9 @@ class ThreadedServer:
             app, host=host, port=self.port, log_level="warning", access_log=False, lifespan="on"
         )
         self._server = uvicorn.Server(config)
-        # uvicorn installs signal handlers only in the main thread; a thread must not.
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._thread = threading.Thread(target=self._server.run, daemon=True, name=f"uvicorn:{self.port}")
+        self._thread = threading.Thread(
+            target=self._server.run, daemon=True, name=f"uvicorn:{self.port}"
+        )
 
     @property
     def url(self) -> str:

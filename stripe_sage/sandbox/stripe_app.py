@@ -58,12 +58,24 @@ EXPANDABLE: dict[str, set[str]] = {
 
 
 class StripeApiError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = (
-            status, message, type_, code, param)
+            status,
+            message,
+            type_,
+            code,
+            param,
+        )
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
@@ -112,8 +124,9 @@ def _int(params: JSON, key: str, value: Any) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise StripeApiError(400, f"Invalid integer: {value}", code="parameter_invalid_integer",
-                             param=key) from None
+        raise StripeApiError(
+            400, f"Invalid integer: {value}", code="parameter_invalid_integer", param=key
+        ) from None
 
 
 @dataclass
@@ -159,8 +172,14 @@ class Limiter:
 class StripeSandbox:
     """State of one sandbox app: the world, its limiter, faults, webhooks and live mode."""
 
-    def __init__(self, world: StripeWorld, *, api_key: str, rate_limit: float | None,
-                 webhook_client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        world: StripeWorld,
+        *,
+        api_key: str,
+        rate_limit: float | None,
+        webhook_client: httpx.AsyncClient | None = None,
+    ) -> None:
         self.world = world
         self.api_key = api_key
         self.limiter = Limiter(rate_limit)
@@ -174,6 +193,7 @@ class StripeSandbox:
         self.live_rng = random.Random(world.config.seed + 1)
         self.webhook_client = webhook_client
         self.requests = 0
+        self.deliveries: set[asyncio.Task[None]] = set()  # keep running deliveries referenced
         world.listeners.append(self._on_event)
         world.endpoint_count = lambda: len(self.endpoints)
 
@@ -200,7 +220,9 @@ class StripeSandbox:
                     for ev in batch:
                         copies = 2 if self.live_rng.random() < ep.duplicate_rate else 1
                         for _ in range(copies):
-                            asyncio.create_task(self._deliver(client, ep, ev))
+                            task = asyncio.create_task(self._deliver(client, ep, ev))
+                            self.deliveries.add(task)
+                            task.add_done_callback(self.deliveries.discard)
         finally:
             if self.webhook_client is None:
                 await client.aclose()
@@ -208,9 +230,11 @@ class StripeSandbox:
     async def _deliver(self, client: httpx.AsyncClient, ep: WebhookEndpoint, event: JSON) -> None:
         payload = json.dumps(event).encode()
         for attempt in range(ep.max_attempts):
-            headers = {"Content-Type": "application/json; charset=utf-8",
-                       "Stripe-Signature": sign_payload(payload, ep.secret),
-                       "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)"}
+            headers = {
+                "Content-Type": "application/json; charset=utf-8",
+                "Stripe-Signature": sign_payload(payload, ep.secret),
+                "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+            }
             try:
                 r = await client.post(ep.url, content=payload, headers=headers)
                 if 200 <= r.status_code < 300:
@@ -236,9 +260,11 @@ class StripeSandbox:
         with w.lock:
             n_cust = w.count("customers")
             if roll < 0.70:
-                i = w.create_charge(customer=rng.randrange(n_cust),
-                                    amount=rng.randrange(500, 50_000),
-                                    currency=rng.choice(["usd", "usd", "usd", "eur", "jpy"]))
+                i = w.create_charge(
+                    customer=rng.randrange(n_cust),
+                    amount=rng.randrange(500, 50_000),
+                    currency=rng.choice(["usd", "usd", "usd", "eur", "jpy"]),
+                )
                 return [w.make_id("charges", i)]
             if roll < 0.85:
                 i = w.count("charges") - 1 - rng.randrange(min(50, w.count("charges")))
@@ -253,8 +279,7 @@ class StripeSandbox:
                 if opens:
                     return [w.make_id("charges", w.pay_invoice(rng.choice(opens)))]
                 return []
-            k = w.create_customer(name=f"Live Customer {n_cust}",
-                                  email=f"live{n_cust}@example.com")
+            k = w.create_customer(name=f"Live Customer {n_cust}", email=f"live{n_cust}@example.com")
             return [w.make_id("customers", k)]
 
     async def live_forever(self) -> None:
@@ -294,8 +319,12 @@ def create_stripe_app(
                 task.cancel()
             sb.loop = None
 
-    app = FastAPI(title="Stripe sandbox (stripe-sage)", lifespan=lifespan,
-                  description=__doc__, version=world.config.seed.__str__())
+    app = FastAPI(
+        title="Stripe sandbox (stripe-sage)",
+        lifespan=lifespan,
+        description=__doc__,
+        version=world.config.seed.__str__(),
+    )
     app.state.sandbox = sb
 
     @app.exception_handler(StripeApiError)
@@ -306,7 +335,7 @@ def create_stripe_app(
     async def _gate(request: Request, call_next: Callable[[Request], Any]) -> Response:
         path = request.url.path
         if not path.startswith("/v1/"):
-            return await call_next(request)  # type: ignore[no-any-return]
+            return await call_next(request)
         sb.requests += 1
         auth = request.headers.get("authorization", "")
         key = auth[7:] if auth.lower().startswith("bearer ") else ""
@@ -317,28 +346,41 @@ def create_stripe_app(
                 key = base64.b64decode(auth[6:]).decode().split(":", 1)[0]
         if not key or not hmac.compare_digest(key.encode(), sb.api_key.encode()):
             return StripeApiError(
-                401, "Invalid API Key provided. Check the key you are using.").response()
+                401, "Invalid API Key provided. Check the key you are using."
+            ).response()
         family = path.split("/")[2] if path.count("/") >= 2 else path
         if not sb.limiter.allow(family):
             return StripeApiError(
-                429, "Request rate limit exceeded. Learn more about rate limits here "
-                "https://stripe.com/docs/rate-limits.", code="rate_limit",
-                headers={"Stripe-Rate-Limited-Reason": "endpoint-rate"}).response()
+                429,
+                "Request rate limit exceeded. Learn more about rate limits here "
+                "https://stripe.com/docs/rate-limits.",
+                code="rate_limit",
+                headers={"Stripe-Rate-Limited-Reason": "endpoint-rate"},
+            ).response()
         if sb.faults:
             roll = sb.fault_rng.random()
             if roll < sb.faults.get("rate_500", 0.0):
-                return StripeApiError(500, "An unknown error occurred", type_="api_error"
-                                      ).response()
+                return StripeApiError(
+                    500, "An unknown error occurred", type_="api_error"
+                ).response()
             if roll < sb.faults.get("rate_500", 0.0) + sb.faults.get("rate_429", 0.0):
-                return StripeApiError(429, "Request rate limit exceeded.", code="rate_limit",
-                                      headers={"Stripe-Rate-Limited-Reason": "global-rate"}
-                                      ).response()
-        return await call_next(request)  # type: ignore[no-any-return]
+                return StripeApiError(
+                    429,
+                    "Request rate limit exceeded.",
+                    code="rate_limit",
+                    headers={"Stripe-Rate-Limited-Reason": "global-rate"},
+                ).response()
+        return await call_next(request)
 
     def ok(body: JSON) -> Response:
-        return Response(orjson.dumps(body), media_type="application/json",
-                        headers={"Request-Id": f"req_{secrets.token_hex(7)}",
-                                 "Stripe-Version": "2026-10-28.endive"})
+        return Response(
+            orjson.dumps(body),
+            media_type="application/json",
+            headers={
+                "Request-Id": f"req_{secrets.token_hex(7)}",
+                "Stripe-Version": "2026-10-28.endive",
+            },
+        )
 
     def query(request: Request) -> JSON:
         return parse_params(list(request.query_params.multi_items()))
@@ -346,8 +388,9 @@ def create_stripe_app(
     def check_known(params: JSON, allowed: set[str]) -> None:
         for key in params:
             if key not in allowed:
-                raise StripeApiError(400, f"Received unknown parameter: {key}",
-                                     code="parameter_unknown", param=key)
+                raise StripeApiError(
+                    400, f"Received unknown parameter: {key}", code="parameter_unknown", param=key
+                )
 
     def expand_set(params: JSON, resource: str, prefix: str = "") -> frozenset[str]:
         raw = params.get("expand", [])
@@ -355,13 +398,17 @@ def create_stripe_app(
         out = set()
         for item in raw:
             if prefix and not item.startswith(prefix):
-                raise StripeApiError(400, f"This property cannot be expanded ({item}). You may "
-                                     f"want to try expanding '{prefix}{item}' instead.",
-                                     param="expand")
-            name = item[len(prefix):]
+                raise StripeApiError(
+                    400,
+                    f"This property cannot be expanded ({item}). You may "
+                    f"want to try expanding '{prefix}{item}' instead.",
+                    param="expand",
+                )
+            name = item[len(prefix) :]
             if name not in EXPANDABLE.get(resource, set()):
-                raise StripeApiError(400, f"This property cannot be expanded ({name}).",
-                                     param="expand")
+                raise StripeApiError(
+                    400, f"This property cannot be expanded ({name}).", param="expand"
+                )
             out.add(name)
         return frozenset(out)
 
@@ -369,8 +416,9 @@ def create_stripe_app(
         idx = world.parse_id(resource, obj_id)
         if idx is None:
             noun = resource[:-1].replace("_", " ")
-            raise StripeApiError(404, f"No such {noun}: '{obj_id}'", code="resource_missing",
-                                 param=param)
+            raise StripeApiError(
+                404, f"No such {noun}: '{obj_id}'", code="resource_missing", param=param
+            )
         return idx
 
     # -- list engine -----------------------------------------------------------------------
@@ -400,8 +448,12 @@ def create_stripe_app(
                 lo = max(lo, int(np.searchsorted(arr, ts, "left")))
                 hi = min(hi, int(np.searchsorted(arr, ts, "right")))
             else:
-                raise StripeApiError(400, f"Received unknown parameter: created[{op}]",
-                                     code="parameter_unknown", param=f"created[{op}]")
+                raise StripeApiError(
+                    400,
+                    f"Received unknown parameter: created[{op}]",
+                    code="parameter_unknown",
+                    param=f"created[{op}]",
+                )
         return lo, hi
 
     Selector = Callable[[int, int], np.ndarray]
@@ -441,20 +493,29 @@ def create_stripe_app(
                 predicates.append(lambda a, z, s=s: b.inv_subscription[a:z] == s)
             elif resource == "invoices" and key == "status":
                 want = value
-                predicates.append(lambda a, z, want=want: np.array(
-                    [("paid" if world.invoice_paid_charge(j, world.now()) >= 0 else "open")
-                     == want for j in range(a, z)], bool))
+                predicates.append(
+                    lambda a, z, want=want: np.array(
+                        [
+                            ("paid" if world.invoice_paid_charge(j, world.now()) >= 0 else "open")
+                            == want
+                            for j in range(a, z)
+                        ],
+                        bool,
+                    )
+                )
             elif resource == "invoices" and key == "collection_method":
-                predicates.append(lambda a, z, v=value: np.full(
-                    z - a, v == "charge_automatically"))
+                predicates.append(lambda a, z, v=value: np.full(z - a, v == "charge_automatically"))
             elif resource == "subscriptions" and key == "customer":
                 k = lookup("customers", value, key)
                 predicates.append(lambda a, z, k=k: b.sub_customer[a:z] == k)
             elif resource == "subscriptions" and key == "status":
                 predicates.append(lambda a, z, v=value: np.full(z - a, v in ("active", "all")))
             elif resource == "payouts" and key == "status":
-                predicates.append(lambda a, z, v=value: np.array(
-                    [world._payout_state(p, world.now())[0] == v for p in range(a, z)], bool))
+                predicates.append(
+                    lambda a, z, v=value: np.array(
+                        [world._payout_state(p, world.now())[0] == v for p in range(a, z)], bool
+                    )
+                )
             elif resource == "balance_transactions" and key == "payout":
                 p = lookup("payouts", value, key)
                 fixed = np.sort(b.payout_bts(p))
@@ -463,17 +524,27 @@ def create_stripe_app(
                 predicates.append(lambda a, z, kinds=kinds: np.isin(b.bt_kind[a:z], kinds))
                 overlay.append(lambda x, value=value: BT_KINDS[world.bt(x).kind][0] == value)
             elif resource == "balance_transactions" and key == "source":
-                predicates.append(lambda a, z, v=value: np.array(
-                    [world._render_balance_transactions(x, world.now(), frozenset())["source"]
-                     == v for x in range(a, z)], bool))
+                predicates.append(
+                    lambda a, z, v=value: np.array(
+                        [
+                            world._render_balance_transactions(x, world.now(), frozenset())[
+                                "source"
+                            ]
+                            == v
+                            for x in range(a, z)
+                        ],
+                        bool,
+                    )
+                )
             elif resource == "events" and key in ("type", "types"):
                 patterns = [value] if isinstance(value, str) else list(value)
                 if len(patterns) > 20:
                     raise StripeApiError(400, "You may pass at most 20 types.", param="types")
 
                 def matches(name: str, patterns: list[str] = patterns) -> bool:
-                    return any(name == p or (p.endswith("*") and name.startswith(p[:-1]))
-                               for p in patterns)
+                    return any(
+                        name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns
+                    )
 
                 codes = [c for c, (name, _) in enumerate(EVENT_TYPES) if matches(name)]
                 predicates.append(lambda a, z, codes=codes: np.isin(b.ev_type[a:z], codes))
@@ -485,17 +556,27 @@ def create_stripe_app(
             elif resource == "invoice_payments" and key == "invoice":
                 j = lookup("invoices", value, key)
                 fixed = np.array([j], np.int64)
-            elif key == "currency" or key == "delivery_success" or key == "destination" or (
-                    key == "arrival_date") or key == "email" or key == "payment" or (
-                    key == "status" and resource == "invoice_payments"):
+            elif (
+                key == "currency"
+                or key == "delivery_success"
+                or key == "destination"
+                or (key == "arrival_date")
+                or key == "email"
+                or key == "payment"
+                or (key == "status" and resource == "invoice_payments")
+            ):
                 if key == "email":
-                    predicates.append(lambda a, z, v=value: np.array(
-                        [world._customer_attrs(k)["email"] == v for k in range(a, z)], bool))
+                    predicates.append(
+                        lambda a, z, v=value: np.array(
+                            [world._customer_attrs(k)["email"] == v for k in range(a, z)], bool
+                        )
+                    )
                     overlay.append(lambda k, v=value: world._customer_attrs(k)["email"] == v)
                 continue
             else:
-                raise StripeApiError(400, f"Received unknown parameter: {key}",
-                                     code="parameter_unknown", param=key)
+                raise StripeApiError(
+                    400, f"Received unknown parameter: {key}", code="parameter_unknown", param=key
+                )
 
         def select(a: int, z: int) -> np.ndarray:
             if fixed is not None:
@@ -509,8 +590,12 @@ def create_stripe_app(
                     mask &= pred(a, za)
                 parts.append(a + np.nonzero(mask)[0])
             if z > n_base:
-                parts.append(np.array([i for i in range(max(a, n_base), z)
-                                       if all(f(i) for f in overlay)], np.int64))
+                parts.append(
+                    np.array(
+                        [i for i in range(max(a, n_base), z) if all(f(i) for f in overlay)],
+                        np.int64,
+                    )
+                )
             return np.concatenate(parts) if parts else np.array([], np.int64)
 
         return select
@@ -519,11 +604,18 @@ def create_stripe_app(
         check_known(params, LIST_PARAMS | FILTERS.get(resource, set()))
         limit = _int(params, "limit", params.get("limit", 10))
         if not 1 <= limit <= 100:
-            raise StripeApiError(400, "Invalid limit: must be between 1 and 100",
-                                 code="parameter_invalid_integer", param="limit")
+            raise StripeApiError(
+                400,
+                "Invalid limit: must be between 1 and 100",
+                code="parameter_invalid_integer",
+                param="limit",
+            )
         if "starting_after" in params and "ending_before" in params:
-            raise StripeApiError(400, "You may only specify one of these parameters: "
-                                 "ending_before, starting_after.", param="starting_after")
+            raise StripeApiError(
+                400,
+                "You may only specify one of these parameters: ending_before, starting_after.",
+                param="starting_after",
+            )
         expand = expand_set(params, resource, prefix="data.")
         filters = {k: v for k, v in params.items() if k not in LIST_PARAMS}
         with world.lock:
@@ -532,16 +624,24 @@ def create_stripe_app(
                 cursor = params["starting_after"]
                 idx = world.parse_id(resource, cursor)
                 if idx is None:
-                    raise StripeApiError(404, f"No such object: '{cursor}'",
-                                         code="resource_missing", param="starting_after")
+                    raise StripeApiError(
+                        404,
+                        f"No such object: '{cursor}'",
+                        code="resource_missing",
+                        param="starting_after",
+                    )
                 hi = min(hi, idx)
             ending = "ending_before" in params
             if ending:
                 cursor = params["ending_before"]
                 idx = world.parse_id(resource, cursor)
                 if idx is None:
-                    raise StripeApiError(404, f"No such object: '{cursor}'",
-                                         code="resource_missing", param="ending_before")
+                    raise StripeApiError(
+                        404,
+                        f"No such object: '{cursor}'",
+                        code="resource_missing",
+                        param="ending_before",
+                    )
                 lo = max(lo, idx + 1)
             select = selector(resource, filters)
             found: list[int] = []
@@ -566,12 +666,23 @@ def create_stripe_app(
         return {"object": "list", "data": data, "has_more": len(found) > limit, "url": url}
 
     # -- routes ----------------------------------------------------------------------------
-    simple = ["customers", "charges", "refunds", "disputes", "invoices", "subscriptions",
-              "payouts", "balance_transactions", "events", "invoice_payments"]
+    simple = [
+        "customers",
+        "charges",
+        "refunds",
+        "disputes",
+        "invoices",
+        "subscriptions",
+        "payouts",
+        "balance_transactions",
+        "events",
+        "invoice_payments",
+    ]
 
     def make_list(resource: str) -> Callable[[Request], Any]:
         async def list_route(request: Request) -> Response:
             return ok(list_page(resource, query(request), f"/v1/{resource}"))
+
         list_route.__name__ = f"list_{resource}"
         return list_route
 
@@ -583,14 +694,18 @@ def create_stripe_app(
             with world.lock:
                 idx = lookup(resource, obj_id)
                 return ok(world.render(resource, idx, expand=expand))
+
         retrieve_route.__name__ = f"retrieve_{resource}"
         return retrieve_route
 
     for res in simple:
-        app.add_api_route(f"/v1/{res}", make_list(res), methods=["GET"],
-                          summary=f"List {res}")
-        app.add_api_route(f"/v1/{res}/{{obj_id}}", make_retrieve(res), methods=["GET"],
-                          summary=f"Retrieve one of {res}")
+        app.add_api_route(f"/v1/{res}", make_list(res), methods=["GET"], summary=f"List {res}")
+        app.add_api_route(
+            f"/v1/{res}/{{obj_id}}",
+            make_retrieve(res),
+            methods=["GET"],
+            summary=f"Retrieve one of {res}",
+        )
 
     @app.get("/v1/invoices/{obj_id}/lines", summary="All lines of an invoice (paged)")
     async def invoice_lines(request: Request, obj_id: str) -> Response:
@@ -598,8 +713,12 @@ def create_stripe_app(
         check_known(params, {"limit", "starting_after", "ending_before", "expand"})
         limit = _int(params, "limit", params.get("limit", 10))
         if not 1 <= limit <= 100:
-            raise StripeApiError(400, "Invalid limit: must be between 1 and 100",
-                                 code="parameter_invalid_integer", param="limit")
+            raise StripeApiError(
+                400,
+                "Invalid limit: must be between 1 and 100",
+                code="parameter_invalid_integer",
+                param="limit",
+            )
         with world.lock:
             lines = world._invoice_lines(lookup("invoices", obj_id))
         # Lines keep their invoice order; the cursors are line ids.
@@ -608,20 +727,30 @@ def create_stripe_app(
         for key in ("starting_after", "ending_before"):
             if key in params:
                 if params[key] not in ids:
-                    raise StripeApiError(404, f"No such line item: '{params[key]}'",
-                                         code="resource_missing", param=key)
+                    raise StripeApiError(
+                        404,
+                        f"No such line item: '{params[key]}'",
+                        code="resource_missing",
+                        param=key,
+                    )
                 if key == "starting_after":
                     start = ids.index(params[key]) + 1
                 else:
                     stop = ids.index(params[key])
         if "ending_before" in params:
-            page = lines[max(start, stop - limit):stop]
+            page = lines[max(start, stop - limit) : stop]
             more = stop - limit > start
         else:
-            page = lines[start:start + limit]
+            page = lines[start : start + limit]
             more = start + limit < stop
-        return ok({"object": "list", "data": page, "has_more": more,
-                   "url": f"/v1/invoices/{obj_id}/lines"})
+        return ok(
+            {
+                "object": "list",
+                "data": page,
+                "has_more": more,
+                "url": f"/v1/invoices/{obj_id}/lines",
+            }
+        )
 
     async def form(request: Request) -> JSON:
         raw = (await request.body()).decode()
@@ -634,11 +763,18 @@ def create_stripe_app(
         if key and key in sb.idempotency:
             seen_fp, status, body = sb.idempotency[key]
             if seen_fp != fingerprint:
-                raise StripeApiError(400, "Keys for idempotent requests can only be used with "
-                                     "the same parameters they were first used with.",
-                                     type_="idempotency_error")
-            return Response(body, status_code=status, media_type="application/json",
-                            headers={"Idempotent-Replayed": "true"})
+                raise StripeApiError(
+                    400,
+                    "Keys for idempotent requests can only be used with "
+                    "the same parameters they were first used with.",
+                    type_="idempotency_error",
+                )
+            return Response(
+                body,
+                status_code=status,
+                media_type="application/json",
+                headers={"Idempotent-Replayed": "true"},
+            )
         result = handler(await form(request))
         body = orjson.dumps(result)
         if key:
@@ -653,20 +789,27 @@ def create_stripe_app(
             check_known(params, updatable | {"expand"})
             k = lookup("customers", obj_id)
             if k in world.o.deleted_customers:
-                raise StripeApiError(404, f"No such customer: '{obj_id}'",
-                                     code="resource_missing", param="id")
-            return world.update_object("customers", k, {x: v for x, v in params.items()
-                                                        if x != "expand"})
+                raise StripeApiError(
+                    404, f"No such customer: '{obj_id}'", code="resource_missing", param="id"
+                )
+            return world.update_object(
+                "customers", k, {x: v for x, v in params.items() if x != "expand"}
+            )
+
         return await idempotent(request, handle)
 
     @app.post("/v1/customers", summary="Create a customer")
     async def create_customer(request: Request) -> Response:
         def handle(params: JSON) -> JSON:
             check_known(params, updatable | {"expand"})
-            k = world.create_customer(name=params.get("name") or "", email=params.get("email"),
-                                      metadata=params.get("metadata"),
-                                      phone=params.get("phone"))
+            k = world.create_customer(
+                name=params.get("name") or "",
+                email=params.get("email"),
+                metadata=params.get("metadata"),
+                phone=params.get("phone"),
+            )
             return world.render("customers", k)
+
         return await idempotent(request, handle)
 
     @app.delete("/v1/customers/{obj_id}", summary="Delete a customer")
@@ -679,8 +822,10 @@ def create_stripe_app(
         def handle(params: JSON) -> JSON:
             check_known(params, {"metadata", "description", "expand"})
             i = lookup("charges", obj_id)
-            return world.update_object("charges", i, {x: v for x, v in params.items()
-                                                      if x != "expand"})
+            return world.update_object(
+                "charges", i, {x: v for x, v in params.items() if x != "expand"}
+            )
+
         return await idempotent(request, handle)
 
     # -- sandbox controls ------------------------------------------------------------------
@@ -688,12 +833,19 @@ def create_stripe_app(
     async def info() -> JSON:
         c = world.config
         return {
-            "seed": c.seed, "charges": c.charges, "start": c.start, "end": c.end,
-            "days": c.days, "rate_limit": sb.limiter.rps, "live_rate": sb.live_rate,
+            "seed": c.seed,
+            "charges": c.charges,
+            "start": c.start,
+            "end": c.end,
+            "days": c.days,
+            "rate_limit": sb.limiter.rps,
+            "live_rate": sb.live_rate,
             "requests": sb.requests,
             "counts": {r: world.count(r) for r in simple},
-            "webhook_endpoints": [{"url": e.url, "delivered": e.delivered,
-                                   "failed_attempts": e.failed_attempts} for e in sb.endpoints],
+            "webhook_endpoints": [
+                {"url": e.url, "delivered": e.delivered, "failed_attempts": e.failed_attempts}
+                for e in sb.endpoints
+            ],
         }
 
     @app.post("/_sandbox/activity", summary="Create activity now (charge, refund, ...)")
@@ -703,11 +855,13 @@ def create_stripe_app(
         try:
             with world.lock:
                 if action == "charge":
-                    cust = (lookup("customers", body["customer"]) if body.get("customer")
-                            else 0)
-                    i = world.create_charge(customer=cust, amount=int(body.get("amount", 2000)),
-                                            currency=body.get("currency", "usd"),
-                                            metadata=body.get("metadata"))
+                    cust = lookup("customers", body["customer"]) if body.get("customer") else 0
+                    i = world.create_charge(
+                        customer=cust,
+                        amount=int(body.get("amount", 2000)),
+                        currency=body.get("currency", "usd"),
+                        metadata=body.get("metadata"),
+                    )
                     return {"id": world.make_id("charges", i)}
                 if action == "refund":
                     i = lookup("charges", body["charge"])
@@ -718,9 +872,11 @@ def create_stripe_app(
                     i = world.pay_invoice(j)
                     return {"id": world.make_id("charges", i)}
                 if action == "customer":
-                    k = world.create_customer(name=body.get("name", "New Customer"),
-                                              email=body.get("email"),
-                                              metadata=body.get("metadata"))
+                    k = world.create_customer(
+                        name=body.get("name", "New Customer"),
+                        email=body.get("email"),
+                        metadata=body.get("metadata"),
+                    )
                     return {"id": world.make_id("customers", k)}
                 if action == "update_customer":
                     k = lookup("customers", body["customer"])
@@ -731,8 +887,9 @@ def create_stripe_app(
                     world.delete_customer(k)
                     return {"id": body["customer"]}
                 if action == "live_step":
-                    return {"ids": [x for _ in range(int(body.get("count", 1)))
-                                    for x in sb.live_step()]}
+                    return {
+                        "ids": [x for _ in range(int(body.get("count", 1))) for x in sb.live_step()]
+                    }
         except ValueError as exc:
             raise StripeApiError(400, str(exc)) from None
         raise StripeApiError(400, f"unknown action {action!r}", param="action")
@@ -744,11 +901,14 @@ def create_stripe_app(
     @app.post("/_sandbox/webhook_endpoints", summary="Deliver events to an endpoint, signed")
     async def add_endpoint(request: Request) -> JSON:
         body = await request.json()
-        ep = WebhookEndpoint(url=body["url"], secret=body["secret"],
-                             duplicate_rate=float(body.get("duplicate_rate", 0.0)),
-                             shuffle_window=int(body.get("shuffle_window", 0)),
-                             max_attempts=int(body.get("max_attempts", 5)),
-                             retry_base=float(body.get("retry_base", 0.5)))
+        ep = WebhookEndpoint(
+            url=body["url"],
+            secret=body["secret"],
+            duplicate_rate=float(body.get("duplicate_rate", 0.0)),
+            shuffle_window=int(body.get("shuffle_window", 0)),
+            max_attempts=int(body.get("max_attempts", 5)),
+            retry_base=float(body.get("retry_base", 0.5)),
+        )
         sb.endpoints.append(ep)
         return {"url": ep.url, "endpoints": len(sb.endpoints)}
 

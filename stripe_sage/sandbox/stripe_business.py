@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,8 @@ def default_end() -> int:
     return int(dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC).timestamp())
 
 
-def midnight(ts: np.ndarray | int) -> np.ndarray | int:
+def midnight(ts: Any) -> Any:
+    """Start of the UTC day of ``ts`` (an int or an array of unix seconds)."""
     return ts - (ts % DAY)
 
 
@@ -228,9 +230,7 @@ class Business:
         )
         bt_amount = np.where(
             partial,
-            np.maximum(1, np.round(self.ch_bt_amount * (amount / self.ch_amount))).astype(
-                np.int64
-            ),
+            np.maximum(1, np.round(self.ch_bt_amount * (amount / self.ch_amount))).astype(np.int64),
             self.ch_bt_amount,
         )
         fail = (rng.random(n) < 0.1) & (created <= c.end - 2 * DAY)
@@ -278,35 +278,72 @@ class Business:
         c = self.config
         rows: list[dict[str, np.ndarray]] = []
 
-        def add(kind: int, created: np.ndarray, amount: np.ndarray, fee: np.ndarray,
-                src: np.ndarray, available: np.ndarray) -> None:
-            rows.append({
-                "kind": np.full(len(created), kind, np.int8),
-                "created": created.astype(np.int64),
-                "amount": amount.astype(np.int64),
-                "fee": fee.astype(np.int64),
-                "src": src.astype(np.int32),
-                "available": available.astype(np.int64),
-            })
+        def add(
+            kind: int,
+            created: np.ndarray,
+            amount: np.ndarray,
+            fee: np.ndarray,
+            src: np.ndarray,
+            available: np.ndarray,
+        ) -> None:
+            rows.append(
+                {
+                    "kind": np.full(len(created), kind, np.int8),
+                    "created": created.astype(np.int64),
+                    "amount": amount.astype(np.int64),
+                    "fee": fee.astype(np.int64),
+                    "src": src.astype(np.int32),
+                    "available": available.astype(np.int64),
+                }
+            )
 
         ok = np.nonzero(~self.ch_failed)[0]
         ch_created = self.charges.created[ok]
-        add(BT_CHARGE, ch_created, self.ch_bt_amount[ok],
-            self.ch_fee_processing[ok] + self.ch_fee_intl[ok], ok,
-            midnight(ch_created) + 2 * DAY)
+        add(
+            BT_CHARGE,
+            ch_created,
+            self.ch_bt_amount[ok],
+            self.ch_fee_processing[ok] + self.ch_fee_intl[ok],
+            ok,
+            midnight(ch_created) + 2 * DAY,
+        )
         r = np.arange(len(self.refunds))
-        add(BT_REFUND, self.refunds.created, -self.rf_bt_amount, np.zeros(len(r)), r,
-            self.refunds.created)
+        add(
+            BT_REFUND,
+            self.refunds.created,
+            -self.rf_bt_amount,
+            np.zeros(len(r)),
+            r,
+            self.refunds.created,
+        )
         rf = np.nonzero(self.rf_failed)[0]
-        add(BT_REFUND_FAILURE, self.rf_failed_at[rf], self.rf_bt_amount[rf],
-            np.zeros(len(rf)), rf, self.rf_failed_at[rf])
+        add(
+            BT_REFUND_FAILURE,
+            self.rf_failed_at[rf],
+            self.rf_bt_amount[rf],
+            np.zeros(len(rf)),
+            rf,
+            self.rf_failed_at[rf],
+        )
         d = np.arange(len(self.disputes))
         dp_amount = self.ch_bt_amount[self.dp_charge]
-        add(BT_DISPUTE, self.disputes.created, -dp_amount, np.full(len(d), DISPUTE_FEE), d,
-            self.disputes.created)
+        add(
+            BT_DISPUTE,
+            self.disputes.created,
+            -dp_amount,
+            np.full(len(d), DISPUTE_FEE),
+            d,
+            self.disputes.created,
+        )
         won = np.nonzero(self.dp_status == 1)[0]
-        add(BT_DISPUTE_REVERSAL, self.dp_closed_at[won], dp_amount[won],
-            np.where(self.dp_fee_returned[won], -DISPUTE_FEE, 0), won, self.dp_closed_at[won])
+        add(
+            BT_DISPUTE_REVERSAL,
+            self.dp_closed_at[won],
+            dp_amount[won],
+            np.where(self.dp_fee_returned[won], -DISPUTE_FEE, 0),
+            won,
+            self.dp_closed_at[won],
+        )
         # A monthly Billing fee on the first of each month inside the business.
         months = []
         day0 = dt.datetime.fromtimestamp(c.start, dt.UTC).date().replace(day=1)
@@ -319,8 +356,7 @@ class Business:
         if not months:
             months.append(c.start + c.days * DAY // 2)
         m = np.array(months, np.int64)
-        add(BT_STRIPE_FEE, m, np.full(len(m), -BILLING_FEE), np.zeros(len(m)),
-            np.arange(len(m)), m)
+        add(BT_STRIPE_FEE, m, np.full(len(m), -BILLING_FEE), np.zeros(len(m)), np.arange(len(m)), m)
 
         cols = {k: np.concatenate([row[k] for row in rows]) for k in rows[0]}
         # Automatic daily payouts: each day at 06:00 UTC, everything available by midnight.
@@ -346,7 +382,8 @@ class Business:
             carry.append(by_avail[pos:nxt])
             pos = nxt
             carry_extra += [
-                k for k, (avail, _, _) in enumerate(pending_extra)
+                k
+                for k, (avail, _, _) in enumerate(pending_extra)
                 if avail <= day and extra_payout_of[k] < 0 and k not in carry_extra
             ]
             members = np.concatenate(carry)
@@ -379,20 +416,29 @@ class Business:
         # Append the payouts' own bts and the failure bts, then sort everything by created.
         pk = np.arange(n_po)
         extra = {
-            "kind": np.concatenate([np.full(n_po, BT_PAYOUT, np.int8),
-                                    np.full(len(pending_extra), BT_PAYOUT_FAILURE, np.int8)]),
-            "created": np.concatenate([self.po_created_arr,
-                                       np.array([a for a, _, _ in pending_extra], np.int64)]),
-            "amount": np.concatenate([-self.po_amount,
-                                      np.array([v for _, v, _ in pending_extra], np.int64)]),
+            "kind": np.concatenate(
+                [
+                    np.full(n_po, BT_PAYOUT, np.int8),
+                    np.full(len(pending_extra), BT_PAYOUT_FAILURE, np.int8),
+                ]
+            ),
+            "created": np.concatenate(
+                [self.po_created_arr, np.array([a for a, _, _ in pending_extra], np.int64)]
+            ),
+            "amount": np.concatenate(
+                [-self.po_amount, np.array([v for _, v, _ in pending_extra], np.int64)]
+            ),
             "fee": np.zeros(n_po + len(pending_extra), np.int64),
-            "src": np.concatenate([pk, np.array([p for _, _, p in pending_extra], np.int64)]
-                                  ).astype(np.int32),
-            "available": np.concatenate([self.po_created_arr,
-                                         np.array([a for a, _, _ in pending_extra], np.int64)]),
+            "src": np.concatenate(
+                [pk, np.array([p for _, _, p in pending_extra], np.int64)]
+            ).astype(np.int32),
+            "available": np.concatenate(
+                [self.po_created_arr, np.array([a for a, _, _ in pending_extra], np.int64)]
+            ),
         }
-        payout_all = np.concatenate([payout_of, pk.astype(np.int32),
-                                     np.array(extra_payout_of, np.int32)])
+        payout_all = np.concatenate(
+            [payout_of, pk.astype(np.int32), np.array(extra_payout_of, np.int32)]
+        )
         allc = {k: np.concatenate([cols[k], extra[k]]) for k in cols}
         order = np.argsort(allc["created"], kind="stable")
         self.balance_transactions = Table(allc["created"][order])
@@ -433,8 +479,11 @@ class Business:
             parts.append((np.asarray(created, np.int64), EVENT_CODE[etype], np.asarray(obj)))
 
         add(self.customers.created, "customer.created", np.arange(len(self.customers)))
-        add(self.subscriptions.created, "customer.subscription.created",
-            np.arange(len(self.subscriptions)))
+        add(
+            self.subscriptions.created,
+            "customer.subscription.created",
+            np.arange(len(self.subscriptions)),
+        )
         ninv = np.arange(len(self.invoices))
         add(self.invoices.created, "invoice.created", ninv)
         add(self.invoices.created + 1, "invoice.finalized", ninv)
@@ -464,8 +513,11 @@ class Business:
         add(self.po_arrival[arrived], "payout.paid", npo[arrived])
         add(self.po_arrival[arrived] + HOUR, "payout.reconciliation_completed", npo[arrived])
         if self.failed_payout >= 0:
-            add(self.po_failed_at[[self.failed_payout]], "payout.failed",
-                np.array([self.failed_payout]))
+            add(
+                self.po_failed_at[[self.failed_payout]],
+                "payout.failed",
+                np.array([self.failed_payout]),
+            )
         created = np.concatenate([p[0] for p in parts])
         etype = np.concatenate([np.full(len(p[0]), p[1], np.int8) for p in parts])
         obj = np.concatenate([p[2] for p in parts]).astype(np.int32)

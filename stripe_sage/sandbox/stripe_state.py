@@ -31,10 +31,8 @@ from stripe_sage.sandbox.stripe_business import (
     BT_PAYOUT_FAILURE,
     BT_REFUND,
     BT_REFUND_FAILURE,
-    BT_STRIPE_FEE,
     CURRENCIES,
     DAY,
-    DISPUTE_FEE,
     EVENT_TYPES,
     HOUR,
     Business,
@@ -84,18 +82,68 @@ def load_fixtures() -> dict[str, JSON]:
     return json.loads(text)["resources"]
 
 
-FIRST = ["Ada", "Grace", "Alan", "Maria", "Jonas", "Priya", "Kenji", "Fatima", "Luca", "Olga",
-         "Tomás", "Zoë", "Łukasz", "Søren", "Anaïs", "Björn", "Chloé", "Dmitri", "Eun-ji", "Noah"]
-LAST = ["Lovelace", "Hopper", "Turing", "García", "Müller", "Sharma", "Tanaka", "Haddad",
-        "Rossi", "Ivanova", "Nakamura", "Ångström", "Żółć", "Kierkegaard", "Dubois", "O'Neil"]
-COMPANY = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Tyrell",
-           "Cyberdyne", "Soylent", "Wonka", "Aperture"]
+FIRST = [
+    "Ada",
+    "Grace",
+    "Alan",
+    "Maria",
+    "Jonas",
+    "Priya",
+    "Kenji",
+    "Fatima",
+    "Luca",
+    "Olga",
+    "Tomás",
+    "Zoë",
+    "Łukasz",
+    "Søren",
+    "Anaïs",
+    "Björn",
+    "Chloé",
+    "Dmitri",
+    "Eun-ji",
+    "Noah",
+]
+LAST = [
+    "Lovelace",
+    "Hopper",
+    "Turing",
+    "García",
+    "Müller",
+    "Sharma",
+    "Tanaka",
+    "Haddad",
+    "Rossi",
+    "Ivanova",
+    "Nakamura",
+    "Ångström",
+    "Żółć",
+    "Kierkegaard",
+    "Dubois",
+    "O'Neil",
+]
+COMPANY = [
+    "Acme",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Hooli",
+    "Stark",
+    "Wayne",
+    "Tyrell",
+    "Cyberdyne",
+    "Soylent",
+    "Wonka",
+    "Aperture",
+]
 PRODUCTS = [
-    ("Pro plan (monthly)", "prod_pro"), ("Team seat", "prod_seat"),
-    ("API overage, per 1,000 calls", "prod_api"), ("Onboarding package", "prod_onb"),
-    ("Premium support", "prod_sup"), ("Storage add-on 100 GB", "prod_sto"),
-    ("Annual maintenance and priority support for the enterprise deployment tier",
-     "prod_ent"),
+    ("Pro plan (monthly)", "prod_pro"),
+    ("Team seat", "prod_seat"),
+    ("API overage, per 1,000 calls", "prod_api"),
+    ("Onboarding package", "prod_onb"),
+    ("Premium support", "prod_sup"),
+    ("Storage add-on 100 GB", "prod_sto"),
+    ("Annual maintenance and priority support for the enterprise deployment tier", "prod_ent"),
 ]
 COUNTRIES = ["US", "US", "US", "GB", "DE", "JP", "KW", "FR", "CA", "NL"]
 BRANDS = ["visa", "mastercard", "amex", "discover"]
@@ -210,13 +258,14 @@ class StripeWorld:
         return len(getattr(self.b, resource))
 
     def extra(self, resource: str) -> list[Any]:
-        return {
+        lists: dict[str, list[Any]] = {
             "customers": self.o.customers,
             "charges": self.o.charges,
             "refunds": self.o.refunds,
             "balance_transactions": self.o.bts,
             "events": self.o.events,
-        }.get(resource, [])
+        }
+        return lists.get(resource, [])
 
     def count(self, resource: str) -> int:
         return self.base_count(resource) + len(self.extra(resource))
@@ -224,7 +273,8 @@ class StripeWorld:
     def base_created(self, resource: str) -> np.ndarray:
         if resource == "invoice_payments":
             return self.b.charges.created[self.b.inv_charge]
-        return getattr(self.b, resource).created  # type: ignore[no-any-return]
+        table: Any = getattr(self.b, resource)
+        return table.created
 
     def created_of(self, resource: str, index: int) -> int:
         n = self.base_count(resource)
@@ -245,12 +295,18 @@ class StripeWorld:
         if i >= len(b.charges):
             return self.o.charges[i - len(b.charges)]
         return ChargeSpec(
-            created=int(b.charges.created[i]), amount=int(b.ch_amount[i]),
-            currency=int(b.ch_currency[i]), rate=float(b.ch_rate[i]),
-            bt_amount=int(b.ch_bt_amount[i]), fee_processing=int(b.ch_fee_processing[i]),
-            fee_intl=int(b.ch_fee_intl[i]), customer=int(b.ch_customer[i]),
-            failed=bool(b.ch_failed[i]), invoice=int(b.ch_invoice[i]),
-            erp_order_no=b.erp_order_no(i) if b.ch_is_erp[i] else None, card=int(b.ch_card[i]),
+            created=int(b.charges.created[i]),
+            amount=int(b.ch_amount[i]),
+            currency=int(b.ch_currency[i]),
+            rate=float(b.ch_rate[i]),
+            bt_amount=int(b.ch_bt_amount[i]),
+            fee_processing=int(b.ch_fee_processing[i]),
+            fee_intl=int(b.ch_fee_intl[i]),
+            customer=int(b.ch_customer[i]),
+            failed=bool(b.ch_failed[i]),
+            invoice=int(b.ch_invoice[i]),
+            erp_order_no=b.erp_order_no(i) if b.ch_is_erp[i] else None,
+            card=int(b.ch_card[i]),
             bt=-1 if b.ch_failed[i] else b.bt_of(BT_CHARGE, i),
         )
 
@@ -259,9 +315,12 @@ class StripeWorld:
         if r >= len(b.refunds):
             return self.o.refunds[r - len(b.refunds)]
         return RefundSpec(
-            created=int(b.refunds.created[r]), charge=int(b.rf_charge[r]),
-            amount=int(b.rf_amount[r]), bt_amount=int(b.rf_bt_amount[r]),
-            failed_at=int(b.rf_failed_at[r]), bt=b.bt_of(BT_REFUND, r),
+            created=int(b.refunds.created[r]),
+            charge=int(b.rf_charge[r]),
+            amount=int(b.rf_amount[r]),
+            bt_amount=int(b.rf_bt_amount[r]),
+            failed_at=int(b.rf_failed_at[r]),
+            bt=b.bt_of(BT_REFUND, r),
             failure_bt=b.bt_of(BT_REFUND_FAILURE, r) if b.rf_failed[r] else -1,
         )
 
@@ -270,9 +329,13 @@ class StripeWorld:
         if t >= len(b.balance_transactions):
             return self.o.bts[t - len(b.balance_transactions)]
         return BtSpec(
-            kind=int(b.bt_kind[t]), created=int(b.balance_transactions.created[t]),
-            amount=int(b.bt_amount[t]), fee=int(b.bt_fee[t]), src=int(b.bt_src[t]),
-            available_on=int(b.bt_available[t]), payout=int(b.bt_payout[t]),
+            kind=int(b.bt_kind[t]),
+            created=int(b.balance_transactions.created[t]),
+            amount=int(b.bt_amount[t]),
+            fee=int(b.bt_fee[t]),
+            src=int(b.bt_src[t]),
+            available_on=int(b.bt_available[t]),
+            payout=int(b.bt_payout[t]),
         )
 
     def refunds_of_charge(self, i: int) -> list[int]:
@@ -283,8 +346,14 @@ class StripeWorld:
         return out
 
     # -- rendering -------------------------------------------------------------------------
-    def render(self, resource: str, index: int, *, as_of: int | None = None,
-               expand: frozenset[str] = frozenset()) -> JSON:
+    def render(
+        self,
+        resource: str,
+        index: int,
+        *,
+        as_of: int | None = None,
+        expand: frozenset[str] = frozenset(),
+    ) -> JSON:
         t = self.as_of(as_of)
         fn = getattr(self, f"_render_{resource}")
         obj: JSON = fn(index, t, expand)
@@ -307,20 +376,23 @@ class StripeWorld:
         elif k % 17 == 2:
             name = rr.choice(["山田 太郎", "Zoë Ångström-Øvergård", "Łukasz Żółć", "José Müller"])
         base = k - 1 if k % 29 == 11 else k  # pairs sharing one email
-        email: str | None = f"{first.lower()}.{base}@example.com".replace("ö", "o")
-        if k % 13 == 4:
-            email = None
-        else:
-            email = f"customer{base}@example.com"
+        email = None if k % 13 == 4 else f"customer{base}@example.com"
         country = rr.choice(COUNTRIES)
         return {
-            "created": int(self.b.customers.created[k]), "name": name, "email": email,
+            "created": int(self.b.customers.created[k]),
+            "name": name,
+            "email": email,
             "phone": f"+1 555 {rr.randint(100, 999)} {rr.randint(1000, 9999)}",
-            "address": {"city": rr.choice(["Springfield", "Berlin", "Tokyo", "Kuwait City",
-                                           "London", "Paris"]),
-                        "country": country, "line1": f"{rr.randint(1, 999)} Main Street",
-                        "line2": None, "postal_code": f"{rr.randint(10000, 99999)}",
-                        "state": "CA" if country == "US" else None},
+            "address": {
+                "city": rr.choice(
+                    ["Springfield", "Berlin", "Tokyo", "Kuwait City", "London", "Paris"]
+                ),
+                "country": country,
+                "line1": f"{rr.randint(1, 999)} Main Street",
+                "line2": None,
+                "postal_code": f"{rr.randint(10000, 99999)}",
+                "state": "CA" if country == "US" else None,
+            },
             "metadata": ({"sage_customer_id": sid} if (sid := self.b.sage_customer_id(k)) else {}),
         }
 
@@ -332,11 +404,23 @@ class StripeWorld:
         a = self._customer_attrs(k)
         obj = dict(self.tpl["customer"])
         obj.update(
-            id=self.make_id("customers", k), created=a["created"], email=a["email"],
-            name=a["name"], phone=a["phone"], address=dict(a["address"]),
-            metadata=dict(a["metadata"]), currency="usd", description=None, discount=None,
-            invoice_prefix=f"{_b62(k, 6).upper()}", next_invoice_sequence=1, shipping=None,
-            balance=0, delinquent=False, default_source=None, test_clock=None,
+            id=self.make_id("customers", k),
+            created=a["created"],
+            email=a["email"],
+            name=a["name"],
+            phone=a["phone"],
+            address=dict(a["address"]),
+            metadata=dict(a["metadata"]),
+            currency="usd",
+            description=None,
+            discount=None,
+            invoice_prefix=f"{_b62(k, 6).upper()}",
+            next_invoice_sequence=1,
+            shipping=None,
+            balance=0,
+            delinquent=False,
+            default_source=None,
+            test_clock=None,
         )
         return obj
 
@@ -369,41 +453,72 @@ class StripeWorld:
             metadata["erp_order_id"] = c.erp_order_no
         card = dict(tpl["payment_method_details"]["card"])
         rr = random.Random(i * 31 + self.config.seed)
-        card.update(brand=BRANDS[c.card], network=BRANDS[c.card], last4=f"{rr.randint(0, 9999):04d}",
-                    country=cust["address"]["country"], amount_authorized=c.amount,
-                    fingerprint=_b62((self._salt ^ (c.customer * 0x2545F4914F6CDD1D)) & _MASK, 16),
-                    wallet=None, exp_month=rr.randint(1, 12), exp_year=2030)
+        card.update(
+            brand=BRANDS[c.card],
+            network=BRANDS[c.card],
+            last4=f"{rr.randint(0, 9999):04d}",
+            country=cust["address"]["country"],
+            amount_authorized=c.amount,
+            fingerprint=_b62((self._salt ^ (c.customer * 0x2545F4914F6CDD1D)) & _MASK, 16),
+            wallet=None,
+            exp_month=rr.randint(1, 12),
+            exp_year=2030,
+        )
         obj = dict(tpl)
         obj.update(
-            id=cid, amount=c.amount, amount_captured=c.amount if ok else 0,
+            id=cid,
+            amount=c.amount,
+            amount_captured=c.amount if ok else 0,
             amount_refunded=refunded,
             balance_transaction=self.make_id("balance_transactions", c.bt) if ok else None,
-            billing_details={**tpl["billing_details"], "email": cust["email"],
-                             "name": cust["name"], "address": dict(cust["address"])},
-            captured=ok, created=c.created, currency=code,
+            billing_details={
+                **tpl["billing_details"],
+                "email": cust["email"],
+                "name": cust["name"],
+                "address": dict(cust["address"]),
+            },
+            captured=ok,
+            created=c.created,
+            currency=code,
             customer=self.make_id("customers", c.customer),
             description=("Payment for invoice" if c.invoice >= 0 else "Order payment"),
             disputed=dispute >= 0,
             failure_code="card_declined" if c.failed else None,
             failure_message="Your card was declined." if c.failed else None,
             metadata=metadata,
-            outcome={**tpl["outcome"], "network_status": "declined_by_network" if c.failed
-                     else "approved_by_network", "reason": "generic_decline" if c.failed else None,
-                     "seller_message": "The bank did not return any further details."
-                     if c.failed else "Payment complete.",
-                     "type": "issuer_declined" if c.failed else "authorized"},
-            paid=ok, payment_intent=f"pi_{cid[3:]}", payment_method=f"pm_{cid[3:]}",
+            outcome={
+                **tpl["outcome"],
+                "network_status": "declined_by_network" if c.failed else "approved_by_network",
+                "reason": "generic_decline" if c.failed else None,
+                "seller_message": "The bank did not return any further details."
+                if c.failed
+                else "Payment complete.",
+                "type": "issuer_declined" if c.failed else "authorized",
+            },
+            paid=ok,
+            payment_intent=f"pi_{cid[3:]}",
+            payment_method=f"pm_{cid[3:]}",
             payment_method_details={"card": card, "type": "card"},
-            receipt_email=cust["email"], receipt_url=f"https://pay.stripe.com/receipts/{cid}",
-            refunded=ok and refunded >= c.amount, status="failed" if c.failed else "succeeded",
-            livemode=False, source=None, review=None, transfer_data=None, shipping=None,
+            receipt_email=cust["email"],
+            receipt_url=f"https://pay.stripe.com/receipts/{cid}",
+            refunded=ok and refunded >= c.amount,
+            status="failed" if c.failed else "succeeded",
+            livemode=False,
+            source=None,
+            review=None,
+            transfer_data=None,
+            shipping=None,
             calculated_statement_descriptor="STRIPE SAGE DEMO",
         )
         obj.pop("refunds", None)  # not included since 2022-11-15 unless expanded
         if "refunds" in expand:
             data = [self._render_refunds(r, t, frozenset()) for r in reversed(visible)]
-            obj["refunds"] = {"object": "list", "data": data, "has_more": False,
-                              "url": f"/v1/charges/{cid}/refunds"}
+            obj["refunds"] = {
+                "object": "list",
+                "data": data,
+                "has_more": False,
+                "url": f"/v1/charges/{cid}/refunds",
+            }
         if "balance_transaction" in expand and ok:
             obj["balance_transaction"] = self._render_balance_transactions(c.bt, t, frozenset())
         if "customer" in expand:
@@ -416,15 +531,19 @@ class StripeWorld:
         failed = bool(s.failed_at and s.failed_at <= t)
         obj = dict(self.tpl["refund"])
         obj.update(
-            id=self.make_id("refunds", r), amount=s.amount,
+            id=self.make_id("refunds", r),
+            amount=s.amount,
             balance_transaction=self.make_id("balance_transactions", s.bt),
-            charge=self.make_id("charges", s.charge), created=s.created,
-            currency=self.currencies[ch.currency][0], metadata={},
+            charge=self.make_id("charges", s.charge),
+            created=s.created,
+            currency=self.currencies[ch.currency][0],
+            metadata={},
             payment_intent=f"pi_{self.make_id('charges', s.charge)[3:]}",
             reason=("requested_by_customer", "duplicate", "fraudulent")[r % 3],
             status="failed" if failed else "succeeded",
-            failure_balance_transaction=(self.make_id("balance_transactions", s.failure_bt)
-                                         if failed else None),
+            failure_balance_transaction=(
+                self.make_id("balance_transactions", s.failure_bt) if failed else None
+            ),
             failure_reason="expired_or_canceled_card" if failed else None,
         )
         if "balance_transaction" in expand:
@@ -452,18 +571,29 @@ class StripeWorld:
         obj = dict(tpl)
         created = int(b.disputes.created[d])
         obj.update(
-            id=self.make_id("disputes", d), amount=ch.amount,
-            balance_transactions=[self._render_balance_transactions(x, t, frozenset())
-                                  for x in bts],
-            charge=self.make_id("charges", i), created=created,
+            id=self.make_id("disputes", d),
+            amount=ch.amount,
+            balance_transactions=[
+                self._render_balance_transactions(x, t, frozenset()) for x in bts
+            ],
+            charge=self.make_id("charges", i),
+            created=created,
             currency=self.currencies[ch.currency][0],
             evidence_details={**tpl["evidence_details"], "due_by": created + 7 * DAY},
-            is_charge_refundable=False, metadata={},
+            is_charge_refundable=False,
+            metadata={},
             payment_intent=f"pi_{self.make_id('charges', i)[3:]}",
-            payment_method_details={"card": {**tpl["payment_method_details"]["card"],
-                                             "brand": BRANDS[ch.card], "case_type": "chargeback",
-                                             "network": BRANDS[ch.card]}, "type": "card"},
-            reason=("fraudulent", "product_not_received", "duplicate")[d % 3], status=status,
+            payment_method_details={
+                "card": {
+                    **tpl["payment_method_details"]["card"],
+                    "brand": BRANDS[ch.card],
+                    "case_type": "chargeback",
+                    "network": BRANDS[ch.card],
+                },
+                "type": "card",
+            },
+            reason=("fraudulent", "product_not_received", "duplicate")[d % 3],
+            status=status,
         )
         if "charge" in expand:
             obj["charge"] = self.render("charges", i, as_of=t)
@@ -487,25 +617,48 @@ class StripeWorld:
             qty = 2 if amount % 2 == 0 and amount > 2 and rr.random() < 0.3 else 1
             line = dict(tpl)
             line.update(
-                id=f"il_{inv_id[3:]}{k:02d}", invoice=inv_id, amount=amount, currency="usd",
-                description=f"{qty} × {desc}", livemode=False, metadata={},
-                period={"start": created, "end": created + 30 * DAY}, quantity=qty,
-                subtotal=amount, discount_amounts=[], discounts=[], taxes=[],
-                pricing={"type": "price_details", "price_details": {
-                    "price": f"price_{product[5:]}", "product": product},
-                    "unit_amount_decimal": str(amount // qty)},
-                parent=({"type": "subscription_item_details", "invoice_item_details": None,
-                         "subscription_item_details": {
-                             "invoice_item": None, "proration": False,
-                             "proration_details": {"credited_items": None},
-                             "subscription": self.make_id("subscriptions", sub),
-                             "subscription_item": f"si_{self.make_id('subscriptions', sub)[4:]}"}}
-                        if sub >= 0 else
-                        {"type": "invoice_item_details", "subscription_item_details": None,
-                         "invoice_item_details": {"invoice_item": f"ii_{inv_id[3:]}{k:02d}",
-                                                  "proration": False,
-                                                  "proration_details": {"credited_items": None},
-                                                  "subscription": None}}),
+                id=f"il_{inv_id[3:]}{k:02d}",
+                invoice=inv_id,
+                amount=amount,
+                currency="usd",
+                description=f"{qty} × {desc}",
+                livemode=False,
+                metadata={},
+                period={"start": created, "end": created + 30 * DAY},
+                quantity=qty,
+                subtotal=amount,
+                discount_amounts=[],
+                discounts=[],
+                taxes=[],
+                pricing={
+                    "type": "price_details",
+                    "price_details": {"price": f"price_{product[5:]}", "product": product},
+                    "unit_amount_decimal": str(amount // qty),
+                },
+                parent=(
+                    {
+                        "type": "subscription_item_details",
+                        "invoice_item_details": None,
+                        "subscription_item_details": {
+                            "invoice_item": None,
+                            "proration": False,
+                            "proration_details": {"credited_items": None},
+                            "subscription": self.make_id("subscriptions", sub),
+                            "subscription_item": f"si_{self.make_id('subscriptions', sub)[4:]}",
+                        },
+                    }
+                    if sub >= 0
+                    else {
+                        "type": "invoice_item_details",
+                        "subscription_item_details": None,
+                        "invoice_item_details": {
+                            "invoice_item": f"ii_{inv_id[3:]}{k:02d}",
+                            "proration": False,
+                            "proration_details": {"credited_items": None},
+                            "subscription": None,
+                        },
+                    }
+                ),
             )
             lines.append(line)
         return lines
@@ -536,42 +689,87 @@ class StripeWorld:
         tpl = self.tpl["invoice"]
         obj = dict(tpl)
         obj.update(
-            id=inv_id, number=f"{_b62(ch.customer, 6).upper()}-{j + 1:04d}",
-            customer=self.make_id("customers", ch.customer), customer_email=cust["email"],
-            customer_name=cust["name"], customer_phone=cust["phone"],
-            customer_address=dict(cust["address"]), customer_shipping=None,
-            amount_due=total, amount_paid=total if paid else 0,
-            amount_remaining=0 if paid else total, amount_overpaid=0, amount_shipping=0,
-            attempt_count=1, attempted=True, auto_advance=not paid,
+            id=inv_id,
+            number=f"{_b62(ch.customer, 6).upper()}-{j + 1:04d}",
+            customer=self.make_id("customers", ch.customer),
+            customer_email=cust["email"],
+            customer_name=cust["name"],
+            customer_phone=cust["phone"],
+            customer_address=dict(cust["address"]),
+            customer_shipping=None,
+            amount_due=total,
+            amount_paid=total if paid else 0,
+            amount_remaining=0 if paid else total,
+            amount_overpaid=0,
+            amount_shipping=0,
+            attempt_count=1,
+            attempted=True,
+            auto_advance=not paid,
             billing_reason="subscription_cycle" if sub >= 0 else "manual",
-            collection_method="charge_automatically", created=created, currency="usd",
-            due_date=None, effective_at=created + 1, ending_balance=0,
-            from_invoice=None, hosted_invoice_url=f"https://invoice.stripe.com/i/{inv_id}",
+            collection_method="charge_automatically",
+            created=created,
+            currency="usd",
+            due_date=None,
+            effective_at=created + 1,
+            ending_balance=0,
+            from_invoice=None,
+            hosted_invoice_url=f"https://invoice.stripe.com/i/{inv_id}",
             invoice_pdf=f"https://pay.stripe.com/invoice/{inv_id}/pdf",
-            last_finalization_error=None, livemode=False, metadata={},
+            last_finalization_error=None,
+            livemode=False,
+            metadata={},
             next_payment_attempt=None if paid else created + 3 * DAY,
-            parent=({"type": "subscription_details", "quote_details": None,
-                     "subscription_details": {"metadata": {},
-                                              "subscription": self.make_id("subscriptions", sub)}}
-                    if sub >= 0 else None),
-            period_start=created, period_end=created + 30 * DAY, shipping_cost=None,
-            shipping_details=None, starting_balance=0,
+            parent=(
+                {
+                    "type": "subscription_details",
+                    "quote_details": None,
+                    "subscription_details": {
+                        "metadata": {},
+                        "subscription": self.make_id("subscriptions", sub),
+                    },
+                }
+                if sub >= 0
+                else None
+            ),
+            period_start=created,
+            period_end=created + 30 * DAY,
+            shipping_cost=None,
+            shipping_details=None,
+            starting_balance=0,
             status="paid" if paid else "open",
-            status_transitions={"finalized_at": created + 1,
-                                "marked_uncollectible_at": None,
-                                "paid_at": self.charge(paid_by).created if paid else None,
-                                "voided_at": None},
-            subtotal=total - tax, subtotal_excluding_tax=total - tax, total=total,
-            total_excluding_tax=total - tax, total_discount_amounts=[],
+            status_transitions={
+                "finalized_at": created + 1,
+                "marked_uncollectible_at": None,
+                "paid_at": self.charge(paid_by).created if paid else None,
+                "voided_at": None,
+            },
+            subtotal=total - tax,
+            subtotal_excluding_tax=total - tax,
+            total=total,
+            total_excluding_tax=total - tax,
+            total_discount_amounts=[],
             total_pretax_credit_amounts=[],
-            total_taxes=([{"amount": tax, "tax_behavior": "exclusive",
-                           "tax_rate_details": {"tax_rate": "txr_sales_tax_8_25"},
-                           "taxability_reason": "standard_rated",
-                           "taxable_amount": total - tax, "type": "tax_rate_details"}]
-                         if tax else []),
+            total_taxes=(
+                [
+                    {
+                        "amount": tax,
+                        "tax_behavior": "exclusive",
+                        "tax_rate_details": {"tax_rate": "txr_sales_tax_8_25"},
+                        "taxability_reason": "standard_rated",
+                        "taxable_amount": total - tax,
+                        "type": "tax_rate_details",
+                    }
+                ]
+                if tax
+                else []
+            ),
             webhooks_delivered_at=created + 1,
-            lines={"object": "list", "data": lines[:10], "has_more": len(lines) > 10,
-                   "url": f"/v1/invoices/{inv_id}/lines"},
+            lines={
+                "object": "list",
+                "data": lines[:10],
+                "has_more": len(lines) > 10,
+                "url": f"/v1/invoices/{inv_id}/lines",
+            },
         )
         if "customer" in expand:
             obj["customer"] = self.render("customers", ch.customer, as_of=t)
@@ -583,14 +781,20 @@ class StripeWorld:
         ch = self.charge(i)
         obj = dict(self.tpl["invoice_payment"])
         obj.update(
-            id=f"inpay_{self.make_id('invoices', j)[3:]}", amount_paid=ch.amount if paid_by >= 0
-            else 0, amount_requested=ch.amount, created=int(self.b.invoices.created[j]),
-            currency="usd", invoice=self.make_id("invoices", j), is_default=True,
+            id=f"inpay_{self.make_id('invoices', j)[3:]}",
+            amount_paid=ch.amount if paid_by >= 0 else 0,
+            amount_requested=ch.amount,
+            created=int(self.b.invoices.created[j]),
+            currency="usd",
+            invoice=self.make_id("invoices", j),
+            is_default=True,
             livemode=False,
             payment={"type": "charge", "charge": self.make_id("charges", i)},
             status="paid" if paid_by >= 0 else "open",
-            status_transitions={"canceled_at": None,
-                                "paid_at": ch.created if paid_by >= 0 else None},
+            status_transitions={
+                "canceled_at": None,
+                "paid_at": ch.created if paid_by >= 0 else None,
+            },
         )
         return obj
 
@@ -599,18 +803,42 @@ class StripeWorld:
         created = int(self.b.subscriptions.created[s])
         sid = self.make_id("subscriptions", s)
         item = copy.deepcopy(tpl["items"]["data"][0])
-        item.update(id=f"si_{sid[4:]}", subscription=sid, created=created,
-                    current_period_start=created, current_period_end=created + 30 * DAY)
+        item.update(
+            id=f"si_{sid[4:]}",
+            subscription=sid,
+            created=created,
+            current_period_start=created,
+            current_period_end=created + 30 * DAY,
+        )
         obj = dict(tpl)
         obj.update(
-            id=sid, customer=self.make_id("customers", int(self.b.sub_customer[s])),
-            created=created, start_date=created, billing_cycle_anchor=created,
-            cancel_at=None, canceled_at=None, ended_at=None, status="active", currency="usd",
-            livemode=False, metadata={}, latest_invoice=None, discounts=[],
-            items={"object": "list", "data": [item], "has_more": False,
-                   "url": f"/v1/subscription_items?subscription={sid}"},
-            next_pending_invoice_item_invoice=None, pause_collection=None, trial_end=None,
-            trial_start=None, transfer_data=None, schedule=None, pending_update=None,
+            id=sid,
+            customer=self.make_id("customers", int(self.b.sub_customer[s])),
+            created=created,
+            start_date=created,
+            billing_cycle_anchor=created,
+            cancel_at=None,
+            canceled_at=None,
+            ended_at=None,
+            status="active",
+            currency="usd",
+            livemode=False,
+            metadata={},
+            latest_invoice=None,
+            discounts=[],
+            items={
+                "object": "list",
+                "data": [item],
+                "has_more": False,
+                "url": f"/v1/subscription_items?subscription={sid}",
+            },
+            next_pending_invoice_item_invoice=None,
+            pause_collection=None,
+            trial_end=None,
+            trial_start=None,
+            transfer_data=None,
+            schedule=None,
+            pending_update=None,
         )
         return obj
 
@@ -633,18 +861,32 @@ class StripeWorld:
         pid = self.make_id("payouts", p)
         obj = dict(self.tpl["payout"])
         obj.update(
-            id=pid, amount=int(b.po_amount[p]), arrival_date=int(b.po_arrival[p]),
-            automatic=True, balance_transaction=self.make_id("balance_transactions", bt),
-            created=int(b.payouts.created[p]), currency="usd", description="STRIPE PAYOUT",
+            id=pid,
+            amount=int(b.po_amount[p]),
+            arrival_date=int(b.po_arrival[p]),
+            automatic=True,
+            balance_transaction=self.make_id("balance_transactions", bt),
+            created=int(b.payouts.created[p]),
+            currency="usd",
+            description="STRIPE PAYOUT",
             destination="ba_stripe_sage_operating",
             failure_balance_transaction=self.make_id("balance_transactions", fbt)
-            if failed else None,
+            if failed
+            else None,
             failure_code="account_closed" if failed else None,
             failure_message="The bank account has been closed." if failed else None,
-            livemode=False, metadata={}, method="standard", reconciliation_status=recon,
-            status=status, type="bank_account", original_payout=None, reversed_by=None,
-            trace_id={"status": "supported" if status != "in_transit" else "pending",
-                      "value": f"TRACE{p:010d}" if status != "in_transit" else None},
+            livemode=False,
+            metadata={},
+            method="standard",
+            reconciliation_status=recon,
+            status=status,
+            type="bank_account",
+            original_payout=None,
+            reversed_by=None,
+            trace_id={
+                "status": "supported" if status != "in_transit" else "pending",
+                "value": f"TRACE{p:010d}" if status != "in_transit" else None,
+            },
         )
         if "balance_transaction" in expand:
             obj["balance_transaction"] = self._render_balance_transactions(bt, t, frozenset())
@@ -660,13 +902,25 @@ class StripeWorld:
             source = self.make_id("charges", s.src)
             description = "Payment for invoice" if ch.invoice >= 0 else "Order payment"
             rate = ch.rate if ch.currency else None
-            fee_details.append({"amount": ch.fee_processing, "application": None,
-                                "currency": "usd", "description": "Stripe processing fees",
-                                "type": "stripe_fee"})
+            fee_details.append(
+                {
+                    "amount": ch.fee_processing,
+                    "application": None,
+                    "currency": "usd",
+                    "description": "Stripe processing fees",
+                    "type": "stripe_fee",
+                }
+            )
             if ch.fee_intl:
-                fee_details.append({"amount": ch.fee_intl, "application": None,
-                                    "currency": "usd", "description": "International card fee",
-                                    "type": "stripe_fee"})
+                fee_details.append(
+                    {
+                        "amount": ch.fee_intl,
+                        "application": None,
+                        "currency": "usd",
+                        "description": "International card fee",
+                        "type": "stripe_fee",
+                    }
+                )
         elif s.kind in (BT_REFUND, BT_REFUND_FAILURE):
             rf = self.refund(s.src)
             ch = self.charge(rf.charge)
@@ -676,13 +930,20 @@ class StripeWorld:
         elif s.kind in (BT_DISPUTE, BT_DISPUTE_REVERSAL):
             ch = self.charge(int(self.b.dp_charge[s.src]))
             source = self.make_id("disputes", s.src)
-            description = ("Chargeback withdrawal for " if s.kind == BT_DISPUTE
-                           else "Chargeback reversal for ") + self.make_id(
-                               "charges", int(self.b.dp_charge[s.src]))
+            description = (
+                "Chargeback withdrawal for " if s.kind == BT_DISPUTE else "Chargeback reversal for "
+            ) + self.make_id("charges", int(self.b.dp_charge[s.src]))
             rate = ch.rate if ch.currency else None
             if s.fee:
-                fee_details.append({"amount": s.fee, "application": None, "currency": "usd",
-                                    "description": "Dispute fee", "type": "stripe_fee"})
+                fee_details.append(
+                    {
+                        "amount": s.fee,
+                        "application": None,
+                        "currency": "usd",
+                        "description": "Dispute fee",
+                        "type": "stripe_fee",
+                    }
+                )
         elif s.kind in (BT_PAYOUT, BT_PAYOUT_FAILURE):
             source = self.make_id("payouts", s.src)
             description = "STRIPE PAYOUT" if s.kind == BT_PAYOUT else "Payout failure"
@@ -691,11 +952,20 @@ class StripeWorld:
             description = "Billing - Usage Fee (monthly)"
         obj = dict(self.tpl["balance_transaction"])
         obj.update(
-            id=self.make_id("balance_transactions", x), amount=s.amount,
-            available_on=s.available_on, created=s.created, currency="usd",
-            description=description, exchange_rate=rate, fee=s.fee, fee_details=fee_details,
-            net=s.amount - s.fee, reporting_category=category, source=source,
-            status="available" if s.available_on <= t else "pending", type=btype,
+            id=self.make_id("balance_transactions", x),
+            amount=s.amount,
+            available_on=s.available_on,
+            created=s.created,
+            currency="usd",
+            description=description,
+            exchange_rate=rate,
+            fee=s.fee,
+            fee_details=fee_details,
+            net=s.amount - s.fee,
+            reporting_category=category,
+            source=source,
+            status="available" if s.available_on <= t else "pending",
+            type=btype,
             balance_type="payments",
         )
         if "source" in expand and source is not None:
@@ -713,15 +983,23 @@ class StripeWorld:
         data_obj = self.render(resource, obj_index, as_of=created)
         return self._event(self.make_id("events", e), etype, created, data_obj)
 
-    def _event(self, eid: str, etype: str, created: int, data_obj: JSON,
-               previous: JSON | None = None) -> JSON:
+    def _event(
+        self, eid: str, etype: str, created: int, data_obj: JSON, previous: JSON | None = None
+    ) -> JSON:
         obj = dict(self.tpl["event"])
         data: JSON = {"object": data_obj}
         if previous is not None:
             data["previous_attributes"] = previous
-        obj.update(id=eid, api_version=API_VERSION, created=created, data=data, livemode=False,
-                   pending_webhooks=self.endpoint_count(),
-                   request={"id": None, "idempotency_key": None}, type=etype)
+        obj.update(
+            id=eid,
+            api_version=API_VERSION,
+            created=created,
+            data=data,
+            livemode=False,
+            pending_webhooks=self.endpoint_count(),
+            request={"id": None, "idempotency_key": None},
+            type=etype,
+        )
         return obj
 
     def iter_events_after(self, index: int) -> Iterator[tuple[int, JSON]]:
@@ -731,32 +1009,54 @@ class StripeWorld:
     # -- activity after the generated business (live mode, controls, API writes) -----------
     def _tick(self) -> int:
         """Now, but never before the newest thing that already happened (lists stay sorted)."""
-        latest = max(self.config.end, *(self.created_of(r, self.count(r) - 1)
-                                         for r in ("charges", "refunds", "events",
-                                                   "balance_transactions", "customers")
-                                         if self.count(r)))
+        latest = max(
+            self.config.end,
+            *(
+                self.created_of(r, self.count(r) - 1)
+                for r in ("charges", "refunds", "events", "balance_transactions", "customers")
+                if self.count(r)
+            ),
+        )
         return max(self.now(), latest)
 
     def _emit(self, etype: str, resource: str, index: int, previous: JSON | None = None) -> JSON:
         e = self.count("events")
         created = self._tick()
-        event = self._event(self.make_id("events", e), etype, created,
-                            self.render(resource, index), previous)
+        event = self._event(
+            self.make_id("events", e), etype, created, self.render(resource, index), previous
+        )
         self.o.events.append(event)
         for listener in list(self.listeners):
             listener(event)
         return event
 
-    def create_customer(self, *, name: str, email: str | None = None,
-                        metadata: JSON | None = None, phone: str | None = None) -> int:
+    def create_customer(
+        self,
+        *,
+        name: str,
+        email: str | None = None,
+        metadata: JSON | None = None,
+        phone: str | None = None,
+    ) -> int:
         with self.lock:
             k = self.count("customers")
-            self.o.customers.append({
-                "created": self._tick(), "name": name, "email": email, "phone": phone,
-                "address": {"city": None, "country": None, "line1": None, "line2": None,
-                            "postal_code": None, "state": None},
-                "metadata": dict(metadata or {}),
-            })
+            self.o.customers.append(
+                {
+                    "created": self._tick(),
+                    "name": name,
+                    "email": email,
+                    "phone": phone,
+                    "address": {
+                        "city": None,
+                        "country": None,
+                        "line1": None,
+                        "line2": None,
+                        "postal_code": None,
+                        "state": None,
+                    },
+                    "metadata": dict(metadata or {}),
+                }
+            )
             self._emit("customer.created", "customers", k)
             return k
 
@@ -768,7 +1068,7 @@ class StripeWorld:
             previous: JSON = {}
             for key, value in fields.items():
                 if key == "metadata":
-                    merged = {**patch.get("metadata", before.get("metadata") or {})}
+                    merged = dict(patch.get("metadata") or before.get("metadata") or {})
                     for mk, mv in value.items():
                         if mv in ("", None):
                             merged.pop(mk, None)  # Stripe: an empty value unsets the key
@@ -782,8 +1082,11 @@ class StripeWorld:
                         value = deep_merge(before[key], value)
                     patch[key] = value
             self.o.patches[(resource, index)] = patch
-            etype = {"customers": "customer.updated", "charges": "charge.updated",
-                     "invoices": "invoice.updated"}[resource]
+            etype = {
+                "customers": "customer.updated",
+                "charges": "charge.updated",
+                "invoices": "invoice.updated",
+            }[resource]
             self._emit(etype, resource, index, previous)
             return self.render(resource, index)
 
@@ -803,12 +1106,27 @@ class StripeWorld:
 
     def _new_bt(self, kind: int, amount: int, fee: int, src: int, available_on: int) -> int:
         x = self.count("balance_transactions")
-        self.o.bts.append(BtSpec(kind=kind, created=self._tick(), amount=amount, fee=fee,
-                                 src=src, available_on=available_on))
+        self.o.bts.append(
+            BtSpec(
+                kind=kind,
+                created=self._tick(),
+                amount=amount,
+                fee=fee,
+                src=src,
+                available_on=available_on,
+            )
+        )
         return x
 
-    def create_charge(self, *, customer: int, amount: int, currency: str = "usd",
-                      metadata: JSON | None = None, invoice: int = -1) -> int:
+    def create_charge(
+        self,
+        *,
+        customer: int,
+        amount: int,
+        currency: str = "usd",
+        metadata: JSON | None = None,
+        invoice: int = -1,
+    ) -> int:
         with self.lock:
             codes = [c for c, *_ in self.currencies]
             if currency not in codes:
@@ -822,21 +1140,36 @@ class StripeWorld:
             bt_amount = amount if cur == 0 else round(amount * rate * 10 ** (2 - exp))
             i = self.count("charges")
             created = self._tick()
-            spec = ChargeSpec(created=created, amount=amount, currency=cur,
-                              rate=rate, bt_amount=bt_amount,
-                              fee_processing=round(bt_amount * 0.029) + 30,
-                              fee_intl=0 if cur == 0 else round(bt_amount * 0.01),
-                              customer=customer, failed=False, invoice=invoice,
-                              erp_order_no=(metadata or {}).get("erp_order_id"))
-            spec.bt = self._new_bt(BT_CHARGE, bt_amount, spec.fee_processing + spec.fee_intl,
-                                   i, created - created % DAY + 2 * DAY)
+            spec = ChargeSpec(
+                created=created,
+                amount=amount,
+                currency=cur,
+                rate=rate,
+                bt_amount=bt_amount,
+                fee_processing=round(bt_amount * 0.029) + 30,
+                fee_intl=0 if cur == 0 else round(bt_amount * 0.01),
+                customer=customer,
+                failed=False,
+                invoice=invoice,
+                erp_order_no=(metadata or {}).get("erp_order_id"),
+            )
+            spec.bt = self._new_bt(
+                BT_CHARGE,
+                bt_amount,
+                spec.fee_processing + spec.fee_intl,
+                i,
+                created - created % DAY + 2 * DAY,
+            )
             self.o.charges.append(spec)
             if metadata:
                 extra = {k: v for k, v in metadata.items() if k != "erp_order_id"}
                 if extra:
-                    self.o.patches[("charges", i)] = {"metadata": {
-                        **({"erp_order_id": spec.erp_order_no} if spec.erp_order_no else {}),
-                        **extra}}
+                    self.o.patches[("charges", i)] = {
+                        "metadata": {
+                            **({"erp_order_id": spec.erp_order_no} if spec.erp_order_no else {}),
+                            **extra,
+                        }
+                    }
             self._emit("charge.succeeded", "charges", i)
             return i
 
@@ -849,8 +1182,11 @@ class StripeWorld:
             amount = ch.amount - refunded if amount is None else amount
             if amount <= 0 or refunded + amount > ch.amount:
                 raise ValueError(f"refund of {amount} exceeds what is left on the charge")
-            bt_amount = ch.bt_amount if amount == ch.amount else max(
-                1, round(ch.bt_amount * amount / ch.amount))
+            bt_amount = (
+                ch.bt_amount
+                if amount == ch.amount
+                else max(1, round(ch.bt_amount * amount / ch.amount))
+            )
             r = self.count("refunds")
             spec = RefundSpec(created=self._tick(), charge=i, amount=amount, bt_amount=bt_amount)
             spec.bt = self._new_bt(BT_REFUND, -bt_amount, 0, r, spec.created)
@@ -873,7 +1209,8 @@ class StripeWorld:
 
     def open_invoices(self) -> list[int]:
         t = self._tick()
-        return [int(j) for j in np.nonzero(self.b.ch_failed[self.b.inv_charge])[0]
-                if self.invoice_paid_charge(int(j), t) < 0]
-
-
+        return [
+            int(j)
+            for j in np.nonzero(self.b.ch_failed[self.b.inv_charge])[0]
+            if self.invoice_paid_charge(int(j), t) < 0
+        ]

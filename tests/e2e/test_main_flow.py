@@ -23,9 +23,13 @@ from stripe_sage.sandbox.stripe_business import BusinessConfig
 
 pytestmark = pytest.mark.e2e
 END = 1_782_777_600  # 2026-06-30: a fixed business, so every run sees the same data
-SAGE_COLLECTIONS = {"invoice": "invoices", "cash_receipt": "cashreceipts",
-                    "credit_memo": "creditmemos", "journal_entry": "journalentries",
-                    "customer": "customers"}
+SAGE_COLLECTIONS = {
+    "invoice": "invoices",
+    "cash_receipt": "cashreceipts",
+    "credit_memo": "creditmemos",
+    "journal_entry": "journalentries",
+    "customer": "customers",
+}
 
 
 @dataclass
@@ -35,12 +39,15 @@ class Env:
     secrets: list[str]
 
     def stripe(self) -> httpx.Client:
-        return httpx.Client(base_url=self.pair.stripe_url,
-                            headers={"Authorization": f"Bearer {self.pair.stripe_key}"})
+        return httpx.Client(
+            base_url=self.pair.stripe_url,
+            headers={"Authorization": f"Bearer {self.pair.stripe_key}"},
+        )
 
     def sage(self) -> httpx.Client:
-        return httpx.Client(base_url=self.pair.sage_url,
-                            headers={"Authorization": f"Bearer {self.pair.sage_key}"})
+        return httpx.Client(
+            base_url=self.pair.sage_url, headers={"Authorization": f"Bearer {self.pair.sage_key}"}
+        )
 
 
 def stripe_all(client: httpx.Client, path: str, **params: Any) -> list[dict[str, Any]]:
@@ -70,27 +77,34 @@ def expected_documents(env: Env) -> Counter[str]:
     """What the Stripe business implies, from Stripe's own lists (ACCOUNTING.md)."""
     with env.stripe() as s:
         charges = stripe_all(s, "/v1/charges")
-        paid_invoice_charges = {p["payment"]["charge"] for p in stripe_all(
-            s, "/v1/invoice_payments") if p["status"] == "paid"}
+        paid_invoice_charges = {
+            p["payment"]["charge"]
+            for p in stripe_all(s, "/v1/invoice_payments")
+            if p["status"] == "paid"
+        }
         invoices = [i for i in stripe_all(s, "/v1/invoices") if i["status"] in ("open", "paid")]
         refunds = stripe_all(s, "/v1/refunds")
         customers = stripe_all(s, "/v1/customers")
     succeeded = [c for c in charges if c["status"] == "succeeded"]
-    return Counter({
-        "invoice": len([c for c in succeeded if c["id"] not in paid_invoice_charges])
-        + len(invoices),
-        "cash_receipt": len(succeeded),
-        "credit_memo": len(refunds),
-        "journal_entry": len([r for r in refunds if r["status"] == "failed"]),
-        "customer": len(customers),
-    })
+    return Counter(
+        {
+            "invoice": len([c for c in succeeded if c["id"] not in paid_invoice_charges])
+            + len(invoices),
+            "cash_receipt": len(succeeded),
+            "credit_memo": len(refunds),
+            "journal_entry": len([r for r in refunds if r["status"] == "failed"]),
+            "customer": len(customers),
+        }
+    )
 
 
 def outbox(env: Env) -> dict[str, Counter[str]]:
     con = duckdb.connect(str(env.db), read_only=True)
     try:
-        rows = con.sql("SELECT replace(doc_type, 'customer_link', 'customer'), status, count(*) "
-                       "FROM sage.outbox GROUP BY ALL").fetchall()
+        rows = con.sql(
+            "SELECT replace(doc_type, 'customer_link', 'customer'), status, count(*) "
+            "FROM sage.outbox GROUP BY ALL"
+        ).fetchall()
     finally:
         con.close()
     out: dict[str, Counter[str]] = {}
@@ -109,17 +123,24 @@ def make_env(tmp: Path, charges: int, seed: int, monkeypatch: pytest.MonkeyPatch
     stripe_key = f"sk_test_{secrets.token_hex(12)}"
     sage_key = f"sage_{secrets.token_hex(12)}"
     webhook_secret = f"whsec_{secrets.token_hex(12)}"
-    pair = SandboxPair(BusinessConfig(seed=seed, charges=charges, end=END),
-                       sage_db=tmp / "sage.sqlite3", stripe_key=stripe_key, sage_key=sage_key)
+    pair = SandboxPair(
+        BusinessConfig(seed=seed, charges=charges, end=END),
+        sage_db=tmp / "sage.sqlite3",
+        stripe_key=stripe_key,
+        sage_key=sage_key,
+    )
     db = tmp / "stripe_sage.duckdb"
     return Env(pair, db, [stripe_key, sage_key, webhook_secret])
 
 
 def use_env(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in {
-        "STRIPE_API_KEY": env.secrets[0], "SAGEPRO_API_KEY": env.secrets[1],
-        "STRIPE_WEBHOOK_SECRET": env.secrets[2], "STRIPE_API_BASE": env.pair.stripe_url,
-        "SAGEPRO_BASE_URL": env.pair.sage_url, "STAGING_DB": str(env.db),
+        "STRIPE_API_KEY": env.secrets[0],
+        "SAGEPRO_API_KEY": env.secrets[1],
+        "STRIPE_WEBHOOK_SECRET": env.secrets[2],
+        "STRIPE_API_BASE": env.pair.stripe_url,
+        "SAGEPRO_BASE_URL": env.pair.sage_url,
+        "STAGING_DB": str(env.db),
         "STRIPE_MAX_RPS": "200",
     }.items():
         monkeypatch.setenv(key, value)
@@ -159,8 +180,11 @@ def test_first_run_posts_exactly_what_the_business_implies(env: Env) -> None:
     for doc_type in ("invoice", "cash_receipt", "credit_memo", "journal_entry"):
         assert held[doc_type] == posted[doc_type], doc_type
     with env.stripe() as s:
-        long_names = {c["id"] for c in stripe_all(s, "/v1/customers")
-                      if len(c["name"]) > 40 and not c["metadata"].get("sage_customer_id")}
+        long_names = {
+            c["id"]
+            for c in stripe_all(s, "/v1/customers")
+            if len(c["name"]) > 40 and not c["metadata"].get("sage_customer_id")
+        }
     assert long_names, "the generated business has names over 40 characters"
     con = duckdb.connect(str(env.db), read_only=True)
     letters = con.sql("SELECT doc_key, doc_type, reason FROM ops.dead_letters").fetchall()
@@ -188,23 +212,49 @@ def test_second_run_posts_nothing(env: Env) -> None:
 
 def test_new_activity_is_picked_up_by_the_next_run(env: Env) -> None:
     with env.stripe() as s:
-        customer = next(c for c in stripe_all(s, "/v1/customers")
-                        if len(c["name"]) <= 40 and c["email"])
-        old = next(c for c in stripe_all(s, "/v1/charges")
-                   if c["status"] == "succeeded" and not c["refunded"] and not c["disputed"]
-                   and c["amount_refunded"] == 0)
+        customer = next(
+            c for c in stripe_all(s, "/v1/customers") if len(c["name"]) <= 40 and c["email"]
+        )
+        old = next(
+            c
+            for c in stripe_all(s, "/v1/charges")
+            if c["status"] == "succeeded"
+            and not c["refunded"]
+            and not c["disputed"]
+            and c["amount_refunded"] == 0
+        )
         opened = s.get("/_sandbox/open_invoices").json()["data"]
         assert opened, "the business has an invoice whose payment failed"
-        jpy = s.post("/_sandbox/activity", json={"action": "charge", "customer": customer["id"],
-                                                  "amount": 5000, "currency": "jpy"}).json()["id"]
-        kwd = s.post("/_sandbox/activity", json={"action": "charge", "customer": customer["id"],
-                                                  "amount": 1250, "currency": "kwd"}).json()["id"]
-        refund = s.post("/_sandbox/activity", json={"action": "refund", "charge": old["id"],
-                                                     "amount": 100}).json()["id"]
-        paid_by = s.post("/_sandbox/activity", json={"action": "pay_invoice",
-                                                       "invoice": opened[0]}).json()["id"]
-        bts = {c: s.get(f"/v1/charges/{c}", params={"expand[]": "balance_transaction"}).json()[
-            "balance_transaction"] for c in (jpy, kwd)}
+        jpy = s.post(
+            "/_sandbox/activity",
+            json={
+                "action": "charge",
+                "customer": customer["id"],
+                "amount": 5000,
+                "currency": "jpy",
+            },
+        ).json()["id"]
+        kwd = s.post(
+            "/_sandbox/activity",
+            json={
+                "action": "charge",
+                "customer": customer["id"],
+                "amount": 1250,
+                "currency": "kwd",
+            },
+        ).json()["id"]
+        refund = s.post(
+            "/_sandbox/activity", json={"action": "refund", "charge": old["id"], "amount": 100}
+        ).json()["id"]
+        paid_by = s.post(
+            "/_sandbox/activity", json={"action": "pay_invoice", "invoice": opened[0]}
+        ).json()["id"]
+        bts = {
+            c: s.get(f"/v1/charges/{c}", params={"expand[]": "balance_transaction"}).json()[
+                "balance_transaction"
+            ]
+            for c in (jpy, kwd)
+        }
     before = sage_counts(env)
     result = run_flow(trigger="test")
     after = sage_counts(env)
@@ -226,19 +276,23 @@ def test_new_activity_is_picked_up_by_the_next_run(env: Env) -> None:
     assert receipts[paid_by]["apply_to"][0]["invoice_no"] == invoices[opened[0]]["invoice_no"]
 
 
-def test_no_secret_in_tables_logs_or_output(env: Env, capfd: pytest.CaptureFixture[str],
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_no_secret_in_tables_logs_or_output(
+    env: Env, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     run_flow(trigger="test")
     out, err = capfd.readouterr()
     con = duckdb.connect(str(env.db), read_only=True)
-    tables = con.sql("SELECT table_schema, table_name, column_name FROM information_schema.columns "
-                     "WHERE data_type IN ('VARCHAR', 'JSON') OR data_type LIKE 'VARCHAR%'"
-                     ).fetchall()
+    tables = con.sql(
+        "SELECT table_schema, table_name, column_name FROM information_schema.columns "
+        "WHERE data_type IN ('VARCHAR', 'JSON') OR data_type LIKE 'VARCHAR%'"
+    ).fetchall()
     hits = []
     for secret in env.secrets:
         for schema, table, column in tables:
-            n = con.execute(f'SELECT count(*) FROM {schema}.{table} WHERE CAST("{column}" AS '
-                            "VARCHAR) LIKE ?", [f"%{secret}%"]).fetchall()[0][0]
+            n = con.execute(
+                f'SELECT count(*) FROM {schema}.{table} WHERE CAST("{column}" AS VARCHAR) LIKE ?',
+                [f"%{secret}%"],
+            ).fetchall()[0][0]
             if n:
                 hits.append((secret[:6], schema, table, column))
         assert secret not in out + err
