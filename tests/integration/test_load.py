@@ -1,0 +1,303 @@
+"""Loading planned documents into the Sage sandbox through the outbox, over real loopback HTTP.
+
+The documents are planned by the real pipeline (``stage_all`` + ``plan_documents`` with Sage's
+own fiscal periods) from a business extracted once per module; every test starts from a copy
+of that staging file and a freshly reset Sage sandbox. What Sage holds is read back with plain
+HTTP, independently of the client under test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+import pytest
+
+from stripe_sage.errors import AuthenticationError
+from stripe_sage.extract import DAY, Extractor
+from stripe_sage.load import Loader
+from stripe_sage.mapping import Mapping, default_mapping_text, load_mapping
+from stripe_sage.pipeline import plan_documents, stage_all
+from stripe_sage.sage_client import COLLECTIONS, SageProClient
+from stripe_sage.sandbox.launch import SandboxPair
+from stripe_sage.sandbox.stripe_business import BusinessConfig
+from stripe_sage.staging import Staging
+from stripe_sage.streams import LISTED_STREAMS
+from stripe_sage.stripe_reader import StripeReader
+
+pytestmark = pytest.mark.integration
+
+END = 1_782_777_600  # 2026-06-30 00:00 UTC: a fixed business, the same data on every run
+# Sixty days, so that the documents fall in two fiscal periods (May and June 2026).
+CONFIG = BusinessConfig(seed=4, charges=120, end=END, days=60)
+RUN = "extract-1"
+
+
+@dataclass
+class Env:
+    pair: SandboxPair
+    st: Staging
+
+    def client(self, **kw: Any) -> SageProClient:
+        kw.setdefault("sleep", lambda s: None)
+        kw.setdefault("jitter", lambda: 0.0)
+        return SageProClient(self.pair.sage_url, kw.pop("api_key", self.pair.sage_key), **kw)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.pair.sage_url,
+                            headers={"Authorization": f"Bearer {self.pair.sage_key}"})
+
+    def stats(self) -> dict[str, Any]:
+        with self.http() as http:
+            response = http.get("/_sandbox/stats")
+            response.raise_for_status()
+            return response.json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SandboxPair, Path]]:
+    """Both sandboxes, and a staging file holding the whole business, extracted and staged."""
+    tmp = tmp_path_factory.mktemp("load")
+    with SandboxPair(CONFIG, sage_db=tmp / "sage.sqlite3") as pair:
+        path = tmp / "template.duckdb"
+        now = int(time.time())
+        with Staging(path) as st:
+            reader = StripeReader(pair.stripe_key, api_base=pair.stripe_url, max_rps=1_000.0)
+            ex = Extractor(reader, st, run_id=RUN, now=now, backfill_start=now - 3 * 365 * DAY,
+                           window_seconds=30 * DAY)
+            for stream in LISTED_STREAMS:
+                ex.extract_stream(stream)
+            stage_all(st, RUN)
+        yield pair, path
+
+
+@pytest.fixture()
+def env(extracted: tuple[SandboxPair, Path], tmp_path: Path) -> Iterator[Env]:
+    pair, template = extracted
+    httpx.post(f"{pair.sage_url}/_sandbox/reset").raise_for_status()
+    shutil.copy(template, tmp_path / "stripe_sage.duckdb")
+    with Staging(tmp_path / "stripe_sage.duckdb") as st:
+        yield Env(pair, st)
+    httpx.delete(f"{pair.sage_url}/_sandbox/faults").raise_for_status()
+
+
+def plan(env: Env, client: SageProClient, mapping: Mapping | None = None) -> pl.DataFrame:
+    return plan_documents(env.st, mapping or load_mapping(), client.fiscal_periods())
+
+
+def outbox(st: Staging) -> dict[str, dict[str, Any]]:
+    cols = ("doc_key", "doc_type", "collection", "status", "sage_id", "attempts", "payload")
+    rows = st.con.execute(f"SELECT {', '.join(cols)} FROM sage.outbox").fetchall()
+    return {r[0]: dict(zip(cols, r, strict=True)) for r in rows}
+
+
+def statuses(st: Staging) -> Counter[str]:
+    return Counter(r["status"] for r in outbox(st).values())
+
+
+def sage_all(http: httpx.Client, collection: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
+        response = http.get(f"/api/v1/{collection}", params=params)
+        response.raise_for_status()
+        page = response.json()
+        out += page["data"]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return out
+
+
+def dead_letters(st: Staging) -> dict[str, dict[str, Any]]:
+    cols = ("doc_key", "reason", "http_status", "error_code", "error_field")
+    rows = st.con.execute(f"SELECT {', '.join(cols)} FROM ops.dead_letters").fetchall()
+    return {r[0]: dict(zip(cols, r, strict=True)) for r in rows}
+
+
+def load_once(env: Env, client: SageProClient, run_id: str = "load-1",
+              mapping: Mapping | None = None) -> Loader:
+    loader = Loader(env.st, client, run_id=run_id, concurrency=4)
+    assert loader.enqueue(plan(env, client, mapping)) > 100
+    loader.run()
+    return loader
+
+
+# -- 9. a crash between Sage's commit and ours -----------------------------------------------
+def test_given_crash_after_sage_commit_when_loader_reruns_then_no_new_documents_same_ids(
+        env: Env) -> None:
+    with env.client() as client:
+        load_once(env, client)
+    before = outbox(env.st)
+    posted = {k: r["sage_id"] for k, r in before.items() if r["status"] == "posted"}
+    assert len(posted) > 100 and statuses(env.st)["pending"] == 0
+    documents = env.stats()["documents"]
+    # The crash: Sage committed every document, our outbox never recorded it.
+    env.st.con.execute("UPDATE sage.outbox SET status = 'pending', sage_id = NULL, "
+                       "posted_at = NULL WHERE status = 'posted'").fetchall()
+    env.st.con.execute("DELETE FROM sage.xref").fetchall()
+    assert env.st.con.execute("SELECT min(attempts) FROM sage.outbox WHERE status = 'pending'"
+                              ).fetchall()[0][0] >= 1
+
+    with env.client() as client:
+        loader = Loader(env.st, client, run_id="load-2", concurrency=4)
+        assert loader.enqueue(plan(env, client)) == 0  # a re-run plans nothing new
+        stats = loader.run()
+        recovered = client.stats.recovered_by_lookup
+
+    assert env.stats()["documents"] == documents
+    after = outbox(env.st)
+    assert {k: r["sage_id"] for k, r in after.items() if r["status"] == "posted"} == posted
+    assert {k for k, r in after.items() if r["status"] == "dead"} == {
+        k for k, r in before.items() if r["status"] == "dead"}
+    assert sum(stats.posted.values()) == len(posted)
+    assert recovered == len([k for k in posted if not k.startswith("customer_link:")])
+    assert env.st.count("sage.xref") == len(posted)
+
+
+# -- 10. Sage misbehaving --------------------------------------------------------------------
+def test_given_sage_faults_when_loaded_then_every_document_exists_exactly_once(env: Env) -> None:
+    with env.client() as client:
+        docs = plan(env, client)
+    seeded = env.stats()["documents"]
+    with env.http() as http:
+        http.post("/_sandbox/faults", json={
+            "seed": 20260630, "rate_503": 0.2, "rate_429": 0.1, "retry_after": 0.01,
+            "commit_then_503_rate": 0.1}).raise_for_status()
+
+    with env.client() as client:
+        loader = Loader(env.st, client, run_id="load-1", concurrency=4)
+        loader.enqueue(docs)
+        loader.run()
+        client_stats = client.stats
+    faults = env.stats()["faults"]
+    with env.http() as http:
+        http.delete("/_sandbox/faults").raise_for_status()
+    if statuses(env.st)["pending"]:
+        with env.client() as client:
+            Loader(env.st, client, run_id="load-2", concurrency=4).run()
+
+    assert faults["http_503"] > 0 and faults["http_429"] > 0 and faults["commit_then_503"] > 0
+    assert client_stats.rate_limited > 0 and client_stats.server_errors > 0
+    assert client_stats.recovered_by_lookup > 0
+    rows = outbox(env.st)
+    assert statuses(env.st)["pending"] == 0
+    # Faults never dead-letter: only planning errors and what they block end dead.
+    assert {d["error_code"] for d in dead_letters(env.st).values()} <= {"planning", "blocked"}
+    posted = Counter(r["collection"] for r in rows.values()
+                     if r["status"] == "posted" and r["doc_type"] != "customer_link")
+    documents = env.stats()["documents"]
+    with env.http() as http:
+        for collection in COLLECTIONS:
+            found = sage_all(http, collection)
+            references = Counter(d.get("reference") for d in found if d.get("reference"))
+            assert [r for r, n in references.items() if n > 1] == [], collection
+            assert len(found) == documents[collection]
+            assert documents[collection] == seeded[collection] + posted[collection], collection
+    sage_ids = [r["sage_id"] for r in rows.values()
+                if r["status"] == "posted" and r["doc_type"] != "customer_link"]
+    assert len(sage_ids) == len(set(sage_ids))
+
+
+# -- 11. a revoked Sage key ------------------------------------------------------------------
+def test_given_wrong_sage_key_when_loading_then_authentication_error_and_rows_stay_pending(
+        env: Env) -> None:
+    with env.client() as client:
+        docs = plan(env, client)
+    before = env.stats()
+
+    with env.client(api_key="sage_wrong_key_0000") as client:
+        loader = Loader(env.st, client, run_id="load-1", concurrency=4)
+        loader.enqueue(docs)
+        pending = statuses(env.st)["pending"]
+        with pytest.raises(AuthenticationError) as failure:
+            loader.run()
+        assert client.stats.retries == 0
+
+    assert failure.value.http_status == 401
+    assert "sage_wrong_key_0000" not in str(failure.value)
+    assert statuses(env.st)["pending"] == pending
+    assert env.st.count("sage.xref") == 0
+    after = env.stats()
+    assert after["documents"] == before["documents"]
+    # No retry storm: the run stops at the first 401, not after trying every document.
+    assert after["requests"] - before["requests"] <= loader.concurrency + 1
+
+
+# -- 12. Sage rejects a document -------------------------------------------------------------
+def test_given_period_closed_after_planning_when_loaded_then_rejected_docs_dead_others_post(
+        env: Env) -> None:
+    mapping = load_mapping(text=default_mapping_text().replace(
+        "closed_period_policy: next_open", "closed_period_policy: dead_letter"))
+    assert mapping.closed_period_policy == "dead_letter"
+    with env.client() as client:
+        loader = Loader(env.st, client, run_id="load-1", concurrency=4)
+        loader.enqueue(plan(env, client, mapping))
+        # Finance closes May while the documents wait in the outbox.
+        with env.http() as http:
+            http.post("/_sandbox/periods/close", json={"year": 2026, "period": 5}
+                      ).raise_for_status()
+        loader.run()
+
+    rows = outbox(env.st)
+    dead = dead_letters(env.st)
+    rejected = {k: d for k, d in dead.items() if d["http_status"] is not None}
+    assert rejected, "no document was dated in May: the test would prove nothing"
+    date_fields = {"invoice_date", "receipt_date", "memo_date", "entry_date"}
+    for key, d in rejected.items():
+        assert rows[key]["status"] == "dead"
+        assert (d["http_status"], d["error_code"]) == (422, "period_closed"), d
+        assert d["error_field"] in date_fields and d["reason"], d
+        payload = json.loads(rows[key]["payload"])
+        assert payload[d["error_field"]].startswith("2026-05-"), (key, payload)
+    assert statuses(env.st)["pending"] == 0
+    for key, row in rows.items():
+        payload = json.loads(row["payload"])
+        dates = [payload[f] for f in date_fields if f in payload]
+        if row["status"] == "dead" and key not in rejected:
+            assert dead[key]["error_code"] in ("planning", "blocked"), dead[key]
+        if dates and dates[0].startswith("2026-06-") and row["status"] == "dead":
+            assert dead[key]["error_code"] in ("planning", "blocked"), dead[key]
+    posted = Counter(r["doc_type"] for r in rows.values() if r["status"] == "posted")
+    assert posted["invoice"] > 0 and posted["cash_receipt"] > 0 and posted["customer"] > 0
+
+
+def test_given_document_with_unknown_gl_account_when_loaded_then_only_it_is_dead_lettered(
+        env: Env) -> None:
+    with env.client() as client:
+        docs = plan(env, client)
+        memo = docs.filter((pl.col("doc_type") == "credit_memo") & pl.col("error").is_null()
+                           ).row(0, named=True)
+        bad = json.loads(memo["payload"]) | {"gl_account": "9999"}
+        docs = docs.with_columns(pl.when(pl.col("doc_key") == memo["doc_key"])
+                                 .then(pl.lit(json.dumps(bad))).otherwise(pl.col("payload"))
+                                 .alias("payload"))
+        load_once_docs = Loader(env.st, client, run_id="load-1", concurrency=4)
+        load_once_docs.enqueue(docs)
+        load_once_docs.run()
+
+    rows = outbox(env.st)
+    dead = dead_letters(env.st)
+    assert rows[memo["doc_key"]]["status"] == "dead"
+    letter = dead[memo["doc_key"]]
+    assert (letter["http_status"], letter["error_code"], letter["error_field"]) == (
+        422, "unknown_account", "gl_account")
+    assert "9999" in letter["reason"] or "gl_account" in letter["reason"]
+    assert [k for k, d in dead.items() if d["http_status"] is not None] == [memo["doc_key"]]
+    assert statuses(env.st)["pending"] == 0
+    assert Counter(r["doc_type"] for r in rows.values() if r["status"] == "posted")[
+        "credit_memo"] == len([r for r in rows.values() if r["doc_type"] == "credit_memo"
+                               and r["status"] != "dead"])
+    with env.http() as http:
+        memos = sage_all(http, "creditmemos")
+    assert memo["stripe_id"] not in {m.get("reference") for m in memos}
+    assert len(memos) == sum(1 for r in rows.values()
+                             if r["doc_type"] == "credit_memo" and r["status"] == "posted")
