@@ -42,7 +42,9 @@ fmt: install
 	$(BIN)/ruff check --fix .
 
 bench: install
-	$(BIN)/stripe-sage bench
+	$(BIN)/stripe-sage bench sandbox --charges 100000
+	$(BIN)/stripe-sage bench sandbox --charges 1000000 --days 365
+	$(BIN)/stripe-sage bench pipeline --charges 10000
 
 sandbox: install
 	$(BIN)/stripe-sage sandbox

@@ -12,6 +12,7 @@ from prefect import flow, runtime
 from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
+from stripe_sage.metrics import peak_rss_mb
 from stripe_sage.pipeline import previous_totals, summary_counts
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
@@ -50,7 +51,8 @@ def stripe_to_sage(
     prefect_id = runtime.flow_run.id
     run_id = str(prefect_id or uuid.uuid4())
     timings: dict[str, float] = {}
-    counts: dict[str, Any] = {"timings": timings}
+    peak_mb: dict[str, float] = {}  # peak RSS of this process at the end of each stage
+    counts: dict[str, Any] = {"timings": timings, "peak_rss_mb": peak_mb}
     with RunContext.open(
         settings, run_id, backfill_days=backfill_days, window_days=window_days
     ) as ctx:
@@ -67,10 +69,12 @@ def stripe_to_sage(
             counts["extract"] = {f.result()["stream"]: f.result() for f in futures}
             counts["events"] = extract_events(ctx.extractor, wanted)
             timings["extract"] = time.perf_counter() - t
+            peak_mb["extract"] = peak_rss_mb()
 
             t = time.perf_counter()
             counts["staged"] = stage(st, run_id)
             timings["stage"] = time.perf_counter() - t
+            peak_mb["stage"] = peak_rss_mb()
 
             t = time.perf_counter()
             docs_dir = Path(settings.staging_db).parent / "data_docs"
@@ -78,11 +82,13 @@ def stripe_to_sage(
             counts["quarantined"] = q.quarantined
             counts["data_docs"] = q.docs_path
             timings["quality"] = time.perf_counter() - t
+            peak_mb["quality"] = peak_rss_mb()
 
             t = time.perf_counter()
             periods = fiscal_periods(ctx.sage)
             docs = plan(st, ctx.mapping, periods)
             timings["transform"] = time.perf_counter() - t
+            peak_mb["transform"] = peak_rss_mb()
             counts["planned"] = {k: v for k, v in docs.group_by("doc_type").len().iter_rows()}
             if dry_run:
                 counts["dry_run"] = True
@@ -96,6 +102,7 @@ def stripe_to_sage(
             counts["sage_client"] = ctx.sage.stats.as_dict()
             counts["stripe_client"] = dict(ctx.reader.stats)
             timings["load"] = time.perf_counter() - t
+            peak_mb["load"] = peak_rss_mb()
             counts["totals"] = summary_counts(st)
             status = _status(counts["load"])
             st.finish_run(run_id, status=status, counts=counts)

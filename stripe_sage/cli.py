@@ -43,6 +43,9 @@ def _business(args: argparse.Namespace) -> BusinessConfig:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from stripe_sage.sandbox.launch import SandboxPair
 
+    if args.only == "stripe":
+        return _serve_stripe_only(args)
+
     pair = SandboxPair(
         _business(args),
         sage_db=Path(args.sage_db),
@@ -95,6 +98,28 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_stripe_only(args: argparse.Namespace) -> int:
+    """Just the Stripe sandbox (benchmarks measure its process alone)."""
+    from stripe_sage.sandbox.runner import ThreadedServer
+    from stripe_sage.sandbox.stripe_app import create_stripe_app
+    from stripe_sage.settings import SANDBOX_STRIPE_KEY
+
+    app = create_stripe_app(
+        _business(args),
+        api_key=SANDBOX_STRIPE_KEY,
+        rate_limit=args.rate_limit or None,
+        live_rate=args.live_rate,
+    )
+    with ThreadedServer(app, port=args.stripe_port) as srv:
+        print(f"Stripe sandbox   {srv.url}   key {SANDBOX_STRIPE_KEY}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stripe-sage", description="Keep a Sage Pro ERP in step with a Stripe account."
@@ -138,11 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="deliver webhooks out of order within windows of N events",
     )
+    p.add_argument("--only", choices=("stripe",), help="serve only the Stripe sandbox")
     p.set_defaults(func=cmd_sandbox)
 
-    from stripe_sage import commands
+    from stripe_sage import bench, commands
 
     commands.register(sub)
+    bench.register(sub)
     return parser
 
 

@@ -1,0 +1,206 @@
+"""Benchmarks anyone can rerun: ``stripe-sage bench sandbox|pipeline``. They print figures and
+write them as JSON under ``bench-results/``; nothing here is a timed test.
+
+The systems under measurement run in their own processes, so each RSS figure is that
+process's own peak (``VmHWM``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from stripe_sage.metrics import peak_rss_mb
+from stripe_sage.sandbox.runner import free_port
+from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
+
+END = 1_782_777_600  # a fixed business end: reruns measure the same data
+
+
+def _start_sandbox(
+    charges: int, *, only: str | None, rate_limit: float, data: Path, days: int
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    stripe_port, sage_port = free_port(), free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "stripe_sage.cli",
+        "sandbox",
+        "--charges",
+        str(charges),
+        "--days",
+        str(days),
+        "--end",
+        "2026-06-30",
+        "--stripe-port",
+        str(stripe_port),
+        "--sage-port",
+        str(sage_port),
+        "--rate-limit",
+        str(rate_limit),
+        "--sage-db",
+        str(data / "bench_sage.sqlite3"),
+    ]
+    if only:
+        cmd += ["--only", only]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{stripe_port if only != 'sage' else sage_port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/openapi.json", timeout=1)
+            return proc, stripe_port, sage_port
+        except httpx.HTTPError:
+            if proc.poll() is not None:
+                raise RuntimeError("the sandbox exited during start-up") from None
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the sandbox did not start")
+
+
+def bench_sandbox(args: argparse.Namespace) -> dict[str, Any]:
+    """Objects/s served paging charges with limit=100, and the sandbox's peak RSS."""
+    data = Path(args.out)
+    data.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    proc, port, _ = _start_sandbox(
+        args.charges, only="stripe", rate_limit=0, data=data, days=args.days
+    )
+    startup = time.perf_counter() - t0
+    result: dict[str, Any] = {"charges": args.charges, "startup_s": round(startup, 2)}
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=60,
+            headers={"Authorization": f"Bearer {SANDBOX_STRIPE_KEY}"},
+        ) as c:
+            result["rss_after_start_mb"] = peak_rss_mb(proc.pid)
+            for resource, expand in (("charges", None), ("charges", "data.balance_transaction")):
+                n, pages, t = 0, 0, time.perf_counter()
+                params: dict[str, Any] = {"limit": 100}
+                if expand:
+                    params["expand[]"] = expand
+                limit_objects = args.max_objects or args.charges
+                while n < limit_objects:
+                    page = c.get(f"/v1/{resource}", params=params).json()
+                    n += len(page["data"])
+                    pages += 1
+                    if not page["has_more"]:
+                        break
+                    params["starting_after"] = page["data"][-1]["id"]
+                dt = time.perf_counter() - t
+                key = resource + (f"+{expand}" if expand else "")
+                result[key] = {
+                    "objects": n,
+                    "pages": pages,
+                    "seconds": round(dt, 2),
+                    "objects_per_s": round(n / dt),
+                }
+            for other in ("balance_transactions", "events", "refunds", "invoices", "payouts"):
+                c.get(f"/v1/{other}", params={"limit": 100})
+            result["peak_rss_mb"] = peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return result
+
+
+def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """A full first run and a no-change run of the main flow, per stage."""
+    data = Path(args.out)
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("bench_sage.sqlite3", "bench_stripe_sage.duckdb"):
+        (data / name).unlink(missing_ok=True)
+    proc, stripe_port, sage_port = _start_sandbox(
+        args.charges, only=None, rate_limit=args.rate_limit, data=data, days=args.days
+    )
+    os.environ.update(
+        {
+            "STRIPE_API_BASE": f"http://127.0.0.1:{stripe_port}",
+            "STRIPE_API_KEY": SANDBOX_STRIPE_KEY,
+            "SAGEPRO_BASE_URL": f"http://127.0.0.1:{sage_port}",
+            "SAGEPRO_API_KEY": SANDBOX_SAGE_KEY,
+            "STAGING_DB": str(data / "bench_stripe_sage.duckdb"),
+            "STRIPE_MAX_RPS": str(args.client_rps),
+            "SAGE_CONCURRENCY": str(args.sage_concurrency),
+        }
+    )
+    from stripe_sage.commands import prefect_defaults
+
+    prefect_defaults()
+    from flows.stripe_to_sage import stripe_to_sage
+
+    out: dict[str, Any] = {
+        "charges": args.charges,
+        "stripe_rate_limit": args.rate_limit,
+        "client_rps_per_endpoint": args.client_rps,
+    }
+    try:
+        for label in ("first_run", "no_change_run"):
+            t = time.perf_counter()
+            r = stripe_to_sage(trigger="bench")
+            out[label] = {
+                "wall_s": round(time.perf_counter() - t, 2),
+                "stages_s": {k: round(v, 2) for k, v in r["timings"].items()},
+                "peak_rss_mb_after_stage": r["peak_rss_mb"],
+                "extracted": {s: x["listed"] for s, x in r["extract"].items()},
+                "posted": r["load"]["posted"],
+                "dead": r["load"]["dead"],
+                "status": r["status"],
+            }
+        out["sandbox_peak_rss_mb"] = peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    fn = bench_sandbox if args.what == "sandbox" else bench_pipeline
+    result = fn(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(args.out) / f"bench_{args.what}_{args.charges}.json"
+    out.write_text(text)
+    print(f"written to {out}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: sandbox serving, main pipeline",
+        description="Rerunnable benchmarks; figures printed and written as JSON under --out.",
+    )
+    p.add_argument("what", choices=("sandbox", "pipeline"))
+    p.add_argument("--charges", type=int, default=100_000)
+    p.add_argument("--days", type=int, default=90)
+    p.add_argument(
+        "--max-objects",
+        type=int,
+        default=0,
+        help="sandbox: stop paging after this many objects (0 = all charges)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=25.0,
+        help="pipeline: Stripe sandbox requests/s per endpoint (test mode: 25)",
+    )
+    p.add_argument(
+        "--client-rps",
+        type=float,
+        default=20.0,
+        help="pipeline: the reader's own requests/s per endpoint",
+    )
+    p.add_argument("--sage-concurrency", type=int, default=4)
+    p.add_argument("--out", default="bench-results")
+    p.set_defaults(func=cmd_bench)
