@@ -6,6 +6,7 @@ from typing import Any
 
 import polars as pl
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
@@ -35,6 +36,19 @@ def enqueue(loader: Loader, docs: pl.DataFrame) -> int:
 
 @task(name="load", cache_policy=NO_CACHE)
 def load(loader: Loader) -> dict[str, Any]:
+    """Post the outbox; progress shows in the Prefect UI as a progress artifact."""
+    artifact = create_progress_artifact(
+        0.0, key="sage-load", description="Sage documents posted this run"
+    )
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        pct = 100.0 * done / max(total, 1)
+        if pct - last[0] >= 5 or done == total:  # at most ~20 updates a run
+            update_progress_artifact(artifact, pct)
+            last[0] = pct
+
+    loader.on_progress = progress
     stats = loader.run().as_dict()
     get_run_logger().info("load: %s", stats)
     return stats

@@ -136,7 +136,7 @@ def one(st: Staging, sql: str, params: list[Any]) -> tuple[Any, ...]:
 def test_given_fresh_database_when_every_stream_extracted_then_raw_and_staging_match_the_api(
         pair: SandboxPair, st: Staging) -> None:
     now = int(time.time())
-    ex = extractor(pair, st, "run-1", now, window_seconds=7 * DAY)
+    ex = extractor(pair, st, "run-1", now, window_seconds=14 * DAY)
 
     stats = {s: ex.extract_stream(s) for s in LISTED_STREAMS}
     staged = stage_all(st, "run-1")
@@ -438,14 +438,15 @@ def test_given_unknown_id_when_retrieved_then_not_found_error(pair: SandboxPair)
 def test_given_events_cursor_older_than_30_days_when_events_extracted_then_windowed_reread(
         own_pair: SandboxPair, st: Staging) -> None:
     streams = ("customers", "charges")
-    backfill(extractor(own_pair, st, "run-1", int(time.time())), streams)
+    now1 = int(time.time())
+    backfill(extractor(own_pair, st, "run-1", now1), streams)
     for stream in streams:
-        st.set_sync_state(stream, events_cursor=int(time.time()) - 31 * DAY)
+        st.set_sync_state(stream, events_cursor=now1 - 31 * DAY)
     customer = ids(st, "raw.customers", "true ORDER BY id LIMIT 1")[0]
-    own_pair.world.update_object("customers", own_pair.world.parse_id("customers", customer) or 0,
-                             {"metadata": {"sage_customer_id": "SOLD00042"}})
+    own_pair.world.update_object("customers", own_pair.world.parse_id("customers", customer)
+                                 or 0, {"metadata": {"sage_customer_id": "SOLD00042"}})
 
-    now2 = int(time.time())
+    now2 = now1 + 60  # the next run, a minute later
     events = extractor(own_pair, st, "run-2", now2).extract_events(streams=streams)
     stage_all(st, "run-2", streams)
 
@@ -455,7 +456,12 @@ def test_given_events_cursor_older_than_30_days_when_events_extracted_then_windo
     for stream in streams:
         assert sorted(ids(st, f"raw.{stream}", "run_id = 'run-2'")) == sorted(expected[stream])
         assert st.count(f"raw.{stream}") == len(expected[stream])
-        assert {w[3] for w in windows_of(st, stream)} == {"run-2"}
+        reread = [w for w in windows_of(st, stream) if w[3] == "run-2"]
+        assert reread[0][0] <= min(o for o in st.con.execute(
+            f"SELECT epoch(created) FROM raw.{stream}").fetchall())[0]
+        assert all(w1[1] == w2[0] for w1, w2 in zip(reread, reread[1:], strict=False))
+        assert reread[-1][1] == now2
+        assert sum(w[2] for w in reread) == len(expected[stream])
         assert st.sync_state(stream)["events_cursor"] == now2 - OVERLAP  # type: ignore[index]
     assert one(st, "SELECT sage_customer_id FROM staging.customers WHERE id = ?",
                [customer]) == ("SOLD00042",)
