@@ -17,6 +17,7 @@ from stripe_sage.pipeline import previous_totals, summary_counts
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 from stripe_sage.streams import LISTED_STREAMS
+from tasks.reconcile import itemise_payouts, reconciliation_report
 from tasks.sage import enqueue, fiscal_periods, load, plan
 from tasks.staging import quality, stage
 from tasks.stripe import extract_events, extract_stream
@@ -73,6 +74,7 @@ def stripe_to_sage(
 
             t = time.perf_counter()
             counts["staged"] = stage(st, run_id)
+            counts["payouts_itemised"] = itemise_payouts(ctx.reader, st, run_id)
             timings["stage"] = time.perf_counter() - t
             peak_mb["stage"] = peak_rss_mb()
 
@@ -104,6 +106,8 @@ def stripe_to_sage(
             timings["load"] = time.perf_counter() - t
             peak_mb["load"] = peak_rss_mb()
             counts["totals"] = summary_counts(st)
+            counts["reconciliation"] = reconciliation_report(
+                st, ctx.mapping, run_id, Path(settings.staging_db).parent / "reconciliation.html")
             status = _status(counts["load"])
             st.finish_run(run_id, status=status, counts=counts)
             create_table_artifact(

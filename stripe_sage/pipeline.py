@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 
 from stripe_sage.mapping import Mapping
+from stripe_sage.reconcile import plan_payouts
 from stripe_sage.staging import Staging
 from stripe_sage.streams import STREAM_ORDER, STREAMS
 from stripe_sage.transform import (
@@ -70,8 +71,11 @@ def validate_all(
         }
         v = validate_stream(stream, df, known_ids=known, now=now, run_id=run_id)
         # The table's size before and after this run: a collapse, not a small increment.
-        check_wholesale(v, previous_rows=(previous_rows or {}).get(stream),
-                        current_rows=st.count(f"staging.{stream}"))
+        check_wholesale(
+            v,
+            previous_rows=(previous_rows or {}).get(stream),
+            current_rows=st.count(f"staging.{stream}"),
+        )
         st.replace_quarantine(stream, df["id"].to_list(), v.quarantine)
         outcome.rows[stream] = v.rows
         outcome.quarantined[stream] = v.quarantine["id"].n_unique() if v.quarantine.height else 0
@@ -142,6 +146,15 @@ def plan_documents(st: Staging, mapping: Mapping, periods: list[dict[str, object
                 _clean(st, "refunds"), settled, "credit_memo:", "journal_entry:refund_failure:"
             ),
             charges_all,
+            bts,
+            mapping,
+            pf,
+        ),
+        plan_payouts(
+            _unsettled(
+                _clean(st, "payouts"), settled, "journal_entry:", "journal_entry:payout_failure:"
+            ),
+            st.table("payout_items"),
             bts,
             mapping,
             pf,

@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS staging.quarantine (
     quarantined_at TIMESTAMPTZ,
     PRIMARY KEY (stream, id, "check")
 );
+CREATE TABLE IF NOT EXISTS staging.payout_items (
+    payout VARCHAR, balance_transaction VARCHAR,   -- GET /v1/balance_transactions?payout=
+    PRIMARY KEY (payout, balance_transaction)
+);
 CREATE TABLE IF NOT EXISTS sage.outbox (
     doc_key VARCHAR PRIMARY KEY,     -- '<doc_type>:<stripe id>'
     doc_type VARCHAR, collection VARCHAR, stripe_id VARCHAR, phase INTEGER,

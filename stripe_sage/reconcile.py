@@ -1,0 +1,339 @@
+"""Payout reconciliation with the clearing-account method (ACCOUNTING.md).
+
+Receipts, credit memos and refund-failure journals already move each charge's gross amount,
+each refund and each failed refund through Stripe Clearing. A payout's journal then closes
+what it paid out of clearing and recognises what only Stripe knew:
+
+    Dr Bank                 payout.amount
+    Dr Merchant Fees        Σ fee of its balance transactions (charge fees, Billing fees)
+    Dr Chargebacks          Σ disputed amounts  (Cr when a dispute was won back)
+    Dr Dispute Fees         Σ dispute fees      (Cr when a fee came back)
+    Dr/Cr other accounts    any other mapped category (adjustments, FX fees, ...)
+        Cr Stripe Clearing  Σ gross of the transactions already recognised elsewhere
+
+so each paid-out transaction's clearing movements net to zero, and the Bank line equals the
+bank deposit to the cent. Every balance transaction category must be recognised elsewhere or
+mapped to an account; otherwise the payout fails with a clear message and posts nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import polars as pl
+
+from stripe_sage.mapping import Mapping
+from stripe_sage.money import to_decimal_string
+from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.transform import _docs, empty_docs
+
+# Categories whose gross amount reaches clearing through their own Sage document.
+RECOGNISED_ELSEWHERE = {
+    "charge": "cash receipt",
+    "refund": "credit memo",
+    "refund_failure": "refund-failure journal",
+    "payout_reversal": "payout-failure journal",
+}
+DISPUTE_CATEGORIES = {"dispute", "dispute_reversal"}
+
+
+# -- itemising payouts ---------------------------------------------------------------------
+def payouts_to_itemise(st: Any) -> list[str]:
+    """Paid (or paid-then-failed) automatic payouts whose transactions are not stored yet."""
+    rows = st.con.execute(
+        "SELECT p.id FROM staging.payouts p WHERE p.automatic AND p.status IN ('paid', 'failed') "
+        "AND NOT EXISTS (SELECT 1 FROM staging.payout_items i WHERE i.payout = p.id) "
+        "ORDER BY p.created").fetchall()
+    return [r[0] for r in rows]
+
+
+def itemise_payouts(reader: StripeReader, st: Any, run_id: str, payout_ids: list[str],
+                    workers: int = 4) -> int:
+    """``GET /v1/balance_transactions?payout=po_…`` for each payout (the list includes the
+    payout's own transaction). A paid payout's set never changes, so it is read once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(po: str) -> tuple[str, list[dict[str, Any]]]:
+        out: list[dict[str, Any]] = []
+        for page in reader.list_pages("/v1/balance_transactions", {"payout": po}):
+            out.extend(page)
+        return po, out
+
+    total = 0
+    with ThreadPoolExecutor(workers, thread_name_prefix="itemise") as pool:
+        for po, bts in pool.map(fetch, payout_ids):
+            with st.transaction():
+                st.upsert_raw("balance_transactions", bts, source="list", run_id=run_id,
+                              api_version=reader.api_version)
+                if bts:
+                    st.con.execute(
+                        "INSERT OR IGNORE INTO staging.payout_items SELECT ?, unnest(?::VARCHAR[])",
+                        [po, [b["id"] for b in bts]]).fetchall()
+            total += len(bts)
+    return total
+
+
+# -- planning payout journals --------------------------------------------------------------
+def _account(mapping: Mapping, name: str, currency: str) -> str | None:
+    value = getattr(mapping.accounts, name, None)
+    if isinstance(value, dict):
+        return value.get(currency.upper())
+    return value
+
+
+def payout_lines(payout: dict[str, Any], members: list[dict[str, Any]],
+                 mapping: Mapping) -> tuple[list[tuple[str, int]], str | None]:
+    """Signed amounts per account (debit > 0) for one payout, or a reason it cannot post."""
+    currency = payout["currency"]
+    net = sum(m["net"] for m in members)
+    if net != payout["amount"]:
+        return [], (f"payout {payout['id']}: its balance transactions net to {net}, not the "
+                    f"payout amount {payout['amount']} (unexplained remainder "
+                    f"{payout['amount'] - net})")
+    by_account: dict[str, int] = {}
+
+    def add(name: str, amount: int) -> str | None:
+        account = _account(mapping, name, currency)
+        if account is None:
+            return f"mapping has no '{name}' account for {currency}"
+        by_account[account] = by_account.get(account, 0) + amount
+        return None
+
+    clearing = 0
+    problems = [add("bank", payout["amount"])]
+    for m in members:
+        cat = m["reporting_category"]
+        if m["fee"]:
+            problems.append(add("dispute_fees" if cat in DISPUTE_CATEGORIES
+                                else "merchant_fees", m["fee"]))
+        if cat in RECOGNISED_ELSEWHERE:
+            clearing += m["amount"]
+            continue
+        name = mapping.reporting_categories.get(cat)
+        if name is None or name in ("clearing", "bank"):
+            return [], (f"payout {payout['id']}: balance transaction {m['id']} has reporting "
+                        f"category '{cat}', which the mapping's reporting_categories does not "
+                        "map to an account; nothing was posted for this payout")
+        problems.append(add(name, -m["amount"]))
+    problems.append(add("clearing", -clearing))
+    if err := next((p for p in problems if p), None):
+        return [], f"payout {payout['id']}: {err}"
+    lines = [(a, v) for a, v in by_account.items() if v]
+    if sum(v for _, v in lines) != 0:
+        off = sum(v for _, v in lines)
+        return [], f"payout {payout['id']}: journal would be unbalanced by {off}"
+    return lines, None
+
+
+def plan_payouts(payouts: pl.DataFrame, items: pl.DataFrame, bts: pl.DataFrame,
+                 mapping: Mapping, periods: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One journal entry per paid payout; a reversing one for a payout that failed after.
+
+    Payouts are few (one a day), and classifying each one's transactions reads best as plain
+    Python; the period policy and payload rendering are the shared Polars steps."""
+    done = payouts.filter(pl.col("automatic") & pl.col("status").is_in(["paid", "failed"]))
+    if done.is_empty() or items.is_empty():
+        return empty_docs()
+    members = items.join(bts, left_on="balance_transaction", right_on="id", how="inner")
+    members = members.filter(pl.col("type") != "payout")
+    grouped = {key[0]: g.to_dicts() for key, g in members.group_by("payout")}
+    itemised = set(items["payout"].to_list())
+    created = dict(zip(bts["id"].to_list(), bts["created"].to_list(), strict=True))
+    tz = ZoneInfo(mapping.timezone)
+    rows: list[dict[str, Any]] = []
+
+    def journal(key: str, reference: str, when: dt.datetime | None, desc: str, currency: str,
+                lines: list[tuple[str | None, int]], deps: list[str],
+                error: str | None) -> None:
+        money = [(a, _money(max(v, 0), currency), _money(max(-v, 0), currency))
+                 for a, v in lines]
+        rows.append({
+            # A reversal posts after the journal it reverses: one phase later.
+            "doc_type": "journal_entry", "id": key, "depends_on": deps, "error": error,
+            "phase": 4 if deps else 3,
+            "doc_date": when.astimezone(tz).date() if when else None,
+            "payload": {"entry_date": "", "source_code": mapping.source_code,
+                        "description": desc[:60], "reference": reference, "currency": currency,
+                        "lines": [{"account": a or "", "debit": d, "credit": c,
+                                   "description": desc[:60]} for a, d, c in money]},
+        })
+
+    for p in done.iter_rows(named=True):
+        if p["id"] not in itemised:
+            continue  # itemised by the next run
+        cur = p["currency"]
+        lines, error = payout_lines(p, grouped.get(p["id"], []), mapping)
+        journal(p["id"], p["id"], p["arrival_date"], f"Stripe payout {p['id']}", cur,
+                list(lines), [], error)
+        if p["status"] == "failed":
+            fbt = p["failure_balance_transaction"]
+            when = created.get(fbt)
+            journal(f"payout_failure:{p['id']}", fbt, when, f"Stripe payout {p['id']} failed",
+                    cur, [(_account(mapping, "clearing", cur), p["amount"]),
+                          (_account(mapping, "bank", cur), -p["amount"])],
+                    [f"journal_entry:{p['id']}"],
+                    None if when else f"waiting: failure balance transaction {fbt} is not staged")
+    if not rows:
+        return empty_docs()
+    frame = pl.DataFrame(rows).with_columns(
+        pl.col("doc_date").cast(pl.Date), pl.col("error").cast(pl.String),
+        pl.col("depends_on").cast(pl.List(pl.String)),
+        pl.col("payload").struct.with_fields(
+            pl.col("doc_date").cast(pl.String).fill_null("").alias("entry_date")))
+    return _docs(frame, mapping, periods)
+
+
+def _money(minor: int, currency: str) -> str:
+    return to_decimal_string(minor, currency)
+
+
+# -- the report ----------------------------------------------------------------------------
+def report(st: Any, *, payout: str | None = None, date_from: dt.date | None = None,
+           date_to: dt.date | None = None) -> pl.DataFrame:
+    """Per payout: amount, gross, fees, refunds, disputes, other, net, Sage journal, bank
+    line, status (matched / mismatch / pending / manual / failed) and the difference."""
+    where, params = ["TRUE"], []
+    if payout:
+        where.append("p.id = ?")
+        params.append(payout)
+    if date_from:
+        where.append("p.arrival_date >= ?")
+        params.append(date_from)
+    if date_to:
+        where.append("p.arrival_date < ? + INTERVAL 1 DAY")
+        params.append(date_to)
+    return st.frame(f"""
+        WITH m AS (
+            SELECT i.payout,
+                CAST(sum(b.amount) FILTER (WHERE b.reporting_category = 'charge') AS BIGINT) AS gross,
+                CAST(sum(b.fee) AS BIGINT) AS fees,
+                CAST(sum(b.amount) FILTER (WHERE b.reporting_category IN ('refund',
+                    'refund_failure')) AS BIGINT) AS refunds,
+                CAST(sum(b.amount) FILTER (WHERE b.reporting_category IN ('dispute',
+                    'dispute_reversal')) AS BIGINT) AS disputes,
+                CAST(sum(b.amount) FILTER (WHERE b.reporting_category NOT IN ('charge',
+                    'refund', 'refund_failure', 'dispute', 'dispute_reversal')) AS BIGINT)
+                    AS other,
+                CAST(sum(b.net) AS BIGINT) AS net, count(*) AS transactions
+            FROM staging.payout_items i JOIN staging.balance_transactions b
+              ON b.id = i.balance_transaction
+            WHERE b.type <> 'payout' GROUP BY i.payout),
+        j AS (
+            SELECT o.stripe_id AS payout, o.sage_id, o.status AS doc_status, o.last_error,
+                o.payload FROM sage.outbox o
+            WHERE o.doc_type = 'journal_entry' AND o.stripe_id LIKE 'po_%')
+        SELECT p.id AS payout, CAST(p.arrival_date AS DATE) AS arrival_date, p.status,
+            p.automatic, p.currency, p.amount, coalesce(m.gross, 0) AS gross,
+            coalesce(m.fees, 0) AS fees, coalesce(m.refunds, 0) AS refunds,
+            coalesce(m.disputes, 0) AS disputes, coalesce(m.other, 0) AS other,
+            m.net, m.transactions, j.sage_id AS journal_no, j.doc_status AS journal_status,
+            j.last_error, j.payload AS journal_payload,
+            CASE WHEN NOT p.automatic THEN 'manual'
+                 WHEN p.status NOT IN ('paid', 'failed') THEN 'pending'
+                 WHEN m.net IS NULL THEN 'pending'
+                 WHEN m.net <> p.amount THEN 'mismatch'
+                 WHEN j.doc_status IS DISTINCT FROM 'posted' THEN 'unposted'
+                 WHEN p.status = 'failed' THEN 'failed'
+                 ELSE 'matched' END AS recon_status,
+            p.amount - coalesce(m.net, p.amount) AS difference
+        FROM staging.payouts p LEFT JOIN m ON m.payout = p.id LEFT JOIN j ON j.payout = p.id
+        WHERE {' AND '.join(where)}
+        ORDER BY p.arrival_date, p.id""", params)
+
+
+def add_bank_line(rep: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
+    """The posted journal's Bank debit, in minor units, beside the payout amount."""
+    from stripe_sage.money import from_decimal_string
+
+    bank: list[int | None] = []
+    for payload, cur in zip(rep["journal_payload"].to_list(), rep["currency"].to_list(),
+                            strict=True):
+        value = None
+        if payload:
+            body = json.loads(payload) if isinstance(payload, str) else payload
+            account = _account(mapping, "bank", cur)
+            value = sum(from_decimal_string(line["debit"], cur) for line in body["lines"]
+                        if line["account"] == account) or None
+        bank.append(value)
+    out = rep.with_columns(pl.Series("bank_line", bank, dtype=pl.Int64)).drop("journal_payload")
+    return out.with_columns(
+        pl.when((pl.col("recon_status") == "matched")
+                & (pl.col("bank_line") != pl.col("amount")))
+        .then(pl.lit("mismatch")).otherwise(pl.col("recon_status")).alias("recon_status"))
+
+
+def store(st: Any, rep: pl.DataFrame, run_id: str) -> None:
+    """``ops.reconciliation``: one row per payout, as of the latest report."""
+    frame = rep.with_columns(pl.lit(run_id).alias("run_id"),
+                             pl.lit(dt.datetime.now(dt.UTC)).alias("reported_at"))
+    with st.transaction() as con:
+        con.register("_recon", frame.to_arrow())
+        con.execute("CREATE OR REPLACE TABLE ops.reconciliation AS SELECT * FROM _recon"
+                    ).fetchall()
+        con.unregister("_recon")
+
+
+def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
+    """Sage's Stripe Clearing balance (from the documents posted) against the Stripe side:
+    Σ gross of the transactions recognised by their own documents that no posted payout
+    journal has cleared (ACCOUNTING.md, invariant 4). A difference comes with the documents
+    that explain it (not posted: dead-lettered or pending)."""
+    out = []
+    for currency, account in mapping.accounts.clearing.items():
+        sage = st.con.execute("""
+            SELECT coalesce(sum(CASE
+                WHEN doc_type = 'cash_receipt' AND payload->>'deposit_account' = ?1
+                    THEN CAST(payload->>'amount' AS DECIMAL(18, 3))
+                WHEN doc_type = 'credit_memo' AND payload->>'gl_account' = ?1
+                    THEN -CAST(payload->>'amount' AS DECIMAL(18, 3))
+                ELSE 0 END), 0)
+              + coalesce((SELECT sum(CAST(l->>'debit' AS DECIMAL(18, 3))
+                                     - CAST(l->>'credit' AS DECIMAL(18, 3)))
+                          FROM sage.outbox o2, unnest(CAST(o2.payload->'lines' AS JSON[])) t(l)
+                          WHERE o2.status = 'posted' AND o2.doc_type = 'journal_entry'
+                            AND l->>'account' = ?1 AND o2.payload->>'currency' = ?2), 0)
+            FROM sage.outbox WHERE status = 'posted' AND payload->>'currency' = ?2
+            """, [account, currency]).fetchall()[0][0]
+        docs = st.frame("""
+            WITH cleared AS (
+                SELECT i.balance_transaction FROM staging.payout_items i
+                JOIN sage.outbox o ON o.doc_key = 'journal_entry:' || i.payout
+                WHERE o.status = 'posted'),
+            rec AS (
+                SELECT b.id, b.amount, b.reporting_category, b.source,
+                    CASE b.reporting_category
+                        WHEN 'charge' THEN 'cash_receipt:' || b.source
+                        WHEN 'refund' THEN 'credit_memo:' || b.source
+                        WHEN 'refund_failure' THEN 'journal_entry:refund_failure:' || b.source
+                        WHEN 'payout_reversal' THEN 'journal_entry:payout_failure:' || b.source
+                    END AS doc_key,
+                    b.id IN (SELECT balance_transaction FROM cleared) AS is_cleared
+                FROM staging.balance_transactions b
+                WHERE b.currency = ? AND b.reporting_category IN
+                    ('charge', 'refund', 'refund_failure', 'payout_reversal'))
+            SELECT rec.*, coalesce(o.status, 'not planned') AS doc_status, o.last_error
+            FROM rec LEFT JOIN sage.outbox o USING (doc_key)""", [currency])
+        if docs.is_empty() and not sage:
+            continue
+        from stripe_sage.money import exponent
+
+        scale = 10 ** exponent(currency)
+        stripe_side = int(docs.filter(~pl.col("is_cleared"))["amount"].sum() or 0)
+        sage_minor = int(Decimal(sage) * scale)  # exact: DuckDB DECIMAL → Decimal
+        unposted = docs.filter(pl.col("doc_status") != "posted")
+        # An unposted document leaves its amount out of Sage; once cleared by a payout
+        # journal it leaves the clearing account short by that amount.
+        explained = int(unposted["amount"].sum() or 0)
+        difference = sage_minor - stripe_side
+        out.append({
+            "currency": currency, "account": account, "sage_clearing": sage_minor,
+            "stripe_unpaid_gross": stripe_side, "difference": difference,
+            "explained_by_unposted": -explained, "unexplained": difference + explained,
+            "unposted_documents": unposted.select("doc_key", "doc_status", "amount",
+                                                  "last_error").head(50).to_dicts(),
+        })
+    return out

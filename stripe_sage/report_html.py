@@ -1,0 +1,120 @@
+"""The reconciliation report as one self-contained HTML page (inline SVG, no scripts), for a
+controller who would rather look at a chart than read a table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from typing import Any
+
+import polars as pl
+
+from stripe_sage.money import to_decimal_string
+
+SERIES = (("gross", "#2b6cb0"), ("fees", "#c53030"), ("net", "#2f855a"), ("payouts", "#805ad5"))
+STATUS_COLOUR = {"matched": "#2f855a", "mismatch": "#c53030", "unposted": "#dd6b20",
+                 "pending": "#718096", "manual": "#b7791f", "failed": "#9b2c2c"}
+
+
+def daily_series(st: Any) -> pl.DataFrame:
+    """Per day: gross charges, fees, net of all activity, and payouts arriving."""
+    return st.frame("""
+        WITH b AS (
+            SELECT CAST(created AS DATE) AS day,
+                CAST(sum(amount) FILTER (WHERE reporting_category = 'charge') AS BIGINT) AS gross,
+                CAST(sum(fee) AS BIGINT) AS fees,
+                CAST(sum(net) FILTER (WHERE type <> 'payout') AS BIGINT) AS net
+            FROM staging.balance_transactions GROUP BY 1),
+        p AS (SELECT CAST(arrival_date AS DATE) AS day, CAST(sum(amount) AS BIGINT) AS payouts
+              FROM staging.payouts WHERE status IN ('paid', 'in_transit') GROUP BY 1)
+        SELECT day, coalesce(gross, 0) AS gross, coalesce(fees, 0) AS fees,
+            coalesce(net, 0) AS net, coalesce(payouts, 0) AS payouts
+        FROM b FULL JOIN p USING (day) ORDER BY day""")
+
+
+def _chart(daily: pl.DataFrame, currency: str, width: int = 900, height: int = 260) -> str:
+    if daily.is_empty():
+        return "<p>No activity.</p>"
+    days = daily["day"].to_list()
+    values = {name: daily[name].to_list() for name, _ in SERIES}
+    top = max(max(abs(v) for v in vals) for vals in values.values()) or 1
+    left, bottom = 70, 30
+    plot_w, plot_h = width - left - 10, height - bottom - 10
+    step = plot_w / max(len(days), 1)
+    bar = max(step / (len(SERIES) + 1), 1)
+    parts = [f'<svg role="img" aria-label="daily gross, fees, net and payouts" '
+             f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
+    zero = 10 + plot_h / 2 if any(v < 0 for vals in values.values() for v in vals) else 10 + plot_h
+    scale = (zero - 10) / top
+    parts.append(f'<line x1="{left}" y1="{zero}" x2="{width - 10}" y2="{zero}" stroke="#999"/>')
+    parts.append(f'<text x="4" y="16" font-size="11">{to_decimal_string(int(top), currency)}'
+                 '</text>')
+    for i, day in enumerate(days):
+        x0 = left + i * step
+        for k, (name, colour) in enumerate(SERIES):
+            v = values[name][i]
+            h = abs(v) * scale
+            y = zero - h if v >= 0 else zero
+            parts.append(f'<rect x="{x0 + k * bar:.1f}" y="{y:.1f}" width="{bar:.1f}" '
+                         f'height="{h:.1f}" fill="{colour}"><title>{day} {name} '
+                         f'{to_decimal_string(v, currency)}</title></rect>')
+        if i % max(len(days) // 10, 1) == 0:
+            parts.append(f'<text x="{x0:.1f}" y="{height - 8}" font-size="10">{day}</text>')
+    parts.append("</svg>")
+    legend = " ".join(f'<span style="color:{c}">&#9632; {n}</span>' for n, c in SERIES)
+    return "".join(parts) + f"<p>{legend}</p>"
+
+
+def render(rep: pl.DataFrame, daily: pl.DataFrame, clearing: list[dict[str, Any]],
+           *, title: str = "Stripe payout reconciliation") -> str:
+    currency = rep["currency"][0] if rep.height else "USD"
+    counts = rep.group_by("recon_status").len().sort("recon_status").to_dicts() if rep.height \
+        else []
+    summary = ", ".join(f"{c['len']} {c['recon_status']}" for c in counts) or "no payouts"
+    cols = ("payout", "arrival_date", "status", "amount", "gross", "fees", "refunds", "disputes",
+            "other", "net", "bank_line", "journal_no", "recon_status", "difference")
+    money = {"amount", "gross", "fees", "refunds", "disputes", "other", "net", "bank_line",
+             "difference"}
+    rows = []
+    for r in rep.iter_rows(named=True):
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if c in money and v is not None:
+                text = to_decimal_string(int(v), r["currency"])
+                cells.append(f'<td class="num">{text}</td>')
+            elif c == "recon_status":
+                colour = STATUS_COLOUR.get(str(v), "#000")
+                cells.append(f'<td style="color:{colour};font-weight:bold">{html.escape(str(v))}'
+                             "</td>")
+            else:
+                cells.append(f"<td>{html.escape('' if v is None else str(v))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    clearing_rows = "".join(
+        f"<tr><td>{c['currency']}</td><td>{c['account']}</td>"
+        f"<td class='num'>{to_decimal_string(c['sage_clearing'], c['currency'])}</td>"
+        f"<td class='num'>{to_decimal_string(c['stripe_unpaid_gross'], c['currency'])}</td>"
+        f"<td class='num'>{to_decimal_string(c['difference'], c['currency'])}</td>"
+        f"<td class='num'>{to_decimal_string(c['unexplained'], c['currency'])}</td>"
+        f"<td>{len(c['unposted_documents'])}</td></tr>" for c in clearing)
+    generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; color: #1a202c; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+td, th {{ border-bottom: 1px solid #e2e8f0; padding: 4px 8px; text-align: left; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p id="summary">{len(rep)} payouts: {html.escape(summary)}. Generated {generated}.</p>
+<h2>Daily gross, fees, net and payouts ({currency})</h2>
+{_chart(daily, currency)}
+<h2>Stripe Clearing check</h2>
+<table id="clearing"><tr><th>currency</th><th>account</th><th>Sage clearing</th>
+<th>Stripe gross not paid out</th><th>difference</th><th>unexplained</th>
+<th>unposted documents</th></tr>{clearing_rows}</table>
+<h2>Payouts</h2>
+<table id="payouts"><tr>{head}</tr>{''.join(rows)}</table>
+</body></html>"""

@@ -1,0 +1,56 @@
+"""Payout reconciliation tasks: itemise paid payouts, then report what matched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from stripe_sage import reconcile
+from stripe_sage.mapping import Mapping
+from stripe_sage.report_html import daily_series, render
+from stripe_sage.staging import Staging
+from stripe_sage.stripe_reader import StripeReader
+
+
+@task(name="itemise-payouts", cache_policy=NO_CACHE)
+def itemise_payouts(reader: StripeReader, st: Staging, run_id: str) -> int:
+    """Read the transactions of every newly paid payout, then stage them."""
+    todo = reconcile.payouts_to_itemise(st)
+    n = reconcile.itemise_payouts(reader, st, run_id, todo)
+    st.stage("balance_transactions", run_id)
+    get_run_logger().info("itemised %d payouts (%d balance transactions)", len(todo), n)
+    return len(todo)
+
+
+@task(name="reconciliation-report", cache_policy=NO_CACHE)
+def reconciliation_report(st: Staging, mapping: Mapping, run_id: str,
+                          html_path: Path | None) -> dict[str, Any]:
+    rep = reconcile.add_bank_line(reconcile.report(st), mapping)
+    reconcile.store(st, rep, run_id)
+    clearing = reconcile.clearing_check(st, mapping)
+    if html_path is not None:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_text(render(rep, daily_series(st), clearing))
+    if rep.height:
+        create_table_artifact(
+            key="payout-reconciliation",
+            table=rep.select("payout", "arrival_date", "amount", "gross", "fees", "refunds",
+                             "disputes", "net", "bank_line", "journal_no", "recon_status",
+                             "difference").with_columns(
+                                 rep["arrival_date"].cast(str)).to_dicts(),
+            description="Per payout: Σ of its balance transactions vs the Sage journal")
+    by_status = dict(rep.group_by("recon_status").len().iter_rows()) if rep.height else {}
+    logger = get_run_logger()
+    logger.info("reconciliation: %s", by_status)
+    for c in clearing:
+        if c["unexplained"]:
+            logger.warning("Stripe Clearing %s is off by %d minor units with no unposted "
+                           "document to explain it", c["currency"], c["unexplained"])
+    return {"payouts": by_status, "clearing": [
+        {k: v for k, v in c.items() if k != "unposted_documents"} for c in clearing],
+        "html": str(html_path) if html_path else None}
