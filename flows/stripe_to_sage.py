@@ -107,7 +107,8 @@ def stripe_to_sage(
             peak_mb["load"] = peak_rss_mb()
             counts["totals"] = summary_counts(st)
             counts["reconciliation"] = reconciliation_report(
-                st, ctx.mapping, run_id, Path(settings.staging_db).parent / "reconciliation.html")
+                st, ctx.mapping, run_id, Path(settings.staging_db).parent / "reconciliation.html"
+            )
             status = _status(counts["load"])
             st.finish_run(run_id, status=status, counts=counts)
             create_table_artifact(

@@ -47,12 +47,14 @@ def payouts_to_itemise(st: Any) -> list[str]:
     rows = st.con.execute(
         "SELECT p.id FROM staging.payouts p WHERE p.automatic AND p.status IN ('paid', 'failed') "
         "AND NOT EXISTS (SELECT 1 FROM staging.payout_items i WHERE i.payout = p.id) "
-        "ORDER BY p.created").fetchall()
+        "ORDER BY p.created"
+    ).fetchall()
     return [r[0] for r in rows]
 
 
-def itemise_payouts(reader: StripeReader, st: Any, run_id: str, payout_ids: list[str],
-                    workers: int = 4) -> int:
+def itemise_payouts(
+    reader: StripeReader, st: Any, run_id: str, payout_ids: list[str], workers: int = 4
+) -> int:
     """``GET /v1/balance_transactions?payout=po_…`` for each payout (the list includes the
     payout's own transaction). A paid payout's set never changes, so it is read once."""
     from concurrent.futures import ThreadPoolExecutor
@@ -67,12 +69,18 @@ def itemise_payouts(reader: StripeReader, st: Any, run_id: str, payout_ids: list
     with ThreadPoolExecutor(workers, thread_name_prefix="itemise") as pool:
         for po, bts in pool.map(fetch, payout_ids):
             with st.transaction():
-                st.upsert_raw("balance_transactions", bts, source="list", run_id=run_id,
-                              api_version=reader.api_version)
+                st.upsert_raw(
+                    "balance_transactions",
+                    bts,
+                    source="list",
+                    run_id=run_id,
+                    api_version=reader.api_version,
+                )
                 if bts:
                     st.con.execute(
                         "INSERT OR IGNORE INTO staging.payout_items SELECT ?, unnest(?::VARCHAR[])",
-                        [po, [b["id"] for b in bts]]).fetchall()
+                        [po, [b["id"] for b in bts]],
+                    ).fetchall()
             total += len(bts)
     return total
 
@@ -85,15 +93,18 @@ def _account(mapping: Mapping, name: str, currency: str) -> str | None:
     return value
 
 
-def payout_lines(payout: dict[str, Any], members: list[dict[str, Any]],
-                 mapping: Mapping) -> tuple[list[tuple[str, int]], str | None]:
+def payout_lines(
+    payout: dict[str, Any], members: list[dict[str, Any]], mapping: Mapping
+) -> tuple[list[tuple[str, int]], str | None]:
     """Signed amounts per account (debit > 0) for one payout, or a reason it cannot post."""
     currency = payout["currency"]
     net = sum(m["net"] for m in members)
     if net != payout["amount"]:
-        return [], (f"payout {payout['id']}: its balance transactions net to {net}, not the "
-                    f"payout amount {payout['amount']} (unexplained remainder "
-                    f"{payout['amount'] - net})")
+        return [], (
+            f"payout {payout['id']}: its balance transactions net to {net}, not the "
+            f"payout amount {payout['amount']} (unexplained remainder "
+            f"{payout['amount'] - net})"
+        )
     by_account: dict[str, int] = {}
 
     def add(name: str, amount: int) -> str | None:
@@ -108,16 +119,20 @@ def payout_lines(payout: dict[str, Any], members: list[dict[str, Any]],
     for m in members:
         cat = m["reporting_category"]
         if m["fee"]:
-            problems.append(add("dispute_fees" if cat in DISPUTE_CATEGORIES
-                                else "merchant_fees", m["fee"]))
+            problems.append(
+                add("dispute_fees" if cat in DISPUTE_CATEGORIES else "merchant_fees", m["fee"])
+            )
         if cat in RECOGNISED_ELSEWHERE:
             clearing += m["amount"]
             continue
         name = mapping.reporting_categories.get(cat)
         if name is None or name in ("clearing", "bank"):
-            return [], (f"payout {payout['id']}: balance transaction {m['id']} has reporting "
-                        f"category '{cat}', which the mapping's reporting_categories does not "
-                        "map to an account; nothing was posted for this payout")
+            return [], (
+                f"payout {payout['id']}: balance transaction {m['balance_transaction']} has "
+                f"reporting "
+                f"category '{cat}', which the mapping's reporting_categories does not "
+                "map to an account; nothing was posted for this payout"
+            )
         problems.append(add(name, -m["amount"]))
     problems.append(add("clearing", -clearing))
     if err := next((p for p in problems if p), None):
@@ -129,8 +144,13 @@ def payout_lines(payout: dict[str, Any], members: list[dict[str, Any]],
     return lines, None
 
 
-def plan_payouts(payouts: pl.DataFrame, items: pl.DataFrame, bts: pl.DataFrame,
-                 mapping: Mapping, periods: pl.DataFrame | None = None) -> pl.DataFrame:
+def plan_payouts(
+    payouts: pl.DataFrame,
+    items: pl.DataFrame,
+    bts: pl.DataFrame,
+    mapping: Mapping,
+    periods: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """One journal entry per paid payout; a reversing one for a payout that failed after.
 
     Payouts are few (one a day), and classifying each one's transactions reads best as plain
@@ -146,44 +166,81 @@ def plan_payouts(payouts: pl.DataFrame, items: pl.DataFrame, bts: pl.DataFrame,
     tz = ZoneInfo(mapping.timezone)
     rows: list[dict[str, Any]] = []
 
-    def journal(key: str, reference: str, when: dt.datetime | None, desc: str, currency: str,
-                lines: list[tuple[str | None, int]], deps: list[str],
-                error: str | None) -> None:
-        money = [(a, _money(max(v, 0), currency), _money(max(-v, 0), currency))
-                 for a, v in lines]
-        rows.append({
-            # A reversal posts after the journal it reverses: one phase later.
-            "doc_type": "journal_entry", "id": key, "depends_on": deps, "error": error,
-            "phase": 4 if deps else 3,
-            "doc_date": when.astimezone(tz).date() if when else None,
-            "payload": {"entry_date": "", "source_code": mapping.source_code,
-                        "description": desc[:60], "reference": reference, "currency": currency,
-                        "lines": [{"account": a or "", "debit": d, "credit": c,
-                                   "description": desc[:60]} for a, d, c in money]},
-        })
+    def journal(
+        key: str,
+        reference: str,
+        when: dt.datetime | None,
+        desc: str,
+        currency: str,
+        lines: list[tuple[str | None, int]],
+        deps: list[str],
+        error: str | None,
+    ) -> None:
+        money = [(a, _money(max(v, 0), currency), _money(max(-v, 0), currency)) for a, v in lines]
+        rows.append(
+            {
+                # A reversal posts after the journal it reverses: one phase later.
+                "doc_type": "journal_entry",
+                "id": key,
+                "depends_on": deps,
+                "error": error,
+                "phase": 4 if deps else 3,
+                "doc_date": when.astimezone(tz).date() if when else None,
+                "payload": {
+                    "entry_date": "",
+                    "source_code": mapping.source_code,
+                    "description": desc[:60],
+                    "reference": reference,
+                    "currency": currency,
+                    "lines": [
+                        {"account": a or "", "debit": d, "credit": c, "description": desc[:60]}
+                        for a, d, c in money
+                    ],
+                },
+            }
+        )
 
     for p in done.iter_rows(named=True):
         if p["id"] not in itemised:
             continue  # itemised by the next run
         cur = p["currency"]
         lines, error = payout_lines(p, grouped.get(p["id"], []), mapping)
-        journal(p["id"], p["id"], p["arrival_date"], f"Stripe payout {p['id']}", cur,
-                list(lines), [], error)
+        journal(
+            p["id"],
+            p["id"],
+            p["arrival_date"],
+            f"Stripe payout {p['id']}",
+            cur,
+            list(lines),
+            [],
+            error,
+        )
         if p["status"] == "failed":
             fbt = p["failure_balance_transaction"]
             when = created.get(fbt)
-            journal(f"payout_failure:{p['id']}", fbt, when, f"Stripe payout {p['id']} failed",
-                    cur, [(_account(mapping, "clearing", cur), p["amount"]),
-                          (_account(mapping, "bank", cur), -p["amount"])],
-                    [f"journal_entry:{p['id']}"],
-                    None if when else f"waiting: failure balance transaction {fbt} is not staged")
+            journal(
+                f"payout_failure:{p['id']}",
+                fbt,
+                when,
+                f"Stripe payout {p['id']} failed",
+                cur,
+                [
+                    (_account(mapping, "clearing", cur), p["amount"]),
+                    (_account(mapping, "bank", cur), -p["amount"]),
+                ],
+                [f"journal_entry:{p['id']}"],
+                None if when else f"waiting: failure balance transaction {fbt} is not staged",
+            )
     if not rows:
         return empty_docs()
     frame = pl.DataFrame(rows).with_columns(
-        pl.col("doc_date").cast(pl.Date), pl.col("error").cast(pl.String),
+        pl.col("doc_date").cast(pl.Date),
+        pl.col("error").cast(pl.String),
         pl.col("depends_on").cast(pl.List(pl.String)),
         pl.col("payload").struct.with_fields(
-            pl.col("doc_date").cast(pl.String).fill_null("").alias("entry_date")))
+            pl.col("doc_date").cast(pl.String).fill_null("").alias("entry_date")
+        ),
+    )
     return _docs(frame, mapping, periods)
 
 
@@ -192,8 +249,13 @@ def _money(minor: int, currency: str) -> str:
 
 
 # -- the report ----------------------------------------------------------------------------
-def report(st: Any, *, payout: str | None = None, date_from: dt.date | None = None,
-           date_to: dt.date | None = None) -> pl.DataFrame:
+def report(
+    st: Any,
+    *,
+    payout: str | None = None,
+    date_from: dt.date | None = None,
+    date_to: dt.date | None = None,
+) -> pl.DataFrame:
     """Per payout: amount, gross, fees, refunds, disputes, other, net, Sage journal, bank
     line, status (matched / mismatch / pending / manual / failed) and the difference."""
     where, params = ["TRUE"], []
@@ -206,10 +268,12 @@ def report(st: Any, *, payout: str | None = None, date_from: dt.date | None = No
     if date_to:
         where.append("p.arrival_date < ? + INTERVAL 1 DAY")
         params.append(date_to)
-    return st.frame(f"""
+    return st.frame(
+        f"""
         WITH m AS (
             SELECT i.payout,
-                CAST(sum(b.amount) FILTER (WHERE b.reporting_category = 'charge') AS BIGINT) AS gross,
+                CAST(sum(b.amount) FILTER (WHERE b.reporting_category = 'charge') AS BIGINT)
+                    AS gross,
                 CAST(sum(b.fee) AS BIGINT) AS fees,
                 CAST(sum(b.amount) FILTER (WHERE b.reporting_category IN ('refund',
                     'refund_failure')) AS BIGINT) AS refunds,
@@ -241,8 +305,10 @@ def report(st: Any, *, payout: str | None = None, date_from: dt.date | None = No
                  ELSE 'matched' END AS recon_status,
             p.amount - coalesce(m.net, p.amount) AS difference
         FROM staging.payouts p LEFT JOIN m ON m.payout = p.id LEFT JOIN j ON j.payout = p.id
-        WHERE {' AND '.join(where)}
-        ORDER BY p.arrival_date, p.id""", params)
+        WHERE {" AND ".join(where)}
+        ORDER BY p.arrival_date, p.id""",
+        params,
+    )
 
 
 def add_bank_line(rep: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
@@ -250,30 +316,39 @@ def add_bank_line(rep: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
     from stripe_sage.money import from_decimal_string
 
     bank: list[int | None] = []
-    for payload, cur in zip(rep["journal_payload"].to_list(), rep["currency"].to_list(),
-                            strict=True):
+    for payload, cur in zip(
+        rep["journal_payload"].to_list(), rep["currency"].to_list(), strict=True
+    ):
         value = None
         if payload:
             body = json.loads(payload) if isinstance(payload, str) else payload
             account = _account(mapping, "bank", cur)
-            value = sum(from_decimal_string(line["debit"], cur) for line in body["lines"]
-                        if line["account"] == account) or None
+            value = (
+                sum(
+                    from_decimal_string(line["debit"], cur)
+                    for line in body["lines"]
+                    if line["account"] == account
+                )
+                or None
+            )
         bank.append(value)
     out = rep.with_columns(pl.Series("bank_line", bank, dtype=pl.Int64)).drop("journal_payload")
     return out.with_columns(
-        pl.when((pl.col("recon_status") == "matched")
-                & (pl.col("bank_line") != pl.col("amount")))
-        .then(pl.lit("mismatch")).otherwise(pl.col("recon_status")).alias("recon_status"))
+        pl.when((pl.col("recon_status") == "matched") & (pl.col("bank_line") != pl.col("amount")))
+        .then(pl.lit("mismatch"))
+        .otherwise(pl.col("recon_status"))
+        .alias("recon_status")
+    )
 
 
 def store(st: Any, rep: pl.DataFrame, run_id: str) -> None:
     """``ops.reconciliation``: one row per payout, as of the latest report."""
-    frame = rep.with_columns(pl.lit(run_id).alias("run_id"),
-                             pl.lit(dt.datetime.now(dt.UTC)).alias("reported_at"))
+    frame = rep.with_columns(
+        pl.lit(run_id).alias("run_id"), pl.lit(dt.datetime.now(dt.UTC)).alias("reported_at")
+    )
     with st.transaction() as con:
         con.register("_recon", frame.to_arrow())
-        con.execute("CREATE OR REPLACE TABLE ops.reconciliation AS SELECT * FROM _recon"
-                    ).fetchall()
+        con.execute("CREATE OR REPLACE TABLE ops.reconciliation AS SELECT * FROM _recon").fetchall()
         con.unregister("_recon")
 
 
@@ -284,7 +359,8 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     that explain it (not posted: dead-lettered or pending)."""
     out = []
     for currency, account in mapping.accounts.clearing.items():
-        sage = st.con.execute("""
+        sage = st.con.execute(
+            """
             SELECT coalesce(sum(CASE
                 WHEN doc_type = 'cash_receipt' AND payload->>'deposit_account' = ?1
                     THEN CAST(payload->>'amount' AS DECIMAL(18, 3))
@@ -297,8 +373,11 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
                           WHERE o2.status = 'posted' AND o2.doc_type = 'journal_entry'
                             AND l->>'account' = ?1 AND o2.payload->>'currency' = ?2), 0)
             FROM sage.outbox WHERE status = 'posted' AND payload->>'currency' = ?2
-            """, [account, currency]).fetchall()[0][0]
-        docs = st.frame("""
+            """,
+            [account, currency],
+        ).fetchall()[0][0]
+        docs = st.frame(
+            """
             WITH cleared AS (
                 SELECT i.balance_transaction FROM staging.payout_items i
                 JOIN sage.outbox o ON o.doc_key = 'journal_entry:' || i.payout
@@ -316,7 +395,9 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
                 WHERE b.currency = ? AND b.reporting_category IN
                     ('charge', 'refund', 'refund_failure', 'payout_reversal'))
             SELECT rec.*, coalesce(o.status, 'not planned') AS doc_status, o.last_error
-            FROM rec LEFT JOIN sage.outbox o USING (doc_key)""", [currency])
+            FROM rec LEFT JOIN sage.outbox o USING (doc_key)""",
+            [currency],
+        )
         if docs.is_empty() and not sage:
             continue
         from stripe_sage.money import exponent
@@ -329,11 +410,20 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
         # journal it leaves the clearing account short by that amount.
         explained = int(unposted["amount"].sum() or 0)
         difference = sage_minor - stripe_side
-        out.append({
-            "currency": currency, "account": account, "sage_clearing": sage_minor,
-            "stripe_unpaid_gross": stripe_side, "difference": difference,
-            "explained_by_unposted": -explained, "unexplained": difference + explained,
-            "unposted_documents": unposted.select("doc_key", "doc_status", "amount",
-                                                  "last_error").head(50).to_dicts(),
-        })
+        out.append(
+            {
+                "currency": currency,
+                "account": account,
+                "sage_clearing": sage_minor,
+                "stripe_unpaid_gross": stripe_side,
+                "difference": difference,
+                "explained_by_unposted": -explained,
+                "unexplained": difference + explained,
+                "unposted_documents": unposted.select(
+                    "doc_key", "doc_status", "amount", "last_error"
+                )
+                .head(50)
+                .to_dicts(),
+            }
+        )
     return out

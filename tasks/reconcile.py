@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -12,6 +13,7 @@ from prefect.logging import get_run_logger
 
 from stripe_sage import reconcile
 from stripe_sage.mapping import Mapping
+from stripe_sage.pipeline import plan_payout_documents
 from stripe_sage.report_html import daily_series, render
 from stripe_sage.staging import Staging
 from stripe_sage.stripe_reader import StripeReader
@@ -27,9 +29,19 @@ def itemise_payouts(reader: StripeReader, st: Staging, run_id: str) -> int:
     return len(todo)
 
 
+@task(name="plan-payout-journals", cache_policy=NO_CACHE)
+def plan_payout_journals(
+    st: Staging, mapping: Mapping, periods: list[dict[str, Any]]
+) -> pl.DataFrame:
+    docs = plan_payout_documents(st, mapping, periods)
+    get_run_logger().info("planned %d payout journals", docs.height)
+    return docs
+
+
 @task(name="reconciliation-report", cache_policy=NO_CACHE)
-def reconciliation_report(st: Staging, mapping: Mapping, run_id: str,
-                          html_path: Path | None) -> dict[str, Any]:
+def reconciliation_report(
+    st: Staging, mapping: Mapping, run_id: str, html_path: Path | None
+) -> dict[str, Any]:
     rep = reconcile.add_bank_line(reconcile.report(st), mapping)
     reconcile.store(st, rep, run_id)
     clearing = reconcile.clearing_check(st, mapping)
@@ -39,18 +51,37 @@ def reconciliation_report(st: Staging, mapping: Mapping, run_id: str,
     if rep.height:
         create_table_artifact(
             key="payout-reconciliation",
-            table=rep.select("payout", "arrival_date", "amount", "gross", "fees", "refunds",
-                             "disputes", "net", "bank_line", "journal_no", "recon_status",
-                             "difference").with_columns(
-                                 rep["arrival_date"].cast(str)).to_dicts(),
-            description="Per payout: Σ of its balance transactions vs the Sage journal")
+            table=rep.select(
+                "payout",
+                "arrival_date",
+                "amount",
+                "gross",
+                "fees",
+                "refunds",
+                "disputes",
+                "net",
+                "bank_line",
+                "journal_no",
+                "recon_status",
+                "difference",
+            )
+            .with_columns(rep["arrival_date"].cast(str))
+            .to_dicts(),
+            description="Per payout: Σ of its balance transactions vs the Sage journal",
+        )
     by_status = dict(rep.group_by("recon_status").len().iter_rows()) if rep.height else {}
     logger = get_run_logger()
     logger.info("reconciliation: %s", by_status)
     for c in clearing:
         if c["unexplained"]:
-            logger.warning("Stripe Clearing %s is off by %d minor units with no unposted "
-                           "document to explain it", c["currency"], c["unexplained"])
-    return {"payouts": by_status, "clearing": [
-        {k: v for k, v in c.items() if k != "unposted_documents"} for c in clearing],
-        "html": str(html_path) if html_path else None}
+            logger.warning(
+                "Stripe Clearing %s is off by %d minor units with no unposted "
+                "document to explain it",
+                c["currency"],
+                c["unexplained"],
+            )
+    return {
+        "payouts": by_status,
+        "clearing": [{k: v for k, v in c.items() if k != "unposted_documents"} for c in clearing],
+        "html": str(html_path) if html_path else None,
+    }
