@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,36 +90,19 @@ class Extractor:
         self.write_lock = lock or threading.Lock()
 
     # -- writing ---------------------------------------------------------------------------
-    def _write(
-        self, stream: str, objects: list[JSON], source: str, window: tuple[int, int] | None = None
-    ) -> int:
-        with self.write_lock:
-            st = self.staging
-            st.con.execute("BEGIN").fetchall()
-            try:
-                n = st.upsert_raw(
-                    stream,
-                    objects,
-                    source=source,
-                    run_id=self.run_id,
-                    api_version=self.reader.api_version,
+    def _write(self, stream: str, objects: list[JSON], source: str) -> int:
+        """Upsert one batch (and an invoice batch's lines) in one transaction."""
+        # Lines past the tenth are paged from Stripe before taking the lock.
+        lines = self._embedded_lines(objects) if stream == "invoices" else []
+        version = self.reader.api_version
+        with self.write_lock, self.staging.transaction():
+            n = self.staging.upsert_raw(
+                stream, objects, source=source, run_id=self.run_id, api_version=version
+            )
+            if lines:
+                self.staging.upsert_raw(
+                    "invoice_lines", lines, source=source, run_id=self.run_id, api_version=version
                 )
-                if stream == "invoices":
-                    n_lines = self._embedded_lines(objects)
-                    if n_lines:
-                        st.upsert_raw(
-                            "invoice_lines",
-                            n_lines,
-                            source=source,
-                            run_id=self.run_id,
-                            api_version=self.reader.api_version,
-                        )
-                if window is not None:
-                    st.mark_window(stream, window[0], window[1], n, self.run_id)
-                st.con.execute("COMMIT").fetchall()
-            except BaseException:
-                st.con.execute("ROLLBACK").fetchall()
-                raise
         return n
 
     def _embedded_lines(self, invoices: Iterable[JSON]) -> list[JSON]:
@@ -144,16 +127,24 @@ class Extractor:
         return out
 
     # -- listed streams --------------------------------------------------------------------
-    def _read_window(self, stream: str, a: int, b: int) -> list[JSON]:
+    def _pages(self, stream: str, a: int, b: int) -> Iterator[list[JSON]]:
         s = STREAMS[stream]
         # Stripe's timestamps are whole seconds: the window reaching "now" includes this second.
         params: JSON = {"created": {"gte": a, "lt": b + 1 if b >= self.now else b}}
         if s.expand:
             params["expand"] = [f"data.{e}" for e in s.expand]
-        objects: list[JSON] = []
-        for page in self.reader.list_pages(s.path, params):
-            objects.extend(page)
-        return objects
+        return self.reader.list_pages(s.path, params)
+
+    def _read_window(self, stream: str, a: int, b: int, *, checkpoint: bool = False) -> int:
+        """Write a window page by page (memory stays at a few pages); with ``checkpoint``,
+        record the window as done once its last page is committed."""
+        n = 0
+        for page in self._pages(stream, a, b):
+            n += self._write(stream, page, "list")
+        if checkpoint:
+            with self.write_lock:
+                self.staging.mark_window(stream, a, b, n, self.run_id)
+        return n
 
     def extract_stream(
         self, stream: str, *, full_refresh: bool = False, since: int | None = None
@@ -174,7 +165,7 @@ class Extractor:
             todo = [w for w in self.backfill_windows(stream, start) if w not in done]
 
             def one(w: tuple[int, int]) -> int:
-                return self._write(stream, self._read_window(stream, *w), "list", w)
+                return self._read_window(stream, *w, checkpoint=True)
 
             with ThreadPoolExecutor(self.workers, thread_name_prefix=f"x-{stream}") as pool:
                 for n in pool.map(one, todo):
@@ -186,8 +177,7 @@ class Extractor:
         stats.mode = "incremental"
         cursor = int(state["created_cursor"])
         back = max(OVERLAP, s.lookback_seconds)
-        objects = self._read_window(stream, cursor - back, self.now)
-        stats.listed = self._write(stream, objects, "list")
+        stats.listed = self._read_window(stream, cursor - back, self.now)
         with self.write_lock:
             self.staging.set_sync_state(stream, created_cursor=self.now)
         return stats

@@ -79,11 +79,19 @@ def now_utc() -> dt.datetime:
 class Staging:
     """The staging database. ``with Staging(path) as st: ...``."""
 
-    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: Path | str, *, read_only: bool = False, memory_limit: str = "1GB"
+    ) -> None:
         self.path = Path(path)
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(str(self.path), read_only=read_only)
+        # DuckDB's default buffer pool is 80% of RAM; a sync needs far less, and the rest of
+        # the process (extract pages, Polars frames) shares the machine.
+        self.con = duckdb.connect(
+            str(self.path),
+            read_only=read_only,
+            config={"memory_limit": memory_limit, "preserve_insertion_order": False},
+        )
         self._exec("SET TimeZone = 'UTC'")
         if not read_only:
             self.migrate()
