@@ -158,35 +158,65 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         reconcile_payouts(trigger="cli")
     mapping = load_mapping(settings.mapping_file)
     with Staging(settings.staging_db) as st:
-        rep = reconcile.add_bank_line(reconcile.report(
-            st, payout=args.payout,
-            date_from=dt.date.fromisoformat(args.date_from) if args.date_from else None,
-            date_to=dt.date.fromisoformat(args.date_to) if args.date_to else None), mapping)
+        rep = reconcile.add_bank_line(
+            reconcile.report(
+                st,
+                payout=args.payout,
+                date_from=dt.date.fromisoformat(args.date_from) if args.date_from else None,
+                date_to=dt.date.fromisoformat(args.date_to) if args.date_to else None,
+            ),
+            mapping,
+        )
         clearing = reconcile.clearing_check(st, mapping)
         html = Path(args.html or Path(settings.staging_db).parent / "reconciliation.html")
         html.write_text(render(rep, daily_series(st), clearing))
-    cols = ("payout", "arrival_date", "amount", "gross", "fees", "refunds", "disputes", "net",
-            "bank_line", "journal_no", "recon_status", "difference")
-    money = {"amount", "gross", "fees", "refunds", "disputes", "net", "bank_line",
-             "difference"}
-    table = [[("" if r[c] is None else to_decimal_string(int(r[c]), r["currency"]))
-              if c in money else str(r[c] if r[c] is not None else "") for c in cols]
-             for r in rep.iter_rows(named=True)]
-    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c)
-              for i, c in enumerate(cols)]
+    cols = (
+        "payout",
+        "arrival_date",
+        "amount",
+        "gross",
+        "fees",
+        "refunds",
+        "disputes",
+        "net",
+        "bank_line",
+        "journal_no",
+        "recon_status",
+        "difference",
+    )
+    money = {"amount", "gross", "fees", "refunds", "disputes", "net", "bank_line", "difference"}
+    table = [
+        [
+            ("" if r[c] is None else to_decimal_string(int(r[c]), r["currency"]))
+            if c in money
+            else str(r[c] if r[c] is not None else "")
+            for c in cols
+        ]
+        for r in rep.iter_rows(named=True)
+    ]
+    widths = [
+        max(len(c), *(len(row[i]) for row in table)) if table else len(c)
+        for i, c in enumerate(cols)
+    ]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for row in table:
-        print("  ".join(v.rjust(w) if cols[i] in money else v.ljust(w)
-                        for i, (v, w) in enumerate(zip(row, widths, strict=True))))
+        print(
+            "  ".join(
+                v.rjust(w) if cols[i] in money else v.ljust(w)
+                for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     counts = rep.group_by("recon_status").len().sort("recon_status").iter_rows()
     print("\n" + ", ".join(f"{n} {s}" for s, n in counts) + f"   report: {html}")
     for c in clearing:
-        print(f"Stripe Clearing {c['currency']} ({c['account']}): Sage "
-              f"{to_decimal_string(c['sage_clearing'], c['currency'])}, Stripe unpaid gross "
-              f"{to_decimal_string(c['stripe_unpaid_gross'], c['currency'])}, difference "
-              f"{to_decimal_string(c['difference'], c['currency'])} (unexplained "
-              f"{to_decimal_string(c['unexplained'], c['currency'])}; "
-              f"{len(c['unposted_documents'])} unposted documents explain the rest)")
+        print(
+            f"Stripe Clearing {c['currency']} ({c['account']}): Sage "
+            f"{to_decimal_string(c['sage_clearing'], c['currency'])}, Stripe unpaid gross "
+            f"{to_decimal_string(c['stripe_unpaid_gross'], c['currency'])}, difference "
+            f"{to_decimal_string(c['difference'], c['currency'])} (unexplained "
+            f"{to_decimal_string(c['unexplained'], c['currency'])}; "
+            f"{len(c['unposted_documents'])} unposted documents explain the rest)"
+        )
     bad = rep.filter(rep["recon_status"] == "mismatch").height
     return 1 if bad or any(c["unexplained"] for c in clearing) else 0
 
@@ -223,14 +253,20 @@ def register(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="plan documents, post nothing")
     p.set_defaults(func=cmd_sync)
 
-    p = sub.add_parser("reconcile", help="payout reconciliation report (terminal + HTML)",
-                       description="Per payout: amount, Σ gross, fees, refunds, disputes, "
-                       "net, the Sage journal and its bank line, and matched / mismatch / "
-                       "pending / manual. Exit status 1 on a mismatch.")
+    p = sub.add_parser(
+        "reconcile",
+        help="payout reconciliation report (terminal + HTML)",
+        description="Per payout: amount, Σ gross, fees, refunds, disputes, "
+        "net, the Sage journal and its bank line, and matched / mismatch / "
+        "pending / manual. Exit status 1 on a mismatch.",
+    )
     p.add_argument("--payout", help="only this payout (po_...)")
     p.add_argument("--from", dest="date_from", help="arrival date from, YYYY-MM-DD")
     p.add_argument("--to", dest="date_to", help="arrival date to (inclusive), YYYY-MM-DD")
     p.add_argument("--html", help="where to write the HTML report")
-    p.add_argument("--sync", action="store_true",
-                   help="run the reconcile_payouts flow first (new payouts, journals)")
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="run the reconcile_payouts flow first (new payouts, journals)",
+    )
     p.set_defaults(func=cmd_reconcile)

@@ -142,8 +142,12 @@ class Extractor:
         for page in self._pages(stream, a, b):
             n += self._write(stream, page, "list")
         if checkpoint:
-            with self.write_lock:
+            with self.write_lock, self.staging.transaction():
                 self.staging.mark_window(stream, a, b, n, self.run_id)
+                if (self.staging.sync_state(stream) or {}).get("events_cursor") is None:
+                    # From the first committed window on, updates to what the backfill has
+                    # read are caught by the event read that follows it (even after a crash).
+                    self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
         return n
 
     def extract_stream(
@@ -159,9 +163,6 @@ class Extractor:
             start = since if since is not None else self.backfill_start
             with self.write_lock:
                 done = set() if full_refresh else self.staging.windows_done(stream)
-                if state.get("events_cursor") is None or full_refresh:
-                    # Updates made while the backfill runs are caught by the next event read.
-                    self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
             todo = [w for w in self.backfill_windows(stream, start) if w not in done]
 
             def one(w: tuple[int, int]) -> int:
@@ -172,6 +173,8 @@ class Extractor:
                     stats.listed += n
                     stats.windows += 1
             with self.write_lock:
+                if (self.staging.sync_state(stream) or {}).get("events_cursor") is None:
+                    self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
                 self.staging.set_sync_state(stream, created_cursor=self.now, backfill_done=True)
             return stats
         stats.mode = "incremental"
@@ -228,6 +231,8 @@ class Extractor:
             stats.warnings.append(msg)
             for stream in sorted(wanted):
                 self.extract_stream(stream, full_refresh=True)
+                if stream == "customers":
+                    self._tombstone_unlisted_customers()
                 self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
             return stats
         changed: dict[str, dict[str, str]] = {}  # stream → id → last event type
@@ -255,6 +260,20 @@ class Extractor:
         for stream in wanted:
             self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
         return stats
+
+    def _tombstone_unlisted_customers(self) -> None:
+        """Stripe's customer list leaves deleted customers out: a customer the full re-read
+        did not list is fetched on its own, and becomes a tombstone if Stripe says deleted."""
+        missing = [
+            r[0]
+            for r in self.staging.con.execute(
+                "SELECT id FROM raw.customers WHERE run_id <> ? AND "
+                "coalesce(CAST(data->>'deleted' AS BOOLEAN), false) = false",
+                [self.run_id],
+            ).fetchall()
+        ]
+        if missing:
+            self._refetch("customers", missing, {})
 
     def _fresh_ids(self, changed: dict[str, dict[str, str]]) -> dict[str, set[str]]:
         """Objects this run already listed are current: no need to fetch them again."""

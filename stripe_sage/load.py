@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -113,6 +114,7 @@ class Loader:
         self.batch_size = batch_size
         self.on_progress = on_progress
         self.stats = LoadStats()
+        self._halt = threading.Event()
 
     # -- planning → outbox ----------------------------------------------------------------
     def enqueue(self, docs: pl.DataFrame) -> int:
@@ -286,6 +288,13 @@ class Loader:
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sage") as pool:
             outcomes = list(pool.map(lambda r: self._post_one(r, xref), batch))
         auth = next((o.error for o in outcomes if isinstance(o.error, AuthenticationError)), None)
+        skipped = [o.doc_key for o in outcomes if o.status == "skipped"]
+        if skipped:  # never sent: no lookup needed before their next attempt
+            self.st._exec(
+                "UPDATE sage.outbox SET attempts = attempts - 1 "
+                "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [skipped],
+            )
         by_key = {r[0]: r for r in batch}
         posted = [o for o in outcomes if o.status == "posted"]
         self._mark_posted_many(
@@ -320,7 +329,11 @@ class Loader:
             else:
                 self.st._exec(
                     "UPDATE sage.outbox SET last_error = ?, updated_at = ? WHERE doc_key = ?",
-                    [o.reason, now_utc(), o.doc_key],
+                    [
+                        o.reason or "not sent: the run stopped on an authentication error",
+                        now_utc(),
+                        o.doc_key,
+                    ],
                 )
                 self.stats.deferred[doc_type] += 1
         if auth is not None:
@@ -328,6 +341,8 @@ class Loader:
 
     def _post_one(self, row: tuple[Any, ...], xref: dict[str, str]) -> Outcome:
         doc_key, doc_type, collection, stripe_id, payload, _, attempts = row
+        if self._halt.is_set():
+            return Outcome(doc_key, "skipped")
         try:
             body = resolve_placeholders(
                 json.loads(payload) if isinstance(payload, str) else payload, xref
@@ -342,6 +357,7 @@ class Loader:
             doc = self.client.create(collection, body, check_first=attempts > 0)
             return Outcome(doc_key, "posted", str(doc[KEY_FIELD[collection]]))
         except AuthenticationError as exc:
+            self._halt.set()  # no retry storm: the other workers stop before their next POST
             return Outcome(doc_key, "pending", error=exc, reason=str(exc))
         except NotFoundError as exc:
             if doc_type == "customer_link":

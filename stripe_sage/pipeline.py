@@ -172,15 +172,20 @@ def plan_documents(st: Staging, mapping: Mapping, periods: list[dict[str, object
     )
 
 
-def plan_payout_documents(st: Staging, mapping: Mapping,
-                          periods: list[dict[str, object]]) -> pl.DataFrame:
+def plan_payout_documents(
+    st: Staging, mapping: Mapping, periods: list[dict[str, object]]
+) -> pl.DataFrame:
     """Only the payout journals (the ``reconcile_payouts`` flow)."""
     settled = _settled_keys(st)
     docs = plan_payouts(
-        _unsettled(_clean(st, "payouts"), settled, "journal_entry:",
-                   "journal_entry:payout_failure:"),
-        st.table("payout_items"), st.table("balance_transactions"), mapping,
-        periods_frame(periods) if periods else None)
+        _unsettled(
+            _clean(st, "payouts"), settled, "journal_entry:", "journal_entry:payout_failure:"
+        ),
+        st.table("payout_items"),
+        st.table("balance_transactions"),
+        mapping,
+        periods_frame(periods) if periods else None,
+    )
     return docs.join(settled, on="doc_key", how="anti")
 
 

@@ -12,8 +12,14 @@ import polars as pl
 from stripe_sage.money import to_decimal_string
 
 SERIES = (("gross", "#2b6cb0"), ("fees", "#c53030"), ("net", "#2f855a"), ("payouts", "#805ad5"))
-STATUS_COLOUR = {"matched": "#2f855a", "mismatch": "#c53030", "unposted": "#dd6b20",
-                 "pending": "#718096", "manual": "#b7791f", "failed": "#9b2c2c"}
+STATUS_COLOUR = {
+    "matched": "#2f855a",
+    "mismatch": "#c53030",
+    "unposted": "#dd6b20",
+    "pending": "#718096",
+    "manual": "#b7791f",
+    "failed": "#9b2c2c",
+}
 
 
 def daily_series(st: Any) -> pl.DataFrame:
@@ -42,22 +48,27 @@ def _chart(daily: pl.DataFrame, currency: str, width: int = 900, height: int = 2
     plot_w, plot_h = width - left - 10, height - bottom - 10
     step = plot_w / max(len(days), 1)
     bar = max(step / (len(SERIES) + 1), 1)
-    parts = [f'<svg role="img" aria-label="daily gross, fees, net and payouts" '
-             f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
+    parts = [
+        f'<svg role="img" aria-label="daily gross, fees, net and payouts" '
+        f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+    ]
     zero = 10 + plot_h / 2 if any(v < 0 for vals in values.values() for v in vals) else 10 + plot_h
     scale = (zero - 10) / top
     parts.append(f'<line x1="{left}" y1="{zero}" x2="{width - 10}" y2="{zero}" stroke="#999"/>')
-    parts.append(f'<text x="4" y="16" font-size="11">{to_decimal_string(int(top), currency)}'
-                 '</text>')
+    parts.append(
+        f'<text x="4" y="16" font-size="11">{to_decimal_string(int(top), currency)}</text>'
+    )
     for i, day in enumerate(days):
         x0 = left + i * step
         for k, (name, colour) in enumerate(SERIES):
             v = values[name][i]
             h = abs(v) * scale
             y = zero - h if v >= 0 else zero
-            parts.append(f'<rect x="{x0 + k * bar:.1f}" y="{y:.1f}" width="{bar:.1f}" '
-                         f'height="{h:.1f}" fill="{colour}"><title>{day} {name} '
-                         f'{to_decimal_string(v, currency)}</title></rect>')
+            parts.append(
+                f'<rect x="{x0 + k * bar:.1f}" y="{y:.1f}" width="{bar:.1f}" '
+                f'height="{h:.1f}" fill="{colour}"><title>{day} {name} '
+                f"{to_decimal_string(v, currency)}</title></rect>"
+            )
         if i % max(len(days) // 10, 1) == 0:
             parts.append(f'<text x="{x0:.1f}" y="{height - 8}" font-size="10">{day}</text>')
     parts.append("</svg>")
@@ -65,16 +76,45 @@ def _chart(daily: pl.DataFrame, currency: str, width: int = 900, height: int = 2
     return "".join(parts) + f"<p>{legend}</p>"
 
 
-def render(rep: pl.DataFrame, daily: pl.DataFrame, clearing: list[dict[str, Any]],
-           *, title: str = "Stripe payout reconciliation") -> str:
+def render(
+    rep: pl.DataFrame,
+    daily: pl.DataFrame,
+    clearing: list[dict[str, Any]],
+    *,
+    title: str = "Stripe payout reconciliation",
+) -> str:
     currency = rep["currency"][0] if rep.height else "USD"
-    counts = rep.group_by("recon_status").len().sort("recon_status").to_dicts() if rep.height \
-        else []
+    counts = (
+        rep.group_by("recon_status").len().sort("recon_status").to_dicts() if rep.height else []
+    )
     summary = ", ".join(f"{c['len']} {c['recon_status']}" for c in counts) or "no payouts"
-    cols = ("payout", "arrival_date", "status", "amount", "gross", "fees", "refunds", "disputes",
-            "other", "net", "bank_line", "journal_no", "recon_status", "difference")
-    money = {"amount", "gross", "fees", "refunds", "disputes", "other", "net", "bank_line",
-             "difference"}
+    cols = (
+        "payout",
+        "arrival_date",
+        "status",
+        "amount",
+        "gross",
+        "fees",
+        "refunds",
+        "disputes",
+        "other",
+        "net",
+        "bank_line",
+        "journal_no",
+        "recon_status",
+        "difference",
+    )
+    money = {
+        "amount",
+        "gross",
+        "fees",
+        "refunds",
+        "disputes",
+        "other",
+        "net",
+        "bank_line",
+        "difference",
+    }
     rows = []
     for r in rep.iter_rows(named=True):
         cells = []
@@ -85,8 +125,9 @@ def render(rep: pl.DataFrame, daily: pl.DataFrame, clearing: list[dict[str, Any]
                 cells.append(f'<td class="num">{text}</td>')
             elif c == "recon_status":
                 colour = STATUS_COLOUR.get(str(v), "#000")
-                cells.append(f'<td style="color:{colour};font-weight:bold">{html.escape(str(v))}'
-                             "</td>")
+                cells.append(
+                    f'<td style="color:{colour};font-weight:bold">{html.escape(str(v))}</td>'
+                )
             else:
                 cells.append(f"<td>{html.escape('' if v is None else str(v))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
@@ -96,7 +137,9 @@ def render(rep: pl.DataFrame, daily: pl.DataFrame, clearing: list[dict[str, Any]
         f"<td class='num'>{to_decimal_string(c['stripe_unpaid_gross'], c['currency'])}</td>"
         f"<td class='num'>{to_decimal_string(c['difference'], c['currency'])}</td>"
         f"<td class='num'>{to_decimal_string(c['unexplained'], c['currency'])}</td>"
-        f"<td>{len(c['unposted_documents'])}</td></tr>" for c in clearing)
+        f"<td>{len(c['unposted_documents'])}</td></tr>"
+        for c in clearing
+    )
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
     return f"""<!doctype html>
@@ -116,5 +159,5 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 <th>Stripe gross not paid out</th><th>difference</th><th>unexplained</th>
 <th>unposted documents</th></tr>{clearing_rows}</table>
 <h2>Payouts</h2>
-<table id="payouts"><tr>{head}</tr>{''.join(rows)}</table>
+<table id="payouts"><tr>{head}</tr>{"".join(rows)}</table>
 </body></html>"""

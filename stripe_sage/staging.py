@@ -17,6 +17,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from stripe_sage.errors import ConfigurationError
 from stripe_sage.streams import STREAMS, Stream
 
 SCHEMAS = ("raw", "staging", "sage", "ops")
@@ -83,6 +84,13 @@ class Staging:
         self, path: Path | str, *, read_only: bool = False, memory_limit: str = "1GB"
     ) -> None:
         self.path = Path(path)
+        if self.path.stem.lower() in SCHEMAS:
+            # DuckDB names the database after the file: "staging.duckdb" would make
+            # staging.charges ambiguous (catalog or schema?).
+            raise ConfigurationError(
+                f"the staging DB file may not be named {self.path.name!r}: DuckDB would confuse "
+                f"it with the {self.path.stem!r} schema; choose e.g. stripe_sage.duckdb"
+            )
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         # DuckDB's default buffer pool is 80% of RAM; a sync needs far less, and the rest of

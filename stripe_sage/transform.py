@@ -722,8 +722,11 @@ def _docs(
         pl.concat_str([pl.col("doc_type"), pl.lit(":"), pl.col(key_col)]).alias("doc_key"),
         pl.col("doc_type"),
         pl.col("doc_type").replace_strict(COLLECTIONS, return_dtype=pl.String).alias("collection"),
-        (pl.col("phase").cast(pl.Int32) if "phase" in df.columns
-         else pl.col("doc_type").replace_strict(PHASES, return_dtype=pl.Int32)).alias("phase"),
+        (
+            pl.col("phase").cast(pl.Int32)
+            if "phase" in df.columns
+            else pl.col("doc_type").replace_strict(PHASES, return_dtype=pl.Int32)
+        ).alias("phase"),
         pl.col(key_col).alias("stripe_id"),
         pl.col("depends_on").cast(pl.List(pl.String)),
         pl.col("payload").struct.json_encode(),

@@ -85,8 +85,11 @@ def expected_documents(env: Env) -> Counter[str]:
         invoices = [i for i in stripe_all(s, "/v1/invoices") if i["status"] in ("open", "paid")]
         refunds = stripe_all(s, "/v1/refunds")
         customers = stripe_all(s, "/v1/customers")
-        payouts = [p for p in stripe_all(s, "/v1/payouts")
-                   if p["automatic"] and p["status"] in ("paid", "failed")]
+        payouts = [
+            p
+            for p in stripe_all(s, "/v1/payouts")
+            if p["automatic"] and p["status"] in ("paid", "failed")
+        ]
     succeeded = [c for c in charges if c["status"] == "succeeded"]
     return Counter(
         {
@@ -95,8 +98,9 @@ def expected_documents(env: Env) -> Counter[str]:
             "cash_receipt": len(succeeded),
             "credit_memo": len(refunds),
             # refund failures, one journal per paid payout, a reversal per failed payout
-        "journal_entry": len([r for r in refunds if r["status"] == "failed"]) + len(payouts)
-        + len([p for p in payouts if p["status"] == "failed"]),
+            "journal_entry": len([r for r in refunds if r["status"] == "failed"])
+            + len(payouts)
+            + len([p for p in payouts if p["status"] == "failed"]),
             "customer": len(customers),
         }
     )

@@ -490,6 +490,8 @@ def test_given_wrong_api_key_when_backfilling_then_authentication_error_and_noth
     assert st.count("ops.sync_windows") == 0
     state = st.sync_state("charges") or {}
     assert state.get("created_cursor") is None and not state.get("backfill_done")
+    # No cursor moved before any data was committed.
+    assert state.get("events_cursor") is None
 
 
 def test_given_backfilled_stream_when_key_is_wrong_then_authentication_error_cursors_unchanged(
@@ -565,6 +567,23 @@ def test_given_events_cursor_older_than_30_days_when_events_extracted_then_windo
     )
 
 
+def test_given_customer_deleted_while_events_too_old_when_reread_then_tombstoned(
+    own_pair: SandboxPair, st: Staging
+) -> None:
+    now1 = int(time.time())
+    backfill(extractor(own_pair, st, "run-1", now1), ("customers",))
+    gone = ids(st, "raw.customers", "true ORDER BY id LIMIT 1")[0]
+    own_pair.world.delete_customer(index(own_pair, "customers", gone))
+    st.set_sync_state("customers", events_cursor=now1 - 31 * DAY)
+
+    events = extractor(own_pair, st, "run-2", now1 + 60).extract_events(streams=("customers",))
+    stage_all(st, "run-2", ("customers",))
+
+    assert events.fallback
+    assert one(st, "SELECT deleted FROM staging.customers WHERE id = ?", [gone]) == (True,)
+    assert st.count("staging.customers") == st.count("raw.customers")
+
+
 def test_given_events_cursor_within_retention_when_events_extracted_then_no_fallback(
     pair: SandboxPair, st: Staging
 ) -> None:
@@ -576,3 +595,10 @@ def test_given_events_cursor_within_retention_when_events_extracted_then_no_fall
 
     assert not events.fallback and events.warnings == []
     assert ids(st, "raw.customers", "run_id = 'run-2'") == []
+
+
+def test_given_file_named_after_a_schema_then_clear_configuration_error(tmp_path: Path) -> None:
+    from stripe_sage.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="staging"):
+        Staging(tmp_path / "staging.duckdb")

@@ -265,6 +265,11 @@ def test_given_wrong_sage_key_when_loading_then_authentication_error_and_rows_st
     assert statuses(env.st)["pending"] == pending
     assert env.st.count("sage.xref") == 0
     assert env.stats()["documents"] == before["documents"]
+    # No retry storm: the workers stop at the first 401 (at most one request each in flight).
+    assert env.stats()["requests"] - before["requests"] <= 4 + 1
+    # Documents that were never sent need no lookup before their next attempt.
+    sent = env.st.con.execute("SELECT count(*) FROM sage.outbox WHERE attempts > 0").fetchall()
+    assert sent[0][0] <= 4
 
 
 # -- 12. Sage rejects a document -------------------------------------------------------------

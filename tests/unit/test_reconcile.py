@@ -14,13 +14,21 @@ MAPPING = load_mapping()
 
 
 def bt(category: str, amount: int, fee: int = 0, n: int = 0) -> dict[str, Any]:
-    return {"balance_transaction": f"txn_{category}{n}", "reporting_category": category,
-            "amount": amount, "fee": fee, "net": amount - fee}
+    return {
+        "balance_transaction": f"txn_{category}{n}",
+        "reporting_category": category,
+        "amount": amount,
+        "fee": fee,
+        "net": amount - fee,
+    }
 
 
 def payout(members: list[dict[str, Any]], amount: int | None = None) -> dict[str, Any]:
-    return {"id": "po_1", "currency": "USD",
-            "amount": sum(m["net"] for m in members) if amount is None else amount}
+    return {
+        "id": "po_1",
+        "currency": "USD",
+        "amount": sum(m["net"] for m in members) if amount is None else amount,
+    }
 
 
 def test_charges_refunds_and_fees() -> None:
@@ -32,8 +40,11 @@ def test_charges_refunds_and_fees() -> None:
 
 
 def test_dispute_lost_and_won_with_fee_returned() -> None:
-    members = [bt("charge", 10_000, 320), bt("dispute", -4_000, 1_500),
-               bt("dispute_reversal", 4_000, -1_500, 1)]
+    members = [
+        bt("charge", 10_000, 320),
+        bt("dispute", -4_000, 1_500),
+        bt("dispute_reversal", 4_000, -1_500, 1),
+    ]
     lines, error = payout_lines(payout(members), members, MAPPING)
     assert error is None
     # chargebacks and dispute fees cancel out once the dispute is won back
@@ -43,13 +54,22 @@ def test_dispute_lost_and_won_with_fee_returned() -> None:
 def test_dispute_withdrawal_is_not_hidden_as_a_fee() -> None:
     members = [bt("charge", 10_000, 320), bt("dispute", -4_000, 1_500)]
     lines, _ = payout_lines(payout(members), members, MAPPING)
-    assert dict(lines) == {"1000": 4_180, "6100": 320, "6110": 4_000, "6120": 1_500,
-                           "1050": -10_000}
+    assert dict(lines) == {
+        "1000": 4_180,
+        "6100": 320,
+        "6110": 4_000,
+        "6120": 1_500,
+        "1050": -10_000,
+    }
 
 
 def test_billing_fee_and_refund_failure() -> None:
-    members = [bt("charge", 10_000, 320), bt("fee", -2_500), bt("refund", -1_000, 0, 1),
-               bt("refund_failure", 1_000, 0, 2)]
+    members = [
+        bt("charge", 10_000, 320),
+        bt("fee", -2_500),
+        bt("refund", -1_000, 0, 1),
+        bt("refund_failure", 1_000, 0, 2),
+    ]
     lines, _ = payout_lines(payout(members), members, MAPPING)
     assert dict(lines) == {"1000": 7_180, "6100": 2_820, "1050": -10_000}
 
