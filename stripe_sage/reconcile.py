@@ -258,7 +258,8 @@ def report(
 ) -> pl.DataFrame:
     """Per payout: amount, gross, fees, refunds, disputes, other, net, Sage journal, bank
     line, status (matched / mismatch / pending / manual / failed) and the difference."""
-    where, params = ["TRUE"], []
+    where: list[str] = ["TRUE"]
+    params: list[Any] = []
     if payout:
         where.append("p.id = ?")
         params.append(payout)

@@ -37,7 +37,7 @@ def enqueue(loader: Loader, docs: pl.DataFrame) -> int:
 @task(name="load", cache_policy=NO_CACHE)
 def load(loader: Loader) -> dict[str, Any]:
     """Post the outbox; progress shows in the Prefect UI as a progress artifact."""
-    artifact = create_progress_artifact(
+    artifact: Any = create_progress_artifact(
         0.0, key="sage-load", description="Sage documents posted this run"
     )
     last = [0.0]
