@@ -21,6 +21,7 @@ from stripe_sage.errors import ConfigurationError
 from stripe_sage.streams import STREAMS, Stream
 
 SCHEMAS = ("raw", "staging", "sage", "ops")
+STAGE_SLICE = 20_000
 
 OPS_DDL = """
 CREATE TABLE IF NOT EXISTS ops.sync_state (
@@ -196,12 +197,21 @@ class Staging:
         """Type the raw rows this run wrote into ``staging.<stream>`` (upsert by id)."""
         s: Stream = STREAMS[stream]
         exprs = ", ".join(f'{c.expr} AS "{c.name}"' for c in s.columns)
-        self._exec(
-            f"""
-            INSERT OR REPLACE INTO staging.{stream}
-            SELECT {exprs}, run_id, ? FROM raw.{stream} WHERE run_id = ?""",
-            [now_utc(), run_id],
-        )
+        todo = self.con.execute(
+            f"SELECT count(*) FROM raw.{stream} WHERE run_id = ?", [run_id]
+        ).fetchall()[0][0]
+        # In slices of ~20k rows: one statement over a large backfill would hold every parsed
+        # JSON document at once and outgrow the memory limit.
+        slices = max(1, -(-int(todo) // STAGE_SLICE))
+        staged_at = now_utc()
+        for k in range(slices):
+            self._exec(
+                f"""
+                INSERT OR REPLACE INTO staging.{stream}
+                SELECT {exprs}, run_id, ? FROM raw.{stream}
+                WHERE run_id = ? AND hash(id) % ? = ?""",
+                [staged_at, run_id, slices, k],
+            )
         rows = self.con.execute(
             f"SELECT count(*) FROM staging.{stream} WHERE run_id = ?", [run_id]
         ).fetchall()
