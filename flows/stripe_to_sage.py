@@ -17,6 +17,8 @@ from stripe_sage.pipeline import previous_totals, summary_counts
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 from stripe_sage.streams import LISTED_STREAMS
+from stripe_sage.webhooks import Inbox
+from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
 from tasks.sage import enqueue, fiscal_periods, load, plan
 from tasks.staging import quality, stage
@@ -69,6 +71,9 @@ def stripe_to_sage(
             ]
             counts["extract"] = {f.result()["stream"]: f.result() for f in futures}
             counts["events"] = extract_events(ctx.extractor, wanted)
+            # The scheduled sync drains the webhook inbox too: nothing waits on a trigger.
+            inbox = Inbox(settings.webhook_inbox) if settings.webhook_inbox.exists() else None
+            inbox_ids = drain_inbox(ctx.extractor, inbox) if inbox else []
             timings["extract"] = time.perf_counter() - t
             peak_mb["extract"] = peak_rss_mb()
 
@@ -106,6 +111,8 @@ def stripe_to_sage(
             timings["load"] = time.perf_counter() - t
             peak_mb["load"] = peak_rss_mb()
             counts["totals"] = summary_counts(st)
+            if inbox is not None:
+                counts["inbox"] = mark_processed(inbox, inbox_ids, run_id)
             counts["reconciliation"] = reconciliation_report(
                 st, ctx.mapping, run_id, Path(settings.staging_db).parent / "reconciliation.html"
             )

@@ -221,6 +221,33 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 1 if bad or any(c["unexplained"] for c in clearing) else 0
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    """Serve the webhook receiver (and its Prefect notifier) until Ctrl-C."""
+    import uvicorn
+
+    from stripe_sage.settings import Settings
+    from stripe_sage.webhooks import Inbox, Notifier, create_receiver
+
+    settings = Settings()
+    inbox = Inbox(settings.webhook_inbox)
+    secrets = [settings.stripe_webhook_secret.get_secret_value(), *(args.previous_secret or [])]
+    api = settings.prefect_api_url or os.environ.get("PREFECT_API_URL")
+    notifier = Notifier(inbox, api)
+    app = create_receiver(inbox, secrets, notifier=notifier)
+    notifier.start()
+    host, port = args.host or settings.webhook_host, args.port or settings.webhook_port
+    print(
+        f"Webhook receiver http://{host}:{port}/stripe/webhook  inbox {settings.webhook_inbox}"
+        f"  Prefect {api or '(none: the scheduled sync drains the inbox)'}",
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        notifier.stop()
+    return 0
+
+
 def register(sub: Any) -> None:
     from stripe_sage.cli import _business_args
 
@@ -270,3 +297,19 @@ def register(sub: Any) -> None:
         help="run the reconcile_payouts flow first (new payouts, journals)",
     )
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser(
+        "webhooks",
+        help="serve the Stripe webhook receiver",
+        description="Verify Stripe-Signature, store events durably in the "
+        "inbox (SQLite), answer 2xx, and post a Prefect event that triggers "
+        "process_stripe_events (PREFECT_API_URL).",
+    )
+    p.add_argument("--host", default=None, help="default WEBHOOK_HOST (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default WEBHOOK_PORT (8787)")
+    p.add_argument(
+        "--previous-secret",
+        action="append",
+        help="also accept this signing secret (while a secret rotates)",
+    )
+    p.set_defaults(func=cmd_webhooks)

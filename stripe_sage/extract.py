@@ -251,15 +251,24 @@ class Extractor:
                     changed.setdefault("invoice_payments", {})["invoice:" + obj["id"]] = event[
                         "type"
                     ]
-        fresh = self._fresh_ids(changed)
-        for stream, ids in changed.items():
-            todo = [i for i in ids if i not in fresh.get(stream, set())]
-            stats.changed[stream] = len(todo)
-            if todo:
-                self._refetch(stream, todo, ids)
+        stats.changed = self.refetch_changed(changed)
         for stream in wanted:
             self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
         return stats
+
+    def refetch_changed(
+        self, changed: dict[str, dict[str, str]], source: str = "event"
+    ) -> dict[str, int]:
+        """Re-fetch each changed object from its own endpoint (objects this run already listed
+        are current and skipped). ``changed``: stream → object id → event type."""
+        fresh = self._fresh_ids(changed)
+        counts = {}
+        for stream, ids in changed.items():
+            todo = [i for i in ids if i not in fresh.get(stream, set())]
+            counts[stream] = len(todo)
+            if todo:
+                self._refetch(stream, todo, ids, source)
+        return counts
 
     def _tombstone_unlisted_customers(self) -> None:
         """Stripe's customer list leaves deleted customers out: a customer the full re-read
@@ -287,7 +296,9 @@ class Extractor:
             out[stream] = {r[0] for r in rows}
         return out
 
-    def _refetch(self, stream: str, ids: list[str], types: dict[str, str]) -> None:
+    def _refetch(
+        self, stream: str, ids: list[str], types: dict[str, str], source: str = "event"
+    ) -> None:
         s = STREAMS[stream]
 
         def fetch(object_id: str) -> list[JSON]:
@@ -306,7 +317,7 @@ class Extractor:
             results = [obj for objs in pool.map(fetch, ids) for obj in objs]
         deleted = [o for o in results if o.get("deleted") and "created" not in o]
         whole = [o for o in results if not (o.get("deleted") and "created" not in o)]
-        self._write(stream, whole, "event")
+        self._write(stream, whole, source)
         for obj in deleted:
             with self.write_lock:
                 self.staging.tombstone(stream, obj["id"], run_id=self.run_id)

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     # Requests per second toward Stripe; under test mode's 25 req/s per endpoint budget.
     stripe_max_rps: float = Field(default=20.0, gt=0)
     sage_concurrency: int = Field(default=4, ge=1, le=64)
+    # The webhook receiver's own durable inbox (never the staging DB) and where it listens.
+    webhook_inbox: Path = Field(default=Path("data/webhook_inbox.sqlite3"))
+    webhook_host: str = Field(default="127.0.0.1")
+    webhook_port: int = Field(default=8787)
+    # Prefect's API (the receiver posts events there); unset: no trigger, the sync drains.
+    prefect_api_url: str | None = Field(default=None)
 
     def secrets(self) -> list[str]:
         """Every secret value, for scrubbing tests and log filters."""

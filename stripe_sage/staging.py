@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,23 @@ CREATE TABLE IF NOT EXISTS sage.xref (
 """
 
 
+def _connect(
+    path: Path, read_only: bool, config: dict[str, Any], wait_seconds: float = 120.0
+) -> duckdb.DuckDBPyConnection:
+    """DuckDB allows one writer process: wait for another run to finish with the file rather
+    than fail (flow runs triggered by webhooks and by the schedule take turns)."""
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.2
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -96,10 +114,8 @@ class Staging:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         # DuckDB's default buffer pool is 80% of RAM; a sync needs far less, and the rest of
         # the process (extract pages, Polars frames) shares the machine.
-        self.con = duckdb.connect(
-            str(self.path),
-            read_only=read_only,
-            config={"memory_limit": memory_limit, "preserve_insertion_order": False},
+        self.con = _connect(
+            self.path, read_only, {"memory_limit": memory_limit, "preserve_insertion_order": False}
         )
         self._exec("SET TimeZone = 'UTC'")
         if not read_only:

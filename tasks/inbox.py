@@ -1,0 +1,32 @@
+"""Webhook inbox tasks: re-fetch what the received events say changed, mark them processed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from stripe_sage.extract import Extractor
+from stripe_sage.webhooks import Inbox, events_by_stream
+
+
+@task(name="drain-inbox", cache_policy=NO_CACHE)
+def drain_inbox(extractor: Extractor, inbox: Inbox, limit: int = 20_000) -> list[str]:
+    """Re-fetch every object the unprocessed events name (from Stripe, never from the event
+    payload: an out-of-order or old-version payload can never overwrite newer state).
+    Returns the event ids to mark processed once the run has committed its documents."""
+    rows = inbox.unprocessed(limit)
+    if not rows:
+        return []
+    counts = extractor.refetch_changed(events_by_stream(rows), source="webhook")
+    get_run_logger().info("inbox: %d events, re-fetched %s", len(rows), counts)
+    return [r["event_id"] for r in rows]
+
+
+@task(name="mark-inbox-processed", cache_policy=NO_CACHE)
+def mark_processed(inbox: Inbox, event_ids: list[str], run_id: str) -> dict[str, Any]:
+    if event_ids:
+        inbox.mark_processed(event_ids, run_id)
+    return inbox.counts()
