@@ -270,6 +270,22 @@ class Extractor:
                 self._refetch(stream, todo, ids, source)
         return counts
 
+    def fetch_missing_customers(self, source: str = "webhook") -> int:
+        """Customers that objects re-fetched in this run point at but staging never saw (a
+        webhook for a brand-new customer's first charge may arrive before its own)."""
+        missing = [
+            r[0]
+            for r in self.staging.con.execute(
+                "SELECT DISTINCT c FROM (SELECT data->>'customer' AS c FROM raw.charges WHERE "
+                "run_id = ?1 UNION SELECT data->>'customer' FROM raw.invoices WHERE run_id = ?1) "
+                "WHERE c IS NOT NULL AND c NOT IN (SELECT id FROM raw.customers)",
+                [self.run_id],
+            ).fetchall()
+        ]
+        if missing:
+            self._refetch("customers", missing, {}, source)
+        return len(missing)
+
     def _tombstone_unlisted_customers(self) -> None:
         """Stripe's customer list leaves deleted customers out: a customer the full re-read
         did not list is fetched on its own, and becomes a tombstone if Stripe says deleted."""

@@ -21,6 +21,7 @@ def drain_inbox(extractor: Extractor, inbox: Inbox, limit: int = 20_000) -> list
     if not rows:
         return []
     counts = extractor.refetch_changed(events_by_stream(rows), source="webhook")
+    counts["customers_referenced"] = extractor.fetch_missing_customers()
     get_run_logger().info("inbox: %d events, re-fetched %s", len(rows), counts)
     return [r["event_id"] for r in rows]
 

@@ -1,0 +1,67 @@
+"""Serve the product's deployments on one machine (``python deployments/serve.py``).
+
+- ``stripe-to-sage``: the main sync on a cron schedule (``SYNC_CRON``, default every 15 min)
+- ``reconcile-payouts``: daily payout reconciliation (``RECONCILE_CRON``, default 06:30 UTC)
+- ``process-stripe-events``: triggered by the webhook receiver's ``stripe.events.received``
+  Prefect event; one run at a time, later triggers queue behind it and find the inbox drained
+
+``--only NAME`` serves a subset (tests serve only the event-triggered deployment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+from flows.process_stripe_events import process_stripe_events
+from flows.reconcile_payouts import reconcile_payouts
+from flows.stripe_to_sage import stripe_to_sage
+from stripe_sage.webhooks import INBOX_RESOURCE, TRIGGER_EVENT
+
+
+def deployments() -> dict[str, object]:
+    return {
+        "stripe-to-sage": stripe_to_sage.to_deployment(
+            name="stripe-to-sage",
+            cron=os.environ.get("SYNC_CRON", "*/15 * * * *"),
+            parameters={"trigger": "schedule"},
+            tags=["stripe-sage", "sync"],
+            concurrency_limit=1,
+        ),
+        "reconcile-payouts": reconcile_payouts.to_deployment(
+            name="reconcile-payouts",
+            cron=os.environ.get("RECONCILE_CRON", "30 6 * * *"),
+            parameters={"trigger": "schedule"},
+            tags=["stripe-sage", "reconciliation"],
+            concurrency_limit=1,
+        ),
+        "process-stripe-events": process_stripe_events.to_deployment(
+            name="process-stripe-events",
+            tags=["stripe-sage", "webhooks"],
+            parameters={"trigger": "webhook"},
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
+            triggers=[
+                DeploymentEventTrigger(
+                    name="stripe webhook received",
+                    expect={TRIGGER_EVENT},
+                    match={"prefect.resource.id": INBOX_RESOURCE},
+                )
+            ],
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", action="append", choices=sorted(deployments()))
+    args = parser.parse_args(argv)
+    chosen = [d for name, d in deployments().items() if not args.only or name in args.only]
+    serve(*chosen)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
