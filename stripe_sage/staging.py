@@ -22,7 +22,7 @@ from stripe_sage.errors import ConfigurationError
 from stripe_sage.streams import STREAMS, Stream
 
 SCHEMAS = ("raw", "staging", "sage", "ops")
-STAGE_SLICE = 20_000
+STAGE_SLICE = 4_000
 
 OPS_DDL = """
 CREATE TABLE IF NOT EXISTS ops.sync_state (
