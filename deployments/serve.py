@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", action="append", choices=sorted(deployments()))
     args = parser.parse_args(argv)
     chosen = [d for name, d in deployments().items() if not args.only or name in args.only]
-    serve(*chosen)  # type: ignore[arg-type]
+    # Poll for triggered runs every 2 s (Prefect's default is 10): webhook latency.
+    serve(*chosen, query_seconds=float(os.environ.get("RUNNER_POLL_SECONDS", "2")))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -136,7 +136,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
         streams=args.streams, full_refresh=args.full_refresh, dry_run=args.dry_run, trigger="cli"
     )
     _print_run("sync", result)
-    return 0 if result.get("status") in ("completed", "dry_run") else 1
+    # Dead letters are reported (ops.dead_letters), not a failed sync; deferred work is.
+    return (
+        0 if result.get("status") in ("completed", "completed_with_dead_letters", "dry_run") else 1
+    )
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

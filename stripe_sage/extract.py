@@ -286,6 +286,28 @@ class Extractor:
             self._refetch("customers", missing, {}, source)
         return len(missing)
 
+    def fetch_missing_balance_transactions(self, source: str = "webhook") -> int:
+        """Balance transactions that objects re-fetched in this run point at but staging never
+        saw: a new charge's amounts and fees live there (receipts wait for them)."""
+        missing = [
+            r[0]
+            for r in self.staging.con.execute(
+                "SELECT DISTINCT t FROM ("
+                "SELECT data->>'balance_transaction' AS t FROM raw.charges WHERE run_id = ?1 "
+                "UNION SELECT data->>'balance_transaction' FROM raw.refunds WHERE run_id = ?1 "
+                "UNION SELECT data->>'failure_balance_transaction' FROM raw.refunds "
+                "WHERE run_id = ?1 "
+                "UNION SELECT data->>'balance_transaction' FROM raw.payouts WHERE run_id = ?1 "
+                "UNION SELECT data->>'failure_balance_transaction' FROM raw.payouts "
+                "WHERE run_id = ?1) "
+                "WHERE t IS NOT NULL AND t NOT IN (SELECT id FROM raw.balance_transactions)",
+                [self.run_id],
+            ).fetchall()
+        ]
+        if missing:
+            self._refetch("balance_transactions", missing, {}, source)
+        return len(missing)
+
     def _tombstone_unlisted_customers(self) -> None:
         """Stripe's customer list leaves deleted customers out: a customer the full re-read
         did not list is fetched on its own, and becomes a tombstone if Stripe says deleted."""

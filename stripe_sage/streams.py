@@ -107,12 +107,8 @@ STREAMS: dict[str, Stream] = {
                 Column("erp_order_id", "VARCHAR", "data->>'$.metadata.erp_order_id'"),
                 Column("card_brand", "VARCHAR", "data->>'$.payment_method_details.card.brand'"),
                 Column("card_last4", "VARCHAR", "data->>'$.payment_method_details.card.last4'"),
-                Column(
-                    "card_country", "VARCHAR", "data->>'$.payment_method_details.card.country'"
-                ),
-                Column(
-                    "wallet", "VARCHAR", "data->>'$.payment_method_details.card.wallet.type'"
-                ),
+                Column("card_country", "VARCHAR", "data->>'$.payment_method_details.card.country'"),
+                Column("wallet", "VARCHAR", "data->>'$.payment_method_details.card.wallet.type'"),
                 Column("metadata", "JSON", "data->'metadata'"),
             ),
         ),

@@ -22,6 +22,7 @@ def drain_inbox(extractor: Extractor, inbox: Inbox, limit: int = 20_000) -> list
         return []
     counts = extractor.refetch_changed(events_by_stream(rows), source="webhook")
     counts["customers_referenced"] = extractor.fetch_missing_customers()
+    counts["balance_transactions_referenced"] = extractor.fetch_missing_balance_transactions()
     get_run_logger().info("inbox: %d events, re-fetched %s", len(rows), counts)
     return [r["event_id"] for r in rows]
 

@@ -1,0 +1,216 @@
+"""Real time: the Stripe sandbox delivers signed webhooks to the receiver (its own process),
+which posts a Prefect event to a real Prefect server (started here); the served
+``process-stripe-events`` deployment's trigger turns it into a run that posts to Sage.
+No scheduled run is involved after the initial backfill."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from stripe_sage.sandbox.runner import free_port
+from tests.e2e.test_main_flow import Env, expected_documents, make_env, outbox, sage_all
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Prefect:
+    """A Prefect server process on loopback with its own home and SQLite database."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        return {"PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.url,
+                "PREFECT_API_DATABASE_CONNECTION_URL":
+                    f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+                "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / "server.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+             str(self.port)], env={**os.environ, **self.env()}, stdout=log, stderr=log)
+        wait_for(self.healthy, 120, "the Prefect server")
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # noqa: SIM115 - lives with the process
+    return subprocess.Popen(args, env=env, stdout=out, stderr=out, cwd=ROOT)
+
+
+class Realtime:
+    def __init__(self, env: Env, prefect: Prefect, tmp: Path) -> None:
+        self.env, self.prefect, self.tmp = env, prefect, tmp
+        self.receiver_port = free_port()
+        self.inbox = tmp / "inbox.sqlite3"
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def child_env(self) -> dict[str, str]:
+        e = self.env
+        return {**os.environ, **self.prefect.env(),
+                "STRIPE_API_KEY": e.secrets[0], "SAGEPRO_API_KEY": e.secrets[1],
+                "STRIPE_WEBHOOK_SECRET": e.secrets[2], "STRIPE_API_BASE": e.pair.stripe_url,
+                "SAGEPRO_BASE_URL": e.pair.sage_url, "STAGING_DB": str(e.db),
+                "WEBHOOK_INBOX": str(self.inbox), "STRIPE_MAX_RPS": "200"}
+
+    def start_receiver(self) -> None:
+        self.children["receiver"] = spawn(
+            [str(BIN / "stripe-sage"), "webhooks", "--port", str(self.receiver_port)],
+            self.child_env(), self.tmp / "receiver.log")
+        wait_for(lambda: self.receiver_health(), 60, "the webhook receiver")
+
+    def receiver_health(self) -> dict[str, Any] | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.receiver_port}/healthz", timeout=2).json()
+        except httpx.HTTPError:
+            return None
+
+    def start_runner(self) -> None:
+        self.children["runner"] = spawn(
+            [sys.executable, str(ROOT / "deployments" / "serve.py"), "--only",
+             "process-stripe-events"], self.child_env(), self.tmp / "runner.log")
+
+    def ensure_runner(self) -> None:
+        if self.children["runner"].poll() is not None:
+            self.start_runner()
+
+    def stop(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
+                child.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realtime]:
+    tmp = tmp_path_factory.mktemp("realtime")
+    mp = pytest.MonkeyPatch()
+    env = make_env(tmp, charges=150, seed=53, monkeypatch=mp)
+    prefect = Prefect(tmp / "prefect")
+    prefect.start()
+    realtime = Realtime(env, prefect, tmp)
+    try:
+        with env.pair:
+            # The initial backfill, as a scheduled sync would have done it.
+            subprocess.run([str(BIN / "stripe-sage"), "sync"], env=realtime.child_env(),
+                           cwd=ROOT, check=True, capture_output=True, timeout=300)
+            realtime.start_receiver()
+            realtime.start_runner()
+            with env.stripe() as s:
+                s.post("/_sandbox/webhook_endpoints", json={
+                    "url": f"http://127.0.0.1:{realtime.receiver_port}/stripe/webhook",
+                    "secret": env.secrets[2], "duplicate_rate": 0.3, "shuffle_window": 20,
+                    "retry_base": 0.2})
+            yield realtime
+    finally:
+        realtime.stop()
+        prefect.stop()
+        mp.undo()
+
+
+def receipt_refs(env: Env) -> Counter[str]:
+    with env.sage() as c:
+        return Counter(r["reference"] for r in sage_all(c, "cashreceipts"))
+
+
+def test_new_charge_becomes_a_sage_receipt_without_a_scheduled_run(rt: Realtime) -> None:
+    with rt.env.stripe() as s:
+        customer = s.get("/v1/customers", params={"limit": 1}).json()["data"][0]["id"]
+        t0 = time.monotonic()
+        charge = s.post("/_sandbox/activity", json={
+            "action": "charge", "customer": customer, "amount": 4321}).json()["id"]
+        s.post("/_sandbox/webhooks/flush")
+    wait_for(lambda: charge in receipt_refs(rt.env), 120, "the receipt of the new charge")
+    print(f"\nevent-to-Sage-document latency: {time.monotonic() - t0:.1f} s")
+
+
+def test_a_thousand_events_with_duplicates_and_shuffling_post_exactly_once(rt: Realtime) -> None:
+    before = rt.receiver_health()["stored"]  # type: ignore[index]
+    with rt.env.stripe() as s:
+        while s.get("/_sandbox/info").json()["counts"]["events"] - len(
+                rt.env.pair.world.b.events) < 1000 + before:
+            s.post("/_sandbox/activity", json={"action": "live_step", "count": 50})
+        s.post("/_sandbox/webhooks/flush")
+        total = s.get("/_sandbox/info").json()["counts"]["events"] - len(
+            rt.env.pair.world.b.events)
+    wait_for(lambda: (rt.receiver_health() or {}).get("stored") == total, 120,
+             "every event stored")
+    health = rt.receiver_health() or {}
+    assert health["duplicates_ignored"] > 100  # 30% of deliveries were duplicates
+    wait_for(lambda: (rt.receiver_health() or {}).get("unprocessed") == 0, 240,
+             "the inbox to be drained by triggered runs")
+    expected = expected_documents(rt.env)
+    box = outbox(rt.env)
+    for doc_type, n in expected.items():
+        assert box["posted"][doc_type] + box.get("dead", Counter())[doc_type] == n, doc_type
+    for collection in ("invoices", "cashreceipts", "creditmemos"):
+        with rt.env.sage() as c:
+            refs = Counter(d["reference"] for d in sage_all(c, collection))
+        assert [r for r, n in refs.items() if n > 1] == [], collection
+
+
+def test_events_received_while_prefect_is_down_are_processed_when_it_returns(
+        rt: Realtime) -> None:
+    rt.prefect.stop()
+    with rt.env.stripe() as s:
+        customer = s.get("/v1/customers", params={"limit": 1}).json()["data"][0]["id"]
+        charge = s.post("/_sandbox/activity", json={
+            "action": "charge", "customer": customer, "amount": 1234}).json()["id"]
+        s.post("/_sandbox/webhooks/flush")
+    wait_for(lambda: (rt.receiver_health() or {}).get("unprocessed", 0) > 0, 60,
+             "the event to wait in the inbox")
+    time.sleep(3)
+    assert charge not in receipt_refs(rt.env)  # nothing ran: Prefect is down
+    rt.prefect.start()
+    rt.ensure_runner()
+    wait_for(lambda: charge in receipt_refs(rt.env), 180, "the receipt after Prefect returned")
+
+
+def test_receiver_never_opened_the_staging_database(rt: Realtime) -> None:
+    pid = rt.children["receiver"].pid
+    open_files = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert str(rt.inbox) in " ".join(open_files)
+    assert not [f for f in open_files if f.endswith(".duckdb") or ".duckdb." in f]
+    assert "duckdb" not in maps  # the DuckDB library was never even loaded
