@@ -163,8 +163,104 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def bench_receiver(args: argparse.Namespace) -> dict[str, Any]:
+    """Acknowledgement latency of the webhook receiver (its own process, durable inbox) under
+    a steady ``--rate`` events/s for ``--seconds`` from a loopback load generator."""
+    import json as _json
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stripe_sage.sandbox.stripe_app import sign_payload
+
+    data = Path(args.out)
+    data.mkdir(parents=True, exist_ok=True)
+    inbox = data / "bench_inbox.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(inbox) + suffix).unlink(missing_ok=True)
+    port, secret = free_port(), "whsec_bench_receiver"
+    env = {**os.environ, "WEBHOOK_INBOX": str(inbox), "STRIPE_WEBHOOK_SECRET": secret}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stripe_sage.cli", "webhooks", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/stripe/webhook"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("receiver did not start") from None
+                time.sleep(0.2)
+        total = int(args.rate * args.seconds)
+        latencies: list[float] = []
+        errors = 0
+        client = httpx.Client(timeout=10, limits=httpx.Limits(max_connections=32))
+
+        def send(i: int, at: float) -> float | None:
+            body = _json.dumps(
+                {
+                    "id": f"evt_bench_{i:08d}",
+                    "object": "event",
+                    "type": "charge.succeeded",
+                    "created": int(time.time()),
+                    "data": {"object": {"id": f"ch_bench_{i}", "object": "charge"}},
+                }
+            ).encode()
+            delay = at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            t = time.perf_counter()
+            r = client.post(
+                url,
+                content=body,
+                headers={
+                    "Stripe-Signature": sign_payload(body, secret),
+                    "Content-Type": "application/json",
+                },
+            )
+            return time.perf_counter() - t if r.status_code == 200 else None
+
+        start = time.monotonic() + 0.5
+        with ThreadPoolExecutor(32) as pool:
+            futures = [pool.submit(send, i, start + i / args.rate) for i in range(total)]
+            for f in futures:
+                v = f.result()
+                if v is None:
+                    errors += 1
+                else:
+                    latencies.append(v)
+        elapsed = time.monotonic() - start
+        client.close()
+        q = statistics.quantiles(latencies, n=100)
+        stored = int(httpx.get(f"http://127.0.0.1:{port}/healthz").json()["stored"])
+        return {
+            "rate_per_s": args.rate,
+            "seconds": args.seconds,
+            "sent": total,
+            "acknowledged": len(latencies),
+            "errors": errors,
+            "stored": stored,
+            "achieved_rate_per_s": round(total / elapsed, 1),
+            "ack_p50_ms": round(q[49] * 1000, 2),
+            "ack_p99_ms": round(q[98] * 1000, 2),
+            "ack_max_ms": round(max(latencies) * 1000, 2),
+            "receiver_peak_rss_mb": peak_rss_mb(proc.pid),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    fn = bench_sandbox if args.what == "sandbox" else bench_pipeline
+    fn = {"sandbox": bench_sandbox, "pipeline": bench_pipeline, "receiver": bench_receiver}[
+        args.what
+    ]
     result = fn(args)
     text = json.dumps(result, indent=2)
     print(text)
@@ -180,7 +276,9 @@ def register(sub: Any) -> None:
         help="benchmarks: sandbox serving, main pipeline",
         description="Rerunnable benchmarks; figures printed and written as JSON under --out.",
     )
-    p.add_argument("what", choices=("sandbox", "pipeline"))
+    p.add_argument("what", choices=("sandbox", "pipeline", "receiver"))
+    p.add_argument("--rate", type=float, default=200.0, help="receiver: events per second")
+    p.add_argument("--seconds", type=float, default=30.0, help="receiver: for how long")
     p.add_argument("--charges", type=int, default=100_000)
     p.add_argument("--days", type=int, default=90)
     p.add_argument(
