@@ -1,6 +1,6 @@
 """Every object the Stripe sandbox serves has the shape of Stripe's own example.
 
-``/work/shared/stripe/fixtures3.json`` (``resources``) holds Stripe's example object for each
+``../shared/stripe/fixtures3.json`` (``resources``) holds Stripe's example object for each
 resource, from Stripe's public OpenAPI repository. A served object must carry every top-level
 key of the example, and wherever the example's value is not null the served value must have
 the same JSON type, one level into the nested objects the example fills (two for
@@ -26,7 +26,11 @@ pytestmark = pytest.mark.integration
 
 END = 1_782_777_600
 KEY = "sk_test_sandbox_shapes"
-FIXTURES = Path("/work/shared/stripe/fixtures3.json")
+# ../shared beside the checkout (as CI lays it out); the packaged copy is the same file.
+_SHARED = Path(__file__).resolve().parents[3] / "shared" / "stripe" / "fixtures3.json"
+FIXTURES = _SHARED if _SHARED.exists() else (
+    Path(__file__).resolve().parents[2] / "stripe_sage" / "sandbox" / "data"
+    / "stripe_fixtures3.json")
 SAMPLES = 20
 MAX_DEPTH = 2  # 0: top-level keys; 1: keys of nested objects; 2: e.g. p_m_details.card.*
 
