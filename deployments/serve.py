@@ -2,6 +2,7 @@
 
 - ``stripe-to-sage``: the main sync on a cron schedule (``SYNC_CRON``, default every 15 min)
 - ``reconcile-payouts``: daily payout reconciliation (``RECONCILE_CRON``, default 06:30 UTC)
+- ``sync-customers-from-sage``: Sage → Stripe customer changes, hourly (``CUSTOMERS_CRON``)
 - ``process-stripe-events``: triggered by the webhook receiver's ``stripe.events.received``
   Prefect event; one run at a time, later triggers queue behind it and find the inbox drained
 
@@ -20,6 +21,7 @@ from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from flows.process_stripe_events import process_stripe_events
 from flows.reconcile_payouts import reconcile_payouts
 from flows.stripe_to_sage import stripe_to_sage
+from flows.sync_customers_from_sage import sync_customers_from_sage
 from stripe_sage.webhooks import INBOX_RESOURCE, TRIGGER_EVENT
 
 
@@ -37,6 +39,13 @@ def deployments() -> dict[str, object]:
             cron=os.environ.get("RECONCILE_CRON", "30 6 * * *"),
             parameters={"trigger": "schedule"},
             tags=["stripe-sage", "reconciliation"],
+            concurrency_limit=1,
+        ),
+        "sync-customers-from-sage": sync_customers_from_sage.to_deployment(
+            name="sync-customers-from-sage",
+            cron=os.environ.get("CUSTOMERS_CRON", "5 * * * *"),
+            parameters={"trigger": "schedule"},
+            tags=["stripe-sage", "customers"],
             concurrency_limit=1,
         ),
         "process-stripe-events": process_stripe_events.to_deployment(

@@ -20,7 +20,7 @@ from stripe_sage.streams import LISTED_STREAMS
 from stripe_sage.webhooks import Inbox
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
-from tasks.sage import enqueue, fiscal_periods, load, plan
+from tasks.sage import enqueue, fiscal_periods, load, plan, write_back_task
 from tasks.staging import quality, stage
 from tasks.stripe import extract_events, extract_stream
 
@@ -93,7 +93,7 @@ def stripe_to_sage(
 
             t = time.perf_counter()
             periods = fiscal_periods(ctx.sage)
-            docs = plan(st, ctx.mapping, periods)
+            docs = plan(st, ctx.mapping, periods, ctx.sage, run_id)
             timings["transform"] = time.perf_counter() - t
             peak_mb["transform"] = peak_rss_mb()
             counts["planned"] = {k: v for k, v in docs.group_by("doc_type").len().iter_rows()}
@@ -106,6 +106,7 @@ def stripe_to_sage(
             t = time.perf_counter()
             enqueue(ctx.loader, docs)
             counts["load"] = load(ctx.loader)
+            counts["write_back"] = write_back_task(ctx.reader, st, run_id)
             counts["sage_client"] = ctx.sage.stats.as_dict()
             counts["stripe_client"] = dict(ctx.reader.stats)
             timings["load"] = time.perf_counter() - t

@@ -251,6 +251,32 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mapping_preview(args: argparse.Namespace) -> int:
+    from stripe_sage.errors import ConfigurationError
+    from stripe_sage.mapping import load_mapping
+    from stripe_sage.preview import preview, render_html, render_terminal, write_html
+    from stripe_sage.settings import Settings
+    from stripe_sage.staging import Staging
+
+    settings = Settings()
+    path = Path(args.mapping) if args.mapping else settings.mapping_file
+    try:
+        mapping = load_mapping(path)
+    except ConfigurationError as exc:
+        print(exc)
+        return 2
+    print(f"mapping {path or 'default'}: valid")
+    with Staging(settings.staging_db, read_only=True) as st:
+        items = preview(st, mapping, args.stream, args.limit, args.id)
+    print(render_terminal(items))
+    out = write_html(
+        Path(args.html or Path(settings.staging_db).parent / f"mapping_preview_{args.stream}.html"),
+        render_html(items, args.stream, str(path or "default")),
+    )
+    print(f"\nHTML: {out}")
+    return 0
+
+
 def register(sub: Any) -> None:
     from stripe_sage.cli import _business_args
 
@@ -316,3 +342,25 @@ def register(sub: Any) -> None:
         help="also accept this signing secret (while a secret rotates)",
     )
     p.set_defaults(func=cmd_webhooks)
+
+    p = sub.add_parser(
+        "mapping",
+        help="mapping file tools (preview)",
+        description="Validate a mapping file and preview its effect.",
+    )
+    msub = p.add_subparsers(dest="mapping_command", required=True, metavar="COMMAND")
+    q = msub.add_parser(
+        "preview",
+        help="staged Stripe rows beside the Sage payloads",
+        description="Validate the mapping (errors name the line), then show "
+        "sample staged rows and the Sage payloads they would become. Posts "
+        "nothing.",
+    )
+    q.add_argument(
+        "--stream", default="charges", choices=("charges", "refunds", "customers", "invoices")
+    )
+    q.add_argument("--limit", type=int, default=20)
+    q.add_argument("--id", action="append", help="preview these Stripe ids")
+    q.add_argument("--mapping", help="mapping file (default MAPPING_FILE or the built-in one)")
+    q.add_argument("--html", help="where to write the HTML page")
+    q.set_defaults(func=cmd_mapping_preview)

@@ -50,7 +50,7 @@ KEY_FIELD = {
     "creditmemos": "memo_no",
     "journalentries": "entry_no",
 }
-XREF_TYPE = {"customer_link": "customer"}
+XREF_TYPE = {"customer_link": "customer", "customer_update": "customer_update"}
 PLANNING_ERROR = "planning"
 MAX_ID_SALT = 5
 
@@ -240,7 +240,32 @@ class Loader:
             ).fetchall()[0][0]
         )
 
+    def revive_unblocked(self) -> int:
+        """Documents dead-lettered as ``blocked`` go back to pending once every document they
+        wait for is in Sage (e.g. after a dead letter was corrected and replayed)."""
+        xref = self._xref()
+        rows = self.st.con.execute(
+            "SELECT o.doc_key, o.depends_on FROM sage.outbox o JOIN ops.dead_letters d "
+            "USING (doc_key) WHERE o.status = 'dead' AND d.error_code = 'blocked'"
+        ).fetchall()
+        ready = [k for k, deps in rows if all(d in xref for d in deps or [])]
+        if ready:
+            with self.st.transaction() as con:
+                con.execute(
+                    "UPDATE sage.outbox SET status = 'pending', last_error = NULL "
+                    "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                    [ready],
+                ).fetchall()
+                con.execute(
+                    "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
+                    "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                    [now_utc(), ready],
+                ).fetchall()
+            self.stats.revived += len(ready)
+        return len(ready)
+
     def run(self) -> LoadStats:
+        self.revive_unblocked()
         total = self.pending_count()
         done = 0
         phases = [
@@ -347,11 +372,14 @@ class Loader:
             body = resolve_placeholders(
                 json.loads(payload) if isinstance(payload, str) else payload, xref
             )
+            matched_by = body.pop("_matched_by", "created")
             if doc_type == "customer_link":
                 self.client.get_customer(body["customer_id"])
-                return Outcome(doc_key, "posted", body["customer_id"], matched_by="metadata")
+                return Outcome(doc_key, "posted", body["customer_id"], matched_by=matched_by)
             if doc_type == "customer":
                 return self._create_customer(doc_key, body, stripe_id)
+            if doc_type == "customer_update":
+                return self._update_customer(doc_key, body)
             if doc_type == "invoice" and body.get("sales_order_no") is None:
                 body.pop("sales_order_no", None)
             doc = self.client.create(collection, body, check_first=attempts > 0)
@@ -375,6 +403,18 @@ class Loader:
             return Outcome(doc_key, "dead", error=exc, reason=_reason(exc, doc_key))
         except RetryableError as exc:
             return Outcome(doc_key, "pending", error=exc, reason=str(exc))
+
+    def _update_customer(self, doc_key: str, body: dict[str, Any]) -> Outcome:
+        """PUT only what differs from Sage's current record: an update that changes nothing
+        is not sent, so Sage→Stripe and Stripe→Sage changes never ping-pong."""
+        customer_id = body.pop("customer_id")
+        current = self.client.get_customer(customer_id)
+        changes = {k: v for k, v in body.items() if k != "reference" and current.get(k) != v}
+        if changes:
+            self.client.update_customer(customer_id, changes)
+        return Outcome(
+            doc_key, "posted", customer_id, matched_by="updated" if changes else "unchanged"
+        )
 
     def _create_customer(self, doc_key: str, body: dict[str, Any], stripe_id: str) -> Outcome:
         """Deterministic id; on a clash with another customer, the next salted candidate."""

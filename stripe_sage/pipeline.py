@@ -7,6 +7,7 @@ arguments and returns counts for ``ops.runs``.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from stripe_sage.transform import (
     empty_docs,
     periods_frame,
     plan_charges,
+    plan_customer_updates,
     plan_customers,
     plan_invoices,
     plan_refunds,
@@ -105,10 +107,22 @@ def _settled_keys(st: Staging) -> pl.DataFrame:
     )
 
 
-def _unsettled(df: pl.DataFrame, settled: pl.DataFrame, *keys: str) -> pl.DataFrame:
-    """Rows whose documents (any of ``keys``, prefixes of doc_key) are not all settled."""
+def _unsettled(
+    df: pl.DataFrame, settled: pl.DataFrame, *keys: str, alternatives: bool = False
+) -> pl.DataFrame:
+    """Rows whose documents (``keys``, prefixes of doc_key) are not all settled; with
+    ``alternatives``, rows none of whose keys is settled (one document in either form)."""
     if df.is_empty():
         return df
+    if alternatives:
+        done = pl.concat(
+            [
+                df.select(pl.col("id"), pl.concat_str([pl.lit(p), pl.col("id")]).alias("doc_key"))
+                for p in keys
+            ]
+        )
+        done = done.join(settled, on="doc_key", how="semi").select("id").unique()
+        return df.join(done, on="id", how="anti")
     need = None
     for prefix in keys:
         k = (
@@ -121,17 +135,52 @@ def _unsettled(df: pl.DataFrame, settled: pl.DataFrame, *keys: str) -> pl.DataFr
     return df.join(need.unique(), on="id", how="semi")
 
 
-def plan_documents(st: Staging, mapping: Mapping, periods: list[dict[str, object]]) -> pl.DataFrame:
-    """Every Sage document the staged data implies that the outbox does not hold yet."""
+def plan_documents(
+    st: Staging,
+    mapping: Mapping,
+    periods: list[dict[str, object]],
+    *,
+    sage_customers: Callable[[], pl.DataFrame] | None = None,
+    run_id: str | None = None,
+) -> pl.DataFrame:
+    """Every Sage document the staged data implies that the outbox does not hold yet.
+
+    ``sage_customers`` lists Sage's customers for email matching (called only when some
+    Stripe customer still needs a Sage customer); ``run_id`` selects the customers this run
+    changed, whose updates go to Sage."""
     settled = _settled_keys(st)
+    new_customers = _unsettled(
+        _clean(st, "customers"), settled, "customer:", "customer_link:", alternatives=True
+    )
+    sage = None
+    if (
+        sage_customers is not None
+        and new_customers.filter(pl.col("sage_customer_id").is_null()).height
+    ):
+        linked = st.frame(
+            "SELECT sage_id AS customer_id, stripe_id AS linked_to FROM sage.xref "
+            "WHERE doc_type = 'customer'"
+        )
+        sage = sage_customers().join(linked, on="customer_id", how="left")
+    changed = pl.DataFrame()
+    if run_id is not None:
+        # Customers this run changed that Sage already has, with what was last sent for them.
+        changed = st.frame(
+            "SELECT c.*, (SELECT CAST(o.payload AS VARCHAR) FROM sage.outbox o "
+            "WHERE o.status = 'posted' AND (o.stripe_id = c.id OR o.stripe_id LIKE c.id || ':%') "
+            "AND o.doc_type IN ('customer', 'customer_link', 'customer_update') "
+            "ORDER BY o.posted_at DESC LIMIT 1) AS last_sent "
+            "FROM staging.customers c JOIN sage.xref x ON x.stripe_id = c.id "
+            "AND x.doc_type = 'customer' WHERE c.run_id = ? AND x.run_id <> ?",
+            [run_id, run_id],
+        )
     pf = periods_frame(periods) if periods else None
     bts = st.table("balance_transactions")
     charges_all = _clean(st, "charges")
     invoice_payments = st.table("invoice_payments")
     frames = [
-        plan_customers(
-            _unsettled(_clean(st, "customers"), settled, "customer:", "customer_link:"), mapping
-        ),
+        plan_customers(new_customers, mapping, sage),
+        plan_customer_updates(changed, mapping),
         plan_charges(
             _unsettled(charges_all, settled, "cash_receipt:"), bts, invoice_payments, mapping, pf
         ),

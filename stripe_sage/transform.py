@@ -33,6 +33,7 @@ DOC_SCHEMA: dict[str, pl.DataType] = {
 PHASES = {
     "customer": 0,
     "customer_link": 0,
+    "customer_update": 1,
     "sales_order": 1,
     "invoice": 2,
     "cash_receipt": 3,
@@ -42,6 +43,7 @@ PHASES = {
 COLLECTIONS = {
     "customer": "customers",
     "customer_link": "customers",
+    "customer_update": "customers",
     "sales_order": "salesorders",
     "invoice": "invoices",
     "cash_receipt": "cashreceipts",
@@ -191,14 +193,43 @@ def sage_customer_id(stripe_id: str, prefix: str = "S", salt: int = 0) -> str:
     return prefix + "".join(chars)
 
 
-def plan_customers(customers: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
-    """Create (or link, when Stripe already carries ``metadata.sage_customer_id``) customers."""
+SAGE_CUSTOMERS_SCHEMA = {"customer_id": pl.String(), "email": pl.String(), "linked_to": pl.String()}
+
+
+def email_matches(customers: pl.DataFrame, sage_customers: pl.DataFrame) -> pl.DataFrame:
+    """Per Stripe customer: the Sage customers sharing its email (case-insensitive), free
+    ones only (a Sage customer already linked to another Stripe customer is never merged)."""
+    sage = sage_customers.filter(pl.col("email").is_not_null()).with_columns(
+        pl.col("email").str.to_lowercase().alias("_email")
+    )
+    return (
+        customers.select("id", pl.col("email").str.to_lowercase().alias("_email"))
+        .filter(pl.col("_email").is_not_null())
+        .join(sage, on="_email", how="inner")
+        .filter(pl.col("linked_to").is_null() | (pl.col("linked_to") == pl.col("id")))
+        .group_by("id")
+        .agg(pl.col("customer_id").sort().alias("email_candidates"))
+    )
+
+
+def plan_customers(
+    customers: pl.DataFrame, mapping: Mapping, sage_customers: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Match each Stripe customer to Sage, in this order: the Sage id in Stripe
+    ``metadata.sage_customer_id``; (already cross-referenced customers are not planned
+    again); a *unique* email among Sage customers not linked to another Stripe customer;
+    else create one with a deterministic id. Two Sage customers with the email are never
+    guessed between: the record is dead-lettered naming both."""
     if customers.is_empty():
         return empty_docs()
     rules = mapping.customers.fields
     df = apply_rules(customers, rules, "f_")
     prefix = mapping.customers.id_prefix
-    df = df.with_columns(
+    sage = (
+        sage_customers if sage_customers is not None else pl.DataFrame(schema=SAGE_CUSTOMERS_SCHEMA)
+    )
+    df = df.join(email_matches(customers, sage), on="id", how="left").with_columns(
+        pl.col("email_candidates").fill_null(pl.lit([], pl.List(pl.String))),
         pl.col("id")
         .map_batches(
             lambda s: pl.Series([sage_customer_id(x, prefix) for x in s], dtype=pl.String),
@@ -206,7 +237,11 @@ def plan_customers(customers: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
         )
         .alias("_new_id"),
     )
-    linked = pl.col("sage_customer_id").is_not_null()
+    by_metadata = pl.col("sage_customer_id").is_not_null()
+    n = pl.col("email_candidates").list.len()
+    by_email = ~by_metadata & (n == 1)
+    ambiguous = ~by_metadata & (n > 1)
+    linked = by_metadata | by_email
     payload_fields = [pl.col(f"f_{name}").alias(name) for name in rules]
     df = df.with_columns(
         pl.when(linked)
@@ -214,16 +249,69 @@ def plan_customers(customers: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
         .otherwise(pl.lit("customer"))
         .alias("doc_type"),
         pl.struct(
-            pl.when(linked)
+            pl.when(by_metadata)
             .then(pl.col("sage_customer_id"))
+            .when(by_email)
+            .then(pl.col("email_candidates").list.first())
             .otherwise(pl.col("_new_id"))
             .alias("customer_id"),
             *payload_fields,
             pl.col("id").alias("reference"),
+            pl.when(by_metadata)
+            .then(pl.lit("metadata"))
+            .when(by_email)
+            .then(pl.lit("email"))
+            .otherwise(pl.lit("created"))
+            .alias("_matched_by"),
         ).alias("payload"),
-        pl.when(linked).then(None).otherwise(join_errors()).alias("error"),
+        pl.when(ambiguous)
+        .then(
+            pl.format(
+                "ambiguous email {}: Sage customers {} all have it; set metadata.sage_customer_id "
+                "on the Stripe customer to choose",
+                pl.col("email"),
+                pl.col("email_candidates").list.join(" and "),
+            )
+        )
+        .when(linked)
+        .then(None)
+        .otherwise(join_errors())
+        .alias("error"),
     )
     return _docs(df.with_columns(pl.lit([], pl.List(pl.String)).alias("depends_on")))
+
+
+def plan_customer_updates(changed: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
+    """Stripe-side changes to customers already in Sage (a deleted one becomes inactive).
+    The key carries a hash of the mapped values, so the same values are never planned twice;
+    the loader sends only the fields that differ from Sage's current record."""
+    if changed.is_empty():
+        return empty_docs()
+    rules = {k: v for k, v in mapping.customers.fields.items() if k != "currency"}
+    df = apply_rules(changed, rules, "f_")
+    body = pl.struct(*[pl.col(f"f_{name}").alias(name) for name in rules])
+    if "last_sent" in df.columns:  # skip when the mapped values are what Sage got last time
+        last = pl.col("last_sent").str.json_decode(pl.Struct({name: pl.String for name in rules}))
+        df = df.filter(last.is_null() | (last.struct.json_encode() != body.struct.json_encode()))
+        if df.is_empty():
+            return empty_docs()
+    df = df.with_columns(
+        pl.lit("customer_update").alias("doc_type"),
+        pl.concat_str(
+            [
+                pl.col("id"),
+                pl.lit(":"),
+                body.struct.json_encode().hash().cast(pl.String).str.slice(0, 12),
+            ]
+        ).alias("update_key"),
+        pl.struct(
+            pl.concat_str([pl.lit("@xref:customer:"), pl.col("id")]).alias("customer_id"),
+            *[pl.col(f"f_{name}").alias(name) for name in rules],
+        ).alias("payload"),
+        pl.concat_list([pl.concat_str([pl.lit("customer:"), pl.col("id")])]).alias("depends_on"),
+        join_errors().alias("error"),
+    )
+    return _docs(df, key_col="update_key")
 
 
 # -- charges -----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from stripe_sage.mapping import Mapping
 from stripe_sage.pipeline import plan_documents
 from stripe_sage.sage_client import SageProClient
 from stripe_sage.staging import Staging
+from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.writeback import write_back
 
 
 @task(name="fiscal-periods", cache_policy=NO_CACHE)
@@ -23,8 +25,28 @@ def fiscal_periods(client: SageProClient) -> list[dict[str, Any]]:
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan(st: Staging, mapping: Mapping, periods: list[dict[str, Any]]) -> pl.DataFrame:
-    docs = plan_documents(st, mapping, periods)
+def plan(
+    st: Staging,
+    mapping: Mapping,
+    periods: list[dict[str, Any]],
+    sage: SageProClient | None = None,
+    run_id: str | None = None,
+) -> pl.DataFrame:
+    def sage_customers() -> pl.DataFrame:
+        assert sage is not None
+        rows = [
+            {"customer_id": c["customer_id"], "email": c.get("email")}
+            for c in sage.list_customers()
+        ]
+        return pl.DataFrame(rows, schema={"customer_id": pl.String, "email": pl.String})
+
+    docs = plan_documents(
+        st,
+        mapping,
+        periods,
+        run_id=run_id,
+        sage_customers=sage_customers if sage is not None else None,
+    )
     get_run_logger().info("planned %d new Sage documents", docs.height)
     return docs
 
@@ -52,3 +74,11 @@ def load(loader: Loader) -> dict[str, Any]:
     stats = loader.run().as_dict()
     get_run_logger().info("load: %s", stats)
     return stats
+
+
+@task(name="write-back-to-stripe", cache_policy=NO_CACHE)
+def write_back_task(reader: StripeReader, st: Staging, run_id: str) -> dict[str, Any]:
+    """Sage ids into Stripe metadata (customers, charges), bounded per run."""
+    counts = write_back(reader, st, run_id)
+    get_run_logger().info("write-back to Stripe: %s", counts)
+    return counts

@@ -1,0 +1,48 @@
+"""The Sage → Stripe direction of the customer master (scheduled)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from prefect import flow, runtime, task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from stripe_sage.customer_master import ConflictRule, sync_from_sage
+from stripe_sage.runtime import RunContext
+from stripe_sage.sage_client import SageProClient
+from stripe_sage.settings import Settings
+from stripe_sage.staging import Staging
+from stripe_sage.stripe_reader import StripeReader
+
+
+@task(name="sage-customers-to-stripe", cache_policy=NO_CACHE)
+def sage_to_stripe(
+    st: Staging, sage: SageProClient, reader: StripeReader, run_id: str, rule: ConflictRule
+) -> dict[str, int]:
+    counts = sync_from_sage(st, sage, reader, run_id, rule=rule)
+    get_run_logger().info("Sage → Stripe customers: %s", counts)
+    return counts
+
+
+@flow(name="sync_customers_from_sage", log_prints=True)
+def sync_customers_from_sage(
+    conflict_rule: ConflictRule = "latest_wins", trigger: str = "manual"
+) -> dict[str, Any]:
+    """Sage customers changed since the cursor update their linked Stripe customers; when
+    both sides changed, ``conflict_rule`` decides and ``ops.customer_conflicts`` records it."""
+    settings = Settings()
+    prefect_id = runtime.flow_run.id
+    run_id = str(prefect_id or uuid.uuid4())
+    with RunContext.open(settings, run_id) as ctx:
+        ctx.staging.start_run(
+            run_id, flow="sync_customers_from_sage", prefect_run_id=prefect_id, trigger=trigger
+        )
+        try:
+            counts = sage_to_stripe(ctx.staging, ctx.sage, ctx.reader, run_id, conflict_rule)
+            ctx.staging.finish_run(run_id, status="completed", counts=counts)
+            return counts
+        except BaseException as exc:
+            ctx.staging.finish_run(run_id, status="failed", counts={}, error=str(exc)[:2000])
+            raise

@@ -1,0 +1,99 @@
+"""``stripe-sage mapping preview``: staged Stripe rows beside the Sage payloads the mapping
+makes of them, in the terminal and as an HTML page; nothing is posted. A mapping error names
+the file and line, so a finance analyst can change a mapping and see the effect."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from stripe_sage.mapping import Mapping
+from stripe_sage.staging import Staging
+from stripe_sage.transform import plan_charges, plan_customers, plan_invoices, plan_refunds
+
+SHOWN = {
+    "charges": ("id", "amount", "currency", "customer", "status", "card_brand", "erp_order_id"),
+    "refunds": ("id", "amount", "currency", "charge", "status", "reason"),
+    "customers": ("id", "name", "email", "country", "sage_customer_id", "deleted"),
+    "invoices": ("id", "total", "tax", "currency", "customer", "status"),
+}
+
+
+def preview(
+    st: Staging, mapping: Mapping, stream: str, limit: int, ids: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Rows ``[{"stripe": {...}, "documents": [{"doc_type", "payload", "error"}]}]``."""
+    where = "WHERE id IN (SELECT unnest(?::VARCHAR[]))" if ids else ""
+    params: list[Any] = [ids] if ids else []
+    rows = st.frame(
+        f"SELECT * FROM staging.{stream} {where} ORDER BY created DESC LIMIT ?", [*params, limit]
+    )
+    if stream == "charges":
+        docs = plan_charges(
+            rows, st.table("balance_transactions"), st.table("invoice_payments"), mapping
+        )
+    elif stream == "refunds":
+        docs = plan_refunds(rows, st.table("charges"), st.table("balance_transactions"), mapping)
+    elif stream == "customers":
+        docs = plan_customers(rows, mapping)
+    elif stream == "invoices":
+        docs = plan_invoices(rows, st.table("invoice_lines"), mapping)
+    else:
+        raise ValueError(f"no preview for {stream!r}: choose one of {', '.join(SHOWN)}")
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for d in docs.iter_rows(named=True):
+        source = d["stripe_id"].split(":")[-1]
+        by_source.setdefault(source, []).append(
+            {"doc_type": d["doc_type"], "payload": json.loads(d["payload"]), "error": d["error"]}
+        )
+    cols = [c for c in SHOWN[stream] if c in rows.columns]
+    return [
+        {"stripe": {c: r[c] for c in cols}, "documents": by_source.get(r["id"], [])}
+        for r in rows.iter_rows(named=True)
+    ]
+
+
+def render_terminal(items: list[dict[str, Any]]) -> str:
+    out = []
+    for item in items:
+        s = item["stripe"]
+        out.append("  ".join(f"{k}={v}" for k, v in s.items()))
+        for d in item["documents"] or [{"doc_type": "-", "payload": "no document", "error": None}]:
+            body = json.dumps(d["payload"], ensure_ascii=False)
+            out.append(f"    → {d['doc_type']}: {body}")
+            if d["error"]:
+                out.append(f"      ! {d['error']}")
+    return "\n".join(out)
+
+
+def render_html(items: list[dict[str, Any]], stream: str, mapping_name: str) -> str:
+    rows = []
+    for item in items:
+        stripe = "<br>".join(
+            f"<b>{html.escape(str(k))}</b>: {html.escape(str(v))}"
+            for k, v in item["stripe"].items()
+        )
+        docs = "".join(
+            f"<div><b>{html.escape(d['doc_type'])}</b><pre>"
+            f"{html.escape(json.dumps(d['payload'], indent=2, ensure_ascii=False))}</pre>"
+            + (f"<p class='err'>{html.escape(d['error'])}</p>" if d["error"] else "")
+            + "</div>"
+            for d in item["documents"]
+        )
+        rows.append(f"<tr><td>{stripe}</td><td>{docs or 'no document'}</td></tr>")
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Mapping preview: {html.escape(stream)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:24px}} td{{vertical-align:top;
+border-bottom:1px solid #ddd;padding:6px}} pre{{margin:0;font-size:12px}}
+.err{{color:#c53030}}</style></head><body>
+<h1>Mapping preview: {html.escape(stream)}</h1><p>Mapping: {html.escape(mapping_name)}.
+Nothing was posted.</p><table><tr><th>Stripe (staged)</th><th>Sage payload</th></tr>
+{"".join(rows)}</table></body></html>"""
+
+
+def write_html(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
