@@ -45,18 +45,32 @@ class Prefect:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
-        return {"PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.url,
-                "PREFECT_API_DATABASE_CONNECTION_URL":
-                    f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-                "PREFECT_LOGGING_LEVEL": "WARNING"}
+        return {
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_API_URL": self.url,
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.home / "server.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-             str(self.port)], env={**os.environ, **self.env()}, stdout=log, stderr=log)
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env={**os.environ, **self.env()},
+            stdout=log,
+            stderr=log,
+        )
         wait_for(self.healthy, 120, "the Prefect server")
 
     def healthy(self) -> bool:
@@ -88,16 +102,25 @@ class Realtime:
 
     def child_env(self) -> dict[str, str]:
         e = self.env
-        return {**os.environ, **self.prefect.env(),
-                "STRIPE_API_KEY": e.secrets[0], "SAGEPRO_API_KEY": e.secrets[1],
-                "STRIPE_WEBHOOK_SECRET": e.secrets[2], "STRIPE_API_BASE": e.pair.stripe_url,
-                "SAGEPRO_BASE_URL": e.pair.sage_url, "STAGING_DB": str(e.db),
-                "WEBHOOK_INBOX": str(self.inbox), "STRIPE_MAX_RPS": "200"}
+        return {
+            **os.environ,
+            **self.prefect.env(),
+            "STRIPE_API_KEY": e.secrets[0],
+            "SAGEPRO_API_KEY": e.secrets[1],
+            "STRIPE_WEBHOOK_SECRET": e.secrets[2],
+            "STRIPE_API_BASE": e.pair.stripe_url,
+            "SAGEPRO_BASE_URL": e.pair.sage_url,
+            "STAGING_DB": str(e.db),
+            "WEBHOOK_INBOX": str(self.inbox),
+            "STRIPE_MAX_RPS": "200",
+        }
 
     def start_receiver(self) -> None:
         self.children["receiver"] = spawn(
             [str(BIN / "stripe-sage"), "webhooks", "--port", str(self.receiver_port)],
-            self.child_env(), self.tmp / "receiver.log")
+            self.child_env(),
+            self.tmp / "receiver.log",
+        )
         wait_for(lambda: self.receiver_health(), 60, "the webhook receiver")
 
     def receiver_health(self) -> dict[str, Any] | None:
@@ -108,8 +131,15 @@ class Realtime:
 
     def start_runner(self) -> None:
         self.children["runner"] = spawn(
-            [sys.executable, str(ROOT / "deployments" / "serve.py"), "--only",
-             "process-stripe-events"], self.child_env(), self.tmp / "runner.log")
+            [
+                sys.executable,
+                str(ROOT / "deployments" / "serve.py"),
+                "--only",
+                "process-stripe-events",
+            ],
+            self.child_env(),
+            self.tmp / "runner.log",
+        )
 
     def ensure_runner(self) -> None:
         if self.children["runner"].poll() is not None:
@@ -133,15 +163,27 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realtime]:
     try:
         with env.pair:
             # The initial backfill, as a scheduled sync would have done it.
-            subprocess.run([str(BIN / "stripe-sage"), "sync"], env=realtime.child_env(),
-                           cwd=ROOT, check=True, capture_output=True, timeout=300)
+            subprocess.run(
+                [str(BIN / "stripe-sage"), "sync"],
+                env=realtime.child_env(),
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
             realtime.start_receiver()
             realtime.start_runner()
             with env.stripe() as s:
-                s.post("/_sandbox/webhook_endpoints", json={
-                    "url": f"http://127.0.0.1:{realtime.receiver_port}/stripe/webhook",
-                    "secret": env.secrets[2], "duplicate_rate": 0.3, "shuffle_window": 20,
-                    "retry_base": 0.2})
+                s.post(
+                    "/_sandbox/webhook_endpoints",
+                    json={
+                        "url": f"http://127.0.0.1:{realtime.receiver_port}/stripe/webhook",
+                        "secret": env.secrets[2],
+                        "duplicate_rate": 0.3,
+                        "shuffle_window": 20,
+                        "retry_base": 0.2,
+                    },
+                )
             yield realtime
     finally:
         realtime.stop()
@@ -158,8 +200,9 @@ def test_new_charge_becomes_a_sage_receipt_without_a_scheduled_run(rt: Realtime)
     with rt.env.stripe() as s:
         customer = s.get("/v1/customers", params={"limit": 1}).json()["data"][0]["id"]
         t0 = time.monotonic()
-        charge = s.post("/_sandbox/activity", json={
-            "action": "charge", "customer": customer, "amount": 4321}).json()["id"]
+        charge = s.post(
+            "/_sandbox/activity", json={"action": "charge", "customer": customer, "amount": 4321}
+        ).json()["id"]
         s.post("/_sandbox/webhooks/flush")
     wait_for(lambda: charge in receipt_refs(rt.env), 120, "the receipt of the new charge")
     print(f"\nevent-to-Sage-document latency: {time.monotonic() - t0:.1f} s")
@@ -168,18 +211,21 @@ def test_new_charge_becomes_a_sage_receipt_without_a_scheduled_run(rt: Realtime)
 def test_a_thousand_events_with_duplicates_and_shuffling_post_exactly_once(rt: Realtime) -> None:
     before = rt.receiver_health()["stored"]  # type: ignore[index]
     with rt.env.stripe() as s:
-        while s.get("/_sandbox/info").json()["counts"]["events"] - len(
-                rt.env.pair.world.b.events) < 1000 + before:
+        while (
+            s.get("/_sandbox/info").json()["counts"]["events"] - len(rt.env.pair.world.b.events)
+            < 1000 + before
+        ):
             s.post("/_sandbox/activity", json={"action": "live_step", "count": 50})
         s.post("/_sandbox/webhooks/flush")
-        total = s.get("/_sandbox/info").json()["counts"]["events"] - len(
-            rt.env.pair.world.b.events)
-    wait_for(lambda: (rt.receiver_health() or {}).get("stored") == total, 120,
-             "every event stored")
+        total = s.get("/_sandbox/info").json()["counts"]["events"] - len(rt.env.pair.world.b.events)
+    wait_for(lambda: (rt.receiver_health() or {}).get("stored") == total, 120, "every event stored")
     health = rt.receiver_health() or {}
     assert health["duplicates_ignored"] > 100  # 30% of deliveries were duplicates
-    wait_for(lambda: (rt.receiver_health() or {}).get("unprocessed") == 0, 240,
-             "the inbox to be drained by triggered runs")
+    wait_for(
+        lambda: (rt.receiver_health() or {}).get("unprocessed") == 0,
+        240,
+        "the inbox to be drained by triggered runs",
+    )
     expected = expected_documents(rt.env)
     box = outbox(rt.env)
     for doc_type, n in expected.items():
@@ -190,16 +236,19 @@ def test_a_thousand_events_with_duplicates_and_shuffling_post_exactly_once(rt: R
         assert [r for r, n in refs.items() if n > 1] == [], collection
 
 
-def test_events_received_while_prefect_is_down_are_processed_when_it_returns(
-        rt: Realtime) -> None:
+def test_events_received_while_prefect_is_down_are_processed_when_it_returns(rt: Realtime) -> None:
     rt.prefect.stop()
     with rt.env.stripe() as s:
         customer = s.get("/v1/customers", params={"limit": 1}).json()["data"][0]["id"]
-        charge = s.post("/_sandbox/activity", json={
-            "action": "charge", "customer": customer, "amount": 1234}).json()["id"]
+        charge = s.post(
+            "/_sandbox/activity", json={"action": "charge", "customer": customer, "amount": 1234}
+        ).json()["id"]
         s.post("/_sandbox/webhooks/flush")
-    wait_for(lambda: (rt.receiver_health() or {}).get("unprocessed", 0) > 0, 60,
-             "the event to wait in the inbox")
+    wait_for(
+        lambda: (rt.receiver_health() or {}).get("unprocessed", 0) > 0,
+        60,
+        "the event to wait in the inbox",
+    )
     time.sleep(3)
     assert charge not in receipt_refs(rt.env)  # nothing ran: Prefect is down
     rt.prefect.start()

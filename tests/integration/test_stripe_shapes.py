@@ -28,9 +28,17 @@ END = 1_782_777_600
 KEY = "sk_test_sandbox_shapes"
 # ../shared beside the checkout (as CI lays it out); the packaged copy is the same file.
 _SHARED = Path(__file__).resolve().parents[3] / "shared" / "stripe" / "fixtures3.json"
-FIXTURES = _SHARED if _SHARED.exists() else (
-    Path(__file__).resolve().parents[2] / "stripe_sage" / "sandbox" / "data"
-    / "stripe_fixtures3.json")
+FIXTURES = (
+    _SHARED
+    if _SHARED.exists()
+    else (
+        Path(__file__).resolve().parents[2]
+        / "stripe_sage"
+        / "sandbox"
+        / "data"
+        / "stripe_fixtures3.json"
+    )
+)
 SAMPLES = 20
 MAX_DEPTH = 2  # 0: top-level keys; 1: keys of nested objects; 2: e.g. p_m_details.card.*
 

@@ -45,8 +45,15 @@ def receiver(tmp_path: Path) -> Iterator[tuple[str, Inbox]]:
 
 
 def event(eid: str = "evt_1", etype: str = "charge.succeeded") -> bytes:
-    return json.dumps({"id": eid, "object": "event", "type": etype, "created": int(time.time()),
-                       "data": {"object": {"id": "ch_1", "object": "charge"}}}).encode()
+    return json.dumps(
+        {
+            "id": eid,
+            "object": "event",
+            "type": etype,
+            "created": int(time.time()),
+            "data": {"object": {"id": "ch_1", "object": "charge"}},
+        }
+    ).encode()
 
 
 def post(url: str, body: bytes, signature: str | None) -> httpx.Response:
@@ -73,13 +80,16 @@ def test_secret_rotation_accepts_old_and_new(receiver: tuple[str, Inbox]) -> Non
     t = int(time.time())
     both = sign_payload(body, OLD_SECRET, t) + "," + sign_payload(body, SECRET, t).split(",")[1]
     assert post(url, body, both).status_code == 200
-    assert post(url, event("evt_old"), sign_payload(event("evt_old"), OLD_SECRET)).status_code == 200
+    assert (
+        post(url, event("evt_old"), sign_payload(event("evt_old"), OLD_SECRET)).status_code == 200
+    )
     assert inbox.counts()["stored"] == 2
 
 
 @pytest.mark.parametrize("case", ["tampered", "unsigned", "stale", "wrong_secret", "garbled"])
-def test_bad_signatures_get_400_and_store_nothing(receiver: tuple[str, Inbox], case: str,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_signatures_get_400_and_store_nothing(
+    receiver: tuple[str, Inbox], case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     url, inbox = receiver
     body = event()
     signature: str | None = {
@@ -112,13 +122,17 @@ def test_non_json_large_and_unknown_types_get_clear_answers(receiver: tuple[str,
 
 
 def test_sandbox_deliveries_with_duplicates_and_shuffling_are_stored_once(
-        receiver: tuple[str, Inbox]) -> None:
+    receiver: tuple[str, Inbox],
+) -> None:
     url, inbox = receiver
-    app = create_stripe_app(BusinessConfig(seed=3, charges=100, end=END), api_key=KEY,
-                            rate_limit=None)
+    app = create_stripe_app(
+        BusinessConfig(seed=3, charges=100, end=END), api_key=KEY, rate_limit=None
+    )
     with ThreadedServer(app) as srv, httpx.Client(base_url=srv.url) as stripe_api:
-        stripe_api.post("/_sandbox/webhook_endpoints", json={
-            "url": url, "secret": SECRET, "duplicate_rate": 0.3, "shuffle_window": 10})
+        stripe_api.post(
+            "/_sandbox/webhook_endpoints",
+            json={"url": url, "secret": SECRET, "duplicate_rate": 0.3, "shuffle_window": 10},
+        )
         stripe_api.post("/_sandbox/activity", json={"action": "live_step", "count": 150})
         stripe_api.post("/_sandbox/webhooks/flush")
         created = stripe_api.get("/_sandbox/info").json()["counts"]["events"]
@@ -148,8 +162,10 @@ def test_notifier_batches_a_burst_into_a_handful_of_prefect_events(tmp_path: Pat
             t0 = time.monotonic()
             for i in range(200):
                 body = event(f"evt_{i}")
-                assert post(srv.url + "/stripe/webhook", body,
-                            sign_payload(body, SECRET)).status_code == 200
+                assert (
+                    post(srv.url + "/stripe/webhook", body, sign_payload(body, SECRET)).status_code
+                    == 200
+                )
             burst = time.monotonic() - t0
             time.sleep(1.2)
         notifier.stop()
@@ -178,6 +194,7 @@ def test_notifier_keeps_trying_while_prefect_is_down(tmp_path: Path) -> None:
 
 def test_receiver_module_never_loads_duckdb() -> None:
     code = "import stripe_sage.webhooks, sys; print('duckdb' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "False"
