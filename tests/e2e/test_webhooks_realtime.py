@@ -48,7 +48,8 @@ class Prefect:
         return {
             "PREFECT_HOME": str(self.home),
             "PREFECT_API_URL": self.url,
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            "PREFECT_API_DATABASE_CONNECTION_URL": "sqlite+aiosqlite:///"
+            + str(self.home / "prefect.db"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": "WARNING",
