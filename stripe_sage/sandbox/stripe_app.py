@@ -135,7 +135,8 @@ class WebhookEndpoint:
     secret: str
     duplicate_rate: float = 0.0
     shuffle_window: int = 0  # deliver in random order within windows of this many events
-    max_attempts: int = 5
+    max_attempts: int = 10
+    dropped: int = 0
     retry_base: float = 0.5
     delivered: int = 0
     failed_attempts: int = 0
@@ -194,6 +195,7 @@ class StripeSandbox:
         self.webhook_client = webhook_client
         self.requests = 0
         self.deliveries: set[asyncio.Task[None]] = set()  # keep running deliveries referenced
+        self.in_flight = asyncio.Semaphore(16)
         world.listeners.append(self._on_event)
         world.endpoint_count = lambda: len(self.endpoints)
 
@@ -236,14 +238,18 @@ class StripeSandbox:
                 "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
             }
             try:
-                r = await client.post(ep.url, content=payload, headers=headers)
+                # A bounded number in flight, as Stripe does: a burst queues here instead of
+                # timing out in the connection pool.
+                async with self.in_flight:
+                    r = await client.post(ep.url, content=payload, headers=headers)
                 if 200 <= r.status_code < 300:
                     ep.delivered += 1
                     return
             except httpx.HTTPError:
                 pass
             ep.failed_attempts += 1
-            await asyncio.sleep(ep.retry_base * 2**attempt)
+            await asyncio.sleep(min(ep.retry_base * 2**attempt, 30.0))
+        ep.dropped += 1  # Stripe gives up after days; the sandbox after max_attempts
 
     async def flush_webhooks(self) -> None:
         for ep in self.endpoints:
@@ -843,7 +849,12 @@ def create_stripe_app(
             "requests": sb.requests,
             "counts": {r: world.count(r) for r in simple},
             "webhook_endpoints": [
-                {"url": e.url, "delivered": e.delivered, "failed_attempts": e.failed_attempts}
+                {
+                    "url": e.url,
+                    "delivered": e.delivered,
+                    "failed_attempts": e.failed_attempts,
+                    "dropped": e.dropped,
+                }
                 for e in sb.endpoints
             ],
         }
@@ -906,7 +917,7 @@ def create_stripe_app(
             secret=body["secret"],
             duplicate_rate=float(body.get("duplicate_rate", 0.0)),
             shuffle_window=int(body.get("shuffle_window", 0)),
-            max_attempts=int(body.get("max_attempts", 5)),
+            max_attempts=int(body.get("max_attempts", 10)),
             retry_base=float(body.get("retry_base", 0.5)),
         )
         sb.endpoints.append(ep)
