@@ -257,10 +257,66 @@ def bench_receiver(args: argparse.Namespace) -> dict[str, Any]:
         proc.wait(timeout=30)
 
 
+def bench_reconcile(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``reconcile_payouts`` flow on a business with about ``--days`` daily payouts:
+    extract payouts and balance transactions, itemise every payout, post its journal,
+    report."""
+    data = Path(args.out)
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("bench_sage.sqlite3", "bench_stripe_sage.duckdb"):
+        (data / name).unlink(missing_ok=True)
+    proc, stripe_port, sage_port = _start_sandbox(
+        args.charges, only=None, rate_limit=args.rate_limit, data=data, days=args.days
+    )
+    os.environ.update(
+        {
+            "STRIPE_API_BASE": f"http://127.0.0.1:{stripe_port}",
+            "STRIPE_API_KEY": SANDBOX_STRIPE_KEY,
+            "SAGEPRO_BASE_URL": f"http://127.0.0.1:{sage_port}",
+            "SAGEPRO_API_KEY": SANDBOX_SAGE_KEY,
+            "STAGING_DB": str(data / "bench_stripe_sage.duckdb"),
+            "STRIPE_MAX_RPS": str(args.client_rps),
+        }
+    )
+    from stripe_sage.commands import prefect_defaults
+
+    prefect_defaults()
+    from flows.reconcile_payouts import reconcile_payouts
+
+    try:
+        t = time.perf_counter()
+        r = reconcile_payouts(trigger="bench")
+        wall = time.perf_counter() - t
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {
+        "charges": args.charges,
+        "days": args.days,
+        "wall_s": round(wall, 2),
+        "payouts_itemised": r["payouts_itemised"],
+        "posted": r["load"]["posted"],
+        "dead": r["load"]["dead"],
+        "reconciliation": r["reconciliation"]["payouts"],
+        "clearing": r["reconciliation"]["clearing"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _realtime(args: argparse.Namespace) -> dict[str, Any]:
+    from stripe_sage.bench_realtime import bench_realtime
+
+    return bench_realtime(events=args.events)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    fn = {"sandbox": bench_sandbox, "pipeline": bench_pipeline, "receiver": bench_receiver}[
-        args.what
-    ]
+    fn = {
+        "sandbox": bench_sandbox,
+        "pipeline": bench_pipeline,
+        "receiver": bench_receiver,
+        "realtime": _realtime,
+        "reconcile": bench_reconcile,
+    }[args.what]
     result = fn(args)
     text = json.dumps(result, indent=2)
     print(text)
@@ -276,7 +332,8 @@ def register(sub: Any) -> None:
         help="benchmarks: sandbox serving, main pipeline",
         description="Rerunnable benchmarks; figures printed and written as JSON under --out.",
     )
-    p.add_argument("what", choices=("sandbox", "pipeline", "receiver"))
+    p.add_argument("what", choices=("sandbox", "pipeline", "receiver", "reconcile", "realtime"))
+    p.add_argument("--events", type=int, default=10, help="realtime: single events to time")
     p.add_argument("--rate", type=float, default=200.0, help="receiver: events per second")
     p.add_argument("--seconds", type=float, default=30.0, help="receiver: for how long")
     p.add_argument("--charges", type=int, default=100_000)
