@@ -237,7 +237,7 @@ def bench_receiver(args: argparse.Namespace) -> dict[str, Any]:
                     latencies.append(v)
         elapsed = time.monotonic() - start
         client.close()
-        q = statistics.quantiles(latencies, n=100)
+        q = statistics.quantiles(latencies, n=100, method="inclusive")
         stored = int(httpx.get(f"http://127.0.0.1:{port}/healthz").json()["stored"])
         return {
             "rate_per_s": args.rate,

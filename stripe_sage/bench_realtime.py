@@ -136,7 +136,11 @@ def bench_realtime(events: int = 10, charges: int = 200) -> dict[str, Any]:
             )
             if i:
                 latencies.append(time.monotonic() - t0)
-        q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+        q = (
+            statistics.quantiles(latencies, n=20, method="inclusive")
+            if len(latencies) > 1
+            else latencies * 19
+        )
         return {
             "single_events": len(latencies),
             "p50_s": round(statistics.median(latencies), 2),
