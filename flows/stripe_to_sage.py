@@ -106,11 +106,14 @@ def stripe_to_sage(
             t = time.perf_counter()
             enqueue(ctx.loader, docs)
             counts["load"] = load(ctx.loader)
-            counts["write_back"] = write_back_task(ctx.reader, st, run_id)
             counts["sage_client"] = ctx.sage.stats.as_dict()
-            counts["stripe_client"] = dict(ctx.reader.stats)
             timings["load"] = time.perf_counter() - t
             peak_mb["load"] = peak_rss_mb()
+
+            t = time.perf_counter()
+            counts["write_back"] = write_back_task(ctx.reader, st, run_id)
+            counts["stripe_client"] = dict(ctx.reader.stats)
+            timings["write_back"] = time.perf_counter() - t
             counts["totals"] = summary_counts(st)
             if inbox is not None:
                 counts["inbox"] = mark_processed(inbox, inbox_ids, run_id)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -21,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import pyarrow as pa
 
 from stripe_sage.staging import Staging
 from stripe_sage.streams import LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
@@ -51,6 +54,27 @@ class EventStats:
     changed: dict[str, int] = field(default_factory=dict)
     fallback: bool = False
     warnings: list[str] = field(default_factory=list)
+
+
+# Metadata keys the product writes back to Stripe (see writeback.py).
+WRITEBACK_KEYS = frozenset({"sage_customer_id", "sage_invoice_no", "sage_order_no"})
+
+
+def writeback_echo(event: JSON) -> dict[str, Any] | None:
+    """The metadata values of an ``*.updated`` event that changed nothing but the keys our
+    write-back sets (the echo of our own write), else None."""
+    if not str(event.get("type", "")).endswith(".updated"):
+        return None
+    data = event.get("data") or {}
+    previous = data.get("previous_attributes") or {}
+    if set(previous) != {"metadata"}:
+        return None
+    now = (data.get("object") or {}).get("metadata") or {}
+    before = previous.get("metadata") or {}
+    keys = {k for k in set(now) | set(before) if now.get(k) != before.get(k)}
+    if not keys or not keys <= WRITEBACK_KEYS:
+        return None
+    return {k: now.get(k) for k in keys}
 
 
 def windows(start: int, end: int, size: int) -> list[tuple[int, int]]:
@@ -236,10 +260,18 @@ class Extractor:
                 self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
             return stats
         changed: dict[str, dict[str, str]] = {}  # stream → id → last event type
+        echoes: dict[str, dict[str, dict[str, Any]]] = {}
         for page in self.reader.list_pages("/v1/events", {"created": {"gte": since}}):
             for event in page:
                 stats.events += 1
                 obj = event.get("data", {}).get("object", {})
+                patch = writeback_echo(event)
+                if patch is not None:
+                    stream = OBJECT_TO_STREAM.get(obj.get("object", ""), "")
+                    merged = echoes.setdefault(stream, {}).setdefault(obj["id"], {})
+                    for key, value in patch.items():
+                        merged.setdefault(key, value)  # newest first: keep the latest value
+                    continue
                 stream = OBJECT_TO_STREAM.get(obj.get("object", ""), "")
                 if stream in wanted and obj.get("id"):
                     changed.setdefault(stream, {})[obj["id"]] = event["type"]
@@ -251,10 +283,68 @@ class Extractor:
                     changed.setdefault("invoice_payments", {})["invoice:" + obj["id"]] = event[
                         "type"
                     ]
+        self.claim_echoes(echoes, changed)
         stats.changed = self.refetch_changed(changed)
+        self.apply_echoes(echoes, changed)
         for stream in wanted:
             self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
         return stats
+
+    def claim_echoes(
+        self, echoes: dict[str, dict[str, dict[str, Any]]], changed: dict[str, dict[str, str]]
+    ) -> None:
+        """Keep as echoes only the values our write-back recorded in ``sage.writeback``; the
+        same keys set by someone else (e.g. finance choosing a Sage customer for an ambiguous
+        email) are real changes and are re-fetched."""
+        ids = [i for patches in echoes.values() for i in patches]
+        ours: set[tuple[str, str, str]] = set()
+        if ids:
+            exists = self.staging.con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'sage' "
+                "AND table_name = 'writeback'"
+            ).fetchall()[0][0]
+            if exists:
+                ours = {
+                    (r[0], r[1], r[2])
+                    for r in self.staging.con.execute(
+                        "SELECT stripe_id, field, value FROM sage.writeback "
+                        "WHERE stripe_id IN (SELECT unnest(?::VARCHAR[]))",
+                        [ids],
+                    ).fetchall()
+                }
+        for stream, patches in echoes.items():
+            for object_id in list(patches):
+                if not all((object_id, k, v) in ours for k, v in patches[object_id].items()):
+                    del patches[object_id]
+                    changed.setdefault(stream, {})[object_id] = f"{stream}.updated"
+
+    def apply_echoes(
+        self, echoes: dict[str, dict[str, dict[str, Any]]], changed: dict[str, dict[str, str]]
+    ) -> int:
+        """Our own metadata write-backs coming back as ``*.updated`` events: merge the values
+        into the stored object instead of re-fetching it (an object that also changed
+        otherwise was re-fetched whole)."""
+        n = 0
+        for stream, patches in echoes.items():
+            rows = [
+                (i, json.dumps({"metadata": p}))
+                for i, p in patches.items()
+                if i not in changed.get(stream, {})
+            ]
+            if not rows:
+                continue
+            frame = pa.table({"id": [r[0] for r in rows], "patch": [r[1] for r in rows]})
+            with self.write_lock, self.staging.transaction() as con:
+                con.register("_echo", frame)
+                con.execute(
+                    f"UPDATE raw.{stream} r SET data = json_merge_patch(r.data, e.patch), "
+                    "run_id = ?, source = 'event', extracted_at = now() FROM _echo e "
+                    "WHERE r.id = e.id",
+                    [self.run_id],
+                ).fetchall()
+                con.unregister("_echo")
+            n += len(rows)
+        return n
 
     def refetch_changed(
         self, changed: dict[str, dict[str, str]], source: str = "event"

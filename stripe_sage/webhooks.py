@@ -106,14 +106,20 @@ class Inbox:
         rows = (
             self._con()
             .execute(
-                "SELECT event_id, type, object_type, object_id, created FROM inbox "
+                "SELECT event_id, type, object_type, object_id, created, payload FROM inbox "
                 "WHERE processed_at IS NULL ORDER BY created, event_id LIMIT ?",
                 (limit,),
             )
             .fetchall()
         )
         return [
-            dict(zip(("event_id", "type", "object_type", "object_id", "created"), r, strict=True))
+            dict(
+                zip(
+                    ("event_id", "type", "object_type", "object_id", "created", "payload"),
+                    r,
+                    strict=True,
+                )
+            )
             for r in rows
         ]
 
@@ -281,13 +287,22 @@ def create_receiver(
     )
 
 
-def events_by_stream(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
-    """Route inbox events to the streams whose objects they changed (object id → type)."""
+def events_by_stream(
+    rows: list[dict[str, Any]],
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, dict[str, Any]]]]:
+    """Route inbox events to the streams whose objects they changed (object id → type), and
+    set apart the echoes of our own metadata write-backs (object id → metadata values)."""
+    from stripe_sage.extract import writeback_echo
     from stripe_sage.streams import OBJECT_TO_STREAM
 
     changed: dict[str, dict[str, str]] = {}
-    for r in rows:
+    echoes: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: r["created"] or 0):
         stream = OBJECT_TO_STREAM.get(r["object_type"] or "")
+        patch = writeback_echo(json.loads(r["payload"])) if r.get("payload") else None
+        if patch is not None and stream and r["object_id"]:
+            echoes.setdefault(stream, {}).setdefault(r["object_id"], {}).update(patch)
+            continue
         if stream and r["object_id"]:
             changed.setdefault(stream, {})[r["object_id"]] = r["type"]
         if r["object_type"] == "invoice" and r["type"] in (
@@ -295,7 +310,7 @@ def events_by_stream(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
             "invoice.payment_succeeded",
         ):
             changed.setdefault("invoice_payments", {})["invoice:" + r["object_id"]] = r["type"]
-    return changed
+    return changed, echoes
 
 
 def load_event(payload: str) -> dict[str, Any]:

@@ -20,7 +20,10 @@ def drain_inbox(extractor: Extractor, inbox: Inbox, limit: int = 20_000) -> list
     rows = inbox.unprocessed(limit)
     if not rows:
         return []
-    counts = extractor.refetch_changed(events_by_stream(rows), source="webhook")
+    changed, echoes = events_by_stream(rows)
+    extractor.claim_echoes(echoes, changed)
+    counts = extractor.refetch_changed(changed, source="webhook")
+    counts["write_back_echoes"] = extractor.apply_echoes(echoes, changed)
     counts["customers_referenced"] = extractor.fetch_missing_customers()
     counts["balance_transactions_referenced"] = extractor.fetch_missing_balance_transactions()
     get_run_logger().info("inbox: %d events, re-fetched %s", len(rows), counts)

@@ -215,6 +215,10 @@ def test_second_run_posts_nothing(env: Env) -> None:
     result = run_flow(trigger="test")
     assert sum(result["load"]["posted"].values()) == 0
     assert sum(result["load"]["enqueued"].values()) == 0
+    # The first run wrote Sage numbers into Stripe metadata; those *.updated events are our
+    # own echo: merged, not re-fetched one by one.
+    assert result["events"]["events"] > 0
+    assert sum(result["events"]["changed"].values()) == 0
     assert sage_counts(env) == before
 
 
