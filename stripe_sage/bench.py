@@ -113,8 +113,9 @@ def bench_sandbox(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    """A full first run and a no-change run of the main flow, per stage."""
+def _sandboxes_for_flows(args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """Both sandboxes in their own process, fresh state, and this process's settings and
+    local Prefect pointed at them (flows run in this process)."""
     data = Path(args.out)
     data.mkdir(parents=True, exist_ok=True)
     for name in ("bench_sage.sqlite3", "bench_stripe_sage.duckdb"):
@@ -136,6 +137,12 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from stripe_sage.commands import prefect_defaults
 
     prefect_defaults()
+    return proc
+
+
+def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """A full first run and a no-change run of the main flow, per stage."""
+    proc = _sandboxes_for_flows(args)
     from flows.stripe_to_sage import stripe_to_sage
 
     out: dict[str, Any] = {
@@ -261,26 +268,7 @@ def bench_reconcile(args: argparse.Namespace) -> dict[str, Any]:
     """The ``reconcile_payouts`` flow on a business with about ``--days`` daily payouts:
     extract payouts and balance transactions, itemise every payout, post its journal,
     report."""
-    data = Path(args.out)
-    data.mkdir(parents=True, exist_ok=True)
-    for name in ("bench_sage.sqlite3", "bench_stripe_sage.duckdb"):
-        (data / name).unlink(missing_ok=True)
-    proc, stripe_port, sage_port = _start_sandbox(
-        args.charges, only=None, rate_limit=args.rate_limit, data=data, days=args.days
-    )
-    os.environ.update(
-        {
-            "STRIPE_API_BASE": f"http://127.0.0.1:{stripe_port}",
-            "STRIPE_API_KEY": SANDBOX_STRIPE_KEY,
-            "SAGEPRO_BASE_URL": f"http://127.0.0.1:{sage_port}",
-            "SAGEPRO_API_KEY": SANDBOX_SAGE_KEY,
-            "STAGING_DB": str(data / "bench_stripe_sage.duckdb"),
-            "STRIPE_MAX_RPS": str(args.client_rps),
-        }
-    )
-    from stripe_sage.commands import prefect_defaults
-
-    prefect_defaults()
+    proc = _sandboxes_for_flows(args)
     from flows.reconcile_payouts import reconcile_payouts
 
     try:

@@ -149,7 +149,6 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from stripe_sage import reconcile
     from stripe_sage.mapping import load_mapping
     from stripe_sage.money import to_decimal_string
-    from stripe_sage.report_html import daily_series, render
     from stripe_sage.settings import Settings
     from stripe_sage.staging import Staging
 
@@ -161,32 +160,16 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         reconcile_payouts(trigger="cli")
     mapping = load_mapping(settings.mapping_file)
     with Staging(settings.staging_db) as st:
-        rep = reconcile.add_bank_line(
-            reconcile.report(
-                st,
-                payout=args.payout,
-                date_from=dt.date.fromisoformat(args.date_from) if args.date_from else None,
-                date_to=dt.date.fromisoformat(args.date_to) if args.date_to else None,
-            ),
-            mapping,
-        )
-        clearing = reconcile.clearing_check(st, mapping)
         html = Path(args.html or Path(settings.staging_db).parent / "reconciliation.html")
-        html.write_text(render(rep, daily_series(st), clearing))
-    cols = (
-        "payout",
-        "arrival_date",
-        "amount",
-        "gross",
-        "fees",
-        "refunds",
-        "disputes",
-        "net",
-        "bank_line",
-        "journal_no",
-        "recon_status",
-        "difference",
-    )
+        rep, clearing = reconcile.build_report(
+            st,
+            mapping,
+            html_path=html,
+            payout=args.payout,
+            date_from=dt.date.fromisoformat(args.date_from) if args.date_from else None,
+            date_to=dt.date.fromisoformat(args.date_to) if args.date_to else None,
+        )
+    cols = reconcile.REPORT_COLUMNS
     money = {"amount", "gross", "fees", "refunds", "disputes", "net", "bank_line", "difference"}
     table = [
         [

@@ -428,3 +428,39 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+REPORT_COLUMNS = (
+    "payout",
+    "arrival_date",
+    "amount",
+    "gross",
+    "fees",
+    "refunds",
+    "disputes",
+    "net",
+    "bank_line",
+    "journal_no",
+    "recon_status",
+    "difference",
+)
+
+
+def build_report(
+    st: Any,
+    mapping: Mapping,
+    *,
+    html_path: Any = None,
+    payout: str | None = None,
+    date_from: dt.date | None = None,
+    date_to: dt.date | None = None,
+) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
+    """The report and the clearing check, with the HTML page written when asked."""
+    from stripe_sage.report_html import daily_series, render
+
+    rep = add_bank_line(report(st, payout=payout, date_from=date_from, date_to=date_to), mapping)
+    clearing = clearing_check(st, mapping)
+    if html_path is not None:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_text(render(rep, daily_series(st), clearing))
+    return rep, clearing

@@ -14,7 +14,6 @@ from prefect.logging import get_run_logger
 from stripe_sage import reconcile
 from stripe_sage.mapping import Mapping
 from stripe_sage.pipeline import plan_payout_documents
-from stripe_sage.report_html import daily_series, render
 from stripe_sage.staging import Staging
 from stripe_sage.stripe_reader import StripeReader
 
@@ -42,29 +41,12 @@ def plan_payout_journals(
 def reconciliation_report(
     st: Staging, mapping: Mapping, run_id: str, html_path: Path | None
 ) -> dict[str, Any]:
-    rep = reconcile.add_bank_line(reconcile.report(st), mapping)
+    rep, clearing = reconcile.build_report(st, mapping, html_path=html_path)
     reconcile.store(st, rep, run_id)
-    clearing = reconcile.clearing_check(st, mapping)
-    if html_path is not None:
-        html_path.parent.mkdir(parents=True, exist_ok=True)
-        html_path.write_text(render(rep, daily_series(st), clearing))
     if rep.height:
         create_table_artifact(
             key="payout-reconciliation",
-            table=rep.select(
-                "payout",
-                "arrival_date",
-                "amount",
-                "gross",
-                "fees",
-                "refunds",
-                "disputes",
-                "net",
-                "bank_line",
-                "journal_no",
-                "recon_status",
-                "difference",
-            )
+            table=rep.select(*reconcile.REPORT_COLUMNS)
             .with_columns(rep["arrival_date"].cast(str))
             .to_dicts(),
             description="Per payout: Σ of its balance transactions vs the Sage journal",
