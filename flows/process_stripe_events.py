@@ -15,7 +15,7 @@ from stripe_sage.webhooks import Inbox
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
 from tasks.sage import enqueue, fiscal_periods, load, plan, write_back_task
-from tasks.staging import quality, stage
+from tasks.staging import publish_snapshot, quality, stage
 
 
 @flow(name="process_stripe_events", log_prints=True)
@@ -52,6 +52,9 @@ def process_stripe_events(trigger: str = "webhook") -> dict[str, Any]:
             counts["inbox"] = mark_processed(inbox, event_ids, run_id)
             counts["reconciliation"] = reconciliation_report(
                 st, ctx.mapping, run_id, Path(settings.staging_db).parent / "reconciliation.html"
+            )
+            counts["snapshot"] = publish_snapshot(
+                st, Path(settings.staging_db).parent / "snapshot", run_id
             )
             counts["seconds"] = round(time.perf_counter() - t0, 3)
             st.finish_run(run_id, status="completed", counts=counts)

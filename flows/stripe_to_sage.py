@@ -21,7 +21,7 @@ from stripe_sage.webhooks import Inbox
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
 from tasks.sage import enqueue, fiscal_periods, load, plan, write_back_task
-from tasks.staging import quality, stage
+from tasks.staging import publish_snapshot, quality, stage
 from tasks.stripe import extract_events, extract_stream
 
 
@@ -122,6 +122,12 @@ def stripe_to_sage(
             )
             status = _status(counts["load"])
             st.finish_run(run_id, status=status, counts=counts)
+            # Published last, so the snapshot holds this run's own row in ops.runs.
+            t = time.perf_counter()
+            counts["snapshot"] = publish_snapshot(
+                st, Path(settings.staging_db).parent / "snapshot", run_id
+            )
+            timings["publish"] = time.perf_counter() - t
             create_table_artifact(
                 key="run-summary",
                 description=f"stripe_to_sage run {run_id}: {status}",

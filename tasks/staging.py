@@ -53,3 +53,13 @@ def quality(
         "quality: quarantined %s (data docs: %s)", outcome.quarantined, outcome.docs_path
     )
     return outcome
+
+
+@task(name="publish-snapshot", cache_policy=NO_CACHE)
+def publish_snapshot(st: Staging, root: Path, run_id: str) -> str:
+    """Refresh the analysts' read-only snapshot (Parquet + views), atomically."""
+    from stripe_sage.snapshot import publish
+
+    path = publish(st, root, run_id)
+    get_run_logger().info("analyst snapshot published: %s", path)
+    return str(path)

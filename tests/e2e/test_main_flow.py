@@ -328,3 +328,45 @@ def test_prefect_logs_hold_no_secret(env: Env) -> None:
     messages = asyncio.run(logs())
     assert messages, "the flows logged through Prefect"
     assert not [m for m in messages for s in env.secrets if s in m]
+
+
+def test_analysts_query_a_consistent_snapshot_while_a_sync_runs(env: Env) -> None:
+    """A query loop runs throughout a sync: it never waits on a lock or errors, and every
+    answer is internally consistent (each posted document has its cross-reference)."""
+    import threading
+
+    snapshot = env.db.parent / "snapshot" / "analytics.duckdb"
+    assert snapshot.exists()
+    errors: list[str] = []
+    answers: list[tuple[int, int, str]] = []
+    stop = threading.Event()
+
+    def analyst() -> None:
+        while not stop.is_set():
+            try:
+                con = duckdb.connect(str(snapshot), read_only=True)
+                posted = con.execute(
+                    "SELECT count(*) FROM sage.outbox WHERE status = 'posted'"
+                ).fetchall()[0][0]
+                xrefs = con.execute("SELECT count(*) FROM sage.xref").fetchall()[0][0]
+                run = con.execute("SELECT run_id FROM meta.snapshot").fetchall()[0][0]
+                con.close()
+                answers.append((posted, xrefs, run))
+            except Exception as exc:  # any failure is what this test is about
+                errors.append(repr(exc))
+
+    with env.stripe() as s:
+        customer = s.get("/v1/customers", params={"limit": 1}).json()["data"][0]["id"]
+        s.post("/_sandbox/activity", json={"action": "charge", "customer": customer, "amount": 777})
+    reader = threading.Thread(target=analyst)
+    reader.start()
+    try:
+        result = run_flow(trigger="test")
+    finally:
+        stop.set()
+        reader.join(timeout=30)
+    assert errors == []
+    assert len(answers) > 10
+    assert all(posted == xrefs for posted, xrefs, _ in answers)
+    assert result["run_id"] in {run for _, _, run in answers}  # the newest run was published
+    assert len({run for _, _, run in answers}) >= 2  # readers saw the swap happen

@@ -1,0 +1,80 @@
+"""The analysts' published snapshot: Parquet files plus a read-only DuckDB file of views.
+
+DuckDB allows one writer process, and while a run writes the staging file nobody else can
+open it. So each run ends by exporting the analyst tables to Parquet in a directory of its
+own and writing a small DuckDB file of views over them (same schema.table names), which
+replaces ``analytics.duckdb`` atomically (``os.replace``). A query therefore never waits on a
+lock and never sees a half-finished run: a connection opened before a publish keeps reading
+the snapshot it opened; the next connection sees the new one. The last few snapshot
+directories are kept so that such readers find their files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+
+from stripe_sage.staging import Staging
+from stripe_sage.streams import STREAMS
+
+EXTRA_TABLES = (
+    "staging.quarantine",
+    "staging.payout_items",
+    "sage.outbox",
+    "sage.xref",
+    "ops.runs",
+    "ops.dead_letters",
+    "ops.reconciliation",
+    "ops.customer_conflicts",
+    "ops.sync_state",
+)
+SNAPSHOT_DB = "analytics.duckdb"
+
+
+def analyst_tables(st: Staging) -> list[str]:
+    present = {
+        f"{s}.{t}"
+        for s, t in st.con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables"
+        ).fetchall()
+    }
+    wanted = [f"staging.{s}" for s in STREAMS] + list(EXTRA_TABLES)
+    return [t for t in wanted if t in present]
+
+
+def publish(st: Staging, root: Path, run_id: str, *, keep: int = 3) -> Path:
+    """Export, write the views file beside, swap it in; returns the snapshot DB path."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+    directory = root / f"{stamp}-{run_id[:8]}"
+    partial = root / f".{directory.name}.partial"
+    partial.mkdir()
+    tables = analyst_tables(st)
+    for table in tables:
+        st._exec(f"COPY {table} TO '{partial / (table + '.parquet')}' (FORMAT parquet)")
+    partial.rename(directory)
+    db_tmp = root / f".{directory.name}.duckdb"
+    con = duckdb.connect(str(db_tmp))
+    try:
+        for schema in sorted({t.split(".")[0] for t in tables}):
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        for table in tables:
+            path = (directory / f"{table}.parquet").resolve()
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{path}')")
+        con.execute("CREATE SCHEMA IF NOT EXISTS meta")
+        con.execute(
+            "CREATE TABLE meta.snapshot AS SELECT ? AS run_id, ? AS published_at, ? AS directory",
+            [run_id, dt.datetime.now(dt.UTC), str(directory)],
+        )
+    finally:
+        con.close()
+    target = root / SNAPSHOT_DB
+    os.replace(db_tmp, target)  # atomic: readers see the old snapshot or the new one
+    snapshots = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for old in snapshots[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
