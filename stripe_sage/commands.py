@@ -107,11 +107,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             third,
         )
     db = data / "stripe_sage.duckdb"
+    snap = data / "snapshot" / "analytics.duckdb"
     print(f"""
 Where to look
-  staging DB   {db}   (e.g. .venv/bin/python -c "import duckdb; print(duckdb.connect('{db}',
+  staging DB   {db} (written by flow runs only)
+  analysts     {snap} (read-only snapshot, refreshed by each run), e.g.
+               .venv/bin/python -c "import duckdb; print(duckdb.connect('{snap}',
                read_only=True).sql('select doc_type, status, count(*) from sage.outbox
-               group by all'))")
+               group by all'))"
+  payouts      {data / "reconciliation.html"}; .venv/bin/stripe-sage reconcile
   dead letters ops.dead_letters (reason, Sage error code and field)
   run history  ops.runs; quality report {first.get("data_docs") or "-"}
   Prefect UI   PREFECT_HOME={os.environ["PREFECT_HOME"]} .venv/bin/prefect server start
