@@ -17,8 +17,7 @@ import itertools
 import json
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +41,6 @@ class ExtractStats:
     stream: str
     mode: str = ""
     listed: int = 0
-    refetched: int = 0
-    tombstoned: int = 0
     windows: int = 0
     warnings: list[str] = field(default_factory=list)
 
@@ -449,9 +446,3 @@ class Extractor:
         for obj in deleted:
             with self.write_lock:
                 self.staging.tombstone(stream, obj["id"], run_id=self.run_id)
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - t0

@@ -466,32 +466,15 @@ class Loader:
             con.unregister("_posted")
 
     def _mark_dead(
-        self,
-        doc_key: str,
-        doc_type: str,
-        stripe_id: str,
-        reason: str,
-        *,
-        code: str | None = None,
-        http_status: int | None = None,
-        field: str | None = None,
-        payload: Any = None,
+        self, doc_key: str, doc_type: str, stripe_id: str, reason: str, **details: Any
     ) -> None:
+        """Outbox row dead + its dead letter (``details``: code, http_status, field, payload)."""
         self.st._exec(
             "UPDATE sage.outbox SET status = 'dead', last_error = ?, updated_at = ? "
             "WHERE doc_key = ?",
             [reason, now_utc(), doc_key],
         )
-        self._dead_letter(
-            doc_key,
-            doc_type,
-            stripe_id,
-            reason,
-            code=code,
-            http_status=http_status,
-            field=field,
-            payload=payload,
-        )
+        self._dead_letter(doc_key, doc_type, stripe_id, reason, **details)
         self.stats.dead[doc_type] += 1
 
     def _dead_letter(

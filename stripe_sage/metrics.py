@@ -25,7 +25,3 @@ def peak_rss_mb(pid: int | str = "self") -> float:
         if sys.platform == "darwin":
             kb //= 1024
     return round((kb or 0) / 1024, 1)
-
-
-def rss_mb(pid: int | str = "self") -> float:
-    return round((_status_kb(pid, "VmRSS") or 0) / 1024, 1)

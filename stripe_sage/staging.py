@@ -249,8 +249,7 @@ class Staging:
     def replace_quarantine(self, stream: str, ids: Iterable[str], failures: pl.DataFrame) -> None:
         """Rows re-validated this run leave quarantine unless they failed again."""
         id_list = list(ids)
-        self._exec("BEGIN")
-        try:
+        with self.transaction():
             if id_list:
                 self._exec(
                     "DELETE FROM staging.quarantine WHERE stream = ? AND "
@@ -266,10 +265,6 @@ class Staging:
                 self.con.register("_q", f.to_arrow())
                 self._exec("INSERT OR REPLACE INTO staging.quarantine SELECT * FROM _q")
                 self.con.unregister("_q")
-            self._exec("COMMIT")
-        except Exception:
-            self._exec("ROLLBACK")
-            raise
 
     def quarantined_ids(self, stream: str) -> set[str]:
         rows = self.con.execute(

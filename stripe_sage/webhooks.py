@@ -311,8 +311,3 @@ def events_by_stream(
         ):
             changed.setdefault("invoice_payments", {})["invoice:" + r["object_id"]] = r["type"]
     return changed, echoes
-
-
-def load_event(payload: str) -> dict[str, Any]:
-    event: dict[str, Any] = json.loads(payload)
-    return event

@@ -15,7 +15,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -1001,10 +1001,6 @@ class StripeWorld:
             type=etype,
         )
         return obj
-
-    def iter_events_after(self, index: int) -> Iterator[tuple[int, JSON]]:
-        for e in range(index, self.count("events")):
-            yield e, self.render("events", e)
 
     # -- activity after the generated business (live mode, controls, API writes) -----------
     def _tick(self) -> int:
