@@ -11,7 +11,7 @@ export UV_PYTHON := $(shell command -v $(PY))
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install demo test test-all check fmt bench sandbox clean browser
+.PHONY: install demo test test-all check fmt bench bench-smoke bench-large sandbox clean browser
 
 $(UV):
 	$(PY) -m venv $(TOOLS)
@@ -47,10 +47,23 @@ fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Ours beside the floor (bare httpx) and dlt's rest_api source on the same sandbox: per-stage
+# table, JSON and PNG under bench-results/ (README, Benchmarks). Stripe's test-mode limit.
 bench: install
-	$(BIN)/stripe-sage bench sandbox --charges 100000
-	$(BIN)/stripe-sage bench sandbox --charges 1000000 --days 365
-	$(BIN)/stripe-sage bench pipeline --charges 10000
+	$(BIN)/stripe-sage bench compare --charges 10000 --through load
+	$(BIN)/stripe-sage bench compare --charges 100000 --through stage --dlt-format parquet
+	$(BIN)/stripe-sage bench scale --sizes 10000,100000 --through stage --contenders floor,ours \
+		--rate-limit 0 --client-rps 0 --out bench-results/unlimited
+
+# What CI runs (untimed): every contender and stage at 300 charges.
+bench-smoke: install
+	$(BIN)/stripe-sage bench compare --charges 300 --through load --rate-limit 0 --client-rps 0 \
+		--out bench-results/smoke
+
+# On demand: 1M charges (extract+stage, no Stripe rate limit; long on 2 cores).
+bench-large: install
+	$(BIN)/stripe-sage bench scale --sizes 10000,100000,1000000 --through stage \
+		--contenders floor,ours --rate-limit 0 --client-rps 0 --out bench-results/unlimited
 
 sandbox: install
 	$(BIN)/stripe-sage sandbox

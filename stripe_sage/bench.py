@@ -25,9 +25,16 @@ from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
 END = 1_782_777_600  # a fixed business end: reruns measure the same data
 
 
-def _start_sandbox(
-    charges: int, *, only: str | None, rate_limit: float, data: Path, days: int
+def start_sandbox(
+    charges: int,
+    *,
+    only: str | None,
+    rate_limit: float,
+    data: Path,
+    days: int,
+    sage_rate_limit: float = 0.0,
 ) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Both sandboxes (or ``only="stripe"``) in their own process, on free ports."""
     stripe_port, sage_port = free_port(), free_port()
     cmd = [
         sys.executable,
@@ -49,6 +56,8 @@ def _start_sandbox(
         "--sage-db",
         str(data / "bench_sage.sqlite3"),
     ]
+    if sage_rate_limit and only != "stripe":
+        cmd += ["--sage-rate-limit", str(sage_rate_limit)]
     if only:
         cmd += ["--only", only]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -71,7 +80,7 @@ def bench_sandbox(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(args.out)
     data.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    proc, port, _ = _start_sandbox(
+    proc, port, _ = start_sandbox(
         args.charges, only="stripe", rate_limit=0, data=data, days=args.days
     )
     startup = time.perf_counter() - t0
@@ -120,7 +129,7 @@ def _sandboxes_for_flows(args: argparse.Namespace) -> subprocess.Popen[bytes]:
     data.mkdir(parents=True, exist_ok=True)
     for name in ("bench_sage.sqlite3", "bench_stripe_sage.duckdb"):
         (data / name).unlink(missing_ok=True)
-    proc, stripe_port, sage_port = _start_sandbox(
+    proc, stripe_port, sage_port = start_sandbox(
         args.charges, only=None, rate_limit=args.rate_limit, data=data, days=args.days
     )
     os.environ.update(
@@ -298,6 +307,12 @@ def _realtime(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what in ("compare", "scale"):
+        from stripe_sage import bench_compare
+
+        return (
+            bench_compare.bench_compare if args.what == "compare" else bench_compare.bench_scale
+        )(args)
     fn = {
         "sandbox": bench_sandbox,
         "pipeline": bench_pipeline,
@@ -317,10 +332,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmarks: sandbox serving, main pipeline",
-        description="Rerunnable benchmarks; figures printed and written as JSON under --out.",
+        help="benchmarks: ours beside the floor and dlt, scaling, sandbox, pipeline",
+        description=(
+            "Rerunnable benchmarks; figures printed and written as JSON (and PNG charts for "
+            "compare/scale) under --out. compare: the floor (bare httpx), dlt's rest_api "
+            "source and our pipeline on the same sandbox; scale: compare at each of --sizes."
+        ),
     )
-    p.add_argument("what", choices=("sandbox", "pipeline", "receiver", "reconcile", "realtime"))
+    p.add_argument(
+        "what",
+        choices=("compare", "scale", "sandbox", "pipeline", "receiver", "reconcile", "realtime"),
+    )
+    p.add_argument(
+        "--contenders",
+        default="floor,dlt,ours",
+        help="compare/scale: which to run, comma-separated (floor, floor_windows, dlt, ours)",
+    )
+    p.add_argument(
+        "--sizes", default="10000,100000", help="scale: charges per run, comma-separated"
+    )
+    p.add_argument(
+        "--through",
+        choices=("stage", "quality", "transform", "plan", "load"),
+        default="stage",
+        help="compare/scale: run our pipeline through this stage (load = into Sage)",
+    )
+    p.add_argument(
+        "--driver",
+        choices=("direct", "flow"),
+        default="direct",
+        help="ours: the flow's stages called one by one (direct) or the Prefect flow (flow)",
+    )
+    p.add_argument(
+        "--sage-rate-limit",
+        type=float,
+        default=0.0,
+        help="compare/scale: the Sage sandbox's requests/s (0 = unlimited)",
+    )
+    p.add_argument(
+        "--sage-max-rps",
+        type=float,
+        default=0.0,
+        help="compare/scale: our Sage client's pacing, requests/s (SAGE_MAX_RPS; 0 = off)",
+    )
+    p.add_argument(
+        "--dlt-format",
+        choices=("", "parquet", "jsonl", "insert_values"),
+        default="",
+        help="compare/scale: dlt's loader file format ('' = dlt's default for DuckDB)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="compare/scale: pyinstrument each contender"
+    )
     p.add_argument("--events", type=int, default=10, help="realtime: single events to time")
     p.add_argument("--rate", type=float, default=200.0, help="receiver: events per second")
     p.add_argument("--seconds", type=float, default=30.0, help="receiver: for how long")

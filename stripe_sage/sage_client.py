@@ -28,6 +28,7 @@ import datetime
 import email.utils
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -106,6 +107,34 @@ def parse_retry_after(value: str | None, *, now: datetime.datetime | None = None
     return max(0.0, (when - now).total_seconds())
 
 
+class RequestPacer:
+    """A client-side token bucket without burst: requests leave at most ``rps`` a second,
+    evenly spaced, whatever the number of threads (each takes the next free slot). Kept
+    under the server's budget, the client never triggers its 429s (whose ``Retry-After`` is
+    at least a whole second), so it sustains the allowed rate instead of stalling."""
+
+    def __init__(
+        self,
+        rps: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rps <= 0:
+            raise ValueError("rps must be positive")
+        self.interval = 1.0 / rps
+        self.clock, self.sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = self.clock()
+            at = max(now, self._next)
+            self._next = at + self.interval
+        if at > now:
+            self.sleep(at - now)
+
+
 class SageProClient:
     """Typed, retrying, exactly-once client of the Sage Pro API v1.
 
@@ -127,6 +156,7 @@ class SageProClient:
         backoff_max: float = 20.0,
         sleep: Callable[[float], None] = time.sleep,
         jitter: Callable[[], float] = random.random,
+        max_rps: float | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -140,6 +170,8 @@ class SageProClient:
         self._sleep = sleep
         self._jitter = jitter
         self.stats = SageClientStats()
+        # ``max_rps`` (SAGE_MAX_RPS): pace requests under the server's rate limit.
+        self.pacer = RequestPacer(max_rps, sleep=sleep) if max_rps else None
 
     def __repr__(self) -> str:
         return f"SageProClient(base_url={self.base_url!r})"
@@ -399,6 +431,8 @@ class SageProClient:
         params: JsonDict | None = None,
     ) -> Any:
         """One exchange: the parsed body, a fatal error, or ``_Transient``."""
+        if self.pacer is not None:
+            self.pacer.acquire()
         self.stats.attempts += 1
         headers = {
             "Authorization": f"Bearer {self._api_key.get_secret_value()}",

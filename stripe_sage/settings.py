@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # Requests per second toward Stripe; under test mode's 25 req/s per endpoint budget.
     stripe_max_rps: float = Field(default=20.0, gt=0)
     sage_concurrency: int = Field(default=4, ge=1, le=64)
+    # Requests per second toward Sage, paced by the client (set it to Sage's rate limit);
+    # unset: unlimited.
+    sage_max_rps: float | None = Field(default=None, gt=0)
     # The webhook receiver's own durable inbox (never the staging DB) and where it listens.
     webhook_inbox: Path = Field(default=Path("data/webhook_inbox.sqlite3"))
     webhook_host: str = Field(default="127.0.0.1")
