@@ -9,13 +9,13 @@ from typing import Any
 
 from prefect import flow, runtime
 
-from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 from stripe_sage.webhooks import Inbox
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
 from tasks.sage import enqueue, fiscal_periods, load, plan, write_back_task
 from tasks.staging import publish_snapshot, quality, stage
+from tasks.writer import open_run
 
 
 @flow(name="process_stripe_events", log_prints=True)
@@ -31,12 +31,12 @@ def process_stripe_events(trigger: str = "webhook") -> dict[str, Any]:
     prefect_id = runtime.flow_run.id
     run_id = str(prefect_id or uuid.uuid4())
     t0 = time.perf_counter()
-    with RunContext.open(settings, run_id) as ctx:
+    with open_run(settings, run_id) as ctx:
         st = ctx.staging
         st.start_run(
             run_id, flow="process_stripe_events", prefect_run_id=prefect_id, trigger=trigger
         )
-        counts: dict[str, Any] = {}
+        counts: dict[str, Any] = {"writer_slot": ctx.writer_slot}
         try:
             event_ids = drain_inbox(ctx.extractor, inbox)
             counts["events"] = len(event_ids)

@@ -8,12 +8,12 @@ from typing import Any
 
 from prefect import flow, runtime
 
-from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 from tasks.reconcile import itemise_payouts, plan_payout_journals, reconciliation_report
 from tasks.sage import enqueue, fiscal_periods, load
 from tasks.staging import stage
 from tasks.stripe import extract_events, extract_stream
+from tasks.writer import open_run
 
 STREAMS = ("payouts", "balance_transactions")
 
@@ -25,10 +25,10 @@ def reconcile_payouts(trigger: str = "manual") -> dict[str, Any]:
     settings = Settings()
     prefect_id = runtime.flow_run.id
     run_id = str(prefect_id or uuid.uuid4())
-    with RunContext.open(settings, run_id) as ctx:
+    with open_run(settings, run_id) as ctx:
         st = ctx.staging
         st.start_run(run_id, flow="reconcile_payouts", prefect_run_id=prefect_id, trigger=trigger)
-        counts: dict[str, Any] = {}
+        counts: dict[str, Any] = {"writer_slot": ctx.writer_slot}
         try:
             for stream in STREAMS:
                 extract_stream(ctx.extractor, stream)

@@ -14,7 +14,6 @@ from prefect.logging import get_run_logger
 
 from stripe_sage.metrics import peak_rss_mb
 from stripe_sage.pipeline import previous_totals, summary_counts
-from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 from stripe_sage.streams import LISTED_STREAMS
 from stripe_sage.webhooks import Inbox
@@ -23,6 +22,7 @@ from tasks.reconcile import itemise_payouts, reconciliation_report
 from tasks.sage import enqueue, fiscal_periods, load, plan, write_back_task
 from tasks.staging import publish_snapshot, quality, stage
 from tasks.stripe import extract_events, extract_stream
+from tasks.writer import open_run
 
 
 def _status(loads: dict[str, Any]) -> str:
@@ -56,10 +56,11 @@ def stripe_to_sage(
     timings: dict[str, float] = {}
     peak_mb: dict[str, float] = {}  # peak RSS of this process at the end of each stage
     counts: dict[str, Any] = {"timings": timings, "peak_rss_mb": peak_mb}
-    with RunContext.open(
+    with open_run(
         settings, run_id, backfill_days=backfill_days, window_days=window_days
     ) as ctx:
         st = ctx.staging
+        counts["writer_slot"] = ctx.writer_slot
         st.start_run(run_id, flow="stripe_to_sage", prefect_run_id=prefect_id, trigger=trigger)
         try:
             previous = previous_totals(st)

@@ -10,11 +10,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from stripe_sage.customer_master import ConflictRule, sync_from_sage
-from stripe_sage.runtime import RunContext
 from stripe_sage.sage_client import SageProClient
 from stripe_sage.settings import Settings
 from stripe_sage.staging import Staging
 from stripe_sage.stripe_reader import StripeReader
+from tasks.writer import open_run
 
 
 @task(name="sage-customers-to-stripe", cache_policy=NO_CACHE)
@@ -35,13 +35,14 @@ def sync_customers_from_sage(
     settings = Settings()
     prefect_id = runtime.flow_run.id
     run_id = str(prefect_id or uuid.uuid4())
-    with RunContext.open(settings, run_id) as ctx:
+    with open_run(settings, run_id) as ctx:
         ctx.staging.start_run(
             run_id, flow="sync_customers_from_sage", prefect_run_id=prefect_id, trigger=trigger
         )
         try:
             counts = sage_to_stripe(ctx.staging, ctx.sage, ctx.reader, run_id, conflict_rule)
-            ctx.staging.finish_run(run_id, status="completed", counts=counts)
+            recorded = {**counts, "writer_slot": ctx.writer_slot}
+            ctx.staging.finish_run(run_id, status="completed", counts=recorded)
             return counts
         except BaseException as exc:
             ctx.staging.finish_run(run_id, status="failed", counts={}, error=str(exc)[:2000])

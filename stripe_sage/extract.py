@@ -84,6 +84,66 @@ def windows(start: int, end: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
+def window_pages(
+    reader: StripeReader, stream: str, a: int, b: int, *, now: int
+) -> Iterator[list[JSON]]:
+    """The pages of one stream's objects created in ``[a, b)``, with the stream's expansions."""
+    s = STREAMS[stream]
+    # Stripe's timestamps are whole seconds: the window reaching "now" includes this second.
+    params: JSON = {"created": {"gte": a, "lt": b + 1 if b >= now else b}}
+    if s.expand:
+        params["expand"] = [f"data.{e}" for e in s.expand]
+    return reader.list_pages(s.path, params)
+
+
+def invoice_lines(reader: StripeReader, invoices: Iterable[JSON]) -> list[JSON]:
+    """Lines of each invoice: embedded ones, plus the rest paged from its lines endpoint."""
+    out: list[JSON] = []
+    for inv in invoices:
+        lines_obj = inv.get("lines") or {}
+        lines = list(lines_obj.get("data", []))
+        if lines_obj.get("has_more"):
+            lines = []
+            for page in reader.list_pages(f"/v1/invoices/{inv['id']}/lines"):
+                lines.extend(page)
+        for position, line in enumerate(lines):
+            out.append(
+                {
+                    **line,
+                    "invoice": line.get("invoice") or inv["id"],
+                    "_position": position,
+                    "created": inv.get("created"),
+                }
+            )
+    return out
+
+
+def _exists(reader: StripeReader, stream: str, start: int, before: int) -> bool:
+    page = reader.request(
+        "get", STREAMS[stream].path, {"created": {"gte": start, "lt": before}, "limit": 1}
+    )
+    return bool(page.get("data"))
+
+
+def backfill_windows(
+    reader: StripeReader, stream: str, start: int, now: int, size: int
+) -> list[tuple[int, int]]:
+    """Windows on a fixed grid (so a resumed backfill finds its checkpoints), from the day
+    of the oldest object, found by a binary search of ``limit=1`` probes, to now."""
+    if not _exists(reader, stream, start, now):
+        return []
+    lo, hi = start // DAY, now // DAY + 1  # the oldest object's day is in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _exists(reader, stream, start, mid * DAY):
+            hi = mid
+        else:
+            lo = mid
+    first = max(start, lo * DAY)
+    grid = [first, *range((first // size + 1) * size, now, size), now]
+    return list(itertools.pairwise(grid))
+
+
 class Extractor:
     """Extracts streams into one staging database. Thread-safe: each call uses its own cursor."""
 
@@ -127,34 +187,11 @@ class Extractor:
         return n
 
     def _embedded_lines(self, invoices: Iterable[JSON]) -> list[JSON]:
-        """Lines of each invoice: embedded ones, plus the rest paged from its lines endpoint."""
-        out: list[JSON] = []
-        for inv in invoices:
-            lines_obj = inv.get("lines") or {}
-            lines = list(lines_obj.get("data", []))
-            if lines_obj.get("has_more"):
-                lines = []
-                for page in self.reader.list_pages(f"/v1/invoices/{inv['id']}/lines"):
-                    lines.extend(page)
-            for position, line in enumerate(lines):
-                out.append(
-                    {
-                        **line,
-                        "invoice": line.get("invoice") or inv["id"],
-                        "_position": position,
-                        "created": inv.get("created"),
-                    }
-                )
-        return out
+        return invoice_lines(self.reader, invoices)
 
     # -- listed streams --------------------------------------------------------------------
     def _pages(self, stream: str, a: int, b: int) -> Iterator[list[JSON]]:
-        s = STREAMS[stream]
-        # Stripe's timestamps are whole seconds: the window reaching "now" includes this second.
-        params: JSON = {"created": {"gte": a, "lt": b + 1 if b >= self.now else b}}
-        if s.expand:
-            params["expand"] = [f"data.{e}" for e in s.expand]
-        return self.reader.list_pages(s.path, params)
+        return window_pages(self.reader, stream, a, b, now=self.now)
 
     def _read_window(self, stream: str, a: int, b: int, *, checkpoint: bool = False) -> int:
         """Write a window page by page (memory stays at a few pages); with ``checkpoint``,
@@ -206,28 +243,8 @@ class Extractor:
             self.staging.set_sync_state(stream, created_cursor=self.now)
         return stats
 
-    def _exists(self, stream: str, start: int, before: int) -> bool:
-        page = self.reader.request(
-            "get", STREAMS[stream].path, {"created": {"gte": start, "lt": before}, "limit": 1}
-        )
-        return bool(page.get("data"))
-
     def backfill_windows(self, stream: str, start: int) -> list[tuple[int, int]]:
-        """Windows on a fixed grid (so a resumed backfill finds its checkpoints), from the day
-        of the oldest object, found by a binary search of ``limit=1`` probes, to now."""
-        if not self._exists(stream, start, self.now):
-            return []
-        lo, hi = start // DAY, self.now // DAY + 1  # the oldest object's day is in [lo, hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self._exists(stream, start, mid * DAY):
-                hi = mid
-            else:
-                lo = mid
-        first = max(start, lo * DAY)
-        size = self.window_seconds
-        grid = [first, *range((first // size + 1) * size, self.now, size), self.now]
-        return list(itertools.pairwise(grid))
+        return backfill_windows(self.reader, stream, start, self.now, self.window_seconds)
 
     # -- events ----------------------------------------------------------------------------
     def extract_events(self, *, streams: Iterable[str] = LISTED_STREAMS) -> EventStats:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from stripe_sage.extract import DAY, Extractor
 from stripe_sage.load import Loader
@@ -25,6 +26,8 @@ class RunContext:
     mapping: Mapping
     extractor: Extractor
     loader: Loader
+    # How this run got the DuckDB writer slot (tasks/writer.py), recorded in ops.runs.
+    writer_slot: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def open(

@@ -1,0 +1,264 @@
+"""A large first load, fanned out by time window on Prefect's own engine.
+
+``backfill`` plans every stream's windows, has them read into Parquet in parallel, then —
+holding the DuckDB writer slot — merges the files into ``raw.*``, stages and validates them,
+and (by default) hands over to ``stripe_to_sage`` to plan and load the Sage documents.
+
+The fan-out (``fan_out``):
+- ``dask``: the windows are tasks on a Dask cluster (``prefect-dask``): a local cluster of
+  ``workers`` processes, or an existing one at ``dask_address`` (scheduler and workers on
+  other machines; they need this package installed and a shared ``BACKFILL_DIR``).
+- ``deployments``: the windows are dealt into ``workers`` groups, each a run of the
+  ``backfill-windows`` deployment, picked up by whichever Prefect workers serve the pool
+  (on any machine that shares ``BACKFILL_DIR``).
+- ``threads``: one process (the single-process reference).
+
+The account's Stripe rate (``STRIPE_MAX_RPS``) is divided among the processes that read at
+the same time, so a fan-out never exceeds it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, runtime, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.stripe_to_sage import stripe_to_sage
+from stripe_sage.backfill import (
+    Window,
+    chunk,
+    extract_window,
+    finish_streams,
+    merge_windows,
+    plan_windows,
+    windows_done,
+)
+from stripe_sage.extract import DAY
+from stripe_sage.metrics import peak_rss_mb
+from stripe_sage.pipeline import previous_totals
+from stripe_sage.settings import Settings
+from stripe_sage.staging import Staging
+from stripe_sage.streams import LISTED_STREAMS
+from stripe_sage.stripe_reader import StripeReader
+from tasks.reconcile import itemise_payouts
+from tasks.staging import quality, stage
+from tasks.writer import writer_slot
+
+FanOut = Literal["dask", "deployments", "threads"]
+WINDOWS_DEPLOYMENT = "backfill-windows/backfill-windows"
+THREADS_PER_PROCESS = 2
+
+
+def _reader(settings: Settings, max_rps: float) -> StripeReader:
+    return StripeReader(
+        settings.stripe_api_key.get_secret_value(),
+        api_base=settings.stripe_api_base,
+        max_rps=max_rps,
+    )
+
+
+@functools.cache
+def _shared_reader(max_rps: float) -> StripeReader:
+    """One reader (one rate limiter) per process, shared by the window tasks it runs."""
+    return _reader(Settings(), max_rps)
+
+
+@task(name="extract-windows", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def extract_windows_task(
+    windows: list[dict[str, Any]], root: str, now: int, max_rps: float
+) -> dict[str, Any]:
+    """A group of windows → one Parquet file each (the API key comes from this process's
+    settings, never from a task parameter). A retry skips the windows already written."""
+    rows: dict[str, int] = {}
+    reader = _shared_reader(max_rps)
+    for window in windows:
+        for stream, n in extract_window(reader, Window(**window), Path(root), now=now).items():
+            rows[stream] = rows.get(stream, 0) + n
+    return {"rows": rows, "windows": len(windows), "pid": os.getpid(), "parent_pid": os.getppid()}
+
+
+@flow(
+    name="backfill-windows",
+    task_runner=ThreadPoolTaskRunner(max_workers=THREADS_PER_PROCESS),  # type: ignore[arg-type]
+    log_prints=True,
+)
+def backfill_windows(
+    windows: list[dict[str, Any]], root: str, now: int, max_rps: float, groups: int = 4
+) -> list[dict[str, Any]]:
+    """Read the given windows into Parquet under ``root`` (no DuckDB access), in ``groups``
+    tasks (a task per window would spend more on bookkeeping than on reading)."""
+    plan = [Window(**w) for w in windows]
+    batches = [[w.as_dict() for w in g] for g in chunk(plan, groups)]
+    futures = extract_windows_task.map(
+        batches, root=unmapped(root), now=unmapped(now), max_rps=unmapped(max_rps)
+    )
+    return [f.result() for f in futures]
+
+
+def _dask_runner(workers: int, address: str | None) -> Any:
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": THREADS_PER_PROCESS,
+            "processes": True,
+            "dashboard_address": None,
+        },
+    )
+
+
+def _fan_out(
+    fan_out: FanOut,
+    plan: list[Window],
+    root: Path,
+    now: int,
+    rps: float,
+    workers: int,
+    dask_address: str | None,
+) -> list[dict[str, Any]]:
+    windows = [w.as_dict() for w in plan]
+    if fan_out == "threads":
+        return backfill_windows(windows, str(root), now, rps, groups=2 * THREADS_PER_PROCESS)
+    if fan_out == "dask":
+        per_process = rps / max(1, workers)
+        runner = _dask_runner(workers, dask_address)
+        return backfill_windows.with_options(task_runner=runner)(
+            windows, str(root), now, per_process, groups=2 * workers * THREADS_PER_PROCESS
+        )
+    # deployments: one flow run per group, on whichever workers poll the pool.
+    groups = chunk(plan, workers)
+    runs: list[Any] = [
+        run_deployment(
+            WINDOWS_DEPLOYMENT,
+            parameters={
+                "windows": [w.as_dict() for w in g],
+                "root": str(root),
+                "now": now,
+                "max_rps": rps / len(groups),
+                "groups": 2 * THREADS_PER_PROCESS,
+            },
+            timeout=0,
+            as_subflow=True,
+        )
+        for g in groups
+    ]
+    from prefect.client.orchestration import get_client
+
+    results: list[dict[str, Any]] = []
+    with get_client(sync_client=True) as client:
+        pending = {r.id for r in runs}
+        while pending:
+            for run_id in list(pending):
+                fr = client.read_flow_run(run_id)
+                if fr.state and fr.state.is_final():
+                    if not fr.state.is_completed():
+                        raise RuntimeError(
+                            f"backfill window run {fr.name} ended {fr.state.type.value}: "
+                            f"{fr.state.message}"
+                        )
+                    results.extend(fr.state.result(raise_on_failure=True) or [])
+                    pending.discard(run_id)
+            if pending:
+                time.sleep(1)
+    return results
+
+
+@flow(name="backfill", log_prints=True)
+def backfill(
+    streams: list[str] | None = None,
+    days: int = 3 * 365,
+    window_days: int = 7,
+    fan_out: FanOut = "dask",
+    workers: int = 2,
+    dask_address: str | None = None,
+    then_sync: bool = True,
+    trigger: str = "manual",
+) -> dict[str, Any]:
+    """Backfill ``days`` of history split into ``window_days`` windows, fanned out."""
+    logger = get_run_logger()
+    settings = Settings()
+    wanted = tuple(s for s in LISTED_STREAMS if not streams or s in streams)
+    prefect_id = runtime.flow_run.id
+    run_id = str(prefect_id or uuid.uuid4())
+    now = int(time.time())
+    counts: dict[str, Any] = {"fan_out": fan_out, "workers": workers}
+    timings: dict[str, float] = {}
+    counts["timings"] = timings
+
+    with writer_slot(), Staging(settings.staging_db) as st:
+        done = windows_done(st, wanted)
+        st.start_run(run_id, flow="backfill", prefect_run_id=prefect_id, trigger=trigger)
+
+    t = time.perf_counter()
+    reader = _reader(settings, settings.stripe_max_rps)
+    plan = plan_windows(
+        reader,
+        wanted,
+        start=now - days * DAY,
+        now=now,
+        window_seconds=window_days * DAY,
+        done=done,
+    )
+    root = Path(os.environ.get("BACKFILL_DIR") or settings.staging_db.parent / "backfill") / run_id
+    logger.info("backfill %s: %d windows over %s, fan-out %s", run_id, len(plan), wanted, fan_out)
+    try:
+        results = _fan_out(fan_out, plan, root, now, settings.stripe_max_rps, workers, dask_address)
+    except BaseException as exc:
+        # The files written so far stay under ``root`` for a look; nothing was merged.
+        with writer_slot(), Staging(settings.staging_db) as st:
+            error = f"window extraction failed: {exc}"[:2000]
+            st.finish_run(run_id, status="failed", counts=counts, error=error)
+        raise
+    timings["extract"] = round(time.perf_counter() - t, 3)
+    counts["windows"] = len(plan)
+    counts["processes"] = sorted({r["pid"] for r in results})
+    counts["window_hosts"] = sorted({r["parent_pid"] for r in results})
+
+    t = time.perf_counter()
+    with writer_slot() as slot, Staging(settings.staging_db) as st:
+        counts["writer_slot"] = slot
+        try:
+            previous = previous_totals(st)
+            counts["merged"] = merge_windows(
+                st, plan, root, run_id=run_id, now=now, api_version=reader.api_version
+            )
+            finish_streams(st, wanted, now=now)
+            timings["merge"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            counts["staged"] = stage(st, run_id)
+            counts["payouts_itemised"] = itemise_payouts(reader, st, run_id)
+            timings["stage"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            docs_dir = Path(settings.staging_db).parent / "data_docs"
+            counts["quarantined"] = quality(st, run_id, previous, docs_dir).quarantined
+            timings["quality"] = round(time.perf_counter() - t, 3)
+            counts["peak_rss_mb"] = peak_rss_mb()
+            st.finish_run(run_id, status="completed", counts=counts)
+        except BaseException as exc:
+            st.finish_run(run_id, status="failed", counts=counts, error=str(exc)[:2000])
+            raise
+    shutil.rmtree(root, ignore_errors=True)  # merged: the files have served their purpose
+    logger.info(
+        "backfill %s merged %s at %s",
+        run_id,
+        counts["merged"],
+        dt.datetime.fromtimestamp(now, dt.UTC).isoformat(),
+    )
+    if then_sync:
+        counts["sync"] = stripe_to_sage(streams=list(wanted), trigger="backfill")
+    return counts

@@ -1,0 +1,69 @@
+"""The DuckDB single-writer rule, enforced by Prefect: every flow that writes the staging file
+holds one slot of the global concurrency limit ``stripe-sage-duckdb-writer`` (limit 1) for as
+long as it has the file open.
+
+DuckDB lets one process write a file at a time. The file lock alone would make a second
+process fail (or spin) when a webhook-triggered run and a scheduled run overlap; the limit
+makes it queue in Prefect instead, visible in the UI (Concurrency → Global), across machines
+and workers, with a lease so that a crashed run's slot frees itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.logging import get_run_logger
+
+from stripe_sage.runtime import RunContext
+from stripe_sage.settings import Settings
+
+WRITER_LIMIT = "stripe-sage-duckdb-writer"
+# A slot's lease is renewed while the run holds it; a process that died loses it after this.
+LEASE_SECONDS = 120.0
+
+
+def ensure_writer_limit() -> None:
+    """Create the limit (1 slot) if the Prefect server does not have it yet."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(WRITER_LIMIT)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):  # another run created it first
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=WRITER_LIMIT, limit=1, active=True)
+                )
+
+
+@contextmanager
+def writer_slot() -> Iterator[dict[str, Any]]:
+    """Hold the writer slot; yields what the wait was (recorded in ``ops.runs``)."""
+    ensure_writer_limit()
+    asked = time.monotonic()
+    with concurrency(WRITER_LIMIT, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
+        waited = round(time.monotonic() - asked, 3)
+        if waited > 1:
+            get_run_logger().info(
+                "waited %.1f s for the DuckDB writer slot (another run held it)", waited
+            )
+        yield {
+            "limit": WRITER_LIMIT,
+            "waited_s": waited,
+            "acquired_at": dt.datetime.now(dt.UTC).isoformat(),
+        }
+
+
+@contextmanager
+def open_run(settings: Settings, run_id: str, **options: Any) -> Iterator[RunContext]:
+    """The writer slot, then the run's clients and the staging file (closed before the slot
+    is given back)."""
+    with writer_slot() as slot, RunContext.open(settings, run_id, **options) as ctx:
+        ctx.writer_slot = slot
+        yield ctx
