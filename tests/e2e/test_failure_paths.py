@@ -150,3 +150,76 @@ def test_closed_period_documents_move_to_the_next_open_period(fresh: Env) -> Non
     assert not [r for r in receipts if r["receipt_date"].startswith("2026-06")]
     box = outbox(fresh)
     assert box.get("dead", Counter())["cash_receipt"] < len(receipts)
+
+
+def test_replaying_a_dead_letter_after_its_cause_is_fixed_posts_it_and_its_dependents(
+    fresh: Env,
+) -> None:
+    from flows.replay_dead_letters import replay_dead_letters
+
+    w = fresh.pair.world
+    good = next(
+        k
+        for k in range(w.count("customers"))
+        if len(w.render("customers", k)["name"]) <= 40 and not w.render("customers", k)["metadata"]
+    )
+    cus = w.make_id("customers", good)
+    with fresh.stripe() as s:
+        charge = s.post(
+            "/_sandbox/activity",
+            json={
+                "action": "charge",
+                "customer": cus,
+                "amount": 4200,
+                "metadata": {"erp_order_id": "SO7777777"},
+            },
+        ).json()
+        charge = s.get(f"/v1/charges/{charge['id']}").json()
+    run_flow(trigger="test")
+    invoice, receipt = f"invoice:{charge['id']}", f"cash_receipt:{charge['id']}"
+    with duckdb.connect(str(fresh.db), read_only=True) as con:
+        status = dict(con.sql("SELECT doc_key, status FROM sage.outbox").fetchall())
+        sage_customer = con.execute(
+            "SELECT sage_id FROM sage.xref WHERE stripe_id = ? AND doc_type = 'customer'", [cus]
+        ).fetchall()[0][0]
+    assert status[invoice] == status[receipt] == "dead"
+
+    # Replaying before the cause is fixed: Sage rejects it again, and says so.
+    first = replay_dead_letters(doc_keys=[invoice], trigger="test")
+    assert sorted(first["released"]) == sorted([invoice, receipt])
+    assert invoice in first["dead_again"]
+
+    # Finance creates the sales order in Sage; the replay posts the invoice, then its receipt.
+    with fresh.sage() as c:
+        c.post(
+            "/_sandbox/seed",
+            json={
+                "sales_orders": [
+                    {
+                        "order_no": "SO7777777",
+                        "customer_id": sage_customer,
+                        "order_date": "2026-01-05",
+                        "currency": charge["currency"].upper(),
+                        "lines": [
+                            {"item": "SVC", "quantity": "1", "unit_price_minor": charge["amount"]}
+                        ],
+                    }
+                ]
+            },
+        ).raise_for_status()
+    second = replay_dead_letters(doc_keys=[invoice], trigger="test")
+    assert sorted(second["released"]) == sorted([invoice, receipt])
+    assert second["dead_again"] == []
+    with duckdb.connect(str(fresh.db), read_only=True) as con:
+        status = dict(con.sql("SELECT doc_key, status FROM sage.outbox").fetchall())
+        replayed = con.execute(
+            "SELECT replayed, occurrences FROM ops.dead_letters WHERE doc_key = ?", [invoice]
+        ).fetchall()
+    assert status[invoice] == status[receipt] == "posted"
+    assert replayed == [(True, 2)]
+    assert references(fresh, "invoices")[charge["id"]] == 1
+    assert references(fresh, "cashreceipts")[charge["id"]] == 1
+    # Nothing left to replay: a third replay posts nothing.
+    third = replay_dead_letters(doc_keys=[invoice], trigger="test")
+    assert third["released"] == []
+    assert references(fresh, "invoices")[charge["id"]] == 1
