@@ -5,6 +5,9 @@
 - ``sync-customers-from-sage``: Sage → Stripe customer changes, hourly (``CUSTOMERS_CRON``)
 - ``process-stripe-events``: triggered by the webhook receiver's ``stripe.events.received``
   Prefect event; one run at a time, later triggers queue behind it and find the inbox drained
+- ``replay-dead-letters``, ``backfill`` (Dask fan-out), ``backfill-windows``: on demand
+
+The same deployments for a work pool (workers on several machines) are in ``prefect.yaml``.
 
 ``--only NAME`` serves a subset (tests serve only the event-triggered deployment).
 """
@@ -18,8 +21,10 @@ from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
+from flows.backfill import backfill, backfill_windows
 from flows.process_stripe_events import process_stripe_events
 from flows.reconcile_payouts import reconcile_payouts
+from flows.replay_dead_letters import replay_dead_letters
 from flows.stripe_to_sage import stripe_to_sage
 from flows.sync_customers_from_sage import sync_customers_from_sage
 from stripe_sage.webhooks import INBOX_RESOURCE, TRIGGER_EVENT
@@ -60,6 +65,21 @@ def deployments() -> dict[str, object]:
                     match={"prefect.resource.id": INBOX_RESOURCE},
                 )
             ],
+        ),
+        "replay-dead-letters": replay_dead_letters.to_deployment(
+            name="replay-dead-letters",
+            tags=["stripe-sage", "dead-letters"],
+            parameters={"trigger": "manual"},
+            concurrency_limit=1,
+        ),
+        "backfill": backfill.to_deployment(
+            name="backfill",
+            tags=["stripe-sage", "backfill"],
+            parameters={"fan_out": "dask", "workers": 2, "trigger": "manual"},
+            concurrency_limit=1,
+        ),
+        "backfill-windows": backfill_windows.to_deployment(
+            name="backfill-windows", tags=["stripe-sage", "backfill"]
         ),
     }
 

@@ -146,6 +146,70 @@ def cmd_sync(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stripe_sage.serve import serve
+
+    # The sandboxes deliver their webhooks to the receiver, as Stripe would.
+    hook = f"http://127.0.0.1:{args.webhook_port or 8787}/stripe/webhook"
+    sandbox_args = ["--sage-db", args.sage_db, "--webhook-url", hook]
+    return serve(
+        prefect_port=args.port,
+        webhook_port=args.webhook_port,
+        with_sandboxes=args.with_sandboxes,
+        sandbox_args=sandbox_args,
+        open_browser=args.open,
+        run_for=args.run_for,
+    )
+
+
+def cmd_alerts_install(args: argparse.Namespace) -> int:
+    from stripe_sage.alerts import install_alerts
+    from stripe_sage.settings import Settings
+
+    url = args.webhook_url
+    if url is None and (secret := Settings().alert_webhook_url) is not None:
+        url = secret.get_secret_value()
+    names = install_alerts(url)
+    target = "the configured webhook" if url else "nobody (no ALERT_WEBHOOK_URL: UI only)"
+    for name in names:
+        print(f"automation: {name} → notifies {target}")
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    prefect_defaults()
+    from flows.backfill import backfill
+
+    result = backfill(
+        days=args.days,
+        window_days=args.window_days,
+        fan_out=args.fan_out,
+        workers=args.workers,
+        dask_address=args.dask_address,
+        then_sync=not args.no_sync,
+        trigger="cli",
+    )
+    print(
+        f"backfill: {result['windows']} windows by {result['fan_out']} "
+        f"({len(result['processes'])} processes), merged {result['merged']}, "
+        f"seconds {result['timings']}"
+    )
+    if "sync" in result:
+        _print_run("then sync", result["sync"])
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    prefect_defaults()
+    from flows.replay_dead_letters import replay_dead_letters
+
+    result = replay_dead_letters(
+        doc_keys=args.doc_key, doc_type=args.doc_type, error_code=args.error_code, trigger="cli"
+    )
+    print(f"released {len(result['released'])} dead letters; dead again: {result['dead_again']}")
+    return 1 if result["dead_again"] else 0
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """The reconciliation report on demand, from the staging DB (optionally after a sync)."""
     import datetime as dt
@@ -329,6 +393,69 @@ def register(sub: Any) -> None:
         help="also accept this signing secret (while a secret rotates)",
     )
     p.set_defaults(func=cmd_webhooks)
+
+    p = sub.add_parser(
+        "serve",
+        help="Prefect server + UI, every deployment, the webhook receiver, alerts",
+        description="The embedded default for day-to-day use on one machine: a Prefect "
+        "server (SQLite under .prefect, or PREFECT_API_URL if set) with its UI, every "
+        "deployment with its schedule and trigger, the webhook receiver and the alert "
+        "automations. Ctrl-C stops everything.",
+    )
+    p.add_argument("--port", type=int, default=4200, help="Prefect server port (4200)")
+    p.add_argument("--webhook-port", type=int, default=None, help="default WEBHOOK_PORT")
+    p.add_argument(
+        "--with-sandboxes",
+        action="store_true",
+        help="also serve the Stripe and Sage Pro sandboxes (a demo on embedded defaults)",
+    )
+    p.add_argument("--sage-db", default="data/sage_sandbox.sqlite3", help=argparse.SUPPRESS)
+    p.add_argument("--open", action="store_true", help="open the Prefect UI in a browser")
+    p.add_argument("--run-for", type=float, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "alerts",
+        help="alert automations (install)",
+        description="Prefect automations: failed run, authentication failure, dead "
+        "letters above DEAD_LETTER_ALERT_THRESHOLD.",
+    )
+    asub = p.add_subparsers(dest="alerts_command", required=True, metavar="COMMAND")
+    q = asub.add_parser(
+        "install",
+        help="create or replace the automations on PREFECT_API_URL's server",
+        description="Create (or replace) the three automations and the notification "
+        "block on the Prefect server at PREFECT_API_URL.",
+    )
+    q.add_argument("--webhook-url", help="notify this URL (default ALERT_WEBHOOK_URL)")
+    q.set_defaults(func=cmd_alerts_install)
+
+    p = sub.add_parser(
+        "backfill",
+        help="a large first load, fanned out by time window",
+        description="Read every stream's history in windows in parallel (Dask, Prefect "
+        "workers, or threads) into Parquet, merge into DuckDB with one writer, stage, "
+        "validate, then run the main flow to post to Sage.",
+    )
+    p.add_argument("--days", type=int, default=3 * 365, help="history to read (default 3 y)")
+    p.add_argument("--window-days", type=int, default=7)
+    p.add_argument("--fan-out", choices=("dask", "deployments", "threads"), default="dask")
+    p.add_argument("--workers", type=int, default=2, help="Dask workers / worker runs")
+    p.add_argument("--dask-address", help="an existing Dask scheduler (tcp://host:8786)")
+    p.add_argument("--no-sync", action="store_true", help="stop after staging and quality")
+    p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser(
+        "replay",
+        help="replay dead letters after their cause was fixed",
+        description="Release the chosen dead letters (all when no filter is given) with "
+        "their blocked dependents, plan them again and post them. Exit 1 if any is "
+        "rejected again.",
+    )
+    p.add_argument("--doc-key", action="append", help="e.g. invoice:ch_… (repeatable)")
+    p.add_argument("--doc-type", help="only this document type")
+    p.add_argument("--error-code", help="only dead letters with this Sage error code")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser(
         "mapping",

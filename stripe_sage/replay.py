@@ -6,7 +6,8 @@ deletes its outbox row (it was never created in Sage: rejected documents have no
 the planner plans it again from the staged Stripe rows with the current mapping, and the
 loader posts it under the same exactly-once rules. Documents dead-lettered as ``blocked``
 are not chosen on their own (they wait for what blocks them); they are released with the
-document they wait for, since the planner plans a Stripe object's documents together. ``ops.dead_letters`` keeps the history (``replayed``, ``replayed_at``); a
+document they wait for, since the planner plans a Stripe object's documents together.
+``ops.dead_letters`` keeps the history (``replayed``, ``replayed_at``); a
 document Sage rejects again becomes a dead letter again with ``occurrences`` + 1.
 """
 

@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from prefect import runtime
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 
+from stripe_sage.alerts import auth_error_in, emit_auth_failed, emit_dead_letters
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 
@@ -63,7 +65,18 @@ def writer_slot() -> Iterator[dict[str, Any]]:
 @contextmanager
 def open_run(settings: Settings, run_id: str, **options: Any) -> Iterator[RunContext]:
     """The writer slot, then the run's clients and the staging file (closed before the slot
-    is given back)."""
+    is given back). On the way out it raises the alerts' events: a refused key, or more open
+    dead letters than the threshold."""
+    flow = str(runtime.flow_run.flow_name or "")
     with writer_slot() as slot, RunContext.open(settings, run_id, **options) as ctx:
         ctx.writer_slot = slot
-        yield ctx
+        try:
+            yield ctx
+        except BaseException as exc:
+            if (auth := auth_error_in(exc)) is not None:
+                emit_auth_failed(auth, run_id=run_id, flow=flow)
+            raise
+        dead = ctx.staging.con.execute(
+            "SELECT count(*) FROM sage.outbox WHERE status = 'dead'"
+        ).fetchall()[0][0]
+        emit_dead_letters(int(dead), settings.dead_letter_alert_threshold, run_id=run_id, flow=flow)
