@@ -102,7 +102,7 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if "floor_windows" in results:
         es["floor_windows"] = _seconds(results["floor_windows"], "extract")
     if "dlt" in results:
-        es["dlt"] = _seconds(results["dlt"], "extract", "normalize", "load")
+        es["dlt"] = _seconds(results["dlt"], "extract", "normalize", "load_duckdb")
     if "ours" in results:
         es["ours"] = _seconds(results["ours"], "extract", "stage")
     out: dict[str, Any] = {"extract_stage_s": es}

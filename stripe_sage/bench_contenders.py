@@ -324,7 +324,7 @@ def run_dlt(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
         pipeline.extract(source, loader_file_format=spec.get("dlt_format") or None)
     with rec.stage("normalize"):
         pipeline.normalize()
-    with rec.stage("load"):
+    with rec.stage("load_duckdb"):
         pipeline.load()
     import duckdb
 

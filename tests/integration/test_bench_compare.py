@@ -71,7 +71,7 @@ def test_bench_compare_smoke(tmp_path: Path) -> None:
     assert tuple(ours) == STAGES
     for name in ("extract", "stage", "quality", "transform", "plan", "load"):
         assert ours[name]["rows"] > 0, name
-    assert {s["stage"] for s in results["dlt"]["stages"]} == {"extract", "normalize", "load"}
+    assert {s["stage"] for s in results["dlt"]["stages"]} == {"extract", "normalize", "load_duckdb"}
     # The same objects, stream by stream, whoever read them.
     objects = results["floor"]["objects"]
     assert sum(objects.values()) > CHARGES
