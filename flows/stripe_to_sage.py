@@ -56,9 +56,7 @@ def stripe_to_sage(
     timings: dict[str, float] = {}
     peak_mb: dict[str, float] = {}  # peak RSS of this process at the end of each stage
     counts: dict[str, Any] = {"timings": timings, "peak_rss_mb": peak_mb}
-    with open_run(
-        settings, run_id, backfill_days=backfill_days, window_days=window_days
-    ) as ctx:
+    with open_run(settings, run_id, backfill_days=backfill_days, window_days=window_days) as ctx:
         st = ctx.staging
         counts["writer_slot"] = ctx.writer_slot
         st.start_run(run_id, flow="stripe_to_sage", prefect_run_id=prefect_id, trigger=trigger)

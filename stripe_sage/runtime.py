@@ -46,7 +46,9 @@ class RunContext:
             api_base=settings.stripe_api_base,
             max_rps=settings.stripe_max_rps,
         )
-        sage = SageProClient(settings.sagepro_base_url, settings.sagepro_api_key)
+        sage = SageProClient(
+            settings.sagepro_base_url, settings.sagepro_api_key, max_rps=settings.sage_max_rps
+        )
         now = int(time.time()) if now is None else now
         extractor = Extractor(
             reader,

@@ -1,0 +1,254 @@
+"""Operations against a real Prefect server: deployments registered from prefect.yaml run by a
+process worker on a schedule, overlapping writers take turns on the DuckDB writer slot, and
+the alert automations notify a webhook on a failed run, a refused key and dead letters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+import yaml
+
+from stripe_sage.sandbox.runner import free_port
+from tests.e2e.servers import BIN, ROOT, Prefect, wait_for
+from tests.e2e.test_main_flow import Env, make_env
+
+pytestmark = pytest.mark.e2e
+
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+POOL = "stripe-sage"
+
+
+def product_env(env: Env, db: Path, **extra: str) -> dict[str, str]:
+    return {
+        "STRIPE_API_KEY": env.secrets[0],
+        "SAGEPRO_API_KEY": env.secrets[1],
+        "STRIPE_WEBHOOK_SECRET": env.secrets[2],
+        "STRIPE_API_BASE": env.pair.stripe_url,
+        "SAGEPRO_BASE_URL": env.pair.sage_url,
+        "STAGING_DB": str(db),
+        "WEBHOOK_INBOX": str(db.parent / "inbox.sqlite3"),
+        "STRIPE_MAX_RPS": "200",
+        **extra,
+    }
+
+
+class Ops:
+    def __init__(self, env: Env, prefect: Prefect, tmp: Path) -> None:
+        self.env, self.prefect, self.tmp = env, prefect, tmp
+
+    def sync(self, db: Path, **extra: str) -> subprocess.Popen[bytes]:
+        """``stripe-sage sync`` in its own process, as a scheduled or webhook run would be."""
+        log = open(self.tmp / f"sync-{os.urandom(3).hex()}.log", "ab")  # noqa: SIM115
+        return subprocess.Popen(
+            [str(BIN / "stripe-sage"), "sync"],
+            env={**os.environ, **self.prefect.env(), **product_env(self.env, db, **extra)},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
+    tmp = tmp_path_factory.mktemp("ops")
+    mp = pytest.MonkeyPatch()
+    env = make_env(tmp, charges=120, seed=31, monkeypatch=mp)
+    prefect = Prefect(tmp / "prefect")
+    prefect.start()
+    try:
+        with env.pair:
+            yield Ops(env, prefect, tmp)
+    finally:
+        prefect.stop()
+        mp.undo()
+
+
+def runs_of(db: Path, flow: str) -> list[dict[str, Any]]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute(
+            "SELECT run_id, trigger, status, counts, ended_at FROM ops.runs WHERE flow = ? "
+            "ORDER BY started_at",
+            [flow],
+        ).fetchall()
+    return [
+        {"run_id": r[0], "trigger": r[1], "status": r[2], "counts": json.loads(r[3]), "ended": r[4]}
+        for r in rows
+    ]
+
+
+def test_deployments_register_from_prefect_yaml_and_a_scheduled_run_fires(ops: Ops) -> None:
+    # The checked-in file, with the main sync's schedule shortened to 20 s for the test.
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    for d in spec["deployments"]:
+        if d["name"] == "stripe-to-sage":
+            d["schedules"] = [{"interval": 20}]
+    test_yaml = ops.tmp / "prefect.yaml"
+    test_yaml.write_text(yaml.safe_dump(spec))
+    ops.prefect.cli("work-pool", "create", POOL, "--type", "process")
+    ops.prefect.cli("deploy", "--prefect-file", str(test_yaml), "--all")
+
+    deployments = {d["name"]: d for d in ops.prefect.api("POST", "/deployments/filter", json={})}
+    assert set(deployments) == {
+        "stripe-to-sage",
+        "reconcile-payouts",
+        "sync-customers-from-sage",
+        "process-stripe-events",
+        "replay-dead-letters",
+        "backfill",
+        "backfill-windows",
+    }
+    for d in deployments.values():
+        assert d["work_pool_name"] == POOL
+        assert "stripe-sage" in d["tags"]
+    crons = {
+        name: [s["schedule"].get("cron") for s in d["schedules"]] for name, d in deployments.items()
+    }
+    assert crons["reconcile-payouts"] == ["30 6 * * *"]
+    assert crons["sync-customers-from-sage"] == ["5 * * * *"]
+    assert deployments["stripe-to-sage"]["schedules"][0]["schedule"]["interval"] == 20
+    assert deployments["stripe-to-sage"]["parameters"] == {"trigger": "schedule"}
+    limit = deployments["process-stripe-events"]["global_concurrency_limit"]
+    assert limit["limit"] == 1
+    automations = ops.prefect.api("POST", "/automations/filter", json={})
+    trigger = next(a for a in automations if a["name"] == "stripe webhook received")
+    assert trigger["trigger"]["expect"] == ["stripe.events.received"]
+    assert trigger["actions"][0]["deployment_id"] == deployments["process-stripe-events"]["id"]
+
+    db = ops.tmp / "scheduled" / "stripe_sage.duckdb"
+    db.parent.mkdir()
+    worker = ops.prefect.start_worker(POOL, product_env(ops.env, db), ops.tmp / "worker.log")
+    sync_id = deployments["stripe-to-sage"]["id"]
+
+    def completed_scheduled_run() -> dict[str, Any] | None:
+        runs = ops.prefect.flow_runs(
+            flow_runs={
+                "deployment_id": {"any_": [sync_id]},
+                "state": {"type": {"any_": ["COMPLETED"]}},
+            }
+        )
+        return next((r for r in runs if r["auto_scheduled"]), None)
+
+    run = wait_for(completed_scheduled_run, 240, "a scheduled stripe-to-sage run to complete")
+    worker.terminate()
+    worker.wait(30)
+    recorded = {r["run_id"]: r for r in runs_of(db, "stripe_to_sage")}
+    assert recorded[run["id"]]["trigger"] == "schedule"
+    assert recorded[run["id"]]["status"] in ("completed", "completed_with_dead_letters")
+    assert sum(recorded[run["id"]]["counts"]["load"]["posted"].values()) > 0
+
+
+def _interval(run: dict[str, Any]) -> tuple[dt.datetime, dt.datetime]:
+    start = dt.datetime.fromisoformat(run["counts"]["writer_slot"]["acquired_at"])
+    return start, run["ended"]
+
+
+def test_two_overlapping_writer_runs_take_turns_on_the_writer_slot(ops: Ops) -> None:
+    db = ops.tmp / "overlap" / "stripe_sage.duckdb"
+    db.parent.mkdir()
+    first, second = ops.sync(db), ops.sync(db)
+    assert first.wait(300) == 0 and second.wait(300) == 0
+    runs = runs_of(db, "stripe_to_sage")
+    assert len(runs) == 2 and {r["status"] for r in runs} <= {
+        "completed",
+        "completed_with_dead_letters",
+    }
+    (a_start, a_end), (b_start, b_end) = sorted(_interval(r) for r in runs)
+    # One held the slot from open to finish; the other got it only after that.
+    assert a_end <= b_start, (a_start, a_end, b_start, b_end)
+    assert max(r["counts"]["writer_slot"]["waited_s"] for r in runs) > 1.0
+    # Both ran the whole pipeline: the second found everything posted by the first.
+    later = max(runs, key=lambda r: r["ended"])
+    assert sum(later["counts"]["load"]["posted"].values()) == 0
+    limits = ops.prefect.api("POST", "/v2/concurrency_limits/filter", json={})
+    slot = next(x for x in limits if x["name"] == "stripe-sage-duckdb-writer")
+    assert slot["limit"] == 1 and slot["active_slots"] == 0
+
+
+class Inbox(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        Inbox.received.append(json.loads(body or b"{}"))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def alert_hook() -> Iterator[str]:
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Inbox)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Inbox.received = []
+    yield f"http://127.0.0.1:{port}/alerts"
+    server.shutdown()
+
+
+def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
+    ops: Ops, alert_hook: str
+) -> None:
+    done = subprocess.run(
+        [str(BIN / "stripe-sage"), "alerts", "install", "--webhook-url", alert_hook],
+        env={**os.environ, **ops.prefect.env()},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    names = {a["name"] for a in ops.prefect.api("POST", "/automations/filter", json={})}
+    assert {
+        "stripe-sage: run failed",
+        "stripe-sage: authentication failed",
+        "stripe-sage: dead letters above threshold",
+    } <= names
+
+    db = ops.tmp / "alerts" / "stripe_sage.duckdb"
+    db.parent.mkdir()
+    wrong_key = "sage_wrong_" + os.urandom(6).hex()
+    assert ops.sync(db, SAGEPRO_API_KEY=wrong_key).wait(300) != 0
+
+    def subjects() -> list[str]:
+        return [m.get("subject", "") for m in Inbox.received]
+
+    wait_for(
+        lambda: (
+            any("refused the API key" in s for s in subjects())
+            and any(
+                "stripe_to_sage" in m.get("body", "") and "Failed" in m.get("subject", "")
+                for m in Inbox.received
+            )
+        ),
+        120,
+        "the failed-run and refused-key alerts",
+    )
+    refused = next(m for m in Inbox.received if "refused the API key" in m["subject"])
+    assert refused["subject"].startswith("stripe-sage: sagepro refused")
+    # A good run that ends with dead letters above the threshold (0 here) raises the third.
+    assert ops.sync(db, DEAD_LETTER_ALERT_THRESHOLD="0").wait(300) == 0
+    dead = wait_for(
+        lambda: next((m for m in Inbox.received if "open dead letters" in m["subject"]), None),
+        120,
+        "the dead-letter alert",
+    )
+    with duckdb.connect(str(db), read_only=True) as con:
+        count = con.execute("SELECT count(*) FROM sage.outbox WHERE status = 'dead'").fetchall()
+    assert dead["subject"] == f"stripe-sage: {count[0][0]} open dead letters"
+    # No alert carries a secret (the wrong key included).
+    text = json.dumps(Inbox.received)
+    for secret in [*ops.env.secrets, wrong_key]:
+        assert secret not in text
