@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 import shutil
 import time
@@ -103,7 +104,12 @@ def backfill_windows(
     futures = extract_windows_task.map(
         batches, root=unmapped(root), now=unmapped(now), max_rps=unmapped(max_rps)
     )
-    return [f.result() for f in futures]
+    results = [f.result() for f in futures]
+    # Beside the Parquet files, for a parent on another machine (results are not persisted).
+    manifest = Path(root) / "_runs" / f"{runtime.flow_run.id or uuid.uuid4()}.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(results))
+    return results
 
 
 def _dask_runner(workers: int, address: str | None) -> Any:
@@ -171,7 +177,8 @@ def _fan_out(
                             f"backfill window run {fr.name} ended {fr.state.type.value}: "
                             f"{fr.state.message}"
                         )
-                    results.extend(fr.state.result(raise_on_failure=True) or [])
+                    manifest = root / "_runs" / f"{run_id}.json"
+                    results.extend(json.loads(manifest.read_text()))
                     pending.discard(run_id)
             if pending:
                 time.sleep(1)

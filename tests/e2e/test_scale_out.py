@@ -1,0 +1,116 @@
+"""Beyond one process: a Prefect server backed by PostgreSQL, two process workers on the
+work pool, and the backfill fanned out to them as ``backfill-windows`` runs (each writing
+Parquet), merged by one writer — with the same DuckDB contents as the single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from tests.e2e.servers import BIN, ROOT, PostgresDatabase, Prefect, wait_for
+from tests.e2e.test_backfill import table_contents
+from tests.e2e.test_main_flow import Env, make_env
+from tests.e2e.test_operations import POOL, PREFECT_YAML, product_env
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Env, Prefect, Path]]:
+    tmp = tmp_path_factory.mktemp("scale")
+    mp = pytest.MonkeyPatch()
+    env = make_env(tmp, charges=300, seed=23, monkeypatch=mp)
+    database = PostgresDatabase()
+    database.create()
+    prefect = Prefect(tmp / "prefect", database_url=database.url)
+    try:
+        prefect.start()
+        with env.pair:
+            yield env, prefect, tmp
+    finally:
+        prefect.stop()
+        database.drop()
+        mp.undo()
+
+
+def test_postgres_server_two_workers_backfill_equals_single_process(
+    cluster: tuple[Env, Prefect, Path],
+) -> None:
+    env, prefect, tmp = cluster
+    assert "postgresql" in prefect.database_url
+    prefect.cli("work-pool", "create", POOL, "--type", "process")
+    prefect.cli("deploy", "--prefect-file", str(PREFECT_YAML), "--all")
+    # No schedule should fire during the test: only the backfill runs.
+    prefect.cli("deployment", "schedule", "pause", "--all")
+
+    fanned = tmp / "fanned" / "stripe_sage.duckdb"
+    fanned.parent.mkdir()
+    worker_env = product_env(env, fanned, BACKFILL_DIR=str(tmp / "shared-backfill"))
+    workers = [prefect.start_worker(POOL, worker_env, tmp / f"worker-{i}.log") for i in range(2)]
+    # Six groups of windows for two workers: each takes whichever runs it polls first.
+    prefect.cli(
+        "deployment",
+        "run",
+        "backfill/backfill",
+        "--param",
+        "fan_out=deployments",
+        "--param",
+        "workers=6",
+        "--param",
+        "window_days=3",
+        "--param",
+        "then_sync=false",
+    )
+
+    def backfill_done() -> dict | None:
+        runs = prefect.flow_runs(sort="EXPECTED_START_TIME_DESC")
+        parents = [r for r in runs if r["parameters"].get("fan_out") == "deployments"]
+        final = [r for r in parents if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+        return final[0] if final else None
+
+    run = wait_for(backfill_done, 420, "the fanned-out backfill")
+    assert run["state_type"] == "COMPLETED", (tmp / "worker-0.log").read_text()[-3000:]
+
+    window_runs = [
+        r for r in prefect.flow_runs() if r["parent_task_run_id"] and "windows" in r["parameters"]
+    ]
+    assert len(window_runs) == 6 and all(r["state_type"] == "COMPLETED" for r in window_runs)
+    with duckdb.connect(str(fanned), read_only=True) as con:
+        counts = con.execute(
+            "SELECT counts FROM ops.runs WHERE flow = 'backfill' AND status = 'completed'"
+        ).fetchall()
+    recorded = json.loads(counts[0][0])
+    worker_pids = {w.pid for w in workers}
+    # The window runs were started by both workers (each run's parent process is its worker).
+    assert set(recorded["window_hosts"]) == worker_pids, (recorded["window_hosts"], worker_pids)
+
+    # The single-process reference: the same backfill with threads, in one process.
+    single = tmp / "single" / "stripe_sage.duckdb"
+    single.parent.mkdir()
+    done = subprocess.run(
+        [
+            str(BIN / "stripe-sage"),
+            "backfill",
+            "--fan-out",
+            "threads",
+            "--window-days",
+            "3",
+            "--no-sync",
+        ],
+        env={**os.environ, **prefect.env(), **product_env(env, single)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    reference, result = table_contents(single), table_contents(fanned)
+    for table in reference:
+        assert reference[table], f"{table} is empty in the single-process run"
+        assert result[table] == reference[table], table
