@@ -11,7 +11,8 @@ export UV_PYTHON := $(shell command -v $(PY))
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install demo test test-all check fmt bench bench-smoke bench-large sandbox clean browser
+.PHONY: install demo test test-all check fmt bench bench-smoke bench-large sandbox clean browser \
+	serve ui deploy
 
 $(UV):
 	$(PY) -m venv $(TOOLS)
@@ -68,5 +69,20 @@ bench-large: install
 sandbox: install
 	$(BIN)/stripe-sage sandbox
 
+# Day to day on one machine: Prefect server + UI (http://127.0.0.1:4200), every deployment
+# on its schedule, the webhook receiver and the alerts. Ctrl-C stops it all.
+serve: install
+	$(BIN)/stripe-sage serve
+
+# The same on embedded defaults (both sandboxes too), opening the UI in a browser.
+ui: install
+	$(BIN)/stripe-sage serve --with-sandboxes --open
+
+# Register every deployment on PREFECT_API_URL's server for a process work pool.
+deploy: install
+	$(BIN)/prefect work-pool inspect stripe-sage >/dev/null 2>&1 || \
+		$(BIN)/prefect work-pool create stripe-sage --type process
+	$(BIN)/prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --all
+
 clean:
-	rm -rf $(VENV) $(TOOLS) data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) data .prefect .pytest_cache .mypy_cache .ruff_cache
