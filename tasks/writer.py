@@ -28,8 +28,9 @@ from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 
 WRITER_LIMIT = "stripe-sage-duckdb-writer"
-# A slot's lease is renewed while the run holds it; a process that died loses it after this.
-LEASE_SECONDS = 120.0
+# A slot's lease is renewed while the run holds it; a process that died (or could not reach
+# the server to give it back) loses it after this, plus the server's 15 s repossessor loop.
+LEASE_SECONDS = 60.0  # the server's minimum
 
 
 def ensure_writer_limit() -> None:
@@ -49,7 +50,15 @@ def writer_slot() -> Iterator[dict[str, Any]]:
     """Hold the writer slot; yields what the wait was (recorded in ``ops.runs``)."""
     ensure_writer_limit()
     asked = time.monotonic()
-    with concurrency(WRITER_LIMIT, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
+    # A Prefect API blip while the run holds the slot does not abort its work (DuckDB's own
+    # file lock still keeps a second writer out); the lease then lapses on its own.
+    with concurrency(
+        WRITER_LIMIT,
+        occupy=1,
+        strict=True,
+        lease_duration=LEASE_SECONDS,
+        raise_on_lease_renewal_failure=False,
+    ):
         waited = round(time.monotonic() - asked, 3)
         if waited > 1:
             get_run_logger().info(

@@ -128,9 +128,11 @@ class Prefect:
         assert done.returncode == 0, f"prefect {' '.join(args)}: {done.stdout}\n{done.stderr}"
         return done.stdout
 
-    def start_worker(self, pool: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, pool: str, env: dict[str, str], log: Path, *args: str
+    ) -> subprocess.Popen[bytes]:
         proc = spawn(
-            [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+            [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", *args],
             {**os.environ, **env, **self.env()},
             log,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,8 +107,20 @@ def expected_documents(env: Env) -> Counter[str]:
     )
 
 
+def read_only(db: Path, wait: float = 120) -> duckdb.DuckDBPyConnection:
+    """The staging file, read-only, once no run holds it (a triggered run may be finishing)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return duckdb.connect(str(db), read_only=True)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def outbox(env: Env) -> dict[str, Counter[str]]:
-    con = duckdb.connect(str(env.db), read_only=True)
+    con = read_only(env.db)
     try:
         rows = con.sql(
             "SELECT replace(doc_type, 'customer_link', 'customer'), status, count(*) "

@@ -61,9 +61,9 @@ def test_postgres_server_two_workers_backfill_equals_single_process(
         "--param",
         "fan_out=deployments",
         "--param",
-        "workers=6",
+        "workers=4",
         "--param",
-        "window_days=3",
+        "window_days=7",
         "--param",
         "then_sync=false",
     )
@@ -80,7 +80,7 @@ def test_postgres_server_two_workers_backfill_equals_single_process(
     window_runs = [
         r for r in prefect.flow_runs() if r["parent_task_run_id"] and "windows" in r["parameters"]
     ]
-    assert len(window_runs) == 6 and all(r["state_type"] == "COMPLETED" for r in window_runs)
+    assert len(window_runs) == 4 and all(r["state_type"] == "COMPLETED" for r in window_runs)
     with duckdb.connect(str(fanned), read_only=True) as con:
         counts = con.execute(
             "SELECT counts FROM ops.runs WHERE flow = 'backfill' AND status = 'completed'"
@@ -100,7 +100,7 @@ def test_postgres_server_two_workers_backfill_equals_single_process(
             "--fan-out",
             "threads",
             "--window-days",
-            "3",
+            "7",
             "--no-sync",
         ],
         env={**os.environ, **prefect.env(), **product_env(env, single)},
