@@ -306,6 +306,12 @@ def _realtime(args: argparse.Namespace) -> dict[str, Any]:
     return bench_realtime(events=args.events)
 
 
+def _backfill(args: argparse.Namespace) -> dict[str, Any]:
+    from stripe_sage.bench_backfill import bench_backfill
+
+    return bench_backfill(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what in ("compare", "scale"):
         from stripe_sage import bench_compare
@@ -319,6 +325,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "receiver": bench_receiver,
         "realtime": _realtime,
         "reconcile": bench_reconcile,
+        "backfill": _backfill,
     }[args.what]
     result = fn(args)
     text = json.dumps(result, indent=2)
@@ -341,8 +348,23 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "what",
-        choices=("compare", "scale", "sandbox", "pipeline", "receiver", "reconcile", "realtime"),
+        choices=(
+            "compare",
+            "scale",
+            "sandbox",
+            "pipeline",
+            "receiver",
+            "reconcile",
+            "realtime",
+            "backfill",
+        ),
     )
+    p.add_argument(
+        "--fan-outs",
+        default="threads,dask",
+        help="backfill: the fan-outs to time, comma-separated (threads, dask)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="backfill: Dask worker processes")
     p.add_argument(
         "--contenders",
         default="floor,dlt,ours",
