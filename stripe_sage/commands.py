@@ -178,17 +178,31 @@ def cmd_alerts_install(args: argparse.Namespace) -> int:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     prefect_defaults()
+    import contextlib
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.backfill import backfill
 
-    result = backfill(
-        days=args.days,
-        window_days=args.window_days,
-        fan_out=args.fan_out,
-        workers=args.workers,
-        dask_address=args.dask_address,
-        then_sync=not args.no_sync,
-        trigger="cli",
-    )
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):
+            # Without a server, each Dask worker process would start an ephemeral Prefect of
+            # its own: one local server for the command, named to the workers too.
+            server = SubprocessASGIServer()
+            server.start()
+            stack.callback(server.stop)
+            os.environ["PREFECT_API_URL"] = server.api_url
+            stack.enter_context(temporary_settings({PREFECT_API_URL: server.api_url}))
+        result = backfill(
+            days=args.days,
+            window_days=args.window_days,
+            fan_out=args.fan_out,
+            workers=args.workers,
+            dask_address=args.dask_address,
+            then_sync=not args.no_sync,
+            trigger="cli",
+        )
     print(
         f"backfill: {result['windows']} windows by {result['fan_out']} "
         f"({len(result['processes'])} processes), merged {result['merged']}, "
