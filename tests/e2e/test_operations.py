@@ -252,3 +252,66 @@ def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
     text = json.dumps(Inbox.received)
     for secret in [*ops.env.secrets, wrong_key]:
         assert secret not in text
+
+
+def test_serve_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> None:
+    import signal
+
+    import psutil
+
+    port, hook_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "STAGING_DB": str(tmp_path / "stripe_sage.duckdb"),
+        "WEBHOOK_INBOX": str(tmp_path / "inbox.sqlite3"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    serve = subprocess.Popen(
+        [str(BIN / "stripe-sage"), "serve", "--port", str(port), "--webhook-port", str(hook_port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        import httpx
+
+        def deployments() -> set[str]:
+            try:
+                r = httpx.post(api + "/deployments/filter", json={}, timeout=5)
+                return {d["name"] for d in r.json()} if r.status_code == 200 else set()
+            except httpx.HTTPError:
+                return set()
+
+        names = wait_for(lambda: len(deployments()) == 7 and deployments(), 180, "7 deployments")
+        assert "stripe-to-sage" in names and "process-stripe-events" in names
+        automations = {a["name"] for a in httpx.post(api + "/automations/filter", json={}).json()}
+        assert "stripe-sage: run failed" in automations
+        assert "stripe webhook received" in automations  # the deployment's trigger
+        health = wait_for(
+            lambda: _get_json(f"http://127.0.0.1:{hook_port}/healthz"), 60, "the receiver"
+        )
+        assert health["unprocessed"] == 0
+        children = psutil.Process(serve.pid).children(recursive=True)
+        assert len(children) >= 3  # server, runner, receiver (and their own children)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        out, _ = serve.communicate(timeout=120)
+    text = out.decode()
+    assert serve.returncode == 0, text
+    for name in ("webhook-receiver", "deployments", "prefect-server"):
+        assert f"stopped {name}" in text
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def _get_json(url: str) -> dict[str, Any] | None:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).json()
+    except httpx.HTTPError:
+        return None
