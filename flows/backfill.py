@@ -203,7 +203,8 @@ def backfill(
     prefect_id = runtime.flow_run.id
     run_id = str(prefect_id or uuid.uuid4())
     now = int(time.time())
-    counts: dict[str, Any] = {"fan_out": fan_out, "workers": workers}
+    # The parent process: under a Prefect worker, the worker that runs this flow run.
+    counts: dict[str, Any] = {"fan_out": fan_out, "workers": workers, "host": os.getppid()}
     timings: dict[str, float] = {}
     counts["timings"] = timings
 
