@@ -118,8 +118,8 @@ Where to look
   payouts      {data / "reconciliation.html"}; .venv/bin/stripe-sage reconcile
   dead letters ops.dead_letters (reason, Sage error code and field)
   run history  ops.runs; quality report {first.get("data_docs") or "-"}
-  Prefect UI   PREFECT_HOME={os.environ["PREFECT_HOME"]} .venv/bin/prefect server start
-               then open http://127.0.0.1:4200""")
+  Prefect UI   make serve (these runs, the deployments and their schedules), then open
+               http://127.0.0.1:4200; make ui also starts the sandboxes and opens it""")
     return 0
 
 
