@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from prefect import flow, runtime, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -48,6 +49,7 @@ from stripe_sage.backfill import (
 from stripe_sage.extract import DAY
 from stripe_sage.metrics import peak_rss_mb
 from stripe_sage.pipeline import previous_totals
+from stripe_sage.runtime import stripe_reader
 from stripe_sage.settings import Settings
 from stripe_sage.staging import Staging
 from stripe_sage.streams import LISTED_STREAMS
@@ -61,18 +63,10 @@ WINDOWS_DEPLOYMENT = "backfill-windows/backfill-windows"
 THREADS_PER_PROCESS = 2
 
 
-def _reader(settings: Settings, max_rps: float) -> StripeReader:
-    return StripeReader(
-        settings.stripe_api_key.get_secret_value(),
-        api_base=settings.stripe_api_base,
-        max_rps=max_rps,
-    )
-
-
 @functools.cache
 def _shared_reader(max_rps: float) -> StripeReader:
     """One reader (one rate limiter) per process, shared by the window tasks it runs."""
-    return _reader(Settings(), max_rps)
+    return stripe_reader(Settings(), max_rps)
 
 
 @task(name="extract-windows", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -146,8 +140,14 @@ def _fan_out(
         return backfill_windows.with_options(task_runner=runner)(
             windows, str(root), now, per_process, groups=2 * workers * THREADS_PER_PROCESS
         )
-    # deployments: one flow run per group, on whichever workers poll the pool.
-    groups = chunk(plan, workers)
+    return _fan_out_to_deployments(chunk(plan, workers), root, now, rps)
+
+
+def _fan_out_to_deployments(
+    groups: list[list[Window]], root: Path, now: int, rps: float
+) -> list[dict[str, Any]]:
+    """One ``backfill-windows`` run per group, on whichever workers poll the pool; their
+    results come back as manifests beside the Parquet (results are not persisted)."""
     runs: list[Any] = [
         run_deployment(
             WINDOWS_DEPLOYMENT,
@@ -163,23 +163,21 @@ def _fan_out(
         )
         for g in groups
     ]
-    from prefect.client.orchestration import get_client
-
     results: list[dict[str, Any]] = []
+    pending = {r.id for r in runs}
     with get_client(sync_client=True) as client:
-        pending = {r.id for r in runs}
         while pending:
             for run_id in list(pending):
                 fr = client.read_flow_run(run_id)
-                if fr.state and fr.state.is_final():
-                    if not fr.state.is_completed():
-                        raise RuntimeError(
-                            f"backfill window run {fr.name} ended {fr.state.type.value}: "
-                            f"{fr.state.message}"
-                        )
-                    manifest = root / "_runs" / f"{run_id}.json"
-                    results.extend(json.loads(manifest.read_text()))
-                    pending.discard(run_id)
+                if not (fr.state and fr.state.is_final()):
+                    continue
+                if not fr.state.is_completed():
+                    raise RuntimeError(
+                        f"backfill window run {fr.name} ended {fr.state.type.value}: "
+                        f"{fr.state.message}"
+                    )
+                results.extend(json.loads((root / "_runs" / f"{run_id}.json").read_text()))
+                pending.discard(run_id)
             if pending:
                 time.sleep(1)
     return results
@@ -213,7 +211,7 @@ def backfill(
         st.start_run(run_id, flow="backfill", prefect_run_id=prefect_id, trigger=trigger)
 
     t = time.perf_counter()
-    reader = _reader(settings, settings.stripe_max_rps)
+    reader = stripe_reader(settings)
     plan = plan_windows(
         reader,
         wanted,

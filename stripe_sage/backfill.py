@@ -155,15 +155,15 @@ def merge_windows(
     for w in windows:
         by_stream.setdefault(w.stream, []).append(w)
     for stream, ws in by_stream.items():
+        missing = [w.name for w in ws if not w.path(root).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"backfill window files missing for {stream}: {', '.join(missing[:5])}"
+            )
         targets = [stream, "invoice_lines"] if stream == "invoices" else [stream]
         with st.transaction() as con:
             for target in targets:
                 files = [str(w.path(root, target)) for w in ws if w.path(root, target).exists()]
-                missing = [w.name for w in ws if not w.path(root, stream).exists()]
-                if missing:
-                    raise FileNotFoundError(
-                        f"backfill window files missing for {stream}: {', '.join(missing[:5])}"
-                    )
                 if not files:
                     continue
                 con.execute(
@@ -181,20 +181,22 @@ def merge_windows(
             for w in ws:
                 rows = pq.ParquetFile(w.path(root)).metadata.num_rows
                 st.mark_window(stream, w.start, w.end, rows, run_id)
-        st.set_sync_state(stream, created_cursor=now, backfill_done=True)
-        if (st.sync_state(stream) or {}).get("events_cursor") is None:
-            st.set_sync_state(stream, events_cursor=now - OVERLAP)
+        _mark_backfilled(st, stream, now)
     return merged
+
+
+def _mark_backfilled(st: Staging, stream: str, now: int) -> None:
+    """Cursors as the single-process extractor leaves them after a backfill."""
+    st.set_sync_state(stream, created_cursor=now, backfill_done=True)
+    if (st.sync_state(stream) or {}).get("events_cursor") is None:
+        st.set_sync_state(stream, events_cursor=now - OVERLAP)
 
 
 def finish_streams(st: Staging, streams: Iterable[str], *, now: int) -> None:
     """Streams with nothing to read are backfilled too (the next run goes incremental)."""
     for stream in streams:
-        state = st.sync_state(stream) or {}
-        if not state.get("backfill_done"):
-            st.set_sync_state(stream, created_cursor=now, backfill_done=True)
-        if (st.sync_state(stream) or {}).get("events_cursor") is None:
-            st.set_sync_state(stream, events_cursor=now - OVERLAP)
+        if not (st.sync_state(stream) or {}).get("backfill_done"):
+            _mark_backfilled(st, stream, now)
 
 
 def windows_done(

@@ -174,7 +174,7 @@ class Extractor:
     def _write(self, stream: str, objects: list[JSON], source: str) -> int:
         """Upsert one batch (and an invoice batch's lines) in one transaction."""
         # Lines past the tenth are paged from Stripe before taking the lock.
-        lines = self._embedded_lines(objects) if stream == "invoices" else []
+        lines = invoice_lines(self.reader, objects) if stream == "invoices" else []
         version = self.reader.api_version
         with self.write_lock, self.staging.transaction():
             n = self.staging.upsert_raw(
@@ -186,18 +186,12 @@ class Extractor:
                 )
         return n
 
-    def _embedded_lines(self, invoices: Iterable[JSON]) -> list[JSON]:
-        return invoice_lines(self.reader, invoices)
-
     # -- listed streams --------------------------------------------------------------------
-    def _pages(self, stream: str, a: int, b: int) -> Iterator[list[JSON]]:
-        return window_pages(self.reader, stream, a, b, now=self.now)
-
     def _read_window(self, stream: str, a: int, b: int, *, checkpoint: bool = False) -> int:
         """Write a window page by page (memory stays at a few pages); with ``checkpoint``,
         record the window as done once its last page is committed."""
         n = 0
-        for page in self._pages(stream, a, b):
+        for page in window_pages(self.reader, stream, a, b, now=self.now):
             n += self._write(stream, page, "list")
         if checkpoint:
             with self.write_lock, self.staging.transaction():

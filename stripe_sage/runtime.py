@@ -16,6 +16,15 @@ from stripe_sage.staging import Staging
 from stripe_sage.stripe_reader import StripeReader
 
 
+def stripe_reader(settings: Settings, max_rps: float | None = None) -> StripeReader:
+    """The Stripe client from settings (``max_rps``: a share of ``STRIPE_MAX_RPS``)."""
+    return StripeReader(
+        settings.stripe_api_key.get_secret_value(),
+        api_base=settings.stripe_api_base,
+        max_rps=max_rps if max_rps is not None else settings.stripe_max_rps,
+    )
+
+
 @dataclass
 class RunContext:
     settings: Settings
@@ -41,11 +50,7 @@ class RunContext:
     ) -> RunContext:
         mapping = load_mapping(settings.mapping_file)  # fail before touching anything else
         staging = Staging(settings.staging_db)
-        reader = StripeReader(
-            settings.stripe_api_key.get_secret_value(),
-            api_base=settings.stripe_api_base,
-            max_rps=settings.stripe_max_rps,
-        )
+        reader = stripe_reader(settings)
         sage = SageProClient(
             settings.sagepro_base_url, settings.sagepro_api_key, max_rps=settings.sage_max_rps
         )

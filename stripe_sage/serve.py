@@ -91,20 +91,21 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, sup: Superv
     raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
 
 
-def _ok(url: str) -> bool:
+def _status(url: str) -> int | None:
+    """The HTTP status a URL answers with, or None while nothing listens."""
     try:
-        return httpx.get(url, timeout=2).status_code == 200
+        return httpx.get(url, timeout=2).status_code
     except httpx.HTTPError:
-        return False
+        return None
+
+
+def _ok(url: str) -> bool:
+    return _status(url) == 200
 
 
 def _answers(url: str) -> bool:
     """Any HTTP answer (a sandbox answers 401 without a key: it is up)."""
-    try:
-        httpx.get(url, timeout=2)
-        return True
-    except httpx.HTTPError:
-        return False
+    return _status(url) is not None
 
 
 def serve(

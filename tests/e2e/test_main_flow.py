@@ -154,16 +154,22 @@ def make_env(tmp: Path, charges: int, seed: int, monkeypatch: pytest.MonkeyPatch
     return Env(pair, db, [stripe_key, sage_key, webhook_secret])
 
 
-def use_env(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {
+def product_env(env: Env, db: Path | None = None, **extra: str) -> dict[str, str]:
+    """The product's settings pointing at this environment's sandboxes and DuckDB file."""
+    return {
         "STRIPE_API_KEY": env.secrets[0],
         "SAGEPRO_API_KEY": env.secrets[1],
         "STRIPE_WEBHOOK_SECRET": env.secrets[2],
         "STRIPE_API_BASE": env.pair.stripe_url,
         "SAGEPRO_BASE_URL": env.pair.sage_url,
-        "STAGING_DB": str(env.db),
+        "STAGING_DB": str(db or env.db),
         "STRIPE_MAX_RPS": "200",
-    }.items():
+        **extra,
+    }
+
+
+def use_env(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in product_env(env).items():
         monkeypatch.setenv(key, value)
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from stripe_sage.sandbox.runner import free_port
 from tests.e2e.servers import BIN, ROOT, Prefect, wait_for
-from tests.e2e.test_main_flow import Env, make_env
+from tests.e2e.test_main_flow import Env, make_env, product_env
 
 pytestmark = pytest.mark.e2e
 
@@ -28,18 +28,9 @@ PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 POOL = "stripe-sage"
 
 
-def product_env(env: Env, db: Path, **extra: str) -> dict[str, str]:
-    return {
-        "STRIPE_API_KEY": env.secrets[0],
-        "SAGEPRO_API_KEY": env.secrets[1],
-        "STRIPE_WEBHOOK_SECRET": env.secrets[2],
-        "STRIPE_API_BASE": env.pair.stripe_url,
-        "SAGEPRO_BASE_URL": env.pair.sage_url,
-        "STAGING_DB": str(db),
-        "WEBHOOK_INBOX": str(db.parent / "inbox.sqlite3"),
-        "STRIPE_MAX_RPS": "200",
-        **extra,
-    }
+def ops_env(env: Env, db: Path, **extra: str) -> dict[str, str]:
+    """Settings for a run in its own process: its DuckDB file and a webhook inbox beside it."""
+    return product_env(env, db, WEBHOOK_INBOX=str(db.parent / "inbox.sqlite3"), **extra)
 
 
 class Ops:
@@ -51,7 +42,7 @@ class Ops:
         log = open(self.tmp / f"sync-{os.urandom(3).hex()}.log", "ab")  # noqa: SIM115
         return subprocess.Popen(
             [str(BIN / "stripe-sage"), "sync"],
-            env={**os.environ, **self.prefect.env(), **product_env(self.env, db, **extra)},
+            env={**os.environ, **self.prefect.env(), **ops_env(self.env, db, **extra)},
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -126,7 +117,7 @@ def test_deployments_register_from_prefect_yaml_and_a_scheduled_run_fires(ops: O
 
     db = ops.tmp / "scheduled" / "stripe_sage.duckdb"
     db.parent.mkdir()
-    worker = ops.prefect.start_worker(POOL, product_env(ops.env, db), ops.tmp / "worker.log")
+    worker = ops.prefect.start_worker(POOL, ops_env(ops.env, db), ops.tmp / "worker.log")
     sync_id = deployments["stripe-to-sage"]["id"]
 
     def completed_scheduled_run() -> dict[str, Any] | None:

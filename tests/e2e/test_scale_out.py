@@ -16,7 +16,7 @@ import pytest
 from tests.e2e.servers import BIN, ROOT, PostgresDatabase, Prefect, wait_for
 from tests.e2e.test_backfill import table_contents
 from tests.e2e.test_main_flow import Env, make_env
-from tests.e2e.test_operations import POOL, PREFECT_YAML, product_env
+from tests.e2e.test_operations import POOL, PREFECT_YAML, ops_env
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,7 @@ def test_postgres_server_two_workers_backfill_equals_single_process(
 
     fanned = tmp / "fanned" / "stripe_sage.duckdb"
     fanned.parent.mkdir()
-    worker_env = product_env(env, fanned, BACKFILL_DIR=str(tmp / "shared-backfill"))
+    worker_env = ops_env(env, fanned, BACKFILL_DIR=str(tmp / "shared-backfill"))
     # Each worker runs at most 2 flow runs at a time: the parent backfill and its four groups
     # of windows cannot all land on the worker that polls first.
     workers = [
@@ -108,7 +108,7 @@ def test_postgres_server_two_workers_backfill_equals_single_process(
             "7",
             "--no-sync",
         ],
-        env={**os.environ, **prefect.env(), **product_env(env, single)},
+        env={**os.environ, **prefect.env(), **ops_env(env, single)},
         cwd=ROOT,
         capture_output=True,
         text=True,

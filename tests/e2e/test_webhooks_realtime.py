@@ -19,7 +19,14 @@ import pytest
 
 from stripe_sage.sandbox.runner import free_port
 from tests.e2e.servers import BIN, ROOT, Prefect, spawn, wait_for
-from tests.e2e.test_main_flow import Env, expected_documents, make_env, outbox, sage_all
+from tests.e2e.test_main_flow import (
+    Env,
+    expected_documents,
+    make_env,
+    outbox,
+    product_env,
+    sage_all,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -32,18 +39,10 @@ class Realtime:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
 
     def child_env(self) -> dict[str, str]:
-        e = self.env
         return {
             **os.environ,
             **self.prefect.env(),
-            "STRIPE_API_KEY": e.secrets[0],
-            "SAGEPRO_API_KEY": e.secrets[1],
-            "STRIPE_WEBHOOK_SECRET": e.secrets[2],
-            "STRIPE_API_BASE": e.pair.stripe_url,
-            "SAGEPRO_BASE_URL": e.pair.sage_url,
-            "STAGING_DB": str(e.db),
-            "WEBHOOK_INBOX": str(self.inbox),
-            "STRIPE_MAX_RPS": "200",
+            **product_env(self.env, WEBHOOK_INBOX=str(self.inbox)),
         }
 
     def start_receiver(self) -> None:
