@@ -13,7 +13,6 @@ Nothing here imports Prefect: ``flows/backfill.py`` orchestrates.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stripe_sage.extract import OVERLAP, backfill_windows, invoice_lines, window_pages
-from stripe_sage.staging import Staging, now_utc
+from stripe_sage.staging import Staging, now_utc, raw_json
 from stripe_sage.streams import LISTED_STREAMS
 from stripe_sage.stripe_reader import JSON, StripeReader
 
@@ -82,7 +81,7 @@ def _rows(objects: Iterable[JSON]) -> dict[str, list[Any]]:
     return {
         "id": list(seen),
         "created": [o.get("created") for o in seen.values()],
-        "data": [json.dumps(o, separators=(",", ":")) for o in seen.values()],
+        "data": [raw_json(o) for o in seen.values()],
     }
 
 

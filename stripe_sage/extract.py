@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,12 @@ DAY = 86_400
 EVENT_RETENTION = 30 * DAY
 # Re-read a little before each cursor: objects land in Stripe's lists with a small delay.
 OVERLAP = 300
+# Pages read but not yet written (back-pressure on the HTTP threads: memory stays bounded).
+MAX_QUEUED_PAGES = 64
+# Pages the writer commits in one transaction when they have piled up.
+MAX_PAGES_PER_COMMIT = 32
+# An idle writer thread ends (the next page starts another).
+WRITER_IDLE_SECONDS = 2.0
 
 
 @dataclass
@@ -144,8 +152,126 @@ def backfill_windows(
     return list(itertools.pairwise(grid))
 
 
+class PageWriter:
+    """The one thread that writes what the HTTP threads read: fetching never waits on a
+    DuckDB commit, and pages that queue up meanwhile share one transaction.
+
+    Items are written in the order they were queued: a page, or a call (a checkpoint or a
+    cursor move) that runs in the transaction of the pages queued before it, so a window is
+    never marked done before its pages are committed. A failed commit is raised to every
+    later ``put``/``flush``: the run fails, nothing after it is written, and its rolled-back
+    checkpoints make the next run read those windows again.
+    """
+
+    _STOP = object()
+
+    def __init__(self, staging: Staging, lock: threading.Lock, *, run_id: str, api_version: str):
+        self.staging, self.lock = staging, lock
+        self.run_id, self.api_version = run_id, api_version
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=MAX_QUEUED_PAGES)
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._state = threading.Lock()
+
+    def put_page(self, stream: str, objects: list[JSON], source: str) -> None:
+        self._put(("page", stream, objects, source))
+
+    def put_call(self, fn: Callable[[], None]) -> None:
+        self._put(("call", fn))
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is committed (raises the writer's error)."""
+        done = threading.Event()
+        self._put(("barrier", done))
+        done.wait()
+        self._raise()
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """Everything queued inside the block is committed on leaving it, also when the block
+        fails (pages read before an HTTP error are kept; the block's error is the one raised)."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.flush()
+            except Exception:
+                log.exception("writing the pages read before the failure failed too")
+            raise
+        self.flush()
+
+    def close(self) -> None:
+        with self._state:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self.queue.put(self._STOP)
+        if thread is not None:
+            thread.join()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _put(self, item: Any) -> None:
+        # Under the state lock, so the writer cannot stop between our check and the put.
+        with self._state:
+            self._raise()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="x-writer", daemon=True)
+                self._thread.start()
+            self.queue.put(item)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                first = self.queue.get(timeout=WRITER_IDLE_SECONDS)
+            except queue.Empty:
+                with self._state:  # no put can slip in while we decide
+                    if self.queue.empty():
+                        self._thread = None
+                        return
+                continue
+            batch = [first]
+            while len(batch) < MAX_PAGES_PER_COMMIT:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                if self.error is None:
+                    self._commit([i for i in batch if i is not self._STOP])
+            except BaseException as exc:  # handed to the threads that wait on us
+                self.error = exc
+            for item in batch:
+                if isinstance(item, tuple) and item[0] == "barrier":
+                    item[1].set()
+            if any(i is self._STOP for i in batch):
+                return
+
+    def _commit(self, items: list[Any]) -> None:
+        if not any(item[0] in ("page", "call") for item in items):
+            return
+        with self.lock, self.staging.transaction():
+            pending: dict[tuple[str, str], list[JSON]] = {}
+            for item in items:
+                if item[0] == "page":
+                    pending.setdefault((item[1], item[3]), []).extend(item[2])
+                elif item[0] == "call":
+                    self._write_pages(pending)
+                    item[1]()
+            self._write_pages(pending)
+
+    def _write_pages(self, pending: dict[tuple[str, str], list[JSON]]) -> None:
+        for (stream, source), objects in pending.items():
+            self.staging.upsert_raw(
+                stream, objects, source=source, run_id=self.run_id, api_version=self.api_version
+            )
+        pending.clear()
+
+
 class Extractor:
-    """Extracts streams into one staging database. Thread-safe: each call uses its own cursor."""
+    """Extracts streams into one staging database. Thread-safe: HTTP threads read, one
+    ``PageWriter`` thread writes; other DuckDB access holds ``write_lock``."""
 
     def __init__(
         self,
@@ -169,22 +295,26 @@ class Extractor:
         # DuckDB allows concurrent writers in one process, but our small transactions are
         # cheaper serialized than retried on conflict.
         self.write_lock = lock or threading.Lock()
+        self.writer = PageWriter(
+            staging, self.write_lock, run_id=run_id, api_version=reader.api_version
+        )
+
+    def close(self) -> None:
+        """Commit what is queued and stop the writer thread."""
+        try:
+            self.writer.flush()
+        finally:
+            self.writer.close()
 
     # -- writing ---------------------------------------------------------------------------
     def _write(self, stream: str, objects: list[JSON], source: str) -> int:
-        """Upsert one batch (and an invoice batch's lines) in one transaction."""
-        # Lines past the tenth are paged from Stripe before taking the lock.
+        """Queue one page (and an invoice page's lines) for the writer thread."""
+        # Lines past the tenth are paged from Stripe here, in the HTTP thread.
         lines = invoice_lines(self.reader, objects) if stream == "invoices" else []
-        version = self.reader.api_version
-        with self.write_lock, self.staging.transaction():
-            n = self.staging.upsert_raw(
-                stream, objects, source=source, run_id=self.run_id, api_version=version
-            )
-            if lines:
-                self.staging.upsert_raw(
-                    "invoice_lines", lines, source=source, run_id=self.run_id, api_version=version
-                )
-        return n
+        self.writer.put_page(stream, objects, source)
+        if lines:
+            self.writer.put_page("invoice_lines", lines, source)
+        return len({o["id"] for o in objects})
 
     # -- listed streams --------------------------------------------------------------------
     def _read_window(self, stream: str, a: int, b: int, *, checkpoint: bool = False) -> int:
@@ -194,12 +324,16 @@ class Extractor:
         for page in window_pages(self.reader, stream, a, b, now=self.now):
             n += self._write(stream, page, "list")
         if checkpoint:
-            with self.write_lock, self.staging.transaction():
-                self.staging.mark_window(stream, a, b, n, self.run_id)
+            rows = n
+
+            def mark_done() -> None:  # runs in the transaction of the window's last page
+                self.staging.mark_window(stream, a, b, rows, self.run_id)
                 if (self.staging.sync_state(stream) or {}).get("events_cursor") is None:
                     # From the first committed window on, updates to what the backfill has
                     # read are caught by the event read that follows it (even after a crash).
                     self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
+
+            self.writer.put_call(mark_done)
         return n
 
     def extract_stream(
@@ -220,7 +354,11 @@ class Extractor:
             def one(w: tuple[int, int]) -> int:
                 return self._read_window(stream, *w, checkpoint=True)
 
-            with ThreadPoolExecutor(self.workers, thread_name_prefix=f"x-{stream}") as pool:
+            # Cursors move only after the data they cover is committed.
+            with (
+                self.writer.committing(),
+                ThreadPoolExecutor(self.workers, thread_name_prefix=f"x-{stream}") as pool,
+            ):
                 for n in pool.map(one, todo):
                     stats.listed += n
                     stats.windows += 1
@@ -232,7 +370,8 @@ class Extractor:
         stats.mode = "incremental"
         cursor = int(state["created_cursor"])
         back = max(OVERLAP, s.lookback_seconds)
-        stats.listed = self._read_window(stream, cursor - back, self.now)
+        with self.writer.committing():
+            stats.listed = self._read_window(stream, cursor - back, self.now)
         with self.write_lock:
             self.staging.set_sync_state(stream, created_cursor=self.now)
         return stats
@@ -453,7 +592,8 @@ class Extractor:
             results = [obj for objs in pool.map(fetch, ids) for obj in objs]
         deleted = [o for o in results if o.get("deleted") and "created" not in o]
         whole = [o for o in results if not (o.get("deleted") and "created" not in o)]
-        self._write(stream, whole, source)
+        with self.writer.committing():
+            self._write(stream, whole, source)
         for obj in deleted:
             with self.write_lock:
                 self.staging.tombstone(stream, obj["id"], run_id=self.run_id)

@@ -67,8 +67,11 @@ class RunContext:
         return cls(settings, run_id, staging, reader, sage, mapping, extractor, loader)
 
     def close(self) -> None:
-        self.sage.close()
-        self.staging.close()
+        try:
+            self.extractor.writer.close()
+        finally:
+            self.sage.close()
+            self.staging.close()
 
     def __enter__(self) -> RunContext:
         return self

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import polars as pl
 import pyarrow as pa
 
 from stripe_sage.errors import ConfigurationError
-from stripe_sage.streams import STREAMS, Stream
+from stripe_sage.streams import STREAMS
 
 SCHEMAS = ("raw", "staging", "sage", "ops")
 STAGE_SLICE = 4_000
@@ -92,6 +93,12 @@ def _connect(
             delay = min(delay * 2, 2.0)
 
 
+def raw_json(obj: dict[str, Any]) -> str:
+    """An object as stored in ``raw.*.data`` (one serialisation for every path that writes it,
+    so the same object is the same text however it was read)."""
+    return orjson.dumps(obj).decode()
+
+
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -159,13 +166,16 @@ class Staging:
         run_id: str,
         api_version: str | None = None,
     ) -> int:
-        """Insert or replace objects by id (latest version wins). Returns rows written."""
+        """Insert or replace objects by id (latest version wins) and type them into
+        ``staging.<stream>`` in the same statement batch, so that staging keeps pace with
+        extraction instead of re-reading everything afterwards. Returns rows written."""
         if not objects:
             return 0
         seen: dict[str, dict[str, Any]] = {}
         for obj in objects:  # one batch may hold an object twice: keep the last
             seen[obj["id"]] = obj
         now = now_utc()
+        n = len(seen)
         table = pa.table(
             {
                 "id": pa.array(list(seen), pa.string()),
@@ -178,13 +188,11 @@ class Staging:
                     ],
                     pa.timestamp("us", tz="UTC"),
                 ),
-                "data": pa.array(
-                    [json.dumps(o, separators=(",", ":")) for o in seen.values()], pa.string()
-                ),
-                "source": pa.array([source] * len(seen), pa.string()),
-                "api_version": pa.array([api_version] * len(seen), pa.string()),
-                "extracted_at": pa.array([now] * len(seen), pa.timestamp("us", tz="UTC")),
-                "run_id": pa.array([run_id] * len(seen), pa.string()),
+                "data": pa.array([raw_json(o) for o in seen.values()], pa.string()),
+                "source": pa.array([source] * n, pa.string()),
+                "api_version": pa.array([api_version] * n, pa.string()),
+                "extracted_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+                "run_id": pa.array([run_id] * n, pa.string()),
             }
         )
         self.con.register("_raw_batch", table)
@@ -193,9 +201,16 @@ class Staging:
                 INSERT OR REPLACE INTO raw.{stream}
                 SELECT id, created, CAST(data AS JSON), source, api_version, extracted_at,
                        run_id FROM _raw_batch""")
+            self._exec(
+                f"""
+                INSERT OR REPLACE INTO staging.{stream}
+                SELECT {self._stage_exprs(stream)}, run_id, ?
+                FROM (SELECT id, CAST(data AS JSON) AS data, run_id FROM _raw_batch)""",
+                [now],
+            )
         finally:
             self.con.unregister("_raw_batch")
-        return len(seen)
+        return n
 
     def tombstone(self, stream: str, object_id: str, *, run_id: str) -> None:
         """A deleted object: keep the row, flag it (``*.deleted`` events never vanish rows)."""
@@ -209,25 +224,46 @@ class Staging:
         )
 
     # -- staging ---------------------------------------------------------------------------
+    @staticmethod
+    def _stage_exprs(stream: str) -> str:
+        """The typed columns of ``staging.<stream>`` as SQL over a raw row (``id``, ``data``)."""
+        return ", ".join(f'{c.expr} AS "{c.name}"' for c in STREAMS[stream].columns)
+
     def stage(self, stream: str, run_id: str) -> int:
-        """Type the raw rows this run wrote into ``staging.<stream>`` (upsert by id)."""
-        s: Stream = STREAMS[stream]
-        exprs = ", ".join(f'{c.expr} AS "{c.name}"' for c in s.columns)
-        todo = self.con.execute(
-            f"SELECT count(*) FROM raw.{stream} WHERE run_id = ?", [run_id]
-        ).fetchall()[0][0]
-        # In slices of ~20k rows: one statement over a large backfill would hold every parsed
-        # JSON document at once and outgrow the memory limit.
-        slices = max(1, -(-int(todo) // STAGE_SLICE))
+        """Type the raw rows this run wrote that staging has not caught up with yet, and
+        return how many rows of ``staging.<stream>`` this run touched.
+
+        Pages written through ``upsert_raw`` are staged as they land; what is left are rows
+        merged in bulk (backfill windows) or changed in place (tombstones, write-back echoes):
+        a raw row of this run whose staged copy is missing, from another run, or older.
+        One streaming pass in batches (linear, and bounded in memory: one statement over a
+        large backfill would hold every parsed document at once)."""
         staged_at = now_utc()
-        for k in range(slices):
-            self._exec(
+        # A relation's Arrow reader streams; the writes go through the main connection
+        # while a cursor (its own connection to the same database) reads.
+        reader_con = self.con.cursor()
+        try:
+            todo = reader_con.sql(
                 f"""
-                INSERT OR REPLACE INTO staging.{stream}
-                SELECT {exprs}, run_id, ? FROM raw.{stream}
-                WHERE run_id = ? AND hash(id) % ? = ?""",
-                [staged_at, run_id, slices, k],
+                SELECT {self._stage_exprs(stream)}, run_id, ?::TIMESTAMPTZ AS staged_at
+                FROM (
+                    SELECT r.id, r.data, r.run_id FROM raw.{stream} r
+                    LEFT JOIN staging.{stream} s ON s.id = r.id
+                    WHERE r.run_id = ? AND (s.id IS NULL OR s.run_id IS DISTINCT FROM r.run_id
+                                            OR s.staged_at < r.extracted_at))""",
+                params=[staged_at, run_id],
             )
+            with todo.to_arrow_reader(batch_size=STAGE_SLICE) as batches:
+                for batch in batches:
+                    self.con.register("_stage_batch", pa.Table.from_batches([batch]))
+                    try:
+                        self._exec(
+                            f"INSERT OR REPLACE INTO staging.{stream} SELECT * FROM _stage_batch"
+                        )
+                    finally:
+                        self.con.unregister("_stage_batch")
+        finally:
+            reader_con.close()
         rows = self.con.execute(
             f"SELECT count(*) FROM staging.{stream} WHERE run_id = ?", [run_id]
         ).fetchall()
