@@ -4,7 +4,9 @@
 
 - **floor**: a bare ``httpx`` client pages through the same endpoints with the same page size,
   the same windows, the same concurrency and the same client-side rate limit as our reader,
-  parses each page only to find the next cursor, and throws the bytes away.
+  parses each page only to find the next cursor (and which invoices have lines past the
+  tenth, which it pages from ``/v1/invoices/{id}/lines`` as our extractor does), and throws
+  the bytes away.
 - **dlt**: dlt's generic ``rest_api`` source, configured for Stripe's cursor paging
   (``starting_after`` = the last id, ``has_more``), the same page size and rate limit,
   resources read in parallel, loaded into DuckDB (extract → normalize → load).
@@ -217,6 +219,8 @@ def run_floor(spec: dict[str, Any], rec: Recorder, *, windows: bool = False) -> 
     size = spec["window_days"] * DAY
     counts: dict[str, int] = {}
 
+    lines_read = [0]
+
     def pages(path: str, params: dict[str, Any]) -> int:
         n = 0
         params = {**params, "limit": spec["page_size"]}
@@ -224,6 +228,14 @@ def run_floor(spec: dict[str, Any], rec: Recorder, *, windows: bool = False) -> 
             page = c.get(path, params)
             data = page.get("data") or []
             n += len(data)
+            if path == "/v1/invoices":
+                # Stripe embeds an invoice's first 10 lines; the rest are one more list per
+                # such invoice. Our extractor reads them (invoice_lines), so the floor does.
+                for inv in data:
+                    if (inv.get("lines") or {}).get("has_more"):
+                        lines = pages(f"/v1/invoices/{inv['id']}/lines", {})
+                        with c.lock:
+                            lines_read[0] += lines
             if not page.get("has_more") or not data:
                 return n
             params["starting_after"] = data[-1]["id"]
@@ -246,6 +258,7 @@ def run_floor(spec: dict[str, Any], rec: Recorder, *, windows: bool = False) -> 
         row["rows"] = sum(counts.values())
     return {
         "objects": counts,
+        "invoice_lines_paged": lines_read[0],
         "plan": "windows" if windows else "cursor",
         "requests": c.requests,
         "retried_429_5xx": c.retries,

@@ -37,9 +37,9 @@ EVENT_RETENTION = 30 * DAY
 # Re-read a little before each cursor: objects land in Stripe's lists with a small delay.
 OVERLAP = 300
 # Pages read but not yet written (back-pressure on the HTTP threads: memory stays bounded).
-MAX_QUEUED_PAGES = 64
+MAX_QUEUED_PAGES = 256
 # Pages the writer commits in one transaction when they have piled up.
-MAX_PAGES_PER_COMMIT = 32
+MAX_PAGES_PER_COMMIT = 128
 # An idle writer thread ends (the next page starts another).
 WRITER_IDLE_SECONDS = 2.0
 

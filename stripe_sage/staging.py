@@ -8,7 +8,9 @@ Secrets never reach any table (nothing here receives them).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -91,6 +93,40 @@ def _connect(
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+_JSON_ACCESS = re.compile(r"data->(>?)'([^']*)'")
+
+
+@functools.cache
+def stage_query(stream: str, source: str, staged_at: str = "?") -> str:
+    """The ``SELECT`` typing rows of ``source`` (columns ``id``, ``data`` as JSON, ``run_id``)
+    into ``staging.<stream>``'s columns, ``run_id`` and ``staged_at`` (a parameter).
+
+    The streams declare each column as SQL over ``data`` (``data->>'path'`` and friends);
+    evaluated as written, every column would parse the whole document again (a charge is
+    a few KB and has dozens of columns). So each ``data->>'p'`` / ``data->'p'`` becomes an
+    element of one ``json_extract_string`` / ``json_extract`` over a list of paths, which
+    parses each document once."""
+    paths: dict[str, dict[str, int]] = {"s": {}, "j": {}}
+
+    def one_parse(m: re.Match[str]) -> str:
+        kind = "s" if m.group(1) else "j"
+        path = m.group(2) if m.group(2).startswith(("$", "/")) else f"$.{m.group(2)}"
+        index = paths[kind].setdefault(path, len(paths[kind]) + 1)
+        return f"_{kind}[{index}]"
+
+    exprs = ", ".join(
+        f'{_JSON_ACCESS.sub(one_parse, c.expr)} AS "{c.name}"' for c in STREAMS[stream].columns
+    )
+    parsed = "".join(
+        f", {fn}(data, [{', '.join(repr(p) for p in paths[kind])}]) AS _{kind}"
+        for kind, fn in (("s", "json_extract_string"), ("j", "json_extract"))
+        if paths[kind]
+    )
+    return f"""
+        SELECT {exprs}, run_id, {staged_at}::TIMESTAMPTZ AS staged_at
+        FROM (SELECT id, data, run_id{parsed} FROM ({source}))"""
 
 
 def raw_json(obj: dict[str, Any]) -> str:
@@ -201,12 +237,9 @@ class Staging:
                 INSERT OR REPLACE INTO raw.{stream}
                 SELECT id, created, CAST(data AS JSON), source, api_version, extracted_at,
                        run_id FROM _raw_batch""")
+            batch = "SELECT id, CAST(data AS JSON) AS data, run_id FROM _raw_batch"
             self._exec(
-                f"""
-                INSERT OR REPLACE INTO staging.{stream}
-                SELECT {self._stage_exprs(stream)}, run_id, ?
-                FROM (SELECT id, CAST(data AS JSON) AS data, run_id FROM _raw_batch)""",
-                [now],
+                f"INSERT OR REPLACE INTO staging.{stream} {stage_query(stream, batch)}", [now]
             )
         finally:
             self.con.unregister("_raw_batch")
@@ -224,11 +257,6 @@ class Staging:
         )
 
     # -- staging ---------------------------------------------------------------------------
-    @staticmethod
-    def _stage_exprs(stream: str) -> str:
-        """The typed columns of ``staging.<stream>`` as SQL over a raw row (``id``, ``data``)."""
-        return ", ".join(f'{c.expr} AS "{c.name}"' for c in STREAMS[stream].columns)
-
     def stage(self, stream: str, run_id: str) -> int:
         """Type the raw rows this run wrote that staging has not caught up with yet, and
         return how many rows of ``staging.<stream>`` this run touched.
@@ -243,15 +271,14 @@ class Staging:
         # while a cursor (its own connection to the same database) reads.
         reader_con = self.con.cursor()
         try:
+            behind = f"""
+                SELECT r.id, r.data, r.run_id FROM raw.{stream} r
+                LEFT JOIN staging.{stream} s ON s.id = r.id
+                WHERE r.run_id = $run_id AND (s.id IS NULL OR s.run_id IS DISTINCT FROM r.run_id
+                                              OR s.staged_at < r.extracted_at)"""
             todo = reader_con.sql(
-                f"""
-                SELECT {self._stage_exprs(stream)}, run_id, ?::TIMESTAMPTZ AS staged_at
-                FROM (
-                    SELECT r.id, r.data, r.run_id FROM raw.{stream} r
-                    LEFT JOIN staging.{stream} s ON s.id = r.id
-                    WHERE r.run_id = ? AND (s.id IS NULL OR s.run_id IS DISTINCT FROM r.run_id
-                                            OR s.staged_at < r.extracted_at))""",
-                params=[staged_at, run_id],
+                stage_query(stream, behind, staged_at="$staged_at"),
+                params={"staged_at": staged_at, "run_id": run_id},
             )
             with todo.to_arrow_reader(batch_size=STAGE_SLICE) as batches:
                 for batch in batches:
