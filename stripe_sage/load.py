@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -52,6 +53,8 @@ KEY_FIELD = {
 }
 XREF_TYPE = {"customer_link": "customer", "customer_update": "customer_update"}
 PLANNING_ERROR = "planning"
+# A payload's reference to another document's Sage number (see resolve_placeholders).
+XREF_PLACEHOLDER = re.compile(r'"@xref:([^"]+)"')
 MAX_ID_SALT = 5
 
 
@@ -105,6 +108,7 @@ class Loader:
         run_id: str,
         concurrency: int = 4,
         batch_size: int = 200,
+        page_size: int = 5_000,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.st = staging
@@ -112,6 +116,7 @@ class Loader:
         self.run_id = run_id
         self.concurrency = concurrency
         self.batch_size = batch_size
+        self.page_size = page_size  # outbox rows read at a time
         self.on_progress = on_progress
         self.stats = LoadStats()
         self._halt = threading.Event()
@@ -208,6 +213,21 @@ class Loader:
         return rows.height
 
     # -- posting ---------------------------------------------------------------------------
+    def _xref_for(self, rows: list[tuple[Any, ...]]) -> dict[str, str]:
+        """The Sage numbers of what these outbox rows depend on or refer to."""
+        wanted = {d for row in rows for d in row[5] or []}
+        for row in rows:
+            if isinstance(row[4], str) and "@xref:" in row[4]:
+                wanted.update(XREF_PLACEHOLDER.findall(row[4]))
+        if not wanted:
+            return {}
+        found = self.st.con.execute(
+            "SELECT doc_type, stripe_id, sage_id FROM sage.xref "
+            "WHERE doc_type || ':' || stripe_id IN (SELECT unnest(?::VARCHAR[]))",
+            [sorted(wanted)],
+        ).fetchall()
+        return {f"{t}:{s}": sid for t, s, sid in found}
+
     def _xref(self) -> dict[str, str]:
         rows = self.st.con.execute("SELECT doc_type, stripe_id, sage_id FROM sage.xref").fetchall()
         return {f"{t}:{s}": sid for t, s, sid in rows}
@@ -275,31 +295,37 @@ class Loader:
             ).fetchall()
         ]
         for phase in phases:
-            rows = self.st.con.execute(
+            dead = self._dead()
+            after = ""
+            # Keyset pages of the phase: memory stays at one page of payloads (and the Sage
+            # numbers that page refers to) however large the outbox is.
+            while rows := self.st.con.execute(
                 "SELECT doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts "
-                "FROM sage.outbox WHERE status = 'pending' AND phase = ? ORDER BY doc_key",
-                [phase],
-            ).fetchall()
-            xref, dead = self._xref(), self._dead()
-            ready: list[tuple[Any, ...]] = []
-            for row in rows:
-                doc_key, doc_type, _, stripe_id, _, deps, _ = row
-                blocked = [d for d in deps or [] if d in dead and d not in xref]
-                if blocked:
-                    reason = f"blocked: {dead[blocked[0]]}"
-                    self._mark_dead(doc_key, doc_type, stripe_id, reason, code="blocked")
-                    done += 1
-                    continue
-                if any(d not in xref for d in deps or []):
-                    self.stats.deferred[doc_type] += 1  # its dependency is still pending
-                    continue
-                ready.append(row)
-            for i in range(0, len(ready), self.batch_size):
-                batch = ready[i : i + self.batch_size]
-                self._post_batch(batch, xref)
-                done += len(batch)
-                if self.on_progress:
-                    self.on_progress(done, total)
+                "FROM sage.outbox WHERE status = 'pending' AND phase = ? AND doc_key > ? "
+                "ORDER BY doc_key LIMIT ?",
+                [phase, after, self.page_size],
+            ).fetchall():
+                after = rows[-1][0]
+                xref = self._xref_for(rows)
+                ready: list[tuple[Any, ...]] = []
+                for row in rows:
+                    doc_key, doc_type, _, stripe_id, _, deps, _ = row
+                    blocked = [d for d in deps or [] if d in dead and d not in xref]
+                    if blocked:
+                        reason = f"blocked: {dead[blocked[0]]}"
+                        self._mark_dead(doc_key, doc_type, stripe_id, reason, code="blocked")
+                        done += 1
+                        continue
+                    if any(d not in xref for d in deps or []):
+                        self.stats.deferred[doc_type] += 1  # its dependency is still pending
+                        continue
+                    ready.append(row)
+                for i in range(0, len(ready), self.batch_size):
+                    batch = ready[i : i + self.batch_size]
+                    self._post_batch(batch, xref)
+                    done += len(batch)
+                    if self.on_progress:
+                        self.on_progress(done, total)
         return self.stats
 
     def _post_batch(self, batch: list[tuple[Any, ...]], xref: dict[str, str]) -> None:

@@ -244,6 +244,30 @@ def test_given_sage_faults_when_loaded_then_every_document_exists_exactly_once(e
     assert len(sage_ids) == len(set(sage_ids))
 
 
+def test_given_outbox_larger_than_a_page_when_loaded_then_every_page_posts_once(env: Env) -> None:
+    """The loader reads the outbox in keyset pages (memory stays at one page): with pages of
+    37 rows, every document still posts exactly once, dependents after what they need."""
+    with env.client() as client:
+        docs = plan(env, client)
+    seeded = env.stats()["documents"]
+    with env.client() as client:
+        loader = Loader(env.st, client, run_id="load-1", concurrency=4, batch_size=10, page_size=37)
+        queued = loader.enqueue(docs)
+        loader.run()
+    assert queued > 3 * 37
+    rows = outbox(env.st)
+    assert statuses(env.st)["pending"] == 0
+    posted = Counter(
+        r["collection"]
+        for r in rows.values()
+        if r["status"] == "posted" and r["doc_type"] != "customer_link"
+    )
+    assert sum(posted.values()) > 3 * 37
+    documents = env.stats()["documents"]
+    for collection in COLLECTIONS:
+        assert documents[collection] == seeded[collection] + posted[collection], collection
+
+
 # -- 11. a revoked Sage key ------------------------------------------------------------------
 def test_given_wrong_sage_key_when_loading_then_authentication_error_and_rows_stay_pending(
     env: Env,
