@@ -192,8 +192,12 @@ def _floor_windows(c: _Bare, path: str, start: int, now: int, size: int) -> list
         page = c.get(path, {"created[gte]": start, "created[lt]": before, "limit": 1})
         return bool(page.get("data"))
 
-    if not exists(now):
+    whole = c.get(path, {"created[gte]": start, "created[lt]": now, "limit": 100})
+    if not whole.get("data"):
         return []
+    if not whole.get("has_more"):  # fits in one page: one window
+        oldest_day = min(int(o["created"]) for o in whole["data"]) // DAY * DAY
+        return [(max(start, oldest_day), now)]
     lo, hi = start // DAY, now // DAY + 1
     while hi - lo > 1:
         mid = (lo + hi) // 2

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DAY = 86_400
 EVENT_RETENTION = 30 * DAY
+# Objects per list request (Stripe's maximum).
+PAGE_SIZE = 100
 # Re-read a little before each cursor: objects land in Stripe's lists with a small delay.
 OVERLAP = 300
 # Pages read but not yet written (back-pressure on the HTTP threads: memory stays bounded).
@@ -137,9 +139,17 @@ def backfill_windows(
     reader: StripeReader, stream: str, start: int, now: int, size: int
 ) -> list[tuple[int, int]]:
     """Windows on a fixed grid (so a resumed backfill finds its checkpoints), from the day
-    of the oldest object, found by a binary search of ``limit=1`` probes, to now."""
-    if not _exists(reader, stream, start, now):
+    of the oldest object, found by a binary search of ``limit=1`` probes, to now. A stream
+    whose whole range fits in one page is one window (no probes: two requests in all)."""
+    first = reader.request(
+        "get", STREAMS[stream].path, {"created": {"gte": start, "lt": now}, "limit": PAGE_SIZE}
+    )
+    data = first.get("data") or []
+    if not data:
         return []
+    if not first.get("has_more"):
+        oldest_day = min(int(o["created"]) for o in data) // DAY * DAY
+        return [(max(start, oldest_day), now)]
     lo, hi = start // DAY, now // DAY + 1  # the oldest object's day is in [lo, hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
