@@ -141,13 +141,13 @@ def backfill_windows(
     """Windows on a fixed grid (so a resumed backfill finds its checkpoints), from the day
     of the oldest object, found by a binary search of ``limit=1`` probes, to now. A stream
     whose whole range fits in one page is one window (no probes: two requests in all)."""
-    first = reader.request(
+    whole = reader.request(
         "get", STREAMS[stream].path, {"created": {"gte": start, "lt": now}, "limit": PAGE_SIZE}
     )
-    data = first.get("data") or []
+    data = whole.get("data") or []
     if not data:
         return []
-    if not first.get("has_more"):
+    if not whole.get("has_more"):
         oldest_day = min(int(o["created"]) for o in data) // DAY * DAY
         return [(max(start, oldest_day), now)]
     lo, hi = start // DAY, now // DAY + 1  # the oldest object's day is in [lo, hi)
