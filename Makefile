@@ -33,8 +33,10 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: the report test checks the parsed HTML instead"
 
+# Two pytest workers, one test module each at a time (module fixtures stay per worker): most
+# e2e time is waiting on Prefect servers and flow-run processes, so two cores overlap it.
 test: install browser
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow" -q -n 2 --dist loadfile
 
 test-all: install
 	$(BIN)/pytest -q

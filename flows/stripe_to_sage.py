@@ -104,6 +104,9 @@ def stripe_to_sage(
 
             t = time.perf_counter()
             enqueue(ctx.loader, docs)
+            # The outbox holds them now: a large plan is most of the run's memory (a
+            # 1M-charge first run plans ~2M payloads), and the loader reads it back in pages.
+            del docs
             counts["load"] = load(ctx.loader)
             counts["sage_client"] = ctx.sage.stats.as_dict()
             timings["load"] = time.perf_counter() - t

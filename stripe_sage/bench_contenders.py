@@ -481,6 +481,7 @@ def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
         if through >= THROUGH.index("plan"):
             with rec.stage("plan") as row:
                 row["rows"] = ctx.loader.enqueue(docs)
+            del docs  # as the flow does: the outbox holds them now
         if through >= THROUGH.index("load"):
             before = ctx.sage.stats.as_dict()
             with rec.stage("load") as row:
