@@ -63,8 +63,11 @@ bench-smoke: install
 	$(BIN)/stripe-sage bench compare --charges 300 --through load --rate-limit 0 --client-rps 0 \
 		--out bench-results/smoke
 
-# On demand: 1M charges (extract+stage, no Stripe rate limit; long on 2 cores).
+# On demand: the 1M-charge full run (every stage through the Sage load, per-stage peak RSS;
+# no Stripe rate limit; about 1.5 h on 2 cores), then the extract+stage scaling curve to 1M.
 bench-large: install
+	$(BIN)/stripe-sage bench compare --charges 1000000 --days 365 --through load \
+		--contenders ours --rate-limit 0 --client-rps 0 --out bench-results/large
 	$(BIN)/stripe-sage bench scale --sizes 10000,100000,1000000 --through stage \
 		--contenders floor,ours --rate-limit 0 --client-rps 0 --out bench-results/unlimited
 
