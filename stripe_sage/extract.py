@@ -309,13 +309,6 @@ class Extractor:
             staging, self.write_lock, run_id=run_id, api_version=reader.api_version
         )
 
-    def close(self) -> None:
-        """Commit what is queued and stop the writer thread."""
-        try:
-            self.writer.flush()
-        finally:
-            self.writer.close()
-
     # -- writing ---------------------------------------------------------------------------
     def _write(self, stream: str, objects: list[JSON], source: str) -> int:
         """Queue one page (and an invoice page's lines) for the writer thread."""

@@ -339,7 +339,7 @@ class Loader:
         keys = [r[0] for r in batch]
         # Committed before any POST: after a crash these documents are looked up first.
         self.st._exec(
-            f"UPDATE sage.outbox SET attempts = attempts + 1, updated_at = ? "
+            "UPDATE sage.outbox SET attempts = attempts + 1, updated_at = ? "
             f"WHERE doc_key IN {keys_in(keys)}",
             [now_utc(), *keys],
         )
