@@ -13,7 +13,7 @@ from stripe_sage.settings import Settings
 from stripe_sage.webhooks import Inbox
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
-from tasks.sage import enqueue, fiscal_periods, load, plan, write_back_task
+from tasks.sage import fiscal_periods, load, plan, write_back_task
 from tasks.staging import publish_snapshot, quality, stage
 from tasks.writer import open_run
 
@@ -45,8 +45,7 @@ def process_stripe_events(trigger: str = "webhook") -> dict[str, Any]:
             counts["payouts_itemised"] = itemise_payouts(ctx.reader, st, run_id)
             q = quality(st, run_id, previous, Path(settings.staging_db).parent / "data_docs")
             counts["quarantined"] = q.quarantined
-            docs = plan(st, ctx.mapping, fiscal_periods(ctx.sage), ctx.sage, run_id)
-            enqueue(ctx.loader, docs)
+            plan(st, ctx.loader, ctx.mapping, fiscal_periods(ctx.sage), ctx.sage, run_id)
             counts["load"] = load(ctx.loader)
             counts["write_back"] = write_back_task(ctx.reader, st, run_id)
             counts["inbox"] = mark_processed(inbox, event_ids, run_id)

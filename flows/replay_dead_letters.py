@@ -10,7 +10,7 @@ from prefect.logging import get_run_logger
 
 from stripe_sage.replay import release_dead_letters
 from stripe_sage.settings import Settings
-from tasks.sage import enqueue, fiscal_periods, load, plan
+from tasks.sage import fiscal_periods, load, plan
 from tasks.writer import open_run
 
 
@@ -36,8 +36,7 @@ def replay_dead_letters(
                 st, doc_keys=doc_keys, doc_type=doc_type, error_code=error_code
             )
             counts["released"] = released
-            docs = plan(st, ctx.mapping, fiscal_periods(ctx.sage), ctx.sage, run_id)
-            enqueue(ctx.loader, docs)
+            plan(st, ctx.loader, ctx.mapping, fiscal_periods(ctx.sage), ctx.sage, run_id)
             counts["load"] = load(ctx.loader)
             # Dependents blocked on a replayed document are revived at the start of a load:
             # a second pass posts them now rather than at the next scheduled run.

@@ -19,7 +19,7 @@ from stripe_sage.streams import LISTED_STREAMS
 from stripe_sage.webhooks import Inbox
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
-from tasks.sage import enqueue, fiscal_periods, load, plan, write_back_task
+from tasks.sage import fiscal_periods, load, plan, write_back_task
 from tasks.staging import publish_snapshot, quality, stage
 from tasks.stripe import extract_events, extract_stream
 from tasks.writer import open_run
@@ -92,21 +92,19 @@ def stripe_to_sage(
 
             t = time.perf_counter()
             periods = fiscal_periods(ctx.sage)
-            docs = plan(st, ctx.mapping, periods, ctx.sage, run_id)
+            # Planned slice by slice into the outbox: a 1M-charge first run is ~2M payloads,
+            # never all in memory at once; the loader reads them back in pages.
+            planned = plan(st, ctx.loader, ctx.mapping, periods, ctx.sage, run_id, dry_run)
             timings["transform"] = time.perf_counter() - t
             peak_mb["transform"] = peak_rss_mb()
-            counts["planned"] = {k: v for k, v in docs.group_by("doc_type").len().iter_rows()}
+            counts["planned"] = planned["planned"]
             if dry_run:
                 counts["dry_run"] = True
-                counts["planned_errors"] = int(docs["error"].is_not_null().sum())
+                counts["planned_errors"] = planned["planned_errors"]
                 st.finish_run(run_id, status="dry_run", counts=counts)
                 return counts
 
             t = time.perf_counter()
-            enqueue(ctx.loader, docs)
-            # The outbox holds them now: a large plan is most of the run's memory (a
-            # 1M-charge first run plans ~2M payloads), and the loader reads it back in pages.
-            del docs
             counts["load"] = load(ctx.loader)
             counts["sage_client"] = ctx.sage.stats.as_dict()
             timings["load"] = time.perf_counter() - t

@@ -7,7 +7,7 @@ arguments and returns counts for ``ops.runs``.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,67 +90,88 @@ def validate_all(
     return outcome
 
 
-def _clean(st: Staging, stream: str) -> pl.DataFrame:
-    """Staged rows of a stream, without the quarantined ones (never loaded)."""
-    return st.frame(
-        f"SELECT * FROM staging.{stream} s WHERE NOT EXISTS ("
-        "SELECT 1 FROM staging.quarantine q WHERE q.stream = ? AND q.id = s.id)",
-        [stream],
+# -- planning ------------------------------------------------------------------------------
+# Planning reads the staged rows in slices (keyset on id) and hands each slice's documents
+# to the outbox before reading the next: one frame of every document of a 1M-charge first
+# run is ~2M JSON payloads (6 GiB); a slice reads only the rows its documents need.
+PLAN_SLICE_ROWS = 50_000
+PAYOUT_SLICE = 20  # payouts carry all their balance transactions (~3,000 a day at 1M/year)
+
+# Doc keys that need no planning again: pending, posted, or dead for a Sage reason.
+_SETTLED = (
+    "SELECT o.doc_key FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key) "
+    "WHERE o.status <> 'dead' OR coalesce(d.error_code, '') <> 'planning'"
+)
+
+
+def _not_quarantined(stream: str, alias: str = "s") -> str:
+    return (
+        f"NOT EXISTS (SELECT 1 FROM staging.quarantine q WHERE q.stream = '{stream}' "
+        f"AND q.id = {alias}.id)"
     )
 
 
-def _settled_keys(st: Staging) -> pl.DataFrame:
-    """Doc keys that need no planning again: pending, posted, or dead for a Sage reason."""
-    return st.frame(
-        "SELECT o.doc_key FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key) "
-        "WHERE o.status <> 'dead' OR coalesce(d.error_code, '') <> 'planning'"
-    )
+def _todo(stream: str, *prefixes: str, alternatives: bool = False) -> str:
+    """SQL condition on ``s`` (a row of ``staging.<stream>``): not quarantined, and some of
+    its documents (``prefixes`` of doc_key) not settled; with ``alternatives``, none of them
+    settled (one document in either form)."""
+    settled = [
+        f"EXISTS (SELECT 1 FROM _settled k WHERE k.doc_key = '{p}' || s.id)" for p in prefixes
+    ]
+    joined = (" OR " if alternatives else " AND ").join(settled)
+    return f"{_not_quarantined(stream)} AND NOT ({joined})"
 
 
-def _unsettled(
-    df: pl.DataFrame, settled: pl.DataFrame, *keys: str, alternatives: bool = False
-) -> pl.DataFrame:
-    """Rows whose documents (``keys``, prefixes of doc_key) are not all settled; with
-    ``alternatives``, rows none of whose keys is settled (one document in either form)."""
-    if df.is_empty():
-        return df
-    if alternatives:
-        done = pl.concat(
-            [
-                df.select(pl.col("id"), pl.concat_str([pl.lit(p), pl.col("id")]).alias("doc_key"))
-                for p in keys
-            ]
+def _rows_to_plan(st: Staging, stream: str, todo: str, size: int) -> Iterator[pl.DataFrame]:
+    """The rows of ``staging.<stream>`` matching ``todo``, ``size`` at a time, by id."""
+    after = ""
+    while True:
+        rows = st.frame(
+            f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.{stream} s "
+            f"WHERE {todo} AND s.id > ? ORDER BY s.id LIMIT {size}",
+            [after],
         )
-        done = done.join(settled, on="doc_key", how="semi").select("id").unique()
-        return df.join(done, on="id", how="anti")
-    need = None
-    for prefix in keys:
-        k = (
-            df.select(pl.col("id"), pl.concat_str([pl.lit(prefix), pl.col("id")]).alias("doc_key"))
-            .join(settled, on="doc_key", how="anti")
-            .select("id")
-        )
-        need = k if need is None else pl.concat([need, k])
-    assert need is not None
-    return df.join(need.unique(), on="id", how="semi")
+        if rows.is_empty():
+            return
+        yield rows
+        if rows.height < size:
+            return
+        after = rows["id"][-1]
 
 
-def plan_documents(
+class _Slice:
+    """One slice of rows registered with DuckDB as ``_plan_slice``, for the lookups of the
+    rows its documents need (their balance transactions, charges, lines, items)."""
+
+    def __init__(self, st: Staging, rows: pl.DataFrame, columns: tuple[str, ...]) -> None:
+        self.st = st
+        self.ref = rows.select(columns).to_arrow()
+
+    def __enter__(self) -> _Slice:
+        self.st.con.register("_plan_slice", self.ref)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.st.con.unregister("_plan_slice")
+
+    def frame(self, sql: str) -> pl.DataFrame:
+        return self.st.frame(sql)
+
+
+def _document_slices(
     st: Staging,
     mapping: Mapping,
     periods: list[dict[str, object]],
     *,
-    sage_customers: Callable[[], pl.DataFrame] | None = None,
-    run_id: str | None = None,
-) -> pl.DataFrame:
-    """Every Sage document the staged data implies that the outbox does not hold yet.
-
-    ``sage_customers`` lists Sage's customers for email matching (called only when some
-    Stripe customer still needs a Sage customer); ``run_id`` selects the customers this run
-    changed, whose updates go to Sage."""
-    settled = _settled_keys(st)
-    new_customers = _unsettled(
-        _clean(st, "customers"), settled, "customer:", "customer_link:", alternatives=True
+    sage_customers: Callable[[], pl.DataFrame] | None,
+    run_id: str | None,
+    slice_rows: int,
+) -> Iterator[pl.DataFrame]:
+    """The documents the staged data implies, a slice at a time (before the final check
+    against the outbox, see :func:`plan_slices`)."""
+    new_customers = st.frame(
+        f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.customers s WHERE "
+        + _todo("customers", "customer:", "customer_link:", alternatives=True)
     )
     sage = None
     if (
@@ -162,7 +183,8 @@ def plan_documents(
             "WHERE doc_type = 'customer'"
         )
         sage = sage_customers().join(linked, on="customer_id", how="left")
-    changed = pl.DataFrame()
+    yield plan_customers(new_customers, mapping, sage)
+    del new_customers
     if run_id is not None:
         # Customers this run changed that Sage already has, with what was last sent for them.
         changed = st.frame(
@@ -174,68 +196,173 @@ def plan_documents(
             "AND x.doc_type = 'customer' WHERE c.run_id = ? AND x.run_id <> ?",
             [run_id, run_id],
         )
+        yield plan_customer_updates(changed, mapping)
     pf = periods_frame(periods) if periods else None
-    bts = st.table("balance_transactions")
-    charges_all = _clean(st, "charges")
-    invoice_payments = st.table("invoice_payments")
-    frames = [
-        plan_customers(new_customers, mapping, sage),
-        plan_customer_updates(changed, mapping),
-        plan_charges(
-            _unsettled(charges_all, settled, "cash_receipt:"), bts, invoice_payments, mapping, pf
-        ),
-        plan_invoices(
-            _unsettled(_clean(st, "invoices"), settled, "invoice:"),
-            _clean(st, "invoice_lines"),
-            mapping,
-            pf,
-        ),
-        plan_refunds(
-            _unsettled(
-                _clean(st, "refunds"), settled, "credit_memo:", "journal_entry:refund_failure:"
-            ),
-            charges_all,
-            bts,
-            mapping,
-            pf,
-        ),
-        plan_payouts(
-            _unsettled(
-                _clean(st, "payouts"), settled, "journal_entry:", "journal_entry:payout_failure:"
-            ),
-            st.table("payout_items"),
-            bts,
-            mapping,
-            pf,
-        ),
-    ]
-    docs = pl.concat([f for f in frames if not f.is_empty()] or [empty_docs()])
-    # Keys already settled (e.g. the invoice of a charge whose refund is new) are dropped, and
-    # so are records still failing planning the same way: they are dead letters already.
+    bts_of_slice = (
+        "SELECT b.* FROM staging.balance_transactions b "
+        "WHERE b.id IN (SELECT balance_transaction FROM _plan_slice)"
+    )
+
+    for charges in _rows_to_plan(st, "charges", _todo("charges", "cash_receipt:"), slice_rows):
+        with _Slice(st, charges, ("id", "balance_transaction")) as s:
+            bts = s.frame(bts_of_slice)
+            invoice_payments = s.frame(
+                "SELECT p.* FROM staging.invoice_payments p "
+                "WHERE p.charge IN (SELECT id FROM _plan_slice)"
+            )
+        yield plan_charges(charges, bts, invoice_payments, mapping, pf)
+
+    for invoices in _rows_to_plan(st, "invoices", _todo("invoices", "invoice:"), slice_rows):
+        with _Slice(st, invoices, ("id",)) as s:
+            lines = s.frame(
+                "SELECT s.* FROM staging.invoice_lines s "
+                "WHERE s.invoice IN (SELECT id FROM _plan_slice) AND "
+                + _not_quarantined("invoice_lines")
+            )
+        yield plan_invoices(invoices, lines, mapping, pf)
+
+    refunds_todo = _todo("refunds", "credit_memo:", "journal_entry:refund_failure:")
+    for refunds in _rows_to_plan(st, "refunds", refunds_todo, slice_rows):
+        with _Slice(
+            st, refunds, ("charge", "balance_transaction", "failure_balance_transaction")
+        ) as s:
+            bts = s.frame(
+                "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN ("
+                "SELECT balance_transaction FROM _plan_slice "
+                "UNION ALL SELECT failure_balance_transaction FROM _plan_slice)"
+            )
+            charges = s.frame(
+                "SELECT s.* FROM staging.charges s "
+                "WHERE s.id IN (SELECT charge FROM _plan_slice) AND " + _not_quarantined("charges")
+            )
+        yield plan_refunds(refunds, charges, bts, mapping, pf)
+
+    yield from _payout_documents(st, mapping, pf)
+
+
+def _payout_documents(
+    st: Staging, mapping: Mapping, pf: pl.DataFrame | None
+) -> Iterator[pl.DataFrame]:
+    todo = _todo("payouts", "journal_entry:", "journal_entry:payout_failure:")
+    for payouts in _rows_to_plan(st, "payouts", todo, PAYOUT_SLICE):
+        with _Slice(st, payouts, ("id", "failure_balance_transaction")) as s:
+            items = s.frame(
+                "SELECT i.* FROM staging.payout_items i "
+                "WHERE i.payout IN (SELECT id FROM _plan_slice)"
+            )
+            bts = s.frame(
+                "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN ("
+                "SELECT i.balance_transaction FROM staging.payout_items i "
+                "WHERE i.payout IN (SELECT id FROM _plan_slice) "
+                "UNION ALL SELECT failure_balance_transaction FROM _plan_slice)"
+            )
+        yield plan_payouts(payouts, items, bts, mapping, pf)
+
+
+def _without_settled(st: Staging, docs: pl.DataFrame) -> pl.DataFrame:
+    """``docs`` minus the keys the outbox has settled (e.g. the invoice of a charge whose
+    refund is new)."""
+    st.con.register("_plan_keys", docs.select("doc_key").to_arrow())
+    try:
+        settled = st.frame(
+            f"SELECT doc_key FROM ({_SETTLED}) WHERE doc_key IN (SELECT doc_key FROM _plan_keys)"
+        )
+    finally:
+        st.con.unregister("_plan_keys")
+    return docs.join(settled, on="doc_key", how="anti")
+
+
+def plan_slices(
+    st: Staging,
+    mapping: Mapping,
+    periods: list[dict[str, object]],
+    *,
+    sage_customers: Callable[[], pl.DataFrame] | None = None,
+    run_id: str | None = None,
+    slice_rows: int = PLAN_SLICE_ROWS,
+) -> Iterator[pl.DataFrame]:
+    """Every Sage document the staged data implies that the outbox does not hold yet, as
+    frames of at most a slice's documents (customers first, then charges, invoices, refunds
+    and payouts). Enqueue each frame before asking for the next: the slices that follow
+    skip what the outbox holds.
+
+    ``sage_customers`` lists Sage's customers for email matching (called only when some
+    Stripe customer still needs a Sage customer); ``run_id`` selects the customers this run
+    changed, whose updates go to Sage."""
+    # Records still failing planning the same way are dead letters already.
     still_failing = st.frame(
         "SELECT doc_key, reason AS error FROM ops.dead_letters WHERE error_code = 'planning' "
         "AND NOT replayed"
     )
-    return docs.join(settled, on="doc_key", how="anti").join(
-        still_failing, on=["doc_key", "error"], how="anti"
-    )
+    for docs in _document_slices(
+        st, mapping, periods, sage_customers=sage_customers, run_id=run_id, slice_rows=slice_rows
+    ):
+        if docs.is_empty():
+            continue
+        docs = _without_settled(st, docs).join(still_failing, on=["doc_key", "error"], how="anti")
+        if not docs.is_empty():
+            yield docs
+
+
+def plan_documents(
+    st: Staging,
+    mapping: Mapping,
+    periods: list[dict[str, object]],
+    *,
+    sage_customers: Callable[[], pl.DataFrame] | None = None,
+    run_id: str | None = None,
+) -> pl.DataFrame:
+    """All of :func:`plan_slices` in one frame (previews and tests; runs enqueue slice by
+    slice with :func:`plan_into_outbox`)."""
+    frames = list(plan_slices(st, mapping, periods, sage_customers=sage_customers, run_id=run_id))
+    return pl.concat(frames) if frames else empty_docs()
+
+
+@dataclass
+class PlanTotals:
+    planned: dict[str, int] = field(default_factory=dict)  # doc_type → documents planned
+    errors: int = 0  # planned documents that failed planning (dead letters)
+    enqueued: int = 0  # rows the outbox took
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"planned": self.planned, "planned_errors": self.errors, "enqueued": self.enqueued}
+
+
+def plan_into_outbox(
+    st: Staging,
+    mapping: Mapping,
+    periods: list[dict[str, object]],
+    enqueue: Callable[[pl.DataFrame], int] | None,
+    *,
+    sage_customers: Callable[[], pl.DataFrame] | None = None,
+    run_id: str | None = None,
+    slice_rows: int = PLAN_SLICE_ROWS,
+) -> PlanTotals:
+    """Plan slice by slice, each slice into the outbox (``enqueue``) before the next is read;
+    with ``enqueue=None`` (a dry run) only count. Memory is one slice's documents."""
+    totals = PlanTotals()
+    for docs in plan_slices(
+        st, mapping, periods, sage_customers=sage_customers, run_id=run_id, slice_rows=slice_rows
+    ):
+        for doc_type, n in docs.group_by("doc_type").len().iter_rows():
+            totals.planned[doc_type] = totals.planned.get(doc_type, 0) + n
+        totals.errors += int(docs["error"].is_not_null().sum())
+        if enqueue is not None:
+            totals.enqueued += enqueue(docs)
+    return totals
 
 
 def plan_payout_documents(
     st: Staging, mapping: Mapping, periods: list[dict[str, object]]
 ) -> pl.DataFrame:
     """Only the payout journals (the ``reconcile_payouts`` flow)."""
-    settled = _settled_keys(st)
-    docs = plan_payouts(
-        _unsettled(
-            _clean(st, "payouts"), settled, "journal_entry:", "journal_entry:payout_failure:"
-        ),
-        st.table("payout_items"),
-        st.table("balance_transactions"),
-        mapping,
-        periods_frame(periods) if periods else None,
-    )
-    return docs.join(settled, on="doc_key", how="anti")
+    pf = periods_frame(periods) if periods else None
+    frames = [
+        _without_settled(st, docs)
+        for docs in _payout_documents(st, mapping, pf)
+        if not docs.is_empty()
+    ]
+    return pl.concat(frames) if frames else empty_docs()
 
 
 def previous_totals(st: Staging) -> dict[str, int]:

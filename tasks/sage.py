@@ -12,7 +12,7 @@ from prefect.logging import get_run_logger
 
 from stripe_sage.load import Loader
 from stripe_sage.mapping import Mapping
-from stripe_sage.pipeline import plan_documents
+from stripe_sage.pipeline import plan_into_outbox
 from stripe_sage.sage_client import SageProClient
 from stripe_sage.staging import Staging
 from stripe_sage.stripe_reader import StripeReader
@@ -27,11 +27,17 @@ def fiscal_periods(client: SageProClient) -> list[dict[str, Any]]:
 @task(name="plan", cache_policy=NO_CACHE)
 def plan(
     st: Staging,
+    loader: Loader,
     mapping: Mapping,
     periods: list[dict[str, Any]],
     sage: SageProClient | None = None,
     run_id: str | None = None,
-) -> pl.DataFrame:
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Plan the Sage documents the staged data implies, slice by slice into the outbox
+    (``dry_run``: only count them). Returns ``planned`` per doc_type, ``planned_errors``
+    and ``enqueued``."""
+
     def sage_customers() -> pl.DataFrame:
         assert sage is not None
         rows = [
@@ -40,15 +46,21 @@ def plan(
         ]
         return pl.DataFrame(rows, schema={"customer_id": pl.String, "email": pl.String})
 
-    docs = plan_documents(
+    totals = plan_into_outbox(
         st,
         mapping,
         periods,
+        None if dry_run else loader.enqueue,
         run_id=run_id,
         sage_customers=sage_customers if sage is not None else None,
     )
-    get_run_logger().info("planned %d new Sage documents", docs.height)
-    return docs
+    get_run_logger().info(
+        "planned %d new Sage documents (%d failed planning)%s",
+        sum(totals.planned.values()),
+        totals.errors,
+        " (dry run: nothing enqueued)" if dry_run else "",
+    )
+    return totals.as_dict()
 
 
 @task(name="enqueue", cache_policy=NO_CACHE)

@@ -25,7 +25,7 @@ from stripe_sage.errors import AuthenticationError
 from stripe_sage.extract import DAY, Extractor
 from stripe_sage.load import Loader
 from stripe_sage.mapping import Mapping, default_mapping_text, load_mapping
-from stripe_sage.pipeline import plan_documents, stage_all
+from stripe_sage.pipeline import plan_documents, plan_into_outbox, plan_slices, stage_all
 from stripe_sage.sage_client import COLLECTIONS, SageProClient
 from stripe_sage.sandbox.launch import SandboxPair
 from stripe_sage.sandbox.stripe_business import BusinessConfig
@@ -391,3 +391,59 @@ def test_given_document_with_unknown_gl_account_when_loaded_then_only_it_is_dead
     assert len(memos) == sum(
         1 for r in rows.values() if r["doc_type"] == "credit_memo" and r["status"] == "posted"
     )
+
+
+# -- planning in slices ----------------------------------------------------------------------
+def test_given_small_plan_slices_when_planned_then_same_documents_as_one_slice(env: Env) -> None:
+    mapping = load_mapping()
+    with env.client() as client:
+        periods = client.fiscal_periods()
+    whole = list(plan_slices(env.st, mapping, periods, slice_rows=1_000_000))
+    sliced = list(plan_slices(env.st, mapping, periods, slice_rows=7))
+    assert len(sliced) > len(whole) + 10  # 80 charges in slices of 7, and so on
+
+    def canonical(frames: list[pl.DataFrame]) -> pl.DataFrame:
+        return pl.concat(frames).sort("doc_key")
+
+    assert canonical(sliced).height > 150
+    assert canonical(sliced).equals(canonical(whole))
+
+
+def test_given_plan_into_outbox_in_slices_when_loaded_and_rerun_then_nothing_twice(
+    env: Env,
+) -> None:
+    mapping = load_mapping()
+    with env.client() as client:
+        periods = client.fiscal_periods()
+        expected = plan_documents(env.st, mapping, periods)
+        waiting = expected.filter(pl.col("error").str.starts_with("waiting:").fill_null(False))
+        loader = Loader(env.st, client, run_id="slices-1", concurrency=4)
+        taken: list[int] = []
+
+        def enqueue(docs: pl.DataFrame) -> int:
+            # Each slice is in the outbox before the next one is planned.
+            assert env.st.count("sage.outbox") == sum(taken)
+            taken.append(loader.enqueue(docs))
+            return taken[-1]
+
+        dry = plan_into_outbox(env.st, mapping, periods, None, slice_rows=7)
+        assert env.st.count("sage.outbox") == 0  # a dry run only counts
+        assert dry.planned == {k: v for k, v in expected.group_by("doc_type").len().iter_rows()}
+
+        totals = plan_into_outbox(env.st, mapping, periods, enqueue, slice_rows=7)
+        assert len(taken) > 10
+        assert totals.planned == dry.planned
+        assert totals.errors == int(expected["error"].is_not_null().sum())
+        keys = set(outbox(env.st))
+        assert keys == set(expected["doc_key"]) - set(waiting["doc_key"])
+        assert totals.enqueued == len(keys)
+        loader.run()
+        assert statuses(env.st)["pending"] == 0
+        documents = env.stats()["documents"]
+
+        again = plan_into_outbox(
+            env.st, mapping, periods, Loader(env.st, client, run_id="slices-2").enqueue,
+            slice_rows=7,
+        )  # fmt: skip
+        assert again.enqueued == 0
+        assert env.stats()["documents"] == documents
