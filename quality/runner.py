@@ -161,6 +161,48 @@ def validate_stream(
     return validation
 
 
+def merge_validations(parts: Sequence[StreamValidation]) -> StreamValidation:
+    """One stream validated in slices of rows → the validation of all of them at once.
+
+    A check succeeds only where it succeeded on every slice; counts are summed; quarantine
+    rows and passed ids are concatenated; the first failing slice gives a check's observed
+    value, error and reason. Only for row-level checks and per-row table checks (columns,
+    types): the slices must be disjoint, and the row count is for :func:`check_wholesale` to
+    apply to the table (``current_rows``), not for a slice.
+    """
+    if not parts:
+        raise ValueError("no slices to merge")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    merged: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for r in part.results:
+            into = merged.get(r["check"])
+            if into is None:
+                merged[r["check"]] = dict(r)
+                continue
+            for key in ("unexpected_count", "element_count"):
+                if r[key] is not None:
+                    into[key] = (into[key] or 0) + r[key]
+            if into["success"] and not r["success"]:
+                into |= {k: r[k] for k in ("observed_value", "error", "reason")}
+            into["success"] = into["success"] and r["success"]
+    return StreamValidation(
+        stream=first.stream,
+        rows=sum(p.rows for p in parts),
+        quarantine=pl.concat([p.quarantine for p in parts]),
+        passed_ids=pl.concat([p.passed_ids for p in parts]),
+        results=list(merged.values()),
+        success=all(p.success for p in parts),
+        suite_name=first.suite_name,
+        run_id=first.run_id,
+        failed_rows=sum(p.failed_rows for p in parts),
+        previous_rows=first.previous_rows,
+        gx=_GreatExpectations.merge_payloads([p.gx for p in parts if p.gx is not None]),
+    )
+
+
 def check_wholesale(
     validation: StreamValidation,
     *,
@@ -571,6 +613,55 @@ class _GreatExpectations:
             if isinstance(item, Mapping) and item.get("raised_exception"):
                 return str(item.get("exception_message") or "exception in GX")
         return None
+
+    @staticmethod
+    def merge_payloads(payloads: Sequence[_GxPayload]) -> _GxPayload | None:
+        """The GX results of one suite over disjoint slices as one result (for Data Docs):
+        counts summed, percentages recomputed, success only where every slice succeeded,
+        the first 20 unexpected values kept."""
+        if not payloads:
+            return None
+        first = payloads[0]
+        by_check = {r.expectation_config.meta.get("check"): r for r in first.result.results}
+        for p in payloads[1:]:
+            for r in p.result.results:
+                into = by_check.get(r.expectation_config.meta.get("check"))
+                if into is None:
+                    first.result.results.append(r)
+                    by_check[r.expectation_config.meta.get("check")] = r
+                    continue
+                if into.success and not r.success:
+                    into.exception_info = r.exception_info
+                into.success = bool(into.success and r.success)
+                a, b = into.result, r.result or {}
+                if a is None:
+                    continue
+                for key in ("element_count", "unexpected_count", "missing_count"):
+                    if isinstance(a.get(key), int) and isinstance(b.get(key), int):
+                        a[key] += b[key]
+                if "partial_unexpected_list" in a:
+                    extra = b.get("partial_unexpected_list") or []
+                    a["partial_unexpected_list"] = (a["partial_unexpected_list"] + extra)[:20]
+                elements, unexpected = a.get("element_count"), a.get("unexpected_count")
+                if isinstance(elements, int) and isinstance(unexpected, int) and elements:
+                    missing = a.get("missing_count") or 0
+                    present = elements - missing
+                    a["unexpected_percent_total"] = 100.0 * unexpected / elements
+                    a["missing_percent"] = 100.0 * missing / elements
+                    for key in ("unexpected_percent", "unexpected_percent_nonmissing"):
+                        if key in a:
+                            a[key] = 100.0 * unexpected / present if present else None
+        results = first.result.results
+        succeeded = sum(1 for r in results if r.success)
+        first.result.success = succeeded == len(results)
+        first.result.statistics = {
+            **(first.result.statistics or {}),
+            "evaluated_expectations": len(results),
+            "successful_expectations": succeeded,
+            "unsuccessful_expectations": len(results) - succeeded,
+            "success_percent": 100.0 * succeeded / len(results) if results else None,
+        }
+        return first
 
     @classmethod
     def build_docs(cls, validations: Sequence[StreamValidation], docs_dir: Path) -> Path:

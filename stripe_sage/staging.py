@@ -12,7 +12,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +302,22 @@ class Staging:
     def changed(self, stream: str, run_id: str) -> pl.DataFrame:
         return self.frame(f"SELECT * FROM staging.{stream} WHERE run_id = ?", [run_id])
 
+    def changed_slices(self, stream: str, run_id: str, size: int) -> Iterator[pl.DataFrame]:
+        """The rows of ``staging.<stream>`` this run changed, ``size`` at a time (by id)."""
+        after: str | None = None  # not "": an empty id is still a row to validate
+        while True:
+            rows = self.frame(
+                f"SELECT * FROM staging.{stream} WHERE run_id = ? AND (? IS NULL OR id > ?) "
+                f"ORDER BY id LIMIT {int(size)}",
+                [run_id, after, after],
+            )
+            if rows.is_empty():
+                return
+            yield rows
+            if rows.height < size:
+                return
+            after = rows["id"][-1]
+
     def table(self, stream: str) -> pl.DataFrame:
         return self.frame(f"SELECT * FROM staging.{stream}")
 
@@ -309,10 +325,24 @@ class Staging:
         return int(self.con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
 
     # -- quarantine ------------------------------------------------------------------------
-    def replace_quarantine(self, stream: str, ids: Iterable[str], failures: pl.DataFrame) -> None:
-        """Rows re-validated this run leave quarantine unless they failed again."""
+    def replace_quarantine(
+        self,
+        stream: str,
+        ids: Iterable[str],
+        failures: pl.DataFrame,
+        *,
+        changed_by: str | None = None,
+    ) -> None:
+        """Rows re-validated this run (``ids``, and with ``changed_by`` the rows that run
+        changed) leave quarantine unless they failed again."""
         id_list = list(ids)
         with self.transaction():
+            if changed_by is not None:
+                self._exec(
+                    f"DELETE FROM staging.quarantine WHERE stream = ? AND id IN ("
+                    f"SELECT id FROM staging.{stream} WHERE run_id = ?)",
+                    [stream, changed_by],
+                )
             if id_list:
                 self._exec(
                     "DELETE FROM staging.quarantine WHERE stream = ? AND "
@@ -328,6 +358,11 @@ class Staging:
                 self.con.register("_q", f.to_arrow())
                 self._exec("INSERT OR REPLACE INTO staging.quarantine SELECT * FROM _q")
                 self.con.unregister("_q")
+
+    def requarantine_changed(self, stream: str, run_id: str, failures: pl.DataFrame) -> None:
+        """Rows this run changed were re-validated: they leave quarantine unless they failed
+        again (``failures``). The ids are read in DuckDB, never listed in Python."""
+        self.replace_quarantine(stream, (), failures, changed_by=run_id)
 
     def quarantined_ids(self, stream: str) -> set[str]:
         rows = self.con.execute(

@@ -8,6 +8,7 @@ HTTP, independently of the client under test.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import time
@@ -25,7 +26,13 @@ from stripe_sage.errors import AuthenticationError
 from stripe_sage.extract import DAY, Extractor
 from stripe_sage.load import Loader
 from stripe_sage.mapping import Mapping, default_mapping_text, load_mapping
-from stripe_sage.pipeline import plan_documents, plan_into_outbox, plan_slices, stage_all
+from stripe_sage.pipeline import (
+    plan_documents,
+    plan_into_outbox,
+    plan_slices,
+    stage_all,
+    validate_all,
+)
 from stripe_sage.sage_client import COLLECTIONS, SageProClient
 from stripe_sage.sandbox.launch import SandboxPair
 from stripe_sage.sandbox.stripe_business import BusinessConfig
@@ -447,3 +454,31 @@ def test_given_plan_into_outbox_in_slices_when_loaded_and_rerun_then_nothing_twi
         )  # fmt: skip
         assert again.enqueued == 0
         assert env.stats()["documents"] == documents
+
+
+def test_given_quality_in_small_slices_then_same_quarantine_as_one_slice(env: Env) -> None:
+    # Two bad charges, far apart in id order, so they land in different slices.
+    bad = [
+        r[0] for r in env.st.con.execute("SELECT id FROM staging.charges ORDER BY id").fetchall()
+    ]
+    bad = [bad[3], bad[-2]]
+    env.st.con.execute(
+        "UPDATE staging.charges SET currency = 'XYZ' WHERE id IN (?, ?)", bad
+    ).fetchall()
+    now = dt.datetime.now(dt.UTC)
+
+    def quarantine() -> list[tuple[Any, ...]]:
+        return env.st.con.execute(
+            'SELECT stream, id, "check", reason FROM staging.quarantine ORDER BY ALL'
+        ).fetchall()
+
+    sliced = validate_all(env.st, RUN, now=now, slice_rows=7)
+    in_slices = quarantine()
+    env.st.con.execute("DELETE FROM staging.quarantine").fetchall()
+    whole = validate_all(env.st, RUN, now=now, slice_rows=1_000_000)
+
+    assert quarantine() == in_slices
+    assert {(s, i) for s, i, _, _ in in_slices} == {("charges", i) for i in bad}
+    assert sliced.rows == whole.rows and sliced.rows["charges"] == 80
+    assert sliced.quarantined == whole.quarantined
+    assert sliced.results == whole.results

@@ -391,3 +391,61 @@ def test_one_gx_context_per_process_is_reused() -> None:
     first = runner._GreatExpectations.for_context(None)
     validate(Rows("customers", 2))
     assert runner._GreatExpectations.for_context(None) is first
+
+
+# --- validating in slices ------------------------------------------------------------------
+
+
+def test_given_slices_when_merged_then_same_as_validating_all_rows_at_once(
+    tmp_path: Path,
+) -> None:
+    rows = Rows("charges", 12).set(1, currency="XYZ").set(5, status="weird").set(9, amount=-3)
+    frame = rows.frame()
+    whole = validate_stream("charges", frame, known_ids={}, now=NOW, run_id=RUN)
+    parts = [
+        validate_stream("charges", frame.slice(start, 5), known_ids={}, now=NOW, run_id=RUN)
+        for start in (0, 5, 10)
+    ]
+    merged = runner.merge_validations(parts)
+
+    assert merged.rows == whole.rows == 12
+    assert merged.failed_rows == whole.failed_rows == 3
+    assert merged.success is whole.success is False
+    assert merged.quarantine.sort("id", "check").equals(whole.quarantine.sort("id", "check"))
+    assert sorted(merged.passed_ids.to_list()) == sorted(whole.passed_ids.to_list())
+    fields = ("check", "success", "unexpected_count", "element_count", "reason", "error")
+    assert [{k: r[k] for k in fields} for r in merged.results] == [
+        {k: r[k] for k in fields} for r in whole.results
+    ]
+    # Data Docs of the merged result count what the whole frame's do.
+    got, want = merged.gx.result, whole.gx.result
+    assert got.success is want.success is False
+    assert (
+        got.statistics["unsuccessful_expectations"] == want.statistics["unsuccessful_expectations"]
+    )
+    counts = {
+        r.expectation_config.meta["check"]: (r.success, r.result.get("element_count"),
+                                             r.result.get("unexpected_count"))
+        for r in got.results
+    }  # fmt: skip
+    assert counts == {
+        r.expectation_config.meta["check"]: (r.success, r.result.get("element_count"),
+                                             r.result.get("unexpected_count"))
+        for r in want.results
+    }  # fmt: skip
+    assert build_data_docs([merged], tmp_path) is not None
+    check_wholesale(merged, previous_rows=None)  # 3 of 12 bad: quarantine, not a stop
+
+
+def test_given_one_slice_mostly_bad_when_merged_then_fraction_is_over_all_rows() -> None:
+    rows = Rows("charges", 20)
+    for i in range(8):
+        rows.set(i, currency="XYZ")
+    frame = rows.frame()
+    first = validate_stream("charges", frame.slice(0, 10), known_ids={}, now=NOW, run_id=RUN)
+    with pytest.raises(DataQualityError):
+        check_wholesale(first, previous_rows=None)  # 8 of 10 alone would stop the load
+    rest = validate_stream("charges", frame.slice(10, 10), known_ids={}, now=NOW, run_id=RUN)
+    merged = runner.merge_validations([first, rest])
+    assert merged.failed_fraction == 8 / 20
+    check_wholesale(merged, previous_rows=None)
