@@ -303,20 +303,20 @@ class Staging:
         return self.frame(f"SELECT * FROM staging.{stream} WHERE run_id = ?", [run_id])
 
     def changed_slices(self, stream: str, run_id: str, size: int) -> Iterator[pl.DataFrame]:
-        """The rows of ``staging.<stream>`` this run changed, ``size`` at a time (by id)."""
-        after: str | None = None  # not "": an empty id is still a row to validate
-        while True:
-            rows = self.frame(
-                f"SELECT * FROM staging.{stream} WHERE run_id = ? AND (? IS NULL OR id > ?) "
-                f"ORDER BY id LIMIT {int(size)}",
-                [run_id, after, after],
+        """The rows of ``staging.<stream>`` this run changed, ``size`` at a time: one scan,
+        streamed through a cursor (its own connection), so the main connection stays free
+        and memory holds one slice, not the table. Slices come in no particular order."""
+        reader_con = self.con.cursor()
+        try:
+            changed = reader_con.sql(
+                f"SELECT * FROM staging.{stream} WHERE run_id = $run_id", params={"run_id": run_id}
             )
-            if rows.is_empty():
-                return
-            yield rows
-            if rows.height < size:
-                return
-            after = rows["id"][-1]
+            with changed.to_arrow_reader(batch_size=size) as batches:
+                for batch in batches:
+                    if batch.num_rows:
+                        yield pl.from_arrow(pa.Table.from_batches([batch]))  # type: ignore[misc]
+        finally:
+            reader_con.close()
 
     def table(self, stream: str) -> pl.DataFrame:
         return self.frame(f"SELECT * FROM staging.{stream}")
