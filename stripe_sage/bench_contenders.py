@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import itertools
 import json
 import os
 import shutil
@@ -195,37 +194,29 @@ def httpx_client(url: str, key: str) -> Any:
     )
 
 
-def _floor_windows(c: _Bare, path: str, start: int, now: int, size: int) -> list[tuple[int, int]]:
-    """The reader's window plan: the oldest object's day by ``limit=1`` probes, then a
-    fixed grid to now (the same requests our extractor makes)."""
+class _BareAsReader:
+    """The bare client behind the ``request`` our window planner calls, so that
+    ``floor_windows`` plans its windows with the extractor's own (pure) planner over bare
+    httpx: the same probes and grid, none of our client."""
 
-    def exists(before: int) -> bool:
-        page = c.get(path, {"created[gte]": start, "created[lt]": before, "limit": 1})
-        return bool(page.get("data"))
+    def __init__(self, c: _Bare) -> None:
+        self.c = c
 
-    whole = c.get(path, {"created[gte]": start, "created[lt]": now, "limit": 100})
-    if not whole.get("data"):
-        return []
-    if not whole.get("has_more"):  # fits in one page: one window
-        oldest_day = min(int(o["created"]) for o in whole["data"]) // DAY * DAY
-        return [(max(start, oldest_day), now)]
-    lo, hi = start // DAY, now // DAY + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if exists(mid * DAY):
-            hi = mid
-        else:
-            lo = mid
-    first = max(start, lo * DAY)
-    grid = [first, *range((first // size + 1) * size, now, size), now]
-    return list(itertools.pairwise(grid))
+    def request(self, method: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        flat = {k: v for k, v in params.items() if not isinstance(v, dict)}
+        for k, v in params.items():
+            if isinstance(v, dict):
+                flat |= {f"{k}[{op}]": x for op, x in v.items()}
+        return self.c.get(path, flat)
 
 
 def run_floor(spec: dict[str, Any], rec: Recorder, *, windows: bool = False) -> dict[str, Any]:
     """Page every stream and discard the bytes. The plain floor reads each stream with one
     cursor, streams in parallel (the fewest requests there are); ``windows`` makes the same
-    requests as our extractor (probes for the oldest day, then 7-day windows, 4 at a time
-    per stream), to tell the cost of our request plan from the cost of our processing."""
+    requests as our extractor (probes for the oldest window, then windows of 7 days or more
+    for a sparse stream, 4 at a time per stream), to tell the cost of our request plan from
+    the cost of our processing."""
+    from stripe_sage.extract import WINDOW_OBJECTS, backfill_windows
     from stripe_sage.streams import STREAMS
 
     c = _Bare(spec["stripe_url"], _key("BENCH_STRIPE_KEY"), spec["client_rps"])
@@ -263,7 +254,9 @@ def run_floor(spec: dict[str, Any], rec: Recorder, *, windows: bool = False) -> 
         if not windows:
             counts[name] = pages(path, {})
             return
-        plan = _floor_windows(c, path, start, now, size)
+        plan = backfill_windows(
+            _BareAsReader(c), name, start, now, size, min_objects=WINDOW_OBJECTS
+        )
         with ThreadPoolExecutor(spec["workers"]) as pool:
             counts[name] = sum(pool.map(lambda w: window(path, *w), plan))
 

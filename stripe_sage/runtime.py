@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from stripe_sage.extract import DAY, Extractor
+from stripe_sage.extract import DAY, WINDOW_OBJECTS, Extractor
 from stripe_sage.load import Loader
 from stripe_sage.mapping import Mapping, load_mapping
 from stripe_sage.sage_client import SageProClient
@@ -62,6 +62,7 @@ class RunContext:
             now=now,
             backfill_start=now - backfill_days * DAY,
             window_seconds=window_days * DAY,
+            window_objects=WINDOW_OBJECTS,
         )
         loader = Loader(staging, sage, run_id=run_id, concurrency=settings.sage_concurrency)
         return cls(settings, run_id, staging, reader, sage, mapping, extractor, loader)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from stripe_sage.errors import AuthenticationError, NotFoundError, RetryableError
-from stripe_sage.extract import DAY, OVERLAP, Extractor
+from stripe_sage.extract import DAY, OVERLAP, Extractor, window_size
 from stripe_sage.pipeline import stage_all
 from stripe_sage.sandbox.launch import SandboxPair
 from stripe_sage.sandbox.stripe_business import BusinessConfig
@@ -445,7 +445,8 @@ def test_given_small_endpoint_budget_when_client_limit_is_high_then_429s_are_ret
     )
     now = int(time.time())
     with Staging(tmp_path / "fast.duckdb") as st:
-        extractor(pair, st, "run-1", now, reader=reader, window_seconds=365 * DAY).extract_stream(
+        # Weekly windows read four at a time: a burst well over the 5 req/s budget.
+        extractor(pair, st, "run-1", now, reader=reader, window_seconds=7 * DAY).extract_stream(
             "charges", since=END - 40 * DAY
         )
         got = sorted(ids(st, "raw.charges"))
@@ -464,7 +465,7 @@ def test_given_small_endpoint_budget_when_client_limit_is_below_it_then_no_429(
     reader = StripeReader(pair.stripe_key, api_base=pair.stripe_url, max_rps=4.0, max_attempts=1)
     now = int(time.time())
     with Staging(tmp_path / "polite.duckdb") as st:
-        extractor(pair, st, "run-1", now, reader=reader, window_seconds=365 * DAY).extract_stream(
+        extractor(pair, st, "run-1", now, reader=reader, window_seconds=7 * DAY).extract_stream(
             "charges", since=END - 40 * DAY
         )
         got = sorted(ids(st, "raw.charges"))
@@ -602,3 +603,50 @@ def test_given_file_named_after_a_schema_then_clear_configuration_error(tmp_path
 
     with pytest.raises(ConfigurationError, match="staging"):
         Staging(tmp_path / "staging.duckdb")
+
+
+# -- 7. the window plan ------------------------------------------------------------------------
+def test_window_size_doubles_for_a_sparse_page_up_to_64_times() -> None:
+    now = 1_000 * DAY
+    dense = [{"created": now - i * 60} for i in range(100)]  # 100 objects in 100 minutes
+    sparse = [{"created": now - i * DAY} for i in range(100)]  # one a day
+    assert window_size(dense, now, 7 * DAY, 2_000) == 7 * DAY
+    assert window_size(sparse, now, 7 * DAY, 0) == 7 * DAY  # 0: the fixed grid
+    assert window_size(sparse, now, 7 * DAY, 20) == 28 * DAY  # 7 → 14 → 28 days ≥ 20
+    assert window_size(sparse, now, DAY, 10**9) == 64 * DAY
+
+
+def test_given_sparse_stream_when_window_objects_set_then_fewer_windows_same_rows(
+    pair: SandboxPair, tmp_path: Path
+) -> None:
+    want = sorted(expected_ids(pair, ("charges",))["charges"])
+    now = int(time.time())
+    plans = {}
+    for name, kw in {"fixed": {}, "grown": {"window_objects": 40}}.items():
+        reader = reader_for(pair)
+        with Staging(tmp_path / f"{name}.duckdb") as st:
+            stats = extractor(pair, st, name, now, reader=reader, window_seconds=DAY, **kw)
+            stats.extract_stream("charges")
+            assert sorted(ids(st, "raw.charges")) == want, name
+            windows = windows_of(st, "charges")
+            assert_contiguous(windows, oldest(st, "charges"), now)
+            assert sum(w[2] for w in windows) == len(want)  # every row exactly once
+            plans[name] = (windows, reader.stats["requests"])
+    (fixed, fixed_requests), (grown, grown_requests) = plans["fixed"], plans["grown"]
+    assert len(grown) * 4 < len(fixed)
+    assert grown_requests < fixed_requests
+    sizes = {b - a for a, b, _, _ in grown[1:-1]}  # the first and last may be cut short
+    assert len(sizes) == 1 and sizes.pop() // DAY in {2, 4, 8, 16, 32, 64}
+
+
+def test_given_done_windows_when_planned_again_then_the_done_grid_is_kept(
+    pair: SandboxPair, st: Staging
+) -> None:
+    now = int(time.time())
+    ex = extractor(pair, st, "run-1", now, window_seconds=DAY, window_objects=5)
+    first = ex.backfill_windows("charges", now - BACKFILL)
+    assert len(first) > 2
+    ex.window_objects = 10**6  # a fresh plan would now pick a much larger window
+    assert ex.backfill_windows("charges", now - BACKFILL) != first
+    done = set(first[: len(first) // 2])
+    assert ex.backfill_windows("charges", now - BACKFILL, done) == first
