@@ -420,6 +420,7 @@ def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
     from stripe_sage.reconcile import itemise_payouts, payouts_to_itemise
     from stripe_sage.runtime import RunContext
     from stripe_sage.sage_client import SageProClient
+    from stripe_sage.transform import sage_customer_emails
 
     settings = _bench_settings(spec)
     through = THROUGH.index(spec["through"])
@@ -470,13 +471,6 @@ def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
             periods = ctx.sage.fiscal_periods()
             sage = ctx.sage
 
-            def sage_customers() -> pl.DataFrame:
-                rows = [
-                    {"customer_id": c["customer_id"], "email": c.get("email")}
-                    for c in sage.list_customers()
-                ]
-                return pl.DataFrame(rows, schema={"customer_id": pl.String, "email": pl.String})
-
             # As the flow does: slice by slice, each slice enqueued before the next is read
             # ("transform" alone is a dry run). With "plan" the two are interleaved, so the
             # time inside ``enqueue`` is reported as "plan" and the rest as "transform".
@@ -496,7 +490,7 @@ def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
                     ctx.mapping,
                     periods,
                     enqueue if with_plan else None,
-                    sage_customers=sage_customers,
+                    sage_customers=lambda: sage_customer_emails(sage.list_customers()),
                     run_id=run_id,
                 )
                 row["rows"] = sum(totals.planned.values())

@@ -140,15 +140,12 @@ class Loader:
             self.stats.waiting[doc_type] += n
         docs = docs.join(waiting.select("doc_key"), on="doc_key", how="anti")
         # Only the outbox rows of these keys: the whole outbox is millions of rows at scale.
-        self.st.con.register("_enqueue_keys", docs.select("doc_key").to_arrow())
-        try:
+        with self.st.registered("_enqueue_keys", docs.select("doc_key")):
             existing = self.st.frame(
                 "SELECT o.doc_key, o.status, d.error_code AS error_kind FROM sage.outbox o "
                 "LEFT JOIN ops.dead_letters d USING (doc_key) "
                 "WHERE o.doc_key IN (SELECT doc_key FROM _enqueue_keys)"
             )
-        finally:
-            self.st.con.unregister("_enqueue_keys")
         fresh = docs.join(existing.select("doc_key"), on="doc_key", how="anti")
         revive = docs.filter(pl.col("error").is_null()).join(
             existing.filter(

@@ -154,25 +154,6 @@ def _rows_to_plan(st: Staging, stream: str, todo: str, size: int) -> Iterator[pl
         after = rows["id"][-1]
 
 
-class _Slice:
-    """One slice of rows registered with DuckDB as ``_plan_slice``, for the lookups of the
-    rows its documents need (their balance transactions, charges, lines, items)."""
-
-    def __init__(self, st: Staging, rows: pl.DataFrame, columns: tuple[str, ...]) -> None:
-        self.st = st
-        self.ref = rows.select(columns).to_arrow()
-
-    def __enter__(self) -> _Slice:
-        self.st.con.register("_plan_slice", self.ref)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.st.con.unregister("_plan_slice")
-
-    def frame(self, sql: str) -> pl.DataFrame:
-        return self.st.frame(sql)
-
-
 def _document_slices(
     st: Staging,
     mapping: Mapping,
@@ -183,7 +164,9 @@ def _document_slices(
     slice_rows: int,
 ) -> Iterator[pl.DataFrame]:
     """The documents the staged data implies, a slice at a time (before the final check
-    against the outbox, see :func:`plan_slices`)."""
+    against the outbox, see :func:`plan_slices`). Each slice is registered as
+    ``_plan_slice`` while the rows its documents need (balance transactions, charges,
+    lines, items) are read for it."""
     new_customers = st.frame(
         f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.customers s WHERE "
         + _todo("customers", "customer:", "customer_link:", alternatives=True)
@@ -219,17 +202,17 @@ def _document_slices(
     )
 
     for charges in _rows_to_plan(st, "charges", _todo("charges", "cash_receipt:"), slice_rows):
-        with _Slice(st, charges, ("id", "balance_transaction")) as s:
-            bts = s.frame(bts_of_slice)
-            invoice_payments = s.frame(
+        with st.registered("_plan_slice", charges.select("id", "balance_transaction")):
+            bts = st.frame(bts_of_slice)
+            invoice_payments = st.frame(
                 "SELECT p.* FROM staging.invoice_payments p "
                 "WHERE p.charge IN (SELECT id FROM _plan_slice)"
             )
         yield plan_charges(charges, bts, invoice_payments, mapping, pf)
 
     for invoices in _rows_to_plan(st, "invoices", _todo("invoices", "invoice:"), slice_rows):
-        with _Slice(st, invoices, ("id",)) as s:
-            lines = s.frame(
+        with st.registered("_plan_slice", invoices.select("id")):
+            lines = st.frame(
                 "SELECT s.* FROM staging.invoice_lines s "
                 "WHERE s.invoice IN (SELECT id FROM _plan_slice) AND "
                 + _not_quarantined("invoice_lines")
@@ -238,15 +221,16 @@ def _document_slices(
 
     refunds_todo = _todo("refunds", "credit_memo:", "journal_entry:refund_failure:")
     for refunds in _rows_to_plan(st, "refunds", refunds_todo, slice_rows):
-        with _Slice(
-            st, refunds, ("charge", "balance_transaction", "failure_balance_transaction")
-        ) as s:
-            bts = s.frame(
+        with st.registered(
+            "_plan_slice",
+            refunds.select("charge", "balance_transaction", "failure_balance_transaction"),
+        ):
+            bts = st.frame(
                 "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN ("
                 "SELECT balance_transaction FROM _plan_slice "
                 "UNION ALL SELECT failure_balance_transaction FROM _plan_slice)"
             )
-            charges = s.frame(
+            charges = st.frame(
                 "SELECT s.* FROM staging.charges s "
                 "WHERE s.id IN (SELECT charge FROM _plan_slice) AND " + _not_quarantined("charges")
             )
@@ -260,12 +244,12 @@ def _payout_documents(
 ) -> Iterator[pl.DataFrame]:
     todo = _todo("payouts", "journal_entry:", "journal_entry:payout_failure:")
     for payouts in _rows_to_plan(st, "payouts", todo, PAYOUT_SLICE):
-        with _Slice(st, payouts, ("id", "failure_balance_transaction")) as s:
-            items = s.frame(
+        with st.registered("_plan_slice", payouts.select("id", "failure_balance_transaction")):
+            items = st.frame(
                 "SELECT i.* FROM staging.payout_items i "
                 "WHERE i.payout IN (SELECT id FROM _plan_slice)"
             )
-            bts = s.frame(
+            bts = st.frame(
                 "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN ("
                 "SELECT i.balance_transaction FROM staging.payout_items i "
                 "WHERE i.payout IN (SELECT id FROM _plan_slice) "
@@ -277,13 +261,10 @@ def _payout_documents(
 def _without_settled(st: Staging, docs: pl.DataFrame) -> pl.DataFrame:
     """``docs`` minus the keys the outbox has settled (e.g. the invoice of a charge whose
     refund is new)."""
-    st.con.register("_plan_keys", docs.select("doc_key").to_arrow())
-    try:
+    with st.registered("_plan_keys", docs.select("doc_key")):
         settled = st.frame(
             f"SELECT doc_key FROM ({_SETTLED}) WHERE doc_key IN (SELECT doc_key FROM _plan_keys)"
         )
-    finally:
-        st.con.unregister("_plan_keys")
     return docs.join(settled, on="doc_key", how="anti")
 
 

@@ -7,12 +7,13 @@ Secrets never reach any table (nothing here receives them).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -296,11 +297,17 @@ class Staging:
         ).fetchall()
         return int(rows[0][0])
 
+    @contextlib.contextmanager
+    def registered(self, name: str, frame: pl.DataFrame) -> Iterator[None]:
+        """``frame`` readable as the view ``name`` in this connection's SQL, for the block."""
+        self.con.register(name, frame.to_arrow())
+        try:
+            yield
+        finally:
+            self.con.unregister(name)
+
     def frame(self, sql: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
         return self.con.sql(sql, params=list(params or [])).pl()
-
-    def changed(self, stream: str, run_id: str) -> pl.DataFrame:
-        return self.frame(f"SELECT * FROM staging.{stream} WHERE run_id = ?", [run_id])
 
     def changed_slices(self, stream: str, run_id: str, size: int) -> Iterator[pl.DataFrame]:
         """The rows of ``staging.<stream>`` this run changed, ``size`` at a time: one scan,
@@ -325,44 +332,23 @@ class Staging:
         return int(self.con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
 
     # -- quarantine ------------------------------------------------------------------------
-    def replace_quarantine(
-        self,
-        stream: str,
-        ids: Iterable[str],
-        failures: pl.DataFrame,
-        *,
-        changed_by: str | None = None,
-    ) -> None:
-        """Rows re-validated this run (``ids``, and with ``changed_by`` the rows that run
-        changed) leave quarantine unless they failed again."""
-        id_list = list(ids)
+    def requarantine_changed(self, stream: str, run_id: str, failures: pl.DataFrame) -> None:
+        """Rows this run changed were re-validated: they leave quarantine unless they failed
+        again (``failures``). The ids are read in DuckDB, never listed in Python."""
         with self.transaction():
-            if changed_by is not None:
-                self._exec(
-                    f"DELETE FROM staging.quarantine WHERE stream = ? AND id IN ("
-                    f"SELECT id FROM staging.{stream} WHERE run_id = ?)",
-                    [stream, changed_by],
-                )
-            if id_list:
-                self._exec(
-                    "DELETE FROM staging.quarantine WHERE stream = ? AND "
-                    "id IN (SELECT unnest(?::VARCHAR[]))",
-                    [stream, id_list],
-                )
+            self._exec(
+                f"DELETE FROM staging.quarantine WHERE stream = ? AND id IN ("
+                f"SELECT id FROM staging.{stream} WHERE run_id = ?)",
+                [stream, run_id],
+            )
             if failures.height:
                 f = (
                     failures.select("stream", "id", "check", "reason", "run_id")
                     .with_columns(pl.lit(now_utc()).alias("quarantined_at"))
                     .unique(subset=["stream", "id", "check"], keep="last")
                 )
-                self.con.register("_q", f.to_arrow())
-                self._exec("INSERT OR REPLACE INTO staging.quarantine SELECT * FROM _q")
-                self.con.unregister("_q")
-
-    def requarantine_changed(self, stream: str, run_id: str, failures: pl.DataFrame) -> None:
-        """Rows this run changed were re-validated: they leave quarantine unless they failed
-        again (``failures``). The ids are read in DuckDB, never listed in Python."""
-        self.replace_quarantine(stream, (), failures, changed_by=run_id)
+                with self.registered("_q", f):
+                    self._exec("INSERT OR REPLACE INTO staging.quarantine SELECT * FROM _q")
 
     def quarantined_ids(self, stream: str) -> set[str]:
         rows = self.con.execute(

@@ -13,6 +13,8 @@ balance transaction not staged yet): such documents are planned again by the nex
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from typing import Any
 
 import polars as pl
 
@@ -194,6 +196,12 @@ def sage_customer_id(stripe_id: str, prefix: str = "S", salt: int = 0) -> str:
 
 
 SAGE_CUSTOMERS_SCHEMA = {"customer_id": pl.String(), "email": pl.String(), "linked_to": pl.String()}
+
+
+def sage_customer_emails(customers: Iterable[dict[str, Any]]) -> pl.DataFrame:
+    """Sage's customers (as its API lists them) as the frame email matching reads."""
+    rows = [{"customer_id": c["customer_id"], "email": c.get("email")} for c in customers]
+    return pl.DataFrame(rows, schema={"customer_id": pl.String, "email": pl.String})
 
 
 def email_matches(customers: pl.DataFrame, sage_customers: pl.DataFrame) -> pl.DataFrame:

@@ -16,6 +16,7 @@ from stripe_sage.pipeline import plan_into_outbox
 from stripe_sage.sage_client import SageProClient
 from stripe_sage.staging import Staging
 from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.transform import sage_customer_emails
 from stripe_sage.writeback import write_back
 
 
@@ -37,22 +38,13 @@ def plan(
     """Plan the Sage documents the staged data implies, slice by slice into the outbox
     (``dry_run``: only count them). Returns ``planned`` per doc_type, ``planned_errors``
     and ``enqueued``."""
-
-    def sage_customers() -> pl.DataFrame:
-        assert sage is not None
-        rows = [
-            {"customer_id": c["customer_id"], "email": c.get("email")}
-            for c in sage.list_customers()
-        ]
-        return pl.DataFrame(rows, schema={"customer_id": pl.String, "email": pl.String})
-
     totals = plan_into_outbox(
         st,
         mapping,
         periods,
         None if dry_run else loader.enqueue,
         run_id=run_id,
-        sage_customers=sage_customers if sage is not None else None,
+        sage_customers=(lambda: sage_customer_emails(sage.list_customers())) if sage else None,
     )
     get_run_logger().info(
         "planned %d new Sage documents (%d failed planning)%s",
