@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from stripe_sage.staging import Staging
 from stripe_sage.streams import LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
-from stripe_sage.stripe_reader import JSON, StripeReader
+from stripe_sage.stripe_reader import JSON, Response, StripeReader
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,23 @@ def window_pages(
     reader: StripeReader, stream: str, a: int, b: int, *, now: int
 ) -> Iterator[list[JSON]]:
     """The pages of one stream's objects created in ``[a, b)``, with the stream's expansions."""
+    return reader.list_pages(*_window_list(stream, a, b, now))
+
+
+def window_responses(
+    reader: StripeReader, stream: str, a: int, b: int, *, now: int
+) -> Iterator[Response]:
+    """``window_pages`` with each page's body as sent (for ``PageWriter.put_body``)."""
+    return reader.list_responses(*_window_list(stream, a, b, now))
+
+
+def _window_list(stream: str, a: int, b: int, now: int) -> tuple[str, JSON]:
     s = STREAMS[stream]
     # Stripe's timestamps are whole seconds: the window reaching "now" includes this second.
     params: JSON = {"created": {"gte": a, "lt": b + 1 if b >= now else b}}
     if s.expand:
         params["expand"] = [f"data.{e}" for e in s.expand]
-    return reader.list_pages(s.path, params)
+    return s.path, params
 
 
 def invoice_lines(reader: StripeReader, invoices: Iterable[JSON]) -> list[JSON]:
@@ -208,6 +219,10 @@ class PageWriter:
     def put_page(self, stream: str, objects: list[JSON], source: str) -> None:
         self._put(("page", stream, objects, source))
 
+    def put_body(self, stream: str, body: bytes, source: str) -> None:
+        """A list page as Stripe sent it: DuckDB splits it (``Staging.upsert_pages``)."""
+        self._put(("body", stream, body, source))
+
     def put_call(self, fn: Callable[[], None]) -> None:
         self._put(("call", fn))
 
@@ -281,23 +296,34 @@ class PageWriter:
                 return
 
     def _commit(self, items: list[Any]) -> None:
-        if not any(item[0] in ("page", "call") for item in items):
+        if not any(item[0] in ("page", "body", "call") for item in items):
             return
         with self.lock, self.staging.transaction():
-            pending: dict[tuple[str, str], list[JSON]] = {}
+            # Pages of one stream are merged into one write; a stream's pages of another
+            # kind or source first write what is pending, so the last version still wins.
+            pending: dict[tuple[str, str, str], list[Any]] = {}
             for item in items:
-                if item[0] == "page":
-                    pending.setdefault((item[1], item[3]), []).extend(item[2])
+                if item[0] in ("page", "body"):
+                    kind, stream, content, source = item
+                    key = (stream, source, kind)
+                    if key not in pending and any(k[0] == stream for k in pending):
+                        self._write_pages(pending)
+                    if kind == "page":
+                        pending.setdefault(key, []).extend(content)
+                    else:
+                        pending.setdefault(key, []).append(content)
                 elif item[0] == "call":
                     self._write_pages(pending)
                     item[1]()
             self._write_pages(pending)
 
-    def _write_pages(self, pending: dict[tuple[str, str], list[JSON]]) -> None:
-        for (stream, source), objects in pending.items():
-            self.staging.upsert_raw(
-                stream, objects, source=source, run_id=self.run_id, api_version=self.api_version
-            )
+    def _write_pages(self, pending: dict[tuple[str, str, str], list[Any]]) -> None:
+        kw = {"run_id": self.run_id, "api_version": self.api_version}
+        for (stream, source, kind), content in pending.items():
+            if kind == "page":
+                self.staging.upsert_raw(stream, content, source=source, **kw)
+            else:
+                self.staging.upsert_pages(stream, content, source=source, **kw)
         pending.clear()
 
 
@@ -334,11 +360,17 @@ class Extractor:
         )
 
     # -- writing ---------------------------------------------------------------------------
-    def _write(self, stream: str, objects: list[JSON], source: str) -> int:
-        """Queue one page (and an invoice page's lines) for the writer thread."""
+    def _write(
+        self, stream: str, objects: list[JSON], source: str, body: bytes | None = None
+    ) -> int:
+        """Queue one page (and an invoice page's lines) for the writer thread; a listed page
+        goes as its ``body`` (the objects parsed from it are only read here)."""
         # Lines past the tenth are paged from Stripe here, in the HTTP thread.
         lines = invoice_lines(self.reader, objects) if stream == "invoices" else []
-        self.writer.put_page(stream, objects, source)
+        if body is None:
+            self.writer.put_page(stream, objects, source)
+        else:
+            self.writer.put_body(stream, body, source)
         if lines:
             self.writer.put_page("invoice_lines", lines, source)
         return len({o["id"] for o in objects})
@@ -348,8 +380,8 @@ class Extractor:
         """Write a window page by page (memory stays at a few pages); with ``checkpoint``,
         record the window as done once its last page is committed."""
         n = 0
-        for page in window_pages(self.reader, stream, a, b, now=self.now):
-            n += self._write(stream, page, "list")
+        for page in window_responses(self.reader, stream, a, b, now=self.now):
+            n += self._write(stream, page.data["data"], "list", body=page.body)
         if checkpoint:
             rows = n
 

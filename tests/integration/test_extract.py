@@ -8,6 +8,7 @@ business of their own, the others share one (its faults and rate limit are reset
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from collections.abc import Iterator
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+import stripe
 
 from stripe_sage.errors import AuthenticationError, NotFoundError, RetryableError
 from stripe_sage.extract import DAY, OVERLAP, Extractor, window_size
@@ -652,3 +655,72 @@ def test_given_done_windows_when_planned_again_then_the_done_grid_is_kept(
     assert ex.backfill_windows("charges", now - BACKFILL) != first
     done = set(first[: len(first) // 2])
     assert ex.backfill_windows("charges", now - BACKFILL, done) == first
+
+
+# -- list pages stored as sent ---------------------------------------------------------------
+def test_given_listed_pages_when_stored_as_bodies_then_rows_equal_those_stored_as_objects(
+    pair: SandboxPair, tmp_path: Path
+) -> None:
+    """``upsert_pages`` (DuckDB splits the bodies Stripe sent) writes what ``upsert_raw``
+    writes for the parsed objects: the same raw text, created and staged columns; the last
+    version of an id wins, across pages and within one."""
+    reader = reader_for(pair)
+    streams = ("charges", "invoices", "balance_transactions", "customers")
+    with (
+        Staging(tmp_path / "bodies.duckdb") as by_body,
+        Staging(tmp_path / "objects.duckdb") as by_object,
+    ):
+        for stream in streams:
+            pages = list(reader.list_responses(STREAMS[stream].path, limit=7))
+            assert len(pages) > 2, stream
+            objects = [o for p in pages for o in p.data["data"]]
+            bodies = [p.body for p in pages]
+            n = by_body.upsert_pages(stream, bodies, source="list", run_id="r1")
+            by_object.upsert_raw(stream, objects, source="list", run_id="r1")
+            assert n == len({o["id"] for o in objects}) > 14, stream
+        charge = next(reader.list_responses(STREAMS["charges"].path, limit=1)).data["data"][0]
+        v2 = {**charge, "description": "second version"}
+        v3 = {**charge, "description": "third version"}
+        bodies = [
+            orjson.dumps({"object": "list", "data": [charge], "has_more": False}),
+            orjson.dumps({"object": "list", "data": [v2, v3], "has_more": False}),
+        ]
+        assert by_body.upsert_pages("charges", bodies, source="event", run_id="r2") == 1
+        by_object.upsert_raw("charges", [charge, v2, v3], source="event", run_id="r2")
+
+        for stream in streams:
+            for sql in (
+                f"SELECT * EXCLUDE (extracted_at, data), data::VARCHAR FROM raw.{stream}",
+                f"SELECT * EXCLUDE (staged_at) FROM staging.{stream}",
+            ):
+                got = by_body.con.execute(f"{sql} ORDER BY id").fetchall()
+                assert got, sql
+                assert got == by_object.con.execute(f"{sql} ORDER BY id").fetchall(), sql
+        sql = "SELECT description, run_id FROM staging.charges WHERE id = ?"
+        assert one(by_body, sql, [charge["id"]]) == ("third version", "r2")
+
+
+def test_sdk_formats_a_response_body_for_its_debug_log_only_when_it_is_logged(
+    pair: SandboxPair, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stripe-python formats every body for its debug line before asking whether anything
+    logs it (~40 % of a list request's CPU); the reader formats it only when it is logged."""
+    formatted: list[str] = []
+    logfmt = stripe._util.logfmt
+
+    def counting_logfmt(props: dict[str, Any]) -> str:  # a spy: the SDK's own function runs
+        formatted.append(str(props.get("message")))
+        return str(logfmt(props))
+
+    monkeypatch.setattr(stripe._util, "logfmt", counting_logfmt)
+    reader = reader_for(pair)
+    with caplog.at_level(logging.WARNING, logger="stripe"):
+        assert reader.request("get", "/v1/charges", {"limit": 5})["data"]
+    assert "API response body" not in formatted
+    assert "Stripe API response" in formatted  # the SDK's info line is untouched
+
+    with caplog.at_level(logging.DEBUG, logger="stripe"):
+        page = reader.request("get", "/v1/charges", {"limit": 5})
+    assert "API response body" in formatted
+    body_lines = [r.getMessage() for r in caplog.records if "API response body" in r.getMessage()]
+    assert len(body_lines) == 1 and page["data"][0]["id"] in body_lines[0]
