@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from stripe_sage.staging import Staging
 from stripe_sage.streams import LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
-from stripe_sage.stripe_reader import JSON, Response, StripeReader
+from stripe_sage.stripe_reader import JSON, ListPage, StripeReader
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,11 @@ def window_pages(
     return reader.list_pages(*_window_list(stream, a, b, now))
 
 
-def window_responses(
+def window_bodies(
     reader: StripeReader, stream: str, a: int, b: int, *, now: int
-) -> Iterator[Response]:
-    """``window_pages`` with each page's body as sent (for ``PageWriter.put_body``)."""
-    return reader.list_responses(*_window_list(stream, a, b, now))
+) -> Iterator[ListPage]:
+    """``window_pages`` as Stripe sent them (for ``PageWriter.put_body``)."""
+    return reader.list_bodies(*_window_list(stream, a, b, now))
 
 
 def _window_list(stream: str, a: int, b: int, now: int) -> tuple[str, JSON]:
@@ -360,28 +360,31 @@ class Extractor:
         )
 
     # -- writing ---------------------------------------------------------------------------
-    def _write(
-        self, stream: str, objects: list[JSON], source: str, body: bytes | None = None
-    ) -> int:
-        """Queue one page (and an invoice page's lines) for the writer thread; a listed page
-        goes as its ``body`` (the objects parsed from it are only read here)."""
-        # Lines past the tenth are paged from Stripe here, in the HTTP thread.
-        lines = invoice_lines(self.reader, objects) if stream == "invoices" else []
-        if body is None:
-            self.writer.put_page(stream, objects, source)
+    def _write(self, stream: str, page: list[JSON] | ListPage, source: str) -> int:
+        """Queue one page (and an invoice page's lines) for the writer thread. A listed page
+        goes as Stripe sent it: only an invoice page is parsed here, for its lines."""
+        lines: list[JSON] = []
+        if stream == "invoices":
+            # Lines past the tenth are paged from Stripe here, in the HTTP thread.
+            objects = page.objects() if isinstance(page, ListPage) else page
+            lines = invoice_lines(self.reader, objects)
+        if isinstance(page, ListPage):
+            self.writer.put_body(stream, page.body, source)
+            ids = page.ids
         else:
-            self.writer.put_body(stream, body, source)
+            self.writer.put_page(stream, page, source)
+            ids = [o["id"] for o in page]
         if lines:
             self.writer.put_page("invoice_lines", lines, source)
-        return len({o["id"] for o in objects})
+        return len(set(ids))
 
     # -- listed streams --------------------------------------------------------------------
     def _read_window(self, stream: str, a: int, b: int, *, checkpoint: bool = False) -> int:
         """Write a window page by page (memory stays at a few pages); with ``checkpoint``,
         record the window as done once its last page is committed."""
         n = 0
-        for page in window_responses(self.reader, stream, a, b, now=self.now):
-            n += self._write(stream, page.data["data"], "list", body=page.body)
+        for page in window_bodies(self.reader, stream, a, b, now=self.now):
+            n += self._write(stream, page, "list")
         if checkpoint:
             rows = n
 

@@ -20,7 +20,7 @@ import orjson
 import pytest
 import stripe
 
-from stripe_sage.errors import AuthenticationError, NotFoundError, RetryableError
+from stripe_sage.errors import AuthenticationError, FatalError, NotFoundError, RetryableError
 from stripe_sage.extract import DAY, OVERLAP, Extractor, window_size
 from stripe_sage.pipeline import stage_all
 from stripe_sage.sandbox.launch import SandboxPair
@@ -671,14 +671,14 @@ def test_given_listed_pages_when_stored_as_bodies_then_rows_equal_those_stored_a
         Staging(tmp_path / "objects.duckdb") as by_object,
     ):
         for stream in streams:
-            pages = list(reader.list_responses(STREAMS[stream].path, limit=7))
+            pages = list(reader.list_bodies(STREAMS[stream].path, limit=7))
             assert len(pages) > 2, stream
-            objects = [o for p in pages for o in p.data["data"]]
+            objects = [o for p in pages for o in p.objects()]
             bodies = [p.body for p in pages]
             n = by_body.upsert_pages(stream, bodies, source="list", run_id="r1")
             by_object.upsert_raw(stream, objects, source="list", run_id="r1")
             assert n == len({o["id"] for o in objects}) > 14, stream
-        charge = next(reader.list_responses(STREAMS["charges"].path, limit=1)).data["data"][0]
+        charge = next(reader.list_bodies(STREAMS["charges"].path, limit=1)).objects()[0]
         v2 = {**charge, "description": "second version"}
         v3 = {**charge, "description": "third version"}
         bodies = [
@@ -724,3 +724,16 @@ def test_sdk_formats_a_response_body_for_its_debug_log_only_when_it_is_logged(
     assert "API response body" in formatted
     body_lines = [r.getMessage() for r in caplog.records if "API response body" in r.getMessage()]
     assert len(body_lines) == 1 and page["data"][0]["id"] in body_lines[0]
+
+
+def test_given_a_body_that_is_not_a_list_when_paged_then_clear_error_not_an_empty_stream(
+    pair: SandboxPair,
+) -> None:
+    reader = reader_for(pair)
+    charge = next(reader.list_bodies(STREAMS["charges"].path, limit=1))
+    assert charge.ids and charge.objects()[0]["id"] == charge.ids[0]
+    path = "/_sandbox/info"  # a 200 with a JSON object that is not a list
+    with pytest.raises(FatalError, match=f"GET {path}: unexpected response body") as err:
+        list(reader.list_bodies(path))
+    assert err.value.http_status == 200
+    assert reader.stats["retries"] == 0
