@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import logging
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,8 @@ import pyarrow as pa
 
 from stripe_sage.errors import ConfigurationError
 from stripe_sage.streams import STREAMS
+
+log = logging.getLogger(__name__)
 
 SCHEMAS = ("raw", "staging", "sage", "ops")
 STAGE_SLICE = 4_000
@@ -178,6 +181,14 @@ class Staging:
     def close(self) -> None:
         self.con.close()
 
+    def checkpoint(self) -> None:
+        """Write the WAL into the database file. Skipped (logged) while another connection
+        of this process has a transaction open: the WAL is durable, a later one folds it."""
+        try:
+            self._exec("CHECKPOINT")
+        except duckdb.TransactionException as exc:
+            log.info("checkpoint deferred: %s", exc)
+
     def __enter__(self) -> Staging:
         return self
 
@@ -189,9 +200,14 @@ class Staging:
         for schema in SCHEMAS:
             self._exec(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         for stream in STREAMS.values():
+            # zstd for the documents: with DuckDB's default (it analyses dictionary and FSST
+            # per segment) a checkpoint took three times as long and the file was three times
+            # larger (30k charges: 0.78 s / 37 MB against 0.27 s / 11 MB; scans as fast).
+            # Tables created before keep their compression.
             self._exec(f"""
                 CREATE TABLE IF NOT EXISTS raw.{stream.name} (
-                    id VARCHAR PRIMARY KEY, created TIMESTAMPTZ, data JSON, source VARCHAR,
+                    id VARCHAR PRIMARY KEY, created TIMESTAMPTZ,
+                    data JSON USING COMPRESSION zstd, source VARCHAR,
                     api_version VARCHAR, extracted_at TIMESTAMPTZ, run_id VARCHAR)""")
             cols = ", ".join(f'"{c.name}" {c.sql_type}' for c in stream.columns)
             self._exec(f"""

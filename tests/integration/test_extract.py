@@ -737,3 +737,26 @@ def test_given_a_body_that_is_not_a_list_when_paged_then_clear_error_not_an_empt
         list(reader.list_bodies(path))
     assert err.value.http_status == 200
     assert reader.stats["retries"] == 0
+
+
+def test_given_extracted_streams_when_staged_then_wal_is_folded_and_documents_are_zstd(
+    pair: SandboxPair, st: Staging
+) -> None:
+    """The WAL may grow to 1 GB during extraction (no checkpoint every 16 MB); the stage step
+    folds it into the file once. Stored documents are zstd-compressed."""
+    now = int(time.time())
+    ex = extractor(pair, st, "run-1", now, window_seconds=14 * DAY)
+    for stream in ("charges", "customers"):
+        ex.extract_stream(stream)
+    wal = st.path.with_name(st.path.name + ".wal")
+    assert wal.exists() and wal.stat().st_size > 100_000  # extraction left it unfolded
+    stage_all(st, "run-1")
+    assert not wal.exists() or wal.stat().st_size == 0
+    methods = {
+        r[0]
+        for r in st.con.execute(
+            "SELECT compression FROM pragma_storage_info('raw.charges') "
+            "WHERE column_name = 'data' AND segment_type = 'JSON'"
+        ).fetchall()
+    }
+    assert "ZSTD" in methods, methods
