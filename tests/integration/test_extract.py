@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 import stripe
 
 from stripe_sage.errors import AuthenticationError, FatalError, NotFoundError, RetryableError
-from stripe_sage.extract import DAY, OVERLAP, Extractor, window_size
+from stripe_sage.extract import DAY, OVERLAP, Extractor, PageWriter, window_size
 from stripe_sage.pipeline import stage_all
 from stripe_sage.sandbox.launch import SandboxPair
 from stripe_sage.sandbox.stripe_business import BusinessConfig
@@ -760,3 +761,35 @@ def test_given_extracted_streams_when_staged_then_wal_is_folded_and_documents_ar
         ).fetchall()
     }
     assert "ZSTD" in methods, methods
+
+
+def test_given_one_commit_mixing_listed_pages_and_objects_of_a_stream_then_the_last_wins(
+    tmp_path: Path,
+) -> None:
+    """The writer merges a stream's pages per kind and source; when a stream's pages of
+    another kind or source come in between, what is pending is written first."""
+    charge = {"id": "ch_1", "object": "charge", "created": 1_700_000_000, "amount": 100}
+
+    def listed(description: str) -> bytes:
+        page = [{**charge, "description": description}]
+        return orjson.dumps({"object": "list", "data": page, "has_more": False})
+
+    with Staging(tmp_path / "writer.duckdb") as st:
+        writer = PageWriter(st, threading.Lock(), run_id="r1", api_version="v")
+        writer._commit(
+            [
+                ("body", "charges", listed("listed first"), "list"),
+                ("page", "charges", [{**charge, "description": "from an event"}], "event"),
+                ("body", "charges", listed("listed again"), "list"),
+            ]
+        )
+        sql = "SELECT description FROM staging.charges WHERE id = 'ch_1'"
+        assert one(st, sql, []) == ("listed again",)
+        assert one(st, "SELECT source FROM raw.charges WHERE id = 'ch_1'", []) == ("list",)
+        writer._commit(
+            [
+                ("body", "charges", listed("listed"), "list"),
+                ("page", "charges", [{**charge, "description": "from an event"}], "event"),
+            ]
+        )
+        assert one(st, sql, []) == ("from an event",)
