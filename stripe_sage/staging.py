@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import functools
 import json
-import logging
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -25,8 +24,6 @@ import pyarrow as pa
 
 from stripe_sage.errors import ConfigurationError
 from stripe_sage.streams import STREAMS
-
-log = logging.getLogger(__name__)
 
 SCHEMAS = ("raw", "staging", "sage", "ops")
 STAGE_SLICE = 4_000
@@ -182,12 +179,8 @@ class Staging:
         self.con.close()
 
     def checkpoint(self) -> None:
-        """Write the WAL into the database file. Skipped (logged) while another connection
-        of this process has a transaction open: the WAL is durable, a later one folds it."""
-        try:
-            self._exec("CHECKPOINT")
-        except duckdb.TransactionException as exc:
-            log.info("checkpoint deferred: %s", exc)
+        """Write the WAL into the database file."""
+        self._exec("CHECKPOINT")
 
     def __enter__(self) -> Staging:
         return self

@@ -75,9 +75,12 @@ class ListPage:
     body: bytes  # ``{"object": "list", "data": [...], "has_more": ...}``
     ids: list[str]  # the objects' ids, in the page's order
     has_more: bool
+    parsed: list[JSON] | None = None  # the objects, when the page was parsed whole
 
     def objects(self) -> list[JSON]:
         """The page's objects, parsed on demand (a writer can store ``body`` as it is)."""
+        if self.parsed is not None:
+            return self.parsed
         data: list[JSON] = orjson.loads(self.body)["data"]
         return data
 
@@ -100,14 +103,21 @@ _LIST_HEAD = msgspec.json.Decoder(_ListHead)
 def _list_page(body: bytes) -> ListPage:
     head = _LIST_HEAD.decode(body)
     if head.object != "list":  # never read another object as an empty list
-        raise msgspec.DecodeError(f"a {head.object!r}, not a list")
+        raise ValueError(f"a {head.object!r}, not a list")
     return ListPage(body, [o.id for o in head.data], head.has_more)
+
+
+def _parsed_page(body: bytes) -> ListPage:
+    """A list page parsed whole, for callers that want its objects."""
+    page = _json_object(body)
+    data: list[JSON] = page.get("data", [])
+    return ListPage(body, [o["id"] for o in data], bool(page.get("has_more")), data)
 
 
 def _json_object(body: bytes) -> JSON:
     data = orjson.loads(body)
     if not isinstance(data, dict):
-        raise msgspec.DecodeError("not a JSON object")
+        raise ValueError("not a JSON object")
     return data
 
 
@@ -257,7 +267,7 @@ class StripeReader:
         if 200 <= code < 300:
             try:
                 return parse(cast(bytes, body))
-            except (orjson.JSONDecodeError, msgspec.DecodeError, TypeError):
+            except ValueError:  # orjson's and msgspec's decode errors, or not the shape asked
                 pass  # the SDK's parse below raises its "invalid response body" error
         requestor._interpret_response(body, code, headers, api_mode)  # raises on 4xx/5xx
         # A 2xx body that is JSON but not what was asked for (an object, a list page).
@@ -272,24 +282,22 @@ class StripeReader:
         self, path: str, params: JSON | None = None, *, limit: int = 100
     ) -> Iterator[list[JSON]]:
         """Every page of a list, newest first, following ``starting_after``."""
-        query: JSON = {**(params or {}), "limit": limit}
-        while True:
-            page = self._request("get", path, query, None, _json_object)
-            data = page.get("data", [])
-            if data:
-                yield data
-            if not page.get("has_more") or not data:
-                return
-            query["starting_after"] = data[-1]["id"]
+        for page in self._pages(path, params, limit, _parsed_page):
+            yield page.objects()
 
     def list_bodies(
         self, path: str, params: JSON | None = None, *, limit: int = 100
     ) -> Iterator[ListPage]:
         """``list_pages`` with each page as Stripe sent it (for a writer that stores the
         objects without building them in Python): paging reads only ids and ``has_more``."""
+        return self._pages(path, params, limit, _list_page)
+
+    def _pages(
+        self, path: str, params: JSON | None, limit: int, parse: Callable[[bytes], ListPage]
+    ) -> Iterator[ListPage]:
         query: JSON = {**(params or {}), "limit": limit}
         while True:
-            page = self._request("get", path, query, None, _list_page)
+            page = self._request("get", path, query, None, parse)
             if page.ids:
                 yield page
             if not page.has_more or not page.ids:
