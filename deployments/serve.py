@@ -27,7 +27,7 @@ from flows.reconcile_payouts import reconcile_payouts
 from flows.replay_dead_letters import replay_dead_letters
 from flows.stripe_to_sage import stripe_to_sage
 from flows.sync_customers_from_sage import sync_customers_from_sage
-from stripe_sage.webhooks import INBOX_RESOURCE, TRIGGER_EVENT
+from stripe_sage.stripe.webhooks import INBOX_RESOURCE, TRIGGER_EVENT
 
 
 def deployments() -> dict[str, object]:

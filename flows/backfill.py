@@ -37,7 +37,12 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.stripe_to_sage import stripe_to_sage
-from stripe_sage.backfill import (
+from stripe_sage.metrics import peak_rss_mb
+from stripe_sage.plan.outbox import previous_totals
+from stripe_sage.runtime import stripe_reader
+from stripe_sage.settings import Settings
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.backfill import (
     Window,
     chunk,
     extract_window,
@@ -46,14 +51,9 @@ from stripe_sage.backfill import (
     plan_windows,
     windows_done,
 )
-from stripe_sage.extract import DAY
-from stripe_sage.metrics import peak_rss_mb
-from stripe_sage.pipeline import previous_totals
-from stripe_sage.runtime import stripe_reader
-from stripe_sage.settings import Settings
-from stripe_sage.staging import Staging
-from stripe_sage.streams import LISTED_STREAMS
-from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.stripe.client import StripeReader
+from stripe_sage.stripe.extract import DAY
+from stripe_sage.stripe.streams import LISTED_STREAMS
 from tasks.reconcile import itemise_payouts
 from tasks.staging import quality, stage
 from tasks.writer import writer_slot

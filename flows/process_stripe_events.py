@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow, runtime
 
 from stripe_sage.settings import Settings
-from stripe_sage.webhooks import Inbox
+from stripe_sage.stripe.webhooks import Inbox
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
 from tasks.sage import fiscal_periods, load, plan, write_back_task

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, runtime
 from prefect.logging import get_run_logger
 
-from stripe_sage.replay import release_dead_letters
+from stripe_sage.sage.replay import release_dead_letters
 from stripe_sage.settings import Settings
 from tasks.sage import fiscal_periods, load, plan
 from tasks.writer import open_run

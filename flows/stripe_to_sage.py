@@ -13,10 +13,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from stripe_sage.metrics import peak_rss_mb
-from stripe_sage.pipeline import previous_totals, summary_counts
+from stripe_sage.plan.outbox import previous_totals, summary_counts
 from stripe_sage.settings import Settings
-from stripe_sage.streams import LISTED_STREAMS
-from stripe_sage.webhooks import Inbox
+from stripe_sage.stripe.streams import LISTED_STREAMS
+from stripe_sage.stripe.webhooks import Inbox
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
 from tasks.sage import fiscal_periods, load, plan, write_back_task

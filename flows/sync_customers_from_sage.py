@@ -9,11 +9,11 @@ from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from stripe_sage.customer_master import ConflictRule, sync_from_sage
-from stripe_sage.sage_client import SageProClient
+from stripe_sage.sage.client import SageProClient
+from stripe_sage.sage.customer_master import ConflictRule, sync_from_sage
 from stripe_sage.settings import Settings
-from stripe_sage.staging import Staging
-from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.client import StripeReader
 from tasks.writer import open_run
 
 

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import polars as pl
 
 from stripe_sage.money import KNOWN_CURRENCIES
-from stripe_sage.streams import STREAMS
+from stripe_sage.stripe.streams import STREAMS
 
 Kind = Literal[
     "not_null",  # per row: value present

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stripe_sage.errors import ConfigurationError
-from stripe_sage.streams import STREAMS
+from stripe_sage.stripe.streams import STREAMS
 
 TEMPLATE_FIELD = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from stripe_sage.extract import DAY, WINDOW_OBJECTS, Extractor
-from stripe_sage.load import Loader
 from stripe_sage.mapping import Mapping, load_mapping
-from stripe_sage.sage_client import SageProClient
+from stripe_sage.sage.client import SageProClient
+from stripe_sage.sage.loader import Loader
 from stripe_sage.settings import Settings
-from stripe_sage.staging import Staging
-from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.client import StripeReader
+from stripe_sage.stripe.extract import DAY, WINDOW_OBJECTS, Extractor
 
 
 def stripe_reader(settings: Settings, max_rps: float | None = None) -> StripeReader:

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     webhook_port: int = Field(default=8787)
     # Prefect's API (the receiver posts events there); unset: no trigger, the sync drains.
     prefect_api_url: str | None = Field(default=None)
-    # Alerts (stripe_sage/alerts.py): where notifications go (a Slack-style incoming webhook
+    # Alerts (tasks/alerts.py): where notifications go (a Slack-style incoming webhook
     # URL often carries a token, hence secret), and how many open dead letters raise one.
     alert_webhook_url: SecretStr | None = Field(default=None)
     dead_letter_alert_threshold: int = Field(default=25, ge=0)

@@ -8,8 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from stripe_sage.extract import Extractor
-from stripe_sage.webhooks import Inbox, events_by_stream
+from stripe_sage.stripe.extract import Extractor
+from stripe_sage.stripe.webhooks import Inbox, events_by_stream
 
 
 @task(name="drain-inbox", cache_policy=NO_CACHE)

@@ -11,11 +11,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from stripe_sage import reconcile
 from stripe_sage.mapping import Mapping
-from stripe_sage.pipeline import plan_payout_documents
-from stripe_sage.staging import Staging
-from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.plan.outbox import plan_payout_documents
+from stripe_sage.reconcile import report as reconcile
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.client import StripeReader
 
 
 @task(name="itemise-payouts", cache_policy=NO_CACHE)

@@ -10,14 +10,14 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from stripe_sage.load import Loader
 from stripe_sage.mapping import Mapping
-from stripe_sage.pipeline import plan_into_outbox
-from stripe_sage.sage_client import SageProClient
-from stripe_sage.staging import Staging
-from stripe_sage.stripe_reader import StripeReader
-from stripe_sage.transform import sage_customer_emails
-from stripe_sage.writeback import write_back
+from stripe_sage.plan.documents import sage_customer_emails
+from stripe_sage.plan.outbox import plan_into_outbox
+from stripe_sage.sage.client import SageProClient
+from stripe_sage.sage.loader import Loader
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.client import StripeReader
+from stripe_sage.stripe.writeback import write_back
 
 
 @task(name="fiscal-periods", cache_policy=NO_CACHE)

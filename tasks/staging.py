@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from stripe_sage.pipeline import QualityOutcome, stage_all, validate_all
-from stripe_sage.staging import Staging
+from stripe_sage.plan.outbox import QualityOutcome, stage_all, validate_all
+from stripe_sage.store.staging import Staging
 
 
 @task(name="stage", cache_policy=NO_CACHE)
@@ -58,7 +58,7 @@ def quality(
 @task(name="publish-snapshot", cache_policy=NO_CACHE)
 def publish_snapshot(st: Staging, root: Path, run_id: str) -> str:
     """Refresh the analysts' read-only snapshot (Parquet + views), atomically."""
-    from stripe_sage.snapshot import publish
+    from stripe_sage.store.snapshot import publish
 
     path = publish(st, root, run_id)
     get_run_logger().info("analyst snapshot published: %s", path)

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from stripe_sage.extract import Extractor
+from stripe_sage.stripe.extract import Extractor
 
 
 @task(name="extract-stream", task_run_name="extract-{stream}", cache_policy=NO_CACHE)

@@ -23,9 +23,9 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_run_logger
 
-from stripe_sage.alerts import auth_error_in, emit_auth_failed, emit_dead_letters
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
+from tasks.alerts import auth_error_in, emit_auth_failed, emit_dead_letters
 
 WRITER_LIMIT = "stripe-sage-duckdb-writer"
 # A slot's lease is renewed while the run holds it; a process that died (or could not reach

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
+from devkit.sandbox.runner import free_port
 from stripe_sage.metrics import peak_rss_mb
-from stripe_sage.sandbox.runner import free_port
 from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
 
 END = 1_782_777_600  # a fixed business end: reruns measure the same data
@@ -39,7 +39,7 @@ def start_sandbox(
     cmd = [
         sys.executable,
         "-m",
-        "stripe_sage.cli",
+        "stripe_sage.cli.main",
         "sandbox",
         "--charges",
         str(charges),
@@ -143,7 +143,7 @@ def _sandboxes_for_flows(args: argparse.Namespace) -> subprocess.Popen[bytes]:
             "SAGE_CONCURRENCY": str(args.sage_concurrency),
         }
     )
-    from stripe_sage.commands import prefect_defaults
+    from stripe_sage.cli.commands import prefect_defaults
 
     prefect_defaults()
     return proc
@@ -186,7 +186,7 @@ def bench_receiver(args: argparse.Namespace) -> dict[str, Any]:
     import statistics
     from concurrent.futures import ThreadPoolExecutor
 
-    from stripe_sage.sandbox.stripe_app import sign_payload
+    from devkit.sandbox.stripe_app import sign_payload
 
     data = Path(args.out)
     data.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def bench_receiver(args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "WEBHOOK_INBOX": str(inbox), "STRIPE_WEBHOOK_SECRET": secret}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stripe_sage.cli", "webhooks", "--port", str(port)],
+        [sys.executable, "-m", "stripe_sage.cli.main", "webhooks", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -301,20 +301,20 @@ def bench_reconcile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _realtime(args: argparse.Namespace) -> dict[str, Any]:
-    from stripe_sage.bench_realtime import bench_realtime
+    from devkit.bench.realtime import bench_realtime
 
     return bench_realtime(events=args.events)
 
 
 def _backfill(args: argparse.Namespace) -> dict[str, Any]:
-    from stripe_sage.bench_backfill import bench_backfill
+    from devkit.bench.backfill import bench_backfill
 
     return bench_backfill(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what in ("compare", "scale"):
-        from stripe_sage import bench_compare
+        from devkit.bench import compare as bench_compare
 
         return (
             bench_compare.bench_compare if args.what == "compare" else bench_compare.bench_scale

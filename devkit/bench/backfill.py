@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 import psutil
 
-from stripe_sage.bench import END
+from devkit.bench import END
 from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
 
 
@@ -58,7 +58,7 @@ def run_backfill(fan_out: str, env: dict[str, str], args: argparse.Namespace, lo
     cmd = [
         sys.executable,
         "-m",
-        "stripe_sage.cli",
+        "stripe_sage.cli.main",
         "backfill",
         "--fan-out",
         fan_out,
@@ -102,8 +102,8 @@ def run_backfill(fan_out: str, env: dict[str, str], args: argparse.Namespace, lo
 
 
 def time_publish(db: Path, out: Path) -> dict[str, Any]:
-    from stripe_sage.snapshot import publish
-    from stripe_sage.staging import Staging
+    from stripe_sage.store.snapshot import publish
+    from stripe_sage.store.staging import Staging
 
     with Staging(db) as st:
         t = time.perf_counter()
@@ -114,7 +114,7 @@ def time_publish(db: Path, out: Path) -> dict[str, Any]:
 
 
 def bench_backfill(args: argparse.Namespace) -> dict[str, Any]:
-    from stripe_sage.bench import start_sandbox
+    from devkit.bench import start_sandbox
 
     data = Path(args.out)
     data.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
-from stripe_sage.streams import LISTED_STREAMS
+from stripe_sage.stripe.streams import LISTED_STREAMS
 
 CONTENDERS = ("floor", "floor_windows", "dlt", "ours")
 
@@ -63,7 +63,7 @@ def run_contender(
     cmd = [
         sys.executable,
         "-m",
-        "stripe_sage.bench_contenders",
+        "devkit.bench.contenders",
         name,
         "--spec",
         str(spec_path),
@@ -158,7 +158,7 @@ def print_table(charges: int, results: dict[str, dict[str, Any]], summary: dict[
 
 
 def compare_once(args: argparse.Namespace, charges: int) -> dict[str, Any]:
-    from stripe_sage.bench import start_sandbox
+    from devkit.bench import start_sandbox
     from stripe_sage.metrics import peak_rss_mb
 
     out = Path(args.out)

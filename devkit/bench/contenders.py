@@ -1,6 +1,6 @@
 """The three contenders of ``stripe-sage bench compare``, each run in its own process.
 
-``python -m stripe_sage.bench_contenders floor|dlt|ours --spec spec.json --result out.json``
+``python -m devkit.bench.contenders floor|dlt|ours --spec spec.json --result out.json``
 
 - **floor**: a bare ``httpx`` client pages through the same endpoints with the same page size,
   the same windows, the same concurrency and the same client-side rate limit as our reader,
@@ -154,7 +154,7 @@ class _Bare:
     """A bare client: httpx, the reader's rate limiter, a single retry on 429/5xx."""
 
     def __init__(self, url: str, key: str, rps: float) -> None:
-        from stripe_sage.stripe_reader import RateLimiter
+        from stripe_sage.stripe.client import RateLimiter
 
         self.http = httpx_client(url, key)
         self.limiter = RateLimiter(rps) if rps > 0 else None
@@ -216,8 +216,8 @@ def run_floor(spec: dict[str, Any], rec: Recorder, *, windows: bool = False) -> 
     requests as our extractor (probes for the oldest window, then windows of 7 days or more
     for a sparse stream, 4 at a time per stream), to tell the cost of our request plan from
     the cost of our processing."""
-    from stripe_sage.extract import WINDOW_OBJECTS, backfill_windows
-    from stripe_sage.streams import STREAMS
+    from stripe_sage.stripe.extract import WINDOW_OBJECTS, backfill_windows
+    from stripe_sage.stripe.streams import STREAMS
 
     c = _Bare(spec["stripe_url"], _key("BENCH_STRIPE_KEY"), spec["client_rps"])
     now = int(time.time())
@@ -293,8 +293,8 @@ def run_dlt(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
     from dlt.sources.helpers.rest_client.paginators import JSONResponseCursorPaginator
     from dlt.sources.rest_api import rest_api_source
 
-    from stripe_sage.streams import STREAMS
-    from stripe_sage.stripe_reader import RateLimiter
+    from stripe_sage.stripe.client import RateLimiter
+    from stripe_sage.stripe.streams import STREAMS
 
     # dlt's own retrying session (429/5xx, Retry-After), under the same client-side rate
     # limit as our reader and the floor.
@@ -416,11 +416,11 @@ def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
     """The main flow's stages, in its order, on the same package calls its tasks make."""
     import polars as pl
 
-    from stripe_sage.pipeline import plan_into_outbox, previous_totals, stage_all, validate_all
-    from stripe_sage.reconcile import itemise_payouts, payouts_to_itemise
+    from stripe_sage.plan.documents import sage_customer_emails
+    from stripe_sage.plan.outbox import plan_into_outbox, previous_totals, stage_all, validate_all
+    from stripe_sage.reconcile.report import itemise_payouts, payouts_to_itemise
     from stripe_sage.runtime import RunContext
-    from stripe_sage.sage_client import SageProClient
-    from stripe_sage.transform import sage_customer_emails
+    from stripe_sage.sage.client import SageProClient
 
     settings = _bench_settings(spec)
     through = THROUGH.index(spec["through"])
@@ -532,7 +532,7 @@ def _run_ours_flow(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
         "WEBHOOK_INBOX": str(settings.webhook_inbox),
     }
     os.environ.update(env)
-    from stripe_sage.commands import prefect_defaults
+    from stripe_sage.cli.commands import prefect_defaults
 
     prefect_defaults()
     from flows.stripe_to_sage import stripe_to_sage
@@ -575,7 +575,7 @@ RUNNERS: dict[str, Callable[[dict[str, Any], Recorder], dict[str, Any]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stripe_sage.bench_contenders")
+    p = argparse.ArgumentParser(prog="python -m devkit.bench.contenders")
     p.add_argument("contender", choices=sorted(RUNNERS))
     p.add_argument("--spec", required=True, help="JSON file: URLs, keys, streams, limits")
     p.add_argument("--result", required=True, help="where to write the figures (JSON)")

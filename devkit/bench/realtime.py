@@ -19,11 +19,11 @@ from typing import Any
 
 import httpx
 
-from stripe_sage.sandbox.launch import SandboxPair
-from stripe_sage.sandbox.runner import free_port
-from stripe_sage.sandbox.stripe_business import BusinessConfig
+from devkit.sandbox.launch import SandboxPair
+from devkit.sandbox.runner import free_port
+from devkit.sandbox.stripe_business import BusinessConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from stripe_sage.sandbox.runner import ThreadedServer
-from stripe_sage.sandbox.sage_app import create_sage_app
-from stripe_sage.sandbox.seed_link import sage_seed_for
-from stripe_sage.sandbox.stripe_app import create_stripe_app
-from stripe_sage.sandbox.stripe_business import BusinessConfig
-from stripe_sage.sandbox.stripe_state import StripeWorld
+from devkit.sandbox.runner import ThreadedServer
+from devkit.sandbox.sage_app import create_sage_app
+from devkit.sandbox.seed_link import sage_seed_for
+from devkit.sandbox.stripe_app import create_stripe_app
+from devkit.sandbox.stripe_business import BusinessConfig
+from devkit.sandbox.stripe_state import StripeWorld
 from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
 
 

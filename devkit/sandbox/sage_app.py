@@ -41,13 +41,13 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stripe_sage.money import KNOWN_CURRENCIES, exponent, to_decimal_string
-from stripe_sage.sandbox.sage_seed import (
+from devkit.sandbox.sage_seed import (
     CHART_OF_ACCOUNTS,
     SeedCustomer,
     SeedLine,
     SeedSalesOrder,
 )
+from stripe_sage.money import KNOWN_CURRENCIES, exponent, to_decimal_string
 
 _DESCRIPTION = """
 Sage Pro sandbox implementing SAGEPRO_API.md (v1). Money is a decimal string with exactly the

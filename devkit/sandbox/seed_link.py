@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from stripe_sage.sandbox.sage_seed import SeedCustomer, SeedLine, SeedSalesOrder
-from stripe_sage.sandbox.stripe_state import StripeWorld
+from devkit.sandbox.sage_seed import SeedCustomer, SeedLine, SeedSalesOrder
+from devkit.sandbox.stripe_state import StripeWorld
 
 
 def sage_seed_for(world: StripeWorld) -> tuple[list[SeedCustomer], list[SeedSalesOrder]]:

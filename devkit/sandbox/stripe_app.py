@@ -30,8 +30,8 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from stripe_sage.sandbox.stripe_business import BT_KINDS, EVENT_TYPES, BusinessConfig
-from stripe_sage.sandbox.stripe_state import JSON, StripeWorld
+from devkit.sandbox.stripe_business import BT_KINDS, EVENT_TYPES, BusinessConfig
+from devkit.sandbox.stripe_state import JSON, StripeWorld
 
 LIST_PARAMS = {"limit", "starting_after", "ending_before", "created", "expand"}
 # Per resource: the list filters it accepts, and the fields that ``expand`` can replace.

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from stripe_sage.sandbox.stripe_business import (
+from devkit.sandbox.stripe_business import (
     BT_CHARGE,
     BT_DISPUTE,
     BT_DISPUTE_REVERSAL,
@@ -78,7 +78,7 @@ def _unb62(s: str) -> int:
 
 
 def load_fixtures() -> dict[str, JSON]:
-    text = resources.files("stripe_sage.sandbox").joinpath("data/stripe_fixtures3.json").read_text()
+    text = resources.files("devkit.sandbox").joinpath("data/stripe_fixtures3.json").read_text()
     return json.loads(text)["resources"]
 
 

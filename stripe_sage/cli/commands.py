@@ -45,8 +45,8 @@ def _print_run(title: str, result: dict[str, Any]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     prefect_defaults()
-    from stripe_sage.cli import _business
-    from stripe_sage.sandbox.launch import SandboxPair
+    from devkit.sandbox.launch import SandboxPair
+    from stripe_sage.cli.main import _business
     from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
 
     data = Path(args.data_dir)
@@ -147,7 +147,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from stripe_sage.serve import serve
+    from stripe_sage.cli.serve import serve
 
     # The sandboxes deliver their webhooks to the receiver, as Stripe would.
     hook = f"http://127.0.0.1:{args.webhook_port or 8787}/stripe/webhook"
@@ -163,8 +163,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_alerts_install(args: argparse.Namespace) -> int:
-    from stripe_sage.alerts import install_alerts
     from stripe_sage.settings import Settings
+    from tasks.alerts import install_alerts
 
     url = args.webhook_url
     if url is None and (secret := Settings().alert_webhook_url) is not None:
@@ -228,11 +228,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     """The reconciliation report on demand, from the staging DB (optionally after a sync)."""
     import datetime as dt
 
-    from stripe_sage import reconcile
     from stripe_sage.mapping import load_mapping
     from stripe_sage.money import to_decimal_string
+    from stripe_sage.reconcile import report as reconcile
     from stripe_sage.settings import Settings
-    from stripe_sage.staging import Staging
+    from stripe_sage.store.staging import Staging
 
     settings = Settings()
     if args.sync:
@@ -294,7 +294,7 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     import uvicorn
 
     from stripe_sage.settings import Settings
-    from stripe_sage.webhooks import Inbox, Notifier, create_receiver
+    from stripe_sage.stripe.webhooks import Inbox, Notifier, create_receiver
 
     settings = Settings()
     inbox = Inbox(settings.webhook_inbox)
@@ -319,9 +319,9 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
 def cmd_mapping_preview(args: argparse.Namespace) -> int:
     from stripe_sage.errors import ConfigurationError
     from stripe_sage.mapping import load_mapping
-    from stripe_sage.preview import preview, render_html, render_terminal, write_html
+    from stripe_sage.plan.preview import preview, render_html, render_terminal, write_html
     from stripe_sage.settings import Settings
-    from stripe_sage.staging import Staging
+    from stripe_sage.store.staging import Staging
 
     settings = Settings()
     path = Path(args.mapping) if args.mapping else settings.mapping_file
@@ -343,7 +343,7 @@ def cmd_mapping_preview(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from stripe_sage.cli import _business_args
+    from stripe_sage.cli.main import _business_args
 
     p = sub.add_parser(
         "demo",

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from stripe_sage.sandbox.stripe_business import BusinessConfig, default_end
+from devkit.sandbox.stripe_business import BusinessConfig, default_end
 from stripe_sage.settings import SANDBOX_WEBHOOK_SECRET
 
 
@@ -41,7 +41,7 @@ def _business(args: argparse.Namespace) -> BusinessConfig:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from stripe_sage.sandbox.launch import SandboxPair
+    from devkit.sandbox.launch import SandboxPair
 
     if args.only == "stripe":
         return _serve_stripe_only(args)
@@ -56,7 +56,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         live_rate=args.live_rate,
     )
     for url in args.webhook_url or []:
-        from stripe_sage.sandbox.stripe_app import WebhookEndpoint
+        from devkit.sandbox.stripe_app import WebhookEndpoint
 
         pair.stripe_app.state.sandbox.endpoints.append(
             WebhookEndpoint(
@@ -100,8 +100,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 def _serve_stripe_only(args: argparse.Namespace) -> int:
     """Just the Stripe sandbox (benchmarks measure its process alone)."""
-    from stripe_sage.sandbox.runner import ThreadedServer
-    from stripe_sage.sandbox.stripe_app import create_stripe_app
+    from devkit.sandbox.runner import ThreadedServer
+    from devkit.sandbox.stripe_app import create_stripe_app
     from stripe_sage.settings import SANDBOX_STRIPE_KEY
 
     app = create_stripe_app(
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=("stripe",), help="serve only the Stripe sandbox")
     p.set_defaults(func=cmd_sandbox)
 
-    from stripe_sage import bench, commands
+    from devkit import bench
+    from stripe_sage.cli import commands
 
     commands.register(sub)
     bench.register(sub)

@@ -7,7 +7,7 @@ It starts, as child processes, in this order:
 3. the deployment runner (``deployments/serve.py``): every flow with its schedule, the
    webhook trigger and the concurrency limits;
 4. the webhook receiver, which posts its events to that server;
-and installs the alert automations (``stripe_sage/alerts.py``). Ctrl-C (or SIGTERM) stops
+and installs the alert automations (``tasks/alerts.py``). Ctrl-C (or SIGTERM) stops
 them in the reverse order, each given time to finish what it is doing.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

@@ -15,10 +15,7 @@ from typing import Any
 import polars as pl
 
 from stripe_sage.mapping import Mapping
-from stripe_sage.reconcile import plan_payouts
-from stripe_sage.staging import Staging
-from stripe_sage.streams import STREAM_ORDER, STREAMS
-from stripe_sage.transform import (
+from stripe_sage.plan.documents import (
     empty_docs,
     periods_frame,
     plan_charges,
@@ -27,6 +24,9 @@ from stripe_sage.transform import (
     plan_invoices,
     plan_refunds,
 )
+from stripe_sage.reconcile.report import plan_payouts
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.streams import STREAM_ORDER, STREAMS
 
 QUALITY_SLICE_ROWS = 100_000
 

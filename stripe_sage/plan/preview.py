@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from stripe_sage.mapping import Mapping
-from stripe_sage.staging import Staging
-from stripe_sage.transform import plan_charges, plan_customers, plan_invoices, plan_refunds
+from stripe_sage.plan.documents import plan_charges, plan_customers, plan_invoices, plan_refunds
+from stripe_sage.store.staging import Staging
 
 SHOWN = {
     "charges": ("id", "amount", "currency", "customer", "status", "card_brand", "erp_order_id"),

@@ -28,8 +28,8 @@ import polars as pl
 
 from stripe_sage.mapping import Mapping
 from stripe_sage.money import to_decimal_string
-from stripe_sage.stripe_reader import StripeReader
-from stripe_sage.transform import _docs, empty_docs
+from stripe_sage.plan.documents import _docs, empty_docs
+from stripe_sage.stripe.client import StripeReader
 
 # Categories whose gross amount reaches clearing through their own Sage document.
 RECOGNISED_ELSEWHERE = {
@@ -456,7 +456,7 @@ def build_report(
     date_to: dt.date | None = None,
 ) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
     """The report and the clearing check, with the HTML page written when asked."""
-    from stripe_sage.report_html import daily_series, render
+    from stripe_sage.reconcile.html import daily_series, render
 
     rep = add_bank_line(report(st, payout=payout, date_from=date_from, date_to=date_to), mapping)
     clearing = clearing_check(st, mapping)

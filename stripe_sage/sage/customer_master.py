@@ -16,9 +16,9 @@ import json
 from typing import Any, Literal
 
 from stripe_sage.errors import NotFoundError
-from stripe_sage.sage_client import SageProClient
-from stripe_sage.staging import Staging, now_utc
-from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.sage.client import SageProClient
+from stripe_sage.store.staging import Staging, now_utc
+from stripe_sage.stripe.client import StripeReader
 
 DDL = """
 CREATE TABLE IF NOT EXISTS ops.customer_conflicts (

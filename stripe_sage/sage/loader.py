@@ -37,9 +37,9 @@ from stripe_sage.errors import (
     StripeSageError,
     ValidationError,
 )
-from stripe_sage.sage_client import SageProClient
-from stripe_sage.staging import Staging, now_utc
-from stripe_sage.transform import sage_customer_id
+from stripe_sage.plan.documents import sage_customer_id
+from stripe_sage.sage.client import SageProClient
+from stripe_sage.store.staging import Staging, now_utc
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stripe_sage.staging import Staging, now_utc
+from stripe_sage.store.staging import Staging, now_utc
 
 BLOCKED = "blocked"
 

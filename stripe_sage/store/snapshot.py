@@ -18,8 +18,8 @@ from pathlib import Path
 
 import duckdb
 
-from stripe_sage.staging import Staging
-from stripe_sage.streams import STREAMS
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.streams import STREAMS
 
 EXTRA_TABLES = (
     "staging.quarantine",

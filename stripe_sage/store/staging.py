@@ -23,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 
 from stripe_sage.errors import ConfigurationError
-from stripe_sage.streams import STREAMS
+from stripe_sage.stripe.streams import STREAMS
 
 SCHEMAS = ("raw", "staging", "sage", "ops")
 STAGE_SLICE = 4_000

@@ -22,10 +22,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stripe_sage.extract import OVERLAP, backfill_windows, invoice_lines, window_pages
-from stripe_sage.staging import Staging, now_utc, raw_json
-from stripe_sage.streams import LISTED_STREAMS
-from stripe_sage.stripe_reader import JSON, StripeReader
+from stripe_sage.store.staging import Staging, now_utc, raw_json
+from stripe_sage.stripe.client import JSON, StripeReader
+from stripe_sage.stripe.extract import OVERLAP, backfill_windows, invoice_lines, window_pages
+from stripe_sage.stripe.streams import LISTED_STREAMS
 
 PARQUET_SCHEMA = pa.schema([("id", pa.string()), ("created", pa.int64()), ("data", pa.string())])
 

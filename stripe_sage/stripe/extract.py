@@ -26,9 +26,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from stripe_sage.staging import Staging
-from stripe_sage.streams import LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
-from stripe_sage.stripe_reader import JSON, ListPage, StripeReader
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.client import JSON, ListPage, StripeReader
+from stripe_sage.stripe.streams import LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
 
 log = logging.getLogger(__name__)
 

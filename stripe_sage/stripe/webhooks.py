@@ -292,8 +292,8 @@ def events_by_stream(
 ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, dict[str, Any]]]]:
     """Route inbox events to the streams whose objects they changed (object id → type), and
     set apart the echoes of our own metadata write-backs (object id → metadata values)."""
-    from stripe_sage.extract import writeback_echo
-    from stripe_sage.streams import OBJECT_TO_STREAM
+    from stripe_sage.stripe.extract import writeback_echo
+    from stripe_sage.stripe.streams import OBJECT_TO_STREAM
 
     changed: dict[str, dict[str, str]] = {}
     echoes: dict[str, dict[str, dict[str, Any]]] = {}

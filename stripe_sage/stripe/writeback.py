@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from stripe_sage.errors import NotFoundError
-from stripe_sage.staging import Staging, now_utc
-from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.store.staging import Staging, now_utc
+from stripe_sage.stripe.client import StripeReader
 
 DDL = """
 CREATE TABLE IF NOT EXISTS sage.writeback (

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from stripe_sage.sandbox.runner import free_port
+from devkit.sandbox.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

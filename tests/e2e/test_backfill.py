@@ -10,7 +10,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from stripe_sage.streams import STREAMS
+from stripe_sage.stripe.streams import STREAMS
 from tests.e2e.test_main_flow import Env, make_env, use_env
 
 pytestmark = pytest.mark.e2e

@@ -19,8 +19,8 @@ import duckdb
 import httpx
 import pytest
 
-from stripe_sage.sandbox.launch import SandboxPair
-from stripe_sage.sandbox.stripe_business import BusinessConfig
+from devkit.sandbox.launch import SandboxPair
+from devkit.sandbox.stripe_business import BusinessConfig
 
 pytestmark = pytest.mark.e2e
 END = 1_782_777_600  # 2026-06-30: a fixed business, so every run sees the same data

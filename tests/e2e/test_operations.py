@@ -18,7 +18,7 @@ import duckdb
 import pytest
 import yaml
 
-from stripe_sage.sandbox.runner import free_port
+from devkit.sandbox.runner import free_port
 from tests.e2e.servers import BIN, ROOT, Prefect, wait_for
 from tests.e2e.test_main_flow import Env, make_env, product_env
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from stripe_sage.sandbox.runner import free_port
+from devkit.sandbox.runner import free_port
 from tests.e2e.servers import BIN, ROOT, Prefect, spawn, wait_for
 from tests.e2e.test_main_flow import (
     Env,

@@ -18,9 +18,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from stripe_sage.sage_client import SageProClient
-from stripe_sage.sandbox.sage_app import create_sage_app
-from stripe_sage.sandbox.sage_seed import SeedCustomer, SeedLine, SeedSalesOrder
+from devkit.sandbox.sage_app import create_sage_app
+from devkit.sandbox.sage_seed import SeedCustomer, SeedLine, SeedSalesOrder
+from stripe_sage.sage.client import SageProClient
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers the httpx2 package for its test client; plain httpx still works.

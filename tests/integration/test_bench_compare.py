@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 
-from stripe_sage.sage_client import RequestPacer, SageProClient
+from stripe_sage.sage.client import RequestPacer, SageProClient
 from tests.integration.sage_fixtures import (
     API_KEY,
     BASE_URL,
@@ -38,7 +38,7 @@ def test_bench_compare_smoke(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "stripe_sage.cli",
+            "stripe_sage.cli.main",
             "bench",
             "compare",
             "--charges",

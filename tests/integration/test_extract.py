@@ -21,14 +21,14 @@ import orjson
 import pytest
 import stripe
 
+from devkit.sandbox.launch import SandboxPair
+from devkit.sandbox.stripe_business import BusinessConfig
 from stripe_sage.errors import AuthenticationError, FatalError, NotFoundError, RetryableError
-from stripe_sage.extract import DAY, OVERLAP, Extractor, PageWriter, window_size
-from stripe_sage.pipeline import stage_all
-from stripe_sage.sandbox.launch import SandboxPair
-from stripe_sage.sandbox.stripe_business import BusinessConfig
-from stripe_sage.staging import Staging
-from stripe_sage.streams import LISTED_STREAMS, STREAMS
-from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.plan.outbox import stage_all
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.client import StripeReader
+from stripe_sage.stripe.extract import DAY, OVERLAP, Extractor, PageWriter, window_size
+from stripe_sage.stripe.streams import LISTED_STREAMS, STREAMS
 
 pytestmark = pytest.mark.integration
 

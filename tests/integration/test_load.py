@@ -22,22 +22,22 @@ import httpx
 import polars as pl
 import pytest
 
+from devkit.sandbox.launch import SandboxPair
+from devkit.sandbox.stripe_business import BusinessConfig
 from stripe_sage.errors import AuthenticationError
-from stripe_sage.extract import DAY, Extractor
-from stripe_sage.load import Loader
 from stripe_sage.mapping import Mapping, default_mapping_text, load_mapping
-from stripe_sage.pipeline import (
+from stripe_sage.plan.outbox import (
     plan_documents,
     plan_into_outbox,
     plan_slices,
     stage_all,
     validate_all,
 )
-from stripe_sage.sage_client import COLLECTIONS, SageProClient
-from stripe_sage.sandbox.launch import SandboxPair
-from stripe_sage.sandbox.stripe_business import BusinessConfig
-from stripe_sage.staging import Staging
-from stripe_sage.stripe_reader import StripeReader
+from stripe_sage.sage.client import COLLECTIONS, SageProClient
+from stripe_sage.sage.loader import Loader
+from stripe_sage.store.staging import Staging
+from stripe_sage.stripe.client import StripeReader
+from stripe_sage.stripe.extract import DAY, Extractor
 
 pytestmark = pytest.mark.integration
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from devkit.sandbox.runner import ThreadedServer, free_port
 from stripe_sage.errors import (
     AuthenticationError,
     FatalError,
@@ -19,8 +20,7 @@ from stripe_sage.errors import (
     RetryableError,
     ValidationError,
 )
-from stripe_sage.sage_client import SageProClient, parse_retry_after
-from stripe_sage.sandbox.runner import ThreadedServer, free_port
+from stripe_sage.sage.client import SageProClient, parse_retry_after
 from tests.integration.sage_fixtures import (  # noqa: F401  (fixtures, used by name)
     API_KEY,
     BASE_URL,
@@ -473,7 +473,7 @@ def test_the_api_key_never_leaks(
         AuthenticationError,
     ]
     assert caplog.records, "the client and httpx log at DEBUG/INFO/WARNING"
-    assert any(r.name == "stripe_sage.sage_client" for r in caplog.records)
+    assert any(r.name == "stripe_sage.sage.client" for r in caplog.records)
     for exc in raised:
         assert API_KEY not in str(exc) and API_KEY not in repr(exc)
     assert API_KEY not in caplog.text

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from stripe_sage.sandbox.runner import ThreadedServer
-from stripe_sage.sandbox.sage_seed import CHART_OF_ACCOUNTS, SeedCustomer
+from devkit.sandbox.runner import ThreadedServer
+from devkit.sandbox.sage_seed import CHART_OF_ACCOUNTS, SeedCustomer
 from tests.integration.sage_fixtures import (  # noqa: F401  (fixtures, used by name)
     API_KEY,
     AppFactory,

@@ -15,9 +15,9 @@ import httpx
 import pytest
 import stripe
 
-from stripe_sage.sandbox.runner import ThreadedServer
-from stripe_sage.sandbox.stripe_app import create_stripe_app
-from stripe_sage.sandbox.stripe_business import BusinessConfig
+from devkit.sandbox.runner import ThreadedServer
+from devkit.sandbox.stripe_app import create_stripe_app
+from devkit.sandbox.stripe_business import BusinessConfig
 
 pytestmark = pytest.mark.integration
 

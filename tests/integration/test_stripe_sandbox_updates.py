@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from stripe_sage.sandbox.runner import ThreadedServer
-from stripe_sage.sandbox.stripe_app import create_stripe_app
-from stripe_sage.sandbox.stripe_business import BusinessConfig
+from devkit.sandbox.runner import ThreadedServer
+from devkit.sandbox.stripe_app import create_stripe_app
+from devkit.sandbox.stripe_business import BusinessConfig
 
 pytestmark = pytest.mark.integration
 KEY = "sk_test_updates"

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from stripe_sage.sandbox.runner import ThreadedServer
-from stripe_sage.sandbox.stripe_app import create_stripe_app
-from stripe_sage.sandbox.stripe_business import BusinessConfig
+from devkit.sandbox.runner import ThreadedServer
+from devkit.sandbox.stripe_app import create_stripe_app
+from devkit.sandbox.stripe_business import BusinessConfig
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ FIXTURES = (
     if _SHARED.exists()
     else (
         Path(__file__).resolve().parents[2]
-        / "stripe_sage"
+        / "devkit"
         / "sandbox"
         / "data"
         / "stripe_fixtures3.json"

@@ -23,9 +23,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stripe_sage.sandbox.runner import ThreadedServer
-from stripe_sage.sandbox.stripe_app import create_stripe_app
-from stripe_sage.sandbox.stripe_business import BusinessConfig
+from devkit.sandbox.runner import ThreadedServer
+from devkit.sandbox.stripe_app import create_stripe_app
+from devkit.sandbox.stripe_business import BusinessConfig
 
 pytestmark = pytest.mark.integration
 

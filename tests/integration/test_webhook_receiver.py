@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stripe_sage.sandbox.runner import ThreadedServer
-from stripe_sage.sandbox.stripe_app import create_stripe_app, sign_payload
-from stripe_sage.sandbox.stripe_business import BusinessConfig
-from stripe_sage.webhooks import TRIGGER_EVENT, Inbox, Notifier, create_receiver
+from devkit.sandbox.runner import ThreadedServer
+from devkit.sandbox.stripe_app import create_stripe_app, sign_payload
+from devkit.sandbox.stripe_business import BusinessConfig
+from stripe_sage.stripe.webhooks import TRIGGER_EVENT, Inbox, Notifier, create_receiver
 
 pytestmark = pytest.mark.integration
 SECRET = "whsec_receiver_test_secret"
@@ -193,7 +193,7 @@ def test_notifier_keeps_trying_while_prefect_is_down(tmp_path: Path) -> None:
 
 
 def test_receiver_module_never_loads_duckdb() -> None:
-    code = "import stripe_sage.webhooks, sys; print('duckdb' in sys.modules)"
+    code = "import stripe_sage.stripe.webhooks, sys; print('duckdb' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()

@@ -19,7 +19,7 @@ from quality.runner import (
     validate_stream,
 )
 from stripe_sage.errors import DataQualityError
-from stripe_sage.streams import STREAMS
+from stripe_sage.stripe.streams import STREAMS
 
 pytestmark = pytest.mark.unit
 

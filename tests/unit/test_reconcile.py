@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from stripe_sage.mapping import load_mapping
-from stripe_sage.reconcile import payout_lines
+from stripe_sage.reconcile.report import payout_lines
 
 pytestmark = pytest.mark.unit
 MAPPING = load_mapping()

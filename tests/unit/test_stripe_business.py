@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stripe_sage.sandbox.stripe_business import DAY, Business, BusinessConfig
-from stripe_sage.sandbox.stripe_state import RESOURCES, StripeWorld
+from devkit.sandbox.stripe_business import DAY, Business, BusinessConfig
+from devkit.sandbox.stripe_state import RESOURCES, StripeWorld
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from polars.testing import assert_series_equal
 from stripe_sage.errors import ConfigurationError
 from stripe_sage.mapping import default_mapping_text, load_mapping
 from stripe_sage.money import UnknownCurrencyError, from_decimal_string, to_decimal_string
-from stripe_sage.transform import (
+from stripe_sage.plan.documents import (
     money_string,
     periods_frame,
     plan_charges,
