@@ -22,8 +22,8 @@ $(UV):
 	$(PY) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-$(VENV)/.synced: $(UV) pyproject.toml uv.lock Makefile
-	$(UV) sync --frozen --quiet --extra bench
+$(VENV)/.synced: $(UV) pyproject.toml devkit/pyproject.toml uv.lock Makefile
+	$(UV) sync --frozen --quiet
 	@touch $@
 
 install: $(VENV)/.synced

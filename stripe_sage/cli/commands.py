@@ -1,15 +1,12 @@
-"""CLI commands that run flows: ``demo`` (the README's first command) and ``sync``."""
+"""The product's commands: ``sync``, ``serve``, ``webhooks``, ``reconcile``, ``backfill``,
+``replay``, ``alerts``, ``mapping`` — the one edge that starts flows."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
 from pathlib import Path
 from typing import Any
-
-DEMO_DIR = Path("data")
 
 
 def prefect_defaults() -> None:
@@ -19,12 +16,7 @@ def prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _print_run(title: str, result: dict[str, Any]) -> None:
+def print_run(title: str, result: dict[str, Any]) -> None:
     load = result.get("load", {})
     extracted = {s: r.get("listed", 0) for s, r in result.get("extract", {}).items()}
     events = result.get("events", {})
@@ -43,95 +35,6 @@ def _print_run(title: str, result: dict[str, Any]) -> None:
     print("  seconds     " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    prefect_defaults()
-    from devkit.sandbox.launch import SandboxPair
-    from stripe_sage.cli.main import _business
-    from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
-
-    data = Path(args.data_dir)
-    if data.exists() and not args.keep:
-        for name in (
-            "stripe_sage.duckdb",
-            "stripe_sage.duckdb.wal",
-            "sage_sandbox.sqlite3",
-            "sage_sandbox.sqlite3-wal",
-            "sage_sandbox.sqlite3-shm",
-        ):
-            (data / name).unlink(missing_ok=True)
-        shutil.rmtree(data / "data_docs", ignore_errors=True)
-    data.mkdir(parents=True, exist_ok=True)
-    stripe_port = 12111 if _port_free(12111) else 0
-    sage_port = 12112 if _port_free(12112) else 0
-    pair = SandboxPair(
-        _business(args),
-        sage_db=data / "sage_sandbox.sqlite3",
-        stripe_port=stripe_port,
-        sage_port=sage_port,
-        stripe_rate_limit=args.rate_limit or None,
-    )
-    with pair:
-        os.environ.update(
-            {
-                "STRIPE_API_BASE": pair.stripe_url,
-                "STRIPE_API_KEY": SANDBOX_STRIPE_KEY,
-                "SAGEPRO_BASE_URL": pair.sage_url,
-                "SAGEPRO_API_KEY": SANDBOX_SAGE_KEY,
-                "STAGING_DB": str(data / "stripe_sage.duckdb"),
-            }
-        )
-        from flows.stripe_to_sage import stripe_to_sage
-
-        w = pair.world
-        print(
-            f"Stripe sandbox {pair.stripe_url}: {w.count('customers')} customers, "
-            f"{w.count('charges')} charges, {w.count('refunds')} refunds, "
-            f"{w.count('invoices')} invoices, {w.count('payouts')} payouts, "
-            f"{w.count('events')} events"
-        )
-        print(f"Sage Pro sandbox {pair.sage_url} (state in {data / 'sage_sandbox.sqlite3'})")
-        first = stripe_to_sage(trigger="demo")
-        _print_run("first run (backfill)", first)
-        second = stripe_to_sage(trigger="demo")
-        _print_run("second run (nothing changed: posts nothing)", second)
-        # New activity after the first runs: a charge, a late refund, an invoice paid late.
-        new_charge = w.create_charge(customer=1, amount=4_200, currency="usd")
-        w.refund_charge(_refundable(w), None)
-        opened = w.open_invoices()
-        if opened:
-            w.pay_invoice(opened[0])
-        third = stripe_to_sage(trigger="demo")
-        _print_run(
-            f"third run (new charge {w.make_id('charges', new_charge)}, a late refund, "
-            "an invoice paid late)",
-            third,
-        )
-    db = data / "stripe_sage.duckdb"
-    snap = data / "snapshot" / "analytics.duckdb"
-    print(f"""
-Where to look
-  staging DB   {db} (written by flow runs only)
-  analysts     {snap} (read-only snapshot, refreshed by each run), e.g.
-               .venv/bin/python -c "import duckdb; print(duckdb.connect('{snap}',
-               read_only=True).sql('select doc_type, status, count(*) from sage.outbox
-               group by all'))"
-  payouts      {data / "reconciliation.html"}; .venv/bin/stripe-sage reconcile
-  dead letters ops.dead_letters (reason, Sage error code and field)
-  run history  ops.runs; quality report {first.get("data_docs") or "-"}
-  Prefect UI   make serve (these runs, the deployments and their schedules), then open
-               http://127.0.0.1:4200; make ui also starts the sandboxes and opens it""")
-    return 0
-
-
-def _refundable(w: Any) -> int:
-    """The newest base charge that can still be refunded (for the demo's late refund)."""
-    for i in range(len(w.b.charges) - 1, -1, -1):
-        ch = w.charge(i)
-        if not ch.failed and not w.refunds_of_charge(i) and w.b.ch_dispute[i] < 0:
-            return i
-    raise RuntimeError("no refundable charge")
-
-
 def cmd_sync(args: argparse.Namespace) -> int:
     prefect_defaults()
     from flows.stripe_to_sage import stripe_to_sage
@@ -139,7 +42,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     result = stripe_to_sage(
         streams=args.streams, full_refresh=args.full_refresh, dry_run=args.dry_run, trigger="cli"
     )
-    _print_run("sync", result)
+    print_run("sync", result)
     # Dead letters are reported (ops.dead_letters), not a failed sync; deferred work is.
     return (
         0 if result.get("status") in ("completed", "completed_with_dead_letters", "dry_run") else 1
@@ -209,7 +112,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         f"seconds {result['timings']}"
     )
     if "sync" in result:
-        _print_run("then sync", result["sync"])
+        print_run("then sync", result["sync"])
     return 0
 
 
@@ -343,25 +246,6 @@ def cmd_mapping_preview(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from stripe_sage.cli.main import _business_args
-
-    p = sub.add_parser(
-        "demo",
-        help="the main job end to end on embedded defaults",
-        description="Start both sandboxes on loopback, run the main flow on a "
-        "generated business (local DuckDB, local Prefect), run it again to show "
-        "that nothing is posted twice, add activity, run once more.",
-    )
-    _business_args(p, charges=500)
-    p.add_argument("--data-dir", default=str(DEMO_DIR))
-    p.add_argument("--keep", action="store_true", help="keep the previous demo's state")
-    p.add_argument(
-        "--rate-limit",
-        type=float,
-        default=0.0,
-        help="Stripe sandbox requests/s per endpoint (0 = unlimited)",
-    )
-    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "sync",
