@@ -15,7 +15,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # (~10 s of CPU per process, and the tests start dozens).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: install demo test test-all check fmt bench bench-smoke bench-large sandbox clean browser \
+.PHONY: install demo test test-unit test-all check fmt bench bench-smoke bench-large sandbox clean browser \
 	serve ui deploy
 
 $(UV):
@@ -42,6 +42,10 @@ browser:
 test: install browser
 	$(BIN)/pytest -m "not slow" -q -n 2 --dist loadfile
 
+# The unit tier alone (pure functions, no servers): well under a minute.
+test-unit: install
+	$(BIN)/pytest -m unit -q
+
 test-all: install
 	$(BIN)/pytest -q
 
@@ -49,6 +53,7 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 fmt: install
 	$(BIN)/ruff format .

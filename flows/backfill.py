@@ -38,7 +38,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.stripe_to_sage import stripe_to_sage
 from stripe_sage.metrics import peak_rss_mb
-from stripe_sage.plan.outbox import previous_totals
 from stripe_sage.runtime import stripe_reader
 from stripe_sage.settings import Settings
 from stripe_sage.store.staging import Staging
@@ -239,7 +238,7 @@ def backfill(
     with writer_slot() as slot, Staging(settings.staging_db) as st:
         counts["writer_slot"] = slot
         try:
-            previous = previous_totals(st)
+            previous = st.row_counts()
             counts["merged"] = merge_windows(
                 st, plan, root, run_id=run_id, now=now, api_version=reader.api_version
             )

@@ -13,7 +13,6 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from stripe_sage.metrics import peak_rss_mb
-from stripe_sage.plan.outbox import previous_totals, summary_counts
 from stripe_sage.settings import Settings
 from stripe_sage.stripe.streams import LISTED_STREAMS
 from stripe_sage.stripe.webhooks import Inbox
@@ -61,7 +60,7 @@ def stripe_to_sage(
         counts["writer_slot"] = ctx.writer_slot
         st.start_run(run_id, flow="stripe_to_sage", prefect_run_id=prefect_id, trigger=trigger)
         try:
-            previous = previous_totals(st)
+            previous = st.row_counts()
             t = time.perf_counter()
             since_ts = int(since.timestamp()) if since else None
             futures = [
@@ -114,7 +113,7 @@ def stripe_to_sage(
             counts["write_back"] = write_back_task(ctx.reader, st, run_id)
             counts["stripe_client"] = dict(ctx.reader.stats)
             timings["write_back"] = time.perf_counter() - t
-            counts["totals"] = summary_counts(st)
+            counts["totals"] = st.outbox_totals()
             if inbox is not None:
                 counts["inbox"] = mark_processed(inbox, inbox_ids, run_id)
             counts["reconciliation"] = reconciliation_report(

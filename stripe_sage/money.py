@@ -1,7 +1,7 @@
 """Minor units ↔ Sage decimal strings, by an explicit currency exponent table (never ``/100``).
 
 Amounts are integer minor units everywhere inside the pipeline; they become decimal strings
-only when a Sage payload is rendered. See ACCOUNTING.md, "Minor units".
+only when a Sage payload is rendered. See docs/accounting.md, "Minor units".
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
 from stripe_sage.stripe.extract import Extractor
 from stripe_sage.stripe.webhooks import Inbox, events_by_stream
+from tasks.context import run_logger
 
 
 @task(name="drain-inbox", cache_policy=NO_CACHE)
@@ -26,7 +26,7 @@ def drain_inbox(extractor: Extractor, inbox: Inbox, limit: int = 20_000) -> list
     counts["write_back_echoes"] = extractor.apply_echoes(echoes, changed)
     counts["customers_referenced"] = extractor.fetch_missing_customers()
     counts["balance_transactions_referenced"] = extractor.fetch_missing_balance_transactions()
-    get_run_logger().info("inbox: %d events, re-fetched %s", len(rows), counts)
+    run_logger().info("inbox: %d events, re-fetched %s", len(rows), counts)
     return [r["event_id"] for r in rows]
 
 

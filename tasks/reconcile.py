@@ -9,13 +9,13 @@ import polars as pl
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.outbox import plan_payout_documents
 from stripe_sage.reconcile import report as reconcile
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
+from tasks.context import in_run, run_logger
 
 
 @task(name="itemise-payouts", cache_policy=NO_CACHE)
@@ -24,7 +24,7 @@ def itemise_payouts(reader: StripeReader, st: Staging, run_id: str) -> int:
     todo = reconcile.payouts_to_itemise(st)
     n = reconcile.itemise_payouts(reader, st, run_id, todo)
     st.stage("balance_transactions", run_id)
-    get_run_logger().info("itemised %d payouts (%d balance transactions)", len(todo), n)
+    run_logger().info("itemised %d payouts (%d balance transactions)", len(todo), n)
     return len(todo)
 
 
@@ -33,7 +33,7 @@ def plan_payout_journals(
     st: Staging, mapping: Mapping, periods: list[dict[str, Any]]
 ) -> pl.DataFrame:
     docs = plan_payout_documents(st, mapping, periods)
-    get_run_logger().info("planned %d payout journals", docs.height)
+    run_logger().info("planned %d payout journals", docs.height)
     return docs
 
 
@@ -43,7 +43,7 @@ def reconciliation_report(
 ) -> dict[str, Any]:
     rep, clearing = reconcile.build_report(st, mapping, html_path=html_path)
     reconcile.store(st, rep, run_id)
-    if rep.height:
+    if rep.height and in_run():
         create_table_artifact(
             key="payout-reconciliation",
             table=rep.select(*reconcile.REPORT_COLUMNS)
@@ -52,7 +52,7 @@ def reconciliation_report(
             description="Per payout: Σ of its balance transactions vs the Sage journal",
         )
     by_status = dict(rep.group_by("recon_status").len().iter_rows()) if rep.height else {}
-    logger = get_run_logger()
+    logger = run_logger()
     logger.info("reconciliation: %s", by_status)
     for c in clearing:
         if c["unexplained"]:

@@ -8,7 +8,6 @@ import polars as pl
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.documents import sage_customer_emails
@@ -18,6 +17,7 @@ from stripe_sage.sage.loader import Loader
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.writeback import write_back
+from tasks.context import in_run, run_logger
 
 
 @task(name="fiscal-periods", cache_policy=NO_CACHE)
@@ -46,7 +46,7 @@ def plan(
         run_id=run_id,
         sage_customers=(lambda: sage_customer_emails(sage.list_customers())) if sage else None,
     )
-    get_run_logger().info(
+    run_logger().info(
         "planned %d new Sage documents (%d failed planning)%s",
         sum(totals.planned.values()),
         totals.errors,
@@ -63,20 +63,21 @@ def enqueue(loader: Loader, docs: pl.DataFrame) -> int:
 @task(name="load", cache_policy=NO_CACHE)
 def load(loader: Loader) -> dict[str, Any]:
     """Post the outbox; progress shows in the Prefect UI as a progress artifact."""
-    artifact: Any = create_progress_artifact(
-        0.0, key="sage-load", description="Sage documents posted this run"
-    )
-    last = [0.0]
+    if in_run():
+        artifact: Any = create_progress_artifact(
+            0.0, key="sage-load", description="Sage documents posted this run"
+        )
+        last = [0.0]
 
-    def progress(done: int, total: int) -> None:
-        pct = 100.0 * done / max(total, 1)
-        if pct - last[0] >= 5 or done == total:  # at most ~20 updates a run
-            update_progress_artifact(artifact, pct)
-            last[0] = pct
+        def progress(done: int, total: int) -> None:
+            pct = 100.0 * done / max(total, 1)
+            if pct - last[0] >= 5 or done == total:  # at most ~20 updates a run
+                update_progress_artifact(artifact, pct)
+                last[0] = pct
 
-    loader.on_progress = progress
+        loader.on_progress = progress
     stats = loader.run().as_dict()
-    get_run_logger().info("load: %s", stats)
+    run_logger().info("load: %s", stats)
     return stats
 
 
@@ -84,5 +85,5 @@ def load(loader: Loader) -> dict[str, Any]:
 def write_back_task(reader: StripeReader, st: Staging, run_id: str) -> dict[str, Any]:
     """Sage ids into Stripe metadata (customers, charges), bounded per run."""
     counts = write_back(reader, st, run_id)
-    get_run_logger().info("write-back to Stripe: %s", counts)
+    run_logger().info("write-back to Stripe: %s", counts)
     return counts

@@ -8,16 +8,16 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
-from stripe_sage.plan.outbox import QualityOutcome, stage_all, validate_all
+from quality.validate import QualityOutcome, validate_all
 from stripe_sage.store.staging import Staging
+from tasks.context import in_run, run_logger
 
 
 @task(name="stage", cache_policy=NO_CACHE)
 def stage(st: Staging, run_id: str) -> dict[str, int]:
-    counts = stage_all(st, run_id)
-    get_run_logger().info("staged: %s", counts)
+    counts = st.stage_all(run_id)
+    run_logger().info("staged: %s", counts)
     return counts
 
 
@@ -28,7 +28,7 @@ def quality(
     outcome = validate_all(
         st, run_id, now=dt.datetime.now(dt.UTC), docs_dir=docs_dir, previous_rows=previous_rows
     )
-    if outcome.results:
+    if outcome.results and in_run():
         create_table_artifact(
             key="data-quality",
             table=[
@@ -47,9 +47,9 @@ def quality(
             ],
             description="Great Expectations results for the rows this run staged",
         )
-    if outcome.markdown:
+    if outcome.markdown and in_run():
         create_markdown_artifact(key="data-quality-summary", markdown=outcome.markdown)
-    get_run_logger().info(
+    run_logger().info(
         "quality: quarantined %s (data docs: %s)", outcome.quarantined, outcome.docs_path
     )
     return outcome
@@ -61,5 +61,5 @@ def publish_snapshot(st: Staging, root: Path, run_id: str) -> str:
     from stripe_sage.store.snapshot import publish
 
     path = publish(st, root, run_id)
-    get_run_logger().info("analyst snapshot published: %s", path)
+    run_logger().info("analyst snapshot published: %s", path)
     return str(path)

@@ -7,9 +7,9 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
 from stripe_sage.stripe.extract import Extractor
+from tasks.context import run_logger
 
 
 @task(name="extract-stream", task_run_name="extract-{stream}", cache_policy=NO_CACHE)
@@ -17,7 +17,7 @@ def extract_stream(
     extractor: Extractor, stream: str, full_refresh: bool = False, since: int | None = None
 ) -> dict[str, Any]:
     stats = extractor.extract_stream(stream, full_refresh=full_refresh, since=since)
-    get_run_logger().info(
+    run_logger().info(
         "%s: %s, %d listed in %d windows", stream, stats.mode, stats.listed, stats.windows
     )
     return asdict(stats)
@@ -26,7 +26,7 @@ def extract_stream(
 @task(name="extract-events", cache_policy=NO_CACHE)
 def extract_events(extractor: Extractor, streams: tuple[str, ...]) -> dict[str, Any]:
     stats = extractor.extract_events(streams=streams)
-    logger = get_run_logger()
+    logger = run_logger()
     for warning in stats.warnings:
         logger.warning(warning)
     logger.info("events: %d read, changed objects re-fetched: %s", stats.events, stats.changed)

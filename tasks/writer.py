@@ -21,11 +21,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.logging import get_run_logger
 
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 from tasks.alerts import auth_error_in, emit_auth_failed, emit_dead_letters
+from tasks.context import run_logger
 
 WRITER_LIMIT = "stripe-sage-duckdb-writer"
 # A slot's lease is renewed while the run holds it; a process that died (or could not reach
@@ -61,7 +61,7 @@ def writer_slot() -> Iterator[dict[str, Any]]:
     ):
         waited = round(time.monotonic() - asked, 3)
         if waited > 1:
-            get_run_logger().info(
+            run_logger().info(
                 "waited %.1f s for the DuckDB writer slot (another run held it)", waited
             )
         yield {

@@ -416,8 +416,9 @@ def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
     """The main flow's stages, in its order, on the same package calls its tasks make."""
     import polars as pl
 
+    from quality.validate import validate_all
     from stripe_sage.plan.documents import sage_customer_emails
-    from stripe_sage.plan.outbox import plan_into_outbox, previous_totals, stage_all, validate_all
+    from stripe_sage.plan.outbox import plan_into_outbox
     from stripe_sage.reconcile.report import itemise_payouts, payouts_to_itemise
     from stripe_sage.runtime import RunContext
     from stripe_sage.sage.client import SageProClient
@@ -441,7 +442,7 @@ def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
             ctx.loader.client = ctx.sage
         st = ctx.staging
         st.start_run(run_id, flow="bench", prefect_run_id=None, trigger="bench")
-        previous = previous_totals(st)
+        previous = st.row_counts()
         with rec.stage("extract") as row:
             with ThreadPoolExecutor(len(wanted)) as pool:
                 stats = list(pool.map(ctx.extractor.extract_stream, wanted))
@@ -449,7 +450,7 @@ def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
             out["objects"] = {s.stream: s.listed for s in stats}
             row["rows"] = sum(out["objects"].values())
         with rec.stage("stage") as row:
-            staged = stage_all(st, run_id)
+            staged = st.stage_all(run_id)
             row["rows"] = sum(staged.values())
         out["stripe_requests_extract_stage"] = dict(ctx.reader.stats)
         with rec.stage("itemise") as row:

@@ -1,4 +1,4 @@
-"""The Sage Pro sandbox: a FastAPI app implementing ``SAGEPRO_API.md`` with its state in SQLite.
+"""The Sage Pro sandbox: a FastAPI app implementing ``docs/sage_api.md`` with its state in SQLite.
 
 Sage Pro has no public REST API, so the product integrates against a contract and this app
 is that contract made executable: every rule of the contract is enforced here (the product
@@ -50,7 +50,7 @@ from devkit.sandbox.sage_seed import (
 from stripe_sage.money import KNOWN_CURRENCIES, exponent, to_decimal_string
 
 _DESCRIPTION = """
-Sage Pro sandbox implementing SAGEPRO_API.md (v1). Money is a decimal string with exactly the
+Sage Pro sandbox implementing docs/sage_api.md (v1). Money is a decimal string with exactly the
 currency's exponent of decimals; dates are `YYYY-MM-DD`; every error answers
 `{"error": {"code", "message", "field"}}` — including malformed JSON (400 `bad_request`),
 unknown routes (404 `not_found`), wrong methods (405 `method_not_allowed`) and query

@@ -337,7 +337,7 @@ def classify_charges(charges: pl.DataFrame, invoice_payments: pl.DataFrame) -> p
 def with_settlement(
     df: pl.DataFrame, bts: pl.DataFrame, bt_col: str, sign: int = 1
 ) -> pl.DataFrame:
-    """Attach the balance transaction's settlement amount/currency/rate (ACCOUNTING.md)."""
+    """Attach the balance transaction's settlement amount/currency/rate (docs/accounting.md)."""
     b = bts.select(
         pl.col("id").alias(bt_col),
         (pl.col("amount") * sign).alias("settlement_amount"),

@@ -1,15 +1,12 @@
-"""The main job's stages as plain functions (no Prefect import): tasks wrap them, tests call them.
-
-extract → stage → quality → plan (Polars) → outbox → load. Each stage takes its inputs as
-arguments and returns counts for ``ops.runs``.
-"""
+"""Planning into the outbox: the staged rows each document family needs, read slice by slice,
+turned into Sage documents by the planners beside this module, and enqueued before the next
+slice is read. No Prefect import: the ``plan`` task wraps it, tests call it."""
 
 from __future__ import annotations
 
-import datetime as dt
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -26,88 +23,6 @@ from stripe_sage.plan.documents import (
 )
 from stripe_sage.reconcile.report import plan_payouts
 from stripe_sage.store.staging import Staging
-from stripe_sage.stripe.streams import STREAM_ORDER, STREAMS
-
-QUALITY_SLICE_ROWS = 100_000
-
-# Reference checks: which staged ids a stream's rows must point at.
-REFERENCES = {
-    "refunds": ("charges",),
-    "invoice_lines": ("invoices",),
-    "invoice_payments": ("invoices",),
-    "disputes": ("charges",),
-}
-
-
-@dataclass
-class QualityOutcome:
-    rows: dict[str, int] = field(default_factory=dict)
-    quarantined: dict[str, int] = field(default_factory=dict)
-    markdown: str = ""
-    docs_path: str | None = None
-    results: list[dict[str, Any]] = field(default_factory=list)
-
-
-def stage_all(st: Staging, run_id: str, streams: tuple[str, ...] = STREAM_ORDER) -> dict[str, int]:
-    staged = {s: st.stage(s, run_id) for s in streams}
-    # Extraction leaves up to 1 GB of WAL (Staging's checkpoint threshold): fold it into the
-    # database file once here, where the run pays for it, not at some later commit or close.
-    st.checkpoint()
-    return staged
-
-
-def validate_all(
-    st: Staging,
-    run_id: str,
-    *,
-    now: dt.datetime,
-    docs_dir: Path | None = None,
-    previous_rows: dict[str, int] | None = None,
-    slice_rows: int = QUALITY_SLICE_ROWS,
-) -> QualityOutcome:
-    """Validate what this run staged, ``slice_rows`` rows at a time; failing rows go to
-    ``staging.quarantine``."""
-    from quality.runner import (
-        build_data_docs,
-        check_wholesale,
-        merge_validations,
-        render_markdown,
-        validate_stream,
-    )
-
-    outcome = QualityOutcome()
-    validations = []
-    for stream in STREAM_ORDER:
-        known = {
-            ref: st.frame(f"SELECT id FROM staging.{ref}")["id"]
-            for ref in REFERENCES.get(stream, ())
-        }
-        # A slice of rows at a time, streamed from DuckDB: GX works on pandas copies of its
-        # input (at 1M charges, whole streams took this stage to 3.0 GiB; slices, 1.1 GiB).
-        parts = [
-            validate_stream(stream, df, known_ids=known, now=now, run_id=run_id)
-            for df in st.changed_slices(stream, run_id, slice_rows)
-        ]
-        if not parts:
-            continue
-        v = merge_validations(parts)
-        # The table's size before and after this run: a collapse, not a small increment.
-        check_wholesale(
-            v,
-            previous_rows=(previous_rows or {}).get(stream),
-            current_rows=st.count(f"staging.{stream}"),
-        )
-        st.requarantine_changed(stream, run_id, v.quarantine)
-        outcome.rows[stream] = v.rows
-        outcome.quarantined[stream] = v.quarantine["id"].n_unique() if v.quarantine.height else 0
-        outcome.results.extend({"stream": stream, **r} for r in v.results)
-        validations.append(v)
-    outcome.markdown = render_markdown(validations) if validations else ""
-    if docs_dir is not None and validations:
-        path = build_data_docs(validations, docs_dir)
-        outcome.docs_path = str(path) if path else None
-    return outcome
-
 
 # -- planning ------------------------------------------------------------------------------
 # Planning reads the staged rows in slices (keyset on id) and hands each slice's documents
@@ -323,9 +238,15 @@ class PlanTotals:
     planned: dict[str, int] = field(default_factory=dict)  # doc_type → documents planned
     errors: int = 0  # planned documents that failed planning (dead letters)
     enqueued: int = 0  # rows the outbox took
+    enqueue_seconds: float = 0.0  # of the planning time, what the outbox inserts took
 
     def as_dict(self) -> dict[str, Any]:
-        return {"planned": self.planned, "planned_errors": self.errors, "enqueued": self.enqueued}
+        return {
+            "planned": self.planned,
+            "planned_errors": self.errors,
+            "enqueued": self.enqueued,
+            "enqueue_seconds": round(self.enqueue_seconds, 3),
+        }
 
 
 def plan_into_outbox(
@@ -348,7 +269,9 @@ def plan_into_outbox(
             totals.planned[doc_type] = totals.planned.get(doc_type, 0) + n
         totals.errors += int(docs["error"].is_not_null().sum())
         if enqueue is not None:
+            t = time.perf_counter()
             totals.enqueued += enqueue(docs)
+            totals.enqueue_seconds += time.perf_counter() - t
     return totals
 
 
@@ -363,18 +286,3 @@ def plan_payout_documents(
         if not docs.is_empty()
     ]
     return pl.concat(frames) if frames else empty_docs()
-
-
-def previous_totals(st: Staging) -> dict[str, int]:
-    return {s: st.count(f"staging.{s}") for s in STREAMS}
-
-
-def summary_counts(st: Staging) -> dict[str, Any]:
-    """Totals per document type and status, for the run summary and the demo."""
-    rows = st.con.execute(
-        "SELECT doc_type, status, count(*) FROM sage.outbox GROUP BY ALL ORDER BY ALL"
-    ).fetchall()
-    out: dict[str, dict[str, int]] = {}
-    for doc_type, status, n in rows:
-        out.setdefault(doc_type, {})[status] = int(n)
-    return out

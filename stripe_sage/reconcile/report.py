@@ -1,4 +1,4 @@
-"""Payout reconciliation with the clearing-account method (ACCOUNTING.md).
+"""Payout reconciliation with the clearing-account method (docs/accounting.md).
 
 Receipts, credit memos and refund-failure journals already move each charge's gross amount,
 each refund and each failed refund through Stripe Clearing. A payout's journal then closes
@@ -356,7 +356,7 @@ def store(st: Any, rep: pl.DataFrame, run_id: str) -> None:
 def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     """Sage's Stripe Clearing balance (from the documents posted) against the Stripe side:
     Σ gross of the transactions recognised by their own documents that no posted payout
-    journal has cleared (ACCOUNTING.md, invariant 4). A difference comes with the documents
+    journal has cleared (docs/accounting.md, invariant 4). A difference comes with the documents
     that explain it (not posted: dead-lettered or pending)."""
     out = []
     for currency, account in mapping.accounts.clearing.items():

@@ -1,4 +1,4 @@
-"""The one typed Sage Pro client (``SAGEPRO_API.md``): retries, exactly-once creates, no secrets.
+"""The one typed Sage Pro client (``docs/sage_api.md``): retries, exactly-once creates, no secrets.
 
 Retry policy lives here and only here, so attempts never multiply across layers:
 

@@ -1,4 +1,4 @@
-"""DuckDB staging: the tables analysts rely on (ARCHITECTURE.md); the only code writing them.
+"""DuckDB staging: the tables analysts rely on (docs/architecture.md); the only code writing them.
 
 One ``Staging`` object owns one DuckDB connection, used from one thread: extract threads hand
 pages over, this writes them. Cursors move in the same transaction as the data they cover.
@@ -23,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 
 from stripe_sage.errors import ConfigurationError
-from stripe_sage.stripe.streams import STREAMS
+from stripe_sage.stripe.streams import STREAM_ORDER, STREAMS
 
 SCHEMAS = ("raw", "staging", "sage", "ops")
 STAGE_SLICE = 4_000
@@ -391,6 +391,28 @@ class Staging:
 
     def table(self, stream: str) -> pl.DataFrame:
         return self.frame(f"SELECT * FROM staging.{stream}")
+
+    def stage_all(self, run_id: str, streams: Sequence[str] = STREAM_ORDER) -> dict[str, int]:
+        """Stage every stream's changed raw rows, then fold the WAL into the file."""
+        staged = {s: self.stage(s, run_id) for s in streams}
+        # Extraction leaves up to 1 GB of WAL (the checkpoint threshold): fold it into the
+        # database file once here, where the run pays for it, not at some later commit.
+        self.checkpoint()
+        return staged
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows per staged stream (quality compares a run's counts with these)."""
+        return {s: self.count(f"staging.{s}") for s in STREAMS}
+
+    def outbox_totals(self) -> dict[str, dict[str, int]]:
+        """Sage documents per type and status, for the run summary and the demo."""
+        rows = self.con.execute(
+            "SELECT doc_type, status, count(*) FROM sage.outbox GROUP BY ALL ORDER BY ALL"
+        ).fetchall()
+        out: dict[str, dict[str, int]] = {}
+        for doc_type, status, n in rows:
+            out.setdefault(doc_type, {})[status] = int(n)
+        return out
 
     def count(self, table: str) -> int:
         return int(self.con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])

@@ -1,4 +1,4 @@
-"""Incremental extraction of Stripe into ``raw.*`` (the rules of STRIPE.md, in code).
+"""Incremental extraction of Stripe into ``raw.*`` (the rules of docs/stripe.md, in code).
 
 - First run of a stream: read by ``created`` in half-open windows ``[a, b)``, a checkpoint
   per window (``ops.sync_windows``), so a crashed backfill resumes where it stopped.

@@ -75,7 +75,7 @@ def sage_all(client: httpx.Client, collection: str) -> list[dict[str, Any]]:
 
 
 def expected_documents(env: Env) -> Counter[str]:
-    """What the Stripe business implies, from Stripe's own lists (ACCOUNTING.md)."""
+    """What the Stripe business implies, from Stripe's own lists (docs/accounting.md)."""
     with env.stripe() as s:
         charges = stripe_all(s, "/v1/charges")
         paid_invoice_charges = {

@@ -1,4 +1,4 @@
-"""Payout reconciliation end to end: ACCOUNTING.md's invariants are the assertions."""
+"""Payout reconciliation end to end: docs/accounting.md's invariants are the assertions."""
 
 from __future__ import annotations
 

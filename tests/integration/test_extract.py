@@ -24,7 +24,6 @@ import stripe
 from devkit.sandbox.launch import SandboxPair
 from devkit.sandbox.stripe_business import BusinessConfig
 from stripe_sage.errors import AuthenticationError, FatalError, NotFoundError, RetryableError
-from stripe_sage.plan.outbox import stage_all
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, OVERLAP, Extractor, PageWriter, window_size
@@ -182,7 +181,7 @@ def test_given_fresh_database_when_every_stream_extracted_then_raw_and_staging_m
     ex = extractor(pair, st, "run-1", now, window_seconds=14 * DAY)
 
     stats = {s: ex.extract_stream(s) for s in LISTED_STREAMS}
-    staged = stage_all(st, "run-1")
+    staged = st.stage_all("run-1")
 
     expected = expected_ids(pair, LISTED_STREAMS)
     for stream, want in expected.items():
@@ -265,7 +264,7 @@ def test_given_new_activity_when_events_extracted_then_changed_old_objects_are_r
         "balance_transactions",
     )
     backfill(extractor(own_pair, st, "run-1", int(time.time())), streams)
-    stage_all(st, "run-1", streams)
+    st.stage_all("run-1", streams)
     world = own_pair.world
 
     old_charge, old_amount = one(
@@ -296,7 +295,7 @@ def test_given_new_activity_when_events_extracted_then_changed_old_objects_are_r
     for stream in streams:
         assert ex2.extract_stream(stream).mode == "incremental"
     events = ex2.extract_events(streams=streams)
-    stage_all(st, "run-2", streams)
+    st.stage_all("run-2", streams)
 
     assert events.events >= 6 and not events.fallback
     # Old objects changed by events are fetched again; objects this run listed are not.
@@ -557,7 +556,7 @@ def test_given_events_cursor_older_than_30_days_when_events_extracted_then_windo
 
     now2 = now1 + 60  # the next run, a minute later
     events = extractor(own_pair, st, "run-2", now2).extract_events(streams=streams)
-    stage_all(st, "run-2", streams)
+    st.stage_all("run-2", streams)
 
     assert events.fallback
     assert any("30-day" in w for w in events.warnings), events.warnings
@@ -584,7 +583,7 @@ def test_given_customer_deleted_while_events_too_old_when_reread_then_tombstoned
     st.set_sync_state("customers", events_cursor=now1 - 31 * DAY)
 
     events = extractor(own_pair, st, "run-2", now1 + 60).extract_events(streams=("customers",))
-    stage_all(st, "run-2", ("customers",))
+    st.stage_all("run-2", ("customers",))
 
     assert events.fallback
     assert one(st, "SELECT deleted FROM staging.customers WHERE id = ?", [gone]) == (True,)
@@ -751,7 +750,7 @@ def test_given_extracted_streams_when_staged_then_wal_is_folded_and_documents_ar
         ex.extract_stream(stream)
     wal = st.path.with_name(st.path.name + ".wal")
     assert wal.exists() and wal.stat().st_size > 100_000  # extraction left it unfolded
-    stage_all(st, "run-1")
+    st.stage_all("run-1")
     assert not wal.exists() or wal.stat().st_size == 0
     methods = {
         r[0]

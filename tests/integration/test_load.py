@@ -1,7 +1,8 @@
 """Loading planned documents into the Sage sandbox through the outbox, over real loopback HTTP.
 
-The documents are planned by the real pipeline (``stage_all`` + ``plan_documents`` with Sage's
-own fiscal periods) from a business extracted once per module; every test starts from a copy
+The documents are planned by the real pipeline (``Staging.stage_all`` + ``plan_documents``
+with Sage's own
+fiscal periods) from a business extracted once per module; every test starts from a copy
 of that staging file and a freshly reset Sage sandbox. What Sage holds is read back with plain
 HTTP, independently of the client under test.
 """
@@ -24,15 +25,10 @@ import pytest
 
 from devkit.sandbox.launch import SandboxPair
 from devkit.sandbox.stripe_business import BusinessConfig
+from quality.validate import validate_all
 from stripe_sage.errors import AuthenticationError
 from stripe_sage.mapping import Mapping, default_mapping_text, load_mapping
-from stripe_sage.plan.outbox import (
-    plan_documents,
-    plan_into_outbox,
-    plan_slices,
-    stage_all,
-    validate_all,
-)
+from stripe_sage.plan.outbox import plan_documents, plan_into_outbox, plan_slices
 from stripe_sage.sage.client import COLLECTIONS, SageProClient
 from stripe_sage.sage.loader import Loader
 from stripe_sage.store.staging import Staging
@@ -97,7 +93,7 @@ def extracted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbo
             )
             for stream in STREAMS_TO_LOAD:
                 ex.extract_stream(stream)
-            stage_all(st, RUN)
+            st.stage_all(RUN)
         yield pair, path
 
 

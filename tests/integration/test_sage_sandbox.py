@@ -1,4 +1,4 @@
-"""The Sage Pro sandbox enforces SAGEPRO_API.md: every rule, every error code, faults and state."""
+"""The Sage Pro sandbox enforces docs/sage_api.md: every rule, error code, fault and state."""
 
 from __future__ import annotations
 

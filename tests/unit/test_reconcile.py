@@ -1,4 +1,4 @@
-"""Payout journal lines (pure): the clearing method of ACCOUNTING.md."""
+"""Payout journal lines (pure): the clearing method of docs/accounting.md."""
 
 from __future__ import annotations
 
