@@ -15,7 +15,6 @@ The same deployments for a work pool (workers on several machines) are in ``pref
 from __future__ import annotations
 
 import argparse
-import os
 
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig
@@ -27,28 +26,39 @@ from flows.reconcile_payouts import reconcile_payouts
 from flows.replay_dead_letters import replay_dead_letters
 from flows.stripe_to_sage import stripe_to_sage
 from flows.sync_customers_from_sage import sync_customers_from_sage
+from stripe_sage.settings import Settings
 from stripe_sage.stripe.webhooks import INBOX_RESOURCE, TRIGGER_EVENT
 
+DEPLOYMENT_NAMES = (
+    "backfill",
+    "backfill-windows",
+    "process-stripe-events",
+    "reconcile-payouts",
+    "replay-dead-letters",
+    "stripe-to-sage",
+    "sync-customers-from-sage",
+)
 
-def deployments() -> dict[str, object]:
+
+def deployments(settings: Settings) -> dict[str, object]:
     return {
         "stripe-to-sage": stripe_to_sage.to_deployment(
             name="stripe-to-sage",
-            cron=os.environ.get("SYNC_CRON", "*/15 * * * *"),
+            cron=settings.sync_cron,
             parameters={"trigger": "schedule"},
             tags=["stripe-sage", "sync"],
             concurrency_limit=1,
         ),
         "reconcile-payouts": reconcile_payouts.to_deployment(
             name="reconcile-payouts",
-            cron=os.environ.get("RECONCILE_CRON", "30 6 * * *"),
+            cron=settings.reconcile_cron,
             parameters={"trigger": "schedule"},
             tags=["stripe-sage", "reconciliation"],
             concurrency_limit=1,
         ),
         "sync-customers-from-sage": sync_customers_from_sage.to_deployment(
             name="sync-customers-from-sage",
-            cron=os.environ.get("CUSTOMERS_CRON", "5 * * * *"),
+            cron=settings.customers_cron,
             parameters={"trigger": "schedule"},
             tags=["stripe-sage", "customers"],
             concurrency_limit=1,
@@ -86,11 +96,12 @@ def deployments() -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", action="append", choices=sorted(deployments()))
+    parser.add_argument("--only", action="append", choices=DEPLOYMENT_NAMES)
     args = parser.parse_args(argv)
-    chosen = [d for name, d in deployments().items() if not args.only or name in args.only]
-    # Poll for triggered runs every 2 s (Prefect's default is 10): webhook latency.
-    serve(*chosen, query_seconds=float(os.environ.get("RUNNER_POLL_SECONDS", "2")))  # type: ignore[arg-type]
+    settings = Settings()  # resolved once for every deployment served
+    served = deployments(settings)
+    chosen = [d for name, d in served.items() if not args.only or name in args.only]
+    serve(*chosen, query_seconds=settings.runner_poll_seconds)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def backfill(
         window_seconds=window_days * DAY,
         done=done,
     )
-    root = Path(os.environ.get("BACKFILL_DIR") or settings.staging_db.parent / "backfill") / run_id
+    root = (settings.backfill_dir or settings.staging_db.parent / "backfill") / run_id
     logger.info("backfill %s: %d windows over %s, fan-out %s", run_id, len(plan), wanted, fan_out)
     try:
         results = _fan_out(fan_out, plan, root, now, settings.stripe_max_rps, workers, dask_address)

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     # URL often carries a token, hence secret), and how many open dead letters raise one.
     alert_webhook_url: SecretStr | None = Field(default=None)
     dead_letter_alert_threshold: int = Field(default=25, ge=0)
+    # Schedules of the served deployments (deployments/serve.py), and how often the runner
+    # polls for triggered runs (Prefect's default is 10 s; 2 s keeps webhook latency low).
+    sync_cron: str = Field(default="*/15 * * * *")
+    reconcile_cron: str = Field(default="30 6 * * *")
+    customers_cron: str = Field(default="5 * * * *")
+    runner_poll_seconds: float = Field(default=2.0, gt=0)
+    # Where a backfill's window files go (shared by every machine of a fan-out); unset:
+    # ``backfill/`` beside the staging file.
+    backfill_dir: Path | None = Field(default=None)
 
     def secrets(self) -> list[str]:
         """Every secret value, for scrubbing tests and log filters."""
