@@ -29,16 +29,6 @@ from flows.sync_customers_from_sage import sync_customers_from_sage
 from stripe_sage.settings import Settings
 from stripe_sage.stripe.webhooks import INBOX_RESOURCE, TRIGGER_EVENT
 
-DEPLOYMENT_NAMES = (
-    "backfill",
-    "backfill-windows",
-    "process-stripe-events",
-    "reconcile-payouts",
-    "replay-dead-letters",
-    "stripe-to-sage",
-    "sync-customers-from-sage",
-)
-
 
 def deployments(settings: Settings) -> dict[str, object]:
     return {
@@ -96,10 +86,10 @@ def deployments(settings: Settings) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", action="append", choices=DEPLOYMENT_NAMES)
-    args = parser.parse_args(argv)
     settings = Settings()  # resolved once for every deployment served
     served = deployments(settings)
+    parser.add_argument("--only", action="append", choices=sorted(served))
+    args = parser.parse_args(argv)
     chosen = [d for name, d in served.items() if not args.only or name in args.only]
     serve(*chosen, query_seconds=settings.runner_poll_seconds)  # type: ignore[arg-type]
 

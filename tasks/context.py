@@ -5,7 +5,6 @@ artifacts: the engine would start an API server just to receive them)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from prefect.context import FlowRunContext, TaskRunContext
@@ -21,9 +20,3 @@ def in_run() -> bool:
 def run_logger() -> Any:
     """The run's logger in a run (its lines show in the Prefect UI), else a plain one."""
     return get_run_logger() if in_run() else _plain
-
-
-def call(task: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run ``task`` as a task run inside a flow run, as a plain function outside one."""
-    fn: Callable[..., Any] = task if in_run() else task.fn
-    return fn(*args, **kwargs)
