@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
-from prefect import flow, runtime
+from prefect import flow
 from prefect.logging import get_run_logger
 
+from flows.lifecycle import flow_run
 from stripe_sage.sage.replay import release_dead_letters
 from stripe_sage.settings import Settings
 from tasks.sage import fiscal_periods, load, plan
-from tasks.writer import open_run
 
 
 @flow(name="replay_dead_letters", log_prints=True)
@@ -24,33 +23,24 @@ def replay_dead_letters(
     """Retry the dead letters matching the filters (all when none is given) after their cause
     was fixed; what Sage rejects again is dead-lettered again, naming the reason."""
     logger = get_run_logger()
-    settings = Settings()
-    prefect_id = runtime.flow_run.id
-    run_id = str(prefect_id or uuid.uuid4())
-    with open_run(settings, run_id) as ctx:
-        st = ctx.staging
-        st.start_run(run_id, flow="replay_dead_letters", prefect_run_id=prefect_id, trigger=trigger)
-        counts: dict[str, Any] = {"writer_slot": ctx.writer_slot}
-        try:
-            released = release_dead_letters(
-                st, doc_keys=doc_keys, doc_type=doc_type, error_code=error_code
-            )
-            counts["released"] = released
-            plan(st, ctx.loader, ctx.mapping, fiscal_periods(ctx.sage), ctx.sage, run_id)
-            counts["load"] = load(ctx.loader)
-            # Dependents blocked on a replayed document are revived at the start of a load:
-            # a second pass posts them now rather than at the next scheduled run.
-            if ctx.loader.revive_unblocked() or ctx.loader.pending_count():
-                counts["load_dependents"] = load(ctx.loader)
-            again = st.con.execute(
-                "SELECT doc_key FROM sage.outbox WHERE status = 'dead' "
-                "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
-                [released or [""]],
-            ).fetchall()
-            counts["dead_again"] = [r[0] for r in again]
-            logger.info("replayed %d dead letters: %d dead again", len(released), len(again))
-            st.finish_run(run_id, status="completed", counts=counts)
-            return counts
-        except BaseException as exc:
-            st.finish_run(run_id, status="failed", counts=counts, error=str(exc)[:2000])
-            raise
+    settings = Settings()  # a flow run is an entry point: resolved once, passed down
+    with flow_run(settings, flow="replay_dead_letters", trigger=trigger) as run:
+        ctx, st, counts = run.context, run.context.staging, run.counts
+        released = release_dead_letters(
+            st, doc_keys=doc_keys, doc_type=doc_type, error_code=error_code
+        )
+        counts["released"] = released
+        plan(st, ctx.loader, ctx.mapping, fiscal_periods(ctx.sage), ctx.sage, run.run_id)
+        counts["load"] = load(ctx.loader)
+        # Dependents blocked on a replayed document are revived at the start of a load:
+        # a second pass posts them now rather than at the next scheduled run.
+        if ctx.loader.revive_unblocked() or ctx.loader.pending_count():
+            counts["load_dependents"] = load(ctx.loader)
+        again = st.con.execute(
+            "SELECT doc_key FROM sage.outbox WHERE status = 'dead' "
+            "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
+            [released or [""]],
+        ).fetchall()
+        counts["dead_again"] = [r[0] for r in again]
+        logger.info("replayed %d dead letters: %d dead again", len(released), len(again))
+        return counts

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
-from prefect import flow, runtime, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from flows.lifecycle import flow_run
 from stripe_sage.sage.client import SageProClient
 from stripe_sage.sage.customer_master import ConflictRule, sync_from_sage
 from stripe_sage.settings import Settings
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
-from tasks.writer import open_run
 
 
 @task(name="sage-customers-to-stripe", cache_policy=NO_CACHE)
@@ -32,18 +31,9 @@ def sync_customers_from_sage(
 ) -> dict[str, Any]:
     """Sage customers changed since the cursor update their linked Stripe customers; when
     both sides changed, ``conflict_rule`` decides and ``ops.customer_conflicts`` records it."""
-    settings = Settings()
-    prefect_id = runtime.flow_run.id
-    run_id = str(prefect_id or uuid.uuid4())
-    with open_run(settings, run_id) as ctx:
-        ctx.staging.start_run(
-            run_id, flow="sync_customers_from_sage", prefect_run_id=prefect_id, trigger=trigger
-        )
-        try:
-            counts = sage_to_stripe(ctx.staging, ctx.sage, ctx.reader, run_id, conflict_rule)
-            recorded = {**counts, "writer_slot": ctx.writer_slot}
-            ctx.staging.finish_run(run_id, status="completed", counts=recorded)
-            return counts
-        except BaseException as exc:
-            ctx.staging.finish_run(run_id, status="failed", counts={}, error=str(exc)[:2000])
-            raise
+    settings = Settings()  # a flow run is an entry point: resolved once, passed down
+    with flow_run(settings, flow="sync_customers_from_sage", trigger=trigger) as run:
+        ctx = run.context
+        counts = sage_to_stripe(ctx.staging, ctx.sage, ctx.reader, run.run_id, conflict_rule)
+        run.counts.update(counts)
+        return counts
