@@ -36,11 +36,11 @@ from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.lifecycle import flow_run
+from flows.stages import run_stages
 from flows.stripe_to_sage import stripe_to_sage
-from stripe_sage.metrics import peak_rss_mb
 from stripe_sage.runtime import stripe_reader
 from stripe_sage.settings import Settings
-from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.backfill import (
     Window,
     chunk,
@@ -53,9 +53,6 @@ from stripe_sage.stripe.backfill import (
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY
 from stripe_sage.stripe.streams import LISTED_STREAMS
-from tasks.reconcile import itemise_payouts
-from tasks.staging import quality, stage
-from tasks.writer import writer_slot
 
 FanOut = Literal["dask", "deployments", "threads"]
 WINDOWS_DEPLOYMENT = "backfill-windows/backfill-windows"
@@ -195,68 +192,52 @@ def backfill(
 ) -> dict[str, Any]:
     """Backfill ``days`` of history split into ``window_days`` windows, fanned out."""
     logger = get_run_logger()
-    settings = Settings()
+    settings = Settings()  # a flow run is an entry point: resolved once, passed down
     wanted = tuple(s for s in LISTED_STREAMS if not streams or s in streams)
-    prefect_id = runtime.flow_run.id
-    run_id = str(prefect_id or uuid.uuid4())
     now = int(time.time())
-    # The parent process: under a Prefect worker, the worker that runs this flow run.
-    counts: dict[str, Any] = {"fan_out": fan_out, "workers": workers, "host": os.getppid()}
-    timings: dict[str, float] = {}
-    counts["timings"] = timings
+    # The writer slot is taken only around what writes: the windows are read without it.
+    with flow_run(settings, flow="backfill", trigger=trigger, hold_writer=False) as run:
+        run_id, counts = run.run_id, run.counts
+        # The parent process: under a Prefect worker, the worker that runs this flow run.
+        counts.update({"fan_out": fan_out, "workers": workers, "host": os.getppid()})
+        timings: dict[str, float] = counts.setdefault("timings", {})
+        with run.store() as st:
+            done = windows_done(st, wanted)
 
-    with writer_slot(), Staging(settings.staging_db) as st:
-        done = windows_done(st, wanted)
-        st.start_run(run_id, flow="backfill", prefect_run_id=prefect_id, trigger=trigger)
-
-    t = time.perf_counter()
-    reader = stripe_reader(settings)
-    plan = plan_windows(
-        reader,
-        wanted,
-        start=now - days * DAY,
-        now=now,
-        window_seconds=window_days * DAY,
-        done=done,
-    )
-    root = (settings.backfill_dir or settings.staging_db.parent / "backfill") / run_id
-    logger.info("backfill %s: %d windows over %s, fan-out %s", run_id, len(plan), wanted, fan_out)
-    try:
-        results = _fan_out(fan_out, plan, root, now, settings.stripe_max_rps, workers, dask_address)
-    except BaseException as exc:
+        t = time.perf_counter()
+        reader = stripe_reader(settings)
+        plan = plan_windows(
+            reader,
+            wanted,
+            start=now - days * DAY,
+            now=now,
+            window_seconds=window_days * DAY,
+            done=done,
+        )
+        root = (settings.backfill_dir or settings.staging_db.parent / "backfill") / run_id
+        logger.info(
+            "backfill %s: %d windows over %s, fan-out %s", run_id, len(plan), wanted, fan_out
+        )
         # The files written so far stay under ``root`` for a look; nothing was merged.
-        with writer_slot(), Staging(settings.staging_db) as st:
-            error = f"window extraction failed: {exc}"[:2000]
-            st.finish_run(run_id, status="failed", counts=counts, error=error)
-        raise
-    timings["extract"] = round(time.perf_counter() - t, 3)
-    counts["windows"] = len(plan)
-    counts["processes"] = sorted({r["pid"] for r in results})
-    counts["window_hosts"] = sorted({r["parent_pid"] for r in results})
+        run.failing = "window extraction failed"
+        results = _fan_out(fan_out, plan, root, now, settings.stripe_max_rps, workers, dask_address)
+        run.failing = ""
+        timings["extract"] = round(time.perf_counter() - t, 3)
+        counts["windows"] = len(plan)
+        counts["processes"] = sorted({r["pid"] for r in results})
+        counts["window_hosts"] = sorted({r["parent_pid"] for r in results})
 
-    t = time.perf_counter()
-    with writer_slot() as slot, Staging(settings.staging_db) as st:
-        counts["writer_slot"] = slot
-        try:
-            previous = st.row_counts()
+        t = time.perf_counter()
+        with run.open(now=now, backfill_days=days, window_days=window_days) as ctx:
+            previous = ctx.staging.row_counts()
             counts["merged"] = merge_windows(
-                st, plan, root, run_id=run_id, now=now, api_version=reader.api_version
+                ctx.staging, plan, root, run_id=run_id, now=now, api_version=reader.api_version
             )
-            finish_streams(st, wanted, now=now)
+            finish_streams(ctx.staging, wanted, now=now)
             timings["merge"] = round(time.perf_counter() - t, 3)
-            t = time.perf_counter()
-            counts["staged"] = stage(st, run_id)
-            counts["payouts_itemised"] = itemise_payouts(reader, st, run_id)
-            timings["stage"] = round(time.perf_counter() - t, 3)
-            t = time.perf_counter()
-            docs_dir = Path(settings.staging_db).parent / "data_docs"
-            counts["quarantined"] = quality(st, run_id, previous, docs_dir).quarantined
-            timings["quality"] = round(time.perf_counter() - t, 3)
-            counts["peak_rss_mb"] = peak_rss_mb()
-            st.finish_run(run_id, status="completed", counts=counts)
-        except BaseException as exc:
-            st.finish_run(run_id, status="failed", counts=counts, error=str(exc)[:2000])
-            raise
+            run_stages(ctx, run, stages=("stage", "quality"), previous_rows=previous)
+            timings.update({k: round(v, 3) for k, v in timings.items()})
+            run.finish("completed")
     shutil.rmtree(root, ignore_errors=True)  # merged: the files have served their purpose
     logger.info(
         "backfill %s merged %s at %s",

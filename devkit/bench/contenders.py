@@ -10,8 +10,8 @@
 - **dlt**: dlt's generic ``rest_api`` source, configured for Stripe's cursor paging
   (``starting_after`` = the last id, ``has_more``), the same page size and rate limit,
   resources read in parallel, loaded into DuckDB (extract → normalize → load).
-- **ours**: the main flow's stages on the product's own code (``--driver direct``: the same
-  package calls as ``flows/stripe_to_sage.py``, timed one by one) or the Prefect flow itself
+- **ours**: the main flow's stage sequence (``--driver direct``: ``flows/stages.py`` itself,
+  outside a Prefect flow run, timed step by step) or the Prefect flow itself
   (``--driver flow``).
 
 Each stage reports wall time, rows and the process's peak RSS *during that stage* (Linux:
@@ -22,7 +22,6 @@ figures and counts are written: never a key.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
@@ -34,12 +33,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stripe_sage.metrics import peak_rss_mb
 
+if TYPE_CHECKING:
+    from flows.stages import Stage
+
 DAY = 86_400
-THROUGH = ("extract", "stage", "quality", "transform", "plan", "load")
 
 
 def _key(name: str) -> str:
@@ -412,24 +413,56 @@ def run_ours(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
     return _run_ours_direct(spec, rec)
 
 
-def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
-    """The main flow's stages, in its order, on the same package calls its tasks make."""
-    import polars as pl
+# The rows ``--through`` runs of the stage sequence (flows/stages.py).
+SEQUENCE: dict[str, tuple[Stage, ...]] = {
+    "extract": ("extract",),
+    "stage": ("extract", "stage"),
+    "quality": ("extract", "stage", "quality"),
+    "transform": ("extract", "stage", "quality", "plan"),
+    "plan": ("extract", "stage", "quality", "plan"),
+    "load": ("extract", "stage", "quality", "plan", "load"),
+}
 
-    from quality.validate import validate_all
-    from stripe_sage.plan.documents import sage_customer_emails
-    from stripe_sage.plan.outbox import plan_into_outbox
-    from stripe_sage.reconcile.report import itemise_payouts, payouts_to_itemise
+
+class _StageClock:
+    """The recorder as the stage sequence's clock: a row per step with its own peak RSS; the
+    time the plan spent inserting into the outbox reported as a "plan" row of its own; the
+    Stripe requests of extract and stage, and the Sage requests of the load alone."""
+
+    def __init__(self, rec: Recorder, ctx: Any, out: dict[str, Any], with_plan: bool) -> None:
+        self.rec, self.ctx, self.out, self.with_plan = rec, ctx, out, with_plan
+        self.sage_before: dict[str, Any] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        if name == "itemise":
+            self.out["stripe_requests_extract_stage"] = dict(self.ctx.reader.stats)
+        if name == "load":
+            self.sage_before = self.ctx.sage.stats.as_dict()
+        with self.rec.stage(name) as row:
+            yield row
+        if name == "transform":
+            enqueue_s, enqueued = row.pop("enqueue_seconds"), row.pop("enqueued")
+            if self.with_plan:
+                self.rec.split(row, "plan", enqueue_s, enqueued)
+
+
+def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
+    """The main flow's stage sequence itself (``run_stages``), each step's plain function
+    outside a Prefect flow run, timed step by step."""
+    from flows.lifecycle import FlowRun, recorded
+    from flows.stages import run_stages
     from stripe_sage.runtime import RunContext
     from stripe_sage.sage.client import SageProClient
 
     settings = _bench_settings(spec)
-    through = THROUGH.index(spec["through"])
-    run_id = str(uuid.uuid4())
+    through = spec["through"]
     out: dict[str, Any] = {}
-    wanted = tuple(spec["streams"])
     with RunContext.open(
-        settings, run_id, backfill_days=spec["backfill_days"], window_days=spec["window_days"]
+        settings,
+        str(uuid.uuid4()),
+        backfill_days=spec["backfill_days"],
+        window_days=spec["window_days"],
     ) as ctx:
         if spec.get("sage_max_rps"):
             # The client-side token bucket (SAGE_MAX_RPS), same client otherwise.
@@ -440,82 +473,39 @@ def _run_ours_direct(spec: dict[str, Any], rec: Recorder) -> dict[str, Any]:
                 max_rps=spec["sage_max_rps"],
             )
             ctx.loader.client = ctx.sage
-        st = ctx.staging
-        st.start_run(run_id, flow="bench", prefect_run_id=None, trigger="bench")
-        previous = st.row_counts()
-        with rec.stage("extract") as row:
-            with ThreadPoolExecutor(len(wanted)) as pool:
-                stats = list(pool.map(ctx.extractor.extract_stream, wanted))
-            ctx.extractor.extract_events(streams=wanted)
-            out["objects"] = {s.stream: s.listed for s in stats}
-            row["rows"] = sum(out["objects"].values())
-        with rec.stage("stage") as row:
-            staged = st.stage_all(run_id)
-            row["rows"] = sum(staged.values())
-        out["stripe_requests_extract_stage"] = dict(ctx.reader.stats)
-        with rec.stage("itemise") as row:
-            todo = payouts_to_itemise(st)
-            row["rows"] = itemise_payouts(ctx.reader, st, run_id, todo)
-            st.stage("balance_transactions", run_id)
-        if through >= THROUGH.index("quality"):
-            with rec.stage("quality") as row:
-                q = validate_all(
-                    st,
-                    run_id,
-                    now=dt.datetime.now(dt.UTC),
-                    docs_dir=Path(spec["work_dir"]) / "ours" / "data_docs",
-                    previous_rows=previous,
-                )
-                row["rows"] = sum(q.rows.values())
-                out["quarantined"] = q.quarantined
-        if through >= THROUGH.index("transform"):
-            periods = ctx.sage.fiscal_periods()
-            sage = ctx.sage
-
-            # As the flow does: slice by slice, each slice enqueued before the next is read
-            # ("transform" alone is a dry run). With "plan" the two are interleaved, so the
-            # time inside ``enqueue`` is reported as "plan" and the rest as "transform".
-            enqueue_s = [0.0]
-
-            def enqueue(docs: pl.DataFrame) -> int:
-                t = time.perf_counter()
-                try:
-                    return ctx.loader.enqueue(docs)
-                finally:
-                    enqueue_s[0] += time.perf_counter() - t
-
-            with_plan = through >= THROUGH.index("plan")
-            with rec.stage("transform") as row:
-                totals = plan_into_outbox(
-                    st,
-                    ctx.mapping,
-                    periods,
-                    enqueue if with_plan else None,
-                    sage_customers=lambda: sage_customer_emails(sage.list_customers()),
-                    run_id=run_id,
-                )
-                row["rows"] = sum(totals.planned.values())
-            if with_plan:
-                rec.split(row, "plan", enqueue_s[0], totals.enqueued)
-        if through >= THROUGH.index("load"):
-            before = ctx.sage.stats.as_dict()
-            with rec.stage("load") as row:
-                load = ctx.loader.run().as_dict()
-                row["rows"] = sum(load["posted"].values()) + sum(load["dead"].values())
-            after = ctx.sage.stats.as_dict()
-            sent = after["attempts"] - before["attempts"]
-            out["load"] = {
-                "posted": sum(load["posted"].values()),
-                "dead": sum(load["dead"].values()),
-                "deferred": sum(load["deferred"].values()),
-                "sage_requests": sent,
-                "sage_429": after["rate_limited"] - before["rate_limited"],
-                "sage_requests_per_s": round(sent / row["seconds"], 1) if row["seconds"] else 0,
-                "docs_per_s": row["rows_per_s"],
-                "sage_rate_limit": spec.get("sage_rate_limit") or None,
-                "sage_max_rps": spec.get("sage_max_rps") or None,
-            }
-        st.finish_run(run_id, status="bench", counts={})
+        clock = _StageClock(rec, ctx, out, with_plan=through != "transform")
+        with recorded(FlowRun(settings, "bench", ctx.run_id, ctx=ctx), trigger="bench") as run:
+            counts = run_stages(
+                ctx,
+                run,
+                stages=SEQUENCE[through],
+                streams=tuple(spec["streams"]),
+                # "transform" alone is a dry run: planned, nothing enqueued.
+                dry_run=through == "transform",
+                clock=clock,
+            )
+            if run.status is None:
+                run.finish("bench")
+    out["objects"] = {s: x["listed"] for s, x in counts["extract"].items()}
+    if "quarantined" in counts:
+        out["quarantined"] = counts["quarantined"]
+    if "load" in counts:
+        load = counts["load"]
+        row = next(r for r in rec.stages if r["stage"] == "load")
+        seconds = row["seconds"]
+        after = counts["sage_client"]
+        sent = after["attempts"] - clock.sage_before["attempts"]
+        out["load"] = {
+            "posted": sum(load["posted"].values()),
+            "dead": sum(load["dead"].values()),
+            "deferred": sum(load["deferred"].values()),
+            "sage_requests": sent,
+            "sage_429": after["rate_limited"] - clock.sage_before["rate_limited"],
+            "sage_requests_per_s": round(sent / seconds, 1) if seconds else 0,
+            "docs_per_s": row["rows_per_s"],
+            "sage_rate_limit": spec.get("sage_rate_limit") or None,
+            "sage_max_rps": spec.get("sage_max_rps") or None,
+        }
     return out
 
 

@@ -1,0 +1,222 @@
+"""The stage sequence, written once: extract → stage → itemise payouts → quality → plan →
+load → write-back → report → snapshot.
+
+The scheduled sync runs all of it; the webhook flow reads the inbox instead of listing the
+streams; the backfill merges its windows itself and runs stage and quality; a dry run stops
+after the plan; the benchmark's direct driver runs it without a Prefect flow run (each task's
+plain function, ``task.fn``: no API server just to record task runs) and times each step
+with its own clock.
+
+What a caller gets back is the run's ``counts`` (also recorded in ``ops.runs``), with
+``timings`` (seconds per stage) and ``peak_rss_mb`` (this process's peak at the end of each
+stage) under the keys the benchmarks read: ``extract``, ``stage`` (itemising included),
+``quality``, ``transform`` (the plan), ``load``, ``write_back`` and ``publish`` (the snapshot).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from flows.lifecycle import FlowRun
+from stripe_sage.metrics import peak_rss_mb
+from stripe_sage.runtime import RunContext
+from stripe_sage.stripe.webhooks import Inbox
+from tasks.context import in_run
+from tasks.inbox import drain_inbox, mark_processed
+from tasks.reconcile import itemise_payouts, reconciliation_report
+from tasks.sage import fiscal_periods, load, plan, write_back_task
+from tasks.staging import publish_snapshot, quality, stage
+from tasks.stripe import extract_events, extract_stream
+
+Stage = Literal["extract", "stage", "quality", "plan", "load", "write_back", "report", "snapshot"]
+STAGES: tuple[Stage, ...] = (
+    "extract",
+    "stage",
+    "quality",
+    "plan",
+    "load",
+    "write_back",
+    "report",
+    "snapshot",
+)
+# Each step's key in ``timings`` and ``peak_rss_mb`` (the names the benchmarks have always
+# read): itemising is timed as part of staging, the plan as "transform", the snapshot as
+# "publish"; the report is not timed.
+TIMING_KEYS = {
+    "extract": "extract",
+    "stage": "stage",
+    "itemise": "stage",
+    "quality": "quality",
+    "transform": "transform",
+    "load": "load",
+    "write_back": "write_back",
+    "publish": "publish",
+}
+
+
+class Clock(Protocol):
+    """Times one step; the block fills the yielded row's ``rows`` (and, for the plan,
+    ``enqueued`` and ``enqueue_seconds``)."""
+
+    def stage(self, name: str) -> AbstractContextManager[dict[str, Any]]: ...
+
+
+class FlowClock:
+    """Seconds and peak RSS per step into ``counts["timings"]`` and ``counts["peak_rss_mb"]``."""
+
+    def __init__(self, counts: dict[str, Any]) -> None:
+        self.timings: dict[str, float] = counts.setdefault("timings", {})
+        self.peaks: dict[str, float] = counts.setdefault("peak_rss_mb", {})
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        key = TIMING_KEYS.get(name)
+        t = time.perf_counter()
+        yield {}
+        if key is not None:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t
+            self.peaks[key] = peak_rss_mb()
+
+
+def _call(task: Any, *args: Any, **kwargs: Any) -> Any:
+    """A task run inside a flow run; its plain function outside one (the benchmark)."""
+    fn: Callable[..., Any] = task if in_run() else task.fn
+    return fn(*args, **kwargs)
+
+
+def _list_streams(
+    ctx: RunContext, streams: tuple[str, ...], full_refresh: bool, since: int | None
+) -> dict[str, dict[str, Any]]:
+    """Every stream at once (each its own task run in a flow run, a thread outside one)."""
+    if in_run():
+        futures = [extract_stream.submit(ctx.extractor, s, full_refresh, since) for s in streams]
+        results = [f.result() for f in futures]
+    else:
+        with ThreadPoolExecutor(max(1, len(streams))) as pool:
+            results = list(
+                pool.map(
+                    lambda s: extract_stream.fn(ctx.extractor, s, full_refresh, since), streams
+                )
+            )
+    return {r["stream"]: r for r in results}
+
+
+def run_status(loads: dict[str, Any]) -> str:
+    """A run's status from its load: documents deferred to a later run, dead letters, or
+    everything posted."""
+    if any(loads.get("deferred", {}).values()):
+        return "partial"
+    if any(loads.get("dead", {}).values()):
+        return "completed_with_dead_letters"
+    return "completed"
+
+
+def run_stages(
+    ctx: RunContext,
+    run: FlowRun,
+    *,
+    stages: Collection[Stage] = STAGES,
+    streams: tuple[str, ...] | None = None,
+    full_refresh: bool = False,
+    since: int | None = None,
+    inbox: Inbox | None = None,
+    previous_rows: dict[str, int] | None = None,
+    dry_run: bool = False,
+    clock: Clock | None = None,
+) -> dict[str, Any]:
+    """Run ``stages`` of the sequence, in its order, recording into ``run.counts``.
+
+    Extract lists ``streams`` (and the events since the cursor) when given, then re-fetches
+    what the unprocessed events of ``inbox`` name; those events are marked processed only after
+    the write-back, so a crashed run leaves them for the next one. Quality compares volumes
+    with ``previous_rows`` (by default the row counts before the extract; ``{}``: no
+    comparison). A ``dry_run`` plans without enqueuing and ends the run there (``dry_run``);
+    a run through the load records its status (``run_status``) before the snapshot, so the
+    snapshot holds the run's own row in ``ops.runs``.
+    """
+    counts = run.counts
+    clock = clock or FlowClock(counts)
+    settings = ctx.settings
+    st = ctx.staging
+    run_id = run.run_id
+    data_dir = Path(settings.staging_db).parent
+    inbox_ids: list[str] = []
+    if previous_rows is None and "quality" in stages:
+        previous_rows = st.row_counts()
+
+    if "extract" in stages:
+        with clock.stage("extract") as row:
+            if streams is not None:
+                counts["extract"] = _list_streams(ctx, streams, full_refresh, since)
+                counts["events"] = _call(extract_events, ctx.extractor, streams)
+                row["rows"] = sum(x["listed"] for x in counts["extract"].values())
+            if inbox is not None:
+                inbox_ids = _call(drain_inbox, ctx.extractor, inbox)
+                if streams is None:
+                    counts["events"] = len(inbox_ids)
+
+    if "stage" in stages:
+        with clock.stage("stage") as row:
+            counts["staged"] = _call(stage, st, run_id)
+            row["rows"] = sum(counts["staged"].values())
+        with clock.stage("itemise") as row:
+            counts["payouts_itemised"] = row["rows"] = _call(
+                itemise_payouts, ctx.reader, st, run_id
+            )
+
+    if "quality" in stages:
+        with clock.stage("quality") as row:
+            q = _call(quality, st, run_id, previous_rows or {}, data_dir / "data_docs")
+            counts["quarantined"] = q.quarantined
+            counts["data_docs"] = q.docs_path
+            row["rows"] = sum(q.rows.values())
+
+    if "plan" in stages:
+        with clock.stage("transform") as row:
+            periods = _call(fiscal_periods, ctx.sage)
+            # Planned slice by slice into the outbox: a 1M-charge first run is ~2M payloads,
+            # never all in memory at once; the loader reads them back in pages.
+            planned = _call(plan, st, ctx.loader, ctx.mapping, periods, ctx.sage, run_id, dry_run)
+            counts["planned"] = planned["planned"]
+            row["rows"] = sum(planned["planned"].values())
+            row["enqueued"] = planned["enqueued"]
+            row["enqueue_seconds"] = planned["enqueue_seconds"]
+        if dry_run:
+            counts["dry_run"] = True
+            counts["planned_errors"] = planned["planned_errors"]
+            run.finish("dry_run")
+            return counts
+
+    if "load" in stages:
+        with clock.stage("load") as row:
+            counts["load"] = _call(load, ctx.loader)
+            counts["sage_client"] = ctx.sage.stats.as_dict()
+            row["rows"] = sum(counts["load"]["posted"].values()) + sum(
+                counts["load"]["dead"].values()
+            )
+
+    if "write_back" in stages:
+        with clock.stage("write_back"):
+            counts["write_back"] = _call(write_back_task, ctx.reader, st, run_id)
+            counts["stripe_client"] = dict(ctx.reader.stats)
+        counts["totals"] = st.outbox_totals()
+    if inbox is not None:
+        counts["inbox"] = _call(mark_processed, inbox, inbox_ids, run_id)
+
+    if "report" in stages:
+        counts["reconciliation"] = _call(
+            reconciliation_report, st, ctx.mapping, run_id, data_dir / "reconciliation.html"
+        )
+
+    if "load" in stages:
+        run.finish(run_status(counts["load"]))
+    if "snapshot" in stages:
+        # After the run's row is recorded, so the snapshot holds it.
+        with clock.stage("publish"):
+            counts["snapshot"] = _call(publish_snapshot, st, data_dir / "snapshot", run_id)
+    return counts
