@@ -61,7 +61,9 @@ THREADS_PER_PROCESS = 2
 
 @functools.cache
 def _shared_reader(max_rps: float) -> StripeReader:
-    """One reader (one rate limiter) per process, shared by the window tasks it runs."""
+    """One reader (one rate limiter) per process, shared by the window tasks it runs. A
+    window process (a Dask worker, a ``backfill-windows`` run elsewhere) is an entry point of
+    its own: its settings, key included, are resolved here, once, never sent as a parameter."""
     return stripe_reader(Settings(), max_rps)
 
 
