@@ -52,9 +52,11 @@ def stripe_to_sage(
             inbox=inbox,
             dry_run=dry_run,
         )
-        if dry_run:
-            return counts
         status = run.status or "completed"
+        counts["status"] = status
+        counts["run_id"] = run.run_id
+        if dry_run:
+            return counts  # the CLI's exit status reads "dry_run" here
         create_table_artifact(
             key="run-summary",
             description=f"stripe_to_sage run {run.run_id}: {status}",
@@ -68,6 +70,4 @@ def stripe_to_sage(
             counts["load"]["dead"],
             counts["load"]["deferred"],
         )
-        counts["status"] = status
-        counts["run_id"] = run.run_id
         return counts
