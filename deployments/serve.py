@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from prefect import serve
-from prefect.client.schemas.objects import ConcurrencyLimitConfig
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 from flows.backfill import backfill, backfill_windows
@@ -57,7 +57,9 @@ def deployments(settings: Settings) -> dict[str, object]:
             name="process-stripe-events",
             tags=["stripe-sage", "webhooks"],
             parameters={"trigger": "webhook"},
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+            ),
             triggers=[
                 DeploymentEventTrigger(
                     name="stripe webhook received",

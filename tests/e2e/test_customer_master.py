@@ -111,6 +111,7 @@ def test_sage_ids_are_written_back_and_visible_through_the_sdk(env: Env) -> None
     created = [s for s, (_, how) in links.items() if how in ("created", "email")][:5]
     for stripe_id in created:
         customer = client.v1.customers.retrieve(stripe_id)
+        assert customer.metadata is not None, stripe_id
         assert customer.metadata["sage_customer_id"] == links[stripe_id][0]
     con = duckdb.connect(str(env.db), read_only=True)
     invoiced = con.sql(
