@@ -17,6 +17,9 @@ contains a secret (clients build messages from response bodies, never from reque
 
 from __future__ import annotations
 
+import datetime
+import email.utils
+
 
 class StripeSageError(Exception):
     """Base of every error the product raises on purpose."""
@@ -81,6 +84,21 @@ class DataQualityError(FatalError):
     """A data-quality suite failed wholesale; the load must not go on."""
 
 
+# The one HTTP status → error table, shared by the Stripe and the Sage clients: 429 and 5xx
+# are retried (``error_for_status``); these stop a run or dead-letter a record; any other
+# status is a plain ``FatalError``. 402 is Stripe's "request failed" (a valid request the
+# object refused), 422 Sage's refused document.
+STATUS_ERRORS: dict[int, type[FatalError]] = {
+    400: ValidationError,
+    402: ValidationError,
+    409: ValidationError,
+    422: ValidationError,
+    401: AuthenticationError,
+    403: AuthenticationError,
+    404: NotFoundError,
+}
+
+
 def error_for_status(
     status: int,
     message: str,
@@ -90,14 +108,28 @@ def error_for_status(
     retry_after: float | None = None,
     system: str | None = None,
 ) -> StripeSageError:
-    """Map one HTTP answer to the error class that decides retry vs fatal. The only such map."""
+    """Map one HTTP answer to the error class that decides retry vs fatal (``STATUS_ERRORS``).
+    Both clients call it; neither keeps a map of its own."""
     kw: dict[str, object] = {"http_status": status, "code": code, "field": field, "system": system}
     if status == 429 or status >= 500:
         return RetryableError(message, retry_after=retry_after, **kw)
-    if status in (401, 403):
-        return AuthenticationError(message, **kw)  # type: ignore[arg-type]
-    if status == 404:
-        return NotFoundError(message, **kw)  # type: ignore[arg-type]
-    if status in (400, 409, 422):
-        return ValidationError(message, **kw)  # type: ignore[arg-type]
-    return FatalError(message, **kw)  # type: ignore[arg-type]
+    return STATUS_ERRORS.get(status, FatalError)(message, **kw)  # type: ignore[arg-type]
+
+
+def parse_retry_after(value: str | None, *, now: datetime.datetime | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds (integer or decimal) or HTTP-date."""
+    if not value:
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    now = now or datetime.datetime.now(datetime.UTC)
+    return max(0.0, (when - now).total_seconds())

@@ -25,7 +25,6 @@ such as Starlette's ``TestClient`` works), and never put in a message, a repr or
 from __future__ import annotations
 
 import datetime
-import email.utils
 import logging
 import random
 import threading
@@ -45,6 +44,7 @@ from stripe_sage.errors import (
     StripeSageError,
     ValidationError,
     error_for_status,
+    parse_retry_after,
 )
 
 log = logging.getLogger(__name__)
@@ -86,25 +86,6 @@ class _Transient(Exception):
         super().__init__(error.message)
         self.error = error
         self.uncertain = uncertain
-
-
-def parse_retry_after(value: str | None, *, now: datetime.datetime | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header: delta-seconds (integer or decimal) or HTTP-date."""
-    if not value:
-        return None
-    text = value.strip()
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    now = now or datetime.datetime.now(datetime.UTC)
-    return max(0.0, (when - now).total_seconds())
 
 
 class RequestPacer:

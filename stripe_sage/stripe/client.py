@@ -24,48 +24,22 @@ from typing import Any, TypeVar, cast
 import msgspec
 import orjson
 import stripe
-import stripe._api_requestor
-import stripe._util
-from stripe._request_options import extract_options_from_dict
-from stripe._util import get_api_mode
 
 from stripe_sage.errors import (
-    AuthenticationError,
     FatalError,
-    NotFoundError,
     RetryableError,
     StripeSageError,
-    ValidationError,
+    error_for_status,
+    parse_retry_after,
 )
+from stripe_sage.stripe import sdk
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 Parsed = TypeVar("Parsed")
 
 
-def _sdk_debug_only_when_logged() -> None:
-    """stripe-python builds its debug line for every response (``log_debug("API response
-    body", body=...)``: the whole body decoded, searched for whitespace and ``repr``-ed) before
-    anything decides whether it is logged. For a 100-charge page that is ~2 ms of CPU, 40 % of
-    the request (measured against the sandbox), under the GIL the extract threads share.
-    The requestor's ``log_debug`` is wrapped to format only when the line will be emitted
-    (``STRIPE_LOG=debug`` or the ``stripe`` logger enabled for DEBUG): the same output then,
-    no work otherwise. Idempotent; the SDK is pinned, and without the hook nothing changes."""
-    original = getattr(stripe._api_requestor, "log_debug", None)
-    if original is None or getattr(original, "_only_when_logged", False):
-        return
-
-    def log_debug(message: str, **params: Any) -> None:
-        if stripe._util._console_log_level() == "debug" or stripe._util.logger.isEnabledFor(
-            logging.DEBUG
-        ):
-            original(message, **params)
-
-    log_debug._only_when_logged = True  # type: ignore[attr-defined]
-    stripe._api_requestor.log_debug = log_debug
-
-
-_sdk_debug_only_when_logged()
+sdk.debug_log_only_when_logged()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,24 +226,13 @@ class StripeReader:
         self, method: str, path: str, params: JSON, parse: Callable[[bytes], Parsed]
     ) -> Parsed:
         """``StripeClient.raw_request`` (stripe 16), with ``parse`` reading a successful body."""
-        options, params = extract_options_from_dict(dict(params))
-        api_mode = get_api_mode(path)
-        requestor = self._client._requestor
-        body, code, headers = requestor.request_raw(
-            method,
-            path,
-            params=params,
-            options=options,
-            base_address="api",
-            api_mode=api_mode,
-            usage=["raw_request"],
-        )
+        body, code, headers, api_mode = sdk.raw_request(self._client, method, path, params)
         if 200 <= code < 300:
             try:
                 return parse(cast(bytes, body))
             except ValueError:  # orjson's and msgspec's decode errors, or not the shape asked
                 pass  # the SDK's parse below raises its "invalid response body" error
-        requestor._interpret_response(body, code, headers, api_mode)  # raises on 4xx/5xx
+        sdk.raise_for_response(self._client, body, code, headers, api_mode)  # 4xx/5xx raise
         # A 2xx body that is JSON but not what was asked for (an object, a list page).
         raise FatalError(
             f"{method.upper()} {path}: unexpected response body from Stripe",
@@ -314,32 +277,18 @@ class StripeReader:
 
 
 def _map_error(exc: stripe.StripeError, method: str, path: str) -> StripeSageError:
-    status = exc.http_status
+    """The SDK's error as ours, through the one status table (``errors.error_for_status``);
+    no answer at all (a timeout, a reset connection) is transient."""
     code = getattr(exc, "code", None)
     param = getattr(exc, "param", None)
     # Build the message from Stripe's own user message, never from the request.
     text = exc.user_message or type(exc).__name__
     message = f"{method.upper()} {path}: {text}"
-    kw: dict[str, Any] = {"http_status": status, "code": code, "field": param, "system": "stripe"}
-    if isinstance(exc, stripe.RateLimitError) or status == 429:
-        retry_after = None
-        headers = exc.headers or {}
-        value = headers.get("retry-after") or headers.get("Retry-After")
-        if value:
-            try:
-                retry_after = float(value)
-            except ValueError:
-                retry_after = None
-        return RetryableError(message, retry_after=retry_after, **kw)
-    if isinstance(exc, stripe.APIConnectionError) or (status is not None and status >= 500):
-        return RetryableError(message, **kw)
-    if isinstance(exc, (stripe.AuthenticationError, stripe.PermissionError)) or status in (
-        401,
-        403,
-    ):
-        return AuthenticationError(message, **kw)
-    if status == 404:
-        return NotFoundError(message, **kw)
-    if status in (400, 402, 409):
-        return ValidationError(message, **kw)
-    return FatalError(message, **kw)
+    status = exc.http_status
+    if isinstance(exc, stripe.APIConnectionError) or status is None:
+        return RetryableError(message, http_status=status, code=code, system="stripe")
+    headers = exc.headers or {}
+    retry_after = parse_retry_after(headers.get("retry-after") or headers.get("Retry-After"))
+    return error_for_status(
+        status, message, code=code, field=param, retry_after=retry_after, system="stripe"
+    )
