@@ -13,6 +13,7 @@ import polars as pl
 
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.documents import (
+    GUEST_KEY,
     empty_docs,
     periods_frame,
     plan_charges,
@@ -93,6 +94,17 @@ def customer_columns(alias: str = "s") -> str:
     )
 
 
+def _guest_planned(st: Staging, gid: str) -> bool:
+    """The outbox settled the guest customer in either form (created, or linked): once it is
+    created, Sage has it, and it must not be planned again as a link."""
+    keys = [f"{t}:{GUEST_KEY}:{gid}" for t in ("customer", "customer_link")]
+    rows = st.con.execute(
+        f"SELECT count(*) FROM ({_SETTLED}) WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+        [keys],
+    ).fetchall()
+    return bool(rows[0][0])
+
+
 def _guest_needed(st: Staging) -> bool:
     """Some succeeded charge has no Stripe customer (the guest customer is created on first
     need, not on an account that never has guest checkout)."""
@@ -135,7 +147,7 @@ def _document_slices(
     yield plan_customers(new_customers, mapping, sage)
     del new_customers
     gid = mapping.charges.guest_customer_id
-    if gid and _guest_needed(st):
+    if gid and not _guest_planned(st, gid) and _guest_needed(st):
         in_sage = customer_exists(gid) if customer_exists is not None else False
         yield plan_guest_customer(mapping, in_sage)
     if run_id is not None:

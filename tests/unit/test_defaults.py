@@ -349,3 +349,11 @@ def test_planning_plans_the_guest_customer_once_and_names_from_charges(tmp_path:
         assert body["name"] == "Card Holder"
         assert docs.filter(pl.col("doc_type") == "cash_receipt").height == 4
         assert docs["error"].null_count() == docs.height
+        # Once the outbox holds it (created), a later run neither creates nor links it again,
+        # although Sage now has the id.
+        st.con.execute(
+            "INSERT INTO sage.outbox (doc_key, doc_type, stripe_id, status) "
+            "VALUES ('customer:guest:GUEST', 'customer', 'guest:GUEST', 'posted')"
+        )
+        again = plan_documents(st, load_mapping(), [], customer_exists=lambda cid: True)
+        assert again.filter(pl.col("doc_key").str.contains("guest")).is_empty()
