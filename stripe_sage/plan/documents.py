@@ -994,11 +994,13 @@ REQUIRED_FIELDS = {
 def missing_required(df: pl.DataFrame, key_col: str) -> pl.Expr:
     """'cash_receipt for ch_…: amount is null …' when a required field of the payload is
     null (the first one), else null."""
-    doc_type = df["doc_type"][0]
     fields = df.schema["payload"]
     names = {f.name for f in fields.fields} if isinstance(fields, pl.Struct) else set()
+    # Per row: one frame may hold several document types (customers and customer links).
     checks = [
-        pl.when(pl.col("payload").struct.field(f).is_null()).then(
+        pl.when(
+            (pl.col("doc_type") == doc_type) & pl.col("payload").struct.field(f).is_null()
+        ).then(
             pl.format(
                 "{} for {}: required field {} would be null (its Stripe source has no value "
                 "yet); not posted",
@@ -1007,6 +1009,7 @@ def missing_required(df: pl.DataFrame, key_col: str) -> pl.Expr:
                 pl.lit(f),
             )
         )
+        for doc_type in df["doc_type"].unique().to_list()
         for f in REQUIRED_FIELDS.get(doc_type, ())
         if f in names
     ]

@@ -357,3 +357,23 @@ def test_planning_plans_the_guest_customer_once_and_names_from_charges(tmp_path:
         )
         again = plan_documents(st, load_mapping(), [], customer_exists=lambda cid: True)
         assert again.filter(pl.col("doc_key").str.contains("guest")).is_empty()
+
+
+def test_without_fallbacks_a_nameless_customer_is_a_planning_error_not_a_post() -> None:
+    legacy = default_mapping_text().replace(
+        'fallbacks: [charge_billing_name, email, charge_billing_email, "Stripe {id}"]',
+        "fallbacks: []",
+    )
+    docs = plan_customers(
+        customers(
+            {"id": "cus_new", "name": None},
+            {"id": "cus_linked", "name": None, "sage_customer_id": "E01"},
+        ),
+        load_mapping(text=legacy),
+    )
+    errors = dict(zip(docs["doc_key"], docs["error"], strict=True))
+    assert errors["customer:cus_new"] == (
+        "customer for cus_new: required field name would be null "
+        "(its Stripe source has no value yet); not posted"
+    )
+    assert errors["customer_link:cus_linked"] is None  # a link sends Sage no name
