@@ -377,3 +377,35 @@ def test_without_fallbacks_a_nameless_customer_is_a_planning_error_not_a_post() 
         "(its Stripe source has no value yet); not posted"
     )
     assert errors["customer_link:cus_linked"] is None  # a link sends Sage no name
+
+
+def test_preview_shows_the_guest_customer_flags_and_uncaptured_charges(tmp_path: Path) -> None:
+    from stripe_sage.plan.preview import preview, render_html, render_terminal
+
+    with Staging(tmp_path / "p.duckdb") as st:
+        base = {"amount": 100, "currency": "usd", "status": "succeeded", "paid": True}
+        objs = [
+            {**base, "id": "ch_guest", "created": 1_780_000_001, "customer": None,
+             "captured": True, "balance_transaction": "txn_1"},
+            {**base, "id": "ch_erp", "created": 1_780_000_002, "customer": "cus_1",
+             "captured": True, "balance_transaction": "txn_2",
+             "metadata": {"erp_order_id": "SO404"}},
+            {**base, "id": "ch_auth", "created": 1_780_000_003, "customer": "cus_1",
+             "captured": False, "balance_transaction": None},
+        ]  # fmt: skip
+        st.upsert_raw("charges", objs, source="list", run_id="r")
+        st.upsert_raw(
+            "balance_transactions",
+            [{"id": f"txn_{i}", "created": 1_780_000_000, "amount": 100, "currency": "usd",
+              "fee": 0, "net": 100, "type": "charge"} for i in (1, 2)],
+            source="list", run_id="r",
+        )  # fmt: skip
+        items = preview(st, load_mapping(), "charges", 10, known_orders=set())
+    text = render_terminal(items)
+    assert "guest checkout: posted to the mapping's guest customer" in text
+    assert '"customer_id": "GUEST"' in text and "Stripe guest checkout" in text
+    assert "⚑ unlinked: Sage has no sales order SO404" in text
+    assert "not captured: nothing is posted until it is" in text
+    auth = next(i for i in items if i["stripe"]["id"] == "ch_auth")
+    assert auth["documents"] == []
+    assert "unlinked: Sage has no sales order SO404" in render_html(items, "charges", "default")
