@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from stripe_sage.errors import NotFoundError
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import JSON, ListPage, StripeReader
 from stripe_sage.stripe.streams import LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
@@ -702,7 +703,15 @@ class Extractor:
                 for page in self.reader.list_pages(s.path, {"invoice": invoice}):
                     out.extend(page)
                 return out
-            obj = self.reader.retrieve(s.path, object_id)
+            try:
+                obj = self.reader.retrieve(s.path, object_id)
+            except NotFoundError:
+                if stream != "customers":
+                    raise
+                # Stripe answers a deleted customer with a stub, so 404 means it never
+                # existed in this account: its charges wait, blocked, naming it.
+                log.warning("customer %s named by a charge or invoice does not exist", object_id)
+                return []
             if types.get(object_id, "").endswith(".deleted") or obj.get("deleted"):
                 obj = {**obj, "deleted": True}
             return [obj]
