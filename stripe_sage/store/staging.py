@@ -225,16 +225,19 @@ class Staging:
                 [stream],
             ).fetchall()
         }
-        for c in STREAMS[stream].columns:
-            if c.name in have:
-                continue
+        new = [c for c in STREAMS[stream].columns if c.name not in have]
+        if not new:
+            return
+        for c in new:
             self._exec(
                 f'ALTER TABLE staging.{stream} ADD COLUMN IF NOT EXISTS "{c.name}" {c.sql_type}'
             )
-            self._exec(
-                f'UPDATE staging.{stream} SET "{c.name}" = {c.expr} FROM raw.{stream} r '
-                f"WHERE r.id = staging.{stream}.id"
-            )
+        # One pass over the raw documents fills them all (their SQL reads ``data``).
+        sets = ", ".join(f'"{c.name}" = {c.expr}' for c in new)
+        self._exec(
+            f"UPDATE staging.{stream} SET {sets} FROM raw.{stream} r "
+            f"WHERE r.id = staging.{stream}.id"
+        )
 
     # -- raw -------------------------------------------------------------------------------
     def upsert_raw(
