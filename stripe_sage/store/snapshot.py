@@ -28,6 +28,7 @@ EXTRA_TABLES = (
     "sage.xref",
     "ops.runs",
     "ops.dead_letters",
+    "ops.flags",
     "ops.reconciliation",
     "ops.customer_conflicts",
     "ops.sync_state",

@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS sage.outbox (
     sage_id VARCHAR, attempts INTEGER DEFAULT 0, last_error VARCHAR,
     created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ, posted_at TIMESTAMPTZ, run_id VARCHAR
 );
+CREATE TABLE IF NOT EXISTS ops.flags (
+    doc_key VARCHAR PRIMARY KEY,     -- a document posted as planned that a person should see
+    doc_type VARCHAR, stripe_id VARCHAR, flag VARCHAR, flagged_at TIMESTAMPTZ, run_id VARCHAR
+);
 CREATE TABLE IF NOT EXISTS sage.xref (
     stripe_id VARCHAR, doc_type VARCHAR, collection VARCHAR, sage_id VARCHAR,
     matched_by VARCHAR, created_at TIMESTAMPTZ, run_id VARCHAR,
@@ -206,7 +210,34 @@ class Staging:
             self._exec(f"""
                 CREATE TABLE IF NOT EXISTS staging.{stream.name} (
                     {cols}, run_id VARCHAR, staged_at TIMESTAMPTZ, PRIMARY KEY (id))""")
+            self._add_new_columns(stream.name)
         self._exec(OPS_DDL)
+
+    def _add_new_columns(self, stream: str) -> None:
+        """Columns a stream gained since this file was made (e.g. ``charges.captured``):
+        added at the end of the table (rows are written by name) and filled from the raw
+        documents already stored, so old rows read as if they had been staged today."""
+        have = {
+            r[0]
+            for r in self.con.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = 'staging' AND table_name = ?",
+                [stream],
+            ).fetchall()
+        }
+        new = [c for c in STREAMS[stream].columns if c.name not in have]
+        if not new:
+            return
+        for c in new:
+            self._exec(
+                f'ALTER TABLE staging.{stream} ADD COLUMN IF NOT EXISTS "{c.name}" {c.sql_type}'
+            )
+        # One pass over the raw documents fills them all (their SQL reads ``data``).
+        sets = ", ".join(f'"{c.name}" = {c.expr}' for c in new)
+        self._exec(
+            f"UPDATE staging.{stream} SET {sets} FROM raw.{stream} r "
+            f"WHERE r.id = staging.{stream}.id"
+        )
 
     # -- raw -------------------------------------------------------------------------------
     def upsert_raw(
@@ -303,7 +334,8 @@ class Staging:
             )
             batch = "SELECT id, data, run_id FROM _raw_rows"
             self._exec(
-                f"INSERT OR REPLACE INTO staging.{stream} {stage_query(stream, batch)}", [now]
+                f"INSERT OR REPLACE INTO staging.{stream} BY NAME {stage_query(stream, batch)}",
+                [now],
             )
             (n,) = self.con.execute("SELECT count(*) FROM _raw_rows").fetchone() or (0,)
         finally:
@@ -350,7 +382,8 @@ class Staging:
                     self.con.register("_stage_batch", pa.Table.from_batches([batch]))
                     try:
                         self._exec(
-                            f"INSERT OR REPLACE INTO staging.{stream} SELECT * FROM _stage_batch"
+                            f"INSERT OR REPLACE INTO staging.{stream} BY NAME "
+                            "SELECT * FROM _stage_batch"
                         )
                     finally:
                         self.con.unregister("_stage_batch")

@@ -230,7 +230,13 @@ def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
     refused = next(m for m in Inbox.received if "refused the API key" in m["subject"])
     assert refused["subject"].startswith("stripe-sage: sagepro refused")
     # A good run that ends with dead letters above the threshold (0 here) raises the third.
-    assert ops.sync(db, DEAD_LETTER_ALERT_THRESHOLD="0").wait(300) == 0
+    # The default mapping leaves the generated business nothing dead (long names are
+    # shortened); a mapping that rejects long names makes some.
+    from stripe_sage.mapping import default_mapping_text
+
+    strict = ops.tmp / "alerts" / "reject_long_names.yaml"
+    strict.write_text(default_mapping_text().replace("on_overflow: shorten", "on_overflow: reject"))
+    assert ops.sync(db, DEAD_LETTER_ALERT_THRESHOLD="0", MAPPING_FILE=str(strict)).wait(300) == 0
     dead = wait_for(
         lambda: next((m for m in Inbox.received if "open dead letters" in m["subject"]), None),
         120,
