@@ -242,6 +242,7 @@ class SageProClient:
         *,
         reference_unique: bool = True,
         check_first: bool = False,
+        attempts: int | None = None,
     ) -> JsonDict:
         """POST one document exactly once and return it as Sage stored it.
 
@@ -260,6 +261,11 @@ class SageProClient:
 
         ``check_first=True`` looks the document up before the first POST too — for replays
         after a crash, when an earlier process may have posted it without recording that.
+
+        ``attempts`` caps the exchanges of this call (default ``max_attempts``). The loader
+        passes 1: a transient failure then costs no sleep in the loader's thread, and the
+        loader's own rounds retry the document (``Loader.run``) — after a 429 without any
+        lookup (nothing was done), after an uncertain answer with one.
         """
         if collection not in COLLECTIONS:
             raise ValueError(f"unknown Sage Pro collection {collection!r}")
@@ -291,6 +297,7 @@ class SageProClient:
             resolve=resolve,
             resend_uncertain=False,
             check_first=check_first,
+            max_attempts=attempts,
         )
 
     def get(self, collection: str, key: str) -> JsonDict:
@@ -372,8 +379,10 @@ class SageProClient:
         resolve: Callable[[], JsonDict | None] | None = None,
         resend_uncertain: bool = True,
         check_first: bool = False,
+        max_attempts: int | None = None,
     ) -> Any:
         """Send with the retry policy; ``resolve`` finds a create that may already exist."""
+        limit = max(1, max_attempts) if max_attempts is not None else self.max_attempts
         uncertain = check_first
         attempt = 0
         while True:
@@ -398,7 +407,7 @@ class SageProClient:
                             code="outcome_unknown",
                             system=SYSTEM,
                         ) from None
-                if attempt >= self.max_attempts:
+                if attempt >= limit:
                     raise RetryableError(
                         f"gave up after {attempt} attempts: {error.message}",
                         retry_after=error.retry_after,
@@ -417,7 +426,7 @@ class SageProClient:
                     path,
                     error.code or error.http_status or "transport",
                     attempt,
-                    self.max_attempts,
+                    limit,
                     delay,
                 )
                 self._sleep(delay)
