@@ -104,6 +104,8 @@ class LoadStats:
     revived: int = 0
     rounds: int = 0  # passes over the pending documents (1 + retry rounds)
     retry_seconds: float = 0.0  # time spent in retry rounds (within the budget)
+    # After the load: every unposted document by state, and the quarantined rows.
+    states: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +119,7 @@ class LoadStats:
             "rounds": self.rounds,
             "retry_seconds": round(self.retry_seconds, 2),
             "remaining": sum(self.deferred.values()),
+            "states": dict(self.states),
         }
 
 
@@ -443,6 +446,7 @@ class Loader:
                     "retries it. Last answer: "
                 ],
             )
+        self.stats.states = self.st.state_counts()
         return self.stats
 
     def _round_backoff(self, round_no: int) -> float:
