@@ -52,9 +52,19 @@ class StripeSageError(Exception):
 class RetryableError(StripeSageError):
     """Transient: retry with backoff, honouring ``retry_after`` seconds when the server gave it."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        maybe_done: bool = True,
+        **kw: object,
+    ) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.retry_after = retry_after
+        # False when no write of the failed call can have been acted on (every answer was
+        # a definite refusal, e.g. 429): the next attempt needs no lookup first.
+        self.maybe_done = maybe_done
 
 
 class FatalError(StripeSageError):
@@ -93,7 +103,7 @@ def error_for_status(
     """Map one HTTP answer to the error class that decides retry vs fatal. The only such map."""
     kw: dict[str, object] = {"http_status": status, "code": code, "field": field, "system": system}
     if status == 429 or status >= 500:
-        return RetryableError(message, retry_after=retry_after, **kw)
+        return RetryableError(message, retry_after=retry_after, **kw)  # type: ignore[arg-type]
     if status in (401, 403):
         return AuthenticationError(message, **kw)  # type: ignore[arg-type]
     if status == 404:

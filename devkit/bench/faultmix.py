@@ -9,8 +9,8 @@ commit-then-503 (the document is committed, the answer is a 503). Each load is o
 are read back from Sage independently of the loader: documents posted, duplicates (two
 documents with one reference), missing (a planned document Sage does not hold).
 
-``--client-attempts 6`` measures the former policy (the client retrying inside the posting
-thread, sleeping through each backoff and Retry-After) for comparison.
+``--client-attempts 6 --client-pause`` measures the former policy (the client retrying inside
+the posting thread, sleeping through each backoff and Retry-After) for comparison.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def load_once(
             concurrency=args.concurrency,
             retry_budget=args.budget,
             client_attempts=args.client_attempts,
+            client_pause=args.client_pause,
         )
         t = time.perf_counter()
         stats = loader.run()
@@ -160,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rps", type=float, default=50.0, help="Sage's limit and the client's pace")
     p.add_argument("--concurrency", type=int, default=4, help="SAGE_CONCURRENCY (default 4)")
     p.add_argument("--budget", type=float, default=300.0, help="SAGE_RETRY_BUDGET seconds")
-    p.add_argument("--client-attempts", type=int, default=1, help="exchanges per round (1)")
+    p.add_argument("--client-attempts", type=int, default=3, help="exchanges per round (3)")
+    p.add_argument(
+        "--client-pause",
+        action="store_true",
+        help="the client sleeps its backoff/Retry-After inside the posting thread (former policy)",
+    )
     p.add_argument("--out", default="bench-results", help="where the JSON goes")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="faultmix-"))
@@ -182,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "rps": args.rps,
         "concurrency": args.concurrency,
         "client_attempts": args.client_attempts,
+        "client_pause": args.client_pause,
         "fault_mix": FAULTS,
         "fault_free": clean,
         "with_faults": faulty,
@@ -197,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio (faults / fault-free): {result['ratio']}×")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"faultmix-{args.charges}-a{args.client_attempts}.json"
+    pause = "-pause" if args.client_pause else ""
+    target = out / f"faultmix-{args.charges}-a{args.client_attempts}{pause}.json"
     target.write_text(json.dumps(result, indent=2, default=str))
     print(f"written {target}")
     ok = faulty["duplicates"] == 0 and faulty["missing"] == 0 and clean["missing"] == 0

@@ -69,6 +69,7 @@ XREF_PLACEHOLDER = re.compile(r'"@xref:([^"]+)"')
 MAX_ID_SALT = 5
 WAITING_PREFIX = "waiting: "
 # Between rounds of the retry budget, counted from the start of the round that failed.
+ROUND_GAP = 0.25
 ROUND_BACKOFF_BASE = 1.0
 ROUND_BACKOFF_MAX = 15.0
 
@@ -164,7 +165,8 @@ class Loader:
         page_size: int = 5_000,
         on_progress: Callable[[int, int], None] | None = None,
         retry_budget: float = 300.0,
-        client_attempts: int = 1,
+        client_attempts: int = 3,
+        client_pause: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -177,8 +179,12 @@ class Loader:
         self.on_progress = on_progress
         # SAGE_RETRY_BUDGET: seconds of further rounds for documents Sage did not take.
         self.retry_budget = retry_budget
-        # Exchanges per document per round: 1 keeps threads posting instead of sleeping.
+        # Exchanges per document per round, sent without a sleep between them (the client's
+        # pacer spaces them): a posting thread never sleeps through a backoff; a 429 ends the
+        # document's round (its Retry-After is honoured between rounds).
         self.client_attempts = client_attempts
+        self.client_pause = client_pause
+        self._retry_after = 0.0  # the longest Retry-After Sage gave in this round
         self._sleep, self._clock = sleep, clock
         self.stats = LoadStats()
         self._halt = threading.Event()
@@ -406,14 +412,21 @@ class Loader:
         started = self._clock()
         deadline = started + self.retry_budget
         done = [0]
+        idle = 0  # rounds in a row that posted nothing (Sage down): the backoff grows
         while True:
             self.stats.rounds += 1
             round_started = self._clock()
+            posted_before = sum(self.stats.posted.values())
+            self._retry_after = 0.0
             self._pass(done, total)
             remaining = self.pending_count()
             if not remaining or self._halt.is_set():
                 break
-            wait = self._round_backoff(self.stats.rounds) - (self._clock() - round_started)
+            idle = 0 if sum(self.stats.posted.values()) > posted_before else idle + 1
+            # From the start of the round: a long round has waited already.
+            wait = max(self._round_backoff(idle), self._retry_after) - (
+                self._clock() - round_started
+            )
             if self._clock() + max(wait, 0.0) >= deadline:
                 break
             log.info(
@@ -449,8 +462,12 @@ class Loader:
         self.stats.states = self.st.state_counts()
         return self.stats
 
-    def _round_backoff(self, round_no: int) -> float:
-        return float(min(ROUND_BACKOFF_MAX, ROUND_BACKOFF_BASE * 2 ** (round_no - 1)))
+    def _round_backoff(self, idle: int) -> float:
+        """Seconds between round starts: short while rounds make progress (scattered
+        transient failures), doubling while Sage takes nothing (an outage)."""
+        if idle == 0:
+            return ROUND_GAP
+        return float(min(ROUND_BACKOFF_MAX, ROUND_BACKOFF_BASE * 2 ** (idle - 1)))
 
     def _pass(self, done: list[int], total: int) -> None:
         phases = [
@@ -580,7 +597,11 @@ class Loader:
             if doc_type == "invoice" and body.get("sales_order_no") is None:
                 body.pop("sales_order_no", None)
             doc = self.client.create(
-                collection, body, check_first=attempts > 0, attempts=self.client_attempts
+                collection,
+                body,
+                check_first=attempts > 0,
+                attempts=self.client_attempts,
+                pause=self.client_pause,
             )
             return Outcome(doc_key, "posted", str(doc[KEY_FIELD[collection]]))
         except AuthenticationError as exc:
@@ -601,9 +622,10 @@ class Loader:
         except ValidationError as exc:
             return Outcome(doc_key, "dead", error=exc, reason=_reason(exc, doc_key))
         except RetryableError as exc:
-            # One exchange per call: a 429 then means Sage did nothing this attempt.
-            definite = exc.http_status == 429 and self.client_attempts == 1
-            return Outcome(doc_key, "pending", error=exc, reason=str(exc), sent=not definite)
+            if exc.retry_after:
+                self._retry_after = max(self._retry_after, exc.retry_after)
+            # Only definite refusals (429s): this attempt needs no lookup before the next.
+            return Outcome(doc_key, "pending", error=exc, reason=str(exc), sent=exc.maybe_done)
 
     def _update_customer(self, doc_key: str, body: dict[str, Any]) -> Outcome:
         """PUT only what differs from Sage's current record: an update that changes nothing
@@ -625,7 +647,11 @@ class Loader:
                 body = {**body, "customer_id": sage_customer_id(stripe_id, prefix, salt)}
             try:
                 doc = self.client.create(
-                    "customers", body, check_first=True, attempts=self.client_attempts
+                    "customers",
+                    body,
+                    check_first=True,
+                    attempts=self.client_attempts,
+                    pause=self.client_pause,
                 )
                 return Outcome(doc_key, "posted", str(doc["customer_id"]))
             except ValidationError as exc:
