@@ -123,28 +123,38 @@ def load_once(
             "SELECT count(*) FROM sage.outbox WHERE status = 'posted'"
         ).fetchall()[0][0]
         client_stats = client.stats.as_dict()
+        posted_ids = st.con.execute(
+            "SELECT collection, sage_id FROM sage.outbox WHERE status = 'posted' "
+            "AND doc_type NOT IN ('customer_link', 'customer_update')"
+        ).fetchall()
+        unposted = dict(
+            st.con.execute(
+                "SELECT status, count(*) FROM sage.outbox WHERE status <> 'posted' GROUP BY ALL"
+            ).fetchall()
+        )
     with httpx.Client(base_url=sage_url, headers=headers, timeout=60) as http:
         injected = http.get("/_sandbox/stats").json()
         http.delete("/_sandbox/faults").raise_for_status()
-        duplicates = missing = 0
-        held: dict[str, int] = {}
-        for collection in COLLECTIONS:
+        duplicates = 0
+        held: dict[str, set[str]] = {}
+        for collection, key in COLLECTIONS.items():
             docs = _all(http, collection)
-            held[collection] = len(docs) - seeded.get(collection, 0)
-            if collection == "customers":
-                refs = Counter(d["customer_id"] for d in docs)
-                found = {d.get("reference") for d in docs} | set(refs)
-            else:
+            held[collection] = {str(d[key]) for d in docs}
+            if collection != "customers":
                 refs = Counter(d.get("reference") for d in docs if d.get("reference"))
-                found = set(refs)
-            duplicates += sum(n - 1 for n in refs.values() if n > 1)
-            missing += sum(1 for c, s in expected if c == collection and s not in found)
+                duplicates += sum(n - 1 for n in refs.values() if n > 1)
+        # Missing: recorded as posted but not in Sage, or never posted (still pending).
+        missing = sum(1 for c, sid in posted_ids if sid not in held[c])
+        missing += int(unposted.get("pending", 0))
     return {
         "faults": bool(faults),
         "load_s": round(seconds, 2),
         "planned": len(expected),
         "posted": int(posted),
-        "in_sage": sum(held.values()),
+        "unposted": unposted,
+        # Documents Sage holds now that it did not after the reset: the posted ones, once.
+        "new_in_sage": sum(len(held[c]) - int(seeded.get(c, 0)) for c in held),
+        "posted_documents": len(posted_ids),
         "duplicates": duplicates,
         "missing": missing,
         "remaining_pending": sum(stats.deferred.values()),
@@ -198,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:<12} load {r['load_s']:>7.2f} s  rounds {r['rounds']}  posted {r['posted']}"
             f"/{r['planned']}  duplicates {r['duplicates']}  missing {r['missing']}  "
+            f"unposted {r['unposted']}  "
             f"requests {r['client']['attempts']}  lookups-recovered "
             f"{r['client']['recovered_by_lookup']}"
         )

@@ -184,7 +184,10 @@ class Loader:
         # document's round (its Retry-After is honoured between rounds).
         self.client_attempts = client_attempts
         self.client_pause = client_pause
-        self._retry_after = 0.0  # the longest Retry-After Sage gave in this round
+        # A document refused with a Retry-After is not sent again before then (the others
+        # go on): doc_key → clock time.
+        self._not_before: dict[str, float] = {}
+        self._attempted = 0  # documents sent to Sage in the current round
         self._sleep, self._clock = sleep, clock
         self.stats = LoadStats()
         self._halt = threading.Event()
@@ -417,16 +420,18 @@ class Loader:
             self.stats.rounds += 1
             round_started = self._clock()
             posted_before = sum(self.stats.posted.values())
-            self._retry_after = 0.0
+            self._attempted = 0
             self._pass(done, total)
             remaining = self.pending_count()
             if not remaining or self._halt.is_set():
                 break
-            idle = 0 if sum(self.stats.posted.values()) > posted_before else idle + 1
-            # From the start of the round: a long round has waited already.
-            wait = max(self._round_backoff(idle), self._retry_after) - (
-                self._clock() - round_started
-            )
+            if self._attempted == 0 and self._not_before:
+                # Everything left is held by a Retry-After: until the first one is due.
+                wait = min(self._not_before.values()) - self._clock()
+            else:
+                idle = 0 if sum(self.stats.posted.values()) > posted_before else idle + 1
+                # From the start of the round: a long round has waited already.
+                wait = self._round_backoff(idle) - (self._clock() - round_started)
             if self._clock() + max(wait, 0.0) >= deadline:
                 break
             log.info(
@@ -494,6 +499,9 @@ class Loader:
                     doc_key, doc_type, _, stripe_id, _, deps, _ = row
                     unmet = [d for d in deps or [] if d not in xref]
                     if not unmet:
+                        if self._not_before.get(doc_key, 0.0) > self._clock():
+                            continue  # Sage asked to wait (Retry-After): a later round
+                        self._not_before.pop(doc_key, None)
                         ready.append(row)
                         continue
                     state, reason, kind = self.verdict(unmet, states)
@@ -508,6 +516,7 @@ class Loader:
                             "UPDATE sage.outbox SET last_error = ? WHERE doc_key = ?",
                             [reason, doc_key],
                         )
+                self._attempted += len(ready)
                 for i in range(0, len(ready), self.batch_size):
                     batch = ready[i : i + self.batch_size]
                     self._post_batch(batch, xref)
@@ -623,7 +632,7 @@ class Loader:
             return Outcome(doc_key, "dead", error=exc, reason=_reason(exc, doc_key))
         except RetryableError as exc:
             if exc.retry_after:
-                self._retry_after = max(self._retry_after, exc.retry_after)
+                self._not_before[doc_key] = self._clock() + exc.retry_after
             # Only definite refusals (429s): this attempt needs no lookup before the next.
             return Outcome(doc_key, "pending", error=exc, reason=str(exc), sent=exc.maybe_done)
 
