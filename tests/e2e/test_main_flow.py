@@ -223,7 +223,7 @@ def test_first_run_posts_exactly_what_the_business_implies(env: Env) -> None:
         if doc_type == "customer":
             assert "name is" in reason and "Sage allows 40" in reason
         else:  # everything else that is dead waits on one of those customers
-            assert reason.startswith("blocked: customer:"), (key, reason)
+            assert reason.startswith("blocked by customer "), (key, reason)
     assert result["status"] == "completed_with_dead_letters"
     assert runs[0][0] == "completed_with_dead_letters"
     assert json.loads(runs[0][1])["staged"]["charges"] == 240
