@@ -294,6 +294,19 @@ def test_a_charge_without_its_balance_transaction_waits_with_its_reason_and_aler
     assert counts["load"]["waiting"] == {"invoice": 1, "cash_receipt": 1}
     assert counts["load"]["states"]["waiting"] == 2
     assert counts["totals"]["invoice"]["waiting"] == 1
+    # The reconciliation's clearing check explains the missing cash by the waiting receipt.
+    clearing = {c["currency"]: c for c in counts["reconciliation"]["clearing"]}
+    assert clearing["usd"]["unposted_by_state"].get("waiting", 0) >= 1
+    # The analysts' snapshot lists it with its reason.
+    with duckdb.connect(str(db.parent / "snapshot" / "analytics.duckdb"), read_only=True) as con:
+        unposted = con.execute(
+            "SELECT doc_key, state, reason FROM ops.unposted WHERE stripe_id = ?", [charge]
+        ).fetchall()
+    assert {(k, st) for k, st, _ in unposted} == {
+        (f"invoice:{charge}", "waiting"),
+        (f"cash_receipt:{charge}", "waiting"),
+    }
+    assert all(charge in reason for _, _, reason in unposted)
 
     listed = subprocess.run(
         [str(BIN / "stripe-sage"), "dead-letters", "list", "--state", "waiting", "--db", str(db)],
