@@ -385,12 +385,18 @@ class Loader:
             "LEFT JOIN ops.dead_letters d USING (doc_key) WHERE o.status = 'blocked' "
             "OR (o.status = 'dead' AND d.error_code = 'blocked')"
         ).fetchall()
-        ready = [
-            k
-            for k, deps, status in rows
-            if status == "dead"
-            or self.verdict([d for d in deps or [] if d not in xref], states)[0] != "blocked"
-        ]
+        ready: list[str] = []
+        grew = True
+        while grew:  # a receipt blocked by a blocked invoice goes back with it
+            grew = False
+            for k, deps, status in rows:
+                if k in ready:
+                    continue
+                unmet = [d for d in deps or [] if d not in xref]
+                if status == "dead" or self.verdict(unmet, states)[0] != "blocked":
+                    ready.append(k)
+                    states[k] = ("pending", "not posted yet", None)
+                    grew = True
         if ready:
             with self.st.transaction() as con:
                 con.execute(
