@@ -296,7 +296,7 @@ def test_a_charge_without_its_balance_transaction_waits_with_its_reason_and_aler
     assert counts["totals"]["invoice"]["waiting"] == 1
     # The reconciliation's clearing check explains the missing cash by the waiting receipt.
     clearing = {c["currency"]: c for c in counts["reconciliation"]["clearing"]}
-    assert clearing["usd"]["unposted_by_state"].get("waiting", 0) >= 1
+    assert clearing["USD"]["unposted_by_state"].get("waiting", 0) >= 1, clearing
     # The analysts' snapshot lists it with its reason.
     with duckdb.connect(str(db.parent / "snapshot" / "analytics.duckdb"), read_only=True) as con:
         unposted = con.execute(
