@@ -431,7 +431,17 @@ class Loader:
             remaining = self.pending_count()
             if not remaining or self._halt.is_set():
                 break
-            if self._attempted == 0 and self._not_before:
+            if self._attempted == 0:
+                pending = {
+                    r[0]
+                    for r in self.st.con.execute(
+                        "SELECT doc_key FROM sage.outbox WHERE status = 'pending'"
+                    ).fetchall()
+                }
+                self._not_before = {k: t for k, t in self._not_before.items() if k in pending}
+            if self._attempted == 0 and not self._not_before:
+                break  # nothing was sendable and nothing waits on Sage: rounds cannot help
+            if self._attempted == 0:
                 # Everything left is held by a Retry-After: until the first one is due.
                 wait = min(self._not_before.values()) - self._clock()
             else:
