@@ -87,6 +87,20 @@ def wait_kind(reason: str) -> str:
     return "other"
 
 
+def wait_kind_expr(reason: pl.Expr) -> pl.Expr:
+    """:func:`wait_kind` as an expression (no Python call per planned document)."""
+    text = reason.str.to_lowercase()
+    return (
+        pl.when(text.str.contains("balance transaction", literal=True))
+        .then(pl.lit("balance_transaction"))
+        .when(text.str.contains("invoice lines", literal=True))
+        .then(pl.lit("invoice_lines"))
+        .when(text.str.contains("charge", literal=True))
+        .then(pl.lit("charge"))
+        .otherwise(pl.lit("other"))
+    )
+
+
 def describe(dep: str) -> str:
     """``customer:cus_1`` → ``customer cus_1``: how a reason names a document."""
     doc_type, _, stripe_id = dep.partition(":")
@@ -250,9 +264,7 @@ class Loader:
                     pl.col("old_since").cast(pl.Datetime("us", "UTC")),
                     pl.when(is_wait).then(pl.lit(now)),
                 ).alias("waiting_since"),
-                pl.when(is_wait)
-                .then(pl.col("error").map_elements(wait_kind, return_dtype=pl.String))
-                .alias("wait_kind"),
+                pl.when(is_wait).then(wait_kind_expr(pl.col("error"))).alias("wait_kind"),
             )
         )
         if rows.is_empty():
