@@ -323,17 +323,23 @@ class Loader:
         ).fetchall()
         return {f"{t}:{s}": sid for t, s, sid in found}
 
-    def _xref(self) -> dict[str, str]:
-        rows = self.st.con.execute("SELECT doc_type, stripe_id, sage_id FROM sage.xref").fetchall()
-        return {f"{t}:{s}": sid for t, s, sid in rows}
-
-    def _states(self) -> dict[str, tuple[str, str, str | None]]:
-        """Every unposted document as ``(status, reason, wait_kind)``, by its doc key and by
-        the key dependents name it with (a linked customer is ``customer:<id>``); customers
-        whose Stripe record is quarantined, as dead with the quarantine's reason."""
+    def _states(self, keys: set[str]) -> dict[str, tuple[str, str, str | None]]:
+        """The unposted documents among ``keys`` (dependencies not in Sage) as ``(status,
+        reason, wait_kind)``, by doc key and by the key dependents name them with (a linked
+        customer is ``customer:<id>``); customers whose Stripe record is quarantined, as
+        dead with the quarantine's reason. Only these keys are read: on a first run the
+        whole outbox is pending (millions of rows at scale)."""
+        if not keys:
+            return {}
+        wanted = set(keys)
+        for key in keys:  # "customer:<id>" may be the customer_link document
+            kind, _, stripe_id = key.partition(":")
+            wanted.update(f"{t}:{stripe_id}" for t, x in XREF_TYPE.items() if x == kind)
+        listed = sorted(wanted)
         rows = self.st.con.execute(
             "SELECT doc_type, stripe_id, doc_key, status, last_error, wait_kind "
-            "FROM sage.outbox WHERE status <> 'posted'"
+            f"FROM sage.outbox WHERE doc_key IN {keys_in(listed)} AND status <> 'posted'",
+            listed,
         ).fetchall()
         out: dict[str, tuple[str, str, str | None]] = {}
         for doc_type, stripe_id, key, status, reason, kind in rows:
@@ -342,10 +348,13 @@ class Loader:
             )
             out[key] = (status, text, kind)
             out.setdefault(f"{XREF_TYPE.get(doc_type, doc_type)}:{stripe_id}", out[key])
-        for stream, object_id, check, reason in self.st.con.execute(
-            'SELECT stream, id, "check", reason FROM staging.quarantine'
-        ).fetchall():
-            if stream == "customers":
+        customers = sorted(k.partition(":")[2] for k in keys if k.startswith("customer:"))
+        if customers:
+            for object_id, check, reason in self.st.con.execute(
+                'SELECT id, "check", reason FROM staging.quarantine '
+                f"WHERE stream = 'customers' AND id IN {keys_in(customers)}",
+                customers,
+            ).fetchall():
                 out.setdefault(
                     f"customer:{object_id}",
                     ("dead", f"its Stripe record is quarantined ({check}: {reason})", None),
@@ -390,13 +399,14 @@ class Loader:
         wait for was corrected and replayed, or planned at last); they are checked again
         when posted. Files from before the ``blocked`` state kept them as dead letters with
         code ``blocked``: those are checked again too."""
-        xref = self._xref()
-        states = self._states()
         rows = self.st.con.execute(
             "SELECT o.doc_key, o.depends_on, o.status FROM sage.outbox o "
             "LEFT JOIN ops.dead_letters d USING (doc_key) WHERE o.status = 'blocked' "
             "OR (o.status = 'dead' AND d.error_code = 'blocked')"
         ).fetchall()
+        # The Sage numbers of what they depend on (not the whole xref: millions at scale).
+        xref = self._xref_for([(k, None, None, None, None, deps) for k, deps, _ in rows])
+        states = self._states({d for _, deps, _ in rows for d in deps or [] if d not in xref})
         ready: list[str] = []
         grew = True
         while grew:  # a receipt blocked by a blocked invoice goes back with it
@@ -510,7 +520,6 @@ class Loader:
             ).fetchall()
         ]
         for phase in phases:
-            states = self._states()
             after = ""
             # Keyset pages of the phase: memory stays at one page of payloads (and the Sage
             # numbers that page refers to) however large the outbox is.
@@ -522,6 +531,7 @@ class Loader:
             ).fetchall():
                 after = rows[-1][0]
                 xref = self._xref_for(rows)
+                states = self._states({d for r in rows for d in r[5] or [] if d not in xref})
                 ready: list[tuple[Any, ...]] = []
                 for row in rows:
                     doc_key, doc_type, _, stripe_id, _, deps, _ = row
