@@ -484,6 +484,11 @@ def plan_charges(
     on_account = unknown_order & pl.lit(mapping.charges.unknown_erp_order == "on_account")
     settle = money_string(pl.col("settlement_amount"), pl.col("settlement_currency"))
     missing = first_error(
+        # A succeeded charge before Stripe created its balance transaction: no amount to
+        # post yet. It waits (the next run plans it again), never a POST with null money.
+        pl.when(pl.col("balance_transaction").is_null()).then(
+            pl.format("waiting: waiting for the balance transaction of {}", pl.col("id"))
+        ),
         pl.when(pl.col("settlement_amount").is_null()).then(
             pl.format(
                 "waiting: balance transaction {} of the charge is not staged",

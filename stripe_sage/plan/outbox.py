@@ -33,10 +33,12 @@ from stripe_sage.store.staging import Staging, now_utc
 PLAN_SLICE_ROWS = 25_000
 PAYOUT_SLICE = 20  # payouts carry all their balance transactions (~3,000 a day at 1M/year)
 
-# Doc keys that need no planning again: pending, posted, or dead for a Sage reason.
+# Doc keys that need no planning again: pending, posted, blocked, or dead for a Sage reason
+# (a waiting document is planned again by every run until what it waits for exists).
 _SETTLED = (
     "SELECT o.doc_key FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key) "
-    "WHERE o.status <> 'dead' OR coalesce(d.error_code, '') <> 'planning'"
+    "WHERE o.status <> 'waiting' AND (o.status <> 'dead' "
+    "OR coalesce(d.error_code, '') <> 'planning')"
 )
 
 
