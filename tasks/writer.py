@@ -257,6 +257,8 @@ def writer_slot() -> Iterator[dict[str, Any]]:
         with ExitStack() as stack:
             leases = stack.enter_context(ConcurrencyContext())
             while True:
+                # Before each attempt, so a dead holder costs the next run no wait at all.
+                unrecorded_since = reclaim_dead_holder(record, unrecorded_since)
                 try:
                     # A Prefect API blip while the run holds the slot does not abort its
                     # work (DuckDB's own file lock still keeps a second writer out); the
@@ -273,7 +275,7 @@ def writer_slot() -> Iterator[dict[str, Any]]:
                     )
                     break
                 except TimeoutError:
-                    unrecorded_since = reclaim_dead_holder(record, unrecorded_since)
+                    continue
             waited = round(time.monotonic() - asked, 3)
             acquired_at = dt.datetime.now(dt.UTC).isoformat()
             flow_run = runtime.flow_run.id
