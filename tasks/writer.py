@@ -137,7 +137,7 @@ class HolderRecord:
         except (FileNotFoundError, ValueError, TypeError):
             return None
 
-    def _write(self, holder: Holder | None) -> None:
+    def write(self, holder: Holder | None) -> None:
         if holder is None:
             self.record.unlink(missing_ok=True)
             return
@@ -148,13 +148,13 @@ class HolderRecord:
     def take(self, holder: Holder) -> None:
         """Lock (waiting only on a waiter's brief check) and record ``holder``."""
         self._held = self._open_locked(blocking=True)
-        self._write(holder)
+        self.write(holder)
 
     def clear(self) -> None:
         """Forget the record (before the slot is given back: a process killed in between
         leaves a taken slot with no record, which the grace period covers)."""
         if self._held is not None:
-            self._write(None)
+            self.write(None)
 
     def unlock(self) -> None:
         if self._held is not None:
@@ -224,7 +224,7 @@ def reclaim_dead_holder(record: HolderRecord, unrecorded_since: float | None) ->
             return None  # a live process here holds it: wait
         holder = record.read()
         if holder is not None:
-            record._write(None)  # under the lock: nobody else gives this slot back
+            record.write(None)  # under the lock: nobody else gives this slot back
             how = _give_back(holder)
             log.warning("the DuckDB writer slot's holder is gone (%s): %s", holder.describe(), how)
             return None
