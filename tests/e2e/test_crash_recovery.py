@@ -6,6 +6,7 @@ slow tier (``stripe-sage bench crash``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.e2e.servers import ROOT, Prefect
@@ -84,6 +86,7 @@ def test_a_holder_killed_while_holding_the_slot_frees_it_within_seconds(
 ) -> None:
     log = tmp_path / "processes.log"
     dead = holder(prefect_env, 3600, log)
+    orphans: list[psutil.Process] = []
     waiter: subprocess.Popen[str] | None = None
     try:
         held = first_line(dead)
@@ -91,6 +94,8 @@ def test_a_holder_killed_while_holding_the_slot_frees_it_within_seconds(
         # While the holder lives, the waiter waits (its own start-up included).
         time.sleep(15)
         assert waiter.poll() is None
+        # Its temporary Prefect server (embedded) outlives it: stopped below, not leaked.
+        orphans = psutil.Process(dead.pid).children(recursive=True)
         dead.send_signal(signal.SIGKILL)
         dead.wait()
         killed_at, killed_wall = time.monotonic(), dt.datetime.now(dt.UTC)
@@ -108,8 +113,12 @@ def test_a_holder_killed_while_holding_the_slot_frees_it_within_seconds(
     finally:
         for proc in (dead, waiter):
             if proc is not None and proc.poll() is None:
+                orphans += psutil.Process(proc.pid).children(recursive=True)
                 proc.kill()
                 proc.wait()
+        for orphan in orphans:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                orphan.kill()
 
 
 @pytest.mark.slow
