@@ -230,12 +230,25 @@ def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
     refused = next(m for m in Inbox.received if "refused the API key" in m["subject"])
     assert refused["subject"].startswith("stripe-sage: sagepro refused")
     # A good run that ends with dead letters above the threshold (0 here) raises the third.
-    # The default mapping leaves the generated business nothing dead (long names are
-    # shortened); a mapping that rejects long names makes some.
+    # The defaults leave an everyday business nothing dead (docs/accounting.md §2), so the
+    # test makes one: a sale naming an ERP order Sage does not have, under a mapping that
+    # rejects such sales instead of posting them on account.
     from stripe_sage.mapping import default_mapping_text
 
-    strict = ops.tmp / "alerts" / "reject_long_names.yaml"
-    strict.write_text(default_mapping_text().replace("on_overflow: shorten", "on_overflow: reject"))
+    with ops.env.stripe() as s:
+        s.post(
+            "/_sandbox/activity",
+            json={
+                "action": "charge",
+                "customer": ops.env.pair.world.make_id("customers", 1),
+                "amount": 5100,
+                "metadata": {"erp_order_id": "SO7777001"},
+            },
+        ).raise_for_status()
+    strict = ops.tmp / "alerts" / "reject_unknown_orders.yaml"
+    text = default_mapping_text()
+    assert "unknown_erp_order: on_account" in text
+    strict.write_text(text.replace("unknown_erp_order: on_account", "unknown_erp_order: reject"))
     assert ops.sync(db, DEAD_LETTER_ALERT_THRESHOLD="0", MAPPING_FILE=str(strict)).wait(300) == 0
     dead = wait_for(
         lambda: next((m for m in Inbox.received if "open dead letters" in m["subject"]), None),
@@ -244,6 +257,7 @@ def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
     )
     with duckdb.connect(str(db), read_only=True) as con:
         count = con.execute("SELECT count(*) FROM sage.outbox WHERE status = 'dead'").fetchall()
+    assert count[0][0] >= 2  # the sale's invoice and receipt
     assert dead["subject"] == f"stripe-sage: {count[0][0]} open dead letters"
     # No alert carries a secret (the wrong key included).
     text = json.dumps(Inbox.received)
