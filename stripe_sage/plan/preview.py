@@ -11,6 +11,7 @@ from typing import Any
 
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.documents import plan_charges, plan_customers, plan_invoices, plan_refunds
+from stripe_sage.plan.items import plan_items
 from stripe_sage.store.staging import Staging
 
 SHOWN = {
@@ -18,6 +19,7 @@ SHOWN = {
     "refunds": ("id", "amount", "currency", "charge", "status", "reason"),
     "customers": ("id", "name", "email", "country", "sage_customer_id", "deleted"),
     "invoices": ("id", "total", "tax", "currency", "customer", "status"),
+    "products": ("id", "name", "product_type", "sage_item", "active"),
 }
 
 
@@ -40,6 +42,8 @@ def preview(
         docs = plan_customers(rows, mapping)
     elif stream == "invoices":
         docs = plan_invoices(rows, st.table("invoice_lines"), mapping)
+    elif stream == "products":  # product → item (item: created, item_link: metadata.sage_item)
+        docs = plan_items(rows, mapping)
     else:
         raise ValueError(f"no preview for {stream!r}: choose one of {', '.join(SHOWN)}")
     by_source: dict[str, list[dict[str, Any]]] = {}
