@@ -482,3 +482,59 @@ def test_given_quality_in_small_slices_then_same_quarantine_as_one_slice(env: En
     assert sliced.rows == whole.rows and sliced.rows["charges"] == 80
     assert sliced.quarantined == whole.quarantined
     assert sliced.results == whole.results
+
+
+# -- items (issue 17) --------------------------------------------------------------------------
+def test_items_another_process_made_are_linked_and_a_taken_code_is_salted(env: Env) -> None:
+    """Before this loader runs, another process (a second run, a webhook) created one
+    product's item, and some other product holds the code of a second: the first is linked
+    (created once), the second gets the next salted code; every document still posts."""
+    from stripe_sage.plan.items import sage_item_code
+
+    products = env.st.frame(
+        "SELECT id, name FROM staging.products WHERE sage_item IS NULL ORDER BY id LIMIT 2"
+    ).rows()
+    (raced_id, raced_name), (taken_id, taken_name) = products
+    raced = sage_item_code(raced_id, raced_name)
+    taken = sage_item_code(taken_id, taken_name)
+    with env.http() as http:
+        for code, ref in ((raced, raced_id), (taken, "prod_someone_else")):
+            body = {"item": code, "description": "made elsewhere", "type": "service"}
+            http.post("/api/v1/items", json={**body, "reference": ref}).raise_for_status()
+    with env.client() as client:
+        load_once(env, client)
+    rows = outbox(env.st)
+    assert rows[f"item:{raced_id}"]["sage_id"] == raced
+    salted = rows[f"item:{taken_id}"]["sage_id"]
+    assert salted == sage_item_code(taken_id, taken_name[:60], 1) != taken
+    assert statuses(env.st)["pending"] == 0
+    matched = dict(
+        env.st.con.execute(
+            "SELECT stripe_id, matched_by FROM sage.xref WHERE doc_type = 'item'"
+        ).fetchall()
+    )
+    assert matched[raced_id] == "linked" and matched[taken_id] == "created"
+    with env.http() as http:
+        items = sage_all(http, "items")
+        invoices = sage_all(http, "invoices")
+    assert len([i for i in items if i["reference"] == raced_id]) == 1
+    codes = {i["item"] for i in items}
+    assert all(ln["item"] in codes for inv in invoices for ln in inv["lines"])
+
+
+def test_a_sage_item_sage_lacks_dead_letters_naming_it_and_blocks_its_lines(env: Env) -> None:
+    pid = env.st.frame(
+        "SELECT DISTINCT product FROM staging.invoice_lines WHERE product IS NOT NULL "
+        "ORDER BY product LIMIT 1"
+    )["product"][0]
+    env.st.con.execute(
+        "UPDATE staging.products SET sage_item = 'NO-SUCH-ITEM' WHERE id = ?", [pid]
+    ).fetchall()
+    with env.client() as client:
+        load_once(env, client)
+    letters = dead_letters(env.st)
+    reason = letters[f"item_link:{pid}"]["reason"]
+    assert "NO-SUCH-ITEM" in reason and pid in reason
+    blocked = [k for k, d in letters.items() if d["reason"].startswith(f"blocked: item_link:{pid}")]
+    assert blocked and all(k.startswith("invoice:") for k in blocked)
+    assert statuses(env.st)["pending"] == 0
