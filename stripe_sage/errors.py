@@ -55,9 +55,19 @@ class StripeSageError(Exception):
 class RetryableError(StripeSageError):
     """Transient: retry with backoff, honouring ``retry_after`` seconds when the server gave it."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        maybe_done: bool = True,
+        **kw: object,
+    ) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.retry_after = retry_after
+        # False when no write of the failed call can have been acted on (every answer was
+        # a definite refusal, e.g. 429): the next attempt needs no lookup first.
+        self.maybe_done = maybe_done
 
 
 class FatalError(StripeSageError):
@@ -112,7 +122,7 @@ def error_for_status(
     Both clients call it; neither keeps a map of its own."""
     kw: dict[str, object] = {"http_status": status, "code": code, "field": field, "system": system}
     if status == 429 or status >= 500:
-        return RetryableError(message, retry_after=retry_after, **kw)
+        return RetryableError(message, retry_after=retry_after, **kw)  # type: ignore[arg-type]
     return STATUS_ERRORS.get(status, FatalError)(message, **kw)  # type: ignore[arg-type]
 
 

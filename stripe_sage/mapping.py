@@ -4,7 +4,9 @@ A field rule takes its value from a staged column (``from``), a constant (``cons
 template over columns (``template: "Stripe {id}"``); then a ``value_map`` (``succeeded`` →
 ``Paid``), a ``when`` condition, a ``default``, and a length limit with an overflow policy
 (``reject`` dead-letters the record with a clear reason; ``truncate`` is allowed only for free
-text). Errors name the YAML line, so a finance analyst can fix the file without reading code.
+text; ``shorten`` cuts at a word boundary), and ``fallbacks`` tried in order when the value is
+blank (``[charge_billing_name, email, "Stripe {id}"]``). Errors name the YAML line, so a
+finance analyst can fix the file without reading code.
 """
 
 from __future__ import annotations
@@ -39,8 +41,14 @@ class FieldRule(BaseModel):
     value_map: dict[str, str] | None = None
     default: str | None = None
     when: Condition | None = None
+    # Tried in order when the value is null or blank: a column name, or a template
+    # ("Stripe {id}"); the first that gives text wins, before ``default``.
+    fallbacks: list[str] = []
     max_length: int | None = Field(default=None, gt=0)
-    on_overflow: Literal["reject", "truncate"] = "reject"
+    # reject: dead-letter the record naming the field; truncate: cut (free text only);
+    # shorten: cut at the last word boundary that fits (names: the full text stays in the
+    # staged row, the analysts' tables and `mapping preview`).
+    on_overflow: Literal["reject", "truncate", "shorten"] = "reject"
     upper: bool = False
 
     @model_validator(mode="after")
@@ -58,6 +66,8 @@ class FieldRule(BaseModel):
             cols |= set(TEMPLATE_FIELD.findall(self.template))
         if self.when:
             cols.add(self.when.column)
+        for fallback in self.fallbacks:
+            cols |= set(TEMPLATE_FIELD.findall(fallback)) if "{" in fallback else {fallback}
         return cols
 
 
@@ -86,7 +96,14 @@ class CustomerMapping(BaseModel):
 class ChargeMapping(BaseModel):
     model_config = ConfigDict(extra="forbid")
     document: Literal["invoice", "sales_order_and_invoice"] = "invoice"
-    guest_customer_id: str | None = None
+    # Charges without a Stripe customer (guest checkout) and their refunds post to this Sage
+    # customer, created on first need (linked if Sage already has it). null: dead-letter them.
+    guest_customer_id: str | None = Field(default="GUEST", pattern=r"^[A-Z0-9]{1,10}$")
+    guest_customer_name: str = Field(default="Stripe guest checkout", min_length=1, max_length=40)
+    # A charge whose metadata.erp_order_id Sage has no sales order for: post its receipt on
+    # account (no apply_to, no invoice) and flag it for a person (on_account), or dead-letter
+    # its documents (reject).
+    unknown_erp_order: Literal["on_account", "reject"] = "on_account"
     invoice: dict[str, FieldRule]
     receipt: dict[str, FieldRule]
 
@@ -164,7 +181,8 @@ RULE_STREAMS: dict[tuple[str, ...], str] = {
 DERIVED_COLUMNS: dict[str, set[str]] = {
     "charges": {"presentment", "settlement_amount", "settlement_currency", "exchange_rate"},
     "refunds": {"presentment", "settlement_amount", "settlement_currency", "charge_customer"},
-    "customers": set(),
+    # The latest charge's billing details (name fallbacks for nameless or deleted customers).
+    "customers": {"charge_billing_name", "charge_billing_email"},
     "invoice_lines": set(),
     "products": set(),
 }
@@ -226,6 +244,8 @@ def load_mapping(path: Path | None = None, *, text: str | None = None) -> Mappin
                     else "template"
                     if rule.template and "{" + col + "}" in rule.template
                     else "when"
+                    if rule.when and rule.when.column == col
+                    else "fallbacks"
                 )
                 line = _line_of(node, (group, sub, field_name, key))
                 problems.append(

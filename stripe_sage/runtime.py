@@ -64,7 +64,13 @@ class RunContext:
             window_seconds=window_days * DAY,
             window_objects=WINDOW_OBJECTS,
         )
-        loader = Loader(staging, sage, run_id=run_id, concurrency=settings.sage_concurrency)
+        loader = Loader(
+            staging,
+            sage,
+            run_id=run_id,
+            concurrency=settings.sage_concurrency,
+            retry_budget=settings.sage_retry_budget,
+        )
         return cls(settings, run_id, staging, reader, sage, mapping, extractor, loader)
 
     def close(self) -> None:

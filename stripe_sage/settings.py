@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     # URL often carries a token, hence secret), and how many open dead letters raise one.
     alert_webhook_url: SecretStr | None = Field(default=None)
     dead_letter_alert_threshold: int = Field(default=25, ge=0)
+    # How long a document may wait, per class of reason (sage.outbox.wait_kind), before the
+    # waiting alert fires; "default" covers the others. JSON in the environment, e.g.
+    # WAITING_ALERT_HOURS='{"balance_transaction": 24}'.
+    waiting_alert_hours: dict[str, float] = Field(
+        default_factory=lambda: {"balance_transaction": 24.0, "default": 24.0}
+    )
+    # Seconds of further rounds a load gives documents Sage did not take (503, 429,
+    # timeouts) before the run ends partial, leaving them to the next run.
+    sage_retry_budget: float = Field(default=300.0, ge=0)
     # Schedules of the served deployments (deployments/serve.py), and how often the runner
     # polls for triggered runs (Prefect's default is 10 s; 2 s keeps webhook latency low).
     sync_cron: str = Field(default="*/15 * * * *")

@@ -1,10 +1,13 @@
-"""Alerts: Prefect automations on a failed run, an authentication failure, and dead letters
-above a threshold, delivered through one notification block (a webhook URL: Slack's
-incoming webhooks and most chat tools accept its JSON body).
+"""Alerts: Prefect automations on a failed run, an authentication failure, dead letters
+above a threshold, and documents waiting longer than their reason allows, delivered
+through one notification block (a webhook URL: Slack's incoming webhooks and most chat
+tools accept its JSON body).
 
 The flows emit two events of their own (``emit_*`` below): ``stripe-sage.auth.failed`` when
 Stripe or Sage refuses a key, and ``stripe-sage.dead-letters.above-threshold`` when a run
-ends with more open dead letters than ``DEAD_LETTER_ALERT_THRESHOLD``. Failed runs need no
+ends with more open dead letters than ``DEAD_LETTER_ALERT_THRESHOLD``, and
+``stripe-sage.waiting.overdue`` when documents wait longer than ``WAITING_ALERT_HOURS``
+allows for their reason (e.g. a balance transaction not there after 24 h). Failed runs need no
 event of ours: Prefect emits ``prefect.flow-run.Failed`` / ``Crashed`` itself.
 ``install_alerts`` (``stripe-sage alerts install``) creates or replaces the automations.
 Messages name the run, the system and the reason; they never carry a key (the errors they
@@ -22,6 +25,7 @@ from stripe_sage.errors import AuthenticationError
 
 AUTH_FAILED = "stripe-sage.auth.failed"
 DEAD_LETTERS_ABOVE = "stripe-sage.dead-letters.above-threshold"
+WAITING_OVERDUE = "stripe-sage.waiting.overdue"
 BLOCK_NAME = "stripe-sage-alerts"
 PRODUCT_FLOWS = (
     "stripe_to_sage",
@@ -76,6 +80,34 @@ def emit_dead_letters(count: int, threshold: int, *, run_id: str, flow: str) -> 
     return True
 
 
+def emit_waiting_overdue(overdue: list[dict[str, Any]], *, run_id: str, flow: str) -> bool:
+    """Emit the overdue event when documents wait longer than their reason allows
+    (``overdue``: ``Staging.overdue_waiting``, oldest first)."""
+    if not overdue:
+        return False
+    from prefect.events import emit_event
+
+    oldest = overdue[0]
+    emit_event(
+        event=WAITING_OVERDUE,
+        resource={
+            "prefect.resource.id": "stripe-sage.waiting",
+            "prefect.resource.name": "waiting documents",
+        },
+        payload={
+            "run_id": run_id,
+            "flow": flow,
+            "count": len(overdue),
+            "doc_key": oldest["doc_key"],
+            "reason": str(oldest["reason"])[:300],
+            "age_hours": oldest["age_hours"],
+            "limit_hours": oldest["limit_hours"],
+            "kinds": sorted({str(o["wait_kind"]) for o in overdue}),
+        },
+    )
+    return True
+
+
 @dataclass(frozen=True)
 class AlertSpec:
     name: str
@@ -126,6 +158,21 @@ def alert_specs(flows: Iterable[str] = PRODUCT_FLOWS) -> list[AlertSpec]:
                 "{{ event.payload.threshold }}) after run {{ event.payload.run_id }} of "
                 "{{ event.payload.flow }}. See ops.dead_letters; replay them with the "
                 "replay-dead-letters deployment once the cause is fixed."
+            ),
+        ),
+        AlertSpec(
+            name="stripe-sage: documents waiting too long",
+            description="Documents wait longer than their reason allows (WAITING_ALERT_HOURS).",
+            expect=frozenset({WAITING_OVERDUE}),
+            match={"prefect.resource.id": "stripe-sage.waiting"},
+            match_related=None,
+            subject="stripe-sage: {{ event.payload.count }} documents waiting too long",
+            body=(
+                "{{ event.payload.count }} documents wait longer than allowed after run "
+                "{{ event.payload.run_id }} of {{ event.payload.flow }}. The oldest, "
+                "{{ event.payload.doc_key }}, has waited {{ event.payload.age_hours }} h "
+                "(allowed {{ event.payload.limit_hours }} h): {{ event.payload.reason }}. "
+                "See stripe-sage dead-letters list --state waiting."
             ),
         ),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import polars as pl
@@ -9,6 +10,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from stripe_sage.errors import NotFoundError
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.documents import sage_customer_emails
 from stripe_sage.plan.outbox import plan_into_outbox
@@ -19,10 +21,30 @@ from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.writeback import write_back
 from tasks.context import in_run, run_logger
 
+LOOKUP_WORKERS = 4
+
 
 @task(name="fiscal-periods", cache_policy=NO_CACHE)
 def fiscal_periods(client: SageProClient) -> list[dict[str, Any]]:
     return client.fiscal_periods()
+
+
+def sage_has(sage: SageProClient, collection: str, key: str) -> bool:
+    """Whether Sage has the document (a customer id, a sales order number): what planning
+    is told, as data, about the guest customer and ERP orders (planning never calls Sage)."""
+    try:
+        sage.get(collection, key)
+    except NotFoundError:
+        return False
+    return True
+
+
+def sage_has_many(sage: SageProClient, collection: str, keys: list[str]) -> set[str]:
+    """The keys Sage has, asked a few at a time (each a GET; planning asks only about the
+    charges it plans, so later runs ask about new orders only)."""
+    with ThreadPoolExecutor(LOOKUP_WORKERS, thread_name_prefix="sage-lookup") as pool:
+        found = pool.map(lambda k: sage_has(sage, collection, k), keys)
+        return {k for k, yes in zip(keys, found, strict=True) if yes}
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -45,11 +67,14 @@ def plan(
         None if dry_run else loader.enqueue,
         run_id=run_id,
         sage_customers=(lambda: sage_customer_emails(sage.list_customers())) if sage else None,
+        customer_exists=(lambda cid: sage_has(sage, "customers", cid)) if sage else None,
+        sales_orders=(lambda ids: sage_has_many(sage, "salesorders", ids)) if sage else None,
     )
     run_logger().info(
-        "planned %d new Sage documents (%d failed planning)%s",
+        "planned %d new Sage documents (%d failed planning, %d flagged for a person)%s",
         sum(totals.planned.values()),
         totals.errors,
+        totals.flagged,
         " (dry run: nothing enqueued)" if dry_run else "",
     )
     return totals.as_dict()

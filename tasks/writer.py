@@ -24,7 +24,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
-from tasks.alerts import auth_error_in, emit_auth_failed, emit_dead_letters
+from tasks.alerts import auth_error_in, emit_auth_failed, emit_dead_letters, emit_waiting_overdue
 from tasks.context import run_logger
 
 WRITER_LIMIT = "stripe-sage-duckdb-writer"
@@ -89,3 +89,5 @@ def open_run(settings: Settings, run_id: str, **options: Any) -> Iterator[RunCon
             "SELECT count(*) FROM sage.outbox WHERE status = 'dead'"
         ).fetchall()[0][0]
         emit_dead_letters(int(dead), settings.dead_letter_alert_threshold, run_id=run_id, flow=flow)
+        overdue = ctx.staging.overdue_waiting(settings.waiting_alert_hours)
+        emit_waiting_overdue(overdue, run_id=run_id, flow=flow)

@@ -1,5 +1,5 @@
 """The product's commands: ``sync``, ``serve``, ``webhooks``, ``reconcile``, ``backfill``,
-``replay``, ``alerts``, ``mapping`` — the one edge that starts flows."""
+``replay``, ``dead-letters``, ``alerts``, ``mapping`` — the one edge that starts flows."""
 
 from __future__ import annotations
 
@@ -29,8 +29,14 @@ def print_run(title: str, result: dict[str, Any]) -> None:
     print(f"  planned     {result.get('planned') or {}}")
     print(f"  posted      {load.get('posted') or {}}")
     print(f"  dead-letter {load.get('dead') or {}}")
+    for state in ("waiting", "blocked"):
+        if any(load.get(state, {}).values()):
+            print(f"  {state:<11} {load.get(state)}")
     if any(load.get("deferred", {}).values()):
-        print(f"  deferred    {load.get('deferred')}")
+        print(
+            f"  deferred    {load.get('deferred')} (retry budget spent after "
+            f"{load.get('rounds')} rounds; the next run retries them)"
+        )
     t = result.get("timings", {})
     print("  seconds     " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
 
@@ -125,6 +131,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     print(f"released {len(result['released'])} dead letters; dead again: {result['dead_again']}")
     return 1 if result["dead_again"] else 0
+
+
+def cmd_dead_letters_list(args: argparse.Namespace) -> int:
+    """Every document not in Sage, with its state and the reason a person reads."""
+    import duckdb
+
+    from stripe_sage.settings import Settings
+    from stripe_sage.store.staging import Staging
+
+    path = Path(args.db or Settings().staging_db)
+    if not path.exists():
+        print(f"no staging database at {path}: nothing has run yet")
+        return 0
+    with Staging(path, read_only=True) as st:
+        try:
+            rows = st.unposted(args.state)
+            counts = st.state_counts()
+        except duckdb.BinderException:
+            print(f"{path} predates document states: run `stripe-sage sync` once first")
+            return 1
+    for row in rows[: args.limit] if args.limit else rows:
+        since = row["since"].strftime("%Y-%m-%d %H:%M") if row["since"] else "-"
+        print(f"{row['status']:<8} {row['doc_key']:<40} {since:<16} {row['reason']}")
+    shown = f"{min(len(rows), args.limit or len(rows))} of {len(rows)}"
+    summary = ", ".join(f"{k} {v}" for k, v in counts.items())
+    print(f"\n{shown} shown; unposted by state: {summary}")
+    return 0
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
@@ -316,13 +349,14 @@ def register(sub: Any) -> None:
         "alerts",
         help="alert automations (install)",
         description="Prefect automations: failed run, authentication failure, dead "
-        "letters above DEAD_LETTER_ALERT_THRESHOLD.",
+        "letters above DEAD_LETTER_ALERT_THRESHOLD, documents waiting longer than "
+        "WAITING_ALERT_HOURS.",
     )
     asub = p.add_subparsers(dest="alerts_command", required=True, metavar="COMMAND")
     q = asub.add_parser(
         "install",
         help="create or replace the automations on PREFECT_API_URL's server",
-        description="Create (or replace) the three automations and the notification "
+        description="Create (or replace) the four automations and the notification "
         "block on the Prefect server at PREFECT_API_URL.",
     )
     q.add_argument("--webhook-url", help="notify this URL (default ALERT_WEBHOOK_URL)")
@@ -354,6 +388,25 @@ def register(sub: Any) -> None:
     p.add_argument("--doc-type", help="only this document type")
     p.add_argument("--error-code", help="only dead letters with this Sage error code")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "dead-letters",
+        help="documents not in Sage: dead, waiting, blocked, pending, with reasons",
+        description="What did not reach Sage and why: dead (Sage rejected it or it could "
+        "not be planned), waiting (for Stripe data, e.g. a balance transaction), blocked "
+        "(by a dead, quarantined or missing document it needs), pending (deferred by Sage "
+        "failures; the next run retries it).",
+    )
+    dsub = p.add_subparsers(dest="dead_letters_command", required=True, metavar="COMMAND")
+    q = dsub.add_parser(
+        "list",
+        help="list them with their state and reason, oldest first",
+        description="One line per document: state, doc key, since when, reason.",
+    )
+    q.add_argument("--state", choices=("dead", "waiting", "blocked", "pending"))
+    q.add_argument("--limit", type=int, default=0, help="at most this many lines (0: all)")
+    q.add_argument("--db", help="staging DuckDB file (default STAGING_DB)")
+    q.set_defaults(func=cmd_dead_letters_list)
 
     p = sub.add_parser(
         "mapping",

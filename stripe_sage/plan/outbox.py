@@ -13,17 +13,19 @@ import polars as pl
 
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.documents import (
+    GUEST_KEY,
     empty_docs,
     periods_frame,
     plan_charges,
     plan_customer_updates,
     plan_customers,
+    plan_guest_customer,
     plan_invoices,
     plan_refunds,
 )
 from stripe_sage.plan.items import plan_default_item, plan_items
 from stripe_sage.reconcile.report import plan_payouts
-from stripe_sage.store.staging import Staging
+from stripe_sage.store.staging import Staging, now_utc
 
 # -- planning ------------------------------------------------------------------------------
 # Planning reads the staged rows in slices (keyset on id) and hands each slice's documents
@@ -32,10 +34,12 @@ from stripe_sage.store.staging import Staging
 PLAN_SLICE_ROWS = 25_000
 PAYOUT_SLICE = 20  # payouts carry all their balance transactions (~3,000 a day at 1M/year)
 
-# Doc keys that need no planning again: pending, posted, or dead for a Sage reason.
+# Doc keys that need no planning again: pending, posted, blocked, or dead for a Sage reason
+# (a waiting document is planned again by every run until what it waits for exists).
 _SETTLED = (
     "SELECT o.doc_key FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key) "
-    "WHERE o.status <> 'dead' OR coalesce(d.error_code, '') <> 'planning'"
+    "WHERE o.status <> 'waiting' AND (o.status <> 'dead' "
+    "OR coalesce(d.error_code, '') <> 'planning')"
 )
 
 
@@ -74,6 +78,46 @@ def _rows_to_plan(st: Staging, stream: str, todo: str, size: int) -> Iterator[pl
         after = rows["id"][-1]
 
 
+# The latest charge's billing details of each customer (name fallbacks: a customer without a
+# name, or deleted in Stripe, is named as the card holder named themselves at checkout).
+CHARGE_BILLING = (
+    "(SELECT ch.{col} FROM staging.charges ch WHERE ch.customer = {alias}.id "
+    "AND ch.{col} IS NOT NULL ORDER BY ch.created DESC LIMIT 1)"
+)
+
+
+def customer_columns(alias: str = "s") -> str:
+    """``<alias>.*`` and the derived columns a customer mapping may read."""
+    return (
+        f"{alias}.*, "
+        + CHARGE_BILLING.format(col="billing_name", alias=alias)
+        + " AS charge_billing_name, "
+        + CHARGE_BILLING.format(col="billing_email", alias=alias)
+        + " AS charge_billing_email"
+    )
+
+
+def _guest_planned(st: Staging, gid: str) -> bool:
+    """The outbox settled the guest customer in either form (created, or linked): once it is
+    created, Sage has it, and it must not be planned again as a link."""
+    keys = [f"{t}:{GUEST_KEY}:{gid}" for t in ("customer", "customer_link")]
+    rows = st.con.execute(
+        f"SELECT count(*) FROM ({_SETTLED}) WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+        [keys],
+    ).fetchall()
+    return bool(rows[0][0])
+
+
+def _guest_needed(st: Staging) -> bool:
+    """Some succeeded charge has no Stripe customer (the guest customer is created on first
+    need, not on an account that never has guest checkout)."""
+    rows = st.con.execute(
+        "SELECT EXISTS (SELECT 1 FROM staging.charges s WHERE s.customer IS NULL "
+        "AND s.status = 'succeeded' AND " + _not_quarantined("charges") + ")"
+    ).fetchall()
+    return bool(rows[0][0])
+
+
 def _document_slices(
     st: Staging,
     mapping: Mapping,
@@ -82,14 +126,16 @@ def _document_slices(
     sage_customers: Callable[[], pl.DataFrame] | None,
     run_id: str | None,
     slice_rows: int,
+    customer_exists: Callable[[str], bool] | None = None,
+    sales_orders: Callable[[list[str]], set[str]] | None = None,
 ) -> Iterator[pl.DataFrame]:
     """The documents the staged data implies, a slice at a time (before the final check
     against the outbox, see :func:`plan_slices`). Each slice is registered as
     ``_plan_slice`` while the rows its documents need (balance transactions, charges,
     lines, items) are read for it."""
     new_customers = st.frame(
-        f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.customers s WHERE "
-        + _todo("customers", "customer:", "customer_link:", alternatives=True)
+        f"WITH _settled AS ({_SETTLED}) SELECT {customer_columns()} FROM staging.customers s "
+        "WHERE " + _todo("customers", "customer:", "customer_link:", alternatives=True)
     )
     sage = None
     if (
@@ -103,10 +149,15 @@ def _document_slices(
         sage = sage_customers().join(linked, on="customer_id", how="left")
     yield plan_customers(new_customers, mapping, sage)
     del new_customers
+    gid = mapping.charges.guest_customer_id
+    if gid and not _guest_planned(st, gid) and _guest_needed(st):
+        in_sage = customer_exists(gid) if customer_exists is not None else False
+        yield plan_guest_customer(mapping, in_sage)
     if run_id is not None:
         # Customers this run changed that Sage already has, with what was last sent for them.
         changed = st.frame(
-            "SELECT c.*, (SELECT CAST(o.payload AS VARCHAR) FROM sage.outbox o "
+            f"SELECT {customer_columns('c')}, "
+            "(SELECT CAST(o.payload AS VARCHAR) FROM sage.outbox o "
             "WHERE o.status = 'posted' AND (o.stripe_id = c.id OR o.stripe_id LIKE c.id || ':%') "
             "AND o.doc_type IN ('customer', 'customer_link', 'customer_update') "
             "ORDER BY o.posted_at DESC LIMIT 1) AS last_sent "
@@ -122,6 +173,8 @@ def _document_slices(
         "WHERE b.id IN (SELECT balance_transaction FROM _plan_slice)"
     )
 
+    known_orders: set[str] = set()  # ERP order ids Sage has (asked once each per run)
+    asked: set[str] = set()
     for charges in _rows_to_plan(st, "charges", _todo("charges", "cash_receipt:"), slice_rows):
         with st.registered("_plan_slice", charges.select("id", "balance_transaction")):
             bts = st.frame(bts_of_slice)
@@ -129,7 +182,14 @@ def _document_slices(
                 "SELECT p.* FROM staging.invoice_payments p "
                 "WHERE p.charge IN (SELECT id FROM _plan_slice)"
             )
-        yield plan_charges(charges, bts, invoice_payments, mapping, pf)
+        orders: set[str] | None = None
+        if sales_orders is not None:
+            ids = sorted(set(charges["erp_order_id"].drop_nulls().to_list()) - asked)
+            if ids:
+                known_orders |= sales_orders(ids)
+                asked.update(ids)
+            orders = known_orders
+        yield plan_charges(charges, bts, invoice_payments, mapping, pf, orders)
 
     for invoices in _rows_to_plan(st, "invoices", _todo("invoices", "invoice:"), slice_rows):
         with st.registered("_plan_slice", invoices.select("id")):
@@ -210,6 +270,8 @@ def plan_slices(
     sage_customers: Callable[[], pl.DataFrame] | None = None,
     run_id: str | None = None,
     slice_rows: int = PLAN_SLICE_ROWS,
+    customer_exists: Callable[[str], bool] | None = None,
+    sales_orders: Callable[[list[str]], set[str]] | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Every Sage document the staged data implies that the outbox does not hold yet, as
     frames of at most a slice's documents (customers first, then charges, invoices, refunds
@@ -218,14 +280,24 @@ def plan_slices(
 
     ``sage_customers`` lists Sage's customers for email matching (called only when some
     Stripe customer still needs a Sage customer); ``run_id`` selects the customers this run
-    changed, whose updates go to Sage."""
+    changed, whose updates go to Sage; ``customer_exists`` says whether Sage has a customer
+    id (the guest customer is linked, not created, when it does); ``sales_orders`` returns
+    which of the given ERP order ids Sage has (the others post on account). Without them
+    (previews, tests) the guest customer is created and every ERP order taken as known."""
     # Records still failing planning the same way are dead letters already.
     still_failing = st.frame(
         "SELECT doc_key, reason AS error FROM ops.dead_letters WHERE error_code = 'planning' "
         "AND NOT replayed"
     )
     for docs in _document_slices(
-        st, mapping, periods, sage_customers=sage_customers, run_id=run_id, slice_rows=slice_rows
+        st,
+        mapping,
+        periods,
+        sage_customers=sage_customers,
+        run_id=run_id,
+        slice_rows=slice_rows,
+        customer_exists=customer_exists,
+        sales_orders=sales_orders,
     ):
         if docs.is_empty():
             continue
@@ -241,10 +313,22 @@ def plan_documents(
     *,
     sage_customers: Callable[[], pl.DataFrame] | None = None,
     run_id: str | None = None,
+    customer_exists: Callable[[str], bool] | None = None,
+    sales_orders: Callable[[list[str]], set[str]] | None = None,
 ) -> pl.DataFrame:
     """All of :func:`plan_slices` in one frame (previews and tests; runs enqueue slice by
     slice with :func:`plan_into_outbox`)."""
-    frames = list(plan_slices(st, mapping, periods, sage_customers=sage_customers, run_id=run_id))
+    frames = list(
+        plan_slices(
+            st,
+            mapping,
+            periods,
+            sage_customers=sage_customers,
+            run_id=run_id,
+            customer_exists=customer_exists,
+            sales_orders=sales_orders,
+        )
+    )
     return pl.concat(frames) if frames else empty_docs()
 
 
@@ -252,6 +336,7 @@ def plan_documents(
 class PlanTotals:
     planned: dict[str, int] = field(default_factory=dict)  # doc_type → documents planned
     errors: int = 0  # planned documents that failed planning (dead letters)
+    flagged: int = 0  # planned documents posted as planned but flagged for a person
     enqueued: int = 0  # rows the outbox took
     enqueue_seconds: float = 0.0  # of the planning time, what the outbox inserts took
 
@@ -259,6 +344,7 @@ class PlanTotals:
         return {
             "planned": self.planned,
             "planned_errors": self.errors,
+            "flagged": self.flagged,
             "enqueued": self.enqueued,
             "enqueue_seconds": round(self.enqueue_seconds, 3),
         }
@@ -273,21 +359,50 @@ def plan_into_outbox(
     sage_customers: Callable[[], pl.DataFrame] | None = None,
     run_id: str | None = None,
     slice_rows: int = PLAN_SLICE_ROWS,
+    customer_exists: Callable[[str], bool] | None = None,
+    sales_orders: Callable[[list[str]], set[str]] | None = None,
 ) -> PlanTotals:
     """Plan slice by slice, each slice into the outbox (``enqueue``) before the next is read;
-    with ``enqueue=None`` (a dry run) only count. Memory is one slice's documents."""
+    with ``enqueue=None`` (a dry run) only count. Memory is one slice's documents. Flagged
+    documents are recorded in ``ops.flags`` for a person to list."""
     totals = PlanTotals()
     for docs in plan_slices(
-        st, mapping, periods, sage_customers=sage_customers, run_id=run_id, slice_rows=slice_rows
+        st,
+        mapping,
+        periods,
+        sage_customers=sage_customers,
+        run_id=run_id,
+        slice_rows=slice_rows,
+        customer_exists=customer_exists,
+        sales_orders=sales_orders,
     ):
         for doc_type, n in docs.group_by("doc_type").len().iter_rows():
             totals.planned[doc_type] = totals.planned.get(doc_type, 0) + n
         totals.errors += int(docs["error"].is_not_null().sum())
+        flagged = docs.filter(pl.col("flag").is_not_null() & pl.col("error").is_null())
+        totals.flagged += flagged.height
         if enqueue is not None:
             t = time.perf_counter()
             totals.enqueued += enqueue(docs)
+            if flagged.height:
+                record_flags(st, flagged, run_id)
             totals.enqueue_seconds += time.perf_counter() - t
     return totals
+
+
+def record_flags(st: Staging, flagged: pl.DataFrame, run_id: str | None) -> None:
+    """``ops.flags``: documents posted as planned that a person should look at (``SELECT *
+    FROM ops.flags``), one row per document, kept when it posts."""
+    rows = flagged.select(
+        "doc_key",
+        "doc_type",
+        "stripe_id",
+        "flag",
+        pl.lit(now_utc()).alias("flagged_at"),
+        pl.lit(run_id, pl.String).alias("run_id"),
+    )
+    with st.registered("_flags", rows):
+        st.con.execute("INSERT OR REPLACE INTO ops.flags BY NAME SELECT * FROM _flags").fetchall()
 
 
 def plan_payout_documents(

@@ -10,31 +10,86 @@ from pathlib import Path
 from typing import Any
 
 from stripe_sage.mapping import Mapping
-from stripe_sage.plan.documents import plan_charges, plan_customers, plan_invoices, plan_refunds
+from stripe_sage.plan.documents import (
+    guest_customer_key,
+    plan_charges,
+    plan_customers,
+    plan_guest_customer,
+    plan_invoices,
+    plan_refunds,
+)
 from stripe_sage.plan.items import plan_items
+from stripe_sage.plan.outbox import customer_columns
 from stripe_sage.store.staging import Staging
 
 SHOWN = {
-    "charges": ("id", "amount", "currency", "customer", "status", "card_brand", "erp_order_id"),
+    "charges": (
+        "id",
+        "amount",
+        "currency",
+        "customer",
+        "status",
+        "captured",
+        "billing_name",
+        "card_brand",
+        "erp_order_id",
+    ),
     "refunds": ("id", "amount", "currency", "charge", "status", "reason"),
-    "customers": ("id", "name", "email", "country", "sage_customer_id", "deleted"),
+    "customers": (
+        "id",
+        "name",
+        "email",
+        "charge_billing_name",
+        "country",
+        "sage_customer_id",
+        "deleted",
+    ),
     "invoices": ("id", "total", "tax", "currency", "customer", "status"),
     "products": ("id", "name", "product_type", "sage_item", "active"),
 }
 
 
+def _notes(stream: str, row: dict[str, Any], docs: list[dict[str, Any]]) -> list[str]:
+    """What a default did to this record, in words (the full name where it was shortened)."""
+    notes = []
+    if stream == "customers":
+        for d in docs:
+            sent = d["payload"].get("name")
+            if sent is not None and sent != row.get("name"):
+                how = "no name in Stripe" if not row.get("name") else "shortened to fit Sage"
+                notes.append(f"name: {how}; Stripe: {row.get('name')!r}, Sage: {sent!r}")
+    if stream == "charges":
+        if row.get("captured") is False:
+            notes.append("not captured: nothing is posted until it is (never, if released)")
+        if row.get("customer") is None and any(d["doc_type"] != "customer" for d in docs):
+            notes.append("guest checkout: posted to the mapping's guest customer")
+    return notes
+
+
 def preview(
-    st: Staging, mapping: Mapping, stream: str, limit: int, ids: list[str] | None = None
+    st: Staging,
+    mapping: Mapping,
+    stream: str,
+    limit: int,
+    ids: list[str] | None = None,
+    known_orders: set[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows ``[{"stripe": {...}, "documents": [{"doc_type", "payload", "error"}]}]``."""
+    """Rows ``[{"stripe": {...}, "documents": [{"doc_type", "payload", "error", "flag"}],
+    "notes": [...]}]``. ``known_orders``: the ERP order ids Sage has (None: not checked)."""
     where = "WHERE id IN (SELECT unnest(?::VARCHAR[]))" if ids else ""
     params: list[Any] = [ids] if ids else []
+    select = customer_columns() if stream == "customers" else "s.*"
     rows = st.frame(
-        f"SELECT * FROM staging.{stream} {where} ORDER BY created DESC LIMIT ?", [*params, limit]
+        f"SELECT {select} FROM staging.{stream} s {where} ORDER BY created DESC LIMIT ?",
+        [*params, limit],
     )
     if stream == "charges":
         docs = plan_charges(
-            rows, st.table("balance_transactions"), st.table("invoice_payments"), mapping
+            rows,
+            st.table("balance_transactions"),
+            st.table("invoice_payments"),
+            mapping,
+            known_orders=known_orders,
         )
     elif stream == "refunds":
         docs = plan_refunds(rows, st.table("charges"), st.table("balance_transactions"), mapping)
@@ -50,13 +105,43 @@ def preview(
     for d in docs.iter_rows(named=True):
         source = d["stripe_id"].split(":")[-1]
         by_source.setdefault(source, []).append(
-            {"doc_type": d["doc_type"], "payload": json.loads(d["payload"]), "error": d["error"]}
+            {
+                "doc_type": d["doc_type"],
+                "payload": json.loads(d["payload"]),
+                "error": d["error"],
+                "flag": d["flag"],
+            }
         )
     cols = [c for c in SHOWN[stream] if c in rows.columns]
-    return [
-        {"stripe": {c: r[c] for c in cols}, "documents": by_source.get(r["id"], [])}
-        for r in rows.iter_rows(named=True)
-    ]
+    out = []
+    for r in rows.iter_rows(named=True):
+        documents = by_source.get(r["id"], [])
+        out.append(
+            {
+                "stripe": {c: r[c] for c in cols},
+                "documents": documents,
+                "notes": _notes(stream, r, documents),
+            }
+        )
+    guest = guest_customer_key(mapping)
+    if stream == "charges" and guest and rows["customer"].null_count():
+        # The guest customer those charges post to (created once, on first need).
+        g = plan_guest_customer(mapping, in_sage=False).row(0, named=True)
+        out.append(
+            {
+                "stripe": {"id": guest, "customer": None},
+                "documents": [
+                    {
+                        "doc_type": g["doc_type"],
+                        "payload": json.loads(g["payload"]),
+                        "error": g["error"],
+                        "flag": None,
+                    }
+                ],
+                "notes": ["guest customer: created once, on the first guest charge"],
+            }
+        )
+    return out
 
 
 def render_terminal(items: list[dict[str, Any]]) -> str:
@@ -69,6 +154,10 @@ def render_terminal(items: list[dict[str, Any]]) -> str:
             out.append(f"    → {d['doc_type']}: {body}")
             if d["error"]:
                 out.append(f"      ! {d['error']}")
+            if d.get("flag"):
+                out.append(f"      ⚑ {d['flag']}")
+        for note in item.get("notes", []):
+            out.append(f"    · {note}")
     return "\n".join(out)
 
 
@@ -83,15 +172,17 @@ def render_html(items: list[dict[str, Any]], stream: str, mapping_name: str) -> 
             f"<div><b>{html.escape(d['doc_type'])}</b><pre>"
             f"{html.escape(json.dumps(d['payload'], indent=2, ensure_ascii=False))}</pre>"
             + (f"<p class='err'>{html.escape(d['error'])}</p>" if d["error"] else "")
+            + (f"<p class='flag'>⚑ {html.escape(d['flag'])}</p>" if d.get("flag") else "")
             + "</div>"
             for d in item["documents"]
-        )
+        ) + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in item.get("notes", []))
         rows.append(f"<tr><td>{stripe}</td><td>{docs or 'no document'}</td></tr>")
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>Mapping preview: {html.escape(stream)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px}} td{{vertical-align:top;
 border-bottom:1px solid #ddd;padding:6px}} pre{{margin:0;font-size:12px}}
-.err{{color:#c53030}}</style></head><body>
+.err{{color:#c53030}} .flag{{color:#b7791f}}
+.note{{color:#4a5568;font-size:12px}}</style></head><body>
 <h1>Mapping preview: {html.escape(stream)}</h1><p>Mapping: {html.escape(mapping_name)}.
 Nothing was posted.</p><table><tr><th>Stripe (staged)</th><th>Sage payload</th></tr>
 {"".join(rows)}</table></body></html>"""

@@ -357,7 +357,8 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     """Sage's Stripe Clearing balance (from the documents posted) against the Stripe side:
     Σ gross of the transactions recognised by their own documents that no posted payout
     journal has cleared (docs/accounting.md, invariant 4). A difference comes with the documents
-    that explain it (not posted: dead-lettered or pending)."""
+    that explain it (not posted, each with its state — dead, waiting, blocked, pending,
+    quarantined — and its reason)."""
     out = []
     for currency, account in mapping.accounts.clearing.items():
         sage = st.con.execute(
@@ -395,8 +396,14 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
                 FROM staging.balance_transactions b
                 WHERE b.currency = ? AND b.reporting_category IN
                     ('charge', 'refund', 'refund_failure', 'payout_reversal'))
-            SELECT rec.*, coalesce(o.status, 'not planned') AS doc_status, o.last_error
-            FROM rec LEFT JOIN sage.outbox o USING (doc_key)""",
+            SELECT rec.*,
+                coalesce(o.status, CASE WHEN q.reason IS NOT NULL THEN 'quarantined'
+                                        ELSE 'not planned' END) AS doc_status,
+                coalesce(o.last_error, q.reason) AS last_error
+            FROM rec LEFT JOIN sage.outbox o USING (doc_key)
+            -- A quarantined Stripe record is why its document is not planned: say so.
+            LEFT JOIN (SELECT id, min("check" || ': ' || reason) AS reason
+                       FROM staging.quarantine GROUP BY id) q ON q.id = rec.source""",
             [currency],
         )
         if docs.is_empty() and not sage:
@@ -420,9 +427,14 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
                 "difference": difference,
                 "explained_by_unposted": -explained,
                 "unexplained": difference + explained,
+                # dead / waiting / blocked / pending / quarantined / not planned → count.
+                "unposted_by_state": dict(
+                    unposted.group_by("doc_status").len().sort("doc_status").iter_rows()
+                ),
                 "unposted_documents": unposted.select(
                     "doc_key", "doc_status", "amount", "last_error"
                 )
+                .sort("doc_status", "doc_key")
                 .head(50)
                 .to_dicts(),
             }

@@ -225,6 +225,8 @@ class SageProClient:
         *,
         reference_unique: bool = True,
         check_first: bool = False,
+        attempts: int | None = None,
+        pause: bool = True,
     ) -> JsonDict:
         """POST one document exactly once and return it as Sage stored it.
 
@@ -243,6 +245,14 @@ class SageProClient:
 
         ``check_first=True`` looks the document up before the first POST too — for replays
         after a crash, when an earlier process may have posted it without recording that.
+
+        ``attempts`` caps the exchanges of this call (default ``max_attempts``);
+        ``pause=False`` sends the next one at once after a 5xx or a dropped connection (the
+        pacer still spaces requests) and gives up at the first 429, leaving its
+        ``Retry-After`` to the caller. The loader posts that way: a posting thread never
+        sleeps through a backoff, and the loader's rounds retry what is left
+        (``Loader.run``) — after a 429 without a lookup (``maybe_done`` is False), after an
+        uncertain answer with one.
         """
         if collection not in COLLECTIONS:
             raise ValueError(f"unknown Sage Pro collection {collection!r}")
@@ -274,6 +284,8 @@ class SageProClient:
             resolve=resolve,
             resend_uncertain=False,
             check_first=check_first,
+            max_attempts=attempts,
+            pause=pause,
         )
 
     def get(self, collection: str, key: str) -> JsonDict:
@@ -418,9 +430,13 @@ class SageProClient:
         resolve: Callable[[], JsonDict | None] | None = None,
         resend_uncertain: bool = True,
         check_first: bool = False,
+        max_attempts: int | None = None,
+        pause: bool = True,
     ) -> Any:
         """Send with the retry policy; ``resolve`` finds a create that may already exist."""
+        limit = max(1, max_attempts) if max_attempts is not None else self.max_attempts
         uncertain = check_first
+        maybe_done = False  # an exchange of this call may have been acted on
         attempt = 0
         while True:
             attempt += 1
@@ -435,7 +451,7 @@ class SageProClient:
             except _Transient as failure:
                 error = failure.error
                 if failure.uncertain and method != "GET":
-                    uncertain = True
+                    uncertain = maybe_done = True
                     if resolve is None and not resend_uncertain:
                         raise FatalError(
                             f"{method} {path}: outcome unknown after {error.message}; "
@@ -444,7 +460,7 @@ class SageProClient:
                             code="outcome_unknown",
                             system=SYSTEM,
                         ) from None
-                if attempt >= self.max_attempts:
+                if attempt >= limit or (not pause and error.http_status == 429):
                     raise RetryableError(
                         f"gave up after {attempt} attempts: {error.message}",
                         retry_after=error.retry_after,
@@ -452,10 +468,13 @@ class SageProClient:
                         code=error.code,
                         field=error.field,
                         system=SYSTEM,
+                        maybe_done=maybe_done or method == "GET",
                     ) from None
                 delay = error.retry_after if error.retry_after is not None else None
                 if delay is None:
                     delay = self._backoff(attempt)
+                if not pause:
+                    delay = 0.0  # a 5xx or a dropped connection: at once, paced
                 self.stats.retries += 1
                 log.warning(
                     "sagepro: %s %s failed (%s); attempt %d of %d, retrying in %.2fs",
@@ -463,10 +482,11 @@ class SageProClient:
                     path,
                     error.code or error.http_status or "transport",
                     attempt,
-                    self.max_attempts,
+                    limit,
                     delay,
                 )
-                self._sleep(delay)
+                if pause:
+                    self._sleep(delay)
 
     def _once(
         self,

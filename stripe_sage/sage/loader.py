@@ -10,10 +10,20 @@ Why it is exactly once although Sage does not deduplicate:
    connections) by the same lookup before it resends;
 4. once posted, the Sage number goes into ``sage.xref`` and the row is never posted again.
 
-Failures end in exactly one of: posted; ``dead`` with a row in ``ops.dead_letters`` naming the
-reason (Sage's code and field, or the planning error); ``pending`` with ``last_error`` when
-Sage stayed unavailable after the client's retries (retried by the next run); or an
-``AuthenticationError`` that stops the run at once.
+Every document ends a run in one state with a reason a person reads (``last_error``):
+posted; ``dead`` with a row in ``ops.dead_letters`` naming the reason (Sage's code and field,
+or the planning error); ``waiting`` for Stripe data that does not exist yet (a balance
+transaction), planned again by each run, with ``waiting_since`` so that a wait longer than
+its reason allows raises an alert; ``blocked`` by a dependency that is dead, quarantined,
+blocked or missing (the reason names it; it goes back to pending once that is posted);
+``pending`` when Sage stayed unavailable through every round of the retry budget (the next
+run retries it); or an ``AuthenticationError`` stops the run at once.
+
+Finish in one run: a transient failure (503, 429, timeout, commit-then-503) costs no sleep
+in a posting thread (the client makes one exchange per call); the loader gives the
+documents Sage did not take further rounds in the same run, with backoff, until every one
+is settled or ``retry_budget`` seconds are spent. An uncertain POST is looked up by
+reference before it is sent again (rule 2), so rounds never post twice.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +73,44 @@ PLANNING_ERROR = "planning"
 # A payload's reference to another document's Sage number (see resolve_placeholders).
 XREF_PLACEHOLDER = re.compile(r'"@xref:([^"]+)"')
 MAX_ID_SALT = 5
+WAITING_PREFIX = "waiting: "
+# Between rounds of the retry budget, counted from the start of the round that failed.
+ROUND_GAP = 0.25
+ROUND_BACKOFF_BASE = 1.0
+ROUND_BACKOFF_MAX = 15.0
+
+
+def wait_kind(reason: str) -> str:
+    """The class of a waiting reason: each class has its own allowed age (Settings
+    ``waiting_alert_hours``)."""
+    text = reason.lower()
+    if "balance transaction" in text:
+        return "balance_transaction"
+    if "invoice lines" in text:
+        return "invoice_lines"
+    if "charge" in text:
+        return "charge"
+    return "other"
+
+
+def wait_kind_expr(reason: pl.Expr) -> pl.Expr:
+    """:func:`wait_kind` as an expression (no Python call per planned document)."""
+    text = reason.str.to_lowercase()
+    return (
+        pl.when(text.str.contains("balance transaction", literal=True))
+        .then(pl.lit("balance_transaction"))
+        .when(text.str.contains("invoice lines", literal=True))
+        .then(pl.lit("invoice_lines"))
+        .when(text.str.contains("charge", literal=True))
+        .then(pl.lit("charge"))
+        .otherwise(pl.lit("other"))
+    )
+
+
+def describe(dep: str) -> str:
+    """``customer:cus_1`` → ``customer cus_1``: how a reason names a document."""
+    doc_type, _, stripe_id = dep.partition(":")
+    return f"{doc_type} {stripe_id}" if stripe_id else dep
 
 
 @dataclass
@@ -69,9 +118,15 @@ class LoadStats:
     enqueued: Counter[str] = field(default_factory=Counter)
     posted: Counter[str] = field(default_factory=Counter)
     dead: Counter[str] = field(default_factory=Counter)
+    # Still pending when the run ends (Sage unavailable through the whole retry budget).
     deferred: Counter[str] = field(default_factory=Counter)
     waiting: Counter[str] = field(default_factory=Counter)  # planned again next run
+    blocked: Counter[str] = field(default_factory=Counter)
     revived: int = 0
+    rounds: int = 0  # passes over the pending documents (1 + retry rounds)
+    retry_seconds: float = 0.0  # time spent in retry rounds (within the budget)
+    # After the load: every unposted document by state, and the quarantined rows.
+    states: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -80,18 +135,24 @@ class LoadStats:
             "dead": dict(self.dead),
             "deferred": dict(self.deferred),
             "waiting": dict(self.waiting),
+            "blocked": dict(self.blocked),
             "revived": self.revived,
+            "rounds": self.rounds,
+            "retry_seconds": round(self.retry_seconds, 2),
+            "remaining": sum(self.deferred.values()),
+            "states": dict(self.states),
         }
 
 
 @dataclass
 class Outcome:
     doc_key: str
-    status: str  # posted | dead | pending
+    status: str  # posted | dead | pending | skipped
     sage_id: str | None = None
     error: StripeSageError | None = None
     reason: str | None = None
     matched_by: str = "created"
+    sent: bool = True  # False: nothing this attempt did can have reached Sage's books
 
 
 def keys_in(keys: list[str]) -> str:
@@ -123,6 +184,11 @@ class Loader:
         batch_size: int = 200,
         page_size: int = 5_000,
         on_progress: Callable[[int, int], None] | None = None,
+        retry_budget: float = 300.0,
+        client_attempts: int = 3,
+        client_pause: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.st = staging
         self.client = client
@@ -131,77 +197,95 @@ class Loader:
         self.batch_size = batch_size
         self.page_size = page_size  # outbox rows read at a time
         self.on_progress = on_progress
+        # SAGE_RETRY_BUDGET: seconds of further rounds for documents Sage did not take.
+        self.retry_budget = retry_budget
+        # Exchanges per document per round, sent without a sleep between them (the client's
+        # pacer spaces them): a posting thread never sleeps through a backoff; a 429 ends the
+        # document's round (its Retry-After is honoured between rounds).
+        self.client_attempts = client_attempts
+        self.client_pause = client_pause
+        # A document refused with a Retry-After is not sent again before then (the others
+        # go on): doc_key → clock time.
+        self._not_before: dict[str, float] = {}
+        self._attempted = 0  # documents sent to Sage in the current round
+        self._sleep, self._clock = sleep, clock
         self.stats = LoadStats()
         self._halt = threading.Event()
 
     # -- planning → outbox ----------------------------------------------------------------
     def enqueue(self, docs: pl.DataFrame) -> int:
-        """Record newly planned documents; revive dead ones whose planning error is gone."""
+        """Record newly planned documents; revive dead ones whose planning error is gone;
+        record what waits (``waiting: …`` planning errors) as ``waiting`` with its reason
+        and the time it started waiting, and take a waiting document's new plan when it
+        comes. Returns the rows written, not counting documents that were already waiting
+        and still are."""
         if docs.is_empty():
             return 0
         now = now_utc()
         docs = docs.unique(subset="doc_key", keep="last")
-        waiting = docs.filter(pl.col("error").str.starts_with("waiting:").fill_null(False))
-        for doc_type, n in waiting.group_by("doc_type").len().iter_rows():
-            self.stats.waiting[doc_type] += n
-        docs = docs.join(waiting.select("doc_key"), on="doc_key", how="anti")
+        is_wait = pl.col("error").str.starts_with(WAITING_PREFIX).fill_null(False)
         # Only the outbox rows of these keys: the whole outbox is millions of rows at scale.
         with self.st.registered("_enqueue_keys", docs.select("doc_key")):
             existing = self.st.frame(
-                "SELECT o.doc_key, o.status, d.error_code AS error_kind FROM sage.outbox o "
+                "SELECT o.doc_key, o.status AS old_status, d.error_code AS error_kind, "
+                "o.waiting_since AS old_since FROM sage.outbox o "
                 "LEFT JOIN ops.dead_letters d USING (doc_key) "
                 "WHERE o.doc_key IN (SELECT doc_key FROM _enqueue_keys)"
             )
         fresh = docs.join(existing.select("doc_key"), on="doc_key", how="anti")
-        revive = docs.filter(pl.col("error").is_null()).join(
-            existing.filter(
-                (pl.col("status") == "dead") & (pl.col("error_kind") == PLANNING_ERROR)
-            ).select("doc_key"),
+        dead_planning = existing.filter(
+            (pl.col("old_status") == "dead") & (pl.col("error_kind") == PLANNING_ERROR)
+        )
+        revive = docs.filter(pl.col("error").is_null() | is_wait).join(
+            dead_planning.select("doc_key"), on="doc_key", how="semi"
+        )
+        # A waiting document takes its new plan, whatever it is (posted, dead or waiting).
+        rewait = docs.join(
+            existing.filter(pl.col("old_status") == "waiting").select("doc_key"),
             on="doc_key",
             how="semi",
         )
         rows = (
-            pl.concat([fresh, revive])
+            pl.concat([fresh, revive, rewait])
+            .join(existing.select("doc_key", "old_status", "old_since"), on="doc_key", how="left")
             .with_columns(
-                pl.when(pl.col("error").is_null())
+                pl.when(is_wait)
+                .then(pl.lit("waiting"))
+                .when(pl.col("error").is_null())
                 .then(pl.lit("pending"))
                 .otherwise(pl.lit("dead"))
                 .alias("status"),
                 pl.lit(None, pl.String).alias("sage_id"),
                 pl.lit(0, pl.Int32).alias("attempts"),
-                pl.col("error").alias("last_error"),
+                pl.when(is_wait)
+                .then(pl.col("error").str.strip_prefix(WAITING_PREFIX))
+                .otherwise(pl.col("error"))
+                .alias("last_error"),
                 pl.lit(now).alias("created_at"),
                 pl.lit(now).alias("updated_at"),
                 pl.lit(None, pl.Datetime("us", "UTC")).alias("posted_at"),
                 pl.lit(self.run_id).alias("run_id"),
-            )
-            .select(
-                "doc_key",
-                "doc_type",
-                "collection",
-                "stripe_id",
-                "phase",
-                "depends_on",
-                "payload",
-                "status",
-                "sage_id",
-                "attempts",
-                "last_error",
-                "created_at",
-                "updated_at",
-                "posted_at",
-                "run_id",
+                # The wait's age runs from when it was first seen, across runs.
+                pl.coalesce(
+                    pl.col("old_since").cast(pl.Datetime("us", "UTC")),
+                    pl.when(is_wait).then(pl.lit(now)),
+                ).alias("waiting_since"),
+                pl.when(is_wait).then(wait_kind_expr(pl.col("error"))).alias("wait_kind"),
             )
         )
         if rows.is_empty():
             return 0
+        cols = (
+            "doc_key, doc_type, collection, stripe_id, phase, depends_on, payload, status, "
+            "sage_id, attempts, last_error, created_at, updated_at, posted_at, run_id, "
+            "waiting_since, wait_kind"
+        )
         with self.st.transaction() as con:
-            con.register("_new_docs", rows.to_arrow())
+            con.register("_new_docs", rows.select(cols.split(", ")).to_arrow())
             con.execute(
-                "INSERT OR REPLACE INTO sage.outbox SELECT doc_key, doc_type, "
-                "collection, stripe_id, phase, depends_on, CAST(payload AS JSON), "
-                "status, sage_id, attempts, last_error, created_at, updated_at, "
-                "posted_at, run_id FROM _new_docs"
+                f"INSERT OR REPLACE INTO sage.outbox ({cols}) SELECT "
+                + cols.replace("payload", "CAST(payload AS JSON)")
+                + " FROM _new_docs"
             ).fetchall()
             con.unregister("_new_docs")
             if revive.height:
@@ -210,10 +294,11 @@ class Loader:
                     "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
                     [now, revive["doc_key"].to_list()],
                 ).fetchall()
-        for doc_type, n in (
-            rows.filter(pl.col("status") == "pending").group_by("doc_type").len().iter_rows()
-        ):
-            self.stats.enqueued[doc_type] += n
+        for status, counter in (("pending", self.stats.enqueued), ("waiting", self.stats.waiting)):
+            for doc_type, n in (
+                rows.filter(pl.col("status") == status).group_by("doc_type").len().iter_rows()
+            ):
+                counter[doc_type] += n
         self.stats.revived += revive.height
         for row in rows.filter(pl.col("status") == "dead").iter_rows(named=True):
             self._dead_letter(
@@ -225,7 +310,8 @@ class Loader:
                 code=PLANNING_ERROR,
             )
             self.stats.dead[row["doc_type"]] += 1
-        return rows.height
+        still = (pl.col("old_status") == "waiting") & (pl.col("status") == "waiting")
+        return rows.height - int(rows.select(still.fill_null(False).sum()).item())
 
     # -- posting ---------------------------------------------------------------------------
     def _xref_for(self, rows: list[tuple[Any, ...]]) -> dict[str, str]:
@@ -243,30 +329,69 @@ class Loader:
         ).fetchall()
         return {f"{t}:{s}": sid for t, s, sid in found}
 
-    def _xref(self) -> dict[str, str]:
-        rows = self.st.con.execute("SELECT doc_type, stripe_id, sage_id FROM sage.xref").fetchall()
-        return {f"{t}:{s}": sid for t, s, sid in rows}
-
-    def _dead(self) -> dict[str, str]:
-        """Why each dependency cannot be posted: dead-lettered, or its record quarantined."""
+    def _states(self, keys: set[str]) -> dict[str, tuple[str, str, str | None]]:
+        """The unposted documents among ``keys`` (dependencies not in Sage) as ``(status,
+        reason, wait_kind)``, by doc key and by the key dependents name them with (a linked
+        customer is ``customer:<id>``); customers whose Stripe record is quarantined, as
+        dead with the quarantine's reason. Only these keys are read: on a first run the
+        whole outbox is pending (millions of rows at scale)."""
+        if not keys:
+            return {}
+        wanted = set(keys)
+        for key in keys:  # "customer:<id>" may be the customer_link document
+            kind, _, stripe_id = key.partition(":")
+            wanted.update(f"{t}:{stripe_id}" for t, x in XREF_TYPE.items() if x == kind)
+        listed = sorted(wanted)
         rows = self.st.con.execute(
-            "SELECT doc_type, stripe_id, doc_key, coalesce(last_error, 'dead-lettered') "
-            "FROM sage.outbox WHERE status = 'dead'"
+            "SELECT doc_type, stripe_id, doc_key, status, last_error, wait_kind "
+            f"FROM sage.outbox WHERE doc_key IN {keys_in(listed)} AND status <> 'posted'",
+            listed,
         ).fetchall()
-        out: dict[str, str] = {}
-        for doc_type, stripe_id, key, reason in rows:
-            out[key] = f"{key} is dead-lettered ({reason})"
-            # Dependents name a linked customer as "customer:<id>".
-            out[f"{XREF_TYPE.get(doc_type, doc_type)}:{stripe_id}"] = out[key]
-        for stream, object_id, check, reason in self.st.con.execute(
-            'SELECT stream, id, "check", reason FROM staging.quarantine'
-        ).fetchall():
-            if stream == "customers":
+        out: dict[str, tuple[str, str, str | None]] = {}
+        for doc_type, stripe_id, key, status, reason, kind in rows:
+            text = reason or {"dead": "dead-lettered", "pending": "not posted yet"}.get(
+                status, status
+            )
+            out[key] = (status, text, kind)
+            out.setdefault(f"{XREF_TYPE.get(doc_type, doc_type)}:{stripe_id}", out[key])
+        customers = sorted(k.partition(":")[2] for k in keys if k.startswith("customer:"))
+        if customers:
+            for object_id, check, reason in self.st.con.execute(
+                'SELECT id, "check", reason FROM staging.quarantine '
+                f"WHERE stream = 'customers' AND id IN {keys_in(customers)}",
+                customers,
+            ).fetchall():
                 out.setdefault(
                     f"customer:{object_id}",
-                    f"customer:{object_id} is quarantined ({check}: {reason})",
+                    ("dead", f"its Stripe record is quarantined ({check}: {reason})", None),
                 )
         return out
+
+    @staticmethod
+    def verdict(
+        unmet: list[str], states: dict[str, tuple[str, str, str | None]]
+    ) -> tuple[str, str, str | None]:
+        """Why a document whose dependencies ``unmet`` are not in Sage is not posted:
+        ``(blocked | waiting | pending, reason, wait_kind)``. Blocked wins over waiting,
+        waiting over pending (a dependency Sage has not taken yet: next round)."""
+        found: dict[str, tuple[str, str, str | None]] = {}
+        for dep in unmet:
+            status, reason, kind = states.get(
+                dep,
+                (
+                    "missing",
+                    "no Sage document is planned for it (not staged, or deleted in Stripe)",
+                    None,
+                ),
+            )
+            if status in ("dead", "blocked", "missing"):
+                return "blocked", f"blocked by {describe(dep)}: {reason}", None
+            found.setdefault(status, (status, f"{describe(dep)}: {reason}", kind))
+        if "waiting" in found:
+            _, reason, kind = found["waiting"]
+            return "waiting", f"waiting for {reason}", kind
+        _, reason, kind = found.get("pending", ("pending", "?", None))
+        return "pending", f"waits for {reason}", kind
 
     def pending_count(self) -> int:
         return int(
@@ -276,14 +401,30 @@ class Loader:
         )
 
     def revive_unblocked(self) -> int:
-        """Documents dead-lettered as ``blocked`` go back to pending once every document they
-        wait for is in Sage (e.g. after a dead letter was corrected and replayed)."""
-        xref = self._xref()
+        """Blocked documents go back to pending once nothing blocks them any more (what they
+        wait for was corrected and replayed, or planned at last); they are checked again
+        when posted. Files from before the ``blocked`` state kept them as dead letters with
+        code ``blocked``: those are checked again too."""
         rows = self.st.con.execute(
-            "SELECT o.doc_key, o.depends_on FROM sage.outbox o JOIN ops.dead_letters d "
-            "USING (doc_key) WHERE o.status = 'dead' AND d.error_code = 'blocked'"
+            "SELECT o.doc_key, o.depends_on, o.status FROM sage.outbox o "
+            "LEFT JOIN ops.dead_letters d USING (doc_key) WHERE o.status = 'blocked' "
+            "OR (o.status = 'dead' AND d.error_code = 'blocked')"
         ).fetchall()
-        ready = [k for k, deps in rows if all(d in xref for d in deps or [])]
+        # The Sage numbers of what they depend on (not the whole xref: millions at scale).
+        xref = self._xref_for([(k, None, None, None, None, deps) for k, deps, _ in rows])
+        states = self._states({d for _, deps, _ in rows for d in deps or [] if d not in xref})
+        ready: list[str] = []
+        grew = True
+        while grew:  # a receipt blocked by a blocked invoice goes back with it
+            grew = False
+            for k, deps, status in rows:
+                if k in ready:
+                    continue
+                unmet = [d for d in deps or [] if d not in xref]
+                if status == "dead" or self.verdict(unmet, states)[0] != "blocked":
+                    ready.append(k)
+                    states[k] = ("pending", "not posted yet", None)
+                    grew = True
         if ready:
             with self.st.transaction() as con:
                 con.execute(
@@ -300,9 +441,84 @@ class Loader:
         return len(ready)
 
     def run(self) -> LoadStats:
+        """Post every pending document: a first pass, then further rounds for what Sage did
+        not take (transient failures), with backoff, until none is left or the retry budget
+        is spent. What is still pending then is counted in ``deferred`` and says why."""
         self.revive_unblocked()
         total = self.pending_count()
-        done = 0
+        started = self._clock()
+        deadline = started + self.retry_budget
+        done = [0]
+        idle = 0  # rounds in a row that posted nothing (Sage down): the backoff grows
+        while True:
+            self.stats.rounds += 1
+            round_started = self._clock()
+            posted_before = sum(self.stats.posted.values())
+            self._attempted = 0
+            self._pass(done, total)
+            remaining = self.pending_count()
+            if not remaining or self._halt.is_set():
+                break
+            if self._attempted == 0:
+                pending = {
+                    r[0]
+                    for r in self.st.con.execute(
+                        "SELECT doc_key FROM sage.outbox WHERE status = 'pending'"
+                    ).fetchall()
+                }
+                self._not_before = {k: t for k, t in self._not_before.items() if k in pending}
+            if self._attempted == 0 and not self._not_before:
+                break  # nothing was sendable and nothing waits on Sage: rounds cannot help
+            if self._attempted == 0:
+                # Everything left is held by a Retry-After: until the first one is due.
+                wait = min(self._not_before.values()) - self._clock()
+            else:
+                idle = 0 if sum(self.stats.posted.values()) > posted_before else idle + 1
+                # From the start of the round: a long round has waited already.
+                wait = self._round_backoff(idle) - (self._clock() - round_started)
+            if self._clock() + max(wait, 0.0) >= deadline:
+                break
+            log.info(
+                "round %d left %d documents pending (Sage transient failures); next round in "
+                "%.1f s",
+                self.stats.rounds,
+                remaining,
+                max(wait, 0.0),
+            )
+            if wait > 0:
+                self._sleep(wait)
+        if self.stats.rounds > 1:
+            self.stats.retry_seconds = self._clock() - started
+        self.stats.deferred = Counter(
+            {
+                t: int(n)
+                for t, n in self.st.con.execute(
+                    "SELECT doc_type, count(*) FROM sage.outbox WHERE status = 'pending' "
+                    "GROUP BY ALL"
+                ).fetchall()
+            }
+        )
+        if self.stats.deferred and not self._halt.is_set():
+            self.st._exec(
+                "UPDATE sage.outbox SET last_error = ? || coalesce(last_error, 'not sent') "
+                "WHERE status = 'pending'",
+                [
+                    f"deferred: not taken by Sage within the retry budget "
+                    f"({self.retry_budget:.0f} s, {self.stats.rounds} rounds); the next run "
+                    "retries it. Last answer: "
+                ],
+            )
+        self.stats.states = self.st.state_counts()
+        return self.stats
+
+    def _round_backoff(self, idle: int) -> float:
+        """Seconds between round starts: short while rounds make progress (scattered
+        transient failures), doubling while Sage takes nothing (an outage)."""
+        if idle == 0:
+            return ROUND_GAP
+        return float(min(ROUND_BACKOFF_MAX, ROUND_BACKOFF_BASE * 2 ** (idle - 1)))
+
+    def _pass(self, done: list[int], total: int) -> None:
         phases = [
             r[0]
             for r in self.st.con.execute(
@@ -310,7 +526,6 @@ class Loader:
             ).fetchall()
         ]
         for phase in phases:
-            dead = self._dead()
             after = ""
             # Keyset pages of the phase: memory stays at one page of payloads (and the Sage
             # numbers that page refers to) however large the outbox is.
@@ -322,26 +537,36 @@ class Loader:
             ).fetchall():
                 after = rows[-1][0]
                 xref = self._xref_for(rows)
+                states = self._states({d for r in rows for d in r[5] or [] if d not in xref})
                 ready: list[tuple[Any, ...]] = []
                 for row in rows:
                     doc_key, doc_type, _, stripe_id, _, deps, _ = row
-                    blocked = [d for d in deps or [] if d in dead and d not in xref]
-                    if blocked:
-                        reason = f"blocked: {dead[blocked[0]]}"
-                        self._mark_dead(doc_key, doc_type, stripe_id, reason, code="blocked")
-                        done += 1
+                    unmet = [d for d in deps or [] if d not in xref]
+                    if not unmet:
+                        if self._not_before.get(doc_key, 0.0) > self._clock():
+                            continue  # Sage asked to wait (Retry-After): a later round
+                        self._not_before.pop(doc_key, None)
+                        ready.append(row)
                         continue
-                    if any(d not in xref for d in deps or []):
-                        self.stats.deferred[doc_type] += 1  # its dependency is still pending
-                        continue
-                    ready.append(row)
+                    state, reason, kind = self.verdict(unmet, states)
+                    if state == "blocked":
+                        self._mark_blocked(doc_key, doc_type, stripe_id, reason)
+                        done[0] += 1
+                    elif state == "waiting":
+                        self._mark_waiting(doc_key, doc_type, reason, kind)
+                        done[0] += 1
+                    else:  # its dependency is still pending: the next round
+                        self.st._exec(
+                            "UPDATE sage.outbox SET last_error = ? WHERE doc_key = ?",
+                            [reason, doc_key],
+                        )
+                self._attempted += len(ready)
                 for i in range(0, len(ready), self.batch_size):
                     batch = ready[i : i + self.batch_size]
                     self._post_batch(batch, xref)
-                    done += len(batch)
+                    done[0] += len(batch)
                     if self.on_progress:
-                        self.on_progress(done, total)
-        return self.stats
+                        self.on_progress(min(done[0], total), total)
 
     def _post_batch(self, batch: list[tuple[Any, ...]], xref: dict[str, str]) -> None:
         keys = [r[0] for r in batch]
@@ -354,8 +579,10 @@ class Loader:
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sage") as pool:
             outcomes = list(pool.map(lambda r: self._post_one(r, xref), batch))
         auth = next((o.error for o in outcomes if isinstance(o.error, AuthenticationError)), None)
-        skipped = [o.doc_key for o in outcomes if o.status == "skipped"]
-        if skipped:  # never sent: no lookup needed before their next attempt
+        # Never sent, or refused with a 429 before anything was done: no lookup is needed
+        # before their next attempt (earlier uncertain attempts still count).
+        skipped = [o.doc_key for o in outcomes if o.status == "skipped" or not o.sent]
+        if skipped:
             self.st._exec(
                 "UPDATE sage.outbox SET attempts = attempts - 1 "
                 f"WHERE doc_key IN {keys_in(skipped)}",
@@ -401,7 +628,6 @@ class Loader:
                         o.doc_key,
                     ],
                 )
-                self.stats.deferred[doc_type] += 1
         if auth is not None:
             raise auth
 
@@ -425,7 +651,13 @@ class Loader:
                 return self._post_item(doc_key, doc_type, body, stripe_id, matched_by)
             if doc_type == "invoice" and body.get("sales_order_no") is None:
                 body.pop("sales_order_no", None)
-            doc = self.client.create(collection, body, check_first=attempts > 0)
+            doc = self.client.create(
+                collection,
+                body,
+                check_first=attempts > 0,
+                attempts=self.client_attempts,
+                pause=self.client_pause,
+            )
             return Outcome(doc_key, "posted", str(doc[KEY_FIELD[collection]]))
         except AuthenticationError as exc:
             self._halt.set()  # no retry storm: the other workers stop before their next POST
@@ -445,7 +677,10 @@ class Loader:
         except ValidationError as exc:
             return Outcome(doc_key, "dead", error=exc, reason=_reason(exc, doc_key))
         except RetryableError as exc:
-            return Outcome(doc_key, "pending", error=exc, reason=str(exc))
+            if exc.retry_after:
+                self._not_before[doc_key] = self._clock() + exc.retry_after
+            # Only definite refusals (429s): this attempt needs no lookup before the next.
+            return Outcome(doc_key, "pending", error=exc, reason=str(exc), sent=exc.maybe_done)
 
     def _post_item(
         self, doc_key: str, doc_type: str, body: dict[str, Any], stripe_id: str, matched_by: str
@@ -508,7 +743,13 @@ class Loader:
             if salt:
                 body = {**body, "customer_id": sage_customer_id(stripe_id, prefix, salt)}
             try:
-                doc = self.client.create("customers", body, check_first=True)
+                doc = self.client.create(
+                    "customers",
+                    body,
+                    check_first=True,
+                    attempts=self.client_attempts,
+                    pause=self.client_pause,
+                )
                 return Outcome(doc_key, "posted", str(doc["customer_id"]))
             except ValidationError as exc:
                 if exc.field != "customer_id":
@@ -550,6 +791,27 @@ class Loader:
                 [now, self.run_id],
             ).fetchall()
             con.unregister("_posted")
+
+    def _mark_blocked(self, doc_key: str, doc_type: str, stripe_id: str, reason: str) -> None:
+        """Outbox row blocked, with a dead letter of code ``blocked`` (replay releases it
+        with what blocks it; ``revive_unblocked`` once that is posted)."""
+        self.st._exec(
+            "UPDATE sage.outbox SET status = 'blocked', last_error = ?, updated_at = ? "
+            "WHERE doc_key = ?",
+            [reason, now_utc(), doc_key],
+        )
+        self._dead_letter(doc_key, doc_type, stripe_id, reason, code="blocked")
+        self.stats.blocked[doc_type] += 1
+
+    def _mark_waiting(self, doc_key: str, doc_type: str, reason: str, kind: str | None) -> None:
+        """Outbox row waiting on a dependency that waits (planned again by the next run)."""
+        now = now_utc()
+        self.st._exec(
+            "UPDATE sage.outbox SET status = 'waiting', last_error = ?, updated_at = ?, "
+            "waiting_since = coalesce(waiting_since, ?), wait_kind = ? WHERE doc_key = ?",
+            [reason, now, now, kind or wait_kind(reason), doc_key],
+        )
+        self.stats.waiting[doc_type] += 1
 
     def _mark_dead(
         self, doc_key: str, doc_type: str, stripe_id: str, reason: str, **details: Any

@@ -51,7 +51,8 @@ def release_dead_letters(
     blocked = dict(
         st.con.execute(
             "SELECT o.doc_key, o.depends_on FROM sage.outbox o JOIN ops.dead_letters d "
-            f"USING (doc_key) WHERE o.status = 'dead' AND d.error_code = '{BLOCKED}'"
+            f"USING (doc_key) WHERE o.status IN ('dead', '{BLOCKED}') "
+            f"AND d.error_code = '{BLOCKED}'"
         ).fetchall()
     )
     chosen = set(keys)
@@ -66,7 +67,7 @@ def release_dead_letters(
     if keys:
         with st.transaction() as con:
             con.execute(
-                "DELETE FROM sage.outbox WHERE status = 'dead' "
+                f"DELETE FROM sage.outbox WHERE status IN ('dead', '{BLOCKED}') "
                 "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
                 [keys],
             ).fetchall()

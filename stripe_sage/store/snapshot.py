@@ -28,11 +28,21 @@ EXTRA_TABLES = (
     "sage.xref",
     "ops.runs",
     "ops.dead_letters",
+    "ops.flags",
     "ops.reconciliation",
     "ops.customer_conflicts",
     "ops.sync_state",
 )
 SNAPSHOT_DB = "analytics.duckdb"
+UNPOSTED_VIEW = """
+CREATE VIEW ops.unposted AS
+SELECT doc_key, doc_type, stripe_id, status AS state, last_error AS reason,
+    coalesce(waiting_since, created_at) AS since, attempts
+FROM sage.outbox WHERE status <> 'posted'
+UNION ALL
+SELECT stream || ':' || id, stream, id, 'quarantined', "check" || ': ' || reason,
+    quarantined_at, 0
+FROM staging.quarantine"""
 
 
 def analyst_tables(st: Staging) -> list[str]:
@@ -65,6 +75,11 @@ def publish(st: Staging, root: Path, run_id: str, *, keep: int = 3) -> Path:
         for table in tables:
             path = (directory / f"{table}.parquet").resolve()
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{path}')")
+        if {"sage.outbox", "staging.quarantine"} <= set(tables):
+            # One place for "what is not in Sage and why": every unposted document with its
+            # state and reason, and every quarantined Stripe record.
+            con.execute("CREATE SCHEMA IF NOT EXISTS ops")
+            con.execute(UNPOSTED_VIEW)
         con.execute("CREATE SCHEMA IF NOT EXISTS meta")
         con.execute(
             "CREATE TABLE meta.snapshot AS SELECT ? AS run_id, ? AS published_at, ? AS directory",

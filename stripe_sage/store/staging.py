@@ -26,6 +26,16 @@ from stripe_sage.errors import ConfigurationError
 from stripe_sage.stripe.streams import STREAM_ORDER, STREAMS
 
 SCHEMAS = ("raw", "staging", "sage", "ops")
+# What ``sage.outbox.status`` says of a document; ``last_error`` is the reason a person reads
+# for every state but ``posted``.
+OUTBOX_STATES = {
+    "pending": "planned, not posted yet (or deferred by a transient Sage failure: retried)",
+    "posted": "in Sage (its number in sage_id and sage.xref)",
+    "dead": "Sage rejected it or it could not be planned (ops.dead_letters)",
+    "waiting": "waits for Stripe data that does not exist yet; planned again by each run",
+    "blocked": "depends on a dead, quarantined or missing document (named in the reason)",
+}
+UNPOSTED_STATES = ("dead", "waiting", "blocked", "pending")
 STAGE_SLICE = 4_000
 
 OPS_DDL = """
@@ -67,10 +77,20 @@ CREATE TABLE IF NOT EXISTS staging.payout_items (
 CREATE TABLE IF NOT EXISTS sage.outbox (
     doc_key VARCHAR PRIMARY KEY,     -- '<doc_type>:<stripe id>'
     doc_type VARCHAR, collection VARCHAR, stripe_id VARCHAR, phase INTEGER,
-    depends_on VARCHAR[], payload JSON, status VARCHAR,   -- pending | posted | dead
+    -- pending | posted | dead | waiting | blocked (see OUTBOX_STATES)
+    depends_on VARCHAR[], payload JSON, status VARCHAR,
     sage_id VARCHAR, attempts INTEGER DEFAULT 0, last_error VARCHAR,
     created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ, posted_at TIMESTAMPTZ, run_id VARCHAR
 );
+CREATE TABLE IF NOT EXISTS ops.flags (
+    doc_key VARCHAR PRIMARY KEY,     -- a document posted as planned that a person should see
+    doc_type VARCHAR, stripe_id VARCHAR, flag VARCHAR, flagged_at TIMESTAMPTZ, run_id VARCHAR
+);
+-- Added later: files created before get the columns on open (never rename, only add).
+-- waiting_since: when the document was first seen waiting; wait_kind: what it waits for
+-- (its reason's class, e.g. balance_transaction), which sets how long it may wait.
+ALTER TABLE sage.outbox ADD COLUMN IF NOT EXISTS waiting_since TIMESTAMPTZ;
+ALTER TABLE sage.outbox ADD COLUMN IF NOT EXISTS wait_kind VARCHAR;
 CREATE TABLE IF NOT EXISTS sage.xref (
     stripe_id VARCHAR, doc_type VARCHAR, collection VARCHAR, sage_id VARCHAR,
     matched_by VARCHAR, created_at TIMESTAMPTZ, run_id VARCHAR,
@@ -206,7 +226,34 @@ class Staging:
             self._exec(f"""
                 CREATE TABLE IF NOT EXISTS staging.{stream.name} (
                     {cols}, run_id VARCHAR, staged_at TIMESTAMPTZ, PRIMARY KEY (id))""")
+            self._add_new_columns(stream.name)
         self._exec(OPS_DDL)
+
+    def _add_new_columns(self, stream: str) -> None:
+        """Columns a stream gained since this file was made (e.g. ``charges.captured``):
+        added at the end of the table (rows are written by name) and filled from the raw
+        documents already stored, so old rows read as if they had been staged today."""
+        have = {
+            r[0]
+            for r in self.con.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = 'staging' AND table_name = ?",
+                [stream],
+            ).fetchall()
+        }
+        new = [c for c in STREAMS[stream].columns if c.name not in have]
+        if not new:
+            return
+        for c in new:
+            self._exec(
+                f'ALTER TABLE staging.{stream} ADD COLUMN IF NOT EXISTS "{c.name}" {c.sql_type}'
+            )
+        # One pass over the raw documents fills them all (their SQL reads ``data``).
+        sets = ", ".join(f'"{c.name}" = {c.expr}' for c in new)
+        self._exec(
+            f"UPDATE staging.{stream} SET {sets} FROM raw.{stream} r "
+            f"WHERE r.id = staging.{stream}.id"
+        )
 
     # -- raw -------------------------------------------------------------------------------
     def upsert_raw(
@@ -303,7 +350,8 @@ class Staging:
             )
             batch = "SELECT id, data, run_id FROM _raw_rows"
             self._exec(
-                f"INSERT OR REPLACE INTO staging.{stream} {stage_query(stream, batch)}", [now]
+                f"INSERT OR REPLACE INTO staging.{stream} BY NAME {stage_query(stream, batch)}",
+                [now],
             )
             (n,) = self.con.execute("SELECT count(*) FROM _raw_rows").fetchone() or (0,)
         finally:
@@ -350,7 +398,8 @@ class Staging:
                     self.con.register("_stage_batch", pa.Table.from_batches([batch]))
                     try:
                         self._exec(
-                            f"INSERT OR REPLACE INTO staging.{stream} SELECT * FROM _stage_batch"
+                            f"INSERT OR REPLACE INTO staging.{stream} BY NAME "
+                            "SELECT * FROM _stage_batch"
                         )
                     finally:
                         self.con.unregister("_stage_batch")
@@ -412,6 +461,54 @@ class Staging:
         out: dict[str, dict[str, int]] = {}
         for doc_type, status, n in rows:
             out.setdefault(doc_type, {})[status] = int(n)
+        return out
+
+    def unposted(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Every document not in Sage with its state and reason (``state``: only those),
+        oldest first: what ``dead-letters list``, the reconciliation and the snapshot show."""
+        states = [state] if state else list(UNPOSTED_STATES)
+        cols = (
+            "doc_key",
+            "doc_type",
+            "stripe_id",
+            "status",
+            "reason",
+            "since",
+            "attempts",
+            "wait_kind",
+        )
+        rows = self.con.execute(
+            "SELECT doc_key, doc_type, stripe_id, status, "
+            "coalesce(last_error, CASE status WHEN 'pending' THEN 'not posted yet' END), "
+            "coalesce(waiting_since, created_at), attempts, wait_kind FROM sage.outbox "
+            "WHERE status IN (SELECT unnest(?::VARCHAR[])) ORDER BY 6, doc_key",
+            [states],
+        ).fetchall()
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def overdue_waiting(
+        self, hours: dict[str, float], now: dt.datetime | None = None
+    ) -> list[dict[str, Any]]:
+        """Waiting documents older than their reason's allowed age (``hours`` by
+        ``wait_kind``, ``default`` for the rest), oldest first."""
+        now = now or now_utc()
+        default = hours.get("default", 24.0)
+        out = []
+        for row in self.unposted("waiting"):
+            limit = hours.get(row["wait_kind"] or "", default)
+            age = (now - row["since"]).total_seconds() / 3600 if row["since"] else 0.0
+            if age >= limit:
+                out.append({**row, "age_hours": round(age, 2), "limit_hours": limit})
+        return out
+
+    def state_counts(self) -> dict[str, int]:
+        """Unposted documents per state, plus quarantined rows (none of them silent)."""
+        rows = self.con.execute(
+            "SELECT status, count(*) FROM sage.outbox WHERE status <> 'posted' GROUP BY ALL"
+        ).fetchall()
+        out = {s: 0 for s in UNPOSTED_STATES}
+        out.update({str(s): int(n) for s, n in rows})
+        out["quarantined"] = self.count("staging.quarantine")
         return out
 
     def count(self, table: str) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from stripe_sage.errors import NotFoundError
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import JSON, ListPage, StripeReader
 from stripe_sage.stripe.streams import LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
@@ -477,6 +478,8 @@ class Extractor:
                 if stream == "customers":
                     self._tombstone_unlisted_customers()
                 self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
+            if "customers" in wanted:
+                self.fetch_referenced_customers()
             return stats
         changed: dict[str, dict[str, str]] = {}  # stream → id → last event type
         echoes: dict[str, dict[str, dict[str, Any]]] = {}
@@ -505,6 +508,8 @@ class Extractor:
         self.claim_echoes(echoes, changed)
         stats.changed = self.refetch_changed(changed)
         self.apply_echoes(echoes, changed)
+        if "customers" in wanted:
+            self.fetch_referenced_customers()
         for stream in wanted:
             self.staging.set_sync_state(stream, events_cursor=self.now - OVERLAP)
         return stats
@@ -595,6 +600,49 @@ class Extractor:
             self._refetch("customers", missing, {}, source)
         return len(missing)
 
+    def fetch_referenced_customers(self, source: str = "list") -> int:
+        """Customers that staged charges or invoices point at but no list returned. Stripe's
+        customer list leaves deleted customers out, so without this a charge of a deleted
+        customer waits forever for its customer. Each is retrieved by id; Stripe answers a
+        deleted one with a stub (``{"id", "object": "customer", "deleted": true}``), staged
+        as a deleted customer: the mapping's name fallbacks rebuild its name from the
+        charge's billing details, and it posts inactive (docs/accounting.md §2)."""
+        with self.write_lock:
+            missing = [
+                r[0]
+                for r in self.staging.con.execute(
+                    "SELECT DISTINCT customer FROM (SELECT customer FROM staging.charges "
+                    "UNION ALL SELECT customer FROM staging.invoices) "
+                    "WHERE customer IS NOT NULL AND customer NOT IN "
+                    "(SELECT id FROM raw.customers) ORDER BY 1"
+                ).fetchall()
+            ]
+        if missing:
+            log.info("%d customers referenced by charges or invoices were never listed "
+                     "(deleted in Stripe?): retrieving them by id", len(missing))  # fmt: skip
+            self._refetch("customers", missing, {}, source)
+        return len(missing)
+
+    def _unknown_customer_stubs(self, stubs: list[JSON]) -> list[JSON]:
+        """Deleted-customer stubs raw has no row for, dated by the first charge or invoice
+        that names them (a stub has no ``created``; staging requires one)."""
+        ids = [o["id"] for o in stubs]
+        with self.write_lock:
+            rows = self.staging.con.execute(
+                "WITH wanted AS (SELECT unnest(?::VARCHAR[]) AS id) "
+                "SELECT w.id, CAST(epoch(min(x.created)) AS BIGINT) FROM wanted w "
+                "LEFT JOIN (SELECT customer, created FROM staging.charges UNION ALL "
+                "SELECT customer, created FROM staging.invoices) x ON x.customer = w.id "
+                "WHERE w.id NOT IN (SELECT id FROM raw.customers) GROUP BY w.id",
+                [ids],
+            ).fetchall()
+        first = dict(rows)
+        return [
+            {**o, "deleted": True, "created": first[o["id"]] or self.now}
+            for o in stubs
+            if o["id"] in first
+        ]
+
     def fetch_missing_balance_transactions(self, source: str = "webhook") -> int:
         """Balance transactions that objects re-fetched in this run point at but staging never
         saw: a new charge's amounts and fees live there (receipts wait for them)."""
@@ -655,7 +703,15 @@ class Extractor:
                 for page in self.reader.list_pages(s.path, {"invoice": invoice}):
                     out.extend(page)
                 return out
-            obj = self.reader.retrieve(s.path, object_id)
+            try:
+                obj = self.reader.retrieve(s.path, object_id)
+            except NotFoundError:
+                if stream != "customers":
+                    raise
+                # Stripe answers a deleted customer with a stub, so 404 means it never
+                # existed in this account: its charges wait, blocked, naming it.
+                log.warning("customer %s named by a charge or invoice does not exist", object_id)
+                return []
             if types.get(object_id, "").endswith(".deleted") or obj.get("deleted"):
                 obj = {**obj, "deleted": True}
             return [obj]
@@ -664,6 +720,13 @@ class Extractor:
             results = [obj for objs in pool.map(fetch, ids) for obj in objs]
         deleted = [o for o in results if o.get("deleted") and "created" not in o]
         whole = [o for o in results if not (o.get("deleted") and "created" not in o)]
+        if stream == "customers" and deleted:
+            # A deleted customer staging never saw (its charge came first) is staged from
+            # Stripe's stub; one staging has is flagged in place (its fields kept).
+            stubs = self._unknown_customer_stubs(deleted)
+            whole += stubs
+            known = {o["id"] for o in stubs}
+            deleted = [o for o in deleted if o["id"] not in known]
         with self.writer.committing():
             self._write(stream, whole, source)
         for obj in deleted:

@@ -110,6 +110,12 @@ STREAMS: dict[str, Stream] = {
                 Column("card_country", "VARCHAR", "data->>'$.payment_method_details.card.country'"),
                 Column("wallet", "VARCHAR", "data->>'$.payment_method_details.card.wallet.type'"),
                 Column("metadata", "JSON", "data->'metadata'"),
+                # Added for the zero-touch defaults (docs/accounting.md §2): an uncaptured
+                # charge plans nothing, and a customer without a name (or deleted in Stripe)
+                # takes the name the card holder gave at checkout.
+                Column("captured", "BOOLEAN", _bool("captured")),
+                Column("billing_name", "VARCHAR", "data->>'$.billing_details.name'"),
+                Column("billing_email", "VARCHAR", "data->>'$.billing_details.email'"),
             ),
         ),
         Stream(

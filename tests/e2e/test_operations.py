@@ -230,7 +230,13 @@ def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
     refused = next(m for m in Inbox.received if "refused the API key" in m["subject"])
     assert refused["subject"].startswith("stripe-sage: sagepro refused")
     # A good run that ends with dead letters above the threshold (0 here) raises the third.
-    assert ops.sync(db, DEAD_LETTER_ALERT_THRESHOLD="0").wait(300) == 0
+    # The default mapping leaves the generated business nothing dead (long names are
+    # shortened); a mapping that rejects long names makes some.
+    from stripe_sage.mapping import default_mapping_text
+
+    strict = ops.tmp / "alerts" / "reject_long_names.yaml"
+    strict.write_text(default_mapping_text().replace("on_overflow: shorten", "on_overflow: reject"))
+    assert ops.sync(db, DEAD_LETTER_ALERT_THRESHOLD="0", MAPPING_FILE=str(strict)).wait(300) == 0
     dead = wait_for(
         lambda: next((m for m in Inbox.received if "open dead letters" in m["subject"]), None),
         120,
@@ -243,6 +249,105 @@ def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
     text = json.dumps(Inbox.received)
     for secret in [*ops.env.secrets, wrong_key]:
         assert secret not in text
+
+
+def test_a_charge_without_its_balance_transaction_waits_with_its_reason_and_alerts(
+    ops: Ops, alert_hook: str
+) -> None:
+    """A succeeded charge Stripe has not settled yet (no balance transaction): its documents
+    wait (never a POST with null money), the run is completed, ``dead-letters list --state
+    waiting`` names what they wait for, the waiting alert fires through the Prefect
+    automation once the wait is older than allowed (0 h here), and once Stripe settles it
+    the next run posts it exactly once."""
+    done = subprocess.run(
+        [str(BIN / "stripe-sage"), "alerts", "install", "--webhook-url", alert_hook],
+        env={**os.environ, **ops.prefect.env()},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "stripe-sage: documents waiting too long" in done.stdout
+    w = ops.env.pair.world
+    customer = w.make_id("customers", 1)
+    with ops.env.stripe() as s:
+        charge = s.post(
+            "/_sandbox/activity",
+            json={"action": "charge", "customer": customer, "amount": 4321},
+        ).json()["id"]
+        bt = s.get(f"/v1/charges/{charge}").json()["balance_transaction"]
+    assert bt, "the sandbox settles a new charge at once: the test would prove nothing"
+    index = w.parse_id("charges", charge)
+    assert index is not None
+    w.update_object("charges", index, {"balance_transaction": None})
+
+    db = ops.tmp / "waiting" / "stripe_sage.duckdb"
+    db.parent.mkdir()
+    hours = json.dumps({"balance_transaction": 0, "default": 24})
+    assert ops.sync(db, WAITING_ALERT_HOURS=hours).wait(300) == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        box = dict(
+            con.execute(
+                "SELECT doc_key, status FROM sage.outbox WHERE stripe_id = ?", [charge]
+            ).fetchall()
+        )
+        run = con.execute(
+            "SELECT status, counts FROM ops.runs ORDER BY started_at DESC LIMIT 1"
+        ).fetchall()[0]
+    assert box == {f"invoice:{charge}": "waiting", f"cash_receipt:{charge}": "waiting"}
+    assert run[0] in ("completed", "completed_with_dead_letters")
+    counts = json.loads(run[1])
+    assert counts["load"]["waiting"] == {"invoice": 1, "cash_receipt": 1}
+    assert counts["load"]["states"]["waiting"] == 2
+    assert counts["totals"]["invoice"]["waiting"] == 1
+    # The reconciliation's clearing check explains the missing cash by the waiting receipt.
+    clearing = {c["currency"]: c for c in counts["reconciliation"]["clearing"]}
+    assert clearing["USD"]["unposted_by_state"].get("waiting", 0) >= 1, clearing
+    # The analysts' snapshot lists it with its reason.
+    with duckdb.connect(str(db.parent / "snapshot" / "analytics.duckdb"), read_only=True) as con:
+        unposted = con.execute(
+            "SELECT doc_key, state, reason FROM ops.unposted WHERE stripe_id = ?", [charge]
+        ).fetchall()
+    assert {(k, st) for k, st, _ in unposted} == {
+        (f"invoice:{charge}", "waiting"),
+        (f"cash_receipt:{charge}", "waiting"),
+    }
+    assert all(charge in reason for _, _, reason in unposted)
+
+    listed = subprocess.run(
+        [str(BIN / "stripe-sage"), "dead-letters", "list", "--state", "waiting", "--db", str(db)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    lines = [ln for ln in listed.stdout.splitlines() if ln.startswith("waiting ")]
+    assert len(lines) == 2, listed.stdout
+    for line in lines:
+        assert f"waiting for the balance transaction of {charge}" in line, line
+    alert = wait_for(
+        lambda: next((m for m in Inbox.received if "waiting too long" in m["subject"]), None),
+        120,
+        "the waiting alert",
+    )
+    assert alert["subject"] == "stripe-sage: 2 documents waiting too long"
+    assert charge in alert["body"] and "balance transaction" in alert["body"]
+
+    # Stripe settles the charge: the next run posts both documents, once.
+    w.update_object("charges", index, {"balance_transaction": bt})
+    assert ops.sync(db).wait(300) == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        after = dict(
+            con.execute(
+                "SELECT doc_key, status FROM sage.outbox WHERE stripe_id = ?", [charge]
+            ).fetchall()
+        )
+    assert set(after.values()) == {"posted"}, after
+    with ops.env.sage() as c:
+        found = c.get("/api/v1/cashreceipts", params={"reference": charge}).json()["data"]
+    assert len(found) == 1 and found[0]["reference"] == charge
 
 
 def test_serve_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> None:

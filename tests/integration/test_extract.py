@@ -359,6 +359,36 @@ def test_given_deleted_customer_when_events_extracted_then_its_row_stays_flagged
     assert st.count("staging.customers WHERE deleted") == 1
 
 
+def test_given_customer_deleted_before_listed_when_extracted_then_its_stub_is_staged(
+    own_pair: SandboxPair, st: Staging
+) -> None:
+    """Stripe's list leaves a deleted customer out: the charge that names it makes the
+    extractor retrieve it by id, and Stripe's stub is staged as a deleted customer, dated by
+    that charge (docs/accounting.md §2)."""
+    with stripe_http(own_pair) as http:
+        cus = http.post(
+            "/_sandbox/activity", json={"action": "customer", "name": "Gone Ltd", "email": "g@x.io"}
+        ).json()["id"]
+        ch = http.post(
+            "/_sandbox/activity", json={"action": "charge", "customer": cus, "amount": 900}
+        ).json()["id"]
+        http.post("/_sandbox/activity", json={"action": "delete_customer", "customer": cus})
+        assert http.get(f"/v1/customers/{cus}").json() == {
+            "id": cus, "object": "customer", "deleted": True,
+        }  # fmt: skip
+    ex = extractor(own_pair, st, "run-1", int(time.time()) + 5)
+    backfill(ex, ("customers", "charges"))
+    assert cus not in ids(st, "raw.customers")  # the list never returned it
+    ex.extract_events(streams=("customers", "charges"))
+    st.stage("customers", "run-1")
+    deleted, name, created = one(
+        st, "SELECT deleted, name, created FROM staging.customers WHERE id = ?", [cus]
+    )
+    charge_created = one(st, "SELECT created FROM staging.charges WHERE id = ?", [ch])[0]
+    assert (deleted, name, created) == (True, None, charge_created)
+    assert one(st, "SELECT billing_name FROM staging.charges WHERE id = ?", [ch]) == ("Gone Ltd",)
+
+
 # -- 5. a crashed backfill resumes -----------------------------------------------------------
 def _probe_free_seed(probes: int, rate: float) -> int:
     """A fault seed whose first ``probes`` draws pass (one draw per /v1 request), so the

@@ -236,7 +236,7 @@ def test_time_zone_decides_the_document_date() -> None:
     assert payloads(docs, "cash_receipt")[0]["receipt_date"] == "2026-06-09"
 
 
-def test_customer_name_over_40_is_rejected_naming_the_field() -> None:
+def test_customer_name_over_40_is_shortened_or_rejected_naming_the_field() -> None:
     customers = pl.DataFrame(
         {
             "id": ["cus_a", "cus_b", "cus_c"],
@@ -262,7 +262,13 @@ def test_customer_name_over_40_is_rejected_naming_the_field() -> None:
             "postal_code": pl.String,
         },
     )
-    docs = plan_customers(customers, load_mapping())
+    # The default shortens (one 41-character word: cut at 40) ...
+    shortened = plan_customers(customers, load_mapping())
+    a = shortened.filter(pl.col("doc_key") == "customer:cus_a").row(0, named=True)
+    assert a["error"] is None and json.loads(a["payload"])["name"] == "A" * 40
+    # ... and a mapping that says reject dead-letters the record naming the field.
+    text = default_mapping_text().replace("on_overflow: shorten", "on_overflow: reject")
+    docs = plan_customers(customers, load_mapping(text=text))
     by_key = {r["doc_key"]: r for r in docs.iter_rows(named=True)}
     assert "name is 41 characters" in by_key["customer:cus_a"]["error"]
     b = json.loads(by_key["customer:cus_b"]["payload"])
