@@ -313,6 +313,10 @@ def _backfill(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "crash":
+        from devkit.bench.crash import cmd_crash
+
+        return cmd_crash(args)
     if args.what in ("compare", "scale"):
         from devkit.bench import compare as bench_compare
 

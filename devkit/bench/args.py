@@ -34,6 +34,7 @@ def register(sub: Any) -> None:
             "reconcile",
             "realtime",
             "backfill",
+            "crash",
         ),
     )
     p.add_argument(
@@ -66,7 +67,7 @@ def register(sub: Any) -> None:
         "--sage-rate-limit",
         type=float,
         default=0.0,
-        help="compare/scale: the Sage sandbox's requests/s (0 = unlimited)",
+        help="compare/scale: the Sage sandbox's requests/s (0 = unlimited; crash: 0 = 50)",
     )
     p.add_argument(
         "--sage-max-rps",
@@ -107,5 +108,19 @@ def register(sub: Any) -> None:
         help="pipeline: the reader's own requests/s per endpoint",
     )
     p.add_argument("--sage-concurrency", type=int, default=4)
+    p.add_argument(
+        "--kills",
+        type=int,
+        default=12,
+        help="crash: kill -9 points (spread over extract, plan, load)",
+    )
+    p.add_argument(
+        "--prefect",
+        choices=("embedded", "server", "both"),
+        default="both",
+        help="crash: the embedded default (local Prefect under PREFECT_HOME), a Prefect "
+        "server, or both",
+    )
+    p.add_argument("--seed", type=int, default=16, help="crash: the random kill points' seed")
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=_run)

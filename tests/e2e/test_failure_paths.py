@@ -201,7 +201,10 @@ def test_replaying_a_dead_letter_after_its_cause_is_fixed_posts_it_and_its_depen
         sage_customer = con.execute(
             "SELECT sage_id FROM sage.xref WHERE stripe_id = ? AND doc_type = 'customer'", [cus]
         ).fetchall()[0][0]
-    assert (status[invoice], status[receipt]) == ("dead", "blocked")
+        reasons = dict(con.sql("SELECT doc_key, reason FROM ops.dead_letters").fetchall())
+    # `reject` holds the sale at planning: both documents dead, each naming the order.
+    assert (status[invoice], status[receipt]) == ("dead", "dead")
+    assert "SO7777777" in reasons[invoice] and "SO7777777" in reasons[receipt]
 
     # Replaying before the cause is fixed: it fails again, and says so.
     first = replay_dead_letters(doc_keys=[invoice, receipt], trigger="test")
