@@ -15,7 +15,7 @@ What the suites check, per stream:
 
 * every stream: ``id`` not null, unique in the batch, and shaped like a Stripe id of that
   stream (``cus_``, ``ch_``/``py_``, ``re_``/``pyr_``, ``in_``, ``il_``, ``inpay_``, ``po_``,
-  ``txn_``, ``du_``/``dp_``, ``sub_`` followed by letters and digits);
+  ``txn_``, ``du_``/``dp_``, ``sub_``, ``prod_`` followed by letters and digits);
   ``created`` (all but invoice lines) not null and between 2010-01-01 and ``now`` + 1 day;
   ``currency`` not null (customers excepted) and in the exponent table of ``money.py``;
   the columns the suite reads are present (a table-level check).
@@ -81,6 +81,7 @@ ID_PREFIXES: dict[str, tuple[str, ...]] = {
     "balance_transactions": ("txn",),
     "disputes": ("du", "dp"),
     "subscriptions": ("sub",),
+    "products": ("prod",),
 }
 
 STATUSES: dict[str, tuple[str, ...]] = {

@@ -118,6 +118,39 @@ class InvoiceMapping(BaseModel):
     line: dict[str, FieldRule]
 
 
+def _default_item_fields() -> dict[str, FieldRule]:
+    return {
+        "description": FieldRule.model_validate(
+            {"from": "name", "max_length": 60, "on_overflow": "truncate"}
+        ),
+        "type": FieldRule.model_validate({"const": "service"}),
+    }
+
+
+class ItemMapping(BaseModel):
+    """Stripe products → Sage items (issue 17). A product's ``metadata.sage_item`` names an
+    existing item; otherwise an item is created with a code derived from the product (name and
+    a hash of its id). ``fields`` map the product's staged columns to the item's ``description``
+    and ``type`` (``stock`` or ``service``; e.g. ``{from: product_type, value_map: {good:
+    stock}, default: service}`` makes physical goods stock items). Lines without a product
+    (plain charges, Billing lines without a price) name ``default_item``, which the product
+    creates in Sage (as a service item) when Sage lacks it."""
+
+    model_config = ConfigDict(extra="forbid")
+    default_item: str = Field(default="STRIPE-SALE", pattern=r"^[A-Z0-9_-]{1,20}$")
+    default_description: str = Field(default="Stripe sale", min_length=1, max_length=60)
+    fields: dict[str, FieldRule] = Field(default_factory=_default_item_fields)
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> ItemMapping:
+        unknown = set(self.fields) - {"description", "type"}
+        if unknown:
+            raise ValueError(f"items.fields: unknown item field(s) {sorted(unknown)}")
+        if "description" not in self.fields:
+            raise ValueError("items.fields: description is required")
+        return self
+
+
 class Mapping(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Literal[1]
@@ -130,6 +163,7 @@ class Mapping(BaseModel):
     charges: ChargeMapping
     refunds: RefundMapping
     invoices: InvoiceMapping
+    items: ItemMapping = Field(default_factory=ItemMapping)
     # Stripe balance-transaction reporting categories → account names above (payout journals).
     reporting_categories: dict[str, str] = {}
 
@@ -141,6 +175,7 @@ RULE_STREAMS: dict[tuple[str, ...], str] = {
     ("charges", "receipt"): "charges",
     ("refunds", "credit_memo"): "refunds",
     ("invoices", "line"): "invoice_lines",
+    ("items", "fields"): "products",
 }
 # Derived columns the planners add next to the staged ones (documented in the mapping).
 DERIVED_COLUMNS: dict[str, set[str]] = {
@@ -149,6 +184,7 @@ DERIVED_COLUMNS: dict[str, set[str]] = {
     # The latest charge's billing details (name fallbacks for nameless or deleted customers).
     "customers": {"charge_billing_name", "charge_billing_email"},
     "invoice_lines": set(),
+    "products": set(),
 }
 
 

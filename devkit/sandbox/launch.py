@@ -12,6 +12,7 @@ from typing import Any
 
 from devkit.sandbox.runner import ThreadedServer
 from devkit.sandbox.sage_app import create_sage_app
+from devkit.sandbox.sage_seed import SHOP_ITEMS
 from devkit.sandbox.seed_link import sage_seed_for
 from devkit.sandbox.stripe_app import create_stripe_app
 from devkit.sandbox.stripe_business import BusinessConfig
@@ -71,6 +72,7 @@ class SandboxPair:
             api_key=self.sage_key,
             customers=customers,
             sales_orders=orders,
+            items=SHOP_ITEMS,
             fiscal_years=fiscal_years_for(self.config, self.clock()),
             closed_through=self.closed_through or closed_through_for(self.config),
             rate_limit_rps=self.sage_rate_limit,

@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from devkit.sandbox.sage_seed import (
     CHART_OF_ACCOUNTS,
     SeedCustomer,
+    SeedItem,
     SeedLine,
     SeedSalesOrder,
 )
@@ -81,6 +82,11 @@ with `GET /api/v1/<collection>?reference=`.
   (partial invoicing); its status stays `invoiced`.
 - `apply_to` lines naming the same invoice are summed before the `balance_due` check.
   An invoice with `balance_due` 0 is `paid`.
+- Items (v1.1): `item`, `description`, `type` are required; `opening_quantity` only on stock
+  items (a service item's `on_hand` stays `"0"`); `unit_price` is in USD. An existing `item`
+  is a `validation_error` on `item`. Every sales-order or invoice line must name an item of
+  the item master (`validation_error` on `lines[i].item`, checked after `unknown_customer`);
+  an invoice reduces each stock line's item `on_hand` by its quantity, possibly below zero.
 - Lists are ordered by creation; `cursor` is opaque; `limit` is 1..200 (default 50).
   `updated_since` (customers only) is inclusive (`updated_at >= updated_since`); a naive
   timestamp is UTC. Reference data lists (`glaccounts`, `fiscalperiods`) page the same way.
@@ -146,6 +152,7 @@ SPECS: dict[str, _Spec] = {
     "cashreceipts": _Spec("cashreceipts", "receipt_no", "RCP", 7),
     "creditmemos": _Spec("creditmemos", "memo_no", "CM", 8),
     "journalentries": _Spec("journalentries", "entry_no", "JE", 8),
+    "items": _Spec("items", "item", "", 0),  # chosen by the client (v1.1)
 }
 
 
@@ -265,6 +272,29 @@ class CustomerCreate(CustomerUpdate):
 class Customer(CustomerCreate):
     status: Literal["active", "inactive"] = "active"
     updated_at: str = Field(description="set by the server, ISO 8601 UTC")
+
+
+class ItemCreate(_Model):
+    """A new item (v1.1); ``item`` is chosen by the client: 1-20 of ``[A-Z0-9_-]``, unique."""
+
+    item: Annotated[str, Field(strict=True, pattern=r"^[A-Z0-9_-]{1,20}$")]
+    description: Annotated[str, _text(60)]
+    type: Literal["stock", "service"]
+    unit_price: Money | None = None
+    opening_quantity: (
+        Annotated[str, Field(strict=True, pattern=r"^\d+(\.\d+)?$", description="stock items only")]
+        | None
+    ) = None
+    reference: Annotated[str, _text(40, description="the Stripe prod_ id")] | None = None
+
+
+class Item(_Model):
+    item: str
+    description: str
+    type: Literal["stock", "service"]
+    unit_price: Money | None = None
+    on_hand: str = Field(description="read-only; opening_quantity less the quantities invoiced")
+    reference: str | None = None
 
 
 class Line(_Model):
@@ -432,9 +462,20 @@ class SeedSalesOrderIn(_Model):
     reference: str | None = None
 
 
-class SeedRequest(_Model):
-    """Extra customers / sales orders to add (kept if they already exist; not kept by reset)."""
+class SeedItemIn(_Model):
+    item: str
+    description: str
+    type: Literal["stock", "service"] = "service"
+    unit_price_minor: int | None = None
+    currency: str = "USD"
+    opening_quantity: str | None = None
+    reference: str | None = None
 
+
+class SeedRequest(_Model):
+    """Extra items / customers / sales orders to add (kept if they exist; not kept by reset)."""
+
+    items: list[SeedItemIn] = []
     customers: list[SeedCustomerIn] = []
     sales_orders: list[SeedSalesOrderIn] = []
 
@@ -588,8 +629,10 @@ class SageStore:
         sales_orders: Sequence[SeedSalesOrder],
         fiscal_years: Sequence[int],
         closed_through: datetime.date | None,
+        items: Sequence[SeedItem] = (),
     ) -> None:
         self.clock = clock
+        self._items = list(items)
         self._customers = list(customers)
         self._orders = list(sales_orders)
         self._years = sorted(set(fiscal_years))
@@ -604,7 +647,7 @@ class SageStore:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
         with self.transaction() as conn:
-            self._seed(conn, self._customers, self._orders)
+            self._seed(conn, self._customers, self._orders, self._items)
 
     # transactions
 
@@ -652,6 +695,7 @@ class SageStore:
         conn: sqlite3.Connection,
         customers: Sequence[SeedCustomer],
         orders: Sequence[SeedSalesOrder],
+        items: Sequence[SeedItem] = (),
     ) -> None:
         """Insert what is absent; never touch what exists (idempotent across restarts)."""
         conn.executemany("INSERT OR IGNORE INTO glaccounts VALUES (?, ?, ?)", CHART_OF_ACCOUNTS)
@@ -659,6 +703,26 @@ class SageStore:
             "INSERT OR IGNORE INTO periods VALUES (?, ?, ?, ?, ?)", self._period_rows()
         )
         now = self.clock()
+        for seed_item in items:
+            if self.get(conn, "items", seed_item.item) is not None:
+                continue
+            fields: JsonDict = {
+                "item": seed_item.item,
+                "description": seed_item.description,
+                "type": seed_item.type,
+                "reference": seed_item.reference,
+            }
+            if seed_item.unit_price_minor is not None:
+                fields["unit_price"] = to_decimal_string(
+                    seed_item.unit_price_minor, seed_item.currency
+                )
+            if seed_item.opening_quantity is not None:
+                fields["opening_quantity"] = seed_item.opening_quantity
+            try:
+                item_record = _parse(ItemCreate, fields)
+            except SageApiError as exc:
+                raise ValueError(f"seed item {seed_item.item!r}: {exc.message}") from None
+            self.insert(conn, "items", item_record.item, _item_doc(item_record), now)
         for cust in customers:
             if self.get(conn, "customers", cust.customer_id) is not None:
                 continue
@@ -679,6 +743,9 @@ class SageStore:
                 continue
             if self.get(conn, "customers", order.customer_id) is None:
                 raise ValueError(f"seeded order {order.order_no}: no customer {order.customer_id}")
+            for ln in order.lines:
+                if self.get(conn, "items", ln.item) is None:
+                    raise ValueError(f"seeded order {order.order_no}: no item {ln.item}")
             doc = {
                 "order_no": order.order_no,
                 "customer_id": order.customer_id,
@@ -699,10 +766,13 @@ class SageStore:
             self.insert(conn, "salesorders", order.order_no, doc, now)
 
     def seed_more(
-        self, customers: Sequence[SeedCustomer], orders: Sequence[SeedSalesOrder]
+        self,
+        customers: Sequence[SeedCustomer],
+        orders: Sequence[SeedSalesOrder],
+        items: Sequence[SeedItem] = (),
     ) -> None:
         with self.transaction() as conn:
-            self._seed(conn, customers, orders)
+            self._seed(conn, customers, orders, items)
 
     def reset(self) -> None:
         with self.transaction() as conn:
@@ -710,7 +780,7 @@ class SageStore:
             conn.execute("DELETE FROM sequences")
             conn.execute("DELETE FROM periods")
             conn.execute("DELETE FROM glaccounts")
-            self._seed(conn, self._customers, self._orders)
+            self._seed(conn, self._customers, self._orders, self._items)
 
     # documents
 
@@ -858,6 +928,19 @@ def _customer_doc(record: CustomerCreate, now: datetime.datetime) -> JsonDict:
     return doc
 
 
+def _item_doc(record: ItemCreate) -> JsonDict:
+    # A service item holds no stock: its on_hand stays "0" whatever is invoiced.
+    opening = record.opening_quantity if record.type == "stock" else None
+    return {
+        "item": record.item,
+        "description": record.description,
+        "type": record.type,
+        "unit_price": record.unit_price,
+        "on_hand": opening or "0",
+        "reference": record.reference,
+    }
+
+
 # --- the business rules, one function per document type ---
 
 
@@ -900,6 +983,37 @@ class SageLedger:
                 total += Decimal(line.quantity) * price
                 out.append(line.model_dump())
         return out, total
+
+    def _items_exist(self, conn: sqlite3.Connection, lines: list[Line]) -> list[JsonDict]:
+        """v1.1: every line names an item of the item master; returns them, line by line."""
+        found: list[JsonDict] = []
+        for i, line in enumerate(lines):
+            item = self.store.get(conn, "items", line.item)
+            if item is None:
+                raise _invalid(
+                    f"lines[{i}].item", f"lines[{i}].item: {line.item!r} is not in the item master"
+                )
+            found.append(item)
+        return found
+
+    def _reduce_stock(
+        self,
+        conn: sqlite3.Connection,
+        lines: list[Line],
+        items: list[JsonDict],
+        now: datetime.datetime,
+    ) -> None:
+        """Invoicing a stock item reduces its on_hand by the line quantity (may go negative:
+        a back order is the warehouse's problem, not a reason to refuse the invoice)."""
+        moved: dict[str, Decimal] = {}
+        for line, item in zip(lines, items, strict=True):
+            if item["type"] == "stock":
+                moved[line.item] = moved.get(line.item, Decimal(0)) + Decimal(line.quantity)
+        for code, quantity in moved.items():
+            current = self.store.get(conn, "items", code)
+            assert current is not None
+            current["on_hand"] = str(Decimal(current["on_hand"]) - quantity)
+            self.store.update(conn, "items", code, current, now)
 
     def _linked_invoice(
         self, conn: sqlite3.Connection, invoice_no: str, field: str, customer: str, currency: str
@@ -958,6 +1072,22 @@ class SageLedger:
             self.store.update(conn, "customers", customer_id, doc, now)
         return doc
 
+    # items (v1.1)
+
+    def create_item(self, body: JsonDict) -> JsonDict:
+        record = _parse(ItemCreate, body)
+        if record.unit_price is not None:
+            _money(record.unit_price, "USD", "unit_price", sign="nonneg")
+        if record.opening_quantity is not None and record.type != "stock":
+            raise _invalid("opening_quantity", "opening_quantity: only stock items hold stock")
+        now = self._now()
+        with self.store.transaction() as conn:
+            if self.store.get(conn, "items", record.item) is not None:
+                raise _invalid("item", f"item: {record.item!r} already exists")
+            doc = _item_doc(record)
+            self.store.insert(conn, "items", record.item, doc, now)
+        return doc
+
     # documents
 
     def create_sales_order(self, body: JsonDict) -> JsonDict:
@@ -966,6 +1096,7 @@ class SageLedger:
         now = self._now()
         with self.store.transaction() as conn:
             self._customer_exists(conn, order.customer_id)
+            self._items_exist(conn, order.lines)
             doc = {
                 "order_no": self.store.next_number(conn, SPECS["salesorders"]),
                 **order.model_dump(),
@@ -992,6 +1123,7 @@ class SageLedger:
         now = self._now()
         with self.store.transaction() as conn:
             self._customer_exists(conn, inv.customer_id)
+            items = self._items_exist(conn, inv.lines)
             order = None
             if inv.sales_order_no is not None:
                 order = self.store.get(conn, "salesorders", inv.sales_order_no)
@@ -1022,6 +1154,7 @@ class SageLedger:
                 "status": "paid" if total == 0 else "open",
             }
             self.store.insert(conn, "invoices", doc["invoice_no"], doc, now)
+            self._reduce_stock(conn, inv.lines, items, now)
             if order is not None and order["status"] != "invoiced":
                 order["status"] = "invoiced"
                 self.store.update(conn, "salesorders", order["order_no"], order, now)
@@ -1412,6 +1545,7 @@ def create_sage_app(
     api_key: str,
     customers: Sequence[SeedCustomer] = (),
     sales_orders: Sequence[SeedSalesOrder] = (),
+    items: Sequence[SeedItem] = (),
     fiscal_years: Sequence[int] | None = None,
     closed_through: datetime.date | None = None,
     rate_limit_rps: float | None = None,
@@ -1434,6 +1568,7 @@ def create_sage_app(
         sales_orders=sales_orders,
         fiscal_years=fiscal_years,
         closed_through=closed_through,
+        items=items,
     )
     ledger = SageLedger(store)
     faults = FaultInjector()
@@ -1549,6 +1684,7 @@ def create_sage_app(
         "cashreceipts": (ledger.create_cash_receipt, CashReceiptCreate, CashReceipt),
         "creditmemos": (ledger.create_credit_memo, CreditMemoCreate, CreditMemo),
         "journalentries": (ledger.create_journal_entry, JournalEntryCreate, JournalEntry),
+        "items": (ledger.create_item, ItemCreate, Item),
     }
     for name, (create_fn, in_model, out_model) in creators.items():
         _document_routes(app, name, create_fn, in_model, out_model, ledger, _list, models)
@@ -1609,6 +1745,7 @@ def create_sage_app(
                     )
                     for o in seed.sales_orders
                 ],
+                [SeedItem(**i.model_dump()) for i in seed.items],
             )
         except ValueError as exc:
             raise _invalid(None, str(exc)) from None
@@ -1790,6 +1927,7 @@ __all__ = [
     "FaultConfig",
     "SageApiError",
     "SeedCustomer",
+    "SeedItem",
     "SeedLine",
     "SeedSalesOrder",
     "create_sage_app",

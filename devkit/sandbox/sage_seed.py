@@ -65,3 +65,26 @@ class SeedSalesOrder:
     currency: str
     lines: list[SeedLine] = field(default_factory=list)
     reference: str | None = None
+
+
+@dataclass(frozen=True)
+class SeedItem:
+    """An item already in Sage's item master (v1.1): what ``metadata.sage_item`` names, or what
+    seeded sales orders sell. Never the items the product creates itself (its default items)."""
+
+    item: str
+    description: str
+    type: Literal["stock", "service"] = "service"
+    unit_price_minor: int | None = None
+    currency: str = "USD"
+    opening_quantity: str | None = None
+    reference: str | None = None
+
+
+# Items a shop keeps in Sage before the integration runs: the web shop's order item, and the
+# items the sandbox Stripe business's products name in ``metadata.sage_item``.
+SHOP_ITEMS: Final[list[SeedItem]] = [
+    SeedItem("WEB-ORDER", "Web shop order", "service"),
+    SeedItem("PRO-MONTHLY", "Pro plan (monthly)", "service", 4900),
+    SeedItem("ONBOARDING", "Onboarding package", "stock", 50000, opening_quantity="500"),
+]

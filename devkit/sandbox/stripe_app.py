@@ -683,6 +683,7 @@ def create_stripe_app(
         "balance_transactions",
         "events",
         "invoice_payments",
+        "products",
     ]
 
     def make_list(resource: str) -> Callable[[Request], Any]:
@@ -830,6 +831,17 @@ def create_stripe_app(
             i = lookup("charges", obj_id)
             return world.update_object(
                 "charges", i, {x: v for x, v in params.items() if x != "expand"}
+            )
+
+        return await idempotent(request, handle)
+
+    @app.post("/v1/products/{obj_id}", summary="Update a product (metadata, name)")
+    async def update_product(request: Request, obj_id: str) -> Response:
+        def handle(params: JSON) -> JSON:
+            check_known(params, {"metadata", "name", "expand"})
+            k = lookup("products", obj_id)
+            return world.update_object(
+                "products", k, {x: v for x, v in params.items() if x != "expand"}
             )
 
         return await idempotent(request, handle)

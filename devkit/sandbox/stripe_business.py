@@ -539,3 +539,42 @@ class Business:
     def sage_customer_id(self, customer: int) -> str | None:
         """The Sage id an eCommerce platform stored on one customer in ten."""
         return f"E{customer:07d}" if customer % 10 == 0 else None
+
+
+# -- products (issue 17) -------------------------------------------------------------------
+# The catalog Billing invoice lines sell (their ``pricing.price_details.product`` names these
+# ids). Two name an item a shop already keeps in Sage (``metadata.sage_item``, seeded in the
+# Sage sandbox by ``sage_seed.SHOP_ITEMS``); the rest become items the product creates. One
+# name is longer than Sage's 60-character item description; two are physical goods.
+PRODUCT_CATALOG: tuple[tuple[str, str, str, dict[str, str]], ...] = (
+    ("prod_pro", "Pro plan (monthly)", "service", {"sage_item": "PRO-MONTHLY"}),
+    ("prod_seat", "Team seat", "service", {}),
+    ("prod_api", "API overage, per 1,000 calls", "service", {}),
+    ("prod_onb", "Onboarding package", "good", {"sage_item": "ONBOARDING"}),
+    ("prod_sup", "Premium support", "service", {}),
+    ("prod_sto", "Storage add-on 100 GB", "service", {}),
+    (
+        "prod_ent",
+        "Annual maintenance and priority support for the enterprise deployment tier",
+        "service",
+        {},
+    ),
+    ("prod_kit", "Starter hardware kit", "good", {}),
+)
+
+
+def product_catalog(config: BusinessConfig) -> list[dict[str, Any]]:
+    """The business's products, oldest first, an hour apart from the business's start (so a
+    backfill from the start reads them like everything else)."""
+    first = config.start
+    return [
+        {
+            "id": pid,
+            "name": name,
+            "type": kind,
+            "shippable": kind == "good",
+            "metadata": dict(metadata),
+            "created": first + k * HOUR,
+        }
+        for k, (pid, name, kind, metadata) in enumerate(PRODUCT_CATALOG)
+    ]

@@ -37,6 +37,7 @@ from devkit.sandbox.stripe_business import (
     HOUR,
     Business,
     BusinessConfig,
+    product_catalog,
 )
 
 API_VERSION = "2026-10-28.endive"
@@ -55,6 +56,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "balance_transactions": ("txn", "balance_transaction"),
     "events": ("evt", "event"),
     "invoice_payments": ("inpay", "invoice_payment"),
+    "products": ("prod", "product"),
 }
 PREFIX_TO_RESOURCE = {prefix: name for name, (prefix, _) in RESOURCES.items()}
 
@@ -229,15 +231,22 @@ class StripeWorld:
         self.endpoint_count: Callable[[], int] = lambda: 0
         # Presentment currencies; activity may add one Stripe has and our table lacks.
         self.currencies: list[tuple[str, int, float, float]] = list(CURRENCIES)
+        # Products keep the fixed ids their invoice lines name (not index-encoded ids).
+        self.products = product_catalog(config)
+        self._product_index = {p["id"]: k for k, p in enumerate(self.products)}
 
     # -- ids -------------------------------------------------------------------------------
     def make_id(self, resource: str, index: int) -> str:
+        if resource == "products":
+            return str(self.products[index]["id"])
         prefix = RESOURCES[resource][0]
         tail = ((index + 1) * 0x9E3779B97F4A7C15 ^ self._salt) & _MASK
         return f"{prefix}_{_b62(index, 7)}{_b62(tail, 11)}"
 
     def parse_id(self, resource: str, obj_id: str) -> int | None:
         """Index of ``obj_id`` in ``resource``, or None when it is not one of ours."""
+        if resource == "products":
+            return self._product_index.get(obj_id)
         prefix = RESOURCES[resource][0] + "_"
         if not obj_id.startswith(prefix) or len(obj_id) != len(prefix) + 18:
             return None
@@ -255,6 +264,8 @@ class StripeWorld:
             return len(self.b.invoices)
         if resource == "invoice_lines":
             return 0
+        if resource == "products":
+            return len(self.products)
         return len(getattr(self.b, resource))
 
     def extra(self, resource: str) -> list[Any]:
@@ -273,6 +284,8 @@ class StripeWorld:
     def base_created(self, resource: str) -> np.ndarray:
         if resource == "invoice_payments":
             return self.b.charges.created[self.b.inv_charge]
+        if resource == "products":
+            return np.array([p["created"] for p in self.products], np.int64)
         table: Any = getattr(self.b, resource)
         return table.created
 
@@ -421,6 +434,26 @@ class StripeWorld:
             delinquent=False,
             default_source=None,
             test_clock=None,
+        )
+        return obj
+
+    def _render_products(self, k: int, t: int, expand: frozenset[str]) -> JSON:
+        p = self.products[k]
+        obj = dict(self.tpl["product"])
+        obj.update(
+            id=p["id"],
+            name=p["name"],
+            type=p["type"],
+            shippable=p["shippable"],
+            metadata=dict(p["metadata"]),
+            created=p["created"],
+            updated=p["created"],
+            description=None,
+            default_price=f"price_{p['id'][5:]}",
+            package_dimensions=None,
+            images=[],
+            marketing_features=[],
+            livemode=False,
         )
         return obj
 
@@ -1082,6 +1115,7 @@ class StripeWorld:
                 "customers": "customer.updated",
                 "charges": "charge.updated",
                 "invoices": "invoice.updated",
+                "products": "product.updated",
             }[resource]
             self._emit(etype, resource, index, previous)
             return self.render(resource, index)

@@ -422,7 +422,9 @@ def register(sub: Any) -> None:
         "nothing.",
     )
     q.add_argument(
-        "--stream", default="charges", choices=("charges", "refunds", "customers", "invoices")
+        "--stream",
+        default="charges",
+        choices=("charges", "refunds", "customers", "invoices", "products"),
     )
     q.add_argument("--limit", type=int, default=20)
     q.add_argument("--id", action="append", help="preview these Stripe ids")

@@ -20,6 +20,7 @@ import polars as pl
 
 from stripe_sage.mapping import DERIVED_COLUMNS, TEMPLATE_FIELD, FieldRule, Mapping
 from stripe_sage.money import KNOWN_CURRENCIES, THREE_DECIMAL, ZERO_DECIMAL
+from stripe_sage.plan.item_codes import default_item_key, line_item
 
 DOC_SCHEMA: dict[str, pl.DataType] = {
     "doc_key": pl.String(),
@@ -37,6 +38,8 @@ DOC_SCHEMA: dict[str, pl.DataType] = {
 # Customers first, then what references them; receipts and memos after the invoices.
 PHASES = {
     "customer": 0,
+    "item": 0,
+    "item_link": 0,
     "customer_link": 0,
     "customer_update": 1,
     "sales_order": 1,
@@ -47,6 +50,8 @@ PHASES = {
 }
 COLLECTIONS = {
     "customer": "customers",
+    "item": "items",
+    "item_link": "items",
     "customer_link": "customers",
     "customer_update": "customers",
     "sales_order": "salesorders",
@@ -530,8 +535,9 @@ def plan_charges(
 
     own = df.filter(pl.col("paid_invoice").is_null() & ~pl.col("_on_account"))
     as_order = mapping.charges.document == "sales_order_and_invoice"
+    item, item_deps = _charge_item(mapping)
     line = pl.struct(
-        pl.col("inv_item").alias("item"),
+        item.alias("item"),
         pl.col("inv_description").alias("description"),
         pl.lit("1").alias("quantity"),
         settle.alias("unit_price"),
@@ -549,7 +555,7 @@ def plan_charges(
                 pl.col("id").alias("reference"),
                 pl.concat_list([line]).alias("lines"),
             ).alias("payload"),
-            base_deps.alias("depends_on"),
+            pl.concat_list([base_deps, item_deps]).alias("depends_on"),
         )
         frames.append(orders)
     invoices = own.with_columns(
@@ -576,13 +582,14 @@ def plan_charges(
             pl.concat_list(
                 [
                     base_deps,
+                    item_deps,
                     pl.when(~erp)
                     .then(pl.concat_list([order_key]))
                     .otherwise(pl.lit([], pl.List(pl.String))),
                 ]
             )
             if as_order
-            else base_deps
+            else pl.concat_list([base_deps, item_deps])
         ).alias("depends_on"),
     )
     frames.append(invoices)
@@ -641,6 +648,15 @@ def plan_charges(
     return pl.concat([_docs(f, mapping, periods) for f in frames])
 
 
+def _charge_item(mapping: Mapping) -> tuple[pl.Expr, pl.Expr]:
+    """(the item a charge's line names, the item documents it waits for): the mapping's
+    ``charges.invoice.item`` rule when it sets one (that item must exist in Sage), else the
+    default item, which the product plans (``item:default:<code>``) and posts first."""
+    if "item" in mapping.charges.invoice:
+        return pl.col("inv_item"), pl.lit([], pl.List(pl.String))
+    return pl.lit(mapping.items.default_item), pl.lit([default_item_key(mapping)])
+
+
 # -- Stripe Billing invoices -------------------------------------------------------------
 def plan_invoices(
     invoices: pl.DataFrame,
@@ -652,7 +668,15 @@ def plan_invoices(
     inv = invoices.filter(pl.col("status").is_in(["open", "paid"]))
     if inv.is_empty():
         return empty_docs()
+    if "item" in mapping.invoices.line:  # a mapping's own item rule: that item must exist
+        item, item_dep = pl.col("l_item"), pl.lit(None, pl.String)
+    else:
+        item, item_dep = line_item(pl.col("product"), mapping)
+    staged = pl.col("product_staged") if "product_staged" in lines.columns else pl.lit(True)
     ln = apply_rules(lines, mapping.invoices.line, "l_").with_columns(
+        item.alias("_item"),
+        item_dep.alias("_item_key"),
+        (pl.col("product").is_not_null() & ~staged.fill_null(False)).alias("_unstaged"),
         pl.when(pl.col("quantity") * pl.col("unit_amount") == pl.col("amount"))
         .then(pl.col("quantity"))
         .otherwise(1)
@@ -667,7 +691,7 @@ def plan_invoices(
         .group_by("invoice", maintain_order=True)
         .agg(
             pl.struct(
-                pl.col("l_item").alias("item"),
+                pl.col("_item").alias("item"),
                 pl.col("l_description").alias("description"),
                 pl.col("q").cast(pl.String).alias("quantity"),
                 money_string(pl.col("unit"), pl.col("currency")).alias("unit_price"),
@@ -677,6 +701,11 @@ def plan_invoices(
             .list.explode(keep_nulls=False, empty_as_null=False)
             .alias("line_errors"),
             pl.len().alias("n_lines"),
+            pl.col("_item_key").drop_nulls().unique(maintain_order=True).alias("item_keys"),
+            pl.col("product")
+            .filter(pl.col("_unstaged"))
+            .unique(maintain_order=True)
+            .alias("unstaged_products"),
         )
     )
     df = inv.join(ln, left_on="id", right_on="invoice", how="left").with_columns(
@@ -685,6 +714,12 @@ def plan_invoices(
     )
     error = first_error(
         pl.when(pl.col("n_lines").is_null()).then(pl.lit("waiting: invoice lines are not staged")),
+        pl.when(pl.col("unstaged_products").list.len() > 0).then(
+            pl.format(
+                "waiting: product(s) {} of the lines are not staged",
+                pl.col("unstaged_products").list.join(", "),
+            )
+        ),
         pl.when(~pl.col("currency").is_in(mapping.settlement_currencies)).then(
             pl.format(
                 "invoice currency {} is not a settlement currency; posting it would need FX",
@@ -713,7 +748,9 @@ def plan_invoices(
             money_string(pl.col("tax"), pl.col("currency")).alias("tax_amount"),
             money_string(pl.col("total"), pl.col("currency")).alias("total"),
         ).alias("payload"),
-        pl.concat_list([pl.col("customer_key")]).alias("depends_on"),
+        pl.concat_list(
+            [pl.col("customer_key"), pl.col("item_keys").fill_null(pl.lit([], pl.List(pl.String)))]
+        ).alias("depends_on"),
         error.alias("error"),
     )
     return _docs(df, mapping, periods)

@@ -23,6 +23,7 @@ from stripe_sage.plan.documents import (
     plan_invoices,
     plan_refunds,
 )
+from stripe_sage.plan.items import plan_default_item, plan_items
 from stripe_sage.reconcile.report import plan_payouts
 from stripe_sage.store.staging import Staging, now_utc
 
@@ -165,6 +166,7 @@ def _document_slices(
             [run_id, run_id],
         )
         yield plan_customer_updates(changed, mapping)
+    yield from _item_documents(st, mapping)
     pf = periods_frame(periods) if periods else None
     bts_of_slice = (
         "SELECT b.* FROM staging.balance_transactions b "
@@ -192,7 +194,9 @@ def _document_slices(
     for invoices in _rows_to_plan(st, "invoices", _todo("invoices", "invoice:"), slice_rows):
         with st.registered("_plan_slice", invoices.select("id")):
             lines = st.frame(
-                "SELECT s.* FROM staging.invoice_lines s "
+                # product_staged: a line's item comes from its product (see plan/items.py).
+                "SELECT s.*, s.product IN (SELECT id FROM staging.products) AS product_staged "
+                "FROM staging.invoice_lines s "
                 "WHERE s.invoice IN (SELECT id FROM _plan_slice) AND "
                 + _not_quarantined("invoice_lines")
             )
@@ -216,6 +220,17 @@ def _document_slices(
         yield plan_refunds(refunds, charges, bts, mapping, pf)
 
     yield from _payout_documents(st, mapping, pf)
+
+
+def _item_documents(st: Staging, mapping: Mapping) -> Iterator[pl.DataFrame]:
+    """The Sage items lines will name: the default item, then one per staged product whose
+    item is not settled (posted under either form), before any document that names them."""
+    yield plan_default_item(mapping)
+    products = st.frame(
+        f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.products s WHERE "
+        + _todo("products", "item:", "item_link:", alternatives=True)
+    )
+    yield plan_items(products, mapping)
 
 
 def _payout_documents(

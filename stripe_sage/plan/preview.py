@@ -18,6 +18,7 @@ from stripe_sage.plan.documents import (
     plan_invoices,
     plan_refunds,
 )
+from stripe_sage.plan.items import plan_items
 from stripe_sage.plan.outbox import customer_columns
 from stripe_sage.store.staging import Staging
 
@@ -44,6 +45,7 @@ SHOWN = {
         "deleted",
     ),
     "invoices": ("id", "total", "tax", "currency", "customer", "status"),
+    "products": ("id", "name", "product_type", "sage_item", "active"),
 }
 
 
@@ -95,6 +97,8 @@ def preview(
         docs = plan_customers(rows, mapping)
     elif stream == "invoices":
         docs = plan_invoices(rows, st.table("invoice_lines"), mapping)
+    elif stream == "products":  # product → item (item: created, item_link: metadata.sage_item)
+        docs = plan_items(rows, mapping)
     else:
         raise ValueError(f"no preview for {stream!r}: choose one of {', '.join(SHOWN)}")
     by_source: dict[str, list[dict[str, Any]]] = {}

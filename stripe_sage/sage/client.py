@@ -40,6 +40,7 @@ from pydantic import SecretStr
 
 from stripe_sage.errors import (
     FatalError,
+    NotFoundError,
     RetryableError,
     StripeSageError,
     ValidationError,
@@ -58,6 +59,7 @@ COLLECTIONS: dict[str, str] = {
     "cashreceipts": "receipt_no",
     "creditmemos": "memo_no",
     "journalentries": "entry_no",
+    "items": "item",  # v1.1, client-chosen like customer_id: create with create_item
 }
 MAX_PAGE = 200
 
@@ -297,6 +299,69 @@ class SageProClient:
         if collection not in COLLECTIONS:
             raise ValueError(f"unknown Sage Pro collection {collection!r}")
         return list(self._paginate(f"/api/v1/{collection}", {"reference": reference}))
+
+    # items (v1.1)
+
+    def get_item(self, item: str) -> JsonDict:
+        """One item of the item master (``NotFoundError`` when Sage has none by that code)."""
+        return self._call("GET", f"/api/v1/items/{_seg(item)}")
+
+    def list_items(self, reference: str | None = None) -> Iterator[JsonDict]:
+        """Every item (all pages), or those made from the Stripe product ``reference``."""
+        return self._paginate(
+            "/api/v1/items", {} if reference is None else {"reference": reference}
+        )
+
+    def create_item(self, payload: JsonDict) -> tuple[JsonDict, bool]:
+        """The item ``payload["item"]``, created unless Sage has it: ``(item, created)``.
+
+        Idempotent, and safe when two runs (or a run and a webhook) race for the same
+        product: an item already there is returned (``created=False``, *linked*), and a POST
+        refused because the code was taken meanwhile resolves to the item that took it. An
+        uncertain outcome is resolved by ``GET items/{item}`` before any resend. An existing
+        item made from *another* Stripe product (its ``reference`` differs) is a
+        ``ValidationError`` on ``item``: the code is not ours to link."""
+        code = payload.get("item")
+        if not isinstance(code, str) or not code:
+            raise ValidationError(
+                "an item needs an item code", code="validation_error", field="item", system=SYSTEM
+            )
+        existing = self._existing_item(code, payload)
+        if existing is not None:
+            return existing, False
+        try:
+            doc = self._call(
+                "POST",
+                "/api/v1/items",
+                json=payload,
+                resolve=lambda: self._existing_item(code, payload),
+                resend_uncertain=False,
+            )
+        except ValidationError as exc:
+            if exc.field != "item":
+                raise
+            raced = self._existing_item(code, payload)  # created by someone else meanwhile
+            if raced is None:
+                raise
+            return raced, False
+        # A lookup after an uncertain POST may have found it: created by us all the same.
+        return dict(doc), True
+
+    def _existing_item(self, code: str, payload: JsonDict) -> JsonDict | None:
+        try:
+            found = self._call("GET", f"/api/v1/items/{_seg(code)}")
+        except NotFoundError:
+            return None
+        reference = payload.get("reference")
+        theirs = found.get("reference")
+        if reference is not None and theirs is not None and theirs != reference:
+            raise ValidationError(
+                f"item {code} exists in Sage, made from {theirs}, not {reference}",
+                code="validation_error",
+                field="item",
+                system=SYSTEM,
+            )
+        return dict(found)
 
     # reference data
 

@@ -49,6 +49,7 @@ from stripe_sage.errors import (
     ValidationError,
 )
 from stripe_sage.plan.documents import sage_customer_id
+from stripe_sage.plan.item_codes import sage_item_code
 from stripe_sage.sage.client import SageProClient
 from stripe_sage.store.staging import Staging, now_utc
 
@@ -61,8 +62,13 @@ KEY_FIELD = {
     "cashreceipts": "receipt_no",
     "creditmemos": "memo_no",
     "journalentries": "entry_no",
+    "items": "item",
 }
-XREF_TYPE = {"customer_link": "customer", "customer_update": "customer_update"}
+XREF_TYPE = {
+    "customer_link": "customer",
+    "customer_update": "customer_update",
+    "item_link": "item",
+}
 PLANNING_ERROR = "planning"
 # A payload's reference to another document's Sage number (see resolve_placeholders).
 XREF_PLACEHOLDER = re.compile(r'"@xref:([^"]+)"')
@@ -641,6 +647,8 @@ class Loader:
                 return self._create_customer(doc_key, body, stripe_id)
             if doc_type == "customer_update":
                 return self._update_customer(doc_key, body)
+            if doc_type in ("item", "item_link"):
+                return self._post_item(doc_key, doc_type, body, stripe_id, matched_by)
             if doc_type == "invoice" and body.get("sales_order_no") is None:
                 body.pop("sales_order_no", None)
             doc = self.client.create(
@@ -673,6 +681,48 @@ class Loader:
                 self._not_before[doc_key] = self._clock() + exc.retry_after
             # Only definite refusals (429s): this attempt needs no lookup before the next.
             return Outcome(doc_key, "pending", error=exc, reason=str(exc), sent=exc.maybe_done)
+
+    def _post_item(
+        self, doc_key: str, doc_type: str, body: dict[str, Any], stripe_id: str, matched_by: str
+    ) -> Outcome:
+        """An item a product names (``item_link``: it must exist) or the product's own item:
+        created unless Sage has it (then linked); when Sage holds the code for another
+        product, the next salted code. Two runs racing create it once (see create_item)."""
+        if doc_type == "item_link":
+            try:
+                found = self.client.get_item(body["item"])
+            except NotFoundError:
+                raise ValidationError(
+                    f"Stripe product {stripe_id} metadata.sage_item names Sage item "
+                    f"{body['item']}, which is not in Sage's item master",
+                    code="unknown_item",
+                    field="item",
+                    system="sagepro",
+                ) from None
+            return Outcome(doc_key, "posted", str(found["item"]), matched_by=matched_by)
+        for salt in range(MAX_ID_SALT):
+            if salt:
+                body = {**body, "item": sage_item_code(stripe_id, body["description"], salt)}
+            try:
+                item, created = self.client.create_item(body)
+                return Outcome(
+                    doc_key,
+                    "posted",
+                    str(item["item"]),
+                    matched_by="created" if created else "linked",
+                )
+            except ValidationError as exc:
+                # The code is another product's (reference differs), or the default item's
+                # code clashes with nothing we can fix: only a product's item tries another.
+                if exc.field != "item" or not stripe_id.startswith("prod_"):
+                    raise
+                log.warning("Sage item %s belongs to another product; trying another", body["item"])
+        raise ValidationError(
+            f"no free Sage item code for {stripe_id} after {MAX_ID_SALT} candidates",
+            code="validation_error",
+            field="item",
+            system="sagepro",
+        )
 
     def _update_customer(self, doc_key: str, body: dict[str, Any]) -> Outcome:
         """PUT only what differs from Sage's current record: an update that changes nothing

@@ -67,7 +67,7 @@ class EventStats:
 
 
 # Metadata keys the product writes back to Stripe (see writeback.py).
-WRITEBACK_KEYS = frozenset({"sage_customer_id", "sage_invoice_no", "sage_order_no"})
+WRITEBACK_KEYS = frozenset({"sage_customer_id", "sage_invoice_no", "sage_order_no", "sage_item"})
 
 
 def writeback_echo(event: JSON) -> dict[str, Any] | None:

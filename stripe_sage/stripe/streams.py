@@ -313,6 +313,25 @@ STREAMS: dict[str, Stream] = {
             ),
         ),
         Stream(
+            "products",
+            "/v1/products",
+            "product",
+            "events",
+            (
+                ID,
+                CREATED,
+                Column("name", "VARCHAR", _str("name")),
+                Column("description", "VARCHAR", _str("description")),
+                Column("product_type", "VARCHAR", _str("type")),
+                Column("active", "BOOLEAN", _bool("active")),
+                Column("shippable", "BOOLEAN", _bool("shippable")),
+                Column("unit_label", "VARCHAR", _str("unit_label")),
+                Column("sage_item", "VARCHAR", "data->>'$.metadata.sage_item'"),
+                Column("metadata", "JSON", "data->'metadata'"),
+            ),
+            notes="Products become Sage items (issue 17); metadata.sage_item names one.",
+        ),
+        Stream(
             "subscriptions",
             "/v1/subscriptions",
             "subscription",
@@ -332,6 +351,7 @@ STREAMS: dict[str, Stream] = {
 # The order in which streams are extracted and loaded: customers before what references them.
 STREAM_ORDER = (
     "customers",
+    "products",
     "charges",
     "refunds",
     "invoices",

@@ -2,7 +2,8 @@
 
 After a Sage customer is created or matched, its id goes into the Stripe customer's
 ``metadata.sage_customer_id``; after a charge's Sage invoice (and sales order) is posted,
-their numbers go into the charge's ``metadata.sage_invoice_no`` / ``sage_order_no``. Each
+their numbers go into the charge's ``metadata.sage_invoice_no`` / ``sage_order_no``; the code
+of a product's Sage item goes into the product's ``metadata.sage_item``. Each
 write carries an idempotency key derived from what it writes, respects the reader's rate
 limit, and is recorded in ``sage.writeback`` so it is never sent twice. The metadata-only
 ``*.updated`` events this causes change no mapped field, so they post nothing back to Sage.
@@ -42,7 +43,12 @@ def pending(st: Staging, limit: int) -> list[tuple[str, str, str, str]]:
                    ch.metadata->>(CASE x.doc_type WHEN 'invoice' THEN 'sage_invoice_no'
                                   ELSE 'sage_order_no' END)
             FROM sage.xref x JOIN staging.charges ch ON ch.id = x.stripe_id
-            WHERE x.doc_type IN ('invoice', 'sales_order'))
+            WHERE x.doc_type IN ('invoice', 'sales_order')
+            UNION ALL
+            SELECT '/v1/products', x.stripe_id, 'sage_item', x.sage_id, x.created_at,
+                   p.metadata->>'sage_item'
+            FROM sage.xref x JOIN staging.products p ON p.id = x.stripe_id
+            WHERE x.doc_type = 'item')
         SELECT path, stripe_id, field, value FROM wanted w
         WHERE current IS DISTINCT FROM value AND NOT EXISTS (
             SELECT 1 FROM sage.writeback b WHERE b.stripe_id = w.stripe_id

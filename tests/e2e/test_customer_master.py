@@ -204,6 +204,20 @@ def test_preview_shows_the_payload_of_a_jpy_charge(env: Env, tmp_path: Path) -> 
     assert charge in page.read_text()
 
 
+def test_preview_shows_each_product_beside_its_item(env: Env, tmp_path: Path) -> None:
+    page = tmp_path / "products.html"
+    out = preview(env, "--stream", "products", "--html", str(page))
+    assert out.returncode == 0, out.stdout + out.stderr
+    # A product naming a Sage item links it; one naming none gets a code of its own.
+    assert "id=prod_pro" in out.stdout and '→ item_link: {"item": "PRO-MONTHLY"' in out.stdout
+    seat = out.stdout.split("id=prod_seat", 1)[1].split("\n")[1]
+    # (item_link once the written-back code has been read back from Stripe)
+    assert seat.startswith(
+        ('    → item: {"item": "TEAM-SEAT-', '    → item_link: {"item": "TEAM-SEAT-')
+    )
+    assert "prod_kit" in page.read_text()
+
+
 def test_preview_rejects_an_unknown_field_with_the_line_number(env: Env, tmp_path: Path) -> None:
     from stripe_sage.mapping import default_mapping_text
 

@@ -223,7 +223,11 @@ def test_replaying_a_dead_letter_after_its_cause_is_fixed_posts_it_and_its_depen
                         "order_date": "2026-01-05",
                         "currency": charge["currency"].upper(),
                         "lines": [
-                            {"item": "SVC", "quantity": "1", "unit_price_minor": charge["amount"]}
+                            {
+                                "item": "WEB-ORDER",
+                                "quantity": "1",
+                                "unit_price_minor": charge["amount"],
+                            }
                         ],
                     }
                 ]

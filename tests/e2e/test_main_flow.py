@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,59 @@ def test_second_run_posts_nothing(env: Env) -> None:
     assert result["events"]["events"] > 0
     assert sum(result["events"]["changed"].values()) == 0
     assert sage_counts(env) == before
+
+
+def test_every_line_names_an_item_made_once_and_stock_moves(env: Env) -> None:
+    """After two runs (the tests above): Sage's item master holds the shop's items, one item
+    per Stripe product without ``metadata.sage_item`` (created once, its code written back)
+    and the default item; every line of every document names an item of the master; a stock
+    item's on_hand fell by exactly the quantity invoiced."""
+    from devkit.sandbox.sage_seed import SHOP_ITEMS  # the items Sage held beforehand
+
+    with env.sage() as c:
+        items = {i["item"]: i for i in sage_all(c, "items")}
+        invoices = sage_all(c, "invoices")
+        orders = sage_all(c, "salesorders")
+    with env.stripe() as s:
+        products = stripe_all(s, "/v1/products")
+    seeded = {i.item: i for i in SHOP_ITEMS}
+    named = {p["id"] for p in products if p["metadata"].get("sage_item") in seeded}
+    made = [i for i in items.values() if i["item"] not in seeded]
+    # One per product that named no item, plus the default item; none twice.
+    assert sorted(i["reference"] or "" for i in made) == sorted(
+        ["", *(p["id"] for p in products if p["id"] not in named)]
+    )
+    assert "STRIPE-SALE" in items
+    for p in products:  # each product's code is in its metadata (written back, or the shop's)
+        code = p["metadata"].get("sage_item")
+        assert code in items, p["id"]
+        if p["id"] not in named:
+            assert items[code]["reference"] == p["id"]
+    lines = [ln for doc in invoices + orders for ln in doc["lines"]]
+    assert lines and all(ln["item"] in items for ln in lines)
+    assert {ln["item"] for ln in lines} > {"STRIPE-SALE"}  # Billing lines name product items
+    stock = [code for code, i in items.items() if i["type"] == "stock"]
+    assert "ONBOARDING" in stock
+    for code in stock:
+        invoiced = sum(
+            (
+                Decimal(ln["quantity"])
+                for inv in invoices
+                for ln in inv["lines"]
+                if ln["item"] == code
+            ),
+            Decimal(0),
+        )
+        opening = Decimal(seeded[code].opening_quantity or 0) if code in seeded else Decimal(0)
+        assert Decimal(items[code]["on_hand"]) == opening - invoiced, code
+    assert any(ln["item"] == "ONBOARDING" for inv in invoices for ln in inv["lines"])
+    con = duckdb.connect(str(env.db), read_only=True)
+    posted = con.sql(
+        "SELECT doc_type, count(*) FROM sage.outbox WHERE collection = 'items' "
+        "AND status = 'posted' GROUP BY ALL"
+    ).fetchall()
+    con.close()
+    assert dict(posted) == {"item": len(made), "item_link": len(named)}
 
 
 def test_new_activity_is_picked_up_by_the_next_run(env: Env) -> None:

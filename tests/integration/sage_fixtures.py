@@ -19,7 +19,7 @@ import pytest
 from fastapi import FastAPI
 
 from devkit.sandbox.sage_app import create_sage_app
-from devkit.sandbox.sage_seed import SeedCustomer, SeedLine, SeedSalesOrder
+from devkit.sandbox.sage_seed import SeedCustomer, SeedItem, SeedLine, SeedSalesOrder
 from stripe_sage.sage.client import SageProClient
 
 with warnings.catch_warnings():
@@ -37,6 +37,12 @@ SEED_CUSTOMERS = (
     SeedCustomer("ACME", "Acme Corp", "ap@acme.example", "USD", "cus_acme"),
     SeedCustomer("EURO1", "Euro GmbH", "ap@euro.example", "EUR", "cus_euro"),
     SeedCustomer("GLOBEX", "Globex", None, "USD", "cus_globex"),
+)
+# The item master (v1.1): every line the tests post names one of these.
+SEED_ITEMS = (
+    SeedItem("WIDGET", "Widget", "stock", 1250, opening_quantity="100"),
+    SeedItem("HOURS", "Consulting hours", "service"),
+    SeedItem("X", "Anything", "service"),
 )
 SEED_ORDERS = (
     SeedSalesOrder(
@@ -97,6 +103,7 @@ def make_sage_app_fixture(sage_db: Path, clock: Clock) -> AppFactory:
             "api_key": API_KEY,
             "customers": SEED_CUSTOMERS,
             "sales_orders": SEED_ORDERS,
+            "items": SEED_ITEMS,
             "fiscal_years": FISCAL_YEARS,
             "closed_through": CLOSED_THROUGH,
             "clock": clock,

@@ -44,6 +44,7 @@ RUN = "extract-1"
 # What the planners read (invoice lines come with the invoices).
 STREAMS_TO_LOAD = (
     "customers",
+    "products",  # Billing lines name their products' items
     "charges",
     "refunds",
     "invoices",
@@ -186,7 +187,10 @@ def test_given_crash_after_sage_commit_when_loader_reruns_then_no_new_documents_
         k for k, r in before.items() if r["status"] == "dead"
     }
     assert sum(stats.posted.values()) == len(posted)
-    assert recovered == len([k for k in posted if not k.startswith("customer_link:")])
+    # Links and items are looked up by code before any POST (found: linked), not recovered.
+    assert recovered == len(
+        [k for k in posted if not k.startswith(("customer_link:", "item:", "item_link:"))]
+    )
     assert env.st.count("sage.xref") == len(posted)
 
 
@@ -229,7 +233,7 @@ def test_given_sage_faults_when_loaded_then_every_document_exists_exactly_once(e
     posted = Counter(
         r["collection"]
         for r in rows.values()
-        if r["status"] == "posted" and r["doc_type"] != "customer_link"
+        if r["status"] == "posted" and r["doc_type"] not in ("customer_link", "item_link")
     )
     documents = env.stats()["documents"]
     with env.http() as http:
@@ -263,7 +267,7 @@ def test_given_outbox_larger_than_a_page_when_loaded_then_every_page_posts_once(
     posted = Counter(
         r["collection"]
         for r in rows.values()
-        if r["status"] == "posted" and r["doc_type"] != "customer_link"
+        if r["status"] == "posted" and r["doc_type"] not in ("customer_link", "item_link")
     )
     assert sum(posted.values()) > 3 * 37
     documents = env.stats()["documents"]
@@ -587,7 +591,7 @@ def test_given_sage_refusing_every_post_when_loaded_then_rounds_until_the_budget
     posted = Counter(
         r["collection"]
         for r in rows.values()
-        if r["status"] == "posted" and r["doc_type"] != "customer_link"
+        if r["status"] == "posted" and r["doc_type"] not in ("customer_link", "item_link")
     )
     documents = env.stats()["documents"]
     for collection in COLLECTIONS:
@@ -614,7 +618,7 @@ def test_given_every_post_committed_then_503_when_loaded_then_found_by_lookup_in
     posted = Counter(
         r["collection"]
         for r in rows.values()
-        if r["status"] == "posted" and r["doc_type"] != "customer_link"
+        if r["status"] == "posted" and r["doc_type"] not in ("customer_link", "item_link")
     )
     assert recovered == sum(posted.values()) > 100
     documents = env.stats()["documents"]
@@ -646,3 +650,60 @@ def test_given_a_staging_file_from_before_the_states_when_opened_then_columns_ar
         assert {"waiting_since", "wait_kind"} <= cols
         assert [r["doc_key"] for r in st.unposted("pending")] == ["invoice:ch_1"]
         assert st.state_counts()["pending"] == 1
+
+
+# -- items (issue 17) --------------------------------------------------------------------------
+def test_items_another_process_made_are_linked_and_a_taken_code_is_salted(env: Env) -> None:
+    """Before this loader runs, another process (a second run, a webhook) created one
+    product's item, and some other product holds the code of a second: the first is linked
+    (created once), the second gets the next salted code; every document still posts."""
+    from stripe_sage.plan.items import sage_item_code
+
+    products = env.st.frame(
+        "SELECT id, name FROM staging.products WHERE sage_item IS NULL ORDER BY id LIMIT 2"
+    ).rows()
+    (raced_id, raced_name), (taken_id, taken_name) = products
+    raced = sage_item_code(raced_id, raced_name)
+    taken = sage_item_code(taken_id, taken_name)
+    with env.http() as http:
+        for code, ref in ((raced, raced_id), (taken, "prod_someone_else")):
+            body = {"item": code, "description": "made elsewhere", "type": "service"}
+            http.post("/api/v1/items", json={**body, "reference": ref}).raise_for_status()
+    with env.client() as client:
+        load_once(env, client)
+    rows = outbox(env.st)
+    assert rows[f"item:{raced_id}"]["sage_id"] == raced
+    salted = rows[f"item:{taken_id}"]["sage_id"]
+    assert salted == sage_item_code(taken_id, taken_name[:60], 1) != taken
+    assert statuses(env.st)["pending"] == 0
+    matched = dict(
+        env.st.con.execute(
+            "SELECT stripe_id, matched_by FROM sage.xref WHERE doc_type = 'item'"
+        ).fetchall()
+    )
+    assert matched[raced_id] == "linked" and matched[taken_id] == "created"
+    with env.http() as http:
+        items = sage_all(http, "items")
+        invoices = sage_all(http, "invoices")
+    assert len([i for i in items if i["reference"] == raced_id]) == 1
+    codes = {i["item"] for i in items}
+    assert all(ln["item"] in codes for inv in invoices for ln in inv["lines"])
+
+
+def test_a_sage_item_sage_lacks_dead_letters_naming_it_and_blocks_its_lines(env: Env) -> None:
+    pid = env.st.frame(
+        "SELECT DISTINCT product FROM staging.invoice_lines WHERE product IS NOT NULL "
+        "ORDER BY product LIMIT 1"
+    )["product"][0]
+    env.st.con.execute(
+        "UPDATE staging.products SET sage_item = 'NO-SUCH-ITEM' WHERE id = ?", [pid]
+    ).fetchall()
+    with env.client() as client:
+        load_once(env, client)
+    letters = dead_letters(env.st)
+    reason = letters[f"item_link:{pid}"]["reason"]
+    assert "NO-SUCH-ITEM" in reason and pid in reason
+    blocked = [k for k, d in letters.items() if d["reason"].startswith(f"blocked by item {pid}")]
+    assert blocked and all(k.startswith("invoice:") for k in blocked)
+    assert {outbox(env.st)[k]["status"] for k in blocked} == {"blocked"}
+    assert statuses(env.st)["pending"] == 0

@@ -478,3 +478,67 @@ def test_the_api_key_never_leaks(
         assert API_KEY not in str(exc) and API_KEY not in repr(exc)
     assert API_KEY not in caplog.text
     assert API_KEY not in "".join(str(r.args) for r in caplog.records)
+
+
+# --- items (v1.1) ---
+
+
+def _item(code: str = "GADGET-1", **over: Any) -> dict[str, Any]:
+    return {"item": code, "description": "Gadget", "type": "service", "reference": "prod_g", **over}
+
+
+def test_items_create_get_list(sage_client: SageProClient) -> None:
+    created, new = sage_client.create_item(_item())
+    assert new and created["item"] == "GADGET-1" and created["on_hand"] == "0"
+    assert sage_client.get_item("GADGET-1") == created
+    assert [i["item"] for i in sage_client.list_items()] == ["WIDGET", "HOURS", "X", "GADGET-1"]
+    assert list(sage_client.list_items(reference="prod_g")) == [created]
+    with pytest.raises(NotFoundError):
+        sage_client.get_item("NOPE")
+
+
+def test_create_item_links_an_existing_code(sage_client: SageProClient, anon: TestClient) -> None:
+    before = sandbox_stats(anon)["requests"]
+    linked, new = sage_client.create_item(_item("WIDGET", reference=None))
+    assert not new and linked["type"] == "stock" and linked["on_hand"] == "100"
+    assert sandbox_stats(anon)["requests"] - before == 1  # one GET, no POST
+    # Made from another product: not ours to link.
+    sage_client.create_item(_item("MINE"))
+    with pytest.raises(ValidationError) as caught:
+        sage_client.create_item(_item("MINE", reference="prod_other"))
+    assert caught.value.field == "item"
+
+
+def test_create_item_race_resolves_to_the_item_that_won(
+    sage_app: FastAPI, anon: TestClient, sleeps: SleepRecorder
+) -> None:
+    """Two runs both see no item, both POST: the loser's 422 on ``item`` resolves to the
+    winner's item. The race is forced: the sandbox creates the item between our GET and POST."""
+
+    class RacingHttp(httpx.Client):
+        def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
+            if request.method == "POST" and request.url.path == "/api/v1/items":
+                other = anon.post(
+                    "/api/v1/items", json=_item(), headers={"Authorization": f"Bearer {API_KEY}"}
+                )
+                assert other.status_code == 201, other.text
+            return super().send(request, **kw)
+
+    with (
+        TestClient(sage_app) as http,
+        RacingHttp(transport=http._transport, base_url=BASE_URL) as racing,
+        SageProClient(BASE_URL, API_KEY, http_client=racing, sleep=sleeps) as client,
+    ):
+        item, new = client.create_item(_item())
+    assert not new and item["item"] == "GADGET-1"
+    assert len(documents(anon, "items", "prod_g")) == 1
+
+
+def test_an_uncertain_item_create_is_resolved_by_code(
+    sage_client: SageProClient, anon: TestClient
+) -> None:
+    set_faults(anon, commit_then_503_rate=1.0, only_methods=["POST"])
+    item, new = sage_client.create_item(_item("ONCE-1", reference="prod_once"))
+    assert new and item["item"] == "ONCE-1"
+    assert len(documents(anon, "items", "prod_once")) == 1
+    assert sage_client.stats.recovered_by_lookup == 1

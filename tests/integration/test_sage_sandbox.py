@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from devkit.sandbox.runner import ThreadedServer
-from devkit.sandbox.sage_seed import CHART_OF_ACCOUNTS, SeedCustomer
+from devkit.sandbox.sage_seed import CHART_OF_ACCOUNTS, SeedCustomer, SeedLine, SeedSalesOrder
 from tests.integration.sage_fixtures import (  # noqa: F401  (fixtures, used by name)
     API_KEY,
     AppFactory,
@@ -831,7 +832,9 @@ def test_reset_wipes_documents_and_reseeds(api: TestClient, anon: TestClient) ->
         "cashreceipts": 0,
         "creditmemos": 0,
         "journalentries": 0,
+        "items": 3,
     }
+    assert api.get("/api/v1/items/WIDGET").json()["on_hand"] == "100"
     assert api.get("/api/v1/customers/ACME").json()["city"] is None
     assert api.get("/api/v1/salesorders/SO0000001").json()["status"] == "open"
     assert api.get("/api/v1/fiscalperiods").json()["data"][0]["status"] == "closed"
@@ -1002,3 +1005,124 @@ def test_fault_config_is_validated(anon: TestClient) -> None:
     assert_error(
         anon.post("/_sandbox/faults", json={"rate_999": 1}), 422, "validation_error", "rate_999"
     )
+
+
+# --- items (v1.1) ---
+
+
+def item_payload(item: str = "GADGET-1", **over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "item": item,
+        "description": "Gadget",
+        "type": "stock",
+        "unit_price": "19.99",
+        "opening_quantity": "10",
+        "reference": "prod_gadget",
+    }
+    body.update(over)
+    return body
+
+
+def test_items_create_get_list(api: TestClient) -> None:
+    created = post_ok(api, "/api/v1/items", item_payload())
+    assert created == {
+        "item": "GADGET-1",
+        "description": "Gadget",
+        "type": "stock",
+        "unit_price": "19.99",
+        "on_hand": "10",
+        "reference": "prod_gadget",
+    }
+    assert api.get("/api/v1/items/GADGET-1").json() == created
+    service = post_ok(
+        api,
+        "/api/v1/items",
+        item_payload("SVC_2", type="service", opening_quantity=None, reference="prod_svc"),
+    )
+    assert service["on_hand"] == "0"
+    listed = api.get("/api/v1/items", params={"reference": "prod_gadget"}).json()["data"]
+    assert listed == [created]
+    codes = [i["item"] for i in api.get("/api/v1/items").json()["data"]]
+    assert codes == ["WIDGET", "HOURS", "X", "GADGET-1", "SVC_2"]
+    assert_error(api.get("/api/v1/items/NOPE"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"item": "lower"}, "item"),
+        ({"item": "A" * 21}, "item"),
+        ({"item": ""}, "item"),
+        ({"item": "HAS SPACE"}, "item"),
+        ({"item": "WIDGET"}, "item"),  # unique
+        ({"description": "D" * 61}, "description"),
+        ({"description": None}, "description"),
+        ({"type": "kit"}, "type"),
+        ({"reference": "r" * 41}, "reference"),
+        ({"unit_price": "1.5"}, "unit_price"),
+        ({"type": "service"}, "opening_quantity"),  # a service holds no stock
+        ({"on_hand": "5"}, "on_hand"),  # read-only
+    ],
+)
+def test_item_field_rules(api: TestClient, override: dict[str, Any], field: str) -> None:
+    body = item_payload(**override)
+    body = {k: v for k, v in body.items() if v is not None or k == "description"}
+    assert_error(api.post("/api/v1/items", json=body), 422, "validation_error", field)
+    assert api.get("/api/v1/items/GADGET-1").status_code == 404
+
+
+def test_lines_must_name_an_item_of_the_master(api: TestClient) -> None:
+    lines = [
+        {"item": "WIDGET", "quantity": "1", "unit_price": "12.50"},
+        {"item": "UNKNOWN", "quantity": "1", "unit_price": "1.00"},
+    ]
+    assert_error(
+        api.post("/api/v1/invoices", json=invoice_payload(lines=lines, total="14.50")),
+        422,
+        "validation_error",
+        "lines[1].item",
+    )
+    assert_error(
+        api.post("/api/v1/salesorders", json=sales_order_payload(lines=lines)),
+        422,
+        "validation_error",
+        "lines[1].item",
+    )
+    assert api.get("/api/v1/invoices").json()["data"] == []
+    assert api.get("/api/v1/items/WIDGET").json()["on_hand"] == "100"  # nothing moved
+
+
+def test_invoicing_a_stock_item_reduces_on_hand(api: TestClient) -> None:
+    # An order does not move stock; its invoice does, once; a service item holds none.
+    order = post_ok(
+        api,
+        "/api/v1/salesorders",
+        sales_order_payload(lines=[{"item": "WIDGET", "quantity": "3", "unit_price": "12.50"}]),
+    )
+    assert api.get("/api/v1/items/WIDGET").json()["on_hand"] == "100"
+    lines = [
+        {"item": "WIDGET", "quantity": "3", "unit_price": "12.50"},
+        {"item": "HOURS", "quantity": "2", "unit_price": "10.00"},
+        {"item": "WIDGET", "quantity": "1.5", "unit_price": "10.00"},
+    ]
+    body = invoice_payload(
+        lines=lines, sales_order_no=order["order_no"], tax_amount="0.00", total="72.50"
+    )
+    post_ok(api, "/api/v1/invoices", body)
+    assert api.get("/api/v1/items/WIDGET").json()["on_hand"] == "95.5"
+    assert api.get("/api/v1/items/HOURS").json()["on_hand"] == "0"
+    # A refused invoice moves nothing.
+    assert_error(
+        api.post("/api/v1/invoices", json={**body, "total": "1.00"}), 422, "validation_error"
+    )
+    assert api.get("/api/v1/items/WIDGET").json()["on_hand"] == "95.5"
+
+
+def test_seeded_orders_need_their_items(make_sage_app: AppFactory) -> None:
+    orders = [
+        SeedSalesOrder(
+            "SO0000009", "ACME", datetime.date(2026, 2, 1), "USD", [SeedLine("GHOST", None, "1", 1)]
+        )
+    ]
+    with pytest.raises(ValueError, match="no item GHOST"):
+        make_sage_app(sales_orders=orders)

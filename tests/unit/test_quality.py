@@ -65,6 +65,7 @@ _GOOD: dict[str, Callable[[int], dict[str, Any]]] = {
                            "currency": "USD", "charge": f"ch_{i:04d}", "status": "needs_response"},
     "subscriptions": lambda i: {"id": f"sub_{i:04d}", "created": CREATED,
                                 "customer": "cus_0000", "status": "active", "currency": "USD"},
+    "products": lambda i: {"id": f"prod_{i:04d}", "created": CREATED, "name": f"Product {i}"},
 }  # fmt: skip
 
 

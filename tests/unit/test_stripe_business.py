@@ -339,3 +339,27 @@ def test_events_sorted_and_match_their_objects(data: dict[str, list[dict[str, An
         "invoice.payment_failed",
         "charge.dispute.closed",
     } <= types
+
+
+def test_products_are_the_catalog_invoice_lines_sell(world: StripeWorld) -> None:
+    """Issue 17: products in Stripe's current shape, some naming a Sage item (which the Sage
+    sandbox seeds), the rest not; every product an invoice line names is one of them."""
+    from devkit.sandbox.sage_seed import SHOP_ITEMS
+
+    products = render_all(world, "products")
+    assert set(products[0]) == set(world.tpl["product"])  # the fixture's shape, nothing else
+    ids = [p["id"] for p in products]
+    assert len(set(ids)) == len(ids) and all(world.parse_id("products", i) is not None for i in ids)
+    created = [p["created"] for p in products]
+    assert created == sorted(created) and created[0] >= world.config.start
+    seeded = {i.item for i in SHOP_ITEMS}
+    naming = [p for p in products if p["metadata"].get("sage_item")]
+    assert naming and all(p["metadata"]["sage_item"] in seeded for p in naming)
+    assert len(naming) < len(products)
+    assert any(p["type"] == "good" for p in products)
+    sold = {
+        line["pricing"]["price_details"]["product"]
+        for j in range(min(200, world.count("invoices")))
+        for line in world._invoice_lines(j)
+    }
+    assert sold and sold <= set(ids)
