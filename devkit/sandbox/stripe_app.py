@@ -466,7 +466,7 @@ def create_stripe_app(
 
     def selector(resource: str, filters: JSON) -> Selector | None:
         """Indices in [a, b) passing the filters, ascending; None when nothing filters."""
-        if resource == "customers" and world.o.deleted_customers:
+        if resource == "customers" and (world.o.deleted_customers or world.b.cu_deleted_at.any()):
             # Stripe's customer list leaves deleted customers out.
             filters = {**filters, "_not_deleted": True}
         if not filters:
@@ -556,9 +556,14 @@ def create_stripe_app(
                 predicates.append(lambda a, z, codes=codes: np.isin(b.ev_type[a:z], codes))
                 overlay.append(lambda e, m=matches: m(world.render("events", e)["type"]))
             elif key == "_not_deleted":
-                gone = np.array(sorted(world.o.deleted_customers), np.int64)
+                now = world.now()
+                cut = world.b.cu_deleted_at
+                later = [k for k in world.o.deleted_customers if world.is_deleted(k, now)]
+                gone = np.union1d(
+                    np.nonzero((cut > 0) & (cut <= now))[0], np.array(later, np.int64)
+                )
                 predicates.append(lambda a, z, gone=gone: ~np.isin(np.arange(a, z), gone))
-                overlay.append(lambda k: k not in world.o.deleted_customers)
+                overlay.append(lambda k, now=now: not world.is_deleted(k, now))
             elif resource == "invoice_payments" and key == "invoice":
                 j = lookup("invoices", value, key)
                 fixed = np.array([j], np.int64)
@@ -794,7 +799,7 @@ def create_stripe_app(
         def handle(params: JSON) -> JSON:
             check_known(params, updatable | {"expand"})
             k = lookup("customers", obj_id)
-            if k in world.o.deleted_customers:
+            if world.is_deleted(k):
                 raise StripeApiError(
                     404, f"No such customer: '{obj_id}'", code="resource_missing", param="id"
                 )
@@ -821,6 +826,10 @@ def create_stripe_app(
     @app.delete("/v1/customers/{obj_id}", summary="Delete a customer")
     async def delete_customer(request: Request, obj_id: str) -> Response:
         k = lookup("customers", obj_id)
+        if world.is_deleted(k):
+            raise StripeApiError(
+                404, f"No such customer: '{obj_id}'", code="resource_missing", param="id"
+            )
         return ok(world.delete_customer(k))
 
     @app.post("/v1/charges/{obj_id}", summary="Update a charge (metadata, description)")
