@@ -266,8 +266,11 @@ class StripeSandbox:
         with w.lock:
             n_cust = w.count("customers")
             if roll < 0.70:
+                k = rng.randrange(n_cust)
+                if w.is_deleted(k):
+                    return []  # Stripe charges no deleted customer
                 i = w.create_charge(
-                    customer=rng.randrange(n_cust),
+                    customer=k,
                     amount=rng.randrange(500, 50_000),
                     currency=rng.choice(["usd", "usd", "usd", "eur", "jpy"]),
                 )
@@ -276,8 +279,8 @@ class StripeSandbox:
                 i = w.count("charges") - 1 - rng.randrange(min(50, w.count("charges")))
                 ch = w.charge(i)
                 refunded, _, _ = w._charge_state(i, w._tick())
-                if ch.failed or refunded >= ch.amount:
-                    return []
+                if ch.failed or ch.auth or refunded >= ch.amount:
+                    return []  # nothing to refund (declined, never captured, or all back)
                 r = w.refund_charge(i, max(1, (ch.amount - refunded) // 2))
                 return [w.make_id("refunds", r)]
             if roll < 0.93:
@@ -875,7 +878,10 @@ def create_stripe_app(
         try:
             with world.lock:
                 if action == "charge":
-                    cust = lookup("customers", body["customer"]) if body.get("customer") else 0
+                    if body.get("guest"):
+                        cust = -1  # a guest checkout: no Stripe customer
+                    else:
+                        cust = lookup("customers", body["customer"]) if body.get("customer") else 0
                     i = world.create_charge(
                         customer=cust,
                         amount=int(body.get("amount", 2000)),

@@ -1194,6 +1194,8 @@ class StripeWorld:
         invoice: int = -1,
     ) -> int:
         with self.lock:
+            if customer >= 0 and self.is_deleted(customer):
+                raise ValueError(f"No such customer: '{self.make_id('customers', customer)}'")
             codes = [c for c, *_ in self.currencies]
             if currency not in codes:
                 if not (len(currency) == 3 and currency.isalpha() and currency.islower()):
