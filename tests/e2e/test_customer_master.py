@@ -11,7 +11,7 @@ import duckdb
 import pytest
 import stripe
 
-from tests.e2e.test_main_flow import Env, make_env, run_flow, stripe_all, use_env
+from tests.e2e.test_main_flow import Env, is_plain, make_env, run_flow, stripe_all, use_env
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -27,9 +27,7 @@ def cm(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Itera
         plain = [
             k
             for k in range(w.count("customers"))
-            if not w.render("customers", k)["metadata"]
-            and w.render("customers", k)["email"]
-            and len(w.render("customers", k)["name"]) <= 40
+            if is_plain(w.render("customers", k)) and w.render("customers", k)["email"]
         ]
         env.by_email = w.make_id("customers", plain[0])  # type: ignore[attr-defined]
         env.ambiguous = w.make_id("customers", plain[1])  # type: ignore[attr-defined]
