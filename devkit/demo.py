@@ -72,7 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         second = stripe_to_sage(trigger="demo")
         print_run("second run (nothing changed: posts nothing)", second)
         # New activity after the first runs: a charge, a late refund, an invoice paid late.
-        new_charge = w.create_charge(customer=1, amount=4_200, currency="usd")
+        new_charge = w.create_charge(customer=_chargeable(w), amount=4_200, currency="usd")
         w.refund_charge(_refundable(w), None)
         opened = w.open_invoices()
         if opened:
@@ -101,9 +101,15 @@ Where to look
 
 
 def _refundable(w: Any) -> int:
-    """The newest base charge that can still be refunded (for the demo's late refund)."""
+    """The newest base charge that can still be refunded (for the demo's late refund): not
+    declined, captured (an authorization moved no money), not refunded or disputed yet."""
     for i in range(len(w.b.charges) - 1, -1, -1):
         ch = w.charge(i)
-        if not ch.failed and not w.refunds_of_charge(i) and w.b.ch_dispute[i] < 0:
+        if not ch.failed and not ch.auth and not w.refunds_of_charge(i) and w.b.ch_dispute[i] < 0:
             return i
     raise RuntimeError("no refundable charge")
+
+
+def _chargeable(w: Any) -> int:
+    """The first customer Stripe can still charge (the business deletes a few)."""
+    return next(k for k in range(w.count("customers")) if not w.is_deleted(k))

@@ -29,15 +29,18 @@ def sage_seed_for(world: StripeWorld) -> tuple[list[SeedCustomer], list[SeedSale
             currency="USD",
             reference=world.make_id("customers", k),
         )
-    # ... and a sales order for every charge that carries metadata.erp_order_id.
+    # ... and a sales order for every charge that carries metadata.erp_order_id, except the
+    # few orders that never reached Sage (``Business.ch_erp_unknown``).
     for i in b.erp_charges.tolist():
         ch = world.charge(i)
         sage_id = b.sage_customer_id(ch.customer)
         assert sage_id is not None, "erp orders are placed by customers with a Sage id"
+        order_no = b.erp_order_no(i)
+        assert order_no is not None
         day = dt.datetime.fromtimestamp(ch.created, dt.UTC).date()
         orders.append(
             SeedSalesOrder(
-                order_no=b.erp_order_no(i),
+                order_no=order_no,
                 customer_id=sage_id,
                 order_date=day,
                 currency="USD",
@@ -49,7 +52,7 @@ def sage_seed_for(world: StripeWorld) -> tuple[list[SeedCustomer], list[SeedSale
                         unit_price_minor=ch.amount,
                     )
                 ],
-                reference=f"web-{b.erp_order_no(i).lower()}",
+                reference=f"web-{order_no.lower()}",
             )
         )
     return list(customers.values()), orders

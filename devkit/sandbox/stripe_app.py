@@ -266,8 +266,11 @@ class StripeSandbox:
         with w.lock:
             n_cust = w.count("customers")
             if roll < 0.70:
+                k = rng.randrange(n_cust)
+                if w.is_deleted(k):
+                    return []  # Stripe charges no deleted customer
                 i = w.create_charge(
-                    customer=rng.randrange(n_cust),
+                    customer=k,
                     amount=rng.randrange(500, 50_000),
                     currency=rng.choice(["usd", "usd", "usd", "eur", "jpy"]),
                 )
@@ -276,8 +279,8 @@ class StripeSandbox:
                 i = w.count("charges") - 1 - rng.randrange(min(50, w.count("charges")))
                 ch = w.charge(i)
                 refunded, _, _ = w._charge_state(i, w._tick())
-                if ch.failed or refunded >= ch.amount:
-                    return []
+                if ch.failed or ch.auth or refunded >= ch.amount:
+                    return []  # nothing to refund (declined, never captured, or all back)
                 r = w.refund_charge(i, max(1, (ch.amount - refunded) // 2))
                 return [w.make_id("refunds", r)]
             if roll < 0.93:
@@ -466,7 +469,7 @@ def create_stripe_app(
 
     def selector(resource: str, filters: JSON) -> Selector | None:
         """Indices in [a, b) passing the filters, ascending; None when nothing filters."""
-        if resource == "customers" and world.o.deleted_customers:
+        if resource == "customers" and (world.o.deleted_customers or world.b.cu_deleted_at.any()):
             # Stripe's customer list leaves deleted customers out.
             filters = {**filters, "_not_deleted": True}
         if not filters:
@@ -556,9 +559,14 @@ def create_stripe_app(
                 predicates.append(lambda a, z, codes=codes: np.isin(b.ev_type[a:z], codes))
                 overlay.append(lambda e, m=matches: m(world.render("events", e)["type"]))
             elif key == "_not_deleted":
-                gone = np.array(sorted(world.o.deleted_customers), np.int64)
+                now = world.now()
+                cut = world.b.cu_deleted_at
+                later = [k for k in world.o.deleted_customers if world.is_deleted(k, now)]
+                gone = np.union1d(
+                    np.nonzero((cut > 0) & (cut <= now))[0], np.array(later, np.int64)
+                )
                 predicates.append(lambda a, z, gone=gone: ~np.isin(np.arange(a, z), gone))
-                overlay.append(lambda k: k not in world.o.deleted_customers)
+                overlay.append(lambda k, now=now: not world.is_deleted(k, now))
             elif resource == "invoice_payments" and key == "invoice":
                 j = lookup("invoices", value, key)
                 fixed = np.array([j], np.int64)
@@ -795,7 +803,7 @@ def create_stripe_app(
         def handle(params: JSON) -> JSON:
             check_known(params, updatable | {"expand"})
             k = lookup("customers", obj_id)
-            if k in world.o.deleted_customers:
+            if world.is_deleted(k):
                 raise StripeApiError(
                     404, f"No such customer: '{obj_id}'", code="resource_missing", param="id"
                 )
@@ -822,6 +830,10 @@ def create_stripe_app(
     @app.delete("/v1/customers/{obj_id}", summary="Delete a customer")
     async def delete_customer(request: Request, obj_id: str) -> Response:
         k = lookup("customers", obj_id)
+        if world.is_deleted(k):
+            raise StripeApiError(
+                404, f"No such customer: '{obj_id}'", code="resource_missing", param="id"
+            )
         return ok(world.delete_customer(k))
 
     @app.post("/v1/charges/{obj_id}", summary="Update a charge (metadata, description)")
@@ -878,7 +890,10 @@ def create_stripe_app(
         try:
             with world.lock:
                 if action == "charge":
-                    cust = lookup("customers", body["customer"]) if body.get("customer") else 0
+                    if body.get("guest"):
+                        cust = -1  # a guest checkout: no Stripe customer
+                    else:
+                        cust = lookup("customers", body["customer"]) if body.get("customer") else 0
                     i = world.create_charge(
                         customer=cust,
                         amount=int(body.get("amount", 2000)),

@@ -23,6 +23,21 @@ for byte. What it contains, by design, so that the pipeline's hard cases all occ
 - disputes won (fee sometimes returned) and lost, and still open;
 - a monthly Billing fee (`stripe_fee`), automatic daily payouts whose balance transactions'
   ``net`` sums exactly to the payout amount, and one payout that fails after it was paid.
+
+And the everyday shapes of a real account (docs/accounting.md "Zero-touch defaults"), each a
+small share scaled with the business (a few per 1000 charges, never fewer than one or two):
+
+- guest checkout: charges with no Stripe customer (``customer`` null, the buyer only in
+  ``billing_details``), half of them refunded later;
+- customers with no name: some whose cards carry a billing name, some with only an email,
+  some with nothing at all;
+- names longer than Sage's 40 characters with no word boundary to shorten at;
+- customers deleted in Stripe after their charges (the list leaves them out, retrieving one
+  answers Stripe's ``deleted`` stub, their charges still name them);
+- card authorizations never captured: still pending (``captured`` false, no balance
+  transaction), expired after 7 days (``charge.expired``) or released by the merchant
+  (``charge.refunded``); neither of the last two has a refund object or moves money;
+- charges whose ``metadata.erp_order_id`` names an order Sage never received.
 """
 
 from __future__ import annotations
@@ -48,6 +63,37 @@ CURRENCIES: tuple[tuple[str, int, float, float], ...] = (
 USD = 0
 DISPUTE_FEE = 1500
 BILLING_FEE = 2500
+# Authorizations: 0 a normal (captured or failed) charge, else never captured and ...
+AUTH_PENDING, AUTH_EXPIRED, AUTH_RELEASED = 1, 2, 3  # ... still open, expired, released
+AUTH_EXPIRY = 7 * DAY  # Stripe's card authorizations lapse after 7 days
+# Shares of the everyday shapes, per 1000 charges (customers: per 1000 customers), and the
+# least of each a business holds however small.
+PER_MILLE: dict[str, tuple[int, int]] = {
+    "guest": (5, 3),
+    "auth_pending": (2, 1),
+    "auth_expired": (2, 1),
+    "auth_released": (2, 1),
+    "erp_unknown": (3, 2),
+    "nameless_billing": (16, 1),
+    "nameless_email": (16, 1),
+    "nameless_nothing": (16, 1),
+    "long_unbroken": (16, 1),
+    "deleted": (16, 2),
+}
+
+
+def share(kind: str, n: int) -> int:
+    per_mille, least = PER_MILLE[kind]
+    return max(least, n * per_mille // 1000)
+
+
+def spread(pool: np.ndarray, count: int, offset: int) -> np.ndarray:
+    """``count`` members of ``pool`` spaced evenly over it (deterministic, no randomness)."""
+    if count <= 0 or len(pool) == 0:
+        return np.array([], np.int64)
+    count = min(count, len(pool))
+    pos = (np.arange(count, dtype=np.int64) * len(pool)) // count
+    return np.sort(pool[(pos + offset) % len(pool)])
 
 
 def default_end() -> int:
@@ -101,6 +147,7 @@ EVENT_TYPES: tuple[tuple[str, str], ...] = (
     ("customer.deleted", "customers"),  # 21
     ("charge.updated", "charges"),  # 22
     ("invoice.updated", "invoices"),  # 23
+    ("charge.expired", "charges"),  # 24
 )
 EVENT_CODE = {name: i for i, (name, _) in enumerate(EVENT_TYPES)}
 
@@ -138,6 +185,7 @@ class Business:
         self._customers()
         self._charges()
         self._subscriptions_and_invoices()
+        self._everyday_shapes()
         self._refunds()
         self._disputes()
         self._balance_transactions_and_payouts()
@@ -215,14 +263,90 @@ class Business:
         self.ch_invoice = np.full(c.charges, -1, np.int32)
         self.ch_invoice[inv_charge] = j
 
+    # -- everyday shapes ---------------------------------------------------------------------
+    def _everyday_shapes(self) -> None:
+        """Mark the everyday shapes (module docstring) by index arithmetic, drawing nothing
+        from ``rng``: the rest of the business is the same with or without them."""
+        c = self.config
+        n = c.charges
+        created = self.charges.created
+        plain = np.nonzero(~self.ch_is_invoice & ~self.ch_is_erp & ~self.ch_failed)[0]
+        taken = np.zeros(n, bool)
+
+        def pick(kind: str, where: np.ndarray, offset: int) -> np.ndarray:
+            pool = plain[where[plain] & ~taken[plain]]
+            got = spread(pool, share(kind, n), offset)
+            taken[got] = True
+            return got
+
+        anywhere = np.ones(n, bool)
+        self.ch_guest = np.zeros(n, bool)
+        self.ch_guest[pick("guest", anywhere, 1)] = True
+        self.ch_erp_unknown = np.zeros(n, bool)
+        # The web shop sells in USD, like its orders Sage does have.
+        self.ch_erp_unknown[pick("erp_unknown", self.ch_currency == USD, 2)] = True
+        self.ch_auth = np.zeros(n, np.int8)
+        self.ch_auth_at = np.zeros(n, np.int64)  # when it expired or was released
+        pending = pick("auth_pending", created >= c.end - AUTH_EXPIRY + DAY, 0)
+        self.ch_auth[pending] = AUTH_PENDING
+        expired = pick("auth_expired", created + AUTH_EXPIRY <= c.end - HOUR, 3)
+        self.ch_auth[expired] = AUTH_EXPIRED
+        self.ch_auth_at[expired] = created[expired] + AUTH_EXPIRY
+        released = pick("auth_released", created + DAY <= c.end - HOUR, 5)
+        self.ch_auth[released] = AUTH_RELEASED
+        self.ch_auth_at[released] = created[released] + DAY
+        self.ch_customer[self.ch_guest] = -1
+
+        # Customers: none of these carries a Sage id (the shop pushed those with a name) or
+        # one of the other special names.
+        k = np.arange(self.n_customers)
+        charged = self.ch_customer[self.ch_customer >= 0]
+        has_charge = np.zeros(self.n_customers, bool)
+        has_charge[charged] = True
+        billed = np.zeros(self.n_customers, bool)  # customers of Billing invoices/subscriptions
+        billed[self.ch_customer[self.inv_charge]] = True
+        billed[self.sub_customer] = True
+        free = (k % 10 != 0) & (k % 37 != 5) & (k % 17 != 2) & has_charge
+        used = np.zeros(self.n_customers, bool)
+
+        def pick_customers(kind: str, where: np.ndarray, offset: int) -> np.ndarray:
+            pool = np.nonzero(where & ~used)[0]
+            got = spread(pool, share(kind, self.n_customers), offset)
+            used[got] = True
+            return got
+
+        # Deleted after their last charge (Stripe refuses charges for a deleted customer).
+        self.cu_deleted_at = np.zeros(self.n_customers, np.int64)
+        gone = pick_customers("deleted", free & ~billed, 1)
+        last = np.full(self.n_customers, c.start, np.int64)
+        mine = self.ch_customer >= 0
+        np.maximum.at(last, self.ch_customer[mine], created[mine])
+        self.cu_deleted_at[gone] = np.minimum(
+            c.end - HOUR, np.maximum(last[gone] + HOUR, c.end - 2 * DAY)
+        )
+        # 0 a name, 1 no name but a billing name on its cards, 2 only an email, 3 nothing,
+        # 4 a name over 40 characters with no word boundary to shorten at.
+        self.cu_name_kind = np.zeros(self.n_customers, np.int8)
+        for kind, code, offset in (
+            ("nameless_billing", 1, 2),
+            ("nameless_email", 2, 3),
+            ("nameless_nothing", 3, 4),
+            ("long_unbroken", 4, 5),
+        ):
+            self.cu_name_kind[pick_customers(kind, free, offset)] = code
+
     # -- refunds ---------------------------------------------------------------------------
     def _refunds(self) -> None:
         c, rng = self.config, self.rng
         n = c.charges
-        ok = ~self.ch_failed
+        ok = ~self.ch_failed & (self.ch_auth == 0)
         delay = rng.integers(HOUR, 10 * DAY, n)
         created = self.charges.created + delay
         want = ok & (rng.random(n) < 0.08) & (created <= c.end - 2 * HOUR)
+        # Every other guest checkout is refunded (the refund credits the guest customer).
+        guests = np.nonzero(self.ch_guest)[0][::2]
+        want[guests] = True
+        created[guests] = np.minimum(created[guests], c.end - 2 * HOUR)
         partial = rng.random(n) < 0.4
         frac = rng.uniform(0.1, 0.9, n)
         amount = np.where(
@@ -253,6 +377,7 @@ class Business:
         created = self.charges.created + rng.integers(2 * DAY, 20 * DAY, n)
         want = (
             ~self.ch_failed
+            & (self.ch_auth == 0)
             & (self.ch_refund < 0)
             & (rng.random(n) < 0.012)
             & (created <= c.end - HOUR)
@@ -297,7 +422,7 @@ class Business:
                 }
             )
 
-        ok = np.nonzero(~self.ch_failed)[0]
+        ok = np.nonzero(~self.ch_failed & (self.ch_auth == 0))[0]  # captured: money moved
         ch_created = self.charges.created[ok]
         add(
             BT_CHARGE,
@@ -479,6 +604,8 @@ class Business:
             parts.append((np.asarray(created, np.int64), EVENT_CODE[etype], np.asarray(obj)))
 
         add(self.customers.created, "customer.created", np.arange(len(self.customers)))
+        gone = np.nonzero(self.cu_deleted_at)[0]
+        add(self.cu_deleted_at[gone], "customer.deleted", gone)
         add(
             self.subscriptions.created,
             "customer.subscription.created",
@@ -494,7 +621,13 @@ class Business:
         unpaid = ninv[~inv_ok]
         add(self.charges.created[self.inv_charge[unpaid]] + 1, "invoice.payment_failed", unpaid)
         nch = np.arange(c.charges)
+        # An authorization succeeds as a charge too (``captured`` false) ...
         add(self.charges.created[~self.ch_failed], "charge.succeeded", nch[~self.ch_failed])
+        # ... then lapses after 7 days, or the merchant releases it (Stripe: refunded).
+        lapsed = self.ch_auth == AUTH_EXPIRED
+        add(self.ch_auth_at[lapsed], "charge.expired", nch[lapsed])
+        freed = self.ch_auth == AUTH_RELEASED
+        add(self.ch_auth_at[freed], "charge.refunded", nch[freed])
         add(self.charges.created[self.ch_failed], "charge.failed", nch[self.ch_failed])
         nrf = np.arange(len(self.refunds))
         add(self.refunds.created, "charge.refunded", self.rf_charge)
@@ -533,8 +666,13 @@ class Business:
     def erp_charges(self) -> np.ndarray:
         return np.nonzero(self.ch_is_erp)[0]
 
-    def erp_order_no(self, charge: int) -> str:
-        return f"SO{charge // 20:07d}"
+    def erp_order_no(self, charge: int) -> str | None:
+        """The Sage order a charge settles: seeded in Sage, or (a few) one Sage never got."""
+        if self.ch_is_erp[charge]:
+            return f"SO{charge // 20:07d}"
+        if self.ch_erp_unknown[charge]:
+            return f"SO9{charge:06d}"
+        return None
 
     def sage_customer_id(self, customer: int) -> str | None:
         """The Sage id an eCommerce platform stored on one customer in ten."""

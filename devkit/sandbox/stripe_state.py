@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from devkit.sandbox.stripe_business import (
+    AUTH_EXPIRY,
+    AUTH_PENDING,
     BT_CHARGE,
     BT_DISPUTE,
     BT_DISPUTE_REVERSAL,
@@ -149,6 +151,14 @@ PRODUCTS = [
 ]
 COUNTRIES = ["US", "US", "US", "GB", "DE", "JP", "KW", "FR", "CA", "NL"]
 BRANDS = ["visa", "mastercard", "amex", "discover"]
+# Business.cu_name_kind: customers without a name, and names with no word boundary.
+NAMELESS_BILLING, NAMELESS_EMAIL, NAMELESS_NOTHING, LONG_UNBROKEN = 1, 2, 3, 4
+UNBROKEN = [
+    "Donaudampfschifffahrtselektrizitätenhauptbetriebswerkbauunterbeamtengesellschaft",
+    "Grundstücksverkehrsgenehmigungszuständigkeitsübertragungsverordnung",
+    "Taumatawhakatangihangakoauauotamateaturipukakapikimaungahoronukupokaiwhenuakitanatahu",
+    "Llanfairpwllgwyngyllgogerychwyrndrobwllllantysiliogogogoch",
+]
 
 
 @dataclass
@@ -160,12 +170,14 @@ class ChargeSpec:
     bt_amount: int
     fee_processing: int
     fee_intl: int
-    customer: int
+    customer: int  # -1: a guest checkout (no Stripe customer)
     failed: bool
     invoice: int = -1
     erp_order_no: str | None = None
     card: int = 0
     bt: int = -1  # overlay charges store their bt index
+    auth: int = 0  # AUTH_*: an authorization never captured (stripe_business)
+    auth_at: int = 0  # when it expired or was released
 
 
 @dataclass
@@ -318,9 +330,11 @@ class StripeWorld:
             customer=int(b.ch_customer[i]),
             failed=bool(b.ch_failed[i]),
             invoice=int(b.ch_invoice[i]),
-            erp_order_no=b.erp_order_no(i) if b.ch_is_erp[i] else None,
+            erp_order_no=b.erp_order_no(i),
             card=int(b.ch_card[i]),
-            bt=-1 if b.ch_failed[i] else b.bt_of(BT_CHARGE, i),
+            bt=b.bt_of(BT_CHARGE, i) if not b.ch_failed[i] and not b.ch_auth[i] else -1,
+            auth=int(b.ch_auth[i]),
+            auth_at=int(b.ch_auth_at[i]),
         )
 
     def refund(self, r: int) -> RefundSpec:
@@ -380,10 +394,11 @@ class StripeWorld:
     def _customer_attrs(self, k: int) -> JSON:
         n = len(self.b.customers)
         if k >= n:
-            return self.o.customers[k - n]
+            extra = self.o.customers[k - n]
+            return {**extra, "billing_name": extra.get("billing_name", extra["name"])}
         rr = random.Random(self.config.seed * 1_000_003 + k)
         first, last = rr.choice(FIRST), rr.choice(LAST)
-        name = f"{first} {last}"
+        name: str | None = f"{first} {last}"
         if k % 37 == 5:
             name = f"{first} {last}, {rr.choice(COMPANY)} International Holdings and Trading Co."
         elif k % 17 == 2:
@@ -391,9 +406,21 @@ class StripeWorld:
         base = k - 1 if k % 29 == 11 else k  # pairs sharing one email
         email = None if k % 13 == 4 else f"customer{base}@example.com"
         country = rr.choice(COUNTRIES)
+        billing_name = name  # the name on the customer's cards
+        kind = int(self.b.cu_name_kind[k])
+        if kind == NAMELESS_BILLING:
+            name = None
+        elif kind == NAMELESS_EMAIL:
+            name, billing_name = None, None
+            email = f"customer{k}@example.com"
+        elif kind == NAMELESS_NOTHING:
+            name, billing_name, email = None, None, None
+        elif kind == LONG_UNBROKEN:
+            name = billing_name = UNBROKEN[k % len(UNBROKEN)]
         return {
             "created": int(self.b.customers.created[k]),
             "name": name,
+            "billing_name": billing_name,
             "email": email,
             "phone": f"+1 555 {rr.randint(100, 999)} {rr.randint(1000, 9999)}",
             "address": {
@@ -409,10 +436,42 @@ class StripeWorld:
             "metadata": ({"sage_customer_id": sid} if (sid := self.b.sage_customer_id(k)) else {}),
         }
 
+    def _guest_attrs(self, i: int) -> JSON:
+        """The buyer of a guest checkout: only what the payment form collected."""
+        rr = random.Random(self.config.seed * 2_000_003 + i)
+        first, last = rr.choice(FIRST), rr.choice(LAST)
+        country = rr.choice(COUNTRIES)
+        return {
+            "name": None,
+            "billing_name": f"{first} {last}",
+            "email": f"guest{i}@example.net",
+            "phone": None,
+            "address": {
+                "city": rr.choice(["Springfield", "Berlin", "Tokyo", "London", "Paris"]),
+                "country": country,
+                "line1": f"{rr.randint(1, 999)} Market Street",
+                "line2": None,
+                "postal_code": f"{rr.randint(10000, 99999)}",
+                "state": "CA" if country == "US" else None,
+            },
+            "metadata": {},
+        }
+
+    def deleted_at(self, k: int) -> int | None:
+        """When customer ``k`` was deleted in Stripe (in the business or later), else None."""
+        if k < len(self.b.customers) and self.b.cu_deleted_at[k]:
+            return int(self.b.cu_deleted_at[k])
+        if k in self.o.deleted_customers:
+            return int(self.o.patches.get(("customers_deleted_at", k), {}).get("at", 0))
+        return None
+
+    def is_deleted(self, k: int, t: int | None = None) -> bool:
+        at = self.deleted_at(k)
+        return at is not None and self.as_of(t) >= at
+
     def _render_customers(self, k: int, t: int, expand: frozenset[str]) -> JSON:
-        if k in self.o.deleted_customers and t >= self.o.patches.get(
-            ("customers_deleted_at", k), {}
-        ).get("at", 0):
+        if self.is_deleted(k, t):
+            # Stripe's answer for a deleted customer: only this stub (docs/stripe.md).
             return {"id": self.make_id("customers", k), "object": "customer", "deleted": True}
         a = self._customer_attrs(k)
         obj = dict(self.tpl["customer"])
@@ -479,8 +538,12 @@ class StripeWorld:
         cid = self.make_id("charges", i)
         code = self.currencies[c.currency][0]
         refunded, visible, dispute = self._charge_state(i, t)
-        cust = self._customer_attrs(c.customer)
+        guest = c.customer < 0
+        cust = self._guest_attrs(i) if guest else self._customer_attrs(c.customer)
         ok = not c.failed
+        captured = ok and not c.auth
+        if c.auth and c.auth != AUTH_PENDING and c.auth_at <= t:
+            refunded = c.amount  # expired or released: Stripe shows the whole amount refunded
         metadata: JSON = {}
         if c.erp_order_no:
             metadata["erp_order_id"] = c.erp_order_no
@@ -492,28 +555,32 @@ class StripeWorld:
             last4=f"{rr.randint(0, 9999):04d}",
             country=cust["address"]["country"],
             amount_authorized=c.amount,
-            fingerprint=_b62((self._salt ^ (c.customer * 0x2545F4914F6CDD1D)) & _MASK, 16),
+            fingerprint=_b62(
+                (self._salt ^ ((-1 - i if guest else c.customer) * 0x2545F4914F6CDD1D)) & _MASK, 16
+            ),
             wallet=None,
             exp_month=rr.randint(1, 12),
             exp_year=2030,
         )
+        if c.auth:
+            card["capture_before"] = c.created + AUTH_EXPIRY
         obj = dict(tpl)
         obj.update(
             id=cid,
             amount=c.amount,
-            amount_captured=c.amount if ok else 0,
+            amount_captured=c.amount if captured else 0,
             amount_refunded=refunded,
-            balance_transaction=self.make_id("balance_transactions", c.bt) if ok else None,
+            balance_transaction=self.make_id("balance_transactions", c.bt) if captured else None,
             billing_details={
                 **tpl["billing_details"],
                 "email": cust["email"],
-                "name": cust["name"],
+                "name": cust["billing_name"],
                 "address": dict(cust["address"]),
             },
-            captured=ok,
+            captured=captured,
             created=c.created,
             currency=code,
-            customer=self.make_id("customers", c.customer),
+            customer=None if guest else self.make_id("customers", c.customer),
             description=("Payment for invoice" if c.invoice >= 0 else "Order payment"),
             disputed=dispute >= 0,
             failure_code="card_declined" if c.failed else None,
@@ -552,9 +619,9 @@ class StripeWorld:
                 "has_more": False,
                 "url": f"/v1/charges/{cid}/refunds",
             }
-        if "balance_transaction" in expand and ok:
+        if "balance_transaction" in expand and captured:
             obj["balance_transaction"] = self._render_balance_transactions(c.bt, t, frozenset())
-        if "customer" in expand:
+        if "customer" in expand and not guest:
             obj["customer"] = self.render("customers", c.customer, as_of=t)
         return obj
 
@@ -1013,7 +1080,10 @@ class StripeWorld:
         etype, resource = EVENT_TYPES[int(self.b.ev_type[e])]
         created = int(self.b.events.created[e])
         obj_index = int(self.b.ev_object[e])
-        data_obj = self.render(resource, obj_index, as_of=created)
+        if etype == "customer.deleted":  # the customer as it was, flagged (as delete_customer)
+            data_obj = {**self.render(resource, obj_index, as_of=created - 1), "deleted": True}
+        else:
+            data_obj = self.render(resource, obj_index, as_of=created)
         return self._event(self.make_id("events", e), etype, created, data_obj)
 
     def _event(
@@ -1158,6 +1228,8 @@ class StripeWorld:
         invoice: int = -1,
     ) -> int:
         with self.lock:
+            if customer >= 0 and self.is_deleted(customer):
+                raise ValueError(f"No such customer: '{self.make_id('customers', customer)}'")
             codes = [c for c, *_ in self.currencies]
             if currency not in codes:
                 if not (len(currency) == 3 and currency.isalpha() and currency.islower()):
@@ -1208,6 +1280,8 @@ class StripeWorld:
             ch = self.charge(i)
             if ch.failed:
                 raise ValueError("a failed charge cannot be refunded")
+            if ch.auth:
+                raise ValueError("an uncaptured charge moved no money: nothing to refund")
             refunded, _, _ = self._charge_state(i, self._tick())
             amount = ch.amount - refunded if amount is None else amount
             if amount <= 0 or refunded + amount > ch.amount:

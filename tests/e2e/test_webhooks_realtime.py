@@ -24,6 +24,7 @@ from tests.e2e.test_main_flow import (
     expected_documents,
     make_env,
     outbox,
+    plain_customer,
     product_env,
     sage_all,
 )
@@ -128,7 +129,7 @@ def receipt_refs(env: Env) -> Counter[str]:
 
 def test_new_charge_becomes_a_sage_receipt_without_a_scheduled_run(rt: Realtime) -> None:
     with rt.env.stripe() as s:
-        customer = s.get("/v1/customers", params={"limit": 1}).json()["data"][0]["id"]
+        customer = plain_customer(s)
         t0 = time.monotonic()
         charge = s.post(
             "/_sandbox/activity", json={"action": "charge", "customer": customer, "amount": 4321}
@@ -174,7 +175,7 @@ def test_a_thousand_events_with_duplicates_and_shuffling_post_exactly_once(rt: R
 def test_events_received_while_prefect_is_down_are_processed_when_it_returns(rt: Realtime) -> None:
     rt.prefect.stop()
     with rt.env.stripe() as s:
-        customer = s.get("/v1/customers", params={"limit": 1}).json()["data"][0]["id"]
+        customer = plain_customer(s)
         charge = s.post(
             "/_sandbox/activity", json={"action": "charge", "customer": customer, "amount": 1234}
         ).json()["id"]

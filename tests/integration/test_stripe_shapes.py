@@ -46,7 +46,8 @@ MAX_DEPTH = 2  # 0: top-level keys; 1: keys of nested objects; 2: e.g. p_m_detai
 # a value but a real object can be null. Keep this short: anything else null is a bug.
 NULLABLE: dict[str, set[str]] = {
     "charge": {
-        "balance_transaction",  # null on a failed charge
+        "balance_transaction",  # null on a failed or an uncaptured charge
+        "billing_details.name",  # a card without a cardholder name
         "shipping",
         "transfer_data",
         "source",  # no shipping, no Connect, no legacy source
@@ -232,6 +233,16 @@ def test_charges(raw: httpx.Client, examples: dict[str, dict[str, Any]]) -> None
     ids += [c["id"] for c in first(charges, lambda c: c["amount_refunded"] > 0)]
     ids += [c["id"] for c in first(charges, lambda c: c["disputed"])]
     ids += [c["id"] for c in first(charges, lambda c: c["currency"] == "jpy")]
+    # The everyday shapes of a real account: a guest checkout, a cardholder without a name,
+    # an authorization still open, one lapsed or released, an ERP order Sage never got.
+    ids += [c["id"] for c in first(charges, lambda c: c["customer"] is None)]
+    ids += [c["id"] for c in first(charges, lambda c: c["billing_details"]["name"] is None)]
+    ids += [c["id"] for c in first(charges, lambda c: not c["captured"] and not c["refunded"])]
+    ids += [c["id"] for c in first(charges, lambda c: not c["captured"] and c["refunded"])]
+    ids += [
+        c["id"]
+        for c in first(charges, lambda c: c["metadata"].get("erp_order_id", "").startswith("SO9"))
+    ]
     # Stripe's example shows refunds expanded (a list), so retrieve them that way.
     served = [get(raw, f"/v1/charges/{i}", **{"expand[]": "refunds"}) for i in ids]
     check("charge", examples, served)
@@ -295,7 +306,39 @@ def test_balance_transactions(raw: httpx.Client, examples: dict[str, dict[str, A
 
 def test_customers(raw: httpx.Client, examples: dict[str, dict[str, Any]]) -> None:
     customers = list_all(raw, "customers")
-    check("customer", examples, spread(customers) + first(customers, lambda c: c["email"] is None))
+    sample = spread(customers) + first(customers, lambda c: c["email"] is None)
+    sample += first(customers, lambda c: c["name"] is None and c["email"] is None)
+    sample += first(customers, lambda c: len(c["name"] or "") > 40 and " " not in c["name"])
+    check("customer", examples, sample)
+
+
+def test_deleted_customers_are_stripes_stub(
+    raw: httpx.Client, examples: dict[str, dict[str, Any]]
+) -> None:
+    """A customer deleted in Stripe: left out of the list, its id answers the deleted stub
+    (retrieved, or expanded from a charge that still names it), its events show it whole."""
+    listed = {c["id"] for c in list_all(raw, "customers")}
+    deleted = [
+        e["data"]["object"]["id"]
+        for e in list_all(raw, "events")
+        if e["type"] == "customer.deleted"
+    ]
+    assert len(deleted) >= 2
+    charges = list_all(raw, "charges")
+    stub_shape = {k: type(v) for k, v in examples["deleted_customer"].items()}
+    for cid in deleted:
+        assert cid not in listed
+        stub = get(raw, f"/v1/customers/{cid}")
+        assert {k: type(v) for k, v in stub.items()} == stub_shape
+        assert stub == {"id": cid, "object": "customer", "deleted": True}
+        theirs = [c for c in charges if c["customer"] == cid]
+        assert theirs, "a deleted customer's charges still name it"
+        expanded = get(raw, f"/v1/charges/{theirs[0]['id']}", **{"expand[]": "customer"})
+        assert expanded["customer"] == stub
+        assert get(raw, "/v1/charges", customer=cid, limit=100)["data"]
+        # Stripe refuses to update or delete it again.
+        assert raw.post(f"/v1/customers/{cid}", data={"name": "x"}).status_code == 404
+        assert raw.delete(f"/v1/customers/{cid}").status_code == 404
 
 
 def test_disputes(raw: httpx.Client, examples: dict[str, dict[str, Any]]) -> None:
