@@ -66,7 +66,7 @@ def stripe_all(client: httpx.Client, path: str, **params: Any) -> list[dict[str,
 def is_plain(customer: dict[str, Any]) -> bool:
     """An ordinary Stripe customer: not deleted, named within Sage's 40 characters, not pushed
     to Sage by the shop (no metadata). Tests that need one customer pick one of these."""
-    name = customer.get("name")
+    name = customer.get("name") or ""
     return (
         not customer.get("deleted")
         and bool(name)

@@ -30,11 +30,11 @@ from stripe_sage.errors import AuthenticationError
 from stripe_sage.mapping import Mapping, default_mapping_text, load_mapping
 from stripe_sage.plan.outbox import plan_documents, plan_into_outbox, plan_slices
 from stripe_sage.sage.client import COLLECTIONS, SageProClient
-from tasks.sage import sage_has, sage_has_many
 from stripe_sage.sage.loader import Loader
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, Extractor
+from tasks.sage import sage_has, sage_has_many
 
 pytestmark = pytest.mark.integration
 
