@@ -53,7 +53,6 @@ from stripe_sage.stripe.backfill import (
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY
 from stripe_sage.stripe.streams import LISTED_STREAMS
-from tasks.staging import stage
 
 FanOut = Literal["dask", "deployments", "threads"]
 WINDOWS_DEPLOYMENT = "backfill-windows/backfill-windows"
@@ -238,14 +237,7 @@ def backfill(
             )
             finish_streams(ctx.staging, wanted, now=now)
             timings["merge"] = round(time.perf_counter() - t, 3)
-            run_stages(ctx, run, stages=["stage"], previous_rows=previous)
-            # Customers deleted in Stripe are in no customer list, only named by their charges:
-            # retrieved by id once the charges are staged (as the sync's extract does), then
-            # staged with the rest, so a backfilled file holds what a synced one holds.
-            if "customers" in wanted and ctx.extractor.fetch_referenced_customers():
-                for table, n in stage(ctx.staging, run_id).items():
-                    counts["staged"][table] = counts["staged"].get(table, 0) + n
-            run_stages(ctx, run, stages=["quality"], previous_rows=previous)
+            run_stages(ctx, run, stages=("stage", "quality"), previous_rows=previous)
             timings.update({k: round(v, 3) for k, v in timings.items()})
             run.finish("completed")
     shutil.rmtree(root, ignore_errors=True)  # merged: the files have served their purpose

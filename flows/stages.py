@@ -163,6 +163,12 @@ def run_stages(
     if "stage" in stages:
         with clock.stage("stage") as row:
             counts["staged"] = _call(stage, st, run_id)
+            # Customers deleted in Stripe are in no list, only named by charges or invoices:
+            # retrieved by id once those are staged (a first run's extract has nothing staged
+            # to look at), then staged too (docs/accounting.md §2).
+            if ctx.extractor.fetch_referenced_customers():
+                for table, n in _call(stage, st, run_id).items():
+                    counts["staged"][table] = counts["staged"].get(table, 0) + n
             row["rows"] = sum(counts["staged"].values())
         with clock.stage("itemise") as row:
             counts["payouts_itemised"] = row["rows"] = _call(

@@ -60,7 +60,14 @@ def stripe_to_sage(
         create_table_artifact(
             key="run-summary",
             description=f"stripe_to_sage run {run.run_id}: {status}",
-            table=[{"doc_type": d, **s} for d, s in counts["totals"].items()],
+            # Every document per state, then the records quality held back (never silent).
+            table=[{"doc_type": d, **s} for d, s in counts["totals"].items()]
+            + [
+                {
+                    "doc_type": "(quarantined records)",
+                    "quarantined": counts["load"].get("states", {}).get("quarantined", 0),
+                }
+            ],
         )
         logger.info(
             "run %s %s: posted %s, dead %s, deferred %s",

@@ -63,8 +63,17 @@ def emit_auth_failed(exc: AuthenticationError, *, run_id: str, flow: str) -> Non
     )
 
 
-def emit_dead_letters(count: int, threshold: int, *, run_id: str, flow: str) -> bool:
-    """Emit the threshold event when ``count`` open dead letters exceed ``threshold``."""
+def emit_dead_letters(
+    count: int,
+    threshold: int,
+    *,
+    run_id: str,
+    flow: str,
+    unposted: dict[str, int] | None = None,
+) -> bool:
+    """Emit the threshold event when ``count`` open dead letters exceed ``threshold``; the
+    other unposted states (``Staging.state_counts``: blocked, waiting, quarantined...) ride
+    along, so the alert tells the whole of what is not in Sage."""
     if count <= threshold:
         return False
     from prefect.events import emit_event
@@ -75,7 +84,13 @@ def emit_dead_letters(count: int, threshold: int, *, run_id: str, flow: str) -> 
             "prefect.resource.id": "stripe-sage.dead-letters",
             "prefect.resource.name": "open dead letters",
         },
-        payload={"run_id": run_id, "flow": flow, "count": count, "threshold": threshold},
+        payload={
+            "run_id": run_id,
+            "flow": flow,
+            "count": count,
+            "threshold": threshold,
+            **{k: v for k, v in (unposted or {}).items() if k != "dead"},
+        },
     )
     return True
 
@@ -156,8 +171,11 @@ def alert_specs(flows: Iterable[str] = PRODUCT_FLOWS) -> list[AlertSpec]:
             body=(
                 "{{ event.payload.count }} documents are dead-lettered (threshold "
                 "{{ event.payload.threshold }}) after run {{ event.payload.run_id }} of "
-                "{{ event.payload.flow }}. See ops.dead_letters; replay them with the "
-                "replay-dead-letters deployment once the cause is fixed."
+                "{{ event.payload.flow }}. Also not in Sage: {{ event.payload.blocked }} "
+                "blocked by them, {{ event.payload.waiting }} waiting, "
+                "{{ event.payload.quarantined }} quarantined records. See stripe-sage "
+                "dead-letters list; replay them with the replay-dead-letters deployment once "
+                "the cause is fixed."
             ),
         ),
         AlertSpec(

@@ -314,9 +314,13 @@ def open_run(settings: Settings, run_id: str, **options: Any) -> Iterator[RunCon
             if (auth := auth_error_in(exc)) is not None:
                 emit_auth_failed(auth, run_id=run_id, flow=flow)
             raise
-        dead = ctx.staging.con.execute(
-            "SELECT count(*) FROM sage.outbox WHERE status = 'dead'"
-        ).fetchall()[0][0]
-        emit_dead_letters(int(dead), settings.dead_letter_alert_threshold, run_id=run_id, flow=flow)
+        states = ctx.staging.state_counts()
+        emit_dead_letters(
+            states.get("dead", 0),
+            settings.dead_letter_alert_threshold,
+            run_id=run_id,
+            flow=flow,
+            unposted=states,
+        )
         overdue = ctx.staging.overdue_waiting(settings.waiting_alert_hours)
         emit_waiting_overdue(overdue, run_id=run_id, flow=flow)

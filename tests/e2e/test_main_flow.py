@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -275,6 +276,25 @@ def test_first_run_posts_exactly_what_the_business_implies(env: Env) -> None:
     assert result["status"] == "completed"
     assert runs[0][0] == "completed"
     assert json.loads(runs[0][1])["staged"]["charges"] == 240
+    # The run-summary artifact shows every document per state and the quarantined records.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        summary = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["run-summary"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(result["run_id"])]),
+            )
+        )
+    assert len(summary) == 1
+    rows = {r["doc_type"]: r for r in json.loads(str(summary[0].data))}
+    assert rows["cash_receipt"]["posted"] == posted["cash_receipt"]
+    assert "quarantined" in rows["(quarantined records)"]
 
 
 def test_second_run_posts_nothing(env: Env) -> None:

@@ -257,8 +257,12 @@ def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
     )
     with duckdb.connect(str(db), read_only=True) as con:
         count = con.execute("SELECT count(*) FROM sage.outbox WHERE status = 'dead'").fetchall()
+        quarantined = con.execute("SELECT count(*) FROM staging.quarantine").fetchall()[0][0]
     assert count[0][0] >= 2  # the sale's invoice and receipt
     assert dead["subject"] == f"stripe-sage: {count[0][0]} open dead letters"
+    # The other unposted states ride along: the alert tells the whole of what is not in Sage.
+    assert f"{quarantined} quarantined records" in dead["body"], dead["body"]
+    assert "blocked by them" in dead["body"] and "waiting" in dead["body"]
     # No alert carries a secret (the wrong key included).
     text = json.dumps(Inbox.received)
     for secret in [*ops.env.secrets, wrong_key]:

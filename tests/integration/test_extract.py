@@ -162,9 +162,14 @@ def assert_contiguous(windows: list[tuple[int, int, int, str]], first: int, end:
     assert all(w1[1] == w2[0] for w1, w2 in itertools.pairwise(windows))
 
 
-def backfill(ex: Extractor, streams: tuple[str, ...]) -> None:
+def backfill(ex: Extractor, streams: tuple[str, ...], *, referenced: bool = True) -> None:
     for stream in streams:
         assert ex.extract_stream(stream).mode == "backfill"
+    if referenced and "customers" in streams:
+        # As a run does once its charges are staged: customers deleted in Stripe are in no
+        # list, only named by their charges, and are retrieved by id (Stripe's stub).
+        ex.staging.stage_all(ex.run_id)
+        ex.fetch_referenced_customers()
 
 
 def one(st: Staging, sql: str, params: list[Any]) -> tuple[Any, ...]:
@@ -377,7 +382,7 @@ def test_given_customer_deleted_before_listed_when_extracted_then_its_stub_is_st
             "id": cus, "object": "customer", "deleted": True,
         }  # fmt: skip
     ex = extractor(own_pair, st, "run-1", int(time.time()) + 5)
-    backfill(ex, ("customers", "charges"))
+    backfill(ex, ("customers", "charges"), referenced=False)
     assert cus not in ids(st, "raw.customers")  # the list never returned it
     ex.extract_events(streams=("customers", "charges"))
     st.stage("customers", "run-1")
@@ -593,7 +598,10 @@ def test_given_events_cursor_older_than_30_days_when_events_extracted_then_windo
     expected = expected_ids(own_pair, streams)
     for stream in streams:
         assert sorted(ids(st, f"raw.{stream}", "run_id = 'run-2'")) == sorted(expected[stream])
-        assert st.count(f"raw.{stream}") == len(expected[stream])
+        # raw.customers also holds the stubs of customers deleted in Stripe (run-1 retrieved
+        # them by id; no list returns them, so the windowed re-read does not either).
+        stubs = ids(st, f"raw.{stream}", "data->>'deleted' = 'true'")
+        assert st.count(f"raw.{stream}") == len(expected[stream]) + len(stubs)
         reread = [w for w in windows_of(st, stream) if w[3] == "run-2"]
         assert_contiguous(reread, oldest(st, stream), now2)
         assert sum(w[2] for w in reread) == len(expected[stream])
