@@ -34,6 +34,7 @@ import httpx
 import psutil
 
 from devkit.bench import start_sandbox
+from devkit.sandbox.paging import sage_all
 from devkit.sandbox.runner import free_port
 from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
 
@@ -134,18 +135,6 @@ def _start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], dict[str
     raise RuntimeError("the Prefect server did not start")
 
 
-def _sage_all(client: httpx.Client, collection: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
-        page = client.get(f"/api/v1/{collection}", params=params).json()
-        out += page["data"]
-        cursor = page.get("next_cursor")
-        if not cursor:
-            return out
-
-
 def _stripe_all(client: httpx.Client, path: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     query: dict[str, Any] = {"limit": 100}
@@ -173,7 +162,7 @@ def check_sage(sage_url: str, stripe_url: str, staging: Path) -> dict[str, Any]:
     with sage:
         for collection in sorted({r[0] for r in rows}):
             in_sage[collection] = Counter(
-                str(d["reference"]) for d in _sage_all(sage, collection) if d.get("reference")
+                str(d["reference"]) for d in sage_all(sage, collection) if d.get("reference")
             )
     duplicates = {c: sum(n - 1 for n in refs.values() if n > 1) for c, refs in in_sage.items()}
     missing = [

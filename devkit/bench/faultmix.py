@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from devkit.bench import start_sandbox
+from devkit.sandbox.paging import sage_all
 from stripe_sage.mapping import load_mapping
 from stripe_sage.plan.outbox import plan_into_outbox
 from stripe_sage.sage.client import COLLECTIONS, SageProClient
@@ -51,18 +52,6 @@ STREAMS = (
     "invoice_payments",
     "balance_transactions",
 )
-
-
-def _all(http: httpx.Client, collection: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
-        page = http.get(f"/api/v1/{collection}", params=params).json()
-        out += page["data"]
-        cursor = page.get("next_cursor")
-        if not cursor:
-            return out
 
 
 def prepare(stripe_url: str, sage_url: str, path: Path) -> None:
@@ -138,7 +127,7 @@ def load_once(
         duplicates = 0
         held: dict[str, set[str]] = {}
         for collection, key in COLLECTIONS.items():
-            docs = _all(http, collection)
+            docs = sage_all(http, collection)
             held[collection] = {str(d[key]) for d in docs}
             if collection != "customers":
                 refs = Counter(d.get("reference") for d in docs if d.get("reference"))

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from devkit.sandbox.launch import SandboxPair
+from devkit.sandbox.paging import sage_all
 from devkit.sandbox.stripe_business import BusinessConfig
 
 pytestmark = pytest.mark.e2e
@@ -82,18 +83,6 @@ def plain_customer(client: httpx.Client) -> str:
     return next(
         c["id"] for c in stripe_all(client, "/v1/customers") if c["name"] and len(c["name"]) <= 40
     )
-
-
-def sage_all(client: httpx.Client, collection: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
-        page = client.get(f"/api/v1/{collection}", params=params).json()
-        out += page["data"]
-        cursor = page.get("next_cursor")
-        if not cursor:
-            return out
 
 
 def expected_documents(env: Env) -> Counter[str]:

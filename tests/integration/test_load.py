@@ -24,6 +24,7 @@ import polars as pl
 import pytest
 
 from devkit.sandbox.launch import SandboxPair
+from devkit.sandbox.paging import sage_all
 from devkit.sandbox.stripe_business import BusinessConfig
 from quality.validate import validate_all
 from stripe_sage.errors import AuthenticationError
@@ -136,20 +137,6 @@ def outbox(st: Staging) -> dict[str, dict[str, Any]]:
 
 def statuses(st: Staging) -> Counter[str]:
     return Counter(r["status"] for r in outbox(st).values())
-
-
-def sage_all(http: httpx.Client, collection: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
-        response = http.get(f"/api/v1/{collection}", params=params)
-        response.raise_for_status()
-        page = response.json()
-        out += page["data"]
-        cursor = page.get("next_cursor")
-        if not cursor:
-            return out
 
 
 def dead_letters(st: Staging) -> dict[str, dict[str, Any]]:
