@@ -36,6 +36,7 @@ from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, Extractor
+from tasks.sage import sage_has, sage_has_many
 
 FAULTS = {
     "seed": 20261206,
@@ -51,6 +52,7 @@ STREAMS = (
     "invoices",
     "invoice_payments",
     "balance_transactions",
+    "products",
 )
 
 
@@ -70,9 +72,20 @@ def prepare(stripe_url: str, sage_url: str, path: Path) -> None:
         for stream in STREAMS:
             ex.extract_stream(stream)
         st.stage_all("faultmix")
+        # As a run's stage step does: customers deleted in Stripe, named only by charges.
+        if ex.fetch_referenced_customers():
+            st.stage_all("faultmix")
         with SageProClient(sage_url, SANDBOX_SAGE_KEY) as client:
             loader = Loader(st, client, run_id="faultmix-plan")
-            plan_into_outbox(st, load_mapping(), client.fiscal_periods(), loader.enqueue)
+            # What a run's plan task tells planning about Sage (tasks/sage.py).
+            plan_into_outbox(
+                st,
+                load_mapping(),
+                client.fiscal_periods(),
+                loader.enqueue,
+                customer_exists=lambda cid: sage_has(client, "customers", cid),
+                sales_orders=lambda ids: sage_has_many(client, "salesorders", list(ids)),
+            )
 
 
 def load_once(
