@@ -37,6 +37,13 @@ def print_run(title: str, result: dict[str, Any]) -> None:
             f"  deferred    {load.get('deferred')} (retry budget spent after "
             f"{load.get('rounds')} rounds; the next run retries them)"
         )
+    for c in (result.get("reconciliation") or {}).get("clearing", []):
+        # Sage's Stripe Clearing against Stripe's own side, minor units: what finance ties out.
+        unposted = sum((c.get("unposted_by_state") or {}).values())
+        print(
+            f"  clearing    {c['currency']} {c['account']}: difference {c['difference']}, "
+            f"unexplained {c['unexplained']}, unposted {unposted}"
+        )
     t = result.get("timings", {})
     print("  seconds     " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
 

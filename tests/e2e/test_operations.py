@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -36,10 +37,12 @@ def ops_env(env: Env, db: Path, **extra: str) -> dict[str, str]:
 class Ops:
     def __init__(self, env: Env, prefect: Prefect, tmp: Path) -> None:
         self.env, self.prefect, self.tmp = env, prefect, tmp
+        self.last_log = tmp / "no-sync-yet.log"
 
     def sync(self, db: Path, **extra: str) -> subprocess.Popen[bytes]:
         """``stripe-sage sync`` in its own process, as a scheduled or webhook run would be."""
-        log = open(self.tmp / f"sync-{os.urandom(3).hex()}.log", "ab")  # noqa: SIM115
+        self.last_log = self.tmp / f"sync-{os.urandom(3).hex()}.log"
+        log = open(self.last_log, "ab")  # noqa: SIM115
         return subprocess.Popen(
             [str(BIN / "stripe-sage"), "sync"],
             env={**os.environ, **self.prefect.env(), **ops_env(self.env, db, **extra)},
@@ -304,6 +307,13 @@ def test_a_charge_without_its_balance_transaction_waits_with_its_reason_and_aler
     db.parent.mkdir()
     hours = json.dumps({"balance_transaction": 0, "default": 24})
     assert ops.sync(db, WAITING_ALERT_HOURS=hours).wait(300) == 0
+    # What the sync printed: the waiting documents, and a clearing check that the waiting
+    # receipt explains to the cent.
+    printed = ops.last_log.read_text()
+    assert re.search(r"^  waiting     \{.*'cash_receipt': 1", printed, re.M), printed
+    assert re.search(
+        r"^  clearing    USD \S+: difference -\d+, unexplained 0, unposted [1-9]", printed, re.M
+    ), printed
     with duckdb.connect(str(db), read_only=True) as con:
         box = dict(
             con.execute(
