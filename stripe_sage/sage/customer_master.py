@@ -20,12 +20,6 @@ from stripe_sage.sage.client import SageProClient
 from stripe_sage.store.staging import Staging, now_utc
 from stripe_sage.stripe.client import StripeReader
 
-DDL = """
-CREATE TABLE IF NOT EXISTS ops.customer_conflicts (
-    stripe_id VARCHAR, sage_id VARCHAR, fields VARCHAR[], sage_values JSON,
-    stripe_values JSON, sage_updated_at TIMESTAMPTZ, stripe_changed_at TIMESTAMPTZ,
-    winner VARCHAR, rule VARCHAR, decided_at TIMESTAMPTZ, run_id VARCHAR
-)"""
 ConflictRule = Literal["latest_wins", "sage_wins", "stripe_wins"]
 CURSOR = "sage_customers"
 ADDRESS = {
@@ -77,7 +71,6 @@ def sync_from_sage(
     rule: ConflictRule = "latest_wins",
     overlap_seconds: int = 60,
 ) -> dict[str, int]:
-    st._exec(DDL)
     state = st.sync_state(CURSOR) or {}
     since = state.get("created_cursor")
     started = now_utc()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import duckdb
 
+from stripe_sage.store.schema import SNAPSHOT_META_DDL
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.streams import STREAMS
 
@@ -82,7 +83,7 @@ def publish(st: Staging, root: Path, run_id: str, *, keep: int = 3) -> Path:
             con.execute(UNPOSTED_VIEW)
         con.execute("CREATE SCHEMA IF NOT EXISTS meta")
         con.execute(
-            "CREATE TABLE meta.snapshot AS SELECT ? AS run_id, ? AS published_at, ? AS directory",
+            SNAPSHOT_META_DDL,
             [run_id, dt.datetime.now(dt.UTC), str(directory)],
         )
     finally:

@@ -23,9 +23,9 @@ import polars as pl
 import pyarrow as pa
 
 from stripe_sage.errors import ConfigurationError
+from stripe_sage.store.schema import OPS_DDL, SCHEMAS, raw_table_ddl, staging_table_ddl
 from stripe_sage.stripe.streams import STREAM_ORDER, STREAMS
 
-SCHEMAS = ("raw", "staging", "sage", "ops")
 # What ``sage.outbox.status`` says of a document; ``last_error`` is the reason a person reads
 # for every state but ``posted``.
 OUTBOX_STATES = {
@@ -37,66 +37,6 @@ OUTBOX_STATES = {
 }
 UNPOSTED_STATES = ("dead", "waiting", "blocked", "pending")
 STAGE_SLICE = 4_000
-
-OPS_DDL = """
-CREATE TABLE IF NOT EXISTS ops.sync_state (
-    stream VARCHAR PRIMARY KEY,
-    created_cursor BIGINT,          -- objects created before this (unix s) are staged
-    events_cursor BIGINT,           -- events created at/after this are still to be read
-    backfill_done BOOLEAN DEFAULT false,
-    updated_at TIMESTAMPTZ
-);
-CREATE TABLE IF NOT EXISTS ops.sync_windows (
-    stream VARCHAR, window_start BIGINT, window_end BIGINT, rows BIGINT,
-    run_id VARCHAR, done_at TIMESTAMPTZ,
-    PRIMARY KEY (stream, window_start, window_end)
-);
-CREATE TABLE IF NOT EXISTS ops.runs (
-    run_id VARCHAR PRIMARY KEY,
-    flow VARCHAR, prefect_run_id VARCHAR, trigger VARCHAR,
-    started_at TIMESTAMPTZ, ended_at TIMESTAMPTZ, status VARCHAR,
-    counts JSON, error VARCHAR
-);
-CREATE TABLE IF NOT EXISTS ops.dead_letters (
-    doc_key VARCHAR PRIMARY KEY,
-    doc_type VARCHAR, stripe_id VARCHAR, reason VARCHAR,
-    http_status INTEGER, error_code VARCHAR, error_field VARCHAR,
-    payload JSON, first_seen TIMESTAMPTZ, last_seen TIMESTAMPTZ,
-    occurrences INTEGER DEFAULT 1, replayed BOOLEAN DEFAULT false, replayed_at TIMESTAMPTZ,
-    run_id VARCHAR
-);
-CREATE TABLE IF NOT EXISTS staging.quarantine (
-    stream VARCHAR, id VARCHAR, "check" VARCHAR, reason VARCHAR, run_id VARCHAR,
-    quarantined_at TIMESTAMPTZ,
-    PRIMARY KEY (stream, id, "check")
-);
-CREATE TABLE IF NOT EXISTS staging.payout_items (
-    payout VARCHAR, balance_transaction VARCHAR,   -- GET /v1/balance_transactions?payout=
-    PRIMARY KEY (payout, balance_transaction)
-);
-CREATE TABLE IF NOT EXISTS sage.outbox (
-    doc_key VARCHAR PRIMARY KEY,     -- '<doc_type>:<stripe id>'
-    doc_type VARCHAR, collection VARCHAR, stripe_id VARCHAR, phase INTEGER,
-    -- pending | posted | dead | waiting | blocked (see OUTBOX_STATES)
-    depends_on VARCHAR[], payload JSON, status VARCHAR,
-    sage_id VARCHAR, attempts INTEGER DEFAULT 0, last_error VARCHAR,
-    created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ, posted_at TIMESTAMPTZ, run_id VARCHAR
-);
-CREATE TABLE IF NOT EXISTS ops.flags (
-    doc_key VARCHAR PRIMARY KEY,     -- a document posted as planned that a person should see
-    doc_type VARCHAR, stripe_id VARCHAR, flag VARCHAR, flagged_at TIMESTAMPTZ, run_id VARCHAR
-);
--- Added later: files created before get the columns on open (never rename, only add).
--- waiting_since: when the document was first seen waiting; wait_kind: what it waits for
--- (its reason's class, e.g. balance_transaction), which sets how long it may wait.
-ALTER TABLE sage.outbox ADD COLUMN IF NOT EXISTS waiting_since TIMESTAMPTZ;
-ALTER TABLE sage.outbox ADD COLUMN IF NOT EXISTS wait_kind VARCHAR;
-CREATE TABLE IF NOT EXISTS sage.xref (
-    stripe_id VARCHAR, doc_type VARCHAR, collection VARCHAR, sage_id VARCHAR,
-    matched_by VARCHAR, created_at TIMESTAMPTZ, run_id VARCHAR,
-    PRIMARY KEY (stripe_id, doc_type)
-);
-"""
 
 
 def _connect(
@@ -213,19 +153,8 @@ class Staging:
         for schema in SCHEMAS:
             self._exec(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         for stream in STREAMS.values():
-            # zstd for the documents: with DuckDB's default (it analyses dictionary and FSST
-            # per segment) a checkpoint took three times as long and the file was three times
-            # larger (30k charges: 0.78 s / 37 MB against 0.27 s / 11 MB; scans as fast).
-            # Tables created before keep their compression.
-            self._exec(f"""
-                CREATE TABLE IF NOT EXISTS raw.{stream.name} (
-                    id VARCHAR PRIMARY KEY, created TIMESTAMPTZ,
-                    data JSON USING COMPRESSION zstd, source VARCHAR,
-                    api_version VARCHAR, extracted_at TIMESTAMPTZ, run_id VARCHAR)""")
-            cols = ", ".join(f'"{c.name}" {c.sql_type}' for c in stream.columns)
-            self._exec(f"""
-                CREATE TABLE IF NOT EXISTS staging.{stream.name} (
-                    {cols}, run_id VARCHAR, staged_at TIMESTAMPTZ, PRIMARY KEY (id))""")
+            self._exec(raw_table_ddl(stream))
+            self._exec(staging_table_ddl(stream))
             self._add_new_columns(stream.name)
         self._exec(OPS_DDL)
 

@@ -29,6 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from stripe_sage.store.schema import INBOX_DDL
+
 log = logging.getLogger(__name__)
 
 # Event types the product subscribes to (configure the Stripe endpoint with these).
@@ -60,13 +62,7 @@ class Inbox:
         self._local = threading.local()
         con = self._con()
         con.execute("PRAGMA journal_mode=WAL")
-        con.execute("""
-            CREATE TABLE IF NOT EXISTS inbox (
-                event_id TEXT PRIMARY KEY, type TEXT NOT NULL, object_type TEXT,
-                object_id TEXT, created INTEGER, received_at TEXT NOT NULL,
-                payload TEXT NOT NULL, processed_at TEXT, run_id TEXT, duplicates INTEGER
-                DEFAULT 0)""")
-        con.execute("CREATE INDEX IF NOT EXISTS inbox_unprocessed ON inbox (processed_at)")
+        con.executescript(INBOX_DDL)  # stripe_sage/store/schema.py
         con.commit()
 
     def _con(self) -> sqlite3.Connection:

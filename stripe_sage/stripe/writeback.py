@@ -17,16 +17,9 @@ from stripe_sage.errors import NotFoundError
 from stripe_sage.store.staging import Staging, now_utc
 from stripe_sage.stripe.client import StripeReader
 
-DDL = """
-CREATE TABLE IF NOT EXISTS sage.writeback (
-    stripe_id VARCHAR, field VARCHAR, value VARCHAR, written_at TIMESTAMPTZ, outcome VARCHAR,
-    run_id VARCHAR, PRIMARY KEY (stripe_id, field, value)
-)"""
-
 
 def pending(st: Staging, limit: int) -> list[tuple[str, str, str, str]]:
     """(path, stripe id, metadata field, value) still to write, oldest first."""
-    st._exec(DDL)
     rows = st.con.execute(
         """
         WITH wanted AS (
