@@ -1,0 +1,1 @@
+"""Helpers shared by the test tiers: servers and polling, the sandboxes' business, Sage fixtures."""
