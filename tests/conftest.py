@@ -1,9 +1,8 @@
-"""Shared test configuration: tiers by folder, one Prefect test harness per session."""
+"""Shared test configuration: tiers by folder (each tier's own fixtures are in its conftest)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for tier in TIERS:
             if tier in parts and not item.get_closest_marker(tier):
                 item.add_marker(getattr(pytest.mark, tier))
-
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect API for the whole session (it takes ~10 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield

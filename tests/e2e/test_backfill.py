@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from stripe_sage.stripe.streams import STREAMS
-from tests.e2e.test_main_flow import Env, make_env, use_env
+from tests.helpers.business import Env, make_env, use_env
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.e2e.servers import ROOT, Prefect
+from tests.helpers.servers import ROOT, Prefect
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import duckdb
 import pytest
 import stripe
 
-from tests.e2e.test_main_flow import Env, is_plain, make_env, run_flow, stripe_all, use_env
+from tests.helpers.business import Env, is_plain, make_env, run_flow, stripe_all, use_env
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent

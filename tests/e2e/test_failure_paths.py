@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tests.e2e.test_main_flow import (
+from tests.helpers.business import (
     Env,
     expected_documents,
     is_plain,

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from devkit.sandbox.runner import free_port
-from tests.e2e.servers import BIN, ROOT, Prefect, wait_for
-from tests.e2e.test_main_flow import Env, make_env, product_env
+from tests.helpers.business import Env, make_env, product_env
+from tests.helpers.servers import BIN, ROOT, Prefect, wait_for
 
 pytestmark = pytest.mark.e2e
 

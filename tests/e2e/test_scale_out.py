@@ -13,10 +13,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tests.e2e.servers import BIN, ROOT, PostgresDatabase, Prefect, wait_for
 from tests.e2e.test_backfill import table_contents
-from tests.e2e.test_main_flow import Env, make_env
 from tests.e2e.test_operations import POOL, PREFECT_YAML, ops_env
+from tests.helpers.business import Env, make_env
+from tests.helpers.servers import BIN, ROOT, PostgresDatabase, Prefect, wait_for
 
 pytestmark = pytest.mark.e2e
 

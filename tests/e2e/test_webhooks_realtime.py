@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 from devkit.sandbox.runner import free_port
-from tests.e2e.servers import BIN, ROOT, Prefect, spawn, wait_for
-from tests.e2e.test_main_flow import (
+from tests.helpers.business import (
     Env,
     expected_documents,
     make_env,
@@ -28,6 +27,7 @@ from tests.e2e.test_main_flow import (
     product_env,
     sage_all,
 )
+from tests.helpers.servers import BIN, ROOT, Prefect, spawn, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ import duckdb
 import pytest
 
 from stripe_sage.mapping import load_mapping
-from tests.e2e.test_main_flow import Env, make_env, run_flow, sage_all, stripe_all, use_env
+from tests.helpers.business import Env, make_env, run_flow, sage_all, stripe_all, use_env
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from tests.e2e.test_main_flow import make_env, run_flow, sage_all, stripe_all, use_env
+from tests.helpers.business import make_env, run_flow, sage_all, stripe_all, use_env
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent

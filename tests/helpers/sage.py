@@ -1,6 +1,6 @@
 """Fixtures and payload builders shared by the Sage Pro sandbox and client tests.
 
-Imported explicitly by the test modules (``from tests.integration.sage_fixtures import ...``)
+Imported explicitly by the test modules (``from tests.helpers.sage import ...``)
 rather than through a conftest, so each test module says what it depends on. Fixture functions
 are named ``<fixture>_fixture`` and registered under ``name=<fixture>``, so importing them does
 not shadow the test parameters that use them.

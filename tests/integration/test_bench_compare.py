@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from stripe_sage.sage.client import RequestPacer, SageProClient
-from tests.integration.sage_fixtures import (
+from tests.helpers.sage import (
     API_KEY,
     BASE_URL,
     AppFactory,

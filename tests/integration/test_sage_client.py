@@ -21,7 +21,7 @@ from stripe_sage.errors import (
     ValidationError,
 )
 from stripe_sage.sage.client import SageProClient, parse_retry_after
-from tests.integration.sage_fixtures import (  # noqa: F401  (fixtures, used by name)
+from tests.helpers.sage import (  # noqa: F401  (fixtures, used by name)
     API_KEY,
     BASE_URL,
     AppFactory,

@@ -13,7 +13,7 @@ import pytest
 
 from devkit.sandbox.runner import ThreadedServer
 from devkit.sandbox.sage_seed import CHART_OF_ACCOUNTS, SeedCustomer, SeedLine, SeedSalesOrder
-from tests.integration.sage_fixtures import (  # noqa: F401  (fixtures, used by name)
+from tests.helpers.sage import (  # noqa: F401  (fixtures, used by name)
     API_KEY,
     AppFactory,
     Clock,
