@@ -34,7 +34,7 @@ import httpx
 import psutil
 
 from devkit.bench import start_sandbox
-from devkit.sandbox.paging import sage_all
+from devkit.sandbox.paging import sage_all, stripe_all
 from devkit.sandbox.runner import free_port
 from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
 
@@ -135,17 +135,6 @@ def _start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], dict[str
     raise RuntimeError("the Prefect server did not start")
 
 
-def _stripe_all(client: httpx.Client, path: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    query: dict[str, Any] = {"limit": 100}
-    while True:
-        page = client.get(path, params=query).json()
-        out += page["data"]
-        if not page["has_more"]:
-            return out
-        query["starting_after"] = page["data"][-1]["id"]
-
-
 def check_sage(sage_url: str, stripe_url: str, staging: Path) -> dict[str, Any]:
     """Duplicates: two Sage documents of a kind with one Stripe reference. Missing: outbox
     documents not dead (so due in Sage) that Sage lacks, outbox documents still pending, and
@@ -176,7 +165,7 @@ def check_sage(sage_url: str, stripe_url: str, staging: Path) -> dict[str, Any]:
         base_url=stripe_url, headers={"Authorization": f"Bearer {SANDBOX_STRIPE_KEY}"}, timeout=60
     ) as stripe:
         succeeded = [
-            c["id"] for c in _stripe_all(stripe, "/v1/charges") if c["status"] == "succeeded"
+            c["id"] for c in stripe_all(stripe, "/v1/charges") if c["status"] == "succeeded"
         ]
     receipts = in_sage.get("cashreceipts", Counter())
     charges_without_receipt = [c for c in succeeded if receipts[c] == 0 and c not in dead_receipts]

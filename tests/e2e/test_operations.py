@@ -192,11 +192,10 @@ def alert_hook() -> Iterator[str]:
     server.shutdown()
 
 
-def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
-    ops: Ops, alert_hook: str
-) -> None:
+def install_alerts(ops: Ops, webhook_url: str) -> subprocess.CompletedProcess[str]:
+    """``stripe-sage alerts install`` against the module's Prefect server."""
     done = subprocess.run(
-        [str(BIN / "stripe-sage"), "alerts", "install", "--webhook-url", alert_hook],
+        [str(BIN / "stripe-sage"), "alerts", "install", "--webhook-url", webhook_url],
         env={**os.environ, **ops.prefect.env()},
         cwd=ROOT,
         capture_output=True,
@@ -204,6 +203,13 @@ def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_alerts_fire_on_a_failed_run_a_refused_key_and_dead_letters(
+    ops: Ops, alert_hook: str
+) -> None:
+    install_alerts(ops, alert_hook)
     names = {a["name"] for a in ops.prefect.api("POST", "/automations/filter", json={})}
     assert {
         "stripe-sage: run failed",
@@ -280,15 +286,7 @@ def test_a_charge_without_its_balance_transaction_waits_with_its_reason_and_aler
     waiting`` names what they wait for, the waiting alert fires through the Prefect
     automation once the wait is older than allowed (0 h here), and once Stripe settles it
     the next run posts it exactly once."""
-    done = subprocess.run(
-        [str(BIN / "stripe-sage"), "alerts", "install", "--webhook-url", alert_hook],
-        env={**os.environ, **ops.prefect.env()},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    done = install_alerts(ops, alert_hook)
     assert "stripe-sage: documents waiting too long" in done.stdout
     w = ops.env.pair.world
     customer = w.make_id("customers", 1)

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from devkit.sandbox.launch import SandboxPair
-from devkit.sandbox.paging import sage_all
+from devkit.sandbox.paging import sage_all, stripe_all
 from devkit.sandbox.stripe_business import BusinessConfig
 
-__all__ = ["sage_all"]  # re-exported: the tests read Sage through the devkit's paging reader
+__all__ = ["sage_all", "stripe_all"]  # re-exported: the tests list both sides through the devkit
 
 
 END = 1_782_777_600  # 2026-06-30: a fixed business, so every run sees the same data
@@ -49,17 +49,6 @@ class Env:
         return httpx.Client(
             base_url=self.pair.sage_url, headers={"Authorization": f"Bearer {self.pair.sage_key}"}
         )
-
-
-def stripe_all(client: httpx.Client, path: str, **params: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    query: dict[str, Any] = {"limit": 100, **params}
-    while True:
-        page = client.get(path, params=query).json()
-        out += page["data"]
-        if not page["has_more"]:
-            return out
-        query["starting_after"] = page["data"][-1]["id"]
 
 
 def is_plain(customer: dict[str, Any]) -> bool:
