@@ -457,6 +457,15 @@ class Loader:
             self._attempted = 0
             self._pass(done, total)
             remaining = self.pending_count()
+            log.debug(
+                "round %d: %d sent, %d posted, %.2f s, %d pending, %d held",
+                self.stats.rounds,
+                self._attempted,
+                sum(self.stats.posted.values()) - posted_before,
+                self._clock() - round_started,
+                remaining,
+                len(self._not_before),
+            )
             if not remaining or self._halt.is_set():
                 break
             if self._attempted == 0:
@@ -641,7 +650,7 @@ class Loader:
             )
             matched_by = body.pop("_matched_by", "created")
             if doc_type == "customer_link":
-                self.client.get_customer(body["customer_id"])
+                self.client.get_customer(body["customer_id"], **self._policy())
                 return Outcome(doc_key, "posted", body["customer_id"], matched_by=matched_by)
             if doc_type == "customer":
                 return self._create_customer(doc_key, body, stripe_id)
@@ -682,6 +691,11 @@ class Loader:
             # Only definite refusals (429s): this attempt needs no lookup before the next.
             return Outcome(doc_key, "pending", error=exc, reason=str(exc), sent=exc.maybe_done)
 
+    def _policy(self) -> dict[str, Any]:
+        """The exchanges of one document's round, for every kind of call (items, links and
+        updates too): a posting thread never sleeps through a backoff or a Retry-After."""
+        return {"attempts": self.client_attempts, "pause": self.client_pause}
+
     def _post_item(
         self, doc_key: str, doc_type: str, body: dict[str, Any], stripe_id: str, matched_by: str
     ) -> Outcome:
@@ -690,7 +704,7 @@ class Loader:
         product, the next salted code. Two runs racing create it once (see create_item)."""
         if doc_type == "item_link":
             try:
-                found = self.client.get_item(body["item"])
+                found = self.client.get_item(body["item"], **self._policy())
             except NotFoundError:
                 raise ValidationError(
                     f"Stripe product {stripe_id} metadata.sage_item names Sage item "
@@ -704,7 +718,7 @@ class Loader:
             if salt:
                 body = {**body, "item": sage_item_code(stripe_id, body["description"], salt)}
             try:
-                item, created = self.client.create_item(body)
+                item, created = self.client.create_item(body, **self._policy())
                 return Outcome(
                     doc_key,
                     "posted",
@@ -728,10 +742,10 @@ class Loader:
         """PUT only what differs from Sage's current record: an update that changes nothing
         is not sent, so Sage→Stripe and Stripe→Sage changes never ping-pong."""
         customer_id = body.pop("customer_id")
-        current = self.client.get_customer(customer_id)
+        current = self.client.get_customer(customer_id, **self._policy())
         changes = {k: v for k, v in body.items() if k != "reference" and current.get(k) != v}
         if changes:
-            self.client.update_customer(customer_id, changes)
+            self.client.update_customer(customer_id, changes, **self._policy())
         return Outcome(
             doc_key, "posted", customer_id, matched_by="updated" if changes else "unchanged"
         )
