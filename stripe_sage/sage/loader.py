@@ -74,8 +74,10 @@ PLANNING_ERROR = "planning"
 XREF_PLACEHOLDER = re.compile(r'"@xref:([^"]+)"')
 MAX_ID_SALT = 5
 WAITING_PREFIX = "waiting: "
-# Between rounds of the retry budget, counted from the start of the round that failed.
-ROUND_GAP = 0.25
+# Between rounds of the retry budget, counted from the start of the round that failed. A
+# round that posted something is followed at once: Sage is taking work and the client's
+# pacer already spaces the requests; waiting only stretched the tail of a load.
+ROUND_GAP = 0.0
 ROUND_BACKOFF_BASE = 1.0
 ROUND_BACKOFF_MAX = 15.0
 
@@ -208,6 +210,9 @@ class Loader:
         # go on): doc_key → clock time.
         self._not_before: dict[str, float] = {}
         self._attempted = 0  # documents sent to Sage in the current round
+        # Documents of the current round that failed without a Retry-After (5xx, timeouts):
+        # only those say Sage may be down; a round lost to 429s waits for their Retry-After.
+        self._unheld = 0
         self._sleep, self._clock = sleep, clock
         self.stats = LoadStats()
         self._halt = threading.Event()
@@ -454,7 +459,7 @@ class Loader:
             self.stats.rounds += 1
             round_started = self._clock()
             posted_before = sum(self.stats.posted.values())
-            self._attempted = 0
+            self._attempted = self._unheld = 0
             self._pass(done, total)
             remaining = self.pending_count()
             log.debug(
@@ -481,8 +486,15 @@ class Loader:
             if self._attempted == 0:
                 # Everything left is held by a Retry-After: until the first one is due.
                 wait = min(self._not_before.values()) - self._clock()
+            elif sum(self.stats.posted.values()) > posted_before:
+                idle = 0
+                wait = self._round_backoff(idle) - (self._clock() - round_started)
+            elif self._unheld == 0:
+                # Nothing posted, but only 429s refused (not an outage): the next round
+                # starts when the first held document is due, without growing the backoff.
+                wait = min(self._not_before.values(), default=self._clock()) - self._clock()
             else:
-                idle = 0 if sum(self.stats.posted.values()) > posted_before else idle + 1
+                idle += 1
                 # From the start of the round: a long round has waited already.
                 wait = self._round_backoff(idle) - (self._clock() - round_started)
             if self._clock() + max(wait, 0.0) >= deadline:
@@ -591,6 +603,11 @@ class Loader:
         # Never sent, or refused with a 429 before anything was done: no lookup is needed
         # before their next attempt (earlier uncertain attempts still count).
         skipped = [o.doc_key for o in outcomes if o.status == "skipped" or not o.sent]
+        self._unheld += sum(
+            1
+            for o in outcomes
+            if isinstance(o.error, RetryableError) and o.doc_key not in self._not_before
+        )
         if skipped:
             self.st._exec(
                 "UPDATE sage.outbox SET attempts = attempts - 1 "
