@@ -459,13 +459,15 @@ class Loader:
             self.stats.rounds += 1
             round_started = self._clock()
             posted_before = sum(self.stats.posted.values())
+            requests_before = self.client.stats.attempts
             self._attempted = self._unheld = 0
             self._pass(done, total)
             remaining = self.pending_count()
             log.debug(
-                "round %d: %d sent, %d posted, %.2f s, %d pending, %d held",
+                "round %d: %d sent (%d requests), %d posted, %.2f s, %d pending, %d held",
                 self.stats.rounds,
                 self._attempted,
+                self.client.stats.attempts - requests_before,
                 sum(self.stats.posted.values()) - posted_before,
                 self._clock() - round_started,
                 remaining,
