@@ -180,12 +180,28 @@ class SageProClient:
         """Create a customer; an uncertain outcome is resolved by ``GET customers/{id}``."""
         return self.create("customers", payload)
 
-    def update_customer(self, customer_id: str, fields: JsonDict) -> JsonDict:
-        """Merge ``fields`` into the customer (``NotFoundError`` when absent). Safe to resend."""
-        return self._call("PUT", f"/api/v1/customers/{_seg(customer_id)}", json=fields)
+    def update_customer(
+        self,
+        customer_id: str,
+        fields: JsonDict,
+        *,
+        attempts: int | None = None,
+        pause: bool = True,
+    ) -> JsonDict:
+        """Merge ``fields`` into the customer (``NotFoundError`` when absent). Safe to resend.
+        ``attempts`` and ``pause`` as for :meth:`create`."""
+        return self._call(
+            "PUT",
+            f"/api/v1/customers/{_seg(customer_id)}",
+            json=fields,
+            max_attempts=attempts,
+            pause=pause,
+        )
 
-    def get_customer(self, customer_id: str) -> JsonDict:
-        return self.get("customers", customer_id)
+    def get_customer(
+        self, customer_id: str, *, attempts: int | None = None, pause: bool = True
+    ) -> JsonDict:
+        return self.get("customers", customer_id, attempts=attempts, pause=pause)
 
     def list_customers(
         self, updated_since: datetime.datetime | str | None = None
@@ -288,11 +304,16 @@ class SageProClient:
             pause=pause,
         )
 
-    def get(self, collection: str, key: str) -> JsonDict:
-        """One document by its number (``NotFoundError`` when there is none)."""
+    def get(
+        self, collection: str, key: str, *, attempts: int | None = None, pause: bool = True
+    ) -> JsonDict:
+        """One document by its number (``NotFoundError`` when there is none). ``attempts``
+        and ``pause`` as for :meth:`create`."""
         if collection not in COLLECTIONS:
             raise ValueError(f"unknown Sage Pro collection {collection!r}")
-        return self._call("GET", f"/api/v1/{collection}/{_seg(key)}")
+        return self._call(
+            "GET", f"/api/v1/{collection}/{_seg(key)}", max_attempts=attempts, pause=pause
+        )
 
     def find_by_reference(self, collection: str, reference: str) -> list[JsonDict]:
         """Every document of ``collection`` whose ``reference`` equals ``reference``."""
@@ -302,9 +323,10 @@ class SageProClient:
 
     # items (v1.1)
 
-    def get_item(self, item: str) -> JsonDict:
-        """One item of the item master (``NotFoundError`` when Sage has none by that code)."""
-        return self._call("GET", f"/api/v1/items/{_seg(item)}")
+    def get_item(self, item: str, *, attempts: int | None = None, pause: bool = True) -> JsonDict:
+        """One item of the item master (``NotFoundError`` when Sage has none by that code).
+        ``attempts`` and ``pause`` as for :meth:`create`."""
+        return self._call("GET", f"/api/v1/items/{_seg(item)}", max_attempts=attempts, pause=pause)
 
     def list_items(self, reference: str | None = None) -> Iterator[JsonDict]:
         """Every item (all pages), or those made from the Stripe product ``reference``."""
@@ -312,7 +334,9 @@ class SageProClient:
             "/api/v1/items", {} if reference is None else {"reference": reference}
         )
 
-    def create_item(self, payload: JsonDict) -> tuple[JsonDict, bool]:
+    def create_item(
+        self, payload: JsonDict, *, attempts: int | None = None, pause: bool = True
+    ) -> tuple[JsonDict, bool]:
         """The item ``payload["item"]``, created unless Sage has it: ``(item, created)``.
 
         Idempotent, and safe when two runs (or a run and a webhook) race for the same
@@ -320,13 +344,16 @@ class SageProClient:
         refused because the code was taken meanwhile resolves to the item that took it. An
         uncertain outcome is resolved by ``GET items/{item}`` before any resend. An existing
         item made from *another* Stripe product (its ``reference`` differs) is a
-        ``ValidationError`` on ``item``: the code is not ours to link."""
+        ``ValidationError`` on ``item``: the code is not ours to link. ``attempts`` and
+        ``pause`` apply to each exchange as for :meth:`create` (the loader's policy: no
+        sleep in a posting thread, a 429 handed back with its ``Retry-After``)."""
         code = payload.get("item")
         if not isinstance(code, str) or not code:
             raise ValidationError(
                 "an item needs an item code", code="validation_error", field="item", system=SYSTEM
             )
-        existing = self._existing_item(code, payload)
+        policy: dict[str, Any] = {"max_attempts": attempts, "pause": pause}
+        existing = self._existing_item(code, payload, **policy)
         if existing is not None:
             return existing, False
         try:
@@ -334,22 +361,29 @@ class SageProClient:
                 "POST",
                 "/api/v1/items",
                 json=payload,
-                resolve=lambda: self._existing_item(code, payload),
+                resolve=lambda: self._existing_item(code, payload, **policy),
                 resend_uncertain=False,
+                **policy,
             )
         except ValidationError as exc:
             if exc.field != "item":
                 raise
-            raced = self._existing_item(code, payload)  # created by someone else meanwhile
+            raced = self._existing_item(
+                code, payload, **policy
+            )  # created by someone else meanwhile
             if raced is None:
                 raise
             return raced, False
         # A lookup after an uncertain POST may have found it: created by us all the same.
         return dict(doc), True
 
-    def _existing_item(self, code: str, payload: JsonDict) -> JsonDict | None:
+    def _existing_item(
+        self, code: str, payload: JsonDict, *, max_attempts: int | None = None, pause: bool = True
+    ) -> JsonDict | None:
         try:
-            found = self._call("GET", f"/api/v1/items/{_seg(code)}")
+            found = self._call(
+                "GET", f"/api/v1/items/{_seg(code)}", max_attempts=max_attempts, pause=pause
+            )
         except NotFoundError:
             return None
         reference = payload.get("reference")

@@ -74,8 +74,10 @@ PLANNING_ERROR = "planning"
 XREF_PLACEHOLDER = re.compile(r'"@xref:([^"]+)"')
 MAX_ID_SALT = 5
 WAITING_PREFIX = "waiting: "
-# Between rounds of the retry budget, counted from the start of the round that failed.
-ROUND_GAP = 0.25
+# Between rounds of the retry budget, counted from the start of the round that failed. A
+# round that posted something is followed at once: Sage is taking work and the client's
+# pacer already spaces the requests; waiting only stretched the tail of a load.
+ROUND_GAP = 0.0
 ROUND_BACKOFF_BASE = 1.0
 ROUND_BACKOFF_MAX = 15.0
 
@@ -208,6 +210,9 @@ class Loader:
         # go on): doc_key → clock time.
         self._not_before: dict[str, float] = {}
         self._attempted = 0  # documents sent to Sage in the current round
+        # Documents of the current round that failed without a Retry-After (5xx, timeouts):
+        # only those say Sage may be down; a round lost to 429s waits for their Retry-After.
+        self._unheld = 0
         self._sleep, self._clock = sleep, clock
         self.stats = LoadStats()
         self._halt = threading.Event()
@@ -454,9 +459,20 @@ class Loader:
             self.stats.rounds += 1
             round_started = self._clock()
             posted_before = sum(self.stats.posted.values())
-            self._attempted = 0
+            requests_before = self.client.stats.attempts
+            self._attempted = self._unheld = 0
             self._pass(done, total)
             remaining = self.pending_count()
+            log.debug(
+                "round %d: %d sent (%d requests), %d posted, %.2f s, %d pending, %d held",
+                self.stats.rounds,
+                self._attempted,
+                self.client.stats.attempts - requests_before,
+                sum(self.stats.posted.values()) - posted_before,
+                self._clock() - round_started,
+                remaining,
+                len(self._not_before),
+            )
             if not remaining or self._halt.is_set():
                 break
             if self._attempted == 0:
@@ -472,8 +488,15 @@ class Loader:
             if self._attempted == 0:
                 # Everything left is held by a Retry-After: until the first one is due.
                 wait = min(self._not_before.values()) - self._clock()
+            elif sum(self.stats.posted.values()) > posted_before:
+                idle = 0
+                wait = self._round_backoff(idle) - (self._clock() - round_started)
+            elif self._unheld == 0:
+                # Nothing posted, but only 429s refused (not an outage): the next round
+                # starts when the first held document is due, without growing the backoff.
+                wait = min(self._not_before.values(), default=self._clock()) - self._clock()
             else:
-                idle = 0 if sum(self.stats.posted.values()) > posted_before else idle + 1
+                idle += 1
                 # From the start of the round: a long round has waited already.
                 wait = self._round_backoff(idle) - (self._clock() - round_started)
             if self._clock() + max(wait, 0.0) >= deadline:
@@ -582,6 +605,11 @@ class Loader:
         # Never sent, or refused with a 429 before anything was done: no lookup is needed
         # before their next attempt (earlier uncertain attempts still count).
         skipped = [o.doc_key for o in outcomes if o.status == "skipped" or not o.sent]
+        self._unheld += sum(
+            1
+            for o in outcomes
+            if isinstance(o.error, RetryableError) and o.doc_key not in self._not_before
+        )
         if skipped:
             self.st._exec(
                 "UPDATE sage.outbox SET attempts = attempts - 1 "
@@ -641,7 +669,7 @@ class Loader:
             )
             matched_by = body.pop("_matched_by", "created")
             if doc_type == "customer_link":
-                self.client.get_customer(body["customer_id"])
+                self.client.get_customer(body["customer_id"], **self._policy())
                 return Outcome(doc_key, "posted", body["customer_id"], matched_by=matched_by)
             if doc_type == "customer":
                 return self._create_customer(doc_key, body, stripe_id)
@@ -682,6 +710,11 @@ class Loader:
             # Only definite refusals (429s): this attempt needs no lookup before the next.
             return Outcome(doc_key, "pending", error=exc, reason=str(exc), sent=exc.maybe_done)
 
+    def _policy(self) -> dict[str, Any]:
+        """The exchanges of one document's round, for every kind of call (items, links and
+        updates too): a posting thread never sleeps through a backoff or a Retry-After."""
+        return {"attempts": self.client_attempts, "pause": self.client_pause}
+
     def _post_item(
         self, doc_key: str, doc_type: str, body: dict[str, Any], stripe_id: str, matched_by: str
     ) -> Outcome:
@@ -690,7 +723,7 @@ class Loader:
         product, the next salted code. Two runs racing create it once (see create_item)."""
         if doc_type == "item_link":
             try:
-                found = self.client.get_item(body["item"])
+                found = self.client.get_item(body["item"], **self._policy())
             except NotFoundError:
                 raise ValidationError(
                     f"Stripe product {stripe_id} metadata.sage_item names Sage item "
@@ -704,7 +737,7 @@ class Loader:
             if salt:
                 body = {**body, "item": sage_item_code(stripe_id, body["description"], salt)}
             try:
-                item, created = self.client.create_item(body)
+                item, created = self.client.create_item(body, **self._policy())
                 return Outcome(
                     doc_key,
                     "posted",
@@ -728,10 +761,10 @@ class Loader:
         """PUT only what differs from Sage's current record: an update that changes nothing
         is not sent, so Sage→Stripe and Stripe→Sage changes never ping-pong."""
         customer_id = body.pop("customer_id")
-        current = self.client.get_customer(customer_id)
+        current = self.client.get_customer(customer_id, **self._policy())
         changes = {k: v for k, v in body.items() if k != "reference" and current.get(k) != v}
         if changes:
-            self.client.update_customer(customer_id, changes)
+            self.client.update_customer(customer_id, changes, **self._policy())
         return Outcome(
             doc_key, "posted", customer_id, matched_by="updated" if changes else "unchanged"
         )

@@ -542,3 +542,35 @@ def test_an_uncertain_item_create_is_resolved_by_code(
     assert new and item["item"] == "ONCE-1"
     assert len(documents(anon, "items", "prod_once")) == 1
     assert sage_client.stats.recovered_by_lookup == 1
+
+
+def test_item_and_customer_calls_take_the_loaders_policy(
+    sage_client: SageProClient, anon: TestClient, sleeps: SleepRecorder
+) -> None:
+    """``attempts``/``pause`` reach items and customer reads/updates as they reach creates:
+    under the loader's policy a 429 comes back with its Retry-After and a 5xx is sent again
+    at once — the posting thread never sleeps (it did, through the full backoff, before)."""
+    set_faults(anon, rate_429=1.0, retry_after=3, max_faults=1)
+    with pytest.raises(RetryableError) as held:
+        sage_client.create_item(_item("PACED-1", reference="prod_paced"), attempts=3, pause=False)
+    assert held.value.retry_after == 3.0 and sleeps.delays == []
+    assert documents(anon, "items", "prod_paced") == []
+    item, new = sage_client.create_item(
+        _item("PACED-1", reference="prod_paced"), attempts=3, pause=False
+    )
+    assert new and item["item"] == "PACED-1"
+    set_faults(anon, rate_503=1.0, max_faults=2, only_methods=["GET"])
+    assert sage_client.get_item("PACED-1", attempts=3, pause=False) == item
+    assert sleeps.delays == []
+    set_faults(anon, rate_503=1.0, only_methods=["GET"])
+    with pytest.raises(RetryableError):
+        sage_client.get_item("PACED-1", attempts=2, pause=False)
+    # Two exchanges for the read that succeeded at its third, two for the one that gave up.
+    assert sleeps.delays == [] and sandbox_stats(anon)["faults"]["http_503"] == 4
+    anon.delete("/_sandbox/faults")
+    created = sage_client.create_customer(customer_payload("PACED"))
+    set_faults(anon, rate_429=1.0, retry_after=2, max_faults=1, only_methods=["PUT"])
+    with pytest.raises(RetryableError) as put_held:
+        sage_client.update_customer("PACED", {"name": "Paced 2"}, attempts=3, pause=False)
+    assert put_held.value.retry_after == 2.0 and sleeps.delays == []
+    assert sage_client.get_customer("PACED", attempts=1, pause=False)["name"] == created["name"]
