@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypedDict
 
 import polars as pl
 from prefect import task
@@ -47,6 +48,21 @@ def sage_has_many(sage: SageProClient, collection: str, keys: list[str]) -> set[
         return {k for k, yes in zip(keys, found, strict=True) if yes}
 
 
+class SageLookups(TypedDict, total=False):
+    customer_exists: Callable[[str], bool]
+    sales_orders: Callable[[list[str]], set[str]]
+
+
+def sage_lookups(sage: SageProClient) -> SageLookups:
+    """What planning is told about Sage, as callables it may ask (it never calls Sage
+    itself): ``customer_exists`` (is the guest customer there?) and ``sales_orders`` (which
+    of these ERP orders does Sage have?). Keyword arguments of ``plan_into_outbox``."""
+    return SageLookups(
+        customer_exists=lambda cid: sage_has(sage, "customers", cid),
+        sales_orders=lambda ids: sage_has_many(sage, "salesorders", ids),
+    )
+
+
 @task(name="plan", cache_policy=NO_CACHE)
 def plan(
     st: Staging,
@@ -67,8 +83,7 @@ def plan(
         None if dry_run else loader.enqueue,
         run_id=run_id,
         sage_customers=(lambda: sage_customer_emails(sage.list_customers())) if sage else None,
-        customer_exists=(lambda cid: sage_has(sage, "customers", cid)) if sage else None,
-        sales_orders=(lambda ids: sage_has_many(sage, "salesorders", ids)) if sage else None,
+        **(sage_lookups(sage) if sage else SageLookups()),
     )
     run_logger().info(
         "planned %d new Sage documents (%d failed planning, %d flagged for a person)%s",

@@ -36,7 +36,7 @@ from stripe_sage.settings import SANDBOX_SAGE_KEY, SANDBOX_STRIPE_KEY
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, Extractor
-from tasks.sage import sage_has, sage_has_many
+from tasks.sage import sage_lookups
 
 FAULTS = {
     "seed": 20261206,
@@ -83,8 +83,7 @@ def prepare(stripe_url: str, sage_url: str, path: Path) -> None:
                 load_mapping(),
                 client.fiscal_periods(),
                 loader.enqueue,
-                customer_exists=lambda cid: sage_has(client, "customers", cid),
-                sales_orders=lambda ids: sage_has_many(client, "salesorders", list(ids)),
+                **sage_lookups(client),
             )
 
 

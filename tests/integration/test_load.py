@@ -35,7 +35,7 @@ from stripe_sage.sage.loader import Loader
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, Extractor
-from tasks.sage import sage_has, sage_has_many
+from tasks.sage import sage_lookups
 
 pytestmark = pytest.mark.integration
 
@@ -114,18 +114,9 @@ def env(extracted: tuple[SandboxPair, Path], tmp_path: Path) -> Iterator[Env]:
     httpx.delete(f"{pair.sage_url}/_sandbox/faults").raise_for_status()
 
 
-def sage_facts(client: SageProClient) -> dict[str, Any]:
-    """What a run tells planning about Sage, as data — the same lookups the plan task makes
-    (tasks/sage.py): whether the guest customer exists, and which ERP orders Sage has."""
-    return {
-        "customer_exists": lambda cid: sage_has(client, "customers", cid),
-        "sales_orders": lambda ids: sage_has_many(client, "salesorders", list(ids)),
-    }
-
-
 def plan(env: Env, client: SageProClient, mapping: Mapping | None = None) -> pl.DataFrame:
     return plan_documents(
-        env.st, mapping or load_mapping(), client.fiscal_periods(), **sage_facts(client)
+        env.st, mapping or load_mapping(), client.fiscal_periods(), **sage_lookups(client)
     )
 
 
@@ -426,7 +417,7 @@ def test_given_plan_into_outbox_in_slices_when_loaded_and_rerun_then_nothing_twi
     mapping = load_mapping()
     with env.client() as client:
         periods = client.fiscal_periods()
-        facts = sage_facts(client)
+        facts = sage_lookups(client)
         expected = plan_documents(env.st, mapping, periods, **facts)
         waiting = expected.filter(pl.col("error").str.starts_with("waiting:").fill_null(False))
         loader = Loader(env.st, client, run_id="slices-1", concurrency=4)
