@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal, localcontext
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -68,7 +68,9 @@ with `GET /api/v1/<collection>?reference=`.
 - Required on documents: sales order `customer_id, order_date, currency, lines (>= 1)`;
   invoice `customer_id, invoice_date, currency, lines (>= 1), total` (`due_date` defaults to
   `invoice_date` and may not precede it; `tax_amount` defaults to zero and is >= 0; `total`
-  >= 0; `unit_price` may be negative, e.g. a discount or proration line); cash receipt
+  >= 0; an invoice line's `unit_price` may be negative, e.g. a discount or proration line,
+  a sales-order line's may not; a unit price carries the currency's exponent of decimals
+  and up to 4 more, and each line's extension is rounded half-up, away from zero); cash receipt
   `customer_id, receipt_date, amount (> 0), currency, deposit_account`; credit memo
   `customer_id, memo_date, amount (> 0), currency, gl_account`; journal entry `entry_date,
   source_code ([A-Z0-9]{2}), currency, lines (>= 2)`, a missing `debit`/`credit` is zero.
@@ -326,7 +328,9 @@ class InvoiceCreate(_Model):
     sales_order_no: Annotated[str, _text(10)] | None = None
     lines: Annotated[list[Line], Field(min_length=1)]
     tax_amount: Money | None = Field(default=None, description=">= 0, defaults to zero")
-    total: Money = Field(description="Σ quantity x unit_price + tax_amount, exactly")
+    total: Money = Field(
+        description="Σ line extensions (quantity x unit_price, rounded) + tax_amount, exactly"
+    )
 
 
 class Invoice(InvoiceCreate):
@@ -544,6 +548,24 @@ def _money(
     if sign == "nonneg" and amount < 0:
         raise _invalid(field, f"{field}: must not be negative")
     return amount
+
+
+def _unit_price(value: str, currency: str, field: str) -> Decimal:
+    """v1.1 "Line amounts": a unit price carries the currency's exponent of decimals and up to
+    4 more ("8.4034" USD, "1000.5" JPY), so a tax-inclusive or converted price can be exact."""
+    exp = exponent(currency)
+    decimals = len(value.split(".", 1)[1]) if "." in value else 0
+    if not exp <= decimals <= exp + 4:
+        raise _invalid(
+            field,
+            f"{field}: {value!r} must carry {exp} to {exp + 4} decimals for {currency}",
+        )
+    return Decimal(value)
+
+
+def _extension(amount: Decimal, currency: str) -> Decimal:
+    """A line's extension: rounded half-up (away from zero) to the currency's exponent."""
+    return amount.quantize(Decimal(1).scaleb(-exponent(currency)), rounding=ROUND_HALF_UP)
 
 
 def _fmt(amount: Decimal, currency: str) -> str:
@@ -973,14 +995,23 @@ class SageLedger:
                 "period_closed",
             )
 
-    def _lines(self, lines: list[Line], currency: str) -> tuple[list[JsonDict], Decimal]:
+    def _lines(
+        self, lines: list[Line], currency: str, *, negative: bool = True
+    ) -> tuple[list[JsonDict], Decimal]:
+        """v1.1 line amounts: each line's extension is quantity x unit_price rounded half-up
+        to the currency's exponent; returns the lines and Σ extensions. ``negative``: whether
+        a line may be a credit (invoices yes, sales orders no)."""
         out: list[JsonDict] = []
         total = Decimal(0)
         with localcontext() as ctx:
             ctx.prec = 80
             for i, line in enumerate(lines):
-                price = _money(line.unit_price, currency, f"lines[{i}].unit_price")
-                total += Decimal(line.quantity) * price
+                price = _unit_price(line.unit_price, currency, f"lines[{i}].unit_price")
+                if not negative and price < 0:
+                    raise _invalid(
+                        f"lines[{i}].unit_price", f"lines[{i}].unit_price: must not be negative"
+                    )
+                total += _extension(Decimal(line.quantity) * price, currency)
                 out.append(line.model_dump())
         return out, total
 
@@ -1092,7 +1123,7 @@ class SageLedger:
 
     def create_sales_order(self, body: JsonDict) -> JsonDict:
         order = _parse(SalesOrderCreate, body)
-        lines, _ = self._lines(order.lines, order.currency)
+        lines, _ = self._lines(order.lines, order.currency, negative=False)
         now = self._now()
         with self.store.transaction() as conn:
             self._customer_exists(conn, order.customer_id)
@@ -1118,7 +1149,7 @@ class SageLedger:
         if extended + tax != total:
             raise _invalid(
                 "total",
-                f"total: {inv.total} != Σ quantity x unit_price + tax_amount = {extended + tax}",
+                f"total: {inv.total} != Σ line extensions + tax_amount = {extended + tax}",
             )
         now = self._now()
         with self.store.transaction() as conn:

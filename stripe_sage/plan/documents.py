@@ -21,6 +21,7 @@ import polars as pl
 from stripe_sage.mapping import DERIVED_COLUMNS, TEMPLATE_FIELD, FieldRule, Mapping
 from stripe_sage.money import KNOWN_CURRENCIES, THREE_DECIMAL, ZERO_DECIMAL
 from stripe_sage.plan.item_codes import default_item_key, line_item
+from stripe_sage.plan.line_amounts import line_price_exprs
 
 DOC_SCHEMA: dict[str, pl.DataType] = {
     "doc_key": pl.String(),
@@ -673,18 +674,16 @@ def plan_invoices(
     else:
         item, item_dep = line_item(pl.col("product"), mapping)
     staged = pl.col("product_staged") if "product_staged" in lines.columns else pl.lit(True)
+    # Stripe's quantity kept (stock moves by it), the unit price exact to v1.1's 4 extra decimals
+    quantity, unit_price = line_price_exprs(
+        pl.col("amount"), pl.col("quantity"), exponent_expr(pl.col("currency"))
+    )
     ln = apply_rules(lines, mapping.invoices.line, "l_").with_columns(
         item.alias("_item"),
         item_dep.alias("_item_key"),
         (pl.col("product").is_not_null() & ~staged.fill_null(False)).alias("_unstaged"),
-        pl.when(pl.col("quantity") * pl.col("unit_amount") == pl.col("amount"))
-        .then(pl.col("quantity"))
-        .otherwise(1)
-        .alias("q"),
-        pl.when(pl.col("quantity") * pl.col("unit_amount") == pl.col("amount"))
-        .then(pl.col("unit_amount"))
-        .otherwise(pl.col("amount"))
-        .alias("unit"),
+        quantity.alias("q"),
+        unit_price.alias("unit_price"),
     )
     ln = (
         ln.sort("invoice", "position")
@@ -693,8 +692,8 @@ def plan_invoices(
             pl.struct(
                 pl.col("_item").alias("item"),
                 pl.col("l_description").alias("description"),
-                pl.col("q").cast(pl.String).alias("quantity"),
-                money_string(pl.col("unit"), pl.col("currency")).alias("unit_price"),
+                pl.col("q").alias("quantity"),
+                pl.col("unit_price"),
             ).alias("lines"),
             pl.col("amount").sum().alias("lines_total"),
             pl.col("_rule_errors")

@@ -399,13 +399,70 @@ def test_invoice_total_must_equal_lines_plus_tax_exactly(api: TestClient) -> Non
     created = post_ok(api, "/api/v1/invoices", body)
     assert created["balance_due"] == "15.00" and created["status"] == "open"
     assert created["invoice_no"] == "INV0000001"
-    # ... and never rounded into a match.
-    inexact = invoice_payload(
+    # v1.1: each line's extension is rounded half-up to the currency's exponent
+    # (0.3333 x 10.00 = 3.333 → 3.33), and the total must equal Σ rounded extensions.
+    rounded = invoice_payload(
+        reference="in_rounded",
         lines=[{"item": "HOURS", "quantity": "0.3333", "unit_price": "10.00"}],
         tax_amount="0.00",
         total="3.33",
     )
-    assert_error(api.post("/api/v1/invoices", json=inexact), 422, "validation_error", "total")
+    assert post_ok(api, "/api/v1/invoices", rounded)["total"] == "3.33"
+    unrounded = invoice_payload(
+        reference="in_unrounded",
+        lines=[{"item": "HOURS", "quantity": "0.3333", "unit_price": "10.00"}],
+        tax_amount="0.00",
+        total="3.34",
+    )
+    assert_error(api.post("/api/v1/invoices", json=unrounded), 422, "validation_error", "total")
+
+
+def test_v11_line_amounts(api: TestClient) -> None:
+    """Unit prices with up to 4 extra decimals, extensions rounded half-up per line (not on
+    the sum), negative invoice lines; sales-order lines may not be negative."""
+    # 3 units for a net 100.00: unit 33.3333, extension 99.9999 → 100.00; the rounding is
+    # per line and half-up: 0.5 x 0.0101 = 0.00505 → 0.01; a credit line of -5.00.
+    body = invoice_payload(
+        reference="in_v11",
+        lines=[
+            {"item": "X", "quantity": "3", "unit_price": "33.3333"},
+            {"item": "X", "quantity": "3", "unit_price": "33.3333"},
+            {"item": "X", "quantity": "0.5", "unit_price": "0.0101"},
+            {"item": "X", "quantity": "1", "unit_price": "-5.00"},
+        ],
+        tax_amount="0.00",
+        total="195.01",
+    )
+    assert post_ok(api, "/api/v1/invoices", body)["total"] == "195.01"
+    jpy = invoice_payload(
+        currency="JPY",
+        reference="in_v11_jpy",
+        lines=[{"item": "X", "quantity": "2", "unit_price": "1000.5"}],
+        tax_amount="0",
+        total="2001",
+    )
+    assert post_ok(api, "/api/v1/invoices", jpy)["total"] == "2001"
+    too_fine = invoice_payload(
+        reference="in_v11_fine",
+        lines=[{"item": "X", "quantity": "1", "unit_price": "1.0000001"}],
+        tax_amount="0.00",
+        total="1.00",
+    )
+    assert_error(
+        api.post("/api/v1/invoices", json=too_fine), 422, "validation_error", "lines[0].unit_price"
+    )
+    negative_order = {
+        "customer_id": "ACME",
+        "order_date": "2026-03-01",
+        "currency": "USD",
+        "lines": [{"item": "X", "quantity": "1", "unit_price": "-1.00"}],
+    }
+    assert_error(
+        api.post("/api/v1/salesorders", json=negative_order),
+        422,
+        "validation_error",
+        "lines[0].unit_price",
+    )
 
 
 def test_zero_and_three_decimal_invoices(api: TestClient) -> None:
