@@ -31,7 +31,7 @@ KIND_NAMES = ("plain", "percent_coupon", "amount_coupon", "inclusive_vat", "two_
 # country, state). The first keeps the id the business always used for its sales tax.
 TAX_RATES: tuple[tuple[str, str, str, str, float, bool, str, str, str | None], ...] = (
     (
-        "txr_sales_tax_8_25",
+        "txr_1PCaSales0825Tax0000000",
         "Sales Tax",
         "California sales tax",
         "US - CA",

@@ -1009,12 +1009,36 @@ class StripeWorld:
         created = int(self.b.subscriptions.created[s])
         sid = self.make_id("subscriptions", s)
         item = copy.deepcopy(tpl["items"]["data"][0])
+        # Issue 18: each subscription sells one of the catalog's plans, 1-5 seats, monthly or
+        # yearly (the analysts' MRR tables read these).
+        rr = random.Random(self.config.seed * 104_729 + s)
+        _, product = PRODUCTS[rr.randrange(len(PRODUCTS))]
+        yearly = rr.random() < 0.2
+        unit_amount = rr.choice([900, 1900, 4900, 9900]) * (10 if yearly else 1)
+        period = (365 if yearly else 30) * DAY
+        periods_done = max(0, (self.config.end - created) // period)
         item.update(
             id=f"si_{sid[4:]}",
             subscription=sid,
             created=created,
-            current_period_start=created,
-            current_period_end=created + 30 * DAY,
+            quantity=rr.randint(1, 5),
+            current_period_start=created + periods_done * period,
+            current_period_end=created + (periods_done + 1) * period,
+            price={
+                **item["price"],
+                "id": f"price_{product[5:]}_{'year' if yearly else 'month'}",
+                "product": product,
+                "created": created,
+                "currency": "usd",
+                "livemode": False,
+                "unit_amount": unit_amount,
+                "unit_amount_decimal": str(unit_amount),
+                "recurring": {
+                    **item["price"]["recurring"],
+                    "interval": "year" if yearly else "month",
+                    "interval_count": 1,
+                },
+            },
         )
         obj = dict(tpl)
         obj.update(
