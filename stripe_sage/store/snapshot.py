@@ -51,7 +51,7 @@ FROM staging.quarantine"""
 # live subscription's (active, trialing, past_due) unit_amount x quantity, brought to one
 # month (a year is 12 months, a week 52/12 of one, a day 365/12 of one) and rounded half-up.
 SUBSCRIPTION_ITEMS_VIEW = """
-CREATE VIEW analytics.subscription_items AS
+CREATE VIEW billing.subscription_items AS
 SELECT s.id AS subscription, s.customer, s.status, i.id AS item, i.price, i.product,
     i.quantity, i.unit_amount, coalesce(i.currency, s.currency) AS currency,
     i."interval", i.interval_count, i.current_period_end,
@@ -62,11 +62,11 @@ SELECT s.id AS subscription, s.customer, s.status, i.id AS item, i.price, i.prod
     ELSE 0 END AS mrr
 FROM staging.subscriptions s, unnest(s.items) AS u(i)"""
 MRR_VIEW = """
-CREATE VIEW analytics.mrr_by_customer AS
+CREATE VIEW billing.mrr_by_customer AS
 SELECT customer, currency,
     count(DISTINCT subscription) FILTER (WHERE mrr > 0) AS live_subscriptions,
     sum(mrr) AS mrr
-FROM analytics.subscription_items GROUP BY customer, currency"""
+FROM billing.subscription_items GROUP BY customer, currency"""
 
 
 def analyst_tables(st: Staging) -> list[str]:
@@ -105,7 +105,7 @@ def publish(st: Staging, root: Path, run_id: str, *, keep: int = 3) -> Path:
             con.execute("CREATE SCHEMA IF NOT EXISTS ops")
             con.execute(UNPOSTED_VIEW)
         if "staging.subscriptions" in tables:
-            con.execute("CREATE SCHEMA IF NOT EXISTS analytics")
+            con.execute("CREATE SCHEMA IF NOT EXISTS billing")
             con.execute(SUBSCRIPTION_ITEMS_VIEW)
             con.execute(MRR_VIEW)
         con.execute("CREATE SCHEMA IF NOT EXISTS meta")

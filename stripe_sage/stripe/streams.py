@@ -442,7 +442,7 @@ STREAMS: dict[str, Stream] = {
                 CURRENCY,
                 Column("start_date", "TIMESTAMPTZ", _ts("start_date")),
                 # Issue 18: its items (price, quantity, period end) for the analysts' MRR
-                # tables (``analytics.subscription_items``, ``analytics.mrr_by_customer``).
+                # tables (``billing.subscription_items``, ``billing.mrr_by_customer``).
                 Column(
                     "items",
                     "STRUCT(id VARCHAR, price VARCHAR, product VARCHAR, quantity BIGINT, "
