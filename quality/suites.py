@@ -82,6 +82,7 @@ ID_PREFIXES: dict[str, tuple[str, ...]] = {
     "disputes": ("du", "dp"),
     "subscriptions": ("sub",),
     "products": ("prod",),
+    "tax_rates": ("txr",),
 }
 
 STATUSES: dict[str, tuple[str, ...]] = {

@@ -12,9 +12,10 @@ finance analyst can fix the file without reading code.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -153,6 +154,30 @@ class ItemMapping(BaseModel):
         return self
 
 
+class JurisdictionCode(BaseModel):
+    """A Sage tax code for the Stripe tax rates of one jurisdiction and percentage."""
+
+    model_config = ConfigDict(extra="forbid")
+    jurisdiction: str
+    percentage: Decimal = Field(ge=0, le=100)
+    code: str = Field(pattern=r"^[A-Z0-9_-]{1,10}$")
+
+
+class TaxMapping(BaseModel):
+    """Stripe tax rates → Sage tax codes (issue 18), tried in this order: ``codes`` by the
+    rate's id (``txr_…``), then ``by_jurisdiction`` (the staged rate's jurisdiction and
+    percentage), then ``default_code``. A rate none of them codes is not guessed: its invoice
+    is dead-lettered with a reason naming the rate, and replayed once the mapping codes it.
+    Each code's tax posts to the liability account Sage's tax-code table gives it
+    (``accounts.sales_tax`` for the sandbox's codes). Optional: a mapping file without a
+    ``tax`` section codes nothing, so only untaxed invoices post."""
+
+    model_config = ConfigDict(extra="forbid")
+    codes: dict[str, Annotated[str, Field(pattern=r"^[A-Z0-9_-]{1,10}$")]] = {}
+    by_jurisdiction: list[JurisdictionCode] = []
+    default_code: str | None = Field(default=None, pattern=r"^[A-Z0-9_-]{1,10}$")
+
+
 class Mapping(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Literal[1]
@@ -166,6 +191,7 @@ class Mapping(BaseModel):
     refunds: RefundMapping
     invoices: InvoiceMapping
     items: ItemMapping = Field(default_factory=ItemMapping)
+    tax: TaxMapping = Field(default_factory=TaxMapping)
     # Stripe balance-transaction reporting categories → account names above (payout journals).
     reporting_categories: dict[str, str] = {}
 

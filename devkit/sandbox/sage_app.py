@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devkit.sandbox.sage_seed import (
     CHART_OF_ACCOUNTS,
+    TAX_CODES,
     SeedCustomer,
     SeedItem,
     SeedLine,
@@ -91,7 +92,18 @@ with `GET /api/v1/<collection>?reference=`.
   an invoice reduces each stock line's item `on_hand` by its quantity, possibly below zero.
 - Lists are ordered by creation; `cursor` is opaque; `limit` is 1..200 (default 50).
   `updated_since` (customers only) is inclusive (`updated_at >= updated_since`); a naive
-  timestamp is UTC. Reference data lists (`glaccounts`, `fiscalperiods`) page the same way.
+  timestamp is UTC. Reference data lists (`glaccounts`, `fiscalperiods`, `taxcodes`) page
+  the same way.
+- v1.1 tax and discounts: an invoice's `discount_amount` (>= 0, default 0) comes off the
+  line extensions before tax (`total` = Σ extensions − discount_amount + tax_amount).
+  `tax_lines[]` `{tax_code, amount}` are optional (absent: one lump `tax_amount`); when given,
+  each `tax_code` must be in the seeded tax-code table (`GET /api/v1/taxcodes`, reference
+  data like the chart of accounts: a real ERP posts each code's tax to that code's liability
+  account, so an unknown code is a `validation_error` on `tax_lines[i].tax_code`, never a
+  guess), each amount >= 0, and Σ amount = `tax_amount` (`validation_error` on `tax_lines`).
+  A credit memo's `tax_amount` (0 <= t <= amount, default 0) and `tax_lines` follow the same
+  rules; its `expense_account` (default `4900`, Sales Returns) must be in the chart
+  (`unknown_account`).
 - Document numbers are server-assigned and sequential: `SO0000001`, `INV0000001`,
   `RCP0000001`, `CM00000001`, `JE00000001` (new numbers skip ones seeded orders hold).
 - `Idempotency-Key` is not honoured: the client must be exactly-once by `reference`.
@@ -116,6 +128,8 @@ and the factory's seeds, restores fiscal periods, and turns faults off.
 """
 
 JsonDict = dict[str, Any]
+DEFAULT_RETURNS_ACCOUNT = "4900"  # the company's Sales Returns account (credit memo default)
+TAX_CODE_SET = frozenset(code for code, *_ in TAX_CODES)
 M = TypeVar("M", bound=BaseModel)
 
 # ISO 3166-1 alpha-2, plus XK (Kosovo, user-assigned but used by Stripe and most ERPs).
@@ -319,6 +333,11 @@ class SalesOrder(SalesOrderCreate):
     status: Literal["open", "invoiced"]
 
 
+class TaxLine(_Model):
+    tax_code: Annotated[str, _text(10)] = Field(description="a code of GET /api/v1/taxcodes")
+    amount: Money
+
+
 class InvoiceCreate(_Model):
     customer_id: CustomerRef
     invoice_date: IsoDate
@@ -327,9 +346,14 @@ class InvoiceCreate(_Model):
     reference: DocRef | None = None
     sales_order_no: Annotated[str, _text(10)] | None = None
     lines: Annotated[list[Line], Field(min_length=1)]
+    discount_amount: Money | None = Field(default=None, description=">= 0, defaults to zero")
     tax_amount: Money | None = Field(default=None, description=">= 0, defaults to zero")
+    tax_lines: list[TaxLine] | None = Field(
+        default=None, description="per tax code; when given, Σ amount = tax_amount"
+    )
     total: Money = Field(
-        description="Σ line extensions (quantity x unit_price, rounded) + tax_amount, exactly"
+        description="Σ line extensions (quantity x unit_price, rounded) − discount_amount + "
+        "tax_amount, exactly"
     )
 
 
@@ -369,6 +393,11 @@ class CreditMemoCreate(_Model):
     reason: Annotated[str, _text(60, 0)] | None = None
     invoice_no: Annotated[str, _text(10)] | None = None
     gl_account: Account
+    tax_amount: Money | None = Field(default=None, description="0 <= tax_amount <= amount")
+    tax_lines: list[TaxLine] | None = Field(default=None, description="Σ amount = tax_amount")
+    expense_account: Account | None = Field(
+        default=None, description=f"Dr for amount − tax_amount; default {DEFAULT_RETURNS_ACCOUNT}"
+    )
 
 
 class CreditMemo(CreditMemoCreate):
@@ -399,6 +428,13 @@ class GLAccount(BaseModel):
     account: str
     description: str
     type: str
+
+
+class TaxCode(BaseModel):
+    tax_code: str
+    description: str
+    rate: str = Field(description="percent, a decimal string")
+    liability_account: str
 
 
 class FiscalPeriod(BaseModel):
@@ -561,6 +597,28 @@ def _unit_price(value: str, currency: str, field: str) -> Decimal:
             f"{field}: {value!r} must carry {exp} to {exp + 4} decimals for {currency}",
         )
     return Decimal(value)
+
+
+def _tax_lines(lines: list[TaxLine] | None, tax: Decimal, currency: str) -> list[JsonDict]:
+    """v1.1 ``tax_lines``: each code in the tax-code table, amounts in the currency's exponent
+    and not negative, their sum exactly ``tax_amount``. Absent: one lump ``tax_amount``."""
+    if lines is None:
+        return []
+    out, summed = [], Decimal(0)
+    for i, line in enumerate(lines):
+        if line.tax_code not in TAX_CODE_SET:
+            raise _invalid(
+                f"tax_lines[{i}].tax_code",
+                f"tax_lines[{i}].tax_code: no tax code {line.tax_code!r} (GET /api/v1/taxcodes)",
+            )
+        amount = _money(line.amount, currency, f"tax_lines[{i}].amount", sign="nonneg")
+        summed += amount
+        out.append({"tax_code": line.tax_code, "amount": _fmt(amount, currency)})
+    if summed != tax:
+        raise _invalid(
+            "tax_lines", f"tax_lines: Σ amount {_fmt(summed, currency)} != tax_amount {tax}"
+        )
+    return out
 
 
 def _extension(amount: Decimal, currency: str) -> Decimal:
@@ -1141,15 +1199,20 @@ class SageLedger:
         inv = _parse(InvoiceCreate, body)
         cur = inv.currency
         lines, extended = self._lines(inv.lines, cur)
+        discount = _money(
+            inv.discount_amount, cur, "discount_amount", sign="nonneg", default_zero=True
+        )
         tax = _money(inv.tax_amount, cur, "tax_amount", sign="nonneg", default_zero=True)
+        tax_lines = _tax_lines(inv.tax_lines, tax, cur)
         total = _money(inv.total, cur, "total", sign="nonneg")
         due = inv.due_date or inv.invoice_date
         if due < inv.invoice_date:
             raise _invalid("due_date", "due_date: precedes invoice_date")
-        if extended + tax != total:
+        if extended - discount + tax != total:
             raise _invalid(
                 "total",
-                f"total: {inv.total} != Σ line extensions + tax_amount = {extended + tax}",
+                f"total: {inv.total} != Σ line extensions − discount_amount + tax_amount = "
+                f"{extended - discount + tax}",
             )
         now = self._now()
         with self.store.transaction() as conn:
@@ -1179,7 +1242,9 @@ class SageLedger:
                 **inv.model_dump(),
                 "due_date": due,
                 "lines": lines,
+                "discount_amount": _fmt(discount, cur),
                 "tax_amount": _fmt(tax, cur),
+                "tax_lines": tax_lines,
                 "total": _fmt(total, cur),
                 "balance_due": _fmt(total, cur),
                 "status": "paid" if total == 0 else "open",
@@ -1243,10 +1308,16 @@ class SageLedger:
         memo = _parse(CreditMemoCreate, body)
         cur = memo.currency
         amount = _money(memo.amount, cur, "amount", sign="positive")
+        tax = _money(memo.tax_amount, cur, "tax_amount", sign="nonneg", default_zero=True)
+        if tax > amount:
+            raise _invalid("tax_amount", "tax_amount: more than the memo's amount")
+        tax_lines = _tax_lines(memo.tax_lines, tax, cur)
+        expense = memo.expense_account or DEFAULT_RETURNS_ACCOUNT
         now = self._now()
         with self.store.transaction() as conn:
             self._customer_exists(conn, memo.customer_id)
             self._account_exists(conn, memo.gl_account, "gl_account")
+            self._account_exists(conn, expense, "expense_account")
             invoice = None
             if memo.invoice_no is not None:
                 invoice = self._linked_invoice(
@@ -1263,6 +1334,9 @@ class SageLedger:
             doc = {
                 "memo_no": self.store.next_number(conn, SPECS["creditmemos"]),
                 **memo.model_dump(),
+                "tax_amount": _fmt(tax, cur),
+                "tax_lines": tax_lines,
+                "expense_account": expense,
             }
             self.store.insert(conn, "creditmemos", doc["memo_no"], doc, now)
             if invoice is not None:
@@ -1730,6 +1804,19 @@ def create_sage_app(
     async def gl_accounts(limit: Limit = 50, cursor: CursorQ = None) -> JSONResponse:
         """The chart of accounts (read-only)."""
         return JSONResponse(_page(store.accounts(), "glaccounts", limit, cursor))
+
+    @app.get(
+        "/api/v1/taxcodes",
+        tags=["reference data"],
+        openapi_extra=_doc(_page_model(TaxCode), models=models),
+    )
+    async def tax_codes(limit: Limit = 50, cursor: CursorQ = None) -> JSONResponse:
+        """The tax-code table (read-only): what ``tax_lines[].tax_code`` may name."""
+        rows = [
+            {"tax_code": c, "description": d, "rate": r, "liability_account": a}
+            for c, d, r, a in TAX_CODES
+        ]
+        return JSONResponse(_page(rows, "taxcodes", limit, cursor))
 
     @app.get(
         "/api/v1/fiscalperiods",

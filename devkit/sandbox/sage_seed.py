@@ -34,6 +34,18 @@ CHART_OF_ACCOUNTS: Final[list[tuple[str, str, AccountType]]] = [
     ("7500", "Realized FX Gain/Loss", "expense"),
 ]
 
+# (tax_code, description, rate in percent, liability account). Sage's tax-code table: an
+# invoice or credit memo's tax_lines[].tax_code must be one of these (validation_error
+# otherwise); each code's tax posts to its liability account.
+TAX_CODES: Final[list[tuple[str, str, str, str]]] = [
+    ("SALESTAX", "Sales tax (general)", "0", "2200"),
+    ("CA", "California sales tax", "8.25", "2200"),
+    ("IL", "Illinois state sales tax", "6.25", "2200"),
+    ("CHICAGO", "Chicago city sales tax", "2.5", "2200"),
+    ("VAT20", "VAT standard rate 20%", "20", "2200"),
+    ("EXEMPT", "Exempt / zero rated", "0", "2200"),
+]
+
 
 @dataclass(frozen=True)
 class SeedCustomer:

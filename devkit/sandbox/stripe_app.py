@@ -46,14 +46,36 @@ FILTERS: dict[str, set[str]] = {
     "balance_transactions": {"payout", "type", "source", "currency"},
     "events": {"type", "types", "delivery_success"},
     "invoice_payments": {"invoice", "payment", "status"},
+    "tax_rates": {"active", "inclusive"},
 }
 EXPANDABLE: dict[str, set[str]] = {
     "charges": {"balance_transaction", "refunds", "customer"},
     "refunds": {"balance_transaction", "charge"},
     "disputes": {"charge"},
-    "invoices": {"customer"},
+    # Every expansion Stripe accepts on an invoice; those whose field is null or a fixed
+    # value here (no default payment method, no test clock, ...) leave the field as it is.
+    "invoices": {
+        "customer",
+        "discounts",
+        "total_discount_amounts.discount",
+        "lines.data.discounts",
+        "lines.data.discount_amounts.discount",
+        "account_tax_ids",
+        "application",
+        "default_payment_method",
+        "default_source",
+        "from_invoice.invoice",
+        "latest_revision",
+        "on_behalf_of",
+        "test_clock",
+        "last_finalization_error.payment_method",
+        "last_finalization_error.source",
+        "payments",
+        "confirmation_secret",
+    },
     "payouts": {"balance_transaction"},
     "balance_transactions": {"source"},
+    "invoice_lines": {"discounts", "discount_amounts.discount"},
 }
 
 
@@ -514,6 +536,13 @@ def create_stripe_app(
                 )
             elif resource == "invoices" and key == "collection_method":
                 predicates.append(lambda a, z, v=value: np.full(z - a, v == "charge_automatically"))
+            elif resource == "tax_rates" and key in ("active", "inclusive"):
+                want_true = str(value).lower() == "true"
+                predicates.append(
+                    lambda a, z, key=key, want_true=want_true: np.array(
+                        [bool(world.tax_rates[k][key]) == want_true for k in range(a, z)], bool
+                    )
+                )
             elif resource == "subscriptions" and key == "customer":
                 k = lookup("customers", value, key)
                 predicates.append(lambda a, z, k=k: b.sub_customer[a:z] == k)
@@ -692,6 +721,7 @@ def create_stripe_app(
         "events",
         "invoice_payments",
         "products",
+        "tax_rates",
     ]
 
     def make_list(resource: str) -> Callable[[Request], Any]:
@@ -734,8 +764,9 @@ def create_stripe_app(
                 code="parameter_invalid_integer",
                 param="limit",
             )
+        expand = expand_set(params, "invoice_lines", prefix="data.")
         with world.lock:
-            lines = world._invoice_lines(lookup("invoices", obj_id))
+            lines = world._invoice_lines(lookup("invoices", obj_id), expand)
         # Lines keep their invoice order; the cursors are line ids.
         ids = [line["id"] for line in lines]
         start, stop = 0, len(lines)

@@ -185,6 +185,7 @@ class Business:
         self._customers()
         self._charges()
         self._subscriptions_and_invoices()
+        self._invoice_kinds()
         self._everyday_shapes()
         self._refunds()
         self._refunds_at_later_rates()
@@ -263,6 +264,36 @@ class Business:
         self.inv_lines = np.minimum(self.inv_lines, np.maximum(subtotal, 1)).astype(np.int16)
         self.ch_invoice = np.full(c.charges, -1, np.int32)
         self.ch_invoice[inv_charge] = j
+
+    def _invoice_kinds(self) -> None:
+        """Which invoices carry a coupon, inclusive VAT, two tax rates or a proration
+        (``stripe_billing``), drawn from an rng of their own so nothing else shifts."""
+        from devkit.sandbox.stripe_billing import (
+            AMOUNT_COUPON_MIN_TOTAL,
+            KIND_AMOUNT,
+            KIND_PLAIN,
+            KIND_PRORATION,
+        )
+
+        rng = np.random.default_rng(self.config.seed + 1818)
+        n_inv = len(self.inv_charge)
+        kind = rng.choice(6, n_inv, p=[0.45, 0.12, 0.1, 0.12, 0.1, 0.11]).astype(np.int8)
+        total = self.ch_amount[self.inv_charge]
+        kind[(kind == KIND_PRORATION) & (self.inv_subscription < 0)] = KIND_PLAIN
+        kind[(kind == KIND_AMOUNT) & (total < AMOUNT_COUPON_MIN_TOTAL)] = KIND_PLAIN
+        # Every kind at least once, however small the business.
+        for k in range(1, 6):
+            if (kind == k).any():
+                continue
+            ok = kind == KIND_PLAIN
+            if k == KIND_PRORATION:
+                ok &= self.inv_subscription >= 0
+            if k == KIND_AMOUNT:
+                ok &= total >= AMOUNT_COUPON_MIN_TOTAL
+            free = np.nonzero(ok)[0]
+            if len(free):
+                kind[free[len(free) // 2]] = k
+        self.inv_kind = kind
 
     # -- everyday shapes ---------------------------------------------------------------------
     def _everyday_shapes(self) -> None:

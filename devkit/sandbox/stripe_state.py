@@ -22,6 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from devkit.sandbox.stripe_billing import (
+    RATE_INCLUSIVE,
+    InvoiceMath,
+    coupon_object,
+    invoice_math,
+    tax_rate_objects,
+    unit_amount_decimal,
+)
 from devkit.sandbox.stripe_business import (
     AUTH_EXPIRY,
     AUTH_PENDING,
@@ -59,6 +67,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "events": ("evt", "event"),
     "invoice_payments": ("inpay", "invoice_payment"),
     "products": ("prod", "product"),
+    "tax_rates": ("txr", "tax_rate"),
 }
 PREFIX_TO_RESOURCE = {prefix: name for name, (prefix, _) in RESOURCES.items()}
 
@@ -247,11 +256,16 @@ class StripeWorld:
         # Products keep the fixed ids their invoice lines name (not index-encoded ids).
         self.products = product_catalog(config)
         self._product_index = {p["id"]: k for k, p in enumerate(self.products)}
+        # Tax rates too (issue 18): the few rates the account's invoices name.
+        self.tax_rates = tax_rate_objects(self.tpl["tax_rate"], config.start - 2 * DAY)
+        self._tax_rate_index = {r["id"]: k for k, r in enumerate(self.tax_rates)}
 
     # -- ids -------------------------------------------------------------------------------
     def make_id(self, resource: str, index: int) -> str:
         if resource == "products":
             return str(self.products[index]["id"])
+        if resource == "tax_rates":
+            return str(self.tax_rates[index]["id"])
         prefix = RESOURCES[resource][0]
         tail = ((index + 1) * 0x9E3779B97F4A7C15 ^ self._salt) & _MASK
         return f"{prefix}_{_b62(index, 7)}{_b62(tail, 11)}"
@@ -260,6 +274,8 @@ class StripeWorld:
         """Index of ``obj_id`` in ``resource``, or None when it is not one of ours."""
         if resource == "products":
             return self._product_index.get(obj_id)
+        if resource == "tax_rates":
+            return self._tax_rate_index.get(obj_id)
         prefix = RESOURCES[resource][0] + "_"
         if not obj_id.startswith(prefix) or len(obj_id) != len(prefix) + 18:
             return None
@@ -279,6 +295,8 @@ class StripeWorld:
             return 0
         if resource == "products":
             return len(self.products)
+        if resource == "tax_rates":
+            return len(self.tax_rates)
         return len(getattr(self.b, resource))
 
     def extra(self, resource: str) -> list[Any]:
@@ -299,6 +317,8 @@ class StripeWorld:
             return self.b.charges.created[self.b.inv_charge]
         if resource == "products":
             return np.array([p["created"] for p in self.products], np.int64)
+        if resource == "tax_rates":
+            return np.array([r["created"] for r in self.tax_rates], np.int64)
         table: Any = getattr(self.b, resource)
         return table.created
 
@@ -518,6 +538,9 @@ class StripeWorld:
         )
         return obj
 
+    def _render_tax_rates(self, k: int, t: int, expand: frozenset[str]) -> JSON:
+        return copy.deepcopy(self.tax_rates[k])
+
     def _charge_state(self, i: int, t: int) -> tuple[int, list[int], int]:
         """(amount refunded as of t, refund indices visible at t, dispute index or -1)."""
         refunded, visible = 0, []
@@ -701,49 +724,116 @@ class StripeWorld:
             obj["charge"] = self.render("charges", i, as_of=t)
         return obj
 
-    def _invoice_lines(self, j: int) -> list[JSON]:
+    def invoice_math(self, j: int) -> InvoiceMath:
+        """Invoice j's lines, discounts and taxes (``stripe_billing``), from its total."""
         b = self.b
-        n = int(b.inv_lines[j])
-        subtotal = int(self.charge(int(b.inv_charge[j])).amount - b.inv_tax[j])
+        total = int(self.charge(int(b.inv_charge[j])).amount)
         rr = random.Random(self.config.seed * 7919 + j)
-        weights = [rr.randint(1, 10) for _ in range(n)]
-        amounts = [subtotal * w // sum(weights) for w in weights]
-        amounts[0] += subtotal - sum(amounts)
+        math, _ = invoice_math(
+            total, int(b.inv_lines[j]), int(b.inv_kind[j]), bool(b.inv_tax[j] > 0), rr
+        )
+        return math
+
+    def _discount_id(self, j: int) -> str:
+        return f"di_{self.make_id('invoices', j)[3:]}"
+
+    def _discount(self, j: int, expand_coupon: bool = False) -> JSON:
+        """The discount an invoice's coupon made (Stripe's ``discount`` object)."""
+        math = self.invoice_math(j)
+        created = int(self.b.invoices.created[j])
+        coupon = math.coupon or ""
+        obj = dict(self.tpl["discount"])
+        obj.update(
+            id=self._discount_id(j),
+            checkout_session=None,
+            customer=self.make_id("customers", self.charge(int(self.b.inv_charge[j])).customer),
+            customer_account=None,
+            end=None,
+            invoice=self.make_id("invoices", j),
+            invoice_item=None,
+            promotion_code=None,
+            start=created,
+            subscription=None,
+            subscription_item=None,
+            source={
+                "coupon": coupon_object(self.tpl["coupon"], coupon, self.config.start)
+                if expand_coupon
+                else coupon,
+                "type": "coupon",
+            },
+        )
+        return obj
+
+    def _invoice_lines(self, j: int, expand: frozenset[str] = frozenset()) -> list[JSON]:
+        """Invoice j's lines; ``expand`` as given for the line list (``discounts``,
+        ``discount_amounts.discount``)."""
+        b = self.b
+        math = self.invoice_math(j)
+        rr = random.Random(self.config.seed * 7919 + j + 1)
         inv_id = self.make_id("invoices", j)
         sub = int(b.inv_subscription[j])
         created = int(b.invoices.created[j])
         tpl = self.tpl["line_item"]
+        has_discount = math.coupon is not None
+        discount = self._discount(j) if has_discount else None
         lines = []
-        for k, amount in enumerate(amounts):
+        for k, lm in enumerate(math.lines):
             desc, product = PRODUCTS[rr.randrange(len(PRODUCTS))]
-            qty = 2 if amount % 2 == 0 and amount > 2 and rr.random() < 0.3 else 1
+            amount, qty = lm.amount, lm.quantity
+            if lm.proration:
+                desc = ("Unused time on " if amount < 0 else "Remaining time on ") + desc
+            line_discounts: list[Any] = []
+            discount_amounts: list[JSON] = []
+            if discount is not None:
+                line_discounts = [discount if "discounts" in expand else discount["id"]]
+                discount_amounts = [
+                    {
+                        "amount": lm.discount,
+                        "discount": discount
+                        if "discount_amounts.discount" in expand
+                        else discount["id"],
+                    }
+                ]
             line = dict(tpl)
             line.update(
                 id=f"il_{inv_id[3:]}{k:02d}",
                 invoice=inv_id,
                 amount=amount,
                 currency="usd",
-                description=f"{qty} × {desc}",
+                description=desc if lm.proration else f"{qty} × {desc}",
+                discountable=not lm.proration,
                 livemode=False,
                 metadata={},
                 period={"start": created, "end": created + 30 * DAY},
                 quantity=qty,
+                quantity_decimal=str(qty),
                 subtotal=amount,
-                discount_amounts=[],
-                discounts=[],
-                taxes=[],
+                discount_amounts=discount_amounts,
+                discounts=line_discounts,
+                pretax_credit_amounts=[],
+                taxes=[
+                    {
+                        "amount": tax,
+                        "tax_behavior": "inclusive" if RATE_INCLUSIVE[rate] else "exclusive",
+                        "tax_rate_details": {"tax_rate": rate},
+                        "taxability_reason": "standard_rated",
+                        "taxable_amount": taxable,
+                        "type": "tax_rate_details",
+                    }
+                    for rate, tax, taxable in lm.taxes
+                ],
                 pricing={
                     "type": "price_details",
                     "price_details": {"price": f"price_{product[5:]}", "product": product},
-                    "unit_amount_decimal": str(amount // qty),
+                    "unit_amount_decimal": unit_amount_decimal(amount, qty),
                 },
                 parent=(
                     {
                         "type": "subscription_item_details",
                         "invoice_item_details": None,
                         "subscription_item_details": {
-                            "invoice_item": None,
-                            "proration": False,
+                            "invoice_item": f"ii_{inv_id[3:]}{k:02d}" if lm.proration else None,
+                            "proration": lm.proration,
                             "proration_details": {"credited_items": None},
                             "subscription": self.make_id("subscriptions", sub),
                             "subscription_item": f"si_{self.make_id('subscriptions', sub)[4:]}",
@@ -781,14 +871,19 @@ class StripeWorld:
         ch = self.charge(i)
         cust = self._customer_attrs(ch.customer)
         total = ch.amount
-        tax = int(b.inv_tax[j])
+        math = self.invoice_math(j)
+        assert math.total == total, f"invoice {j}: lines make {math.total}, not {total}"
         paid_by = self.invoice_paid_charge(j, t)
         paid = paid_by >= 0
         created = int(b.invoices.created[j])
         sub = int(b.inv_subscription[j])
-        lines = self._invoice_lines(j)
+        line_expand = frozenset(
+            e[len("lines.data.") :] for e in expand if e.startswith("lines.data.")
+        )
+        lines = self._invoice_lines(j, line_expand)
         inv_id = self.make_id("invoices", j)
         tpl = self.tpl["invoice"]
+        discount = self._discount(j) if math.coupon else None
         obj = dict(tpl)
         obj.update(
             id=inv_id,
@@ -845,26 +940,37 @@ class StripeWorld:
                 "paid_at": self.charge(paid_by).created if paid else None,
                 "voided_at": None,
             },
-            subtotal=total - tax,
-            subtotal_excluding_tax=total - tax,
+            subtotal=math.subtotal,
+            subtotal_excluding_tax=math.subtotal - math.tax(inclusive=True),
             total=total,
-            total_excluding_tax=total - tax,
-            total_discount_amounts=[],
-            total_pretax_credit_amounts=[],
-            total_taxes=(
-                [
+            total_excluding_tax=math.total_excluding_tax,
+            discounts=(
+                [] if discount is None else [discount if "discounts" in expand else discount["id"]]
+            ),
+            total_discount_amounts=(
+                []
+                if discount is None
+                else [
                     {
-                        "amount": tax,
-                        "tax_behavior": "exclusive",
-                        "tax_rate_details": {"tax_rate": "txr_sales_tax_8_25"},
-                        "taxability_reason": "standard_rated",
-                        "taxable_amount": total - tax,
-                        "type": "tax_rate_details",
+                        "amount": math.discount,
+                        "discount": discount
+                        if "total_discount_amounts.discount" in expand
+                        else discount["id"],
                     }
                 ]
-                if tax
-                else []
             ),
+            total_pretax_credit_amounts=[],
+            total_taxes=[
+                {
+                    "amount": tax,
+                    "tax_behavior": "inclusive" if RATE_INCLUSIVE[rate] else "exclusive",
+                    "tax_rate_details": {"tax_rate": rate},
+                    "taxability_reason": "standard_rated",
+                    "taxable_amount": taxable,
+                    "type": "tax_rate_details",
+                }
+                for rate, tax, taxable in math.taxes_by_rate()
+            ],
             webhooks_delivered_at=created + 1,
             lines={
                 "object": "list",
@@ -905,12 +1011,36 @@ class StripeWorld:
         created = int(self.b.subscriptions.created[s])
         sid = self.make_id("subscriptions", s)
         item = copy.deepcopy(tpl["items"]["data"][0])
+        # Issue 18: each subscription sells one of the catalog's plans, 1-5 seats, monthly or
+        # yearly (the analysts' MRR tables read these).
+        rr = random.Random(self.config.seed * 104_729 + s)
+        _, product = PRODUCTS[rr.randrange(len(PRODUCTS))]
+        yearly = rr.random() < 0.2
+        unit_amount = rr.choice([900, 1900, 4900, 9900]) * (10 if yearly else 1)
+        period = (365 if yearly else 30) * DAY
+        periods_done = max(0, (self.config.end - created) // period)
         item.update(
             id=f"si_{sid[4:]}",
             subscription=sid,
             created=created,
-            current_period_start=created,
-            current_period_end=created + 30 * DAY,
+            quantity=rr.randint(1, 5),
+            current_period_start=created + periods_done * period,
+            current_period_end=created + (periods_done + 1) * period,
+            price={
+                **item["price"],
+                "id": f"price_{product[5:]}_{'year' if yearly else 'month'}",
+                "product": product,
+                "created": created,
+                "currency": "usd",
+                "livemode": False,
+                "unit_amount": unit_amount,
+                "unit_amount_decimal": str(unit_amount),
+                "recurring": {
+                    **item["price"]["recurring"],
+                    "interval": "year" if yearly else "month",
+                    "interval_count": 1,
+                },
+            },
         )
         obj = dict(tpl)
         obj.update(

@@ -20,6 +20,7 @@ import polars as pl
 
 from stripe_sage.mapping import DERIVED_COLUMNS, TEMPLATE_FIELD, FieldRule, Mapping
 from stripe_sage.money import KNOWN_CURRENCIES, THREE_DECIMAL, ZERO_DECIMAL
+from stripe_sage.plan.invoice_tax import TAX_LINES_SCHEMA, TAXES_DTYPE, invoice_tax_lines
 from stripe_sage.plan.item_codes import default_item_key, line_item
 from stripe_sage.plan.line_amounts import line_price_exprs
 
@@ -664,11 +665,20 @@ def plan_invoices(
     lines: pl.DataFrame,
     mapping: Mapping,
     periods: pl.DataFrame | None = None,
+    tax_rates: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """Finalized Stripe invoices (open or paid) → Sage invoices with all their lines."""
+    """Finalized Stripe invoices (open or paid) → Sage invoices with all their lines.
+
+    ACCOUNTING.md "Stripe Billing, completely": every line net of its inclusive tax (unit
+    prices exact to v1.1's 4 extra decimals), proration credits as negative lines,
+    ``discount_amount`` = the invoice's discounts, ``tax_amount`` = all its tax (inclusive and
+    exclusive) in ``tax_lines`` per Stripe tax rate (``invoice_tax``), so that Σ lines −
+    discount + tax is Stripe's ``total`` exactly; anything else is a reason, not a post."""
     inv = invoices.filter(pl.col("status").is_in(["open", "paid"]))
     if inv.is_empty():
         return empty_docs()
+    inv = _with_tax_columns(inv)
+    lines = _with_tax_columns(lines)
     if "item" in mapping.invoices.line:  # a mapping's own item rule: that item must exist
         item, item_dep = pl.col("l_item"), pl.lit(None, pl.String)
     else:
@@ -676,8 +686,9 @@ def plan_invoices(
     staged = pl.col("product_staged") if "product_staged" in lines.columns else pl.lit(True)
     # Stripe's quantity kept (stock moves by it), the unit price exact to v1.1's 4 extra decimals
     quantity, unit_price = line_price_exprs(
-        pl.col("amount"), pl.col("quantity"), exponent_expr(pl.col("currency"))
+        pl.col("_net"), pl.col("quantity"), exponent_expr(pl.col("currency"))
     )
+    lines = lines.with_columns((pl.col("amount") - pl.col("tax_inclusive")).alias("_net"))
     ln = apply_rules(lines, mapping.invoices.line, "l_").with_columns(
         item.alias("_item"),
         item_dep.alias("_item_key"),
@@ -695,7 +706,7 @@ def plan_invoices(
                 pl.col("q").alias("quantity"),
                 pl.col("unit_price"),
             ).alias("lines"),
-            pl.col("amount").sum().alias("lines_total"),
+            pl.col("_net").sum().alias("lines_total"),
             pl.col("_rule_errors")
             .list.explode(keep_nulls=False, empty_as_null=False)
             .alias("line_errors"),
@@ -707,7 +718,16 @@ def plan_invoices(
             .alias("unstaged_products"),
         )
     )
-    df = inv.join(ln, left_on="id", right_on="invoice", how="left").with_columns(
+    taxes = invoice_tax_lines(inv, tax_rates, mapping, money_string)
+    df = (
+        inv.join(ln, left_on="id", right_on="invoice", how="left")
+        .join(taxes, on="id", how="left")
+        .with_columns(
+            pl.col("tax_lines").fill_null(pl.lit([], TAX_LINES_SCHEMA["tax_lines"])),
+            (pl.col("tax_exclusive") + pl.col("tax_inclusive")).alias("_tax"),
+        )
+    )
+    df = df.with_columns(
         local_date(pl.coalesce("finalized_at", "created"), mapping.timezone).alias("doc_date"),
         pl.concat_str([pl.lit("customer:"), pl.col("customer")]).alias("customer_key"),
     )
@@ -725,11 +745,16 @@ def plan_invoices(
                 pl.col("currency"),
             )
         ),
-        pl.when(pl.col("lines_total") + pl.col("tax") != pl.col("total")).then(
+        pl.col("tax_error"),
+        pl.when(
+            pl.col("lines_total") - pl.col("discount") + pl.col("_tax") != pl.col("total")
+        ).then(
             pl.format(
-                "lines ({}) + tax ({}) differ from the invoice total ({})",
+                "lines net of inclusive tax ({}) − discounts ({}) + tax ({}) differ from the "
+                "invoice total ({})",
                 pl.col("lines_total"),
-                pl.col("tax"),
+                pl.col("discount"),
+                pl.col("_tax"),
                 pl.col("total"),
             )
         ),
@@ -744,7 +769,12 @@ def plan_invoices(
             pl.col("currency"),
             pl.col("id").alias("reference"),
             pl.col("lines"),
-            money_string(pl.col("tax"), pl.col("currency")).alias("tax_amount"),
+            money_string(pl.col("discount"), pl.col("currency")).alias("discount_amount"),
+            money_string(pl.col("_tax"), pl.col("currency")).alias("tax_amount"),
+            # absent (null) when Stripe itemised no tax: one lump tax_amount, as before
+            pl.when(pl.col("tax_lines").list.len() > 0)
+            .then(pl.col("tax_lines"))
+            .alias("tax_lines"),
             money_string(pl.col("total"), pl.col("currency")).alias("total"),
         ).alias("payload"),
         pl.concat_list(
@@ -753,6 +783,28 @@ def plan_invoices(
         error.alias("error"),
     )
     return _docs(df, mapping, periods)
+
+
+def _with_tax_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    """The issue-18 columns (``discount``, ``tax_inclusive``, ``tax_exclusive``, ``taxes``) as
+    zero / empty when a frame predates them (e.g. rows built by an older caller): such an
+    invoice is then planned exactly as before, its ``tax`` all exclusive."""
+    fill: list[pl.Expr] = []
+    if "discount" not in frame.columns:
+        fill.append(pl.lit(0, pl.Int64).alias("discount"))
+    if "tax_inclusive" not in frame.columns:
+        fill.append(pl.lit(0, pl.Int64).alias("tax_inclusive"))
+    if "tax_exclusive" not in frame.columns:
+        tax = pl.col("tax") if "tax" in frame.columns else pl.lit(0, pl.Int64)
+        fill.append(tax.alias("tax_exclusive"))
+    if "taxes" not in frame.columns:
+        fill.append(pl.lit(None, TAXES_DTYPE).alias("taxes"))
+    frame = frame.with_columns(fill) if fill else frame
+    return frame.with_columns(
+        pl.col("discount").fill_null(0),
+        pl.col("tax_inclusive").fill_null(0),
+        pl.col("tax_exclusive").fill_null(0),
+    )
 
 
 # -- refunds -----------------------------------------------------------------------------

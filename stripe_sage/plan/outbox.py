@@ -191,6 +191,7 @@ def _document_slices(
             orders = known_orders
         yield plan_charges(charges, bts, invoice_payments, mapping, pf, orders)
 
+    tax_rates = st.table("tax_rates")  # a handful of rows: the Sage tax codes come from them
     for invoices in _rows_to_plan(st, "invoices", _todo("invoices", "invoice:"), slice_rows):
         with st.registered("_plan_slice", invoices.select("id")):
             lines = st.frame(
@@ -200,7 +201,7 @@ def _document_slices(
                 "WHERE s.invoice IN (SELECT id FROM _plan_slice) AND "
                 + _not_quarantined("invoice_lines")
             )
-        yield plan_invoices(invoices, lines, mapping, pf)
+        yield plan_invoices(invoices, lines, mapping, pf, tax_rates)
 
     refunds_todo = _todo(
         "refunds", "credit_memo:", "journal_entry:refund_failure:", "journal_entry:refund_fx:"

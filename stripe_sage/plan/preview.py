@@ -102,7 +102,9 @@ def preview(
     elif stream == "customers":
         docs = plan_customers(rows, mapping)
     elif stream == "invoices":
-        docs = plan_invoices(rows, st.table("invoice_lines"), mapping)
+        docs = plan_invoices(
+            rows, st.table("invoice_lines"), mapping, tax_rates=st.table("tax_rates")
+        )
     elif stream == "products":  # product → item (item: created, item_link: metadata.sage_item)
         docs = plan_items(rows, mapping)
     else:

@@ -45,6 +45,29 @@ SELECT stream || ':' || id, stream, id, 'quarantined', "check" || ': ' || reason
     quarantined_at, 0
 FROM staging.quarantine"""
 
+# Subscriptions for analysts (issue 18, ACCOUNTING.md "Stripe Billing, completely"): one row
+# per subscription item with its status, price, quantity and current period end, and the
+# monthly recurring revenue per customer. MRR in minor units of the price's currency: a
+# live subscription's (active, trialing, past_due) unit_amount x quantity, brought to one
+# month (a year is 12 months, a week 52/12 of one, a day 365/12 of one) and rounded half-up.
+SUBSCRIPTION_ITEMS_VIEW = """
+CREATE VIEW billing.subscription_items AS
+SELECT s.id AS subscription, s.customer, s.status, i.id AS item, i.price, i.product,
+    i.quantity, i.unit_amount, coalesce(i.currency, s.currency) AS currency,
+    i."interval", i.interval_count, i.current_period_end,
+    CASE WHEN s.status IN ('active', 'trialing', 'past_due') THEN
+        CAST(round(i.unit_amount * i.quantity * CASE i."interval"
+            WHEN 'month' THEN 1.0 WHEN 'year' THEN 1.0 / 12 WHEN 'week' THEN 52.0 / 12
+            WHEN 'day' THEN 365.0 / 12 END / coalesce(nullif(i.interval_count, 0), 1)) AS BIGINT)
+    ELSE 0 END AS mrr
+FROM staging.subscriptions s, unnest(s.items) AS u(i)"""
+MRR_VIEW = """
+CREATE VIEW billing.mrr_by_customer AS
+SELECT customer, currency,
+    count(DISTINCT subscription) FILTER (WHERE mrr > 0) AS live_subscriptions,
+    sum(mrr) AS mrr
+FROM billing.subscription_items GROUP BY customer, currency"""
+
 
 def analyst_tables(st: Staging) -> list[str]:
     present = {
@@ -81,6 +104,10 @@ def publish(st: Staging, root: Path, run_id: str, *, keep: int = 3) -> Path:
             # state and reason, and every quarantined Stripe record.
             con.execute("CREATE SCHEMA IF NOT EXISTS ops")
             con.execute(UNPOSTED_VIEW)
+        if "staging.subscriptions" in tables:
+            con.execute("CREATE SCHEMA IF NOT EXISTS billing")
+            con.execute(SUBSCRIPTION_ITEMS_VIEW)
+            con.execute(MRR_VIEW)
         con.execute("CREATE SCHEMA IF NOT EXISTS meta")
         con.execute(
             SNAPSHOT_META_DDL,

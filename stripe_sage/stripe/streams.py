@@ -53,6 +53,43 @@ def _bool(path: str) -> str:
     return f"CAST(data->>'{path}' AS BOOLEAN)"
 
 
+# Tax and discounts (issue 18), per invoice and per line, as typed lists: Stripe's current
+# ``total_taxes`` / line ``taxes[]`` (``tax_rate_details.tax_rate``, ``tax_behavior``), or the
+# older ``total_tax_amounts`` / ``tax_amounts`` (``tax_rate``, ``inclusive``) when an account's
+# API version still sends those.
+TAXES_TYPE = "STRUCT(tax_rate VARCHAR, amount BIGINT, taxable_amount BIGINT, inclusive BOOLEAN)[]"
+DISCOUNTS_TYPE = "STRUCT(discount VARCHAR, amount BIGINT)[]"
+
+
+def _taxes(current: str, older: str) -> str:
+    return (
+        f'coalesce(list_transform(from_json(data->\'{current}\', \'[{{"amount": "BIGINT", '
+        f'"tax_behavior": "VARCHAR", "tax_rate_details": {{"tax_rate": "VARCHAR"}}, '
+        f'"taxable_amount": "BIGINT"}}]\'), lambda t: {{\'tax_rate\': '
+        "t.tax_rate_details.tax_rate, 'amount': t.amount, 'taxable_amount': t.taxable_amount, "
+        "'inclusive': t.tax_behavior = 'inclusive'}), "
+        f"list_transform(CAST(json_extract(data, '$.{older}[*]') AS JSON[]), lambda t: "
+        "{'tax_rate': coalesce(t->>'$.tax_rate.id', t->>'$.tax_rate'), "
+        "'amount': CAST(t->>'amount' AS BIGINT), "
+        "'taxable_amount': CAST(t->>'taxable_amount' AS BIGINT), "
+        "'inclusive': CAST(t->>'inclusive' AS BOOLEAN)}), [])"
+    )
+
+
+def _discounts(path: str) -> str:
+    # ``discount`` is an id, or the discount object when the reader expanded it.
+    return (
+        f"coalesce(list_transform(CAST(json_extract(data, '$.{path}[*]') AS JSON[]), lambda d: "
+        "{'discount': coalesce(d->>'$.discount.id', d->>'$.discount'), "
+        "'amount': CAST(d->>'amount' AS BIGINT)}), [])"
+    )
+
+
+def _sum_of(list_expr: str, where: str = "true") -> str:
+    kept = f"list_filter({list_expr}, lambda x: {where})"
+    return f"coalesce(list_sum(list_transform({kept}, lambda x: x.amount)), 0)"
+
+
 ID = Column("id", "VARCHAR", "id")
 CREATED = Column("created", "TIMESTAMPTZ", _ts("created"))
 CURRENCY = Column("currency", "VARCHAR", "upper(data->>'currency')")
@@ -182,6 +219,22 @@ STREAMS: dict[str, Stream] = {
                     "to_timestamp(CAST(data->>'$.status_transitions.paid_at' AS BIGINT))",
                 ),
                 Column("lines_has_more", "BOOLEAN", "CAST(data->>'$.lines.has_more' AS BOOLEAN)"),
+                # Issue 18: discounts and tax, per invoice. ``tax`` above is all of it;
+                # exclusive tax is added to the lines, inclusive tax is inside them.
+                Column("discount", "BIGINT", _sum_of(_discounts("total_discount_amounts"))),
+                Column(
+                    "tax_exclusive",
+                    "BIGINT",
+                    _sum_of(_taxes("total_taxes", "total_tax_amounts"), "NOT x.inclusive"),
+                ),
+                Column(
+                    "tax_inclusive",
+                    "BIGINT",
+                    _sum_of(_taxes("total_taxes", "total_tax_amounts"), "x.inclusive"),
+                ),
+                Column("total_excluding_tax", "BIGINT", _int("total_excluding_tax")),
+                Column("taxes", TAXES_TYPE, _taxes("total_taxes", "total_tax_amounts")),
+                Column("discounts", DISCOUNTS_TYPE, _discounts("total_discount_amounts")),
             ),
         ),
         Stream(
@@ -197,11 +250,14 @@ STREAMS: dict[str, Stream] = {
                 CURRENCY,
                 Column("description", "VARCHAR", _str("description")),
                 Column("quantity", "BIGINT", _int("quantity")),
+                # Whole minor units, else null (a price in fractions of a cent; the exact
+                # text is unit_amount_decimal).
                 Column(
                     "unit_amount",
                     "BIGINT",
-                    "CAST(data->>'$.pricing.unit_amount_decimal' AS BIGINT)",
+                    "TRY_CAST(data->>'$.pricing.unit_amount_decimal' AS BIGINT)",
                 ),
+                Column("unit_amount_decimal", "VARCHAR", "data->>'$.pricing.unit_amount_decimal'"),
                 Column("price", "VARCHAR", "data->>'$.pricing.price_details.price'"),
                 Column("product", "VARCHAR", "data->>'$.pricing.price_details.product'"),
                 Column(
@@ -213,6 +269,28 @@ STREAMS: dict[str, Stream] = {
                     "period_end",
                     "TIMESTAMPTZ",
                     "to_timestamp(CAST(data->>'$.period.end' AS BIGINT))",
+                ),
+                # Issue 18: what discounts took off the line, its taxes per rate, and whether
+                # it is a proration (a credit for unused time is a negative amount).
+                Column("discount", "BIGINT", _sum_of(_discounts("discount_amounts"))),
+                Column(
+                    "tax_inclusive",
+                    "BIGINT",
+                    _sum_of(_taxes("taxes", "tax_amounts"), "x.inclusive"),
+                ),
+                Column(
+                    "tax_exclusive",
+                    "BIGINT",
+                    _sum_of(_taxes("taxes", "tax_amounts"), "NOT x.inclusive"),
+                ),
+                Column("taxes", TAXES_TYPE, _taxes("taxes", "tax_amounts")),
+                Column("discounts", DISCOUNTS_TYPE, _discounts("discount_amounts")),
+                Column(
+                    "proration",
+                    "BOOLEAN",
+                    "coalesce(CAST(data->>'$.parent.subscription_item_details.proration' AS "
+                    "BOOLEAN), CAST(data->>'$.parent.invoice_item_details.proration' AS BOOLEAN), "
+                    "CAST(data->>'proration' AS BOOLEAN), false)",
                 ),
             ),
             parent="invoices",
@@ -332,6 +410,26 @@ STREAMS: dict[str, Stream] = {
             notes="Products become Sage items (issue 17); metadata.sage_item names one.",
         ),
         Stream(
+            "tax_rates",
+            "/v1/tax_rates",
+            "tax_rate",
+            "events",
+            (
+                ID,
+                CREATED,
+                Column("display_name", "VARCHAR", _str("display_name")),
+                Column("description", "VARCHAR", _str("description")),
+                Column("jurisdiction", "VARCHAR", _str("jurisdiction")),
+                Column("country", "VARCHAR", _str("country")),
+                Column("state", "VARCHAR", _str("state")),
+                Column("percentage", "DECIMAL(9,4)", "CAST(data->>'percentage' AS DECIMAL(9,4))"),
+                Column("inclusive", "BOOLEAN", _bool("inclusive")),
+                Column("active", "BOOLEAN", _bool("active")),
+                Column("tax_type", "VARCHAR", _str("tax_type")),
+            ),
+            notes="The rates invoices' taxes name (issue 18): Sage tax codes come from these.",
+        ),
+        Stream(
             "subscriptions",
             "/v1/subscriptions",
             "subscription",
@@ -343,6 +441,24 @@ STREAMS: dict[str, Stream] = {
                 Column("status", "VARCHAR", _str("status")),
                 CURRENCY,
                 Column("start_date", "TIMESTAMPTZ", _ts("start_date")),
+                # Issue 18: its items (price, quantity, period end) for the analysts' MRR
+                # tables (``billing.subscription_items``, ``billing.mrr_by_customer``).
+                Column(
+                    "items",
+                    "STRUCT(id VARCHAR, price VARCHAR, product VARCHAR, quantity BIGINT, "
+                    'unit_amount BIGINT, currency VARCHAR, "interval" VARCHAR, '
+                    "interval_count BIGINT, current_period_end TIMESTAMPTZ)[]",
+                    "coalesce(list_transform(CAST(json_extract(data, '$.items.data[*]') AS "
+                    "JSON[]), lambda i: {'id': i->>'id', 'price': coalesce(i->>'$.price.id', "
+                    "i->>'price'), 'product': i->>'$.price.product', "
+                    "'quantity': CAST(i->>'quantity' AS BIGINT), "
+                    "'unit_amount': TRY_CAST(i->>'$.price.unit_amount' AS BIGINT), "
+                    "'currency': upper(i->>'$.price.currency'), "
+                    "'interval': i->>'$.price.recurring.interval', "
+                    "'interval_count': CAST(i->>'$.price.recurring.interval_count' AS BIGINT), "
+                    "'current_period_end': "
+                    "to_timestamp(CAST(i->>'current_period_end' AS BIGINT))}), [])",
+                ),
             ),
         ),
     )
@@ -352,6 +468,7 @@ STREAMS: dict[str, Stream] = {
 STREAM_ORDER = (
     "customers",
     "products",
+    "tax_rates",
     "charges",
     "refunds",
     "invoices",

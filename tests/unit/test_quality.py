@@ -66,6 +66,8 @@ _GOOD: dict[str, Callable[[int], dict[str, Any]]] = {
     "subscriptions": lambda i: {"id": f"sub_{i:04d}", "created": CREATED,
                                 "customer": "cus_0000", "status": "active", "currency": "USD"},
     "products": lambda i: {"id": f"prod_{i:04d}", "created": CREATED, "name": f"Product {i}"},
+    "tax_rates": lambda i: {"id": f"txr_{i:04d}", "created": CREATED, "display_name": "VAT",
+                            "jurisdiction": "GB", "inclusive": True},
 }  # fmt: skip
 
 
@@ -84,9 +86,9 @@ class Rows:
         return [r["id"] for r in self.rows]
 
     def frame(self, **dtypes: pl.DataType) -> pl.DataFrame:
-        staged = {c.name: _POLARS_TYPES[c.sql_type] for c in STREAMS[self.stream].columns}
+        staged = {c.name: c.sql_type for c in STREAMS[self.stream].columns}
         columns = list(self.rows[0]) if self.rows else list(_GOOD[self.stream](0))
-        schema = {c: dtypes.get(c, staged[c]) for c in columns}
+        schema = {c: dtypes.get(c, _POLARS_TYPES[staged[c]]) for c in columns}
         return pl.DataFrame(self.rows, schema=schema, orient="row")
 
 

@@ -274,8 +274,15 @@ def test_invoices(data: dict[str, list[dict[str, Any]]], world: StripeWorld) -> 
     assert any(inv["lines"]["has_more"] for inv in invoices)
     taxed = [inv for inv in invoices if inv["total_taxes"]]
     assert taxed
-    for inv in taxed:
-        assert inv["total"] - inv["subtotal"] == sum(t["amount"] for t in inv["total_taxes"]) > 0
+    for inv in invoices:
+        # Stripe's arithmetic (issue 18): discounts come off the subtotal, exclusive tax is
+        # added, inclusive tax is already inside the line amounts.
+        discount = sum(d["amount"] for d in inv["total_discount_amounts"])
+        exclusive = sum(t["amount"] for t in inv["total_taxes"] if t["tax_behavior"] == "exclusive")
+        inclusive = sum(t["amount"] for t in inv["total_taxes"] if t["tax_behavior"] == "inclusive")
+        assert inv["total"] == inv["subtotal"] - discount + exclusive == inv["amount_due"]
+        assert inv["total_excluding_tax"] == inv["subtotal"] - discount - inclusive
+    assert all(sum(t["amount"] for t in inv["total_taxes"]) > 0 for inv in taxed)
     open_ = [inv for inv in invoices if inv["status"] == "open"]
     assert open_
     for j, inv in enumerate(invoices):
