@@ -86,6 +86,8 @@ class Accounts(BaseModel):
     dispute_fees: str
     fx_fees: str
     other_adjustments: str
+    # Realized FX gain/loss: the rate difference of refunds of foreign-currency sales.
+    fx_gain_loss: str = "7500"
 
 
 class CustomerMapping(BaseModel):

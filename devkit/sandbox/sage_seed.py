@@ -31,6 +31,7 @@ CHART_OF_ACCOUNTS: Final[list[tuple[str, str, AccountType]]] = [
     ("6120", "Dispute Fees", "expense"),
     ("6130", "FX Fees", "expense"),
     ("6190", "Other Stripe Adjustments", "expense"),
+    ("7500", "Realized FX Gain/Loss", "expense"),
 ]
 
 # (tax_code, description, rate in percent, liability account). Sage's tax-code table: an

@@ -188,6 +188,7 @@ class Business:
         self._invoice_kinds()
         self._everyday_shapes()
         self._refunds()
+        self._refunds_at_later_rates()
         self._disputes()
         self._balance_transactions_and_payouts()
         self._events()
@@ -400,6 +401,21 @@ class Business:
         self.rf_failed_at = np.where(self.rf_failed, self.refunds.created + DAY, 0)
         self.ch_refund = np.full(n, -1, np.int32)
         self.ch_refund[charge_ids] = np.arange(len(charge_ids), dtype=np.int32)
+
+    def _refunds_at_later_rates(self) -> None:
+        """A refund of a foreign-currency sale settles at Stripe's rate of the refund's day,
+        not the charge's: rates move by a percent or two in the days between (own random
+        stream, so the rest of the business does not shift)."""
+        rng = np.random.default_rng(self.config.seed + 2020)
+        charge = self.rf_charge
+        cur = self.ch_currency[charge]
+        drift = np.clip(rng.normal(0, 0.015, len(charge)), -0.05, 0.05)
+        rate = np.round(self.ch_rate[charge] * (1 + drift), 6)
+        rate[cur == USD] = 1.0
+        exps = np.array([e for _, e, _, _ in CURRENCIES])[cur]
+        settle = np.round(self.rf_amount * rate * 10.0 ** (2 - exps)).astype(np.int64)
+        self.rf_rate = rate
+        self.rf_bt_amount = np.where(cur == USD, self.rf_amount, np.maximum(1, settle))
 
     # -- disputes --------------------------------------------------------------------------
     def _disputes(self) -> None:

@@ -198,6 +198,7 @@ class RefundSpec:
     failed_at: int = 0  # 0: never fails
     bt: int = -1
     failure_bt: int = -1
+    rate: float | None = None  # Stripe's rate of the refund's day; None: the charge's
 
 
 @dataclass
@@ -369,6 +370,7 @@ class StripeWorld:
             failed_at=int(b.rf_failed_at[r]),
             bt=b.bt_of(BT_REFUND, r),
             failure_bt=b.bt_of(BT_REFUND_FAILURE, r) if b.rf_failed[r] else -1,
+            rate=float(b.rf_rate[r]),
         )
 
     def bt(self, t: int) -> BtSpec:
@@ -1156,7 +1158,7 @@ class StripeWorld:
             ch = self.charge(rf.charge)
             source = self.make_id("refunds", s.src)
             description = "REFUND FOR CHARGE" if s.kind == BT_REFUND else "REFUND FAILURE"
-            rate = ch.rate if ch.currency else None
+            rate = (rf.rate if rf.rate is not None else ch.rate) if ch.currency else None
         elif s.kind in (BT_DISPUTE, BT_DISPUTE_REVERSAL):
             ch = self.charge(int(self.b.dp_charge[s.src]))
             source = self.make_id("disputes", s.src)

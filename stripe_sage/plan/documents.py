@@ -814,27 +814,49 @@ def plan_refunds(
     bts: pl.DataFrame,
     mapping: Mapping,
     periods: pl.DataFrame | None = None,
+    charge_refunds: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Every refund that moved money → a credit memo against Stripe Clearing; a refund that
-    later failed → also a journal entry reversing it (Dr Clearing, Cr Sales Returns)."""
+    later failed → also a journal entry reversing it (Dr Clearing, Cr Sales Returns).
+
+    A refund of a foreign-currency sale reverses the sale at the charge's own rate (the memo)
+    and a journal moves the rest of what it cost at the refund's rate between Stripe Clearing
+    and Realized FX gain/loss (docs/accounting.md, "Foreign currency, first class").
+    ``charge_refunds``: every staged refund of the same charges (earlier ones may be posted
+    already); the default is ``refunds`` itself."""
     df = refunds.filter(pl.col("balance_transaction").is_not_null())
     if df.is_empty():
         return empty_docs()
-    ch = charges.select(
-        pl.col("id").alias("charge"),
-        pl.col("customer").alias("charge_customer"),
-        captured(charges).alias("_charge_captured"),
-        pl.col("exchange_rate")
-        if "exchange_rate" in charges.columns
-        else pl.lit(None, pl.Float64).alias("exchange_rate"),
+    ch = with_settlement(
+        charges.select(
+            "id",
+            "customer",
+            "amount",
+            "currency",
+            "balance_transaction",
+            captured(charges).alias("_charge_captured"),
+        ).rename({"id": "charge", "customer": "charge_customer"}),
+        bts,
+        "balance_transaction",
+    ).select(
+        "charge",
+        "charge_customer",
+        "_charge_captured",
+        pl.col("amount").alias("charge_amount"),
+        pl.col("currency").alias("charge_currency"),
+        pl.col("settlement_amount").alias("charge_settled"),
     )
-    df = df.join(
-        ch.drop("exchange_rate").with_columns(pl.lit(True).alias("_charge_found")),
-        on="charge",
-        how="left",
-    ).filter(
-        # Releasing an authorization that was never captured refunds no money.
-        pl.col("_charge_captured").fill_null(True)
+    siblings = (charge_refunds if charge_refunds is not None else refunds).filter(
+        pl.col("balance_transaction").is_not_null()
+    )
+    sale = refund_sale_amounts(siblings, ch)
+    df = (
+        df.join(ch.with_columns(pl.lit(True).alias("_charge_found")), on="charge", how="left")
+        .join(sale, on="id", how="left")
+        .filter(
+            # Releasing an authorization that was never captured refunds no money.
+            pl.col("_charge_captured").fill_null(True)
+        )
     )
     if df.is_empty():
         return empty_docs()
@@ -850,11 +872,37 @@ def plan_refunds(
         .otherwise(pl.lit(guest_key, pl.String))
         .alias("customer_key"),
     )
+    # A sale in another currency than it settled in: the memo reverses it at the charge's
+    # rate, the FX journal takes the difference (a tiny refund whose share rounds to nothing
+    # stays whole in the memo).
+    fx = (pl.col("charge_currency") != pl.col("settlement_currency")) & (
+        pl.col("sale_amount").fill_null(0) > 0
+    )
+    df = df.with_columns(
+        fx.fill_null(False).alias("_fx"),
+        pl.when(fx)
+        .then(pl.col("sale_amount"))
+        .otherwise(pl.col("settlement_amount"))
+        .alias("memo_amount"),
+    ).with_columns(
+        (pl.col("settlement_amount") - pl.col("memo_amount")).alias("fx_difference"),
+    )
     df = apply_rules(df, mapping.refunds.credit_memo, "m_")
     clearing = pl.col("settlement_currency").replace_strict(mapping.accounts.clearing, default=None)
     error = first_error(
         pl.when(pl.col("_charge_found").is_null()).then(
             pl.format("waiting: refund's charge {} is not staged", pl.col("charge"))
+        ),
+        pl.when(
+            pl.col("_charge_found")
+            & pl.col("charge_settled").is_null()
+            & (pl.col("charge_currency") != pl.col("settlement_currency"))
+        ).then(
+            pl.format(
+                "waiting: the balance transaction of the refund's charge {} is not staged "
+                "(its rate converts the sale back)",
+                pl.col("charge"),
+            )
         ),
         pl.when(pl.col("customer_key").is_null()).then(
             pl.format(
@@ -871,7 +919,8 @@ def plan_refunds(
         ),
         join_errors(),
     )
-    settle = money_string(pl.col("settlement_amount"), pl.col("settlement_currency"))
+    settle = money_string(pl.col("memo_amount"), pl.col("settlement_currency"))
+    df = df.with_columns(error.alias("error"))
     memos = df.with_columns(
         pl.lit("credit_memo").alias("doc_type"),
         pl.struct(
@@ -886,10 +935,9 @@ def plan_refunds(
             clearing.alias("gl_account"),
         ).alias("payload"),
         pl.concat_list([pl.col("customer_key")]).alias("depends_on"),
-        error.alias("error"),
     )
     failed = df.filter(pl.col("failure_balance_transaction").is_not_null())
-    frames = [_docs(memos, mapping, periods)]
+    frames = [_docs(memos, mapping, periods), _refund_fx_journals(df, mapping, periods)]
     if not failed.is_empty():
         fb = bts.select(
             pl.col("id").alias("failure_balance_transaction"),
@@ -897,9 +945,11 @@ def plan_refunds(
             local_date(pl.col("created"), mapping.timezone).alias("failure_date"),
         )
         failed = failed.join(fb, on="failure_balance_transaction", how="left")
-        amount = money_string(pl.col("failure_amount"), pl.col("settlement_currency"))
-        zero = money_string(pl.lit(0), pl.col("settlement_currency"))
+        cur = pl.col("settlement_currency")
         desc = pl.concat_str([pl.lit("Refund failed "), pl.col("id")])
+        # The money came back: clearing gets what the failure returned, Sales Returns loses
+        # what the memo booked, and FX gain/loss takes back any difference between the two.
+        back = pl.col("failure_amount") - pl.col("memo_amount")
         journals = failed.with_columns(
             pl.lit("journal_entry").alias("doc_type"),
             pl.concat_str([pl.lit("refund_failure:"), pl.col("id")]).alias("stripe_key"),
@@ -908,23 +958,28 @@ def plan_refunds(
                 pl.lit(mapping.source_code).alias("source_code"),
                 desc.alias("description"),
                 pl.col("id").alias("reference"),
-                pl.col("settlement_currency").alias("currency"),
+                cur.alias("currency"),
                 pl.concat_list(
                     [
-                        pl.struct(
-                            clearing.alias("account"),
-                            amount.alias("debit"),
-                            zero.alias("credit"),
-                            desc.alias("description"),
-                        ),
-                        pl.struct(
-                            pl.lit(mapping.accounts.sales_returns).alias("account"),
-                            zero.alias("debit"),
-                            amount.alias("credit"),
-                            desc.alias("description"),
+                        journal_line(clearing, pl.col("failure_amount"), cur, desc),
+                        journal_line(
+                            pl.lit(mapping.accounts.sales_returns),
+                            -pl.col("memo_amount"),
+                            cur,
+                            desc,
                         ),
                     ]
-                ).alias("lines"),
+                )
+                .list.concat(
+                    pl.when(back != 0)
+                    .then(
+                        pl.concat_list(
+                            [journal_line(pl.lit(mapping.accounts.fx_gain_loss), -back, cur, desc)]
+                        )
+                    )
+                    .otherwise(pl.lit([], pl.List(JOURNAL_LINE)))
+                )
+                .alias("lines"),
             ).alias("payload"),
             pl.lit([], pl.List(pl.String)).alias("depends_on"),
             first_error(
@@ -945,6 +1000,86 @@ def plan_refunds(
             )
         )
     return pl.concat(frames)
+
+
+def refund_sale_amounts(refunds: pl.DataFrame, charges: pl.DataFrame) -> pl.DataFrame:
+    """``id`` → ``sale_amount``: the part of its charge's settled gross each refund reverses,
+    at the charge's own rate, in settlement minor units. Cumulative, so the refunds of one
+    charge add up to exactly its settled gross once it is fully refunded (the last partial
+    refund takes the rounding remainder): share(n) = round(Σ refunded to n × settled / amount)
+    − round(Σ refunded before n × settled / amount), half-up. Null where the charge's
+    settlement is not staged."""
+    if refunds.is_empty():
+        return pl.DataFrame(schema={"id": pl.String, "sale_amount": pl.Int64})
+    df = (
+        refunds.select("id", "charge", "created", pl.col("amount").cast(pl.Int64))
+        .join(charges.select("charge", "charge_amount", "charge_settled"), on="charge", how="left")
+        .sort("charge", "created", "id")
+        .with_columns(pl.col("amount").cum_sum().over("charge").alias("_to"))
+    )
+    a, settled = pl.col("charge_amount").cast(pl.Int64), pl.col("charge_settled").cast(pl.Int64)
+
+    def share(refunded: pl.Expr) -> pl.Expr:  # round-half-up(refunded x settled / a)
+        return (2 * refunded * settled + a) // (2 * a)
+
+    return df.select(
+        "id",
+        pl.when(a > 0)
+        .then(share(pl.col("_to")) - share(pl.col("_to") - pl.col("amount")))
+        .otherwise(None)
+        .alias("sale_amount"),
+    )
+
+
+JOURNAL_LINE = pl.Struct(
+    {"account": pl.String, "debit": pl.String, "credit": pl.String, "description": pl.String}
+)
+
+
+def journal_line(account: pl.Expr, signed: pl.Expr, currency: pl.Expr, desc: pl.Expr) -> pl.Expr:
+    """One journal line: a positive ``signed`` amount is a debit, a negative one a credit."""
+    zero = money_string(pl.lit(0), currency)
+    return pl.struct(
+        account.alias("account"),
+        pl.when(signed > 0).then(money_string(signed, currency)).otherwise(zero).alias("debit"),
+        pl.when(signed < 0).then(money_string(-signed, currency)).otherwise(zero).alias("credit"),
+        desc.alias("description"),
+    )
+
+
+def _refund_fx_journals(
+    df: pl.DataFrame, mapping: Mapping, periods: pl.DataFrame | None
+) -> pl.DataFrame:
+    """Realized FX on refunds of foreign-currency sales: the memo reversed the sale at the
+    charge's rate; this moves the difference to what the refund cost (its balance
+    transaction) between Stripe Clearing and FX gain/loss, so clearing moves by exactly the
+    refund's ``bt.amount`` and a full refund leaves net sales where they were."""
+    fx = df.filter(pl.col("_fx") & (pl.col("fx_difference") != 0) & pl.col("error").is_null())
+    if fx.is_empty():
+        return empty_docs()
+    cur = pl.col("settlement_currency")
+    clearing = cur.replace_strict(mapping.accounts.clearing, default=None)
+    d = pl.col("fx_difference")  # > 0: the refund cost more than the sale brought in (a loss)
+    desc = pl.concat_str([pl.lit("Realized FX on refund "), pl.col("id")])
+    journals = fx.with_columns(
+        pl.lit("journal_entry").alias("doc_type"),
+        pl.concat_str([pl.lit("refund_fx:"), pl.col("id")]).alias("stripe_key"),
+        pl.struct(
+            pl.col("doc_date").cast(pl.String).alias("entry_date"),
+            pl.lit(mapping.source_code).alias("source_code"),
+            desc.alias("description"),
+            pl.col("id").alias("reference"),
+            cur.alias("currency"),
+            pl.concat_list(
+                [
+                    journal_line(pl.lit(mapping.accounts.fx_gain_loss), d, cur, desc),
+                    journal_line(clearing, -d, cur, desc),
+                ]
+            ).alias("lines"),
+        ).alias("payload"),
+        pl.lit([], pl.List(pl.String)).alias("depends_on"),
+    )
+    return _docs(journals, mapping, periods, key_col="stripe_key")
 
 
 # -- closed periods ----------------------------------------------------------------------

@@ -203,22 +203,33 @@ def _document_slices(
             )
         yield plan_invoices(invoices, lines, mapping, pf, tax_rates)
 
-    refunds_todo = _todo("refunds", "credit_memo:", "journal_entry:refund_failure:")
+    refunds_todo = _todo(
+        "refunds", "credit_memo:", "journal_entry:refund_failure:", "journal_entry:refund_fx:"
+    )
     for refunds in _rows_to_plan(st, "refunds", refunds_todo, slice_rows):
         with st.registered(
             "_plan_slice",
             refunds.select("charge", "balance_transaction", "failure_balance_transaction"),
         ):
+            # The charges' own balance transactions too: their rate converts a foreign sale
+            # back; and every refund of those charges (a partial refund's share of the sale
+            # depends on the refunds before it, posted or not).
             bts = st.frame(
                 "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN ("
                 "SELECT balance_transaction FROM _plan_slice "
-                "UNION ALL SELECT failure_balance_transaction FROM _plan_slice)"
+                "UNION ALL SELECT failure_balance_transaction FROM _plan_slice "
+                "UNION ALL SELECT c.balance_transaction FROM staging.charges c "
+                "WHERE c.id IN (SELECT charge FROM _plan_slice))"
             )
             charges = st.frame(
                 "SELECT s.* FROM staging.charges s "
                 "WHERE s.id IN (SELECT charge FROM _plan_slice) AND " + _not_quarantined("charges")
             )
-        yield plan_refunds(refunds, charges, bts, mapping, pf)
+            charge_refunds = st.frame(
+                "SELECT r.* FROM staging.refunds r "
+                "WHERE r.charge IN (SELECT charge FROM _plan_slice)"
+            )
+        yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds)
 
     yield from _payout_documents(st, mapping, pf)
 

@@ -92,7 +92,13 @@ def preview(
             known_orders=known_orders,
         )
     elif stream == "refunds":
-        docs = plan_refunds(rows, st.table("charges"), st.table("balance_transactions"), mapping)
+        docs = plan_refunds(
+            rows,
+            st.table("charges"),
+            st.table("balance_transactions"),
+            mapping,
+            charge_refunds=st.table("refunds"),
+        )
     elif stream == "customers":
         docs = plan_customers(rows, mapping)
     elif stream == "invoices":

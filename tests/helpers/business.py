@@ -9,6 +9,7 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,36 @@ def plain_customer(client: httpx.Client) -> str:
     )
 
 
+def fx_refund_shares(
+    charges: list[dict[str, Any]], refunds: list[dict[str, Any]], bts: list[dict[str, Any]]
+) -> dict[str, tuple[int, int]]:
+    """Refunds of sales presented in another currency than they settled in: refund id →
+    (the sale's share it reverses at the charge's rate, what it cost: -bt.amount), in
+    settlement minor units (docs/accounting.md, "Foreign currency, first class"). The shares
+    of one charge's refunds are cumulative, so together they are its settled gross."""
+    amount_of = {b["id"]: b["amount"] for b in bts}
+    currency_of = {b["id"]: b["currency"] for b in bts}
+    by_charge: dict[str, list[dict[str, Any]]] = {}
+    for r in refunds:
+        if r.get("balance_transaction"):
+            by_charge.setdefault(r["charge"], []).append(r)
+    out: dict[str, tuple[int, int]] = {}
+    for ch in charges:
+        bt = ch.get("balance_transaction")
+        if ch["id"] not in by_charge or not bt or ch["currency"] == currency_of.get(bt):
+            continue
+        settled, sold = Decimal(amount_of[bt]), Decimal(ch["amount"])
+        before = Decimal(0)
+        for r in sorted(by_charge[ch["id"]], key=lambda r: (r["created"], r["id"])):
+            upto = before + r["amount"]
+            share = int((upto * settled / sold).to_integral_value(ROUND_HALF_UP)) - int(
+                (before * settled / sold).to_integral_value(ROUND_HALF_UP)
+            )
+            before = upto
+            out[r["id"]] = (share, -amount_of[r["balance_transaction"]])
+    return out
+
+
 def expected_documents(env: Env) -> Counter[str]:
     """What the Stripe business implies, from Stripe's own lists (docs/accounting.md)."""
     with env.stripe() as s:
@@ -88,6 +119,11 @@ def expected_documents(env: Env) -> Counter[str]:
             for p in stripe_all(s, "/v1/payouts")
             if p["automatic"] and p["status"] in ("paid", "failed")
         ]
+        bts = stripe_all(s, "/v1/balance_transactions")
+    # A refund of a foreign sale at another rate than the sale's books the difference.
+    fx_journals = [
+        r for r, (share, cost) in fx_refund_shares(charges, refunds, bts).items() if share != cost
+    ]
     with env.sage() as c:
         orders = {o["order_no"] for o in sage_all(c, "salesorders")}
     # An authorization never captured moved no money and posts nothing (docs/accounting.md).
@@ -116,8 +152,10 @@ def expected_documents(env: Env) -> Counter[str]:
             + len(invoices),
             "cash_receipt": len(succeeded),
             "credit_memo": len(refunds),
-            # refund failures, one journal per paid payout, a reversal per failed payout
+            # refund failures, FX on refunds, one journal per paid payout, a reversal per
+            # failed payout
             "journal_entry": len([r for r in refunds if r["status"] == "failed"])
+            + len(fx_journals)
             + len(payouts)
             + len([p for p in payouts if p["status"] == "failed"]),
             "customer": len(customers) + len(deleted) + int(guest),

@@ -1,0 +1,148 @@
+"""Foreign currency, first class (issue 20, docs/accounting.md "Foreign currency, first
+class"): a refund of a sale presented in EUR, GBP, JPY or KWD and settled in USD reverses the
+sale at the charge's own rate, and a journal books the rate difference of the refund's day
+between Stripe Clearing and Realized FX gain/loss — so clearing moves by exactly the refund's
+balance transaction and a full refund leaves net sales where they were.
+
+What Stripe implies is computed from the Stripe sandbox's lists over plain HTTP
+(``fx_refund_shares``); what Sage holds is read back from the Sage sandbox over plain HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import duckdb
+import pytest
+
+from stripe_sage.mapping import load_mapping
+from stripe_sage.money import exponent
+from tests.helpers.business import (
+    Env,
+    fx_refund_shares,
+    make_env,
+    run_flow,
+    sage_all,
+    sage_counts,
+    stripe_all,
+    use_env,
+)
+
+pytestmark = pytest.mark.e2e
+
+SEED, CHARGES = 11, 400
+FX_PREFIX = "Realized FX"
+
+
+def minor(amount: str, currency: str) -> int:
+    return int(Decimal(amount).scaleb(exponent(currency)))
+
+
+@pytest.fixture(scope="module")
+def fx_run(
+    tmp_path_factory: pytest.TempPathFactory, prefect_harness: None
+) -> Iterator[tuple[Env, dict[str, Any]]]:
+    mp = pytest.MonkeyPatch()
+    env = make_env(tmp_path_factory.mktemp("fx"), charges=CHARGES, seed=SEED, monkeypatch=mp)
+    with env.pair:
+        use_env(env, mp)
+        result = run_flow(trigger="test")
+        with env.stripe() as s:
+            charges = stripe_all(s, "/v1/charges")
+            refunds = stripe_all(s, "/v1/refunds")
+            bts = stripe_all(s, "/v1/balance_transactions")
+        with env.sage() as c:
+            sage = {n: sage_all(c, n) for n in ("creditmemos", "journalentries", "cashreceipts")}
+        yield (
+            env,
+            {
+                "result": result,
+                "charges": {c["id"]: c for c in charges},
+                "refunds": {r["id"]: r for r in refunds},
+                "shares": fx_refund_shares(charges, refunds, bts),
+                **sage,
+            },
+        )
+    mp.undo()
+
+
+def fx_journals(d: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for j in d["journalentries"]:
+        if j["description"].startswith(FX_PREFIX):
+            out.setdefault(j["reference"], []).append(j)
+    return out
+
+
+def test_the_business_refunds_foreign_sales_at_moving_rates(fx_run: Any) -> None:
+    """The premise: foreign refunds that cost more, and less, than the sale brought in."""
+    _, d = fx_run
+    shares = d["shares"]
+    assert len(shares) >= 5
+    assert any(cost > share for share, cost in shares.values())  # losses
+    assert any(cost < share for share, cost in shares.values())  # gains
+    currencies = {d["charges"][d["refunds"][r]["charge"]]["currency"] for r in shares}
+    assert {"jpy", "kwd"} & currencies  # zero- and three-decimal presentment too
+
+
+def test_memo_reverses_the_sale_at_the_charges_rate_and_fx_takes_the_rest(fx_run: Any) -> None:
+    _, d = fx_run
+    clearing = load_mapping().accounts.clearing["USD"]
+    fx_account = load_mapping().accounts.fx_gain_loss
+    memos: dict[str, list[dict[str, Any]]] = {}
+    for m in d["creditmemos"]:
+        memos.setdefault(m["reference"], []).append(m)
+    journals = fx_journals(d)
+    for refund_id, (share, cost) in d["shares"].items():
+        (memo,) = memos[refund_id]
+        assert memo["currency"] == "USD"
+        assert minor(memo["amount"], "USD") == share, refund_id
+        if share == cost:
+            assert refund_id not in journals
+            continue
+        (journal,) = journals[refund_id]
+        moved = {line["account"]: line for line in journal["lines"]}
+        assert set(moved) == {clearing, fx_account}
+        fx_debit = minor(moved[fx_account]["debit"], "USD") - minor(
+            moved[fx_account]["credit"], "USD"
+        )
+        assert fx_debit == cost - share  # Dr a loss, Cr a gain
+        # Clearing moves by exactly the refund's balance transaction: the memo + the journal.
+        clearing_credit = minor(moved[clearing]["credit"], "USD") - minor(
+            moved[clearing]["debit"], "USD"
+        )
+        assert share + clearing_credit == cost
+
+
+def test_a_full_refund_of_a_foreign_sale_leaves_net_sales_unchanged(fx_run: Any) -> None:
+    _, d = fx_run
+    receipts = {r["reference"]: r for r in d["cashreceipts"]}
+    memos = {m["reference"]: m for m in d["creditmemos"]}
+    full = [
+        r
+        for r in d["shares"]
+        if d["refunds"][r]["amount"] == d["charges"][d["refunds"][r]["charge"]]["amount"]
+    ]
+    assert full
+    for refund_id in full:
+        charge = d["refunds"][refund_id]["charge"]
+        # The sale in Sage was the receipt's amount; the memo takes exactly that back.
+        assert memos[refund_id]["amount"] == receipts[charge]["amount"], refund_id
+
+
+def test_no_dead_letters_and_a_rerun_posts_nothing_twice(fx_run: Any) -> None:
+    env, d = fx_run
+    assert d["result"]["status"] == "completed", d["result"]
+    con = duckdb.connect(str(env.db), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM ops.dead_letters").fetchone() == (0,)
+    finally:
+        con.close()
+    before = sage_counts(env)
+    run_flow(trigger="test")
+    assert sage_counts(env) == before
+    assert sum(len(v) for v in fx_journals(d).values()) == len(
+        [1 for share, cost in d["shares"].values() if share != cost]
+    )
