@@ -86,6 +86,8 @@ def wait_kind(reason: str) -> str:
     """The class of a waiting reason: each class has its own allowed age (Settings
     ``waiting_alert_hours``)."""
     text = reason.lower()
+    if "awaiting settlement" in text:
+        return "settlement"
     if "balance transaction" in text:
         return "balance_transaction"
     if "invoice lines" in text:
@@ -99,7 +101,9 @@ def wait_kind_expr(reason: pl.Expr) -> pl.Expr:
     """:func:`wait_kind` as an expression (no Python call per planned document)."""
     text = reason.str.to_lowercase()
     return (
-        pl.when(text.str.contains("balance transaction", literal=True))
+        pl.when(text.str.contains("awaiting settlement", literal=True))
+        .then(pl.lit("settlement"))
+        .when(text.str.contains("balance transaction", literal=True))
         .then(pl.lit("balance_transaction"))
         .when(text.str.contains("invoice lines", literal=True))
         .then(pl.lit("invoice_lines"))

@@ -36,6 +36,9 @@ OUTBOX_STATES = {
     "blocked": "depends on a dead, quarantined or missing document (named in the reason)",
 }
 UNPOSTED_STATES = ("dead", "waiting", "blocked", "pending")
+# The due date an "awaiting settlement" reason names: a foreign-currency invoice is expected
+# to wait until then (plan_invoices writes it).
+SETTLEMENT_DUE = re.compile(r"\bdue (\d{4}-\d{2}-\d{2})\b")
 STAGE_SLICE = 4_000
 
 
@@ -419,13 +422,19 @@ class Staging:
         self, hours: dict[str, float], now: dt.datetime | None = None
     ) -> list[dict[str, Any]]:
         """Waiting documents older than their reason's allowed age (``hours`` by
-        ``wait_kind``, ``default`` for the rest), oldest first."""
+        ``wait_kind``, ``default`` for the rest), oldest first. A foreign-currency invoice
+        awaiting settlement (kind ``settlement``) is only overdue once its due date, named in
+        its reason, has passed by that allowance: until then waiting is its normal state."""
         now = now or now_utc()
         default = hours.get("default", 24.0)
         out = []
         for row in self.unposted("waiting"):
             limit = hours.get(row["wait_kind"] or "", default)
-            age = (now - row["since"]).total_seconds() / 3600 if row["since"] else 0.0
+            since = row["since"]
+            due = SETTLEMENT_DUE.search(row["reason"] or "")
+            if row["wait_kind"] == "settlement" and due:
+                since = dt.datetime.fromisoformat(due.group(1)).replace(tzinfo=dt.UTC)
+            age = (now - since).total_seconds() / 3600 if since else 0.0
             if age >= limit:
                 out.append({**row, "age_hours": round(age, 2), "limit_hours": limit})
         return out

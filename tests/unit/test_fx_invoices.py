@@ -3,12 +3,15 @@ half-up, the remainder on the largest line, lines − discount + tax == the conv
 
 from __future__ import annotations
 
+import datetime as dt
 import random
+from pathlib import Path
 
 import polars as pl
 import pytest
 
 from stripe_sage.plan.fx import COMPONENT_SCHEMA, SIGN, settle_invoice_amounts
+from stripe_sage.store.staging import Staging
 
 pytestmark = pytest.mark.unit
 
@@ -81,3 +84,29 @@ def test_random_invoices_convert_exactly() -> None:
             if abs(s - a * settled / paid) > 0.5 + 1e-9
         ]
         assert len(off) <= 1 and all(k == "line" for k, _, _ in off)
+
+
+def test_awaiting_settlement_is_overdue_only_after_its_due_date(tmp_path: Path) -> None:
+    """A foreign-currency invoice not paid yet waits as its normal state: the waiting alert
+    counts from the due date its reason names, not from when it began to wait."""
+    reason = (
+        "waiting: awaiting settlement: EUR invoice in_1 posts when Stripe settles its "
+        "payment (due 2026-07-15)"
+    )
+    bt_reason = "waiting: balance transaction txn_1 is not staged"
+    since = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+    with Staging(tmp_path / "s.duckdb") as st:
+        for key, why, kind in [
+            ("invoice:in_1", reason, "settlement"),
+            ("cash_receipt:ch_1", bt_reason, "balance_transaction"),
+        ]:
+            st.con.execute(
+                "INSERT INTO sage.outbox (doc_key, doc_type, stripe_id, status, last_error, "
+                "created_at, waiting_since, wait_kind) VALUES (?, ?, ?, 'waiting', ?, ?, ?, ?)",
+                [key, key.split(":")[0], key.split(":")[1], why, since, since, kind],
+            )
+        hours = {"default": 24.0}
+        before_due = st.overdue_waiting(hours, now=dt.datetime(2026, 7, 10, tzinfo=dt.UTC))
+        assert [o["doc_key"] for o in before_due] == ["cash_receipt:ch_1"]
+        after_due = st.overdue_waiting(hours, now=dt.datetime(2026, 7, 17, tzinfo=dt.UTC))
+        assert sorted(o["doc_key"] for o in after_due) == ["cash_receipt:ch_1", "invoice:in_1"]
