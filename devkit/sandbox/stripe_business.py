@@ -211,7 +211,13 @@ class Business:
         cur = rng.choice(len(CURRENCIES), n, p=shares / shares.sum()).astype(np.int8)
         self.ch_is_invoice = idx % 10 == 3
         self.ch_is_erp = idx % 20 == 7
-        cur[self.ch_is_invoice | self.ch_is_erp] = USD
+        # Billing invoices and ERP orders are in USD, but every ninth invoice is billed in
+        # EUR, GBP or JPY (foreign-currency invoices, settled in USD at the charge's rate).
+        self.ch_is_fx_invoice = self.ch_is_invoice & (idx % 90 == 33)
+        cur[(self.ch_is_invoice & ~self.ch_is_fx_invoice) | self.ch_is_erp] = USD
+        cur[self.ch_is_fx_invoice] = np.array([1, 2, 3], np.int8)[
+            (idx[self.ch_is_fx_invoice] // 90) % 3
+        ]
         self.ch_currency = cur
         major = np.clip(np.exp(rng.normal(3.6, 1.0, n)), 1.0, 5_000.0)
         exps = np.array([e for _, e, _, _ in CURRENCIES])[cur]
@@ -232,6 +238,10 @@ class Business:
         erp_customers = 10 * rng.integers(0, (self.n_customers + 9) // 10, n)
         self.ch_customer[self.ch_is_erp] = erp_customers[self.ch_is_erp].astype(np.int32)
         self.ch_failed = (rng.random(n) < 0.03) & ~self.ch_is_erp
+        # One foreign-currency invoice's payment failed: it stays open, awaiting settlement.
+        fx_invoices = np.nonzero(self.ch_is_fx_invoice)[0]
+        if len(fx_invoices) >= 2:
+            self.ch_failed[fx_invoices[1]] = True
         self.ch_card = rng.integers(0, 4, n).astype(np.int8)  # brand index
 
     # -- Billing ---------------------------------------------------------------------------
@@ -281,6 +291,9 @@ class Business:
         total = self.ch_amount[self.inv_charge]
         kind[(kind == KIND_PRORATION) & (self.inv_subscription < 0)] = KIND_PLAIN
         kind[(kind == KIND_AMOUNT) & (total < AMOUNT_COUPON_MIN_TOTAL)] = KIND_PLAIN
+        # An amount-off coupon is in USD: a foreign-currency invoice takes none.
+        foreign = self.ch_is_fx_invoice[self.inv_charge]
+        kind[(kind == KIND_AMOUNT) & foreign] = KIND_PLAIN
         # Every kind at least once, however small the business.
         for k in range(1, 6):
             if (kind == k).any():
@@ -289,7 +302,7 @@ class Business:
             if k == KIND_PRORATION:
                 ok &= self.inv_subscription >= 0
             if k == KIND_AMOUNT:
-                ok &= total >= AMOUNT_COUPON_MIN_TOTAL
+                ok &= (total >= AMOUNT_COUPON_MIN_TOTAL) & ~foreign
             free = np.nonzero(ok)[0]
             if len(free):
                 kind[free[len(free) // 2]] = k

@@ -20,6 +20,7 @@ import polars as pl
 
 from stripe_sage.mapping import DERIVED_COLUMNS, TEMPLATE_FIELD, FieldRule, Mapping
 from stripe_sage.money import KNOWN_CURRENCIES, THREE_DECIMAL, ZERO_DECIMAL
+from stripe_sage.plan.fx import settle_foreign_invoices
 from stripe_sage.plan.invoice_tax import TAX_LINES_SCHEMA, TAXES_DTYPE, invoice_tax_lines
 from stripe_sage.plan.item_codes import default_item_key, line_item
 from stripe_sage.plan.line_amounts import line_price_exprs
@@ -666,8 +667,14 @@ def plan_invoices(
     mapping: Mapping,
     periods: pl.DataFrame | None = None,
     tax_rates: pl.DataFrame | None = None,
+    settlements: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Finalized Stripe invoices (open or paid) → Sage invoices with all their lines.
+
+    An invoice in a currency that is not a settlement currency posts once Stripe settled the
+    charge that paid it (``settlements``: ``fx.invoice_settlements``), restated in the
+    settlement currency at that charge's rate (``fx.settle_foreign_invoices``); until then
+    it is awaiting settlement, a wait with its due date, not an error.
 
     ACCOUNTING.md "Stripe Billing, completely": every line net of its inclusive tax (unit
     prices exact to v1.1's 4 extra decimals), proration credits as negative lines,
@@ -679,6 +686,17 @@ def plan_invoices(
         return empty_docs()
     inv = _with_tax_columns(inv)
     lines = _with_tax_columns(lines)
+    foreign = ~pl.col("currency").is_in(mapping.settlement_currencies)
+    if settlements is not None and not inv.filter(foreign).is_empty():
+        settled_inv, settled_lines = settle_foreign_invoices(
+            inv.filter(foreign), lines, settlements
+        )
+        if not settled_inv.is_empty():
+            ids = settled_inv["id"]
+            inv = pl.concat([inv.filter(~pl.col("id").is_in(ids.implode())), settled_inv])
+            lines = pl.concat(
+                [lines.filter(~pl.col("invoice").is_in(ids.implode())), settled_lines]
+            )
     if "item" in mapping.invoices.line:  # a mapping's own item rule: that item must exist
         item, item_dep = pl.col("l_item"), pl.lit(None, pl.String)
     else:
@@ -741,8 +759,16 @@ def plan_invoices(
         ),
         pl.when(~pl.col("currency").is_in(mapping.settlement_currencies)).then(
             pl.format(
-                "invoice currency {} is not a settlement currency; posting it would need FX",
+                "waiting: awaiting settlement: {} invoice {} posts in the settlement currency "
+                "when Stripe settles its payment (due {})",
                 pl.col("currency"),
+                pl.col("id"),
+                pl.coalesce(
+                    local_date(pl.col("due_date"), mapping.timezone)
+                    if "due_date" in inv.columns
+                    else pl.lit(None, pl.Date),
+                    pl.col("doc_date"),
+                ).cast(pl.String),
             )
         ),
         pl.col("tax_error"),

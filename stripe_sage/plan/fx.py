@@ -68,3 +68,134 @@ def settle_invoice_amounts(components: pl.DataFrame, rates: pl.DataFrame) -> pl.
             "settled_amount"
         ),
     )
+
+
+SETTLEMENT_SCHEMA = {
+    "invoice": pl.String,
+    "paid": pl.Int64,  # the paying charge's amount (presentment minor units)
+    "settled": pl.Int64,  # its balance transaction's amount (settlement minor units)
+    "settlement_currency": pl.String,
+}
+
+
+def invoice_settlements(
+    invoice_payments: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
+) -> pl.DataFrame:
+    """Per paid invoice, the charge that paid it and what Stripe settled for it
+    (SETTLEMENT_SCHEMA); an invoice whose charge or balance transaction is not staged has no
+    row (it waits)."""
+    if invoice_payments.is_empty():
+        return pl.DataFrame(schema=SETTLEMENT_SCHEMA)
+    paid = invoice_payments.filter(pl.col("status") == "paid").select("invoice", "charge")
+    ch = charges.select(
+        pl.col("id").alias("charge"), pl.col("amount").alias("paid"), "balance_transaction"
+    )
+    bt = bts.select(
+        pl.col("id").alias("balance_transaction"),
+        pl.col("amount").alias("settled"),
+        pl.col("currency").str.to_uppercase().alias("settlement_currency"),
+    )
+    return (
+        paid.join(ch, on="charge")
+        .join(bt, on="balance_transaction")
+        .unique(subset=["invoice"], keep="first")
+        .select(*SETTLEMENT_SCHEMA)
+        .cast(SETTLEMENT_SCHEMA)  # type: ignore[arg-type]
+    )
+
+
+def settle_foreign_invoices(
+    invoices: pl.DataFrame, lines: pl.DataFrame, settlements: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The invoices of ``settlements`` (and their lines) restated in the settlement currency
+    at their paying charge's rate, ready for the ordinary invoice planning: each line's
+    ``amount`` is its converted net (``tax_inclusive`` 0), ``discount``, ``taxes`` amounts and
+    ``tax_exclusive`` (= Σ taxes) converted, ``total`` = the converted total; lines − discount
+    + tax equal it exactly (``settle_invoice_amounts``)."""
+    inv = invoices.join(settlements.rename({"invoice": "id"}), on="id", how="inner").with_columns(
+        pl.col("taxes").fill_null([])
+    )
+    if inv.is_empty():
+        return invoices.clear(), lines.clear()
+    ln = lines.join(inv.select(pl.col("id").alias("invoice")), on="invoice", how="semi")
+    taxes = (
+        inv.select("id", "taxes")
+        .explode("taxes")
+        .filter(pl.col("taxes").is_not_null())
+        .with_columns(pl.int_range(pl.len()).over("id").alias("_k"))
+        .unnest("taxes")
+    )
+    components = pl.concat(
+        [
+            ln.select(
+                "invoice",
+                pl.lit("line").alias("kind"),
+                pl.col("position").cast(pl.String).alias("key"),
+                (pl.col("amount") - pl.col("tax_inclusive")).alias("amount"),
+            ),
+            inv.select(
+                pl.col("id").alias("invoice"),
+                pl.lit("discount").alias("kind"),
+                pl.lit("discount").alias("key"),
+                pl.col("discount").alias("amount"),
+            ),
+            taxes.select(
+                pl.col("id").alias("invoice"),
+                pl.lit("tax").alias("kind"),
+                pl.col("_k").cast(pl.String).alias("key"),
+                pl.col("amount"),
+            ),
+        ]
+    ).cast(COMPONENT_SCHEMA)  # type: ignore[arg-type]
+    rates = inv.select(pl.col("id").alias("invoice"), "total", "paid", "settled")
+    conv = settle_invoice_amounts(components, rates)
+    cur = inv.select(pl.col("id").alias("invoice"), "settlement_currency")
+
+    def part(kind: str) -> pl.DataFrame:
+        return conv.filter(pl.col("kind") == kind).select("invoice", "key", "settled_amount")
+
+    lines_out = (
+        ln.with_columns(pl.col("position").cast(pl.String).alias("key"))
+        .join(part("line"), on=["invoice", "key"])
+        .join(cur, on="invoice")
+        .with_columns(
+            pl.col("settled_amount").alias("amount"),
+            pl.lit(0, pl.Int64).alias("tax_inclusive"),
+            pl.col("settlement_currency").alias("currency"),
+        )
+        .select(lines.columns)
+    )
+    tax_conv = (
+        taxes.with_columns(pl.col("_k").cast(pl.String).alias("key"))
+        .join(part("tax").rename({"invoice": "id"}), on=["id", "key"])
+        .with_columns(
+            _convert(
+                pl.col("taxable_amount"),
+                pl.col("id").replace_strict(rates["invoice"], rates["paid"]),
+                pl.col("id").replace_strict(rates["invoice"], rates["settled"]),
+            ).alias("taxable_amount"),
+            pl.col("settled_amount").alias("amount"),
+        )
+        .sort("id", "_k")
+        .group_by("id", maintain_order=True)
+        .agg(
+            pl.struct("tax_rate", "amount", "taxable_amount", "inclusive").alias("taxes"),
+            pl.col("amount").sum().alias("tax_exclusive"),
+        )
+    )
+    inv_out = (
+        inv.drop("taxes", "tax_exclusive")
+        .join(tax_conv, on="id", how="left")
+        .join(part("discount").rename({"invoice": "id"}).drop("key"), on="id")
+        .with_columns(
+            pl.col("settled_amount").alias("discount"),
+            pl.col("taxes").fill_null([]).cast(invoices.schema["taxes"]),
+            pl.col("tax_exclusive").fill_null(0),
+            pl.col("tax_exclusive").fill_null(0).alias("tax"),
+            pl.lit(0, pl.Int64).alias("tax_inclusive"),
+            _convert(pl.col("total"), pl.col("paid"), pl.col("settled")).alias("total"),
+            pl.col("settlement_currency").alias("currency"),
+        )
+        .select(invoices.columns)
+    )
+    return inv_out, lines_out

@@ -23,6 +23,7 @@ from stripe_sage.plan.documents import (
     plan_invoices,
     plan_refunds,
 )
+from stripe_sage.plan.fx import invoice_settlements
 from stripe_sage.plan.items import plan_default_item, plan_items
 from stripe_sage.reconcile.report import plan_payouts
 from stripe_sage.store.staging import Staging, now_utc
@@ -201,7 +202,23 @@ def _document_slices(
                 "WHERE s.invoice IN (SELECT id FROM _plan_slice) AND "
                 + _not_quarantined("invoice_lines")
             )
-        yield plan_invoices(invoices, lines, mapping, pf, tax_rates)
+            # What Stripe settled for the charges that paid the slice's invoices: a foreign-
+            # currency invoice posts at that (plan/fx.py).
+            payments = st.frame(
+                "SELECT p.* FROM staging.invoice_payments p "
+                "WHERE p.invoice IN (SELECT id FROM _plan_slice)"
+            )
+            with st.registered("_paying", payments.select("charge")):
+                paying = st.frame(
+                    "SELECT c.* FROM staging.charges c WHERE c.id IN (SELECT charge FROM _paying)"
+                )
+                paying_bts = st.frame(
+                    "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN "
+                    "(SELECT c.balance_transaction FROM staging.charges c "
+                    "WHERE c.id IN (SELECT charge FROM _paying))"
+                )
+        settlements = invoice_settlements(payments, paying, paying_bts)
+        yield plan_invoices(invoices, lines, mapping, pf, tax_rates, settlements)
 
     refunds_todo = _todo(
         "refunds", "credit_memo:", "journal_entry:refund_failure:", "journal_entry:refund_fx:"

@@ -219,6 +219,9 @@ STREAMS: dict[str, Stream] = {
                     "to_timestamp(CAST(data->>'$.status_transitions.paid_at' AS BIGINT))",
                 ),
                 Column("lines_has_more", "BOOLEAN", "CAST(data->>'$.lines.has_more' AS BOOLEAN)"),
+                # When a foreign-currency invoice awaiting settlement becomes overdue (null
+                # for automatic collection: due when finalized).
+                Column("due_date", "TIMESTAMPTZ", _ts("due_date")),
                 # Issue 18: discounts and tax, per invoice. ``tax`` above is all of it;
                 # exclusive tax is added to the lines, inclusive tax is inside them.
                 Column("discount", "BIGINT", _sum_of(_discounts("total_discount_amounts"))),

@@ -53,15 +53,25 @@ def fx_run(
             charges = stripe_all(s, "/v1/charges")
             refunds = stripe_all(s, "/v1/refunds")
             bts = stripe_all(s, "/v1/balance_transactions")
+            invoices = stripe_all(s, "/v1/invoices")
+            payments = stripe_all(s, "/v1/invoice_payments")
         with env.sage() as c:
-            sage = {n: sage_all(c, n) for n in ("creditmemos", "journalentries", "cashreceipts")}
+            sage = {
+                n: sage_all(c, n)
+                for n in ("creditmemos", "journalentries", "cashreceipts", "invoices")
+            }
         yield (
             env,
             {
                 "result": result,
                 "charges": {c["id"]: c for c in charges},
                 "refunds": {r["id"]: r for r in refunds},
+                "bts": {b["id"]: b for b in bts},
                 "shares": fx_refund_shares(charges, refunds, bts),
+                "fx_invoices": [i for i in invoices if i["currency"] != "usd"],
+                "paid_by": {
+                    p["invoice"]: p["payment"]["charge"] for p in payments if p["status"] == "paid"
+                },
                 **sage,
             },
         )
@@ -146,3 +156,47 @@ def test_no_dead_letters_and_a_rerun_posts_nothing_twice(fx_run: Any) -> None:
     assert sum(len(v) for v in fx_journals(d).values()) == len(
         [1 for share, cost in d["shares"].values() if share != cost]
     )
+
+
+# -- foreign-currency invoices ---------------------------------------------------------------
+def test_paid_foreign_invoices_post_once_at_the_settled_amount_and_are_paid(fx_run: Any) -> None:
+    _, d = fx_run
+    paid = [i for i in d["fx_invoices"] if i["status"] == "paid"]
+    assert len({i["currency"] for i in paid}) >= 2  # EUR, GBP, JPY among them
+    sage_invoices: dict[str, list[dict[str, Any]]] = {}
+    for inv in d["invoices"]:
+        sage_invoices.setdefault(inv["reference"], []).append(inv)
+    receipts = {r["reference"]: r for r in d["cashreceipts"]}
+    for inv in paid:
+        (posted,) = sage_invoices[inv["id"]]
+        charge = d["charges"][d["paid_by"][inv["id"]]]
+        settled = d["bts"][charge["balance_transaction"]]
+        assert posted["currency"] == settled["currency"].upper() == "USD"
+        assert minor(posted["total"], "USD") == settled["amount"], inv["id"]
+        assert posted["balance_due"] == "0.00" and posted["status"] == "paid"
+        # The receipt of the charge that paid it is applied to it, in full.
+        (applied,) = receipts[charge["id"]]["apply_to"]
+        assert applied["invoice_no"] == posted["invoice_no"]
+        assert applied["amount"] == posted["total"]
+
+
+def test_an_unpaid_foreign_invoice_waits_for_settlement_and_the_run_completes(
+    fx_run: Any,
+) -> None:
+    env, d = fx_run
+    open_ = [i for i in d["fx_invoices"] if i["status"] == "open"]
+    assert open_, "the business holds a foreign-currency invoice whose payment failed"
+    posted = {inv["reference"] for inv in d["invoices"]}
+    con = duckdb.connect(str(env.db), read_only=True)
+    try:
+        for inv in open_:
+            assert inv["id"] not in posted
+            row = con.execute(
+                "SELECT status, wait_kind, last_error FROM sage.outbox WHERE doc_key = ?",
+                ["invoice:" + inv["id"]],
+            ).fetchone()
+            assert row is not None and row[0] == "waiting" and row[1] == "settlement", row
+            assert "awaiting settlement" in row[2] and inv["currency"].upper() in row[2]
+    finally:
+        con.close()
+    assert d["result"]["status"] == "completed", d["result"]

@@ -4,13 +4,19 @@ half-up, the remainder on the largest line, lines − discount + tax == the conv
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import polars as pl
 import pytest
 
+from stripe_sage.mapping import load_mapping
+from stripe_sage.plan.documents import plan_invoices
 from stripe_sage.plan.fx import COMPONENT_SCHEMA, SIGN, settle_invoice_amounts
+from stripe_sage.plan.invoice_tax import TAXES_DTYPE
+from stripe_sage.sage.loader import wait_kind
 from stripe_sage.store.staging import Staging
 
 pytestmark = pytest.mark.unit
@@ -110,3 +116,94 @@ def test_awaiting_settlement_is_overdue_only_after_its_due_date(tmp_path: Path) 
         assert [o["doc_key"] for o in before_due] == ["cash_receipt:ch_1"]
         after_due = st.overdue_waiting(hours, now=dt.datetime(2026, 7, 17, tzinfo=dt.UTC))
         assert sorted(o["doc_key"] for o in after_due) == ["cash_receipt:ch_1", "invoice:in_1"]
+
+
+# -- planning a foreign-currency invoice -----------------------------------------------------
+def eur_invoice() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """EUR lines 33.33 + 33.33 (3 units) + 33.34 (2 units), 10.00 off, 18.00 VAT: 108.00,
+    as staged (the issue-18 columns)."""
+    taxes = [
+        {"tax_rate": "txr_vat", "amount": 1800, "taxable_amount": 9000, "inclusive": False},
+    ]
+    inv = pl.DataFrame(
+        {
+            "id": ["in_eur"],
+            "customer": ["cus_1"],
+            "status": ["paid"],
+            "currency": ["EUR"],
+            "tax": [1800],
+            "tax_inclusive": [0],
+            "tax_exclusive": [1800],
+            "discount": [1000],
+            "taxes": [taxes],
+            "total": [10800],
+            "finalized_at": [None],
+            "created": [dt.datetime(2026, 6, 10, 12, tzinfo=dt.UTC)],
+            "due_date": [None],
+        },
+        schema_overrides={
+            "finalized_at": pl.Datetime("us", "UTC"),
+            "due_date": pl.Datetime("us", "UTC"),
+            "taxes": TAXES_DTYPE,
+        },
+    )
+    lines = pl.DataFrame(
+        [
+            {
+                "id": f"il_{k}",
+                "invoice": "in_eur",
+                "position": k,
+                "amount": amount,
+                "currency": "EUR",
+                "description": f"line {k}",
+                "quantity": quantity,
+                "product": None,
+                "product_staged": None,
+                "discount": 0,
+                "tax_inclusive": 0,
+                "tax_exclusive": 0,
+                "taxes": [],
+                "proration": False,
+            }
+            for k, (amount, quantity) in enumerate([(3333, 1), (3333, 3), (3334, 2)])
+        ],
+        schema_overrides={"taxes": TAXES_DTYPE, "product": pl.String, "product_staged": pl.Boolean},
+    )
+    return inv, lines
+
+
+def test_a_paid_foreign_invoice_posts_in_usd_at_its_charges_rate() -> None:
+    inv, lines = eur_invoice()
+    settlements = pl.DataFrame(
+        {"invoice": ["in_eur"], "paid": [10800], "settled": [11765], "settlement_currency": ["USD"]}
+    )
+    rates = pl.DataFrame(
+        {"id": ["txr_vat"], "jurisdiction": ["GB"], "percentage": [20.0], "display_name": ["VAT"]}
+    )
+    [row] = plan_invoices(
+        inv, lines, load_mapping(), tax_rates=rates, settlements=settlements
+    ).iter_rows(named=True)
+    assert row["error"] is None
+    payload = json.loads(row["payload"])
+    assert payload["currency"] == "USD" and payload["total"] == "117.65"  # the charge's bt
+    assert payload["discount_amount"] == "10.89" and payload["tax_amount"] == "19.61"
+    assert [ln["quantity"] for ln in payload["lines"]] == ["1", "3", "2"]  # stock as Stripe's
+    # Sage's own total rule on the converted payload, exactly.
+    extended = sum(
+        (Decimal(ln["quantity"]) * Decimal(ln["unit_price"])).quantize(
+            Decimal("0.01"), rounding=ROUND_HALF_UP
+        )
+        for ln in payload["lines"]
+    )
+    total = extended - Decimal(payload["discount_amount"]) + Decimal(payload["tax_amount"])
+    assert total == Decimal("117.65")
+    assert payload["tax_lines"] == [{"tax_code": "VAT20", "amount": "19.61"}]
+
+
+def test_an_unpaid_foreign_invoice_awaits_settlement_with_its_due_date() -> None:
+    inv, lines = eur_invoice()
+    inv = inv.with_columns(pl.lit("open").alias("status"))
+    [row] = plan_invoices(inv, lines, load_mapping(), settlements=None).iter_rows(named=True)
+    assert row["error"].startswith("waiting: awaiting settlement: EUR invoice in_eur")
+    assert "(due 2026-06-10)" in row["error"]  # automatic collection: due when finalized
+    assert wait_kind(row["error"]) == "settlement"
