@@ -176,6 +176,18 @@ def read_only(db: Path, wait: float = 120) -> duckdb.DuckDBPyConnection:
             time.sleep(0.5)
 
 
+def settlement_waits(env: Env) -> int:
+    """Documents waiting for Stripe to settle a foreign-currency invoice's payment."""
+    con = read_only(env.db)
+    try:
+        row = con.execute(
+            "SELECT count(*) FROM sage.outbox WHERE status = 'waiting' AND wait_kind = 'settlement'"
+        ).fetchone()
+    finally:
+        con.close()
+    return int(row[0]) if row else 0
+
+
 def outbox(env: Env) -> dict[str, Counter[str]]:
     con = read_only(env.db)
     try:
