@@ -53,6 +53,7 @@ STREAMS = (
     "invoice_payments",
     "balance_transactions",
     "products",
+    "tax_rates",  # the invoices' tax rates give their Sage tax codes (issue 18)
 )
 
 

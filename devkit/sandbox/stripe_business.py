@@ -17,7 +17,9 @@ for byte. What it contains, by design, so that the pipeline's hard cases all occ
   ``fee_details``; about 3% failed;
 - one charge in twenty carries ``metadata.erp_order_id`` of a Sage sales order;
 - one charge in ten pays a Stripe Billing invoice (some over 10 lines, some taxed, half from
-  subscriptions); an invoice whose charge failed stays open;
+  subscriptions); an invoice whose charge failed stays open; invoices also carry percent
+  and amount coupons, inclusive VAT (quantities > 1, so prices in fractions of a cent), two
+  exclusive rates, and subscription prorations (``stripe_billing``, issue 18);
 - full, partial and failed refunds, days after their charge (so only ``/v1/events`` shows
   them to an incremental reader);
 - disputes won (fee sometimes returned) and lost, and still open;

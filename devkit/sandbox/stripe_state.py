@@ -257,7 +257,8 @@ class StripeWorld:
         self.products = product_catalog(config)
         self._product_index = {p["id"]: k for k, p in enumerate(self.products)}
         # Tax rates too (issue 18): the few rates the account's invoices name.
-        self.tax_rates = tax_rate_objects(self.tpl["tax_rate"], config.start - 2 * DAY)
+        # created from the business's start, like the products, so a backfill from it reads them
+        self.tax_rates = tax_rate_objects(self.tpl["tax_rate"], config.start + 30)
         self._tax_rate_index = {r["id"]: k for k, r in enumerate(self.tax_rates)}
 
     # -- ids -------------------------------------------------------------------------------

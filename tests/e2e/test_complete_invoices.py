@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -184,3 +185,43 @@ def test_analysts_see_subscriptions_and_mrr(env: Env) -> None:
             want_mrr[sub["customer"]] = want_mrr.get(sub["customer"], 0) + amount
     assert mrr == want_mrr
     assert all(r[4] is not None and r[3] >= 1 for r in items)
+
+
+def test_under_the_fault_mix_complete_invoices_post_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
+) -> None:
+    env = make_env(tmp_path, charges=150, seed=19, monkeypatch=monkeypatch)
+    with env.pair:
+        use_env(env, monkeypatch)
+        with env.sage() as c:
+            c.post(
+                "/_sandbox/faults",
+                json={
+                    "seed": 18,
+                    "rate_503": 0.2,
+                    "rate_429": 0.1,
+                    "retry_after": 0.05,
+                    "commit_then_503_rate": 0.1,
+                },
+            ).raise_for_status()
+        first = run_flow(trigger="test")
+        with env.sage() as c:
+            injected = c.get("/_sandbox/stats").json()["faults"]
+            c.delete("/_sandbox/faults")
+        second = run_flow(trigger="test")
+        assert injected["commit_then_503"] > 0 and injected["http_503"] > 0
+        assert sum(first["load"]["deferred"].values()) == 0, first["load"]
+        assert sum(second["load"]["posted"].values()) == 0
+        assert set(outbox(env)) == {"posted"}
+        stripe = stripe_invoices(env)
+        with env.sage() as c:
+            invoices = sage_all(c, "invoices")
+        mine = [i for i in invoices if i["reference"] in stripe]
+        assert sorted(i["reference"] for i in mine) == sorted(stripe)  # each once
+        for doc in mine:
+            inv = stripe[doc["reference"]]
+            assert cents(doc["total"]) == inv["total"]
+            assert cents(doc["tax_amount"]) == sum(t["amount"] for t in inv["total_taxes"])
+            assert cents(doc["discount_amount"]) == sum(
+                d["amount"] for d in inv["total_discount_amounts"]
+            )

@@ -47,6 +47,7 @@ RUN = "extract-1"
 STREAMS_TO_LOAD = (
     "customers",
     "products",  # Billing lines name their products' items
+    "tax_rates",  # ... and their tax rates the Sage tax codes (issue 18)
     "charges",
     "refunds",
     "invoices",

@@ -89,7 +89,11 @@ NULLABLE: dict[str, set[str]] = {
         "transfer_data",
     },
     "invoice_payment": set(),
+    "tax_rate": {"flat_amount"},  # a percentage rate has no flat amount
+    "discount": {"end"},  # a coupon of duration "once" has no end
 }
+# Fields Stripe documents as floats where the example happens to show a whole number.
+FLOATS: dict[str, set[str]] = {"tax_rate": {"percentage", "effective_percentage"}}
 # Don't descend into these: an event's data.object is another resource (checked separately).
 OPAQUE = {"event": {"data.object"}}
 
@@ -123,7 +127,8 @@ def shape_problems(
                 problems.append(f"{where}: null, example has {want_t}")
             continue
         # A float in the example (e.g. exchange_rate) may be served as an integer value.
-        if want_t != got_t and not (want_t == "number" and got_t == "int"):
+        floats = want_t == "int" and got_t == "number" and where in FLOATS.get(resource, set())
+        if want_t != got_t and not (want_t == "number" and got_t == "int") and not floats:
             problems.append(f"{where}: {got_t}, example has {want_t}")
             continue
         if (
@@ -379,3 +384,80 @@ def test_event_payloads_have_their_resource_shape(
             example.pop("refunds")  # events carry charges unexpanded (API >= 2022-11-15)
         problems = shape_problems(resource, example, obj)
         assert not problems, (etype, problems)
+
+
+# Every expansion real Stripe accepts on an invoice list (issue 18: Airbyte's Stripe source
+# asks for data.discounts; a refusal reads zero invoices).
+INVOICE_EXPANSIONS = (
+    "data.customer",
+    "data.discounts",
+    "data.total_discount_amounts.discount",
+    "data.lines.data.discounts",
+    "data.lines.data.discount_amounts.discount",
+    "data.default_payment_method",
+    "data.default_source",
+    "data.account_tax_ids",
+    "data.application",
+    "data.on_behalf_of",
+    "data.test_clock",
+    "data.latest_revision",
+    "data.from_invoice.invoice",
+)
+
+
+def test_tax_rates(raw: httpx.Client, examples: dict[str, dict[str, Any]]) -> None:
+    rates = list_all(raw, "tax_rates")
+    check("tax_rate", examples, rates)
+    assert {r["inclusive"] for r in rates} == {True, False}
+    named = {
+        t["tax_rate_details"]["tax_rate"]
+        for i in list_all(raw, "invoices")
+        for t in i["total_taxes"]
+    }
+    assert named <= {r["id"] for r in rates}  # every rate an invoice names is listed
+    assert get(raw, f"/v1/tax_rates/{rates[0]['id']}")["id"] == rates[0]["id"]
+    inclusive = get(raw, "/v1/tax_rates", inclusive="true")["data"]
+    assert inclusive and all(r["inclusive"] for r in inclusive)
+
+
+def test_invoices_accept_every_expansion_stripe_accepts(
+    raw: httpx.Client, examples: dict[str, dict[str, Any]]
+) -> None:
+    body = get(raw, "/v1/invoices", limit=100, **{"expand[]": list(INVOICE_EXPANSIONS)})
+    discounted = [i for i in body["data"] if i["discounts"]]
+    assert discounted
+    for inv in discounted:
+        [discount] = inv["discounts"]
+        check("discount", examples, [discount])
+        assert discount["invoice"] == inv["id"]
+        assert inv["total_discount_amounts"][0]["discount"]["id"] == discount["id"]
+        for line in inv["lines"]["data"]:
+            assert [d["id"] for d in line["discounts"]] == [discount["id"]]
+            assert line["discount_amounts"][0]["discount"]["id"] == discount["id"]
+    # the same on one invoice and on its lines endpoint
+    one = discounted[0]["id"]
+    got = get(raw, f"/v1/invoices/{one}", **{"expand[]": "discounts"})
+    assert isinstance(got["discounts"][0], dict)
+    lines = get(raw, f"/v1/invoices/{one}/lines", **{"expand[]": "data.discounts"})
+    assert isinstance(lines["data"][0]["discounts"][0], dict)
+    # an expansion Stripe refuses is still refused
+    r = raw.get("/v1/invoices", params={"expand[]": "data.number"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "expand"
+
+
+def test_complete_invoice_lines(raw: httpx.Client, examples: dict[str, dict[str, Any]]) -> None:
+    """Lines with discounts, inclusive and exclusive taxes and prorations keep the shape."""
+    invoices = list_all(raw, "invoices")
+    picks = first(
+        invoices, lambda i: any(t["tax_behavior"] == "inclusive" for t in i["total_taxes"])
+    )
+    picks += first(invoices, lambda i: len(i["total_taxes"]) >= 2)
+    picks += first(invoices, lambda i: bool(i["total_discount_amounts"]))
+    picks += first(invoices, lambda i: any(ln["amount"] < 0 for ln in i["lines"]["data"]))
+    lines = [ln for inv in picks for ln in inv["lines"]["data"]]
+    check("line_item", examples, lines)
+    assert any(
+        ln["parent"]["subscription_item_details"]["proration"]
+        for ln in lines
+        if ln["parent"]["type"] == "subscription_item_details"
+    )
