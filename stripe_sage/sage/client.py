@@ -471,21 +471,30 @@ class SageProClient:
         limit = max(1, max_attempts) if max_attempts is not None else self.max_attempts
         uncertain = check_first
         maybe_done = False  # an exchange of this call may have been acted on
+        absent = False  # a lookup found nothing, and nothing sent since can have been acted on
         attempt = 0
         while True:
             attempt += 1
             try:
                 if uncertain and resolve is not None:
-                    found = resolve()
+                    try:
+                        found = resolve()
+                    except _Transient as failure:  # a failed lookup changes nothing in Sage
+                        raise _Transient(failure.error, uncertain=False) from None
                     if found is not None:
                         self.stats.recovered_by_lookup += 1
                         log.info("sagepro: %s %s was already done; found by lookup", method, path)
                         return found
+                    # Sage does not hold it: what was uncertain before is settled, and the
+                    # next attempt needs no lookup unless this one is uncertain again.
+                    uncertain = maybe_done = False
+                    absent = True
                 return self._once(method, path, json=json, params=params)
             except _Transient as failure:
                 error = failure.error
                 if failure.uncertain and method != "GET":
                     uncertain = maybe_done = True
+                    absent = False
                     if resolve is None and not resend_uncertain:
                         raise FatalError(
                             f"{method} {path}: outcome unknown after {error.message}; "
@@ -503,6 +512,7 @@ class SageProClient:
                         field=error.field,
                         system=SYSTEM,
                         maybe_done=maybe_done or method == "GET",
+                        absent=absent,
                     ) from None
                 delay = error.retry_after if error.retry_after is not None else None
                 if delay is None:
