@@ -367,12 +367,7 @@ class Loader:
                 wanted.update(XREF_PLACEHOLDER.findall(row[4]))
         if not wanted:
             return {}
-        found = self.st.con.execute(
-            "SELECT doc_type, stripe_id, sage_id FROM sage.xref "
-            "WHERE doc_type || ':' || stripe_id IN (SELECT unnest(?::VARCHAR[]))",
-            [sorted(wanted)],
-        ).fetchall()
-        return {f"{t}:{s}": sid for t, s, sid in found}
+        return self.st.sage_numbers(sorted(wanted))
 
     def _states(self, keys: set[str]) -> dict[str, tuple[str, str, str | None]]:
         """The unposted documents among ``keys`` (dependencies not in Sage) as ``(status,
@@ -439,11 +434,7 @@ class Loader:
         return "pending", f"waits for {reason}", kind
 
     def pending_count(self) -> int:
-        return int(
-            self.st.con.execute(
-                "SELECT count(*) FROM sage.outbox WHERE status = 'pending'"
-            ).fetchall()[0][0]
-        )
+        return self.st.pending_count()
 
     def revive_unblocked(self) -> int:
         """Blocked documents go back to pending once nothing blocks them any more (what they
@@ -516,12 +507,7 @@ class Loader:
             if not remaining or self._halt.is_set():
                 break
             if self._attempted == 0:
-                pending = {
-                    r[0]
-                    for r in self.st.con.execute(
-                        "SELECT doc_key FROM sage.outbox WHERE status = 'pending'"
-                    ).fetchall()
-                }
+                pending = self.st.pending_keys()
                 self._not_before = {k: t for k, t in self._not_before.items() if k in pending}
             if self._attempted == 0 and not self._not_before:
                 break  # nothing was sendable and nothing waits on Sage: rounds cannot help
@@ -552,15 +538,7 @@ class Loader:
                 self._sleep(wait)
         if self.stats.rounds > 1:
             self.stats.retry_seconds = self._clock() - started
-        self.stats.deferred = Counter(
-            {
-                t: int(n)
-                for t, n in self.st.con.execute(
-                    "SELECT doc_type, count(*) FROM sage.outbox WHERE status = 'pending' "
-                    "GROUP BY ALL"
-                ).fetchall()
-            }
-        )
+        self.stats.deferred = Counter(self.st.pending_by_type())
         if self.stats.deferred and not self._halt.is_set():
             self.st._exec(
                 "UPDATE sage.outbox SET last_error = ? || coalesce(last_error, 'not sent') "
@@ -646,20 +624,9 @@ class Loader:
         this one's documents have left the queue (what is held or failed waits apart)."""
         while rnd.phase is not None and len(rnd.ready) < self.batch_size:
             if rnd.phase < 0:
-                rnd.phases = [
-                    r[0]
-                    for r in self.st.con.execute(
-                        "SELECT DISTINCT phase FROM sage.outbox WHERE status = 'pending' "
-                        "ORDER BY phase"
-                    ).fetchall()
-                ]
+                rnd.phases = self.st.pending_phases()
             else:
-                rows = self.st.con.execute(
-                    "SELECT doc_key, doc_type, collection, stripe_id, payload, depends_on, "
-                    "attempts FROM sage.outbox WHERE status = 'pending' AND phase = ? "
-                    "AND doc_key > ? ORDER BY doc_key LIMIT ?",
-                    [rnd.phase, rnd.after, self.page_size],
-                ).fetchall()
+                rows = self.st.pending_page(rnd.phase, rnd.after, self.page_size)
                 if rows:
                     rnd.after = rows[-1][0]
                     self._classify(rows, rnd, done, front=False)

@@ -430,6 +430,57 @@ class Staging:
                 out.append({**row, "age_hours": round(age, 2), "limit_hours": limit})
         return out
 
+    # -- the outbox, as the loader reads it -------------------------------------------------
+    def pending_count(self) -> int:
+        """Documents still to post (``pending``)."""
+        return self.count_where("sage.outbox", "status = 'pending'")
+
+    def pending_by_type(self) -> dict[str, int]:
+        """Pending documents per document type (what a run leaves deferred)."""
+        rows = self.con.execute(
+            "SELECT doc_type, count(*) FROM sage.outbox WHERE status = 'pending' GROUP BY ALL"
+        ).fetchall()
+        return {str(t): int(n) for t, n in rows}
+
+    def pending_keys(self) -> set[str]:
+        return {
+            r[0]
+            for r in self.con.execute(
+                "SELECT doc_key FROM sage.outbox WHERE status = 'pending'"
+            ).fetchall()
+        }
+
+    def pending_phases(self) -> list[int]:
+        """The phases that still have pending documents, in posting order."""
+        return [
+            int(r[0])
+            for r in self.con.execute(
+                "SELECT DISTINCT phase FROM sage.outbox WHERE status = 'pending' ORDER BY phase"
+            ).fetchall()
+        ]
+
+    def pending_page(self, phase: int, after: str, limit: int) -> list[tuple[Any, ...]]:
+        """One keyset page of a phase's pending documents after ``after`` (by ``doc_key``):
+        ``(doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts)``."""
+        return self.con.execute(
+            "SELECT doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts "
+            "FROM sage.outbox WHERE status = 'pending' AND phase = ? AND doc_key > ? "
+            "ORDER BY doc_key LIMIT ?",
+            [phase, after, limit],
+        ).fetchall()
+
+    def sage_numbers(self, refs: list[str]) -> dict[str, str]:
+        """The Sage numbers of posted documents named ``<doc_type>:<stripe id>`` (as in
+        ``depends_on`` and payload placeholders), from ``sage.xref``."""
+        if not refs:
+            return {}
+        found = self.con.execute(
+            "SELECT doc_type, stripe_id, sage_id FROM sage.xref "
+            "WHERE doc_type || ':' || stripe_id IN (SELECT unnest(?::VARCHAR[]))",
+            [sorted(refs)],
+        ).fetchall()
+        return {f"{t}:{s}": sid for t, s, sid in found}
+
     def state_counts(self) -> dict[str, int]:
         """Unposted documents per state, plus quarantined rows (none of them silent)."""
         rows = self.con.execute(
@@ -442,6 +493,11 @@ class Staging:
 
     def count(self, table: str) -> int:
         return int(self.con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+
+    def count_where(self, table: str, condition: str) -> int:
+        return int(
+            self.con.execute(f"SELECT count(*) FROM {table} WHERE {condition}").fetchall()[0][0]
+        )
 
     # -- quarantine ------------------------------------------------------------------------
     def requarantine_changed(self, stream: str, run_id: str, failures: pl.DataFrame) -> None:
