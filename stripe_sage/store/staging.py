@@ -481,6 +481,62 @@ class Staging:
         ).fetchall()
         return {f"{t}:{s}": sid for t, s, sid in found}
 
+    # -- dead-letter replay -----------------------------------------------------------------
+    def replayable_dead_letters(
+        self,
+        *,
+        doc_keys: Sequence[str] | None = None,
+        doc_type: str | None = None,
+        error_code: str | None = None,
+    ) -> list[str]:
+        """Dead, unreplayed documents matching every given filter, by key (documents dead
+        as ``blocked`` are never chosen on their own: they wait for what blocks them)."""
+        where = ["o.status = 'dead'", "NOT d.replayed", "coalesce(d.error_code, '') <> 'blocked'"]
+        params: list[object] = []
+        if doc_keys:
+            where.append("o.doc_key IN (SELECT unnest(?::VARCHAR[]))")
+            params.append(list(doc_keys))
+        if doc_type:
+            where.append("o.doc_type = ?")
+            params.append(doc_type)
+        if error_code:
+            where.append("d.error_code = ?")
+            params.append(error_code)
+        return [
+            r[0]
+            for r in self.con.execute(
+                "SELECT o.doc_key FROM sage.outbox o JOIN ops.dead_letters d USING (doc_key) "
+                f"WHERE {' AND '.join(where)} ORDER BY o.doc_key",
+                params,
+            ).fetchall()
+        ]
+
+    def blocked_dependencies(self) -> dict[str, list[str]]:
+        """Documents held back by what they depend on (``blocked``, or dead letters of code
+        ``blocked`` from older files) → their dependencies."""
+        return dict(
+            self.con.execute(
+                "SELECT o.doc_key, o.depends_on FROM sage.outbox o JOIN ops.dead_letters d "
+                "USING (doc_key) WHERE o.status IN ('dead', 'blocked') "
+                "AND d.error_code = 'blocked'"
+            ).fetchall()
+        )
+
+    def release_for_replay(self, keys: Sequence[str]) -> None:
+        """Delete the outbox rows of these dead or blocked documents (the planner plans them
+        again) and mark their dead letters replayed, in one transaction."""
+        with self.transaction():
+            self._exec(
+                "DELETE FROM sage.outbox WHERE status IN ('dead', 'blocked') "
+                "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [list(keys)],
+            )
+            self._exec(
+                "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
+                "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [now_utc(), list(keys)],
+            )
+
     def state_counts(self) -> dict[str, int]:
         """Unposted documents per state, plus quarantined rows (none of them silent)."""
         rows = self.con.execute(
