@@ -481,6 +481,66 @@ class Staging:
         ).fetchall()
         return {f"{t}:{s}": sid for t, s, sid in found}
 
+    # -- write-back of Sage ids into Stripe -----------------------------------------------
+    def writeback_pending(self, limit: int) -> list[tuple[str, str, str, str]]:
+        """(path, stripe id, metadata field, value) still to write into Stripe, oldest first:
+        Sage ids Stripe's metadata does not show yet and no earlier write-back recorded."""
+        rows = self.con.execute(
+            """
+            WITH wanted AS (
+                SELECT '/v1/customers' AS path, x.stripe_id, 'sage_customer_id' AS field,
+                       x.sage_id AS value, x.created_at,
+                       c.metadata->>'sage_customer_id' AS current
+                FROM sage.xref x JOIN staging.customers c ON c.id = x.stripe_id
+                WHERE x.doc_type = 'customer' AND NOT c.deleted
+                UNION ALL
+                SELECT '/v1/charges', x.stripe_id,
+                       CASE x.doc_type WHEN 'invoice' THEN 'sage_invoice_no'
+                            ELSE 'sage_order_no' END,
+                       x.sage_id, x.created_at,
+                       ch.metadata->>(CASE x.doc_type WHEN 'invoice' THEN 'sage_invoice_no'
+                                      ELSE 'sage_order_no' END)
+                FROM sage.xref x JOIN staging.charges ch ON ch.id = x.stripe_id
+                WHERE x.doc_type IN ('invoice', 'sales_order')
+                UNION ALL
+                SELECT '/v1/products', x.stripe_id, 'sage_item', x.sage_id, x.created_at,
+                       p.metadata->>'sage_item'
+                FROM sage.xref x JOIN staging.products p ON p.id = x.stripe_id
+                WHERE x.doc_type = 'item')
+            SELECT path, stripe_id, field, value FROM wanted w
+            WHERE current IS DISTINCT FROM value AND NOT EXISTS (
+                SELECT 1 FROM sage.writeback b WHERE b.stripe_id = w.stripe_id
+                  AND b.field = w.field AND b.value = w.value)
+            ORDER BY created_at, stripe_id LIMIT ?""",
+            [limit],
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    # -- the customer master (Sage → Stripe) -----------------------------------------------
+    def stripe_customers_by_sage_id(self) -> dict[str, str]:
+        """Sage customer id → the Stripe customer it was made from or linked to."""
+        return dict(
+            self.con.execute(
+                "SELECT sage_id, stripe_id FROM sage.xref WHERE doc_type = 'customer'"
+            ).fetchall()
+        )
+
+    def customer_last_sent(
+        self, stripe_id: str
+    ) -> tuple[dt.datetime, str | None, str | None, str | None, str | None] | None:
+        """For a staged Stripe customer: when it was last extracted, its name, email and
+        phone now, and the payload last posted to Sage for it (a customer, link or update;
+        None if nothing was); None when it is not staged."""
+        rows = self.con.execute(
+            "SELECT r.extracted_at, c.name, c.email, c.phone, (SELECT CAST(o.payload AS VARCHAR) "
+            "FROM sage.outbox o WHERE o.status = 'posted' AND (o.stripe_id = r.id OR o.stripe_id "
+            "LIKE r.id || ':%') AND o.doc_type IN ('customer', 'customer_link', "
+            "'customer_update') ORDER BY o.posted_at DESC LIMIT 1) FROM raw.customers r "
+            "JOIN staging.customers c USING (id) WHERE r.id = ?",
+            [stripe_id],
+        ).fetchall()
+        return rows[0] if rows else None
+
     # -- dead-letter replay -----------------------------------------------------------------
     def replayable_dead_letters(
         self,
