@@ -61,6 +61,7 @@ class RetryableError(StripeSageError):
         *,
         retry_after: float | None = None,
         maybe_done: bool = True,
+        absent: bool = False,
         **kw: object,
     ) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
@@ -68,6 +69,9 @@ class RetryableError(StripeSageError):
         # False when no write of the failed call can have been acted on (every answer was
         # a definite refusal, e.g. 429): the next attempt needs no lookup first.
         self.maybe_done = maybe_done
+        # True when the call looked the document up, found none, and nothing it sent after
+        # that can have been acted on: earlier uncertain attempts are resolved too.
+        self.absent = absent
 
 
 class FatalError(StripeSageError):

@@ -1,6 +1,8 @@
 """The one typed Sage Pro client (``docs/sage_api.md``): retries, exactly-once creates, no secrets.
 
-Retry policy lives here and only here, so attempts never multiply across layers:
+Retries happen at this level only, so attempts never multiply across layers; the waits come
+from the product's one :class:`~stripe_sage.retry.RetryPolicy` (shared with the Stripe
+client), the loop from :func:`~stripe_sage.retry.call_with_retries`:
 
 - ``429`` — a definite rejection: sleep ``Retry-After`` (else the backoff) and send again.
 - ``5xx``, timeouts, dropped connections — transient: exponential backoff with jitter,
@@ -47,6 +49,7 @@ from stripe_sage.errors import (
     error_for_status,
     parse_retry_after,
 )
+from stripe_sage.retry import RetryPolicy, call_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,15 @@ class _Transient(Exception):
         super().__init__(error.message)
         self.error = error
         self.uncertain = uncertain
+
+
+class _GaveUp(Exception):
+    """A nested call's final error, passed through the outer retry loop untouched (attempts
+    never multiply across layers)."""
+
+    def __init__(self, error: RetryableError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class RequestPacer:
@@ -141,17 +153,18 @@ class SageProClient:
         jitter: Callable[[], float] = random.random,
         max_rps: float | None = None,
     ) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else httpx.Client(timeout=timeout)
-        self.max_attempts = max_attempts
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self._sleep = sleep
-        self._jitter = jitter
+        # A 429 waits exactly its Retry-After (no jitter); other failures back off.
+        self.policy = RetryPolicy(
+            max_attempts=max_attempts,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            jitter=jitter,
+            sleep=sleep,
+        )
         self.stats = SageClientStats()
         # ``max_rps`` (SAGE_MAX_RPS): pace requests under the server's rate limit.
         self.pacer = RequestPacer(max_rps, sleep=sleep) if max_rps else None
@@ -450,10 +463,6 @@ class SageProClient:
             if not cursor:
                 return
 
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
-        return float(ceiling * (0.5 + self._jitter() / 2))
-
     def _call(
         self,
         method: str,
@@ -468,59 +477,80 @@ class SageProClient:
         pause: bool = True,
     ) -> Any:
         """Send with the retry policy; ``resolve`` finds a create that may already exist."""
-        limit = max(1, max_attempts) if max_attempts is not None else self.max_attempts
         uncertain = check_first
         maybe_done = False  # an exchange of this call may have been acted on
-        attempt = 0
-        while True:
-            attempt += 1
+        absent = False  # a lookup found nothing, and nothing sent since can have been acted on
+        tries = 0
+
+        def send(attempt: int) -> Any:
+            nonlocal uncertain, maybe_done, absent, tries
+            tries = attempt
             try:
                 if uncertain and resolve is not None:
-                    found = resolve()
+                    try:
+                        found = resolve()
+                    except _Transient as failure:  # a failed lookup changes nothing in Sage
+                        raise _Transient(failure.error, uncertain=False) from None
+                    except RetryableError as error:  # a lookup that retried on its own
+                        raise _GaveUp(error) from None
                     if found is not None:
                         self.stats.recovered_by_lookup += 1
                         log.info("sagepro: %s %s was already done; found by lookup", method, path)
                         return found
+                    # Sage does not hold it: what was uncertain before is settled, and the
+                    # next attempt needs no lookup unless this one is uncertain again.
+                    uncertain = maybe_done = False
+                    absent = True
                 return self._once(method, path, json=json, params=params)
             except _Transient as failure:
-                error = failure.error
                 if failure.uncertain and method != "GET":
                     uncertain = maybe_done = True
+                    absent = False
                     if resolve is None and not resend_uncertain:
                         raise FatalError(
-                            f"{method} {path}: outcome unknown after {error.message}; "
+                            f"{method} {path}: outcome unknown after {failure.error.message}; "
                             "check Sage before replaying",
-                            http_status=error.http_status,
+                            http_status=failure.error.http_status,
                             code="outcome_unknown",
                             system=SYSTEM,
                         ) from None
-                if attempt >= limit or (not pause and error.http_status == 429):
-                    raise RetryableError(
-                        f"gave up after {attempt} attempts: {error.message}",
-                        retry_after=error.retry_after,
-                        http_status=error.http_status,
-                        code=error.code,
-                        field=error.field,
-                        system=SYSTEM,
-                        maybe_done=maybe_done or method == "GET",
-                    ) from None
-                delay = error.retry_after if error.retry_after is not None else None
-                if delay is None:
-                    delay = self._backoff(attempt)
-                if not pause:
-                    delay = 0.0  # a 5xx or a dropped connection: at once, paced
-                self.stats.retries += 1
-                log.warning(
-                    "sagepro: %s %s failed (%s); attempt %d of %d, retrying in %.2fs",
-                    method,
-                    path,
-                    error.code or error.http_status or "transport",
-                    attempt,
-                    limit,
-                    delay,
-                )
-                if pause:
-                    self._sleep(delay)
+                raise failure.error from None
+
+        def log_retry(attempt: int, error: RetryableError, delay: float) -> None:
+            self.stats.retries += 1
+            log.warning(
+                "sagepro: %s %s failed (%s); attempt %d of %d, retrying in %.2fs",
+                method,
+                path,
+                error.code or error.http_status or "transport",
+                attempt,
+                max(1, max_attempts) if max_attempts is not None else self.policy.max_attempts,
+                delay,
+            )
+
+        try:
+            return call_with_retries(
+                send,
+                self.policy,
+                attempts=max_attempts,
+                pause=pause,
+                # Without pauses a 429 goes back to the caller with its Retry-After.
+                give_up=lambda error: not pause and error.http_status == 429,
+                on_retry=log_retry,
+            )
+        except _GaveUp as gave_up:
+            raise gave_up.error from None
+        except RetryableError as error:
+            raise RetryableError(
+                f"gave up after {tries} attempts: {error.message}",
+                retry_after=error.retry_after,
+                http_status=error.http_status,
+                code=error.code,
+                field=error.field,
+                system=SYSTEM,
+                maybe_done=maybe_done or method == "GET",
+                absent=absent,
+            ) from None
 
     def _once(
         self,

@@ -77,11 +77,7 @@ def sync_from_sage(
     updated_since = (
         dt.datetime.fromtimestamp(since - overlap_seconds, dt.UTC).isoformat() if since else None
     )
-    links = dict(
-        st.con.execute(
-            "SELECT sage_id, stripe_id FROM sage.xref WHERE doc_type = 'customer'"
-        ).fetchall()
-    )
+    links = st.stripe_customers_by_sage_id()
     counts = {
         "changed_in_sage": 0,
         "updated_in_stripe": 0,
@@ -145,17 +141,10 @@ def sync_from_sage(
 def _stripe_changed_since(st: Staging, stripe_id: str, since: int | None) -> dt.datetime | None:
     """When Stripe-side changes not yet sent to Sage were seen, if any: the customer's
     mapped values differ from what was last posted to Sage and it changed after ``since``."""
-    rows = st.con.execute(
-        "SELECT r.extracted_at, c.name, c.email, c.phone, (SELECT CAST(o.payload AS VARCHAR) "
-        "FROM sage.outbox o WHERE o.status = 'posted' AND (o.stripe_id = r.id OR o.stripe_id "
-        "LIKE r.id || ':%') AND o.doc_type IN ('customer', 'customer_link', "
-        "'customer_update') ORDER BY o.posted_at DESC LIMIT 1) FROM raw.customers r "
-        "JOIN staging.customers c USING (id) WHERE r.id = ?",
-        [stripe_id],
-    ).fetchall()
-    if not rows:
+    found = st.customer_last_sent(stripe_id)
+    if found is None:
         return None
-    seen, name, email, phone, last = rows[0]
+    seen, name, email, phone, last = found
     if since is not None and seen.timestamp() < since:
         return None
     sent = json.loads(last) if last else {}

@@ -20,22 +20,27 @@ blocked or missing (the reason names it; it goes back to pending once that is po
 run retries it); or an ``AuthenticationError`` stops the run at once.
 
 Finish in one run: a transient failure (503, 429, timeout, commit-then-503) costs no sleep
-in a posting thread (the client makes one exchange per call); the loader gives the
-documents Sage did not take further rounds in the same run, with backoff, until every one
-is settled or ``retry_budget`` seconds are spent. An uncertain POST is looked up by
-reference before it is sent again (rule 2), so rounds never post twice.
+in a posting thread (the client makes at most ``client_attempts`` paced exchanges per
+call). A round (:meth:`Loader._pass`) keeps one queue: a settled document's dependents
+join it at once, a document held by a ``Retry-After`` rejoins it when due; the loader gives
+what is left further rounds in the same run, with backoff, until every document is settled
+or ``retry_budget`` seconds are spent. An uncertain POST is looked up by reference before
+it is sent again (rule 2), so rounds never post twice.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import re
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +164,39 @@ class Outcome:
     reason: str | None = None
     matched_by: str = "created"
     sent: bool = True  # False: nothing this attempt did can have reached Sage's books
+    # True: this attempt's lookup found no such document in Sage and nothing sent after it
+    # can have been acted on: the next attempt needs no lookup, whatever came before.
+    absent: bool = False
+
+
+@dataclass
+class _Job:
+    """One document of a round to send: its outbox row and the Sage numbers it refers to."""
+
+    row: tuple[Any, ...]  # doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts
+    xref: dict[str, str]
+    posted_before: int = 0  # documents the round had posted when this one was sent
+
+
+@dataclass
+class _Round:
+    """What one round (:meth:`Loader._pass`) keeps in memory besides the page it reads."""
+
+    ready: deque[_Job] = field(default_factory=deque)
+    held: list[tuple[float, int, _Job]] = field(default_factory=list)  # heap by due time
+    parked: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)  # by dependency
+    inflight: dict[Future[Outcome], _Job] = field(default_factory=dict)
+    released: list[tuple[Any, ...]] = field(default_factory=list)  # to classify again
+    posted: int = 0
+    order: Iterator[int] = field(default_factory=itertools.count)
+    # The phase being read (-1: not started, None: every phase read) and the keyset.
+    phase: int | None = -1
+    phases: list[int] = field(default_factory=list)
+    after: str = ""
+    # Bookkeeping not written yet (Loader._flush): posted rows, reasons, unsent attempts.
+    posted_rows: list[tuple[str, str, str, str, str, str]] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
+    unsent: Counter[str] = field(default_factory=Counter)
 
 
 def keys_in(keys: list[str]) -> str:
@@ -217,6 +255,8 @@ class Loader:
         # Documents of the current round that failed without a Retry-After (5xx, timeouts):
         # only those say Sage may be down; a round lost to 429s waits for their Retry-After.
         self._unheld = 0
+        # Documents a lookup found absent from Sage since their last uncertain attempt.
+        self._absent: set[str] = set()
         self._sleep, self._clock = sleep, clock
         self.stats = LoadStats()
         self._halt = threading.Event()
@@ -331,12 +371,7 @@ class Loader:
                 wanted.update(XREF_PLACEHOLDER.findall(row[4]))
         if not wanted:
             return {}
-        found = self.st.con.execute(
-            "SELECT doc_type, stripe_id, sage_id FROM sage.xref "
-            "WHERE doc_type || ':' || stripe_id IN (SELECT unnest(?::VARCHAR[]))",
-            [sorted(wanted)],
-        ).fetchall()
-        return {f"{t}:{s}": sid for t, s, sid in found}
+        return self.st.sage_numbers(sorted(wanted))
 
     def _states(self, keys: set[str]) -> dict[str, tuple[str, str, str | None]]:
         """The unposted documents among ``keys`` (dependencies not in Sage) as ``(status,
@@ -403,11 +438,7 @@ class Loader:
         return "pending", f"waits for {reason}", kind
 
     def pending_count(self) -> int:
-        return int(
-            self.st.con.execute(
-                "SELECT count(*) FROM sage.outbox WHERE status = 'pending'"
-            ).fetchall()[0][0]
-        )
+        return self.st.pending_count()
 
     def revive_unblocked(self) -> int:
         """Blocked documents go back to pending once nothing blocks them any more (what they
@@ -480,12 +511,7 @@ class Loader:
             if not remaining or self._halt.is_set():
                 break
             if self._attempted == 0:
-                pending = {
-                    r[0]
-                    for r in self.st.con.execute(
-                        "SELECT doc_key FROM sage.outbox WHERE status = 'pending'"
-                    ).fetchall()
-                }
+                pending = self.st.pending_keys()
                 self._not_before = {k: t for k, t in self._not_before.items() if k in pending}
             if self._attempted == 0 and not self._not_before:
                 break  # nothing was sendable and nothing waits on Sage: rounds cannot help
@@ -516,15 +542,7 @@ class Loader:
                 self._sleep(wait)
         if self.stats.rounds > 1:
             self.stats.retry_seconds = self._clock() - started
-        self.stats.deferred = Counter(
-            {
-                t: int(n)
-                for t, n in self.st.con.execute(
-                    "SELECT doc_type, count(*) FROM sage.outbox WHERE status = 'pending' "
-                    "GROUP BY ALL"
-                ).fetchall()
-            }
-        )
+        self.stats.deferred = Counter(self.st.pending_by_type())
         if self.stats.deferred and not self._halt.is_set():
             self.st._exec(
                 "UPDATE sage.outbox SET last_error = ? || coalesce(last_error, 'not sent') "
@@ -546,122 +564,230 @@ class Loader:
         return float(min(ROUND_BACKOFF_MAX, ROUND_BACKOFF_BASE * 2 ** (idle - 1)))
 
     def _pass(self, done: list[int], total: int) -> None:
-        phases = [
-            r[0]
-            for r in self.st.con.execute(
-                "SELECT DISTINCT phase FROM sage.outbox WHERE status = 'pending' ORDER BY phase"
-            ).fetchall()
-        ]
-        for phase in phases:
-            after = ""
-            # Keyset pages of the phase: memory stays at one page of payloads (and the Sage
-            # numbers that page refers to) however large the outbox is.
-            while rows := self.st.con.execute(
-                "SELECT doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts "
-                "FROM sage.outbox WHERE status = 'pending' AND phase = ? AND doc_key > ? "
-                "ORDER BY doc_key LIMIT ?",
-                [phase, after, self.page_size],
-            ).fetchall():
-                after = rows[-1][0]
-                xref = self._xref_for(rows)
-                states = self._states({d for r in rows for d in r[5] or [] if d not in xref})
-                ready: list[tuple[Any, ...]] = []
-                for row in rows:
-                    doc_key, doc_type, _, stripe_id, _, deps, _ = row
-                    unmet = [d for d in deps or [] if d not in xref]
-                    if not unmet:
-                        if self._not_before.get(doc_key, 0.0) > self._clock():
-                            continue  # Sage asked to wait (Retry-After): a later round
-                        self._not_before.pop(doc_key, None)
-                        ready.append(row)
-                        continue
-                    state, reason, kind = self.verdict(unmet, states)
-                    if state == "blocked":
-                        self._mark_blocked(doc_key, doc_type, stripe_id, reason)
-                        done[0] += 1
-                    elif state == "waiting":
-                        self._mark_waiting(doc_key, doc_type, reason, kind)
-                        done[0] += 1
-                    else:  # its dependency is still pending: the next round
-                        self.st._exec(
-                            "UPDATE sage.outbox SET last_error = ? WHERE doc_key = ?",
-                            [reason, doc_key],
-                        )
-                self._attempted += len(ready)
-                for i in range(0, len(ready), self.batch_size):
-                    batch = ready[i : i + self.batch_size]
-                    self._post_batch(batch, xref)
-                    done[0] += len(batch)
-                    if self.on_progress:
-                        self.on_progress(min(done[0], total), total)
+        """One round: every pending document once, phase by phase, posted by
+        ``concurrency`` threads from one queue that the round keeps filling.
 
-    def _post_batch(self, batch: list[tuple[Any, ...]], xref: dict[str, str]) -> None:
-        keys = [r[0] for r in batch]
+        Within the round, the dependents of a document that is settled are released at
+        once, to the front of the queue (a chain customer → invoice → receipt needs no
+        round per link); a document held by a ``Retry-After`` is sent again when it is due,
+        if the round still has other work; one that failed without a hold (5xx, timeouts)
+        is sent again only when Sage has posted something since it was sent — else Sage may
+        be down, and it waits for the next round, after :meth:`run`'s backoff.
+
+        Bookkeeping is batched (every ``batch_size`` outcomes, before dependents are
+        released, and at the end): only the ``attempts`` increment has to be committed
+        before a POST (rule 2), and a posted document not recorded yet is found by its
+        lookup after a crash."""
+        rnd = _Round()
+        auth: AuthenticationError | None = None
+        try:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sage") as pool:
+                while True:
+                    halted = self._halt.is_set()
+                    self._refill(rnd, done)
+                    now = self._clock()
+                    while rnd.held and rnd.held[0][0] <= now:
+                        rnd.ready.appendleft(heapq.heappop(rnd.held)[2])
+                    if rnd.released and (
+                        len(rnd.ready) < self.concurrency * 4
+                        or len(rnd.released) >= self.batch_size
+                        or not rnd.inflight
+                    ):
+                        released, rnd.released = rnd.released, []
+                        self._classify(released, rnd, done, front=True)
+                    if rnd.ready and not halted and len(rnd.inflight) < self.concurrency * 2:
+                        self._dispatch(pool, rnd)
+                    if not rnd.inflight:
+                        if rnd.released or (rnd.ready and not halted):
+                            continue
+                        if rnd.phase is None or halted:
+                            break  # the documents still held wait for the next round (run)
+                        continue
+                    # Until a document finishes, or a held one is due.
+                    due = rnd.held[0][0] - self._clock() if rnd.held else None
+                    finished, _ = futures_wait(
+                        list(rnd.inflight),
+                        timeout=None if due is None else max(due, 0.0),
+                        return_when=FIRST_COMPLETED,
+                    )
+                    if finished:
+                        jobs = [(rnd.inflight.pop(f), f.result()) for f in finished]
+                        auth = self._record(rnd, jobs, done) or auth
+                        if len(rnd.posted_rows) + len(rnd.notes) >= self.batch_size:
+                            self._flush(rnd)
+                        if self.on_progress:
+                            self.on_progress(min(done[0], total), total)
+        finally:
+            self._flush(rnd)
+        if auth is not None:
+            raise auth
+
+    def _refill(self, rnd: _Round, done: list[int]) -> None:
+        """Read keyset pages of the current phase while the queue runs low (memory stays at
+        about one page of payloads however large the outbox is); the next phase only once
+        this one's documents have left the queue (what is held or failed waits apart)."""
+        while rnd.phase is not None and len(rnd.ready) < self.batch_size:
+            if rnd.phase < 0:
+                rnd.phases = self.st.pending_phases()
+            else:
+                rows = self.st.pending_page(rnd.phase, rnd.after, self.page_size)
+                if rows:
+                    rnd.after = rows[-1][0]
+                    self._classify(rows, rnd, done, front=False)
+                    continue
+                if rnd.ready or rnd.inflight or rnd.released:
+                    return
+            rnd.phase = rnd.phases.pop(0) if rnd.phases else None
+            rnd.after = ""
+
+    def _classify(
+        self, rows: list[tuple[Any, ...]], rnd: _Round, done: list[int], *, front: bool
+    ) -> None:
+        """Queue what can be sent (``front``: released dependents, before the page's
+        documents), hold what Sage asked to wait, park what waits for a document still
+        pending (released when that one is settled), and settle what is blocked or waits
+        for Stripe."""
+        self._flush(rnd)  # what posted so far is in sage.xref, and no longer pending
+        xref = self._xref_for(rows)
+        states = self._states({d for r in rows for d in r[5] or [] if d not in xref})
+        for row in rows:
+            doc_key, doc_type, _, stripe_id, _, deps, _ = row
+            unmet = [d for d in deps or [] if d not in xref]
+            if not unmet:
+                job = _Job(row, xref)
+                due = self._not_before.get(doc_key, 0.0)
+                if due > self._clock():  # Sage asked to wait (Retry-After)
+                    heapq.heappush(rnd.held, (due, next(rnd.order), job))
+                elif front:
+                    rnd.ready.appendleft(job)
+                else:
+                    rnd.ready.append(job)
+                continue
+            state, reason, kind = self.verdict(unmet, states)
+            if state == "blocked":
+                self._mark_blocked(doc_key, doc_type, stripe_id, reason)
+                done[0] += 1
+            elif state == "waiting":
+                self._mark_waiting(doc_key, doc_type, reason, kind)
+                done[0] += 1
+            else:  # a dependency is still pending: this round if it is settled, else the next
+                first = next(d for d in unmet if states.get(d, ("",))[0] == "pending")
+                rnd.parked.setdefault(first, []).append(row)
+                rnd.notes[doc_key] = reason
+
+    def _dispatch(self, pool: ThreadPoolExecutor, rnd: _Round) -> None:
+        """Send the next queued documents, keeping at most four per thread in flight (a
+        short pool queue keeps released dependents and due retries near the front)."""
+        jobs: list[_Job] = []
+        while rnd.ready and len(rnd.inflight) + len(jobs) < self.concurrency * 4:
+            jobs.append(rnd.ready.popleft())
+        keys = [j.row[0] for j in jobs]
         # Committed before any POST: after a crash these documents are looked up first.
         self.st._exec(
             "UPDATE sage.outbox SET attempts = attempts + 1, updated_at = ? "
             f"WHERE doc_key IN {keys_in(keys)}",
             [now_utc(), *keys],
         )
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sage") as pool:
-            outcomes = list(pool.map(lambda r: self._post_one(r, xref), batch))
-        auth = next((o.error for o in outcomes if isinstance(o.error, AuthenticationError)), None)
-        # Never sent, or refused with a 429 before anything was done: no lookup is needed
-        # before their next attempt (earlier uncertain attempts still count).
-        skipped = [o.doc_key for o in outcomes if o.status == "skipped" or not o.sent]
-        self._unheld += sum(
-            1
-            for o in outcomes
-            if isinstance(o.error, RetryableError) and o.doc_key not in self._not_before
-        )
-        if skipped:
-            self.st._exec(
-                "UPDATE sage.outbox SET attempts = attempts - 1 "
-                f"WHERE doc_key IN {keys_in(skipped)}",
-                skipped,
-            )
-        by_key = {r[0]: r for r in batch}
-        posted = [o for o in outcomes if o.status == "posted"]
-        self._mark_posted_many(
-            [
-                (
-                    o.doc_key,
-                    by_key[o.doc_key][1],
-                    by_key[o.doc_key][2],
-                    by_key[o.doc_key][3],
-                    o.sage_id or "",
-                    o.matched_by,
-                )
-                for o in posted
-            ]
-        )
-        for o in outcomes:
-            _, doc_type, _, stripe_id, payload, _, _ = by_key[o.doc_key]
-            if o.status == "posted":
-                self.stats.posted[doc_type] += 1
-            elif o.status == "dead":
-                err = o.error
-                self._mark_dead(
-                    o.doc_key,
-                    doc_type,
-                    stripe_id,
-                    o.reason or str(err),
-                    code=err.code if err else None,
-                    http_status=err.http_status if err else None,
-                    field=err.field if err else None,
-                    payload=payload,
-                )
-            else:
+        self._attempted += len(jobs)
+        for job in jobs:
+            self._not_before.pop(job.row[0], None)
+            job.posted_before = rnd.posted
+            # A document Sage was seen not to hold (a lookup found nothing, and nothing sent
+            # since can have been acted on) needs no lookup first, whatever its attempts.
+            row = (*job.row[:6], 0) if job.row[0] in self._absent else job.row
+            rnd.inflight[pool.submit(self._post_one, row, job.xref)] = job
+
+    def _record(
+        self, rnd: _Round, finished: list[tuple[_Job, Outcome]], done: list[int]
+    ) -> AuthenticationError | None:
+        """Note the outcomes of finished documents (written by :meth:`_flush`; a dead
+        letter at once), queue the ones to send again in this round, and release the
+        dependents of the settled ones. Returns an authentication error to raise once
+        nothing is in flight."""
+        auth: AuthenticationError | None = None
+        for job, o in finished:
+            doc_key, doc_type, collection, stripe_id, payload, _, attempts = job.row
+            done[0] += 1
+            if isinstance(o.error, AuthenticationError):
+                auth = o.error
+            # Never sent, or refused with a 429 before anything was done: no lookup is
+            # needed before its next attempt (earlier uncertain attempts still count).
+            sent = o.status != "skipped" and o.sent
+            if not sent:
+                rnd.unsent[doc_key] += 1
+            if o.status in ("posted", "dead"):
+                if o.status == "posted":
+                    rnd.notes.pop(doc_key, None)
+                    rnd.posted_rows.append(
+                        (doc_key, doc_type, collection, stripe_id, o.sage_id or "", o.matched_by)
+                    )
+                    self.stats.posted[doc_type] += 1
+                    rnd.posted += 1
+                else:
+                    err = o.error
+                    self._mark_dead(
+                        doc_key,
+                        doc_type,
+                        stripe_id,
+                        o.reason or str(err),
+                        code=err.code if err else None,
+                        http_status=err.http_status if err else None,
+                        field=err.field if err else None,
+                        payload=payload,
+                    )
+                self._absent.discard(doc_key)
+                for name in dict.fromkeys(
+                    (doc_key, f"{XREF_TYPE.get(doc_type, doc_type)}:{stripe_id}")
+                ):
+                    rnd.released.extend(rnd.parked.pop(name, []))
+                continue
+            rnd.notes[doc_key] = o.reason or "not sent: the run stopped on an authentication error"
+            if not isinstance(o.error, RetryableError):
+                continue  # skipped: the run stops
+            if o.absent:
+                self._absent.add(doc_key)
+            elif o.sent:
+                self._absent.discard(doc_key)
+            again = _Job((*job.row[:6], attempts + (1 if sent else 0)), job.xref)
+            due = self._not_before.get(doc_key)
+            if due is not None:
+                heapq.heappush(rnd.held, (due, next(rnd.order), again))
+                continue
+            self._unheld += 1
+            if rnd.posted > job.posted_before:
+                rnd.ready.append(again)  # Sage is taking work: once more in this round
+        return auth
+
+    def _flush(self, rnd: _Round) -> None:
+        """Write what :meth:`_record` noted: the reasons of unposted documents, the
+        ``attempts`` of documents never sent given back, then the posted documents and
+        their cross-references (in one transaction)."""
+        now = now_utc()
+        if rnd.notes:
+            keys = list(rnd.notes)
+            with self.st.registered(
+                "_notes", pl.DataFrame({"doc_key": keys, "last_error": list(rnd.notes.values())})
+            ):
                 self.st._exec(
-                    "UPDATE sage.outbox SET last_error = ?, updated_at = ? WHERE doc_key = ?",
-                    [
-                        o.reason or "not sent: the run stopped on an authentication error",
-                        now_utc(),
-                        o.doc_key,
-                    ],
+                    "UPDATE sage.outbox o SET last_error = n.last_error, updated_at = ? "
+                    f"FROM _notes n WHERE o.doc_key = n.doc_key AND o.doc_key IN {keys_in(keys)}",
+                    [now, *keys],
                 )
-        if auth is not None:
-            raise auth
+            rnd.notes = {}
+        if rnd.unsent:
+            keys = list(rnd.unsent)
+            with self.st.registered(
+                "_unsent",
+                pl.DataFrame({"doc_key": keys, "n": list(rnd.unsent.values())}),
+            ):
+                self.st._exec(
+                    "UPDATE sage.outbox o SET attempts = o.attempts - u.n FROM _unsent u "
+                    f"WHERE o.doc_key = u.doc_key AND o.doc_key IN {keys_in(keys)}",
+                    keys,
+                )
+            rnd.unsent = Counter()
+        posted, rnd.posted_rows = rnd.posted_rows, []
+        self._mark_posted_many(posted)
 
     def _post_one(self, row: tuple[Any, ...], xref: dict[str, str]) -> Outcome:
         doc_key, doc_type, collection, stripe_id, payload, _, attempts = row
@@ -712,7 +838,14 @@ class Loader:
             if exc.retry_after:
                 self._not_before[doc_key] = self._clock() + exc.retry_after
             # Only definite refusals (429s): this attempt needs no lookup before the next.
-            return Outcome(doc_key, "pending", error=exc, reason=str(exc), sent=exc.maybe_done)
+            return Outcome(
+                doc_key,
+                "pending",
+                error=exc,
+                reason=str(exc),
+                sent=exc.maybe_done,
+                absent=exc.absent,
+            )
 
     def _policy(self) -> dict[str, Any]:
         """The exchanges of one document's round, for every kind of call (items, links and

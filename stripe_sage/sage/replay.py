@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stripe_sage.store.staging import Staging, now_utc
-
-BLOCKED = "blocked"
+from stripe_sage.store.staging import Staging
 
 
 def release_dead_letters(
@@ -29,32 +27,8 @@ def release_dead_letters(
 ) -> list[str]:
     """Release the dead, unreplayed documents matching every given filter (all of them when
     none is given); returns their keys."""
-    where = ["o.status = 'dead'", "NOT d.replayed", f"coalesce(d.error_code, '') <> '{BLOCKED}'"]
-    params: list[object] = []
-    if doc_keys:
-        where.append("o.doc_key IN (SELECT unnest(?::VARCHAR[]))")
-        params.append(list(doc_keys))
-    if doc_type:
-        where.append("o.doc_type = ?")
-        params.append(doc_type)
-    if error_code:
-        where.append("d.error_code = ?")
-        params.append(error_code)
-    keys = [
-        r[0]
-        for r in st.con.execute(
-            "SELECT o.doc_key FROM sage.outbox o JOIN ops.dead_letters d USING (doc_key) "
-            f"WHERE {' AND '.join(where)} ORDER BY o.doc_key",
-            params,
-        ).fetchall()
-    ]
-    blocked = dict(
-        st.con.execute(
-            "SELECT o.doc_key, o.depends_on FROM sage.outbox o JOIN ops.dead_letters d "
-            f"USING (doc_key) WHERE o.status IN ('dead', '{BLOCKED}') "
-            f"AND d.error_code = '{BLOCKED}'"
-        ).fetchall()
-    )
+    keys = st.replayable_dead_letters(doc_keys=doc_keys, doc_type=doc_type, error_code=error_code)
+    blocked = st.blocked_dependencies()
     chosen = set(keys)
     grew = True
     while grew:  # dependents of dependents, too
@@ -65,15 +39,5 @@ def release_dead_letters(
                 grew = True
     keys = sorted(chosen)
     if keys:
-        with st.transaction() as con:
-            con.execute(
-                f"DELETE FROM sage.outbox WHERE status IN ('dead', '{BLOCKED}') "
-                "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
-                [keys],
-            ).fetchall()
-            con.execute(
-                "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
-                "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
-                [now_utc(), keys],
-            ).fetchall()
+        st.release_for_replay(keys)
     return keys

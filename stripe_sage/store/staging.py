@@ -439,6 +439,173 @@ class Staging:
                 out.append({**row, "age_hours": round(age, 2), "limit_hours": limit})
         return out
 
+    # -- the outbox, as the loader reads it -------------------------------------------------
+    def pending_count(self) -> int:
+        """Documents still to post (``pending``)."""
+        return self.count_where("sage.outbox", "status = 'pending'")
+
+    def pending_by_type(self) -> dict[str, int]:
+        """Pending documents per document type (what a run leaves deferred)."""
+        rows = self.con.execute(
+            "SELECT doc_type, count(*) FROM sage.outbox WHERE status = 'pending' GROUP BY ALL"
+        ).fetchall()
+        return {str(t): int(n) for t, n in rows}
+
+    def pending_keys(self) -> set[str]:
+        return {
+            r[0]
+            for r in self.con.execute(
+                "SELECT doc_key FROM sage.outbox WHERE status = 'pending'"
+            ).fetchall()
+        }
+
+    def pending_phases(self) -> list[int]:
+        """The phases that still have pending documents, in posting order."""
+        return [
+            int(r[0])
+            for r in self.con.execute(
+                "SELECT DISTINCT phase FROM sage.outbox WHERE status = 'pending' ORDER BY phase"
+            ).fetchall()
+        ]
+
+    def pending_page(self, phase: int, after: str, limit: int) -> list[tuple[Any, ...]]:
+        """One keyset page of a phase's pending documents after ``after`` (by ``doc_key``):
+        ``(doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts)``."""
+        return self.con.execute(
+            "SELECT doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts "
+            "FROM sage.outbox WHERE status = 'pending' AND phase = ? AND doc_key > ? "
+            "ORDER BY doc_key LIMIT ?",
+            [phase, after, limit],
+        ).fetchall()
+
+    def sage_numbers(self, refs: list[str]) -> dict[str, str]:
+        """The Sage numbers of posted documents named ``<doc_type>:<stripe id>`` (as in
+        ``depends_on`` and payload placeholders), from ``sage.xref``."""
+        if not refs:
+            return {}
+        found = self.con.execute(
+            "SELECT doc_type, stripe_id, sage_id FROM sage.xref "
+            "WHERE doc_type || ':' || stripe_id IN (SELECT unnest(?::VARCHAR[]))",
+            [sorted(refs)],
+        ).fetchall()
+        return {f"{t}:{s}": sid for t, s, sid in found}
+
+    # -- write-back of Sage ids into Stripe -----------------------------------------------
+    def writeback_pending(self, limit: int) -> list[tuple[str, str, str, str]]:
+        """(path, stripe id, metadata field, value) still to write into Stripe, oldest first:
+        Sage ids Stripe's metadata does not show yet and no earlier write-back recorded."""
+        rows = self.con.execute(
+            """
+            WITH wanted AS (
+                SELECT '/v1/customers' AS path, x.stripe_id, 'sage_customer_id' AS field,
+                       x.sage_id AS value, x.created_at,
+                       c.metadata->>'sage_customer_id' AS current
+                FROM sage.xref x JOIN staging.customers c ON c.id = x.stripe_id
+                WHERE x.doc_type = 'customer' AND NOT c.deleted
+                UNION ALL
+                SELECT '/v1/charges', x.stripe_id,
+                       CASE x.doc_type WHEN 'invoice' THEN 'sage_invoice_no'
+                            ELSE 'sage_order_no' END,
+                       x.sage_id, x.created_at,
+                       ch.metadata->>(CASE x.doc_type WHEN 'invoice' THEN 'sage_invoice_no'
+                                      ELSE 'sage_order_no' END)
+                FROM sage.xref x JOIN staging.charges ch ON ch.id = x.stripe_id
+                WHERE x.doc_type IN ('invoice', 'sales_order')
+                UNION ALL
+                SELECT '/v1/products', x.stripe_id, 'sage_item', x.sage_id, x.created_at,
+                       p.metadata->>'sage_item'
+                FROM sage.xref x JOIN staging.products p ON p.id = x.stripe_id
+                WHERE x.doc_type = 'item')
+            SELECT path, stripe_id, field, value FROM wanted w
+            WHERE current IS DISTINCT FROM value AND NOT EXISTS (
+                SELECT 1 FROM sage.writeback b WHERE b.stripe_id = w.stripe_id
+                  AND b.field = w.field AND b.value = w.value)
+            ORDER BY created_at, stripe_id LIMIT ?""",
+            [limit],
+        ).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    # -- the customer master (Sage → Stripe) -----------------------------------------------
+    def stripe_customers_by_sage_id(self) -> dict[str, str]:
+        """Sage customer id → the Stripe customer it was made from or linked to."""
+        return dict(
+            self.con.execute(
+                "SELECT sage_id, stripe_id FROM sage.xref WHERE doc_type = 'customer'"
+            ).fetchall()
+        )
+
+    def customer_last_sent(
+        self, stripe_id: str
+    ) -> tuple[dt.datetime, str | None, str | None, str | None, str | None] | None:
+        """For a staged Stripe customer: when it was last extracted, its name, email and
+        phone now, and the payload last posted to Sage for it (a customer, link or update;
+        None if nothing was); None when it is not staged."""
+        rows = self.con.execute(
+            "SELECT r.extracted_at, c.name, c.email, c.phone, (SELECT CAST(o.payload AS VARCHAR) "
+            "FROM sage.outbox o WHERE o.status = 'posted' AND (o.stripe_id = r.id OR o.stripe_id "
+            "LIKE r.id || ':%') AND o.doc_type IN ('customer', 'customer_link', "
+            "'customer_update') ORDER BY o.posted_at DESC LIMIT 1) FROM raw.customers r "
+            "JOIN staging.customers c USING (id) WHERE r.id = ?",
+            [stripe_id],
+        ).fetchall()
+        return rows[0] if rows else None
+
+    # -- dead-letter replay -----------------------------------------------------------------
+    def replayable_dead_letters(
+        self,
+        *,
+        doc_keys: Sequence[str] | None = None,
+        doc_type: str | None = None,
+        error_code: str | None = None,
+    ) -> list[str]:
+        """Dead, unreplayed documents matching every given filter, by key (documents dead
+        as ``blocked`` are never chosen on their own: they wait for what blocks them)."""
+        where = ["o.status = 'dead'", "NOT d.replayed", "coalesce(d.error_code, '') <> 'blocked'"]
+        params: list[object] = []
+        if doc_keys:
+            where.append("o.doc_key IN (SELECT unnest(?::VARCHAR[]))")
+            params.append(list(doc_keys))
+        if doc_type:
+            where.append("o.doc_type = ?")
+            params.append(doc_type)
+        if error_code:
+            where.append("d.error_code = ?")
+            params.append(error_code)
+        return [
+            r[0]
+            for r in self.con.execute(
+                "SELECT o.doc_key FROM sage.outbox o JOIN ops.dead_letters d USING (doc_key) "
+                f"WHERE {' AND '.join(where)} ORDER BY o.doc_key",
+                params,
+            ).fetchall()
+        ]
+
+    def blocked_dependencies(self) -> dict[str, list[str]]:
+        """Documents held back by what they depend on (``blocked``, or dead letters of code
+        ``blocked`` from older files) → their dependencies."""
+        return dict(
+            self.con.execute(
+                "SELECT o.doc_key, o.depends_on FROM sage.outbox o JOIN ops.dead_letters d "
+                "USING (doc_key) WHERE o.status IN ('dead', 'blocked') "
+                "AND d.error_code = 'blocked'"
+            ).fetchall()
+        )
+
+    def release_for_replay(self, keys: Sequence[str]) -> None:
+        """Delete the outbox rows of these dead or blocked documents (the planner plans them
+        again) and mark their dead letters replayed, in one transaction."""
+        with self.transaction():
+            self._exec(
+                "DELETE FROM sage.outbox WHERE status IN ('dead', 'blocked') "
+                "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [list(keys)],
+            )
+            self._exec(
+                "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
+                "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [now_utc(), list(keys)],
+            )
+
     def state_counts(self) -> dict[str, int]:
         """Unposted documents per state, plus quarantined rows (none of them silent)."""
         rows = self.con.execute(
@@ -451,6 +618,11 @@ class Staging:
 
     def count(self, table: str) -> int:
         return int(self.con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+
+    def count_where(self, table: str, condition: str) -> int:
+        return int(
+            self.con.execute(f"SELECT count(*) FROM {table} WHERE {condition}").fetchall()[0][0]
+        )
 
     # -- quarantine ------------------------------------------------------------------------
     def requarantine_changed(self, stream: str, run_id: str, failures: pl.DataFrame) -> None:

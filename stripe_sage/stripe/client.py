@@ -3,7 +3,8 @@
 stripe-python retries 409/5xx/connection errors but not 429 and never reads ``Retry-After``,
 so its own retries are switched off (``max_network_retries=0``) and every retry happens here,
 once: 429 (honouring ``Retry-After`` when given), 5xx, timeouts and connection errors, with
-exponential backoff and jitter. 401/403/404/400 are never retried and never read as an empty
+exponential backoff and jitter, under the product's one retry policy (``stripe_sage/retry.py``,
+shared with the Sage client). 401/403/404/400 are never retried and never read as an empty
 stream. Responses are read raw (the SDK's ``raw_request`` path) as plain dicts: building
 ``StripeObject`` trees would cost more than the network, and so does the SDK's own JSON
 parse (``json.loads`` into ``OrderedDict``s, a fifth of the extractor's CPU): successful
@@ -32,6 +33,7 @@ from stripe_sage.errors import (
     error_for_status,
     parse_retry_after,
 )
+from stripe_sage.retry import RetryPolicy, call_with_retries
 from stripe_sage.stripe import sdk
 
 log = logging.getLogger(__name__)
@@ -159,21 +161,22 @@ class StripeReader:
         )
         self.api_version: str = stripe.api_version
         self.limiter = RateLimiter(max_rps, total_rps, sleep=sleep)
-        self.max_attempts = max_attempts
-        self.backoff_base, self.backoff_max = backoff_base, backoff_max
-        self.sleep, self.jitter = sleep, jitter
+        # A Retry-After gets up to 0.25 s of jitter: threads refused together spread out.
+        self.policy = RetryPolicy(
+            max_attempts=max_attempts,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            retry_after_jitter=0.25,
+            jitter=jitter,
+            sleep=sleep,
+        )
         self.stats = {"requests": 0, "retries": 0, "rate_limited": 0}
         self._stats_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never the key
-        return f"StripeReader(max_attempts={self.max_attempts})"
+        return f"StripeReader(max_attempts={self.policy.max_attempts})"
 
     # -- one request with the single retry level -------------------------------------------
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after + self.jitter() * 0.25
-        return min(self.backoff_max, self.backoff_base * 2**attempt) * (0.5 + self.jitter() / 2)
-
     def request(
         self, method: str, path: str, params: JSON | None = None, idempotency_key: str | None = None
     ) -> JSON:
@@ -191,8 +194,8 @@ class StripeReader:
         params = dict(params or {})
         if idempotency_key:
             params["idempotency_key"] = idempotency_key
-        last: StripeSageError | None = None
-        for attempt in range(self.max_attempts):
+
+        def send(attempt: int) -> Parsed:
             self.limiter.acquire(family)
             with self._stats_lock:
                 self.stats["requests"] += 1
@@ -200,27 +203,25 @@ class StripeReader:
                 return self._raw_request(method, path, params, parse)
             except stripe.StripeError as exc:
                 err = _map_error(exc, method, path)
-            if not isinstance(err, RetryableError):
-                raise err
-            last = err
-            with self._stats_lock:
-                self.stats["retries"] += 1
-                if err.http_status == 429:
-                    self.stats["rate_limited"] += 1
-            delay = self._backoff(attempt, err.retry_after)
+            if isinstance(err, RetryableError):
+                with self._stats_lock:
+                    self.stats["retries"] += 1
+                    if err.http_status == 429:
+                        self.stats["rate_limited"] += 1
+            raise err
+
+        def log_retry(attempt: int, err: RetryableError, delay: float) -> None:
             log.warning(
                 "Stripe %s %s: %s; retry %d/%d in %.2fs",
                 method.upper(),
                 path,
                 err.message,
-                attempt + 1,
-                self.max_attempts - 1,
+                attempt,
+                self.policy.max_attempts - 1,
                 delay,
             )
-            if attempt + 1 < self.max_attempts:
-                self.sleep(delay)
-        assert last is not None
-        raise last
+
+        return call_with_retries(send, self.policy, on_retry=log_retry)
 
     def _raw_request(
         self, method: str, path: str, params: JSON, parse: Callable[[bytes], Parsed]

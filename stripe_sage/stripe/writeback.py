@@ -20,36 +20,7 @@ from stripe_sage.stripe.client import StripeReader
 
 def pending(st: Staging, limit: int) -> list[tuple[str, str, str, str]]:
     """(path, stripe id, metadata field, value) still to write, oldest first."""
-    rows = st.con.execute(
-        """
-        WITH wanted AS (
-            SELECT '/v1/customers' AS path, x.stripe_id, 'sage_customer_id' AS field,
-                   x.sage_id AS value, x.created_at,
-                   c.metadata->>'sage_customer_id' AS current
-            FROM sage.xref x JOIN staging.customers c ON c.id = x.stripe_id
-            WHERE x.doc_type = 'customer' AND NOT c.deleted
-            UNION ALL
-            SELECT '/v1/charges', x.stripe_id,
-                   CASE x.doc_type WHEN 'invoice' THEN 'sage_invoice_no'
-                        ELSE 'sage_order_no' END,
-                   x.sage_id, x.created_at,
-                   ch.metadata->>(CASE x.doc_type WHEN 'invoice' THEN 'sage_invoice_no'
-                                  ELSE 'sage_order_no' END)
-            FROM sage.xref x JOIN staging.charges ch ON ch.id = x.stripe_id
-            WHERE x.doc_type IN ('invoice', 'sales_order')
-            UNION ALL
-            SELECT '/v1/products', x.stripe_id, 'sage_item', x.sage_id, x.created_at,
-                   p.metadata->>'sage_item'
-            FROM sage.xref x JOIN staging.products p ON p.id = x.stripe_id
-            WHERE x.doc_type = 'item')
-        SELECT path, stripe_id, field, value FROM wanted w
-        WHERE current IS DISTINCT FROM value AND NOT EXISTS (
-            SELECT 1 FROM sage.writeback b WHERE b.stripe_id = w.stripe_id
-              AND b.field = w.field AND b.value = w.value)
-        ORDER BY created_at, stripe_id LIMIT ?""",
-        [limit],
-    ).fetchall()
-    return [(r[0], r[1], r[2], r[3]) for r in rows]
+    return st.writeback_pending(limit)
 
 
 def write_back(
