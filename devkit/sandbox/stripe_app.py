@@ -46,6 +46,9 @@ FILTERS: dict[str, set[str]] = {
     "balance_transactions": {"payout", "type", "source", "currency"},
     "events": {"type", "types", "delivery_success"},
     "invoice_payments": {"invoice", "payment", "status"},
+    "topups": set(),
+    "application_fees": set(),
+    "transfers": set(),
 }
 EXPANDABLE: dict[str, set[str]] = {
     "charges": {"balance_transaction", "refunds", "customer"},
@@ -527,6 +530,14 @@ def create_stripe_app(
                 )
             elif resource == "balance_transactions" and key == "payout":
                 p = lookup("payouts", value, key)
+                if world.config.manual_payouts:  # Stripe itemises automatic payouts only
+                    raise StripeApiError(
+                        400,
+                        "Balance transaction history can only be filtered on automatic "
+                        "transfers, not manual.",
+                        code="parameter_invalid",
+                        param="payout",
+                    )
                 fixed = np.sort(b.payout_bts(p))
             elif resource == "balance_transactions" and key == "type":
                 kinds = [k for k, (t, _) in enumerate(BT_KINDS) if t == value]
@@ -692,6 +703,9 @@ def create_stripe_app(
         "events",
         "invoice_payments",
         "products",
+        "topups",
+        "application_fees",
+        "transfers",
     ]
 
     def make_list(resource: str) -> Callable[[Request], Any]:
@@ -721,6 +735,10 @@ def create_stripe_app(
             methods=["GET"],
             summary=f"Retrieve one of {res}",
         )
+
+    @app.get("/v1/account", summary="The account (its payout schedule: daily, or manual)")
+    async def account() -> Response:
+        return ok(world.render_account())
 
     @app.get("/v1/invoices/{obj_id}/lines", summary="All lines of an invoice (paged)")
     async def invoice_lines(request: Request, obj_id: str) -> Response:

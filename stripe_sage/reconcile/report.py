@@ -29,15 +29,22 @@ import polars as pl
 from stripe_sage.mapping import Mapping
 from stripe_sage.money import to_decimal_string
 from stripe_sage.plan.documents import _docs, empty_docs
+from stripe_sage.reconcile.balance import (
+    OWN_DOCUMENT,
+    Suspended,
+    daily_lines,
+    day_reference,
+    manual_payout_lines,
+    recognise,
+    topup_lines,
+)
+from stripe_sage.reconcile.balance import (
+    account as gl_account,
+)
 from stripe_sage.stripe.client import StripeReader
 
 # Categories whose gross amount reaches clearing through their own Sage document.
-RECOGNISED_ELSEWHERE = {
-    "charge": "cash receipt",
-    "refund": "credit memo",
-    "refund_failure": "refund-failure journal",
-    "payout_reversal": "payout-failure journal",
-}
+RECOGNISED_ELSEWHERE = OWN_DOCUMENT
 DISPUTE_CATEGORIES = {"dispute", "dispute_reversal"}
 
 
@@ -50,6 +57,23 @@ def payouts_to_itemise(st: Any) -> list[str]:
         "ORDER BY p.created"
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def read_payout_schedule(reader: StripeReader, st: Any) -> str | None:
+    """``GET /v1/account``: the payout schedule's interval (``manual`` for an account paid
+    out only manually), recorded in ``ops.stripe_account``. A key not allowed to read the
+    account keeps what was recorded before (None: never read; automatic assumed)."""
+    from stripe_sage.errors import AuthenticationError, NotFoundError
+
+    try:
+        acct = reader.request("get", "/v1/account")
+    except (NotFoundError, AuthenticationError):
+        return None
+    interval = (((acct.get("settings") or {}).get("payouts") or {}).get("schedule") or {}).get(
+        "interval"
+    )
+    st.set_payout_interval(str(acct.get("id") or ""), interval)
+    return str(interval) if interval else None
 
 
 def itemise_payouts(
@@ -87,108 +111,82 @@ def itemise_payouts(
 
 # -- planning payout journals --------------------------------------------------------------
 def _account(mapping: Mapping, name: str, currency: str) -> str | None:
-    value = getattr(mapping.accounts, name, None)
-    if isinstance(value, dict):
-        return value.get(currency.upper())
-    return value
+    return gl_account(mapping, name, currency)
+
+
+def payout_journal(
+    payout: dict[str, Any], members: list[dict[str, Any]], mapping: Mapping
+) -> tuple[list[tuple[str, int]], str | None, list[Suspended]]:
+    """Signed amounts per account (debit > 0) for one automatic payout, or a reason it cannot
+    post, and the transactions that went to suspense (unknown reporting categories)."""
+    currency = payout["currency"]
+    net = sum(m["net"] for m in members)
+    if net != payout["amount"]:
+        return (
+            [],
+            (
+                f"payout {payout['id']}: its balance transactions net to {net}, not the "
+                f"payout amount {payout['amount']} (unexplained remainder "
+                f"{payout['amount'] - net})"
+            ),
+            [],
+        )
+    rec = recognise(members, mapping, currency)
+    rec.add(mapping, "bank", currency, payout["amount"])
+    rec.add(mapping, "clearing", currency, -rec.own_document_gross)
+    if rec.problem:
+        return [], f"payout {payout['id']}: {rec.problem}", rec.suspended
+    lines = rec.lines()
+    if sum(v for _, v in lines) != 0:
+        off = sum(v for _, v in lines)
+        return [], f"payout {payout['id']}: journal would be unbalanced by {off}", rec.suspended
+    return lines, None, rec.suspended
 
 
 def payout_lines(
     payout: dict[str, Any], members: list[dict[str, Any]], mapping: Mapping
 ) -> tuple[list[tuple[str, int]], str | None]:
     """Signed amounts per account (debit > 0) for one payout, or a reason it cannot post."""
-    currency = payout["currency"]
-    net = sum(m["net"] for m in members)
-    if net != payout["amount"]:
-        return [], (
-            f"payout {payout['id']}: its balance transactions net to {net}, not the "
-            f"payout amount {payout['amount']} (unexplained remainder "
-            f"{payout['amount'] - net})"
-        )
-    by_account: dict[str, int] = {}
-
-    def add(name: str, amount: int) -> str | None:
-        account = _account(mapping, name, currency)
-        if account is None:
-            return f"mapping has no '{name}' account for {currency}"
-        by_account[account] = by_account.get(account, 0) + amount
-        return None
-
-    clearing = 0
-    problems = [add("bank", payout["amount"])]
-    for m in members:
-        cat = m["reporting_category"]
-        if m["fee"]:
-            problems.append(
-                add("dispute_fees" if cat in DISPUTE_CATEGORIES else "merchant_fees", m["fee"])
-            )
-        if cat in RECOGNISED_ELSEWHERE:
-            clearing += m["amount"]
-            continue
-        name = mapping.reporting_categories.get(cat)
-        if name is None or name in ("clearing", "bank"):
-            return [], (
-                f"payout {payout['id']}: balance transaction {m['balance_transaction']} has "
-                f"reporting "
-                f"category '{cat}', which the mapping's reporting_categories does not "
-                "map to an account; nothing was posted for this payout"
-            )
-        problems.append(add(name, -m["amount"]))
-    problems.append(add("clearing", -clearing))
-    if err := next((p for p in problems if p), None):
-        return [], f"payout {payout['id']}: {err}"
-    lines = [(a, v) for a, v in by_account.items() if v]
-    if sum(v for _, v in lines) != 0:
-        off = sum(v for _, v in lines)
-        return [], f"payout {payout['id']}: journal would be unbalanced by {off}"
-    return lines, None
+    lines, error, _ = payout_journal(payout, members, mapping)
+    return lines, error
 
 
-def plan_payouts(
-    payouts: pl.DataFrame,
-    items: pl.DataFrame,
-    bts: pl.DataFrame,
-    mapping: Mapping,
-    periods: pl.DataFrame | None = None,
-) -> pl.DataFrame:
-    """One journal entry per paid payout; a reversing one for a payout that failed after.
+class _Journals:
+    """Journal entry rows in the planners' frame shape (see ``_docs``)."""
 
-    Payouts are few (one a day), and classifying each one's transactions reads best as plain
-    Python; the period policy and payload rendering are the shared Polars steps."""
-    done = payouts.filter(pl.col("automatic") & pl.col("status").is_in(["paid", "failed"]))
-    if done.is_empty() or items.is_empty():
-        return empty_docs()
-    members = items.join(bts, left_on="balance_transaction", right_on="id", how="inner")
-    members = members.filter(pl.col("type") != "payout")
-    grouped = {key[0]: g.to_dicts() for key, g in members.group_by("payout")}
-    itemised = set(items["payout"].to_list())
-    created = dict(zip(bts["id"].to_list(), bts["created"].to_list(), strict=True))
-    tz = ZoneInfo(mapping.timezone)
-    rows: list[dict[str, Any]] = []
+    def __init__(self, mapping: Mapping) -> None:
+        self.mapping = mapping
+        self.tz = ZoneInfo(mapping.timezone)
+        self.rows: list[dict[str, Any]] = []
 
-    def journal(
+    def add(
+        self,
         key: str,
         reference: str,
-        when: dt.datetime | None,
+        when: dt.datetime | dt.date | None,
         desc: str,
         currency: str,
         lines: list[tuple[str | None, int]],
         deps: list[str],
         error: str | None,
+        flag: str | None = None,
     ) -> None:
         money = [(a, _money(max(v, 0), currency), _money(max(-v, 0), currency)) for a, v in lines]
-        rows.append(
+        if isinstance(when, dt.datetime):
+            when = when.astimezone(self.tz).date()
+        self.rows.append(
             {
                 # A reversal posts after the journal it reverses: one phase later.
                 "doc_type": "journal_entry",
                 "id": key,
                 "depends_on": deps,
                 "error": error,
+                "flag": flag,
                 "phase": 4 if deps else 3,
-                "doc_date": when.astimezone(tz).date() if when else None,
+                "doc_date": when,
                 "payload": {
                     "entry_date": "",
-                    "source_code": mapping.source_code,
+                    "source_code": self.mapping.source_code,
                     "description": desc[:60],
                     "reference": reference,
                     "currency": currency,
@@ -200,25 +198,74 @@ def plan_payouts(
             }
         )
 
-    for p in done.iter_rows(named=True):
-        if p["id"] not in itemised:
-            continue  # itemised by the next run
-        cur = p["currency"]
-        lines, error = payout_lines(p, grouped.get(p["id"], []), mapping)
-        journal(
-            p["id"],
-            p["id"],
-            p["arrival_date"],
-            f"Stripe payout {p['id']}",
-            cur,
-            list(lines),
-            [],
-            error,
+    def frame(self, periods: pl.DataFrame | None) -> pl.DataFrame:
+        if not self.rows:
+            return empty_docs()
+        frame = pl.DataFrame(self.rows).with_columns(
+            pl.col("doc_date").cast(pl.Date),
+            pl.col("error").cast(pl.String),
+            pl.col("flag").cast(pl.String),
+            pl.col("depends_on").cast(pl.List(pl.String)),
+            pl.col("payload").struct.with_fields(
+                pl.col("doc_date").cast(pl.String).fill_null("").alias("entry_date")
+            ),
         )
+        return _docs(frame, self.mapping, periods)
+
+
+def plan_payouts(
+    payouts: pl.DataFrame,
+    items: pl.DataFrame,
+    bts: pl.DataFrame,
+    mapping: Mapping,
+    periods: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """One journal entry per paid payout; a reversing one for a payout that failed after.
+
+    An automatic payout's journal recognises what it itemises (fees, disputes, Connect and
+    other categories; unknown ones to suspense, flagged); a manual payout, which Stripe does
+    not itemise, moves its amount from clearing to the bank. Payouts are few (one a day), and
+    classifying each one's transactions reads best as plain Python; the period policy and
+    payload rendering are the shared Polars steps."""
+    done = payouts.filter(pl.col("status").is_in(["paid", "failed"]))
+    if done.is_empty():
+        return empty_docs()
+    members = (
+        items.join(bts, left_on="balance_transaction", right_on="id", how="inner")
+        if not items.is_empty()
+        else pl.DataFrame()
+    )
+    if not members.is_empty():
+        members = members.filter(pl.col("type") != "payout")
+    grouped = (
+        {key[0]: g.to_dicts() for key, g in members.group_by("payout")}
+        if not members.is_empty()
+        else {}
+    )
+    itemised = set(items["payout"].to_list()) if not items.is_empty() else set()
+    created = (
+        dict(zip(bts["id"].to_list(), bts["created"].to_list(), strict=True))
+        if not bts.is_empty()
+        else {}
+    )
+    out = _Journals(mapping)
+    for p in done.iter_rows(named=True):
+        cur = p["currency"]
+        if p["automatic"]:
+            if p["id"] not in itemised:
+                continue  # itemised by the next run
+            lines, error, suspended = payout_journal(p, grouped.get(p["id"], []), mapping)
+            flag = _suspense_flag(suspended, cur)
+            desc = f"Stripe payout {p['id']}"
+            journal_lines: list[tuple[str | None, int]] = list(lines)
+        else:
+            journal_lines, error, flag = manual_payout_lines(mapping, cur, p["amount"]), None, None
+            desc = f"Stripe manual payout {p['id']}"
+        out.add(p["id"], p["id"], p["arrival_date"], desc, cur, journal_lines, [], error, flag)
         if p["status"] == "failed":
             fbt = p["failure_balance_transaction"]
             when = created.get(fbt)
-            journal(
+            out.add(
                 f"payout_failure:{p['id']}",
                 fbt,
                 when,
@@ -231,17 +278,90 @@ def plan_payouts(
                 [f"journal_entry:{p['id']}"],
                 None if when else f"waiting: failure balance transaction {fbt} is not staged",
             )
-    if not rows:
+    return out.frame(periods)
+
+
+def _suspense_flag(suspended: list[Suspended], currency: str) -> str | None:
+    from stripe_sage.reconcile.balance import Recognised
+
+    return Recognised(suspended=suspended).flag(currency)
+
+
+TOPUP_CATEGORIES = ("topup", "topup_reversal")
+
+
+def plan_topups(
+    bts: pl.DataFrame, mapping: Mapping, periods: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """A journal per top-up (Clearing Dr / Bank Cr, dated its creation, reference its
+    ``tu_`` id) and per top-up reversal (the other way, reference its ``txn_`` id). Inside a
+    later payout a top-up counts as already cleared (``OWN_DOCUMENT``)."""
+    rows = bts.filter(pl.col("reporting_category").is_in(TOPUP_CATEGORIES))
+    out = _Journals(mapping)
+    for b in rows.sort("created", "id").iter_rows(named=True):
+        cur = b["currency"].upper()
+        reversal = b["reporting_category"] == "topup_reversal"
+        source = b["source"] or b["id"]
+        out.add(
+            f"{b['reporting_category']}:{source}",
+            b["id"] if reversal else source,
+            b["created"],
+            f"Stripe top-up {source}" + (" reversed" if reversal else ""),
+            cur,
+            topup_lines(mapping, cur, b["amount"]),
+            # A reversal after the top-up it reverses, when both are in Stripe's records.
+            [f"journal_entry:topup:{source}"]
+            if reversal and source in set(rows["source"].to_list())
+            else [],
+            None,
+        )
+    return out.frame(periods)
+
+
+def plan_daily_journals(
+    bts: pl.DataFrame,
+    mapping: Mapping,
+    today: dt.date,
+    periods: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """On an account paid out manually: one journal per settlement currency and UTC day
+    before ``today`` recognising the fees and the categories no document posts of the
+    transactions ``bts`` (those no automatic payout itemises), Clearing the balancing line.
+    Days whose transactions only move gross amounts (nothing to recognise) get no journal."""
+    if bts.is_empty():
         return empty_docs()
-    frame = pl.DataFrame(rows).with_columns(
-        pl.col("doc_date").cast(pl.Date),
-        pl.col("error").cast(pl.String),
-        pl.col("depends_on").cast(pl.List(pl.String)),
-        pl.col("payload").struct.with_fields(
-            pl.col("doc_date").cast(pl.String).fill_null("").alias("entry_date")
-        ),
+    out = _Journals(mapping)
+    created = pl.col("created")
+    dtype = bts.schema["created"]
+    utc = (
+        created.dt.convert_time_zone("UTC")
+        if isinstance(dtype, pl.Datetime) and dtype.time_zone
+        else created.dt.replace_time_zone("UTC")
     )
-    return _docs(frame, mapping, periods)
+    frame = bts.with_columns(
+        utc.dt.date().alias("_day"),
+        pl.col("currency").str.to_uppercase().alias("_cur"),
+        pl.col("id").alias("balance_transaction"),
+    ).filter(pl.col("_day") < today)
+    for (day, cur), group in sorted(
+        frame.group_by("_day", "_cur"), key=lambda kv: (kv[0][0], kv[0][1])
+    ):
+        rec = daily_lines(group.sort("created", "id").to_dicts(), mapping, str(cur))
+        lines = rec.lines()
+        if not lines:
+            continue
+        out.add(
+            f"stripe_day:{cur}:{day}",
+            day_reference(str(cur), day),
+            day,
+            f"Stripe fees and adjustments {day} (manual payouts)",
+            str(cur),
+            list(lines),
+            [],
+            f"stripe day {day}: {rec.problem}" if rec.problem else None,
+            rec.flag(str(cur)),
+        )
+    return out.frame(periods)
 
 
 def _money(minor: int, currency: str) -> str:
