@@ -73,8 +73,21 @@ def reconciliation_report(
                 c["currency"],
                 c["unexplained"],
             )
+    balance = reconcile.balance_journals(st)
+    suspense = reconcile.suspense_postings(st)
+    for row in suspense.head(20).iter_rows(named=True):
+        logger.warning("%s: %s", row["doc_key"], row["flag"])
     return {
         "payouts": by_status,
+        # Top-up and daily journals per kind and state; journals with lines in suspense.
+        "balance_journals": {
+            f"{kind}:{status}": n
+            for kind, status, n in balance.group_by("kind", "status")
+            .len()
+            .sort("kind", "status")
+            .iter_rows()
+        },
+        "suspense": suspense.height,
         "clearing": [{k: v for k, v in c.items() if k != "unposted_documents"} for c in clearing],
         "html": str(html_path) if html_path else None,
     }

@@ -417,14 +417,20 @@ def report(
             coalesce(m.disputes, 0) AS disputes, coalesce(m.other, 0) AS other,
             m.net, m.transactions, j.sage_id AS journal_no, j.doc_status AS journal_status,
             j.last_error, j.payload AS journal_payload,
-            CASE WHEN NOT p.automatic THEN 'manual'
+            CASE WHEN p.automatic THEN 'automatic' ELSE 'manual' END AS kind,
+            -- A manual payout is not itemised: its journal moves its amount from clearing
+            -- to the bank ('manual' once posted); fees come in the daily journals.
+            CASE WHEN NOT p.automatic AND p.status NOT IN ('paid', 'failed') THEN 'pending'
+                 WHEN NOT p.automatic AND j.doc_status IS DISTINCT FROM 'posted' THEN 'unposted'
+                 WHEN NOT p.automatic THEN 'manual'
                  WHEN p.status NOT IN ('paid', 'failed') THEN 'pending'
                  WHEN m.net IS NULL THEN 'pending'
                  WHEN m.net <> p.amount THEN 'mismatch'
                  WHEN j.doc_status IS DISTINCT FROM 'posted' THEN 'unposted'
                  WHEN p.status = 'failed' THEN 'failed'
                  ELSE 'matched' END AS recon_status,
-            p.amount - coalesce(m.net, p.amount) AS difference
+            CASE WHEN p.automatic THEN p.amount - coalesce(m.net, p.amount) ELSE 0 END
+                AS difference
         FROM staging.payouts p LEFT JOIN m ON m.payout = p.id LEFT JOIN j ON j.payout = p.id
         WHERE {" AND ".join(where)}
         ORDER BY p.arrival_date, p.id""",
@@ -433,14 +439,17 @@ def report(
 
 
 def add_bank_line(rep: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
-    """The posted journal's Bank debit, in minor units, beside the payout amount."""
+    """The posted journal's Bank debit, in minor units, beside the payout amount, and what
+    its journal put in suspense (reporting categories the mapping does not know)."""
     from stripe_sage.money import from_decimal_string
 
     bank: list[int | None] = []
+    suspense: list[int] = []
     for payload, cur in zip(
         rep["journal_payload"].to_list(), rep["currency"].to_list(), strict=True
     ):
         value = None
+        parked = 0
         if payload:
             body = json.loads(payload) if isinstance(payload, str) else payload
             account = _account(mapping, "bank", cur)
@@ -452,13 +461,50 @@ def add_bank_line(rep: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
                 )
                 or None
             )
+            parked = sum(
+                from_decimal_string(line["debit"], cur) - from_decimal_string(line["credit"], cur)
+                for line in body["lines"]
+                if line["account"] == mapping.accounts.suspense
+            )
         bank.append(value)
-    out = rep.with_columns(pl.Series("bank_line", bank, dtype=pl.Int64)).drop("journal_payload")
+        suspense.append(parked)
+    out = rep.with_columns(
+        pl.Series("bank_line", bank, dtype=pl.Int64),
+        pl.Series("suspense", suspense, dtype=pl.Int64),
+    ).drop("journal_payload")
     return out.with_columns(
-        pl.when((pl.col("recon_status") == "matched") & (pl.col("bank_line") != pl.col("amount")))
+        pl.when(
+            pl.col("recon_status").is_in(["matched", "manual"])
+            & (pl.col("bank_line") != pl.col("amount"))
+        )
         .then(pl.lit("mismatch"))
         .otherwise(pl.col("recon_status"))
         .alias("recon_status")
+    )
+
+
+def balance_journals(st: Any) -> pl.DataFrame:
+    """The journals of the balance that are not payouts: top-ups (and their reversals) and,
+    on an account paid out manually, the daily fee journals; each with its Sage number,
+    state, date, amount through clearing and flag (suspense)."""
+    return st.frame(
+        """
+        SELECT o.doc_key, split_part(o.stripe_id, ':', 1) AS kind, o.payload->>'reference'
+                AS reference, CAST(o.payload->>'entry_date' AS DATE) AS entry_date,
+            o.payload->>'currency' AS currency, o.status, o.sage_id AS journal_no,
+            o.last_error, f.flag
+        FROM sage.outbox o LEFT JOIN ops.flags f USING (doc_key)
+        WHERE o.doc_type = 'journal_entry' AND split_part(o.stripe_id, ':', 1) IN
+            ('topup', 'topup_reversal', 'stripe_day')
+        ORDER BY entry_date, o.doc_key"""
+    )
+
+
+def suspense_postings(st: Any) -> pl.DataFrame:
+    """Journals with lines in suspense (``ops.flags``), newest first: what to map."""
+    return st.frame(
+        "SELECT doc_key, stripe_id, flag, flagged_at, run_id FROM ops.flags "
+        "WHERE flag LIKE 'suspense:%' ORDER BY flagged_at DESC, doc_key"
     )
 
 
@@ -478,7 +524,13 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     Σ gross of the transactions recognised by their own documents that no posted payout
     journal has cleared (docs/accounting.md, invariant 4). A difference comes with the documents
     that explain it (not posted, each with its state — dead, waiting, blocked, pending,
-    quarantined — and its reason)."""
+    quarantined — and its reason).
+
+    On an account paid out only manually the Stripe side is its balance: the gross of every
+    transaction a document posts (its payouts' own included), less the fees and other
+    amounts of the days that have ended (their daily journals)."""
+    manual = st.payouts_manual_only()
+    today = dt.datetime.now(dt.UTC).date()
     out = []
     for currency, account in mapping.accounts.clearing.items():
         sage = st.con.execute(
@@ -504,18 +556,39 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
                 SELECT i.balance_transaction FROM staging.payout_items i
                 JOIN sage.outbox o ON o.doc_key = 'journal_entry:' || i.payout
                 WHERE o.status = 'posted'),
-            rec AS (
+            own AS (
                 SELECT b.id, b.amount, b.reporting_category, b.source,
                     CASE b.reporting_category
                         WHEN 'charge' THEN 'cash_receipt:' || b.source
                         WHEN 'refund' THEN 'credit_memo:' || b.source
                         WHEN 'refund_failure' THEN 'journal_entry:refund_failure:' || b.source
                         WHEN 'payout_reversal' THEN 'journal_entry:payout_failure:' || b.source
+                        WHEN 'topup' THEN 'journal_entry:topup:' || b.source
+                        WHEN 'topup_reversal' THEN 'journal_entry:topup_reversal:' || b.source
+                        WHEN 'payout' THEN 'journal_entry:' || b.source
                     END AS doc_key,
                     b.id IN (SELECT balance_transaction FROM cleared) AS is_cleared
                 FROM staging.balance_transactions b
-                WHERE b.currency = ? AND b.reporting_category IN
-                    ('charge', 'refund', 'refund_failure', 'payout_reversal'))
+                WHERE b.currency = ?1 AND (b.reporting_category IN
+                    ('charge', 'refund', 'refund_failure', 'payout_reversal', 'topup',
+                     'topup_reversal')
+                    -- Manual only: a payout's own transaction is what its journal posts.
+                    OR (?2 AND b.reporting_category = 'payout'))),
+            -- Manual only: what each ended day's journal recognises (fees, and the whole
+            -- amount of the categories no document posts).
+            daily AS (
+                SELECT b.id, -b.fee - CASE WHEN b.reporting_category IN
+                        (SELECT unnest(?3::VARCHAR[])) THEN 0 ELSE b.amount END AS amount,
+                    b.reporting_category, b.source,
+                    'journal_entry:stripe_day:' || upper(b.currency) || ':'
+                        || CAST(CAST(timezone('UTC', b.created) AS DATE) AS VARCHAR) AS doc_key,
+                    false AS is_cleared
+                FROM staging.balance_transactions b
+                WHERE ?2 AND b.currency = ?1
+                  AND CAST(timezone('UTC', b.created) AS DATE) < ?4
+                  AND NOT EXISTS (SELECT 1 FROM staging.payout_items i
+                                  WHERE i.balance_transaction = b.id)),
+            rec AS (SELECT * FROM own UNION ALL SELECT * FROM daily WHERE amount <> 0)
             SELECT rec.*,
                 coalesce(o.status, CASE WHEN q.reason IS NOT NULL THEN 'quarantined'
                                         ELSE 'not planned' END) AS doc_status,
@@ -524,7 +597,7 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
             -- A quarantined Stripe record is why its document is not planned: say so.
             LEFT JOIN (SELECT id, min("check" || ': ' || reason) AS reason
                        FROM staging.quarantine GROUP BY id) q ON q.id = rec.source""",
-            [currency],
+            [currency, manual, sorted(OWN_DOCUMENT), today],
         )
         if docs.is_empty() and not sage:
             continue
@@ -564,6 +637,7 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
 
 REPORT_COLUMNS = (
     "payout",
+    "kind",
     "arrival_date",
     "amount",
     "gross",
@@ -572,6 +646,7 @@ REPORT_COLUMNS = (
     "disputes",
     "net",
     "bank_line",
+    "suspense",
     "journal_no",
     "recon_status",
     "difference",
@@ -594,5 +669,13 @@ def build_report(
     clearing = clearing_check(st, mapping)
     if html_path is not None:
         html_path.parent.mkdir(parents=True, exist_ok=True)
-        html_path.write_text(render(rep, daily_series(st), clearing))
+        html_path.write_text(
+            render(
+                rep,
+                daily_series(st),
+                clearing,
+                balance=balance_journals(st),
+                suspense=suspense_postings(st),
+            )
+        )
     return rep, clearing
