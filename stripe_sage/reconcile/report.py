@@ -577,7 +577,9 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
             -- Manual only: what each ended day's journal recognises (fees, and the whole
             -- amount of the categories no document posts).
             daily AS (
-                SELECT b.id, -b.fee - CASE WHEN b.reporting_category IN
+                -- Its effect on clearing: less the fee, plus the amount (a dispute takes
+                -- money out, an application fee brings it in).
+                SELECT b.id, -b.fee + CASE WHEN b.reporting_category IN
                         (SELECT unnest(?3::VARCHAR[])) THEN 0 ELSE b.amount END AS amount,
                     b.reporting_category, b.source,
                     'journal_entry:stripe_day:' || upper(b.currency) || ':'
