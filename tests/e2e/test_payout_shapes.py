@@ -315,3 +315,32 @@ def test_no_dead_letters_and_exactly_once_on_rerun(
     counts = Counter(j["reference"] for j in journals)
     assert max(counts.values()) == 1, [r for r, n in counts.items() if n > 1]
     assert len(journals) == expected_documents(shapes.env)["journal_entry"]
+
+
+def test_the_new_stripe_objects_have_stripes_current_shapes(auto: Shapes) -> None:
+    from devkit.sandbox.stripe_state import load_fixtures
+
+    fixtures = load_fixtures()
+    with auto.env.stripe() as s:
+        for path, key in (
+            ("/v1/topups", "topup"),
+            ("/v1/application_fees", "application_fee"),
+            ("/v1/transfers", "transfer"),
+        ):
+            objects = stripe_all(s, path)
+            assert objects, path
+            for obj in objects:
+                assert set(obj) == set(fixtures[key]), (path, set(obj) ^ set(fixtures[key]))
+                assert obj["object"] == key
+        account = s.get("/v1/account").json()
+        assert set(account) == set(fixtures["account"])
+        assert account["settings"]["payouts"]["schedule"]["interval"] == "daily"
+
+
+def test_stripe_refuses_to_itemise_a_manual_payout(manual: Shapes) -> None:
+    with manual.env.stripe() as s:
+        assert s.get("/v1/account").json()["settings"]["payouts"]["schedule"]["interval"] == (
+            "manual"
+        )
+        answer = s.get("/v1/balance_transactions", params={"payout": manual.payouts[0]["id"]})
+    assert answer.status_code == 400 and "manual" in answer.json()["error"]["message"]
