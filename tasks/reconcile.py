@@ -75,7 +75,8 @@ def reconciliation_report(
             )
     balance = reconcile.balance_journals(st)
     suspense = reconcile.suspense_postings(st)
-    for row in suspense.head(20).iter_rows(named=True):
+    # This run's suspense postings (the alert names them too); earlier ones stay listed.
+    for row in suspense.filter(suspense["run_id"] == run_id).head(20).iter_rows(named=True):
         logger.warning("%s: %s", row["doc_key"], row["flag"])
     return {
         "payouts": by_status,
