@@ -31,6 +31,7 @@ from stripe_sage.money import to_decimal_string
 from stripe_sage.plan.documents import _docs, empty_docs
 from stripe_sage.reconcile.balance import (
     OWN_DOCUMENT,
+    Recognised,
     Suspended,
     daily_lines,
     day_reference,
@@ -282,8 +283,6 @@ def plan_payouts(
 
 
 def _suspense_flag(suspended: list[Suspended], currency: str) -> str | None:
-    from stripe_sage.reconcile.balance import Recognised
-
     return Recognised(suspended=suspended).flag(currency)
 
 

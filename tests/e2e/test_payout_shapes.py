@@ -6,10 +6,13 @@ only manually. Expectations are computed from the Stripe side (its listings)."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -26,6 +29,7 @@ from tests.helpers.business import (
     stripe_all,
     use_env,
 )
+from tests.helpers.servers import BIN
 
 pytestmark = pytest.mark.e2e
 CLEARING, BANK, SUSPENSE = "1050", "1000", "9990"
@@ -194,6 +198,27 @@ def test_a_made_up_category_lands_in_suspense_its_payout_posts_and_an_alert_name
     assert auto.result["reconciliation"]["suspense"] == 1
     # The alert: the run emitted the suspense event naming the category (Prefect's events).
     assert MADE_UP_CATEGORY in _suspense_event(run_id)
+    # `mapping preview --stream payouts` shows what goes to suspense.
+    out = subprocess.run(
+        [
+            str(BIN / "stripe-sage"),
+            "mapping",
+            "preview",
+            "--stream",
+            "payouts",
+            "--id",
+            payout["id"],
+            "--html",
+            str(auto.env.db.parent / "preview.html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "STAGING_DB": str(auto.env.db)},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"to suspense: suspense: reporting category '{MADE_UP_CATEGORY}'" in out.stdout
+    assert odd["id"] in out.stdout and '"account": "9990"' in out.stdout
 
 
 def _suspense_event(run_id: str) -> list[str]:
@@ -344,3 +369,36 @@ def test_stripe_refuses_to_itemise_a_manual_payout(manual: Shapes) -> None:
         )
         answer = s.get("/v1/balance_transactions", params={"payout": manual.payouts[0]["id"]})
     assert answer.status_code == 400 and "manual" in answer.json()["error"]["message"]
+
+
+def test_a_manual_account_under_sage_faults_posts_each_journal_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
+) -> None:
+    env = make_env(tmp_path, charges=80, seed=71, monkeypatch=monkeypatch, manual_payouts=True)
+    with env.pair:
+        use_env(env, monkeypatch)
+        with env.sage() as c:
+            c.post(
+                "/_sandbox/faults",
+                json={
+                    "seed": 11,
+                    "rate_503": 0.2,
+                    "rate_429": 0.1,
+                    "retry_after": 0.05,
+                    "commit_then_503_rate": 0.15,
+                },
+            ).raise_for_status()
+        first = run_flow(trigger="test")
+        with env.sage() as c:
+            injected = c.get("/_sandbox/stats").json()["faults"]
+            c.delete("/_sandbox/faults")
+        second = run_flow(trigger="test")
+        assert injected["commit_then_503"] > 0
+        assert not any(first["load"]["dead"].values()) and not any(second["load"]["dead"].values())
+        with env.sage() as c:
+            journals = sage_all(c, "journalentries")
+        counts = Counter(j["reference"] for j in journals)
+        assert max(counts.values()) == 1, [r for r, n in counts.items() if n > 1]
+        assert len(journals) == expected_documents(env)["journal_entry"]
+        assert any(r.startswith("STRIPE-DAY-USD-") for r in counts)
+        assert any(r.startswith("tu_") for r in counts)
