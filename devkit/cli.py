@@ -36,6 +36,11 @@ def _business_args(p: argparse.ArgumentParser, charges: int) -> None:
         default=None,
         help="last day of the business, YYYY-MM-DD (default: today, UTC)",
     )
+    g.add_argument(
+        "--manual-payouts",
+        action="store_true",
+        help="the account is paid out only manually (weekly payouts Stripe does not itemise)",
+    )
 
 
 def _business(args: argparse.Namespace) -> BusinessConfig:
@@ -46,6 +51,7 @@ def _business(args: argparse.Namespace) -> BusinessConfig:
         charges=args.charges,
         days=args.days,
         end=args.end if args.end is not None else default_end(),
+        manual_payouts=getattr(args, "manual_payouts", False),
     )
 
 

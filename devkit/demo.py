@@ -69,6 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"Sage Pro sandbox {pair.sage_url} (state in {data / 'sage_sandbox.sqlite3'})")
         first = stripe_to_sage(trigger="demo")
         print_run("first run (backfill)", first)
+        print_payout_shapes(data / "stripe_sage.duckdb")
         second = stripe_to_sage(trigger="demo")
         print_run("second run (nothing changed: posts nothing)", second)
         # New activity after the first runs: a charge, a late refund, an invoice paid late.
@@ -98,6 +99,40 @@ Where to look
   Prefect UI   make serve (these runs, the deployments and their schedules), then open
                http://127.0.0.1:4200; make ui also starts the sandboxes and opens it""")
     return 0
+
+
+def print_payout_shapes(db: Path) -> None:
+    """Every payout shape (issue 21): manual payouts, top-ups, Connect lines, suspense."""
+    import duckdb
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        row = con.execute(
+            """
+            SELECT
+              (SELECT count(*) FROM staging.payouts WHERE NOT automatic) AS manual_payouts,
+              (SELECT count(*) FROM sage.outbox WHERE doc_type = 'journal_entry'
+                 AND stripe_id LIKE 'po_%' AND status = 'posted'
+                 AND stripe_id IN (SELECT id FROM staging.payouts WHERE NOT automatic))
+                 AS manual_journals,
+              (SELECT count(*) FROM sage.outbox WHERE status = 'posted'
+                 AND split_part(stripe_id, ':', 1) IN ('topup', 'topup_reversal')) AS topups,
+              (SELECT count(*) FROM sage.outbox WHERE status = 'posted'
+                 AND stripe_id LIKE 'stripe_day:%') AS daily_journals,
+              (SELECT count(*) FROM staging.balance_transactions WHERE reporting_category IN
+                 ('platform_earning', 'platform_earning_refund', 'transfer',
+                  'transfer_reversal')) AS connect_transactions,
+              (SELECT count(*) FROM ops.flags WHERE flag LIKE 'suspense:%') AS suspense
+            """
+        ).fetchall()[0]
+    names = (
+        "manual payouts",
+        "manual payout journals",
+        "top-up journals",
+        "daily fee journals",
+        "Connect transactions",
+        "journals with suspense lines",
+    )
+    print("  payout shapes: " + ", ".join(f"{n} {k}" for k, n in zip(names, row, strict=True)))
 
 
 def _refundable(w: Any) -> int:

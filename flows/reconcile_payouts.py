@@ -29,7 +29,7 @@ def reconcile_payouts(trigger: str = "manual") -> dict[str, Any]:
         counts["events"] = extract_events(ctx.extractor, ("payouts",))
         stage(st, run.run_id)
         counts["payouts_itemised"] = itemise_payouts(ctx.reader, st, run.run_id)
-        docs = plan_payout_journals(st, ctx.mapping, fiscal_periods(ctx.sage))
+        docs = plan_payout_journals(st, ctx.mapping, fiscal_periods(ctx.sage), run.run_id)
         enqueue(ctx.loader, docs)
         counts["load"] = load(ctx.loader)
         counts["reconciliation"] = reconciliation_report(

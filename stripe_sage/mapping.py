@@ -72,6 +72,35 @@ class FieldRule(BaseModel):
         return cols
 
 
+# Every reporting category STRIPE.md lists (and the older names the default file keeps) →
+# the account name it posts to in a payout (or daily) journal. "clearing" marks a category
+# whose gross a document of its own posts (receipts, memos, top-up and payout journals).
+DEFAULT_REPORTING_CATEGORIES: dict[str, str] = {
+    "charge": "clearing",
+    "refund": "clearing",
+    "refund_failure": "clearing",
+    "topup": "clearing",
+    "topup_reversal": "clearing",
+    "payout": "bank",
+    "payout_reversal": "bank",
+    "dispute": "chargebacks",
+    "dispute_reversal": "chargebacks",
+    "fee": "merchant_fees",
+    "stripe_fee": "merchant_fees",
+    "stripe_fx_fee": "fx_fees",
+    "platform_earning": "platform_revenue",
+    "platform_earning_refund": "platform_revenue",
+    "application_fee": "platform_revenue",
+    "transfer": "connect_transfers",
+    "transfer_reversal": "connect_transfers",
+    "connect_reserved_funds": "other_adjustments",
+    "risk_reserved_funds": "other_adjustments",
+    "partial_capture_reversal": "other_adjustments",
+    "tax": "sales_tax",
+    "other_adjustment": "other_adjustments",
+}
+
+
 class Accounts(BaseModel):
     model_config = ConfigDict(extra="forbid")
     clearing: dict[str, str]  # settlement currency → GL account
@@ -88,6 +117,13 @@ class Accounts(BaseModel):
     other_adjustments: str
     # Realized FX gain/loss: the rate difference of refunds of foreign-currency sales.
     fx_gain_loss: str = "7500"
+    # Added with issue 21; optional so older mapping files load (defaults: the Sage sandbox's
+    # chart). Application fees earned (platform_earning and its refunds) are revenue of their
+    # own; transfers to connected accounts go to connect_transfers; a reporting category the
+    # mapping does not know goes to suspense (flagged and alerted, never blocking a payout).
+    platform_revenue: str = "4020"
+    connect_transfers: str = "6200"
+    suspense: str = "9990"
 
 
 class CustomerMapping(BaseModel):
@@ -193,7 +229,25 @@ class Mapping(BaseModel):
     items: ItemMapping = Field(default_factory=ItemMapping)
     tax: TaxMapping = Field(default_factory=TaxMapping)
     # Stripe balance-transaction reporting categories → account names above (payout journals).
+    # The file's entries are laid over DEFAULT_REPORTING_CATEGORIES (every category STRIPE.md
+    # lists has a default); a category neither knows posts to accounts.suspense.
     reporting_categories: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _categories_over_defaults(self) -> Mapping:
+        unknown = {
+            cat: name
+            for cat, name in self.reporting_categories.items()
+            if name not in Accounts.model_fields
+        }
+        if unknown:
+            raise ValueError(
+                "reporting_categories: "
+                + ", ".join(f"{c}: {n!r}" for c, n in sorted(unknown.items()))
+                + f" name no account (accounts: {', '.join(Accounts.model_fields)})"
+            )
+        self.reporting_categories = {**DEFAULT_REPORTING_CATEGORIES, **self.reporting_categories}
+        return self
 
 
 # Which staged stream each rule group reads, so that unknown columns fail on load.

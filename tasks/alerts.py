@@ -16,6 +16,7 @@ quote are built without one, see errors.py).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from stripe_sage.errors import AuthenticationError
 AUTH_FAILED = "stripe-sage.auth.failed"
 DEAD_LETTERS_ABOVE = "stripe-sage.dead-letters.above-threshold"
 WAITING_OVERDUE = "stripe-sage.waiting.overdue"
+SUSPENSE_POSTED = "stripe-sage.suspense.posted"
 BLOCK_NAME = "stripe-sage-alerts"
 PRODUCT_FLOWS = (
     "stripe_to_sage",
@@ -123,6 +125,35 @@ def emit_waiting_overdue(overdue: list[dict[str, Any]], *, run_id: str, flow: st
     return True
 
 
+def emit_suspense(flags: list[dict[str, Any]], *, run_id: str, flow: str) -> bool:
+    """Emit the suspense event when this run planned journals with lines in suspense: a
+    reporting category the mapping does not know (``flags``: ``Staging.suspense_flags``).
+    The journals post; the alert names the categories so a person maps them."""
+    if not flags:
+        return False
+    from prefect.events import emit_event
+
+    categories = sorted(
+        {c for f in flags for c in re.findall(r"'([^']+)'", str(f["flag"]).split(":", 2)[1])}
+    )
+    emit_event(
+        event=SUSPENSE_POSTED,
+        resource={
+            "prefect.resource.id": "stripe-sage.suspense",
+            "prefect.resource.name": "suspense postings",
+        },
+        payload={
+            "run_id": run_id,
+            "flow": flow,
+            "count": len(flags),
+            "categories": categories,
+            "doc_key": flags[0]["doc_key"],
+            "flag": str(flags[0]["flag"])[:300],
+        },
+    )
+    return True
+
+
 @dataclass(frozen=True)
 class AlertSpec:
     name: str
@@ -191,6 +222,22 @@ def alert_specs(flows: Iterable[str] = PRODUCT_FLOWS) -> list[AlertSpec]:
                 "{{ event.payload.doc_key }}, has waited {{ event.payload.age_hours }} h "
                 "(allowed {{ event.payload.limit_hours }} h): {{ event.payload.reason }}. "
                 "See stripe-sage dead-letters list --state waiting."
+            ),
+        ),
+        AlertSpec(
+            name="stripe-sage: reporting category posted to suspense",
+            description="A balance transaction's reporting category is not in the mapping.",
+            expect=frozenset({SUSPENSE_POSTED}),
+            match={"prefect.resource.id": "stripe-sage.suspense"},
+            match_related=None,
+            subject="stripe-sage: unmapped reporting categories {{ event.payload.categories }}",
+            body=(
+                "Run {{ event.payload.run_id }} of {{ event.payload.flow }} posted "
+                "{{ event.payload.count }} journals with lines in the Suspense account: the "
+                "mapping's reporting_categories does not know {{ event.payload.categories }}. "
+                "The journals posted (nothing is blocked); e.g. {{ event.payload.doc_key }}: "
+                "{{ event.payload.flag }}. Map the categories, then reclassify the suspense "
+                "balance (SELECT * FROM ops.flags WHERE flag LIKE 'suspense:%')."
             ),
         ),
     ]

@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from stripe_sage.mapping import Mapping
-from stripe_sage.plan.outbox import plan_payout_documents
+from stripe_sage.plan.outbox import plan_payout_documents, record_flags
 from stripe_sage.reconcile import report as reconcile
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
@@ -20,19 +20,30 @@ from tasks.context import in_run, run_logger
 
 @task(name="itemise-payouts", cache_policy=NO_CACHE)
 def itemise_payouts(reader: StripeReader, st: Staging, run_id: str) -> int:
-    """Read the transactions of every newly paid payout, then stage them."""
+    """Read the account's payout schedule and the transactions of every newly paid
+    automatic payout, then stage them."""
+    interval = reconcile.read_payout_schedule(reader, st)
     todo = reconcile.payouts_to_itemise(st)
     n = reconcile.itemise_payouts(reader, st, run_id, todo)
     st.stage("balance_transactions", run_id)
-    run_logger().info("itemised %d payouts (%d balance transactions)", len(todo), n)
+    run_logger().info(
+        "itemised %d payouts (%d balance transactions); payout schedule: %s",
+        len(todo),
+        n,
+        interval or "unknown",
+    )
     return len(todo)
 
 
 @task(name="plan-payout-journals", cache_policy=NO_CACHE)
 def plan_payout_journals(
-    st: Staging, mapping: Mapping, periods: list[dict[str, Any]]
+    st: Staging, mapping: Mapping, periods: list[dict[str, Any]], run_id: str | None = None
 ) -> pl.DataFrame:
+    """Payout, top-up and daily journals; those posting to suspense go to ``ops.flags``."""
     docs = plan_payout_documents(st, mapping, periods)
+    flagged = docs.filter(pl.col("flag").is_not_null() & pl.col("error").is_null())
+    if flagged.height:
+        record_flags(st, flagged, run_id)
     run_logger().info("planned %d payout journals", docs.height)
     return docs
 
@@ -62,8 +73,22 @@ def reconciliation_report(
                 c["currency"],
                 c["unexplained"],
             )
+    balance = reconcile.balance_journals(st)
+    suspense = reconcile.suspense_postings(st)
+    # This run's suspense postings (the alert names them too); earlier ones stay listed.
+    for row in suspense.filter(suspense["run_id"] == run_id).head(20).iter_rows(named=True):
+        logger.warning("%s: %s", row["doc_key"], row["flag"])
     return {
         "payouts": by_status,
+        # Top-up and daily journals per kind and state; journals with lines in suspense.
+        "balance_journals": {
+            f"{kind}:{status}": n
+            for kind, status, n in balance.group_by("kind", "status")
+            .len()
+            .sort("kind", "status")
+            .iter_rows()
+        },
+        "suspense": suspense.height,
         "clearing": [{k: v for k, v in c.items() if k != "unposted_documents"} for c in clearing],
         "html": str(html_path) if html_path else None,
     }

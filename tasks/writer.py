@@ -48,7 +48,13 @@ from prefect.settings import get_current_settings
 
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
-from tasks.alerts import auth_error_in, emit_auth_failed, emit_dead_letters, emit_waiting_overdue
+from tasks.alerts import (
+    auth_error_in,
+    emit_auth_failed,
+    emit_dead_letters,
+    emit_suspense,
+    emit_waiting_overdue,
+)
 from tasks.context import run_logger
 
 WRITER_LIMIT = "stripe-sage-duckdb-writer"
@@ -324,3 +330,4 @@ def open_run(settings: Settings, run_id: str, **options: Any) -> Iterator[RunCon
         )
         overdue = ctx.staging.overdue_waiting(settings.waiting_alert_hours)
         emit_waiting_overdue(overdue, run_id=run_id, flow=flow)
+        emit_suspense(ctx.staging.suspense_flags(run_id), run_id=run_id, flow=flow)

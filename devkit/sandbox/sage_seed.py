@@ -25,6 +25,7 @@ CHART_OF_ACCOUNTS: Final[list[tuple[str, str, AccountType]]] = [
     ("2200", "Sales Tax Payable", "liability"),
     ("4000", "Sales", "revenue"),
     ("4010", "Subscription Revenue", "revenue"),
+    ("4020", "Application Fee Revenue", "revenue"),
     ("4900", "Sales Returns and Allowances", "revenue"),
     ("6100", "Merchant Fees", "expense"),
     ("6110", "Chargebacks", "expense"),
@@ -32,6 +33,8 @@ CHART_OF_ACCOUNTS: Final[list[tuple[str, str, AccountType]]] = [
     ("6130", "FX Fees", "expense"),
     ("6190", "Other Stripe Adjustments", "expense"),
     ("7500", "Realized FX Gain/Loss", "expense"),
+    ("6200", "Connected Account Transfers", "expense"),
+    ("9990", "Suspense", "asset"),
 ]
 
 # (tax_code, description, rate in percent, liability account). Sage's tax-code table: an

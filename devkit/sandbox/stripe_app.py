@@ -47,6 +47,9 @@ FILTERS: dict[str, set[str]] = {
     "events": {"type", "types", "delivery_success"},
     "invoice_payments": {"invoice", "payment", "status"},
     "tax_rates": {"active", "inclusive"},
+    "topups": set(),
+    "application_fees": set(),
+    "transfers": set(),
 }
 EXPANDABLE: dict[str, set[str]] = {
     "charges": {"balance_transaction", "refunds", "customer"},
@@ -556,6 +559,14 @@ def create_stripe_app(
                 )
             elif resource == "balance_transactions" and key == "payout":
                 p = lookup("payouts", value, key)
+                if world.config.manual_payouts:  # Stripe itemises automatic payouts only
+                    raise StripeApiError(
+                        400,
+                        "Balance transaction history can only be filtered on automatic "
+                        "transfers, not manual.",
+                        code="parameter_invalid",
+                        param="payout",
+                    )
                 fixed = np.sort(b.payout_bts(p))
             elif resource == "balance_transactions" and key == "type":
                 kinds = [k for k, (t, _) in enumerate(BT_KINDS) if t == value]
@@ -722,6 +733,9 @@ def create_stripe_app(
         "invoice_payments",
         "products",
         "tax_rates",
+        "topups",
+        "application_fees",
+        "transfers",
     ]
 
     def make_list(resource: str) -> Callable[[Request], Any]:
@@ -751,6 +765,10 @@ def create_stripe_app(
             methods=["GET"],
             summary=f"Retrieve one of {res}",
         )
+
+    @app.get("/v1/account", summary="The account (its payout schedule: daily, or manual)")
+    async def account() -> Response:
+        return ok(world.render_account())
 
     @app.get("/v1/invoices/{obj_id}/lines", summary="All lines of an invoice (paged)")
     async def invoice_lines(request: Request, obj_id: str) -> Response:

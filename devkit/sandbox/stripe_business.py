@@ -119,9 +119,20 @@ BT_KINDS: tuple[tuple[str, str], ...] = (
     ("payout", "payout"),  # 5
     ("payout_failure", "payout_reversal"),  # 6
     ("stripe_fee", "fee"),  # 7
+    ("topup", "topup"),  # 8
+    ("topup_reversal", "topup_reversal"),  # 9
+    ("application_fee", "platform_earning"),  # 10
+    ("application_fee_refund", "platform_earning_refund"),  # 11
+    ("transfer", "transfer"),  # 12
+    ("transfer_refund", "transfer_reversal"),  # 13
+    # A category Stripe has not invented yet (the list is open): it must go to suspense.
+    ("adjustment", "orbital_reserve_adjustment"),  # 14
 )
 BT_CHARGE, BT_REFUND, BT_REFUND_FAILURE, BT_DISPUTE, BT_DISPUTE_REVERSAL = 0, 1, 2, 3, 4
 BT_PAYOUT, BT_PAYOUT_FAILURE, BT_STRIPE_FEE = 5, 6, 7
+BT_TOPUP, BT_TOPUP_REVERSAL, BT_APP_FEE, BT_APP_FEE_REFUND = 8, 9, 10, 11
+BT_TRANSFER, BT_TRANSFER_REVERSAL, BT_MADE_UP = 12, 13, 14
+MADE_UP_CATEGORY = BT_KINDS[BT_MADE_UP][1]
 
 # Event types the business emits, and which resource their data.object is.
 EVENT_TYPES: tuple[tuple[str, str], ...] = (
@@ -160,6 +171,10 @@ class BusinessConfig:
     charges: int = 1_000
     end: int = field(default_factory=default_end)
     days: int = 30
+    # The account's payout schedule is manual (settings.payouts.schedule.interval): Stripe
+    # pays nothing out by itself; the merchant pays out weekly (automatic=false payouts,
+    # which Stripe will not itemise).
+    manual_payouts: bool = False
 
     @property
     def start(self) -> int:
@@ -544,6 +559,7 @@ class Business:
             months.append(c.start + c.days * DAY // 2)
         m = np.array(months, np.int64)
         add(BT_STRIPE_FEE, m, np.full(len(m), -BILLING_FEE), np.zeros(len(m)), np.arange(len(m)), m)
+        self._balance_shapes(add)
 
         cols = {k: np.concatenate([row[k] for row in rows]) for k in rows[0]}
         # Automatic daily payouts: each day at 06:00 UTC, everything available by midnight.
@@ -561,7 +577,9 @@ class Business:
         pos = 0
         fail_after = c.start + c.days * DAY // 2
         first_day = int(midnight(c.start)) + 2 * DAY
-        for day in range(first_day, int(midnight(c.end)) + 1, DAY):
+        # Manual payouts: the merchant pays out the available balance once a week.
+        every = 7 * DAY if c.manual_payouts else DAY
+        for day in range(first_day, int(midnight(c.end)) + 1, every):
             created = day + 6 * HOUR
             if created > c.end - HOUR:
                 break
@@ -585,7 +603,12 @@ class Business:
                 extra_payout_of[k] = p
             carry, carry_extra = [], []
             arrival = day + 2 * DAY
-            if failed_payout < 0 and day >= fail_after and arrival + DAY <= c.end - DAY:
+            if (
+                failed_payout < 0
+                and not c.manual_payouts
+                and day >= fail_after
+                and arrival + DAY <= c.end - DAY
+            ):
                 failed_payout = p
                 pending_extra.append((arrival + DAY, total, p))
                 extra_payout_of.append(-1)
@@ -646,6 +669,58 @@ class Business:
         by_payout = np.lexsort((np.arange(len(order)), self.bt_payout))
         self.bt_by_payout = by_payout[self.bt_payout[by_payout] >= 0].astype(np.int64)
         self.bt_by_payout_key = self.bt_payout[self.bt_by_payout]
+
+    def _balance_shapes(self, add: Any) -> None:
+        """Top-ups (one reversed), Connect application fees (one partly refunded) and
+        transfers to connected accounts (one reversed), and one transaction of a category
+        Stripe has not invented yet (issue 21). A handful each, from their own rng so the
+        other draws do not shift; every one is swept into a payout like any transaction."""
+        c = self.config
+        rng = np.random.default_rng(c.seed + 2_100)
+        span = c.days * DAY
+
+        def at(n: int, lo: float, hi: float) -> np.ndarray:
+            return np.sort(c.start + (rng.uniform(lo, hi, n) * span).astype(np.int64))
+
+        none = np.zeros(1, np.int64)
+        # Top-ups from the bank (ACH: available after 4 days); the second is reversed 2 days
+        # later (its money leaves the balance again at once).
+        tu_created = at(2, 0.2, 0.6)
+        tu_amount = np.array([50_000, 20_000], np.int64)
+        self.topups = Table(tu_created)
+        self.tu_amount = tu_amount
+        self.tu_reversed_at = np.array([0, int(tu_created[1]) + 2 * DAY], np.int64)
+        add(BT_TOPUP, tu_created, tu_amount, np.zeros(2), np.arange(2), tu_created + 4 * DAY)
+        rev = self.tu_reversed_at[1:]
+        add(BT_TOPUP_REVERSAL, rev, -tu_amount[1:], none, np.array([1]), rev)
+        # Application fees earned on connected accounts' charges; the first partly refunded.
+        fee_created = at(3, 0.1, 0.7)
+        fee_amount = rng.integers(300, 1_500, 3).astype(np.int64)
+        self.application_fees = Table(fee_created)
+        self.fee_amount = fee_amount
+        self.fee_refunded = np.array([fee_amount[0] // 2, 0, 0], np.int64)
+        self.fee_refunded_at = np.array([int(fee_created[0]) + DAY, 0, 0], np.int64)
+        add(BT_APP_FEE, fee_created, fee_amount, np.zeros(3), np.arange(3), fee_created + 2 * DAY)
+        add(
+            BT_APP_FEE_REFUND,
+            self.fee_refunded_at[:1],
+            -self.fee_refunded[:1],
+            none,
+            np.array([0]),
+            self.fee_refunded_at[:1],
+        )
+        # Transfers to connected accounts; the second is reversed a day later.
+        tr_created = at(2, 0.3, 0.8)
+        tr_amount = rng.integers(2_000, 8_000, 2).astype(np.int64)
+        self.transfers = Table(tr_created)
+        self.tr_amount = tr_amount
+        self.tr_reversed_at = np.array([0, int(tr_created[1]) + DAY], np.int64)
+        add(BT_TRANSFER, tr_created, -tr_amount, np.zeros(2), np.arange(2), tr_created)
+        rev = self.tr_reversed_at[1:]
+        add(BT_TRANSFER_REVERSAL, rev, tr_amount[1:], none, np.array([1]), rev)
+        # One transaction of a reporting category no mapping knows.
+        odd = at(1, 0.4, 0.5)
+        add(BT_MADE_UP, odd, np.array([-1_234]), none, np.zeros(1, np.int64), odd)
 
     def bt_of(self, kind: int, src: int) -> int:
         """Index of the balance transaction of ``kind`` whose source is ``src``, or -1."""

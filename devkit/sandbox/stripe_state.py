@@ -41,6 +41,7 @@ from devkit.sandbox.stripe_business import (
     BT_PAYOUT_FAILURE,
     BT_REFUND,
     BT_REFUND_FAILURE,
+    BT_STRIPE_FEE,
     CURRENCIES,
     DAY,
     EVENT_TYPES,
@@ -68,6 +69,9 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "invoice_payments": ("inpay", "invoice_payment"),
     "products": ("prod", "product"),
     "tax_rates": ("txr", "tax_rate"),
+    "topups": ("tu", "topup"),
+    "application_fees": ("fee", "application_fee"),
+    "transfers": ("tr", "transfer"),
 }
 PREFIX_TO_RESOURCE = {prefix: name for name, (prefix, _) in RESOURCES.items()}
 
@@ -1097,7 +1101,7 @@ class StripeWorld:
             id=pid,
             amount=int(b.po_amount[p]),
             arrival_date=int(b.po_arrival[p]),
-            automatic=True,
+            automatic=not self.config.manual_payouts,
             balance_transaction=self.make_id("balance_transactions", bt),
             created=int(b.payouts.created[p]),
             currency="usd",
@@ -1180,9 +1184,11 @@ class StripeWorld:
         elif s.kind in (BT_PAYOUT, BT_PAYOUT_FAILURE):
             source = self.make_id("payouts", s.src)
             description = "STRIPE PAYOUT" if s.kind == BT_PAYOUT else "Payout failure"
-        else:  # BT_STRIPE_FEE
+        elif s.kind == BT_STRIPE_FEE:
             source = None
             description = "Billing - Usage Fee (monthly)"
+        else:
+            source, description = self._balance_shape_source(s.kind, s.src)
         obj = dict(self.tpl["balance_transaction"])
         obj.update(
             id=self.make_id("balance_transactions", x),
@@ -1201,10 +1207,121 @@ class StripeWorld:
             type=btype,
             balance_type="payments",
         )
-        if "source" in expand and source is not None:
+        if "source" in expand and source is not None and source.split("_")[0] in PREFIX_TO_RESOURCE:
             res = PREFIX_TO_RESOURCE[source.split("_", 1)[0]]
             obj["source"] = self.render(res, self.parse_id(res, source) or 0, as_of=t)
         return obj
+
+    # -- top-ups, Connect and the account (issue 21) ----------------------------------------
+    def _balance_shape_source(self, kind: int, src: int) -> tuple[str | None, str]:
+        """Source id and description of a top-up, Connect or made-up balance transaction."""
+        btype = BT_KINDS[kind][0]
+        if btype.startswith("topup"):
+            return self.make_id("topups", src), (
+                "Top-up reversal" if btype == "topup_reversal" else "Top-up from bank"
+            )
+        if btype.startswith("application_fee"):
+            # Stripe's refund of an application fee is a fee_refund (fr_…) object.
+            if btype == "application_fee_refund":
+                return f"fr_{self.make_id('application_fees', src)[4:]}", "Application fee refund"
+            return self.make_id("application_fees", src), "Application fee"
+        if btype.startswith("transfer"):
+            if btype == "transfer_refund":
+                return f"trr_{self.make_id('transfers', src)[3:]}", "Transfer reversal"
+            return self.make_id("transfers", src), "Transfer to connected account"
+        return None, "Orbital reserve adjustment"
+
+    def _render_topups(self, k: int, t: int, expand: frozenset[str]) -> JSON:
+        b = self.b
+        created = int(b.topups.created[k])
+        bt = b.bt_of(BT_KINDS.index(("topup", "topup")), k)
+        reversed_at = int(b.tu_reversed_at[k])
+        obj = dict(self.tpl["topup"])
+        obj.update(
+            id=self.make_id("topups", k),
+            amount=int(b.tu_amount[k]),
+            balance_transaction=self.make_id("balance_transactions", bt),
+            created=created,
+            currency="usd",
+            description="Top-up from the operating account",
+            expected_availability_date=created + 4 * DAY,
+            livemode=False,
+            metadata={},
+            status="reversed" if reversed_at and reversed_at <= t else "succeeded",
+            statement_descriptor=None,
+            transfer_group=None,
+        )
+        return obj
+
+    def _render_application_fees(self, k: int, t: int, expand: frozenset[str]) -> JSON:
+        b = self.b
+        created = int(b.application_fees.created[k])
+        refunded = int(b.fee_refunded[k]) if 0 < b.fee_refunded_at[k] <= t else 0
+        fid = self.make_id("application_fees", k)
+        bt = b.bt_of(BT_KINDS.index(("application_fee", "platform_earning")), k)
+        obj = dict(self.tpl["application_fee"])
+        obj.update(
+            id=fid,
+            account=f"acct_connected{k:04d}",
+            amount=int(b.fee_amount[k]),
+            amount_refunded=refunded,
+            balance_transaction=self.make_id("balance_transactions", bt),
+            charge=f"py_connected{k:010d}",
+            created=created,
+            currency="usd",
+            fee_source={"charge": f"py_connected{k:010d}", "type": "charge"},
+            livemode=False,
+            refunded=refunded == int(b.fee_amount[k]),
+            refunds={
+                "data": [],
+                "has_more": False,
+                "object": "list",
+                "url": f"/v1/application_fees/{fid}/refunds",
+            },
+        )
+        return obj
+
+    def _render_transfers(self, k: int, t: int, expand: frozenset[str]) -> JSON:
+        b = self.b
+        reversed_ = 0 < b.tr_reversed_at[k] <= t
+        tid = self.make_id("transfers", k)
+        bt = b.bt_of(BT_KINDS.index(("transfer", "transfer")), k)
+        obj = dict(self.tpl["transfer"])
+        obj.update(
+            id=tid,
+            amount=int(b.tr_amount[k]),
+            amount_reversed=int(b.tr_amount[k]) if reversed_ else 0,
+            balance_transaction=self.make_id("balance_transactions", bt),
+            created=int(b.transfers.created[k]),
+            currency="usd",
+            description=None,
+            destination=f"acct_connected{k:04d}",
+            destination_payment=f"py_transfer{k:010d}",
+            livemode=False,
+            metadata={},
+            reversals={
+                "data": [],
+                "has_more": False,
+                "object": "list",
+                "url": f"/v1/transfers/{tid}/reversals",
+            },
+            reversed=bool(reversed_),
+            source_transaction=None,
+            source_type="card",
+            transfer_group=None,
+        )
+        return obj
+
+    def render_account(self) -> JSON:
+        """``GET /v1/account``: the business's own account, with its payout schedule."""
+        obj = copy.deepcopy(self.tpl["account"])
+        obj["id"] = f"acct_sandbox{self.config.seed:06d}"
+        obj["settings"]["payouts"]["schedule"] = (
+            {"delay_days": 2, "interval": "manual"}
+            if self.config.manual_payouts
+            else {"delay_days": 2, "interval": "daily"}
+        )
+        return dict(obj)
 
     def _render_events(self, e: int, t: int, expand: frozenset[str]) -> JSON:
         n = len(self.b.events)

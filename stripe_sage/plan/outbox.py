@@ -4,6 +4,7 @@ slice is read. No Prefect import: the ``plan`` task wraps it, tests call it."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,12 @@ from stripe_sage.plan.documents import (
 )
 from stripe_sage.plan.fx import invoice_settlements
 from stripe_sage.plan.items import plan_default_item, plan_items
-from stripe_sage.reconcile.report import plan_payouts
+from stripe_sage.reconcile.report import (
+    TOPUP_CATEGORIES,
+    plan_daily_journals,
+    plan_payouts,
+    plan_topups,
+)
 from stripe_sage.store.staging import Staging, now_utc
 
 # -- planning ------------------------------------------------------------------------------
@@ -279,6 +285,39 @@ def _payout_documents(
                 "UNION ALL SELECT failure_balance_transaction FROM _plan_slice)"
             )
         yield plan_payouts(payouts, items, bts, mapping, pf)
+    yield from _balance_documents(st, mapping, pf)
+
+
+def _balance_documents(
+    st: Staging, mapping: Mapping, pf: pl.DataFrame | None, today: dt.date | None = None
+) -> Iterator[pl.DataFrame]:
+    """Top-up journals, and on an account paid out only manually the daily journals of the
+    fees and adjustments no automatic payout recognises (docs/accounting.md, section 6)."""
+    topups = st.frame(
+        f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.balance_transactions s "
+        "WHERE s.reporting_category IN (SELECT unnest(?::VARCHAR[])) AND "
+        + _not_quarantined("balance_transactions")
+        + " AND NOT EXISTS (SELECT 1 FROM _settled k WHERE k.doc_key = "
+        "'journal_entry:' || s.reporting_category || ':' || coalesce(s.source, s.id))",
+        [list(TOPUP_CATEGORIES)],
+    )
+    yield plan_topups(topups, mapping, pf)
+    if not st.payouts_manual_only():
+        return
+    today = today or dt.datetime.now(dt.UTC).date()
+    # Transactions no automatic payout itemises, of days whose journal is not settled
+    # (a day is planned once it has ended, with all its transactions staged).
+    unitemised = st.frame(
+        f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.balance_transactions s "
+        "WHERE NOT EXISTS (SELECT 1 FROM staging.payout_items i "
+        "WHERE i.balance_transaction = s.id) AND "
+        + _not_quarantined("balance_transactions")
+        + " AND CAST(timezone('UTC', s.created) AS DATE) < ? "
+        "AND NOT EXISTS (SELECT 1 FROM _settled k WHERE k.doc_key = 'journal_entry:stripe_day:' "
+        "|| upper(s.currency) || ':' || CAST(CAST(timezone('UTC', s.created) AS DATE) AS VARCHAR))",
+        [today],
+    )
+    yield plan_daily_journals(unitemised, mapping, today, pf)
 
 
 def _without_settled(st: Staging, docs: pl.DataFrame) -> pl.DataFrame:

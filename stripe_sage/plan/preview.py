@@ -20,6 +20,7 @@ from stripe_sage.plan.documents import (
 )
 from stripe_sage.plan.items import plan_items
 from stripe_sage.plan.outbox import customer_columns
+from stripe_sage.reconcile.report import plan_payouts
 from stripe_sage.store.staging import Staging
 
 SHOWN = {
@@ -46,6 +47,9 @@ SHOWN = {
     ),
     "invoices": ("id", "total", "tax", "currency", "customer", "status"),
     "products": ("id", "name", "product_type", "sage_item", "active"),
+    # Payout journals: a line in suspense (a reporting category the mapping does not know)
+    # shows as the journal's flag.
+    "payouts": ("id", "amount", "currency", "status", "automatic", "arrival_date"),
 }
 
 
@@ -58,6 +62,12 @@ def _notes(stream: str, row: dict[str, Any], docs: list[dict[str, Any]]) -> list
             if sent is not None and sent != row.get("name"):
                 how = "no name in Stripe" if not row.get("name") else "shortened to fit Sage"
                 notes.append(f"name: {how}; Stripe: {row.get('name')!r}, Sage: {sent!r}")
+    if stream == "payouts":
+        if row.get("automatic") is False:
+            notes.append("manual payout: not itemised; Bank Dr / Clearing Cr its amount")
+        for d in docs:
+            if d.get("flag"):
+                notes.append(f"to suspense: {d['flag']}")
     if stream == "charges":
         if row.get("captured") is False:
             notes.append("not captured: nothing is posted until it is (never, if released)")
@@ -107,6 +117,19 @@ def preview(
         )
     elif stream == "products":  # product → item (item: created, item_link: metadata.sage_item)
         docs = plan_items(rows, mapping)
+    elif stream == "payouts":
+        with st.registered("_preview", rows.select("id")):
+            items = st.frame(
+                "SELECT i.* FROM staging.payout_items i WHERE i.payout IN (SELECT id FROM _preview)"
+            )
+            bts = st.frame(
+                "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN ("
+                "SELECT i.balance_transaction FROM staging.payout_items i "
+                "WHERE i.payout IN (SELECT id FROM _preview) "
+                "UNION ALL SELECT failure_balance_transaction FROM staging.payouts "
+                "WHERE id IN (SELECT id FROM _preview))"
+            )
+        docs = plan_payouts(rows, items, bts, mapping)
     else:
         raise ValueError(f"no preview for {stream!r}: choose one of {', '.join(SHOWN)}")
     by_source: dict[str, list[dict[str, Any]]] = {}

@@ -82,6 +82,8 @@ def render(
     clearing: list[dict[str, Any]],
     *,
     title: str = "Stripe payout reconciliation",
+    balance: pl.DataFrame | None = None,
+    suspense: pl.DataFrame | None = None,
 ) -> str:
     currency = rep["currency"][0] if rep.height else "USD"
     counts = (
@@ -90,6 +92,7 @@ def render(
     summary = ", ".join(f"{c['len']} {c['recon_status']}" for c in counts) or "no payouts"
     cols = (
         "payout",
+        "kind",
         "arrival_date",
         "status",
         "amount",
@@ -100,6 +103,7 @@ def render(
         "other",
         "net",
         "bank_line",
+        "suspense",
         "journal_no",
         "recon_status",
         "difference",
@@ -113,6 +117,7 @@ def render(
         "other",
         "net",
         "bank_line",
+        "suspense",
         "difference",
     }
     rows = []
@@ -141,6 +146,19 @@ def render(
         for c in clearing
     )
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    balance_rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape('' if r.get(c) is None else str(r.get(c)))}</td>"
+            for c in ("kind", "reference", "entry_date", "status", "journal_no", "flag")
+        )
+        + "</tr>"
+        for r in (balance.to_dicts() if balance is not None else [])
+    )
+    suspense_rows = "".join(
+        f"<tr><td>{html.escape(str(r['doc_key']))}</td><td>{html.escape(str(r['flag']))}</td></tr>"
+        for r in (suspense.to_dicts() if suspense is not None else [])
+    )
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -160,4 +178,9 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 <th>unposted documents</th></tr>{clearing_rows}</table>
 <h2>Payouts</h2>
 <table id="payouts"><tr>{head}</tr>{"".join(rows)}</table>
+<h2>Top-ups and daily journals (accounts paid out manually)</h2>
+<table id="balance"><tr><th>kind</th><th>reference</th><th>date</th><th>status</th>
+<th>journal no</th><th>flag</th></tr>{balance_rows}</table>
+<h2>Posted to suspense (reporting categories the mapping does not know)</h2>
+<table id="suspense"><tr><th>document</th><th>what</th></tr>{suspense_rows}</table>
 </body></html>"""

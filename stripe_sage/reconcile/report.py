@@ -29,15 +29,23 @@ import polars as pl
 from stripe_sage.mapping import Mapping
 from stripe_sage.money import to_decimal_string
 from stripe_sage.plan.documents import _docs, empty_docs
+from stripe_sage.reconcile.balance import (
+    OWN_DOCUMENT,
+    Recognised,
+    Suspended,
+    daily_lines,
+    day_reference,
+    manual_payout_lines,
+    recognise,
+    topup_lines,
+)
+from stripe_sage.reconcile.balance import (
+    account as gl_account,
+)
 from stripe_sage.stripe.client import StripeReader
 
 # Categories whose gross amount reaches clearing through their own Sage document.
-RECOGNISED_ELSEWHERE = {
-    "charge": "cash receipt",
-    "refund": "credit memo",
-    "refund_failure": "refund-failure journal",
-    "payout_reversal": "payout-failure journal",
-}
+RECOGNISED_ELSEWHERE = OWN_DOCUMENT
 DISPUTE_CATEGORIES = {"dispute", "dispute_reversal"}
 
 
@@ -50,6 +58,23 @@ def payouts_to_itemise(st: Any) -> list[str]:
         "ORDER BY p.created"
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def read_payout_schedule(reader: StripeReader, st: Any) -> str | None:
+    """``GET /v1/account``: the payout schedule's interval (``manual`` for an account paid
+    out only manually), recorded in ``ops.stripe_account``. A key not allowed to read the
+    account keeps what was recorded before (None: never read; automatic assumed)."""
+    from stripe_sage.errors import AuthenticationError, NotFoundError
+
+    try:
+        acct = reader.request("get", "/v1/account")
+    except (NotFoundError, AuthenticationError):
+        return None
+    interval = (((acct.get("settings") or {}).get("payouts") or {}).get("schedule") or {}).get(
+        "interval"
+    )
+    st.set_payout_interval(str(acct.get("id") or ""), interval)
+    return str(interval) if interval else None
 
 
 def itemise_payouts(
@@ -87,108 +112,82 @@ def itemise_payouts(
 
 # -- planning payout journals --------------------------------------------------------------
 def _account(mapping: Mapping, name: str, currency: str) -> str | None:
-    value = getattr(mapping.accounts, name, None)
-    if isinstance(value, dict):
-        return value.get(currency.upper())
-    return value
+    return gl_account(mapping, name, currency)
+
+
+def payout_journal(
+    payout: dict[str, Any], members: list[dict[str, Any]], mapping: Mapping
+) -> tuple[list[tuple[str, int]], str | None, list[Suspended]]:
+    """Signed amounts per account (debit > 0) for one automatic payout, or a reason it cannot
+    post, and the transactions that went to suspense (unknown reporting categories)."""
+    currency = payout["currency"]
+    net = sum(m["net"] for m in members)
+    if net != payout["amount"]:
+        return (
+            [],
+            (
+                f"payout {payout['id']}: its balance transactions net to {net}, not the "
+                f"payout amount {payout['amount']} (unexplained remainder "
+                f"{payout['amount'] - net})"
+            ),
+            [],
+        )
+    rec = recognise(members, mapping, currency)
+    rec.add(mapping, "bank", currency, payout["amount"])
+    rec.add(mapping, "clearing", currency, -rec.own_document_gross)
+    if rec.problem:
+        return [], f"payout {payout['id']}: {rec.problem}", rec.suspended
+    lines = rec.lines()
+    if sum(v for _, v in lines) != 0:
+        off = sum(v for _, v in lines)
+        return [], f"payout {payout['id']}: journal would be unbalanced by {off}", rec.suspended
+    return lines, None, rec.suspended
 
 
 def payout_lines(
     payout: dict[str, Any], members: list[dict[str, Any]], mapping: Mapping
 ) -> tuple[list[tuple[str, int]], str | None]:
     """Signed amounts per account (debit > 0) for one payout, or a reason it cannot post."""
-    currency = payout["currency"]
-    net = sum(m["net"] for m in members)
-    if net != payout["amount"]:
-        return [], (
-            f"payout {payout['id']}: its balance transactions net to {net}, not the "
-            f"payout amount {payout['amount']} (unexplained remainder "
-            f"{payout['amount'] - net})"
-        )
-    by_account: dict[str, int] = {}
-
-    def add(name: str, amount: int) -> str | None:
-        account = _account(mapping, name, currency)
-        if account is None:
-            return f"mapping has no '{name}' account for {currency}"
-        by_account[account] = by_account.get(account, 0) + amount
-        return None
-
-    clearing = 0
-    problems = [add("bank", payout["amount"])]
-    for m in members:
-        cat = m["reporting_category"]
-        if m["fee"]:
-            problems.append(
-                add("dispute_fees" if cat in DISPUTE_CATEGORIES else "merchant_fees", m["fee"])
-            )
-        if cat in RECOGNISED_ELSEWHERE:
-            clearing += m["amount"]
-            continue
-        name = mapping.reporting_categories.get(cat)
-        if name is None or name in ("clearing", "bank"):
-            return [], (
-                f"payout {payout['id']}: balance transaction {m['balance_transaction']} has "
-                f"reporting "
-                f"category '{cat}', which the mapping's reporting_categories does not "
-                "map to an account; nothing was posted for this payout"
-            )
-        problems.append(add(name, -m["amount"]))
-    problems.append(add("clearing", -clearing))
-    if err := next((p for p in problems if p), None):
-        return [], f"payout {payout['id']}: {err}"
-    lines = [(a, v) for a, v in by_account.items() if v]
-    if sum(v for _, v in lines) != 0:
-        off = sum(v for _, v in lines)
-        return [], f"payout {payout['id']}: journal would be unbalanced by {off}"
-    return lines, None
+    lines, error, _ = payout_journal(payout, members, mapping)
+    return lines, error
 
 
-def plan_payouts(
-    payouts: pl.DataFrame,
-    items: pl.DataFrame,
-    bts: pl.DataFrame,
-    mapping: Mapping,
-    periods: pl.DataFrame | None = None,
-) -> pl.DataFrame:
-    """One journal entry per paid payout; a reversing one for a payout that failed after.
+class _Journals:
+    """Journal entry rows in the planners' frame shape (see ``_docs``)."""
 
-    Payouts are few (one a day), and classifying each one's transactions reads best as plain
-    Python; the period policy and payload rendering are the shared Polars steps."""
-    done = payouts.filter(pl.col("automatic") & pl.col("status").is_in(["paid", "failed"]))
-    if done.is_empty() or items.is_empty():
-        return empty_docs()
-    members = items.join(bts, left_on="balance_transaction", right_on="id", how="inner")
-    members = members.filter(pl.col("type") != "payout")
-    grouped = {key[0]: g.to_dicts() for key, g in members.group_by("payout")}
-    itemised = set(items["payout"].to_list())
-    created = dict(zip(bts["id"].to_list(), bts["created"].to_list(), strict=True))
-    tz = ZoneInfo(mapping.timezone)
-    rows: list[dict[str, Any]] = []
+    def __init__(self, mapping: Mapping) -> None:
+        self.mapping = mapping
+        self.tz = ZoneInfo(mapping.timezone)
+        self.rows: list[dict[str, Any]] = []
 
-    def journal(
+    def add(
+        self,
         key: str,
         reference: str,
-        when: dt.datetime | None,
+        when: dt.datetime | dt.date | None,
         desc: str,
         currency: str,
         lines: list[tuple[str | None, int]],
         deps: list[str],
         error: str | None,
+        flag: str | None = None,
     ) -> None:
         money = [(a, _money(max(v, 0), currency), _money(max(-v, 0), currency)) for a, v in lines]
-        rows.append(
+        if isinstance(when, dt.datetime):
+            when = when.astimezone(self.tz).date()
+        self.rows.append(
             {
                 # A reversal posts after the journal it reverses: one phase later.
                 "doc_type": "journal_entry",
                 "id": key,
                 "depends_on": deps,
                 "error": error,
+                "flag": flag,
                 "phase": 4 if deps else 3,
-                "doc_date": when.astimezone(tz).date() if when else None,
+                "doc_date": when,
                 "payload": {
                     "entry_date": "",
-                    "source_code": mapping.source_code,
+                    "source_code": self.mapping.source_code,
                     "description": desc[:60],
                     "reference": reference,
                     "currency": currency,
@@ -200,25 +199,74 @@ def plan_payouts(
             }
         )
 
-    for p in done.iter_rows(named=True):
-        if p["id"] not in itemised:
-            continue  # itemised by the next run
-        cur = p["currency"]
-        lines, error = payout_lines(p, grouped.get(p["id"], []), mapping)
-        journal(
-            p["id"],
-            p["id"],
-            p["arrival_date"],
-            f"Stripe payout {p['id']}",
-            cur,
-            list(lines),
-            [],
-            error,
+    def frame(self, periods: pl.DataFrame | None) -> pl.DataFrame:
+        if not self.rows:
+            return empty_docs()
+        frame = pl.DataFrame(self.rows).with_columns(
+            pl.col("doc_date").cast(pl.Date),
+            pl.col("error").cast(pl.String),
+            pl.col("flag").cast(pl.String),
+            pl.col("depends_on").cast(pl.List(pl.String)),
+            pl.col("payload").struct.with_fields(
+                pl.col("doc_date").cast(pl.String).fill_null("").alias("entry_date")
+            ),
         )
+        return _docs(frame, self.mapping, periods)
+
+
+def plan_payouts(
+    payouts: pl.DataFrame,
+    items: pl.DataFrame,
+    bts: pl.DataFrame,
+    mapping: Mapping,
+    periods: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """One journal entry per paid payout; a reversing one for a payout that failed after.
+
+    An automatic payout's journal recognises what it itemises (fees, disputes, Connect and
+    other categories; unknown ones to suspense, flagged); a manual payout, which Stripe does
+    not itemise, moves its amount from clearing to the bank. Payouts are few (one a day), and
+    classifying each one's transactions reads best as plain Python; the period policy and
+    payload rendering are the shared Polars steps."""
+    done = payouts.filter(pl.col("status").is_in(["paid", "failed"]))
+    if done.is_empty():
+        return empty_docs()
+    members = (
+        items.join(bts, left_on="balance_transaction", right_on="id", how="inner")
+        if not items.is_empty()
+        else pl.DataFrame()
+    )
+    if not members.is_empty():
+        members = members.filter(pl.col("type") != "payout")
+    grouped = (
+        {key[0]: g.to_dicts() for key, g in members.group_by("payout")}
+        if not members.is_empty()
+        else {}
+    )
+    itemised = set(items["payout"].to_list()) if not items.is_empty() else set()
+    created = (
+        dict(zip(bts["id"].to_list(), bts["created"].to_list(), strict=True))
+        if not bts.is_empty()
+        else {}
+    )
+    out = _Journals(mapping)
+    for p in done.iter_rows(named=True):
+        cur = p["currency"]
+        if p["automatic"]:
+            if p["id"] not in itemised:
+                continue  # itemised by the next run
+            lines, error, suspended = payout_journal(p, grouped.get(p["id"], []), mapping)
+            flag = _suspense_flag(suspended, cur)
+            desc = f"Stripe payout {p['id']}"
+            journal_lines: list[tuple[str | None, int]] = list(lines)
+        else:
+            journal_lines, error, flag = manual_payout_lines(mapping, cur, p["amount"]), None, None
+            desc = f"Stripe manual payout {p['id']}"
+        out.add(p["id"], p["id"], p["arrival_date"], desc, cur, journal_lines, [], error, flag)
         if p["status"] == "failed":
             fbt = p["failure_balance_transaction"]
             when = created.get(fbt)
-            journal(
+            out.add(
                 f"payout_failure:{p['id']}",
                 fbt,
                 when,
@@ -231,17 +279,88 @@ def plan_payouts(
                 [f"journal_entry:{p['id']}"],
                 None if when else f"waiting: failure balance transaction {fbt} is not staged",
             )
-    if not rows:
+    return out.frame(periods)
+
+
+def _suspense_flag(suspended: list[Suspended], currency: str) -> str | None:
+    return Recognised(suspended=suspended).flag(currency)
+
+
+TOPUP_CATEGORIES = ("topup", "topup_reversal")
+
+
+def plan_topups(
+    bts: pl.DataFrame, mapping: Mapping, periods: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """A journal per top-up (Clearing Dr / Bank Cr, dated its creation, reference its
+    ``tu_`` id) and per top-up reversal (the other way, reference its ``txn_`` id). Inside a
+    later payout a top-up counts as already cleared (``OWN_DOCUMENT``)."""
+    rows = bts.filter(pl.col("reporting_category").is_in(TOPUP_CATEGORIES))
+    out = _Journals(mapping)
+    for b in rows.sort("created", "id").iter_rows(named=True):
+        cur = b["currency"].upper()
+        reversal = b["reporting_category"] == "topup_reversal"
+        source = b["source"] or b["id"]
+        out.add(
+            f"{b['reporting_category']}:{source}",
+            b["id"] if reversal else source,
+            b["created"],
+            f"Stripe top-up {source}" + (" reversed" if reversal else ""),
+            cur,
+            topup_lines(mapping, cur, b["amount"]),
+            # A reversal after the top-up it reverses, when both are in Stripe's records.
+            [f"journal_entry:topup:{source}"]
+            if reversal and source in set(rows["source"].to_list())
+            else [],
+            None,
+        )
+    return out.frame(periods)
+
+
+def plan_daily_journals(
+    bts: pl.DataFrame,
+    mapping: Mapping,
+    today: dt.date,
+    periods: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """On an account paid out manually: one journal per settlement currency and UTC day
+    before ``today`` recognising the fees and the categories no document posts of the
+    transactions ``bts`` (those no automatic payout itemises), Clearing the balancing line.
+    Days whose transactions only move gross amounts (nothing to recognise) get no journal."""
+    if bts.is_empty():
         return empty_docs()
-    frame = pl.DataFrame(rows).with_columns(
-        pl.col("doc_date").cast(pl.Date),
-        pl.col("error").cast(pl.String),
-        pl.col("depends_on").cast(pl.List(pl.String)),
-        pl.col("payload").struct.with_fields(
-            pl.col("doc_date").cast(pl.String).fill_null("").alias("entry_date")
-        ),
+    out = _Journals(mapping)
+    created = pl.col("created")
+    dtype = bts.schema["created"]
+    utc = (
+        created.dt.convert_time_zone("UTC")
+        if isinstance(dtype, pl.Datetime) and dtype.time_zone
+        else created.dt.replace_time_zone("UTC")
     )
-    return _docs(frame, mapping, periods)
+    frame = bts.with_columns(
+        utc.dt.date().alias("_day"),
+        pl.col("currency").str.to_uppercase().alias("_cur"),
+        pl.col("id").alias("balance_transaction"),
+    ).filter(pl.col("_day") < today)
+    for (day, cur), group in sorted(
+        frame.group_by("_day", "_cur"), key=lambda kv: (kv[0][0], kv[0][1])
+    ):
+        rec = daily_lines(group.sort("created", "id").to_dicts(), mapping, str(cur))
+        lines = rec.lines()
+        if not lines:
+            continue
+        out.add(
+            f"stripe_day:{cur}:{day}",
+            day_reference(str(cur), day),
+            day,
+            f"Stripe fees and adjustments {day} (manual payouts)",
+            str(cur),
+            list(lines),
+            [],
+            f"stripe day {day}: {rec.problem}" if rec.problem else None,
+            rec.flag(str(cur)),
+        )
+    return out.frame(periods)
 
 
 def _money(minor: int, currency: str) -> str:
@@ -297,14 +416,20 @@ def report(
             coalesce(m.disputes, 0) AS disputes, coalesce(m.other, 0) AS other,
             m.net, m.transactions, j.sage_id AS journal_no, j.doc_status AS journal_status,
             j.last_error, j.payload AS journal_payload,
-            CASE WHEN NOT p.automatic THEN 'manual'
+            CASE WHEN p.automatic THEN 'automatic' ELSE 'manual' END AS kind,
+            -- A manual payout is not itemised: its journal moves its amount from clearing
+            -- to the bank ('manual' once posted); fees come in the daily journals.
+            CASE WHEN NOT p.automatic AND p.status NOT IN ('paid', 'failed') THEN 'pending'
+                 WHEN NOT p.automatic AND j.doc_status IS DISTINCT FROM 'posted' THEN 'unposted'
+                 WHEN NOT p.automatic THEN 'manual'
                  WHEN p.status NOT IN ('paid', 'failed') THEN 'pending'
                  WHEN m.net IS NULL THEN 'pending'
                  WHEN m.net <> p.amount THEN 'mismatch'
                  WHEN j.doc_status IS DISTINCT FROM 'posted' THEN 'unposted'
                  WHEN p.status = 'failed' THEN 'failed'
                  ELSE 'matched' END AS recon_status,
-            p.amount - coalesce(m.net, p.amount) AS difference
+            CASE WHEN p.automatic THEN p.amount - coalesce(m.net, p.amount) ELSE 0 END
+                AS difference
         FROM staging.payouts p LEFT JOIN m ON m.payout = p.id LEFT JOIN j ON j.payout = p.id
         WHERE {" AND ".join(where)}
         ORDER BY p.arrival_date, p.id""",
@@ -313,14 +438,17 @@ def report(
 
 
 def add_bank_line(rep: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
-    """The posted journal's Bank debit, in minor units, beside the payout amount."""
+    """The posted journal's Bank debit, in minor units, beside the payout amount, and what
+    its journal put in suspense (reporting categories the mapping does not know)."""
     from stripe_sage.money import from_decimal_string
 
     bank: list[int | None] = []
+    suspense: list[int] = []
     for payload, cur in zip(
         rep["journal_payload"].to_list(), rep["currency"].to_list(), strict=True
     ):
         value = None
+        parked = 0
         if payload:
             body = json.loads(payload) if isinstance(payload, str) else payload
             account = _account(mapping, "bank", cur)
@@ -332,13 +460,50 @@ def add_bank_line(rep: pl.DataFrame, mapping: Mapping) -> pl.DataFrame:
                 )
                 or None
             )
+            parked = sum(
+                from_decimal_string(line["debit"], cur) - from_decimal_string(line["credit"], cur)
+                for line in body["lines"]
+                if line["account"] == mapping.accounts.suspense
+            )
         bank.append(value)
-    out = rep.with_columns(pl.Series("bank_line", bank, dtype=pl.Int64)).drop("journal_payload")
+        suspense.append(parked)
+    out = rep.with_columns(
+        pl.Series("bank_line", bank, dtype=pl.Int64),
+        pl.Series("suspense", suspense, dtype=pl.Int64),
+    ).drop("journal_payload")
     return out.with_columns(
-        pl.when((pl.col("recon_status") == "matched") & (pl.col("bank_line") != pl.col("amount")))
+        pl.when(
+            pl.col("recon_status").is_in(["matched", "manual"])
+            & (pl.col("bank_line") != pl.col("amount"))
+        )
         .then(pl.lit("mismatch"))
         .otherwise(pl.col("recon_status"))
         .alias("recon_status")
+    )
+
+
+def balance_journals(st: Any) -> pl.DataFrame:
+    """The journals of the balance that are not payouts: top-ups (and their reversals) and,
+    on an account paid out manually, the daily fee journals; each with its Sage number,
+    state, date, amount through clearing and flag (suspense)."""
+    return st.frame(
+        """
+        SELECT o.doc_key, split_part(o.stripe_id, ':', 1) AS kind, o.payload->>'reference'
+                AS reference, CAST(o.payload->>'entry_date' AS DATE) AS entry_date,
+            o.payload->>'currency' AS currency, o.status, o.sage_id AS journal_no,
+            o.last_error, f.flag
+        FROM sage.outbox o LEFT JOIN ops.flags f USING (doc_key)
+        WHERE o.doc_type = 'journal_entry' AND split_part(o.stripe_id, ':', 1) IN
+            ('topup', 'topup_reversal', 'stripe_day')
+        ORDER BY entry_date, o.doc_key"""
+    )
+
+
+def suspense_postings(st: Any) -> pl.DataFrame:
+    """Journals with lines in suspense (``ops.flags``), newest first: what to map."""
+    return st.frame(
+        "SELECT doc_key, stripe_id, flag, flagged_at, run_id FROM ops.flags "
+        "WHERE flag LIKE 'suspense:%' ORDER BY flagged_at DESC, doc_key"
     )
 
 
@@ -358,7 +523,13 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     Σ gross of the transactions recognised by their own documents that no posted payout
     journal has cleared (docs/accounting.md, invariant 4). A difference comes with the documents
     that explain it (not posted, each with its state — dead, waiting, blocked, pending,
-    quarantined — and its reason)."""
+    quarantined — and its reason).
+
+    On an account paid out only manually the Stripe side is its balance: the gross of every
+    transaction a document posts (its payouts' own included), less the fees and other
+    amounts of the days that have ended (their daily journals)."""
+    manual = st.payouts_manual_only()
+    today = dt.datetime.now(dt.UTC).date()
     out = []
     for currency, account in mapping.accounts.clearing.items():
         sage = st.con.execute(
@@ -384,18 +555,41 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
                 SELECT i.balance_transaction FROM staging.payout_items i
                 JOIN sage.outbox o ON o.doc_key = 'journal_entry:' || i.payout
                 WHERE o.status = 'posted'),
-            rec AS (
+            own AS (
                 SELECT b.id, b.amount, b.reporting_category, b.source,
                     CASE b.reporting_category
                         WHEN 'charge' THEN 'cash_receipt:' || b.source
                         WHEN 'refund' THEN 'credit_memo:' || b.source
                         WHEN 'refund_failure' THEN 'journal_entry:refund_failure:' || b.source
                         WHEN 'payout_reversal' THEN 'journal_entry:payout_failure:' || b.source
+                        WHEN 'topup' THEN 'journal_entry:topup:' || b.source
+                        WHEN 'topup_reversal' THEN 'journal_entry:topup_reversal:' || b.source
+                        WHEN 'payout' THEN 'journal_entry:' || b.source
                     END AS doc_key,
                     b.id IN (SELECT balance_transaction FROM cleared) AS is_cleared
                 FROM staging.balance_transactions b
-                WHERE b.currency = ? AND b.reporting_category IN
-                    ('charge', 'refund', 'refund_failure', 'payout_reversal'))
+                WHERE b.currency = ?1 AND (b.reporting_category IN
+                    ('charge', 'refund', 'refund_failure', 'payout_reversal', 'topup',
+                     'topup_reversal')
+                    -- Manual only: a payout's own transaction is what its journal posts.
+                    OR (?2 AND b.reporting_category = 'payout'))),
+            -- Manual only: what each ended day's journal recognises (fees, and the whole
+            -- amount of the categories no document posts).
+            daily AS (
+                -- Its effect on clearing: less the fee, plus the amount (a dispute takes
+                -- money out, an application fee brings it in).
+                SELECT b.id, -b.fee + CASE WHEN b.reporting_category IN
+                        (SELECT unnest(?3::VARCHAR[])) THEN 0 ELSE b.amount END AS amount,
+                    b.reporting_category, b.source,
+                    'journal_entry:stripe_day:' || upper(b.currency) || ':'
+                        || CAST(CAST(timezone('UTC', b.created) AS DATE) AS VARCHAR) AS doc_key,
+                    false AS is_cleared
+                FROM staging.balance_transactions b
+                WHERE ?2 AND b.currency = ?1
+                  AND CAST(timezone('UTC', b.created) AS DATE) < ?4
+                  AND NOT EXISTS (SELECT 1 FROM staging.payout_items i
+                                  WHERE i.balance_transaction = b.id)),
+            rec AS (SELECT * FROM own UNION ALL SELECT * FROM daily WHERE amount <> 0)
             SELECT rec.*,
                 coalesce(o.status, CASE WHEN q.reason IS NOT NULL THEN 'quarantined'
                                         ELSE 'not planned' END) AS doc_status,
@@ -404,7 +598,7 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
             -- A quarantined Stripe record is why its document is not planned: say so.
             LEFT JOIN (SELECT id, min("check" || ': ' || reason) AS reason
                        FROM staging.quarantine GROUP BY id) q ON q.id = rec.source""",
-            [currency],
+            [currency, manual, sorted(OWN_DOCUMENT), today],
         )
         if docs.is_empty() and not sage:
             continue
@@ -444,6 +638,7 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
 
 REPORT_COLUMNS = (
     "payout",
+    "kind",
     "arrival_date",
     "amount",
     "gross",
@@ -452,6 +647,7 @@ REPORT_COLUMNS = (
     "disputes",
     "net",
     "bank_line",
+    "suspense",
     "journal_no",
     "recon_status",
     "difference",
@@ -474,5 +670,13 @@ def build_report(
     clearing = clearing_check(st, mapping)
     if html_path is not None:
         html_path.parent.mkdir(parents=True, exist_ok=True)
-        html_path.write_text(render(rep, daily_series(st), clearing))
+        html_path.write_text(
+            render(
+                rep,
+                daily_series(st),
+                clearing,
+                balance=balance_journals(st),
+                suspense=suspense_postings(st),
+            )
+        )
     return rep, clearing

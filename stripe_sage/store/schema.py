@@ -80,6 +80,11 @@ CREATE TABLE IF NOT EXISTS sage.outbox (
     sage_id VARCHAR, attempts INTEGER DEFAULT 0, last_error VARCHAR,
     created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ, posted_at TIMESTAMPTZ, run_id VARCHAR
 );
+-- The Stripe account's payout schedule (GET /v1/account, settings.payouts.schedule.interval):
+-- 'manual' means no automatic payout itemises anything, so fees get daily journals.
+CREATE TABLE IF NOT EXISTS ops.stripe_account (
+    id VARCHAR PRIMARY KEY, payout_interval VARCHAR, read_at TIMESTAMPTZ
+);
 CREATE TABLE IF NOT EXISTS ops.flags (
     doc_key VARCHAR PRIMARY KEY,     -- a document posted as planned that a person should see
     doc_type VARCHAR, stripe_id VARCHAR, flag VARCHAR, flagged_at TIMESTAMPTZ, run_id VARCHAR

@@ -381,6 +381,30 @@ class Staging:
         self.checkpoint()
         return staged
 
+    def set_payout_interval(self, account_id: str, interval: str | None) -> None:
+        """The Stripe account's payout schedule as last read (``ops.stripe_account``)."""
+        self._exec(
+            "INSERT OR REPLACE INTO ops.stripe_account VALUES (?, ?, ?)",
+            [account_id, interval, now_utc()],
+        )
+
+    def payouts_manual_only(self) -> bool:
+        """Whether the account is paid out only manually (its schedule's interval is
+        ``manual``), as last read from Stripe."""
+        rows = self.con.execute(
+            "SELECT payout_interval FROM ops.stripe_account ORDER BY read_at DESC LIMIT 1"
+        ).fetchall()
+        return bool(rows) and rows[0][0] == "manual"
+
+    def suspense_flags(self, run_id: str) -> list[dict[str, Any]]:
+        """Journals this run flagged for posting to suspense (unknown reporting categories)."""
+        rows = self.con.execute(
+            "SELECT doc_key, flag FROM ops.flags WHERE run_id = ? AND flag LIKE 'suspense:%' "
+            "ORDER BY doc_key",
+            [run_id],
+        ).fetchall()
+        return [{"doc_key": k, "flag": f} for k, f in rows]
+
     def row_counts(self) -> dict[str, int]:
         """Rows per staged stream (quality compares a run's counts with these)."""
         return {s: self.count(f"staging.{s}") for s in STREAMS}

@@ -114,10 +114,13 @@ def expected_documents(env: Env) -> Counter[str]:
         invoices = [i for i in stripe_all(s, "/v1/invoices") if i["status"] in ("open", "paid")]
         refunds = stripe_all(s, "/v1/refunds")
         customers = stripe_all(s, "/v1/customers")
-        payouts = [
-            p
-            for p in stripe_all(s, "/v1/payouts")
-            if p["automatic"] and p["status"] in ("paid", "failed")
+        # Automatic payouts get a journal each (itemised); manual ones too (not itemised).
+        payouts = [p for p in stripe_all(s, "/v1/payouts") if p["status"] in ("paid", "failed")]
+        # Top-ups and their reversals get a journal each.
+        topups = [
+            b
+            for b in stripe_all(s, "/v1/balance_transactions")
+            if b["reporting_category"] in ("topup", "topup_reversal")
         ]
         bts = stripe_all(s, "/v1/balance_transactions")
     # A refund of a foreign sale at another rate than the sale's books the difference.
@@ -158,10 +161,43 @@ def expected_documents(env: Env) -> Counter[str]:
             "journal_entry": len([r for r in refunds if r["status"] == "failed"])
             + len(fx_journals)
             + len(payouts)
-            + len([p for p in payouts if p["status"] == "failed"]),
+            + len([p for p in payouts if p["status"] == "failed"])
+            + len(topups)
+            + daily_journals(env),
             "customer": len(customers) + len(deleted) + int(guest),
         }
     )
+
+
+# Categories whose gross a document of its own posts (docs/accounting.md section 6).
+OWN_DOCUMENT = {
+    "charge",
+    "payment",
+    "refund",
+    "refund_failure",
+    "topup",
+    "topup_reversal",
+    "payout",
+    "payout_reversal",
+}
+
+
+def daily_journals(env: Env) -> int:
+    """On an account paid out only manually: one journal per ended UTC day with a fee or a
+    category no document posts (counted from Stripe's transactions)."""
+    with env.stripe() as s:
+        schedule = s.get("/v1/account").json()["settings"]["payouts"]["schedule"]
+        if schedule["interval"] != "manual":
+            return 0
+        bts = stripe_all(s, "/v1/balance_transactions")
+    today = time.time() // 86_400
+    days: dict[int, int] = {}
+    for b in bts:
+        day = b["created"] // 86_400
+        if day < today:
+            moved = b["fee"] + (0 if b["reporting_category"] in OWN_DOCUMENT else b["amount"])
+            days[day] = days.get(day, 0) | int(bool(b["fee"]) or moved != 0)
+    return sum(days.values())
 
 
 def read_only(db: Path, wait: float = 120) -> duckdb.DuckDBPyConnection:
@@ -209,12 +245,19 @@ def sage_counts(env: Env) -> Counter[str]:
     return Counter({t: docs.get(col, 0) for t, col in SAGE_COLLECTIONS.items()})
 
 
-def make_env(tmp: Path, charges: int, seed: int, monkeypatch: pytest.MonkeyPatch) -> Env:
+def make_env(
+    tmp: Path,
+    charges: int,
+    seed: int,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    manual_payouts: bool = False,
+) -> Env:
     stripe_key = f"sk_test_{secrets.token_hex(12)}"
     sage_key = f"sage_{secrets.token_hex(12)}"
     webhook_secret = f"whsec_{secrets.token_hex(12)}"
     pair = SandboxPair(
-        BusinessConfig(seed=seed, charges=charges, end=END),
+        BusinessConfig(seed=seed, charges=charges, end=END, manual_payouts=manual_payouts),
         sage_db=tmp / "sage.sqlite3",
         stripe_key=stripe_key,
         sage_key=sage_key,
