@@ -125,6 +125,7 @@ def run_stages(
     full_refresh: bool = False,
     since: int | None = None,
     inbox: Inbox | None = None,
+    inbox_limit: int = 20_000,
     previous_rows: dict[str, int] | None = None,
     dry_run: bool = False,
     clock: Clock | None = None,
@@ -132,12 +133,13 @@ def run_stages(
     """Run ``stages`` of the sequence, in its order, recording into ``run.counts``.
 
     Extract lists ``streams`` (and the events since the cursor) when given, then re-fetches
-    what the unprocessed events of ``inbox`` name; those events are marked processed only after
-    the write-back, so a crashed run leaves them for the next one. Quality compares volumes
-    with ``previous_rows`` (by default the row counts before the extract; ``{}``: no
-    comparison). A ``dry_run`` plans without enqueuing and ends the run there (``dry_run``);
-    a run through the load records its status (``run_status``) before the snapshot, so the
-    snapshot holds the run's own row in ``ops.runs``.
+    what the unprocessed events of ``inbox`` name (the ``inbox_limit`` oldest); those events
+    are marked processed only after the write-back, so a crashed run leaves them for the
+    next one. Quality compares volumes with ``previous_rows`` (by default the row counts
+    before the extract; ``{}``: no comparison). A ``dry_run`` plans without enqueuing and
+    ends the run there (``dry_run``); a run through the load records its status
+    (``run_status``) before the snapshot, so the snapshot holds the run's own row in
+    ``ops.runs``.
     """
     counts = run.counts
     clock = clock or FlowClock(counts)
@@ -156,7 +158,7 @@ def run_stages(
                 counts["events"] = _call(extract_events, ctx.extractor, streams)
                 row["rows"] = sum(x["listed"] for x in counts["extract"].values())
             if inbox is not None:
-                inbox_ids = _call(drain_inbox, ctx.extractor, inbox)
+                inbox_ids = _call(drain_inbox, ctx.extractor, inbox, inbox_limit)
                 if streams is None:
                     counts["events"] = len(inbox_ids)
 

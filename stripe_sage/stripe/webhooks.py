@@ -99,11 +99,14 @@ class Inbox:
         return True
 
     def unprocessed(self, limit: int = 10_000) -> list[dict[str, Any]]:
+        """The oldest ``limit`` unprocessed events in order of arrival (a burst is drained
+        batch by batch in the order Stripe delivered it; within a batch, events are applied
+        in order of ``created``: ``events_by_stream``)."""
         rows = (
             self._con()
             .execute(
                 "SELECT event_id, type, object_type, object_id, created, payload FROM inbox "
-                "WHERE processed_at IS NULL ORDER BY created, event_id LIMIT ?",
+                "WHERE processed_at IS NULL ORDER BY rowid LIMIT ?",
                 (limit,),
             )
             .fetchall()
@@ -118,6 +121,11 @@ class Inbox:
             )
             for r in rows
         ]
+
+    def waiting(self) -> int:
+        """How many events wait (cheap: the real-time processor asks many times a second)."""
+        row = self._con().execute("SELECT count(*) FROM inbox WHERE processed_at IS NULL")
+        return int(row.fetchone()[0])
 
     def mark_processed(self, event_ids: Sequence[str], run_id: str) -> None:
         con = self._con()
