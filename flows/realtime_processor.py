@@ -76,6 +76,8 @@ def process_batch(ctx: RunContext, inbox: Inbox, settings: Settings) -> dict[str
                 inbox=inbox,
                 inbox_limit=settings.processor_batch_events,
                 previous_rows={},
+                quality_engine="polars",
+                data_docs=False,
             )
     finally:
         batch.close_batch()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from flows.lifecycle import FlowRun
+from quality.runner import Engine
 from stripe_sage.metrics import peak_rss_mb
 from stripe_sage.runtime import RunContext
 from stripe_sage.stripe.webhooks import Inbox
@@ -129,6 +130,8 @@ def run_stages(
     previous_rows: dict[str, int] | None = None,
     dry_run: bool = False,
     clock: Clock | None = None,
+    quality_engine: Engine = "gx",
+    data_docs: bool = True,
 ) -> dict[str, Any]:
     """Run ``stages`` of the sequence, in its order, recording into ``run.counts``.
 
@@ -139,7 +142,8 @@ def run_stages(
     before the extract; ``{}``: no comparison). A ``dry_run`` plans without enqueuing and
     ends the run there (``dry_run``); a run through the load records its status
     (``run_status``) before the snapshot, so the snapshot holds the run's own row in
-    ``ops.runs``.
+    ``ops.runs``. ``quality_engine`` and ``data_docs``: how quality runs (the real-time
+    processor's micro-batches: Polars, no Data Docs; ``quality.runner.validate_stream``).
     """
     counts = run.counts
     clock = clock or FlowClock(counts)
@@ -179,7 +183,8 @@ def run_stages(
 
     if "quality" in stages:
         with clock.stage("quality") as row:
-            q = _call(quality, st, run_id, previous_rows or {}, data_dir / "data_docs")
+            docs = data_dir / "data_docs" if data_docs else None
+            q = _call(quality, st, run_id, previous_rows or {}, docs, quality_engine)
             counts["quarantined"] = q.quarantined
             counts["data_docs"] = q.docs_path
             row["rows"] = sum(q.rows.values())
