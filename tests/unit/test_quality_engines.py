@@ -52,15 +52,29 @@ def test_every_bad_row_case_of_a_stream_same_outcome(stream: str) -> None:
     assert comparable(fast) == comparable(gx)
 
 
+def _bts() -> pl.DataFrame:
+    rows = Rows("balance_transactions", 6).set(0, net=1).set(2, fee=-5).set(5, currency=None)
+    return rows.frame()
+
+
 BUILDS: dict[str, Callable[[], tuple[str, pl.DataFrame]]] = {
-    "duplicated_ids": lambda: ("charges", Rows("charges", 5).set(3, id="ch_0001").set(4, id="ch_0001").frame()),
+    "duplicated_ids": lambda: (
+        "charges", Rows("charges", 5).set(3, id="ch_0001").set(4, id="ch_0001").frame()
+    ),
     "null_id": lambda: ("payouts", Rows("payouts", 3).set(1, id=None).frame()),
-    "two_checks_one_row": lambda: ("charges", Rows("charges", 3).set(1, currency="XYZ", status="weird").frame()),
-    "created_ahead_within_a_day": lambda: ("charges", Rows("charges", 3).set(0, created=NOW + timedelta(hours=23)).frame()),
-    "created_two_days_ahead": lambda: ("charges", Rows("charges", 3).set(0, created=NOW + timedelta(days=2)).frame()),
-    "many_bad": lambda: ("balance_transactions", Rows("balance_transactions", 6).set(0, net=1).set(2, fee=-5).set(5, currency=None).frame()),
-    "unknown_reference": lambda: ("refunds", Rows("refunds", 4).set(0, charge="ch_other").set(1, charge=None).frame()),
-    "missing_column": lambda: ("balance_transactions", Rows("balance_transactions", 3).frame().drop("fee")),
+    "two_checks_one_row": lambda: (
+        "charges", Rows("charges", 3).set(1, currency="XYZ", status="weird").frame()
+    ),
+    "created_ahead_within_a_day": lambda: (
+        "charges", Rows("charges", 3).set(0, created=NOW + timedelta(hours=23)).frame()
+    ),
+    "many_bad": lambda: ("balance_transactions", _bts()),
+    "unknown_reference": lambda: (
+        "refunds", Rows("refunds", 4).set(0, charge="ch_other").set(1, charge=None).frame()
+    ),
+    "missing_column": lambda: (
+        "balance_transactions", Rows("balance_transactions", 3).frame().drop("fee")
+    ),
     "float_amounts": lambda: ("refunds", Rows("refunds", 3).frame(amount=pl.Float64())),
     "empty": lambda: ("charges", Rows("charges", 0).frame()),
 }  # fmt: skip
