@@ -43,7 +43,7 @@ def comparable(v: StreamValidation) -> dict[str, Any]:
 def test_every_bad_row_case_of_a_stream_same_outcome(stream: str) -> None:
     """Every one-bad-row case of tests/unit/test_quality.py for ``stream``, each in a row of
     its own in one frame (one GX validation per stream keeps the test fast)."""
-    cases = [change for s, change, _, _ in CASES if s == stream]
+    cases: list[dict[str, Any]] = [c for s, c, _, _ in CASES if s == stream]  # type: ignore[misc]
     rows = Rows(stream, len(cases) + 2)
     for i, change in enumerate(cases):
         rows.set(i + 1, **change)
