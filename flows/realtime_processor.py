@@ -34,16 +34,18 @@ import time
 import uuid
 from typing import Any
 
-from prefect import flow, runtime
+from prefect import flow, runtime, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.lifecycle import FlowRun, recorded
 from flows.stages import Stage, run_stages, run_status
 from stripe_sage.realtime import Backoff, Refresh, batch_should_run
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
-from stripe_sage.stripe.webhooks import Inbox
+from stripe_sage.stripe.webhooks import Inbox, events_by_stream
 from tasks.alerts import auth_error_in, emit_auth_failed
 from tasks.context import run_logger
+from tasks.inbox import mark_processed
 from tasks.reconcile import reconciliation_report
 from tasks.staging import publish_snapshot
 from tasks.writer import WriterWaiters, open_run
@@ -51,6 +53,10 @@ from tasks.writer import WriterWaiters, open_run
 FLOW = "realtime_processor"
 # Per batch: no report, no snapshot (the refresh does them), and no volume comparison.
 BATCH_STAGES: tuple[Stage, ...] = ("extract", "stage", "quality", "plan", "load", "write_back")
+INTERRUPTED = (
+    "interrupted: the processor stopped mid-batch; the batch's events stayed unprocessed "
+    "and were processed again by later batches"
+)
 # Set to stop the processor between two batches (SIGTERM/SIGINT, or a test).
 STOP = threading.Event()
 
@@ -62,10 +68,20 @@ def _stop_on_signals() -> None:
         signal.signal(signum, lambda *_: STOP.set())
 
 
-def process_batch(ctx: RunContext, inbox: Inbox, settings: Settings) -> dict[str, Any]:
+def process_batch(
+    ctx: RunContext, inbox: Inbox, settings: Settings, *, retry_documents: bool = False
+) -> dict[str, Any]:
     """One micro-batch under its own run id, recorded in ``ops.runs``; raises what failed
-    it (recorded as ``failed``), its events then still unprocessed."""
-    batch = ctx.for_batch(str(uuid.uuid4()), retry_budget=settings.processor_retry_budget)
+    it (recorded as ``failed``), its events then still unprocessed. Events that name no
+    object of a stream (``balance.available``) and no documents to retry need no stage at
+    all: they are only marked processed."""
+    run_id = str(uuid.uuid4())
+    rows = inbox.unprocessed(settings.processor_batch_events)
+    changed, echoes = events_by_stream(rows)
+    if rows and not changed and not echoes and not retry_documents:
+        mark_processed.fn(inbox, [r["event_id"] for r in rows], run_id)
+        return {"events": len(rows), "status": "completed", "run_id": run_id, "staged": {}}
+    batch = ctx.for_batch(run_id, retry_budget=settings.processor_retry_budget)
     run = FlowRun(settings, FLOW, batch.run_id, runtime.flow_run.id, ctx=batch)
     try:
         with recorded(run, trigger="webhook"):
@@ -78,12 +94,17 @@ def process_batch(ctx: RunContext, inbox: Inbox, settings: Settings) -> dict[str
                 previous_rows={},
                 quality_engine="polars",
                 data_docs=False,
+                task_runs=False,
             )
     finally:
         batch.close_batch()
     counts["status"] = run.status or run_status(counts.get("load", {}))
     counts["run_id"] = batch.run_id
     return counts
+
+
+# A batch is one task run of the processor's flow run (visible in the UI with its logs).
+process_batch_task = task(name="process-batch", cache_policy=NO_CACHE)(process_batch)
 
 
 def refresh(ctx: RunContext, run_id: str) -> None:
@@ -106,6 +127,10 @@ def _hold(
     last_run = session
     with open_run(settings, session) as ctx:
         log.info("real-time processor holds the DuckDB writer; watching %s", inbox.path)
+        # A processor killed mid-batch left that batch "running"; its events were never
+        # marked processed, so the next batches process them again.
+        if n := ctx.staging.fail_interrupted_runs(FLOW, INTERRUPTED):
+            log.warning("%d batch(es) of a processor that stopped mid-batch marked failed", n)
         while not STOP.is_set() and (deadline is None or time.monotonic() < deadline):
             if waiters.others():
                 log.info("handing the DuckDB writer over to a waiting run; events wait")
@@ -114,7 +139,9 @@ def _hold(
             now = time.monotonic()
             if batch_should_run(inbox.waiting(), retry_documents, backoff, now):
                 try:
-                    counts = process_batch(ctx, inbox, settings)
+                    counts = process_batch_task(
+                        ctx, inbox, settings, retry_documents=retry_documents
+                    )
                 except Exception as exc:
                     stats["failed_batches"] += 1
                     wait = backoff.failed(time.monotonic())
@@ -128,7 +155,8 @@ def _hold(
                 stats["batches"] += 1
                 stats["events"] += int(counts.get("events") or 0)
                 last_run = counts["run_id"]
-                pending_refresh.touched()
+                if counts.get("staged") != {}:
+                    pending_refresh.touched()
                 # Documents Sage did not take (down, 429s past the batch's budget): try again
                 # after a backoff, also when no new event arrives.
                 retry_documents = counts["status"] == "partial"

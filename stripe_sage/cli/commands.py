@@ -269,7 +269,7 @@ def cmd_processor(args: argparse.Namespace) -> int:
     from flows.realtime_processor import STOP, realtime_processor
     from stripe_sage.realtime import Backoff
 
-    backoff = Backoff(initial=1.0, cap=30.0)
+    backoff = Backoff(initial=1.0, cap=10.0)
     started = time.monotonic()
     while not STOP.is_set():
         left = None if args.run_for is None else args.run_for - (time.monotonic() - started)

@@ -540,6 +540,17 @@ class Staging:
             [now_utc(), status, json.dumps(counts, default=str), error, run_id],
         )
 
+    def fail_interrupted_runs(self, flow: str, error: str) -> int:
+        """Runs of ``flow`` still ``running`` although their process is gone (killed
+        mid-run): ``failed`` with ``error``, so no run stays silently unfinished. Call it
+        only while holding the writer, when no run of ``flow`` can be alive."""
+        rows = self.con.execute(
+            "UPDATE ops.runs SET ended_at = ?, status = 'failed', error = ? "
+            "WHERE flow = ? AND status = 'running' RETURNING run_id",
+            [now_utc(), error, flow],
+        ).fetchall()
+        return len(rows)
+
     def transaction(self) -> _Tx:
         return _Tx(self.con)
 
