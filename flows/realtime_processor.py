@@ -61,7 +61,7 @@ INTERRUPTED = (
 STOP = threading.Event()
 
 
-def _stop_on_signals() -> None:
+def stop_on_signals() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -183,7 +183,7 @@ def _hold(
 def realtime_processor(run_for: float | None = None) -> dict[str, Any]:
     """Process webhook events in micro-batches until stopped (SIGTERM, Ctrl-C) or, with
     ``run_for``, for that many seconds (a bench, a test, a deployment's keep-alive)."""
-    _stop_on_signals()
+    stop_on_signals()
     settings = Settings()  # a flow run is an entry point: resolved once, passed down
     inbox = Inbox(settings.webhook_inbox)
     session = str(runtime.flow_run.id or uuid.uuid4())

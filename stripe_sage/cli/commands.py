@@ -266,8 +266,10 @@ def cmd_processor(args: argparse.Namespace) -> int:
     import time
 
     prefect_defaults()
-    from flows.realtime_processor import STOP, realtime_processor
+    from flows.realtime_processor import STOP, realtime_processor, stop_on_signals
     from stripe_sage.realtime import Backoff
+
+    stop_on_signals()  # also while Prefect is unreachable and the command waits to retry
 
     backoff = Backoff(initial=1.0, cap=10.0)
     started = time.monotonic()
