@@ -95,6 +95,7 @@ def process_batch(
                 quality_engine="polars",
                 data_docs=False,
                 task_runs=False,
+                checkpoint=False,
             )
     finally:
         batch.close_batch()
@@ -110,6 +111,7 @@ process_batch_task = task(name="process-batch", cache_policy=NO_CACHE)(process_b
 def refresh(ctx: RunContext, run_id: str) -> None:
     """The whole-run epilogue, for everything the batches since the last one changed."""
     data_dir = ctx.settings.staging_db.parent
+    ctx.staging.checkpoint()  # the batches left their WAL: fold it into the file here
     reconciliation_report(ctx.staging, ctx.mapping, run_id, data_dir / "reconciliation.html")
     publish_snapshot(ctx.staging, data_dir / "snapshot", run_id)
 

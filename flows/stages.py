@@ -137,6 +137,7 @@ def run_stages(
     quality_engine: Engine = "gx",
     data_docs: bool = True,
     task_runs: bool = True,
+    checkpoint: bool = True,
 ) -> dict[str, Any]:
     """Run ``stages`` of the sequence, in its order, recording into ``run.counts``.
 
@@ -152,6 +153,7 @@ def run_stages(
     ``task_runs=False`` calls each stage's plain function even inside a run: the processor
     makes a whole micro-batch one task run (a task run costs ~7 ms idle, far more on a busy
     Prefect server; eight of them per batch were a large part of a batch of one event).
+    ``checkpoint=False``: staging leaves the WAL for the caller to checkpoint.
     """
     call = _call if task_runs else _plain
     counts = run.counts
@@ -177,12 +179,12 @@ def run_stages(
 
     if "stage" in stages:
         with clock.stage("stage") as row:
-            counts["staged"] = call(stage, st, run_id)
+            counts["staged"] = call(stage, st, run_id, checkpoint)
             # Customers deleted in Stripe are in no list, only named by charges or invoices:
             # retrieved by id once those are staged (a first run's extract has nothing staged
             # to look at), then staged too (docs/accounting.md §2).
             if ctx.extractor.fetch_referenced_customers():
-                for table, n in call(stage, st, run_id).items():
+                for table, n in call(stage, st, run_id, checkpoint).items():
                     counts["staged"][table] = counts["staged"].get(table, 0) + n
             row["rows"] = sum(counts["staged"].values())
         with clock.stage("itemise") as row:

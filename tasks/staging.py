@@ -16,8 +16,8 @@ from tasks.context import in_run, run_logger
 
 
 @task(name="stage", cache_policy=NO_CACHE)
-def stage(st: Staging, run_id: str) -> dict[str, int]:
-    counts = st.stage_all(run_id)
+def stage(st: Staging, run_id: str, checkpoint: bool = True) -> dict[str, int]:
+    counts = st.stage_all(run_id, checkpoint=checkpoint)
     run_logger().info("staged: %s", counts)
     return counts
 

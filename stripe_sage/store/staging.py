@@ -370,12 +370,17 @@ class Staging:
     def table(self, stream: str) -> pl.DataFrame:
         return self.frame(f"SELECT * FROM staging.{stream}")
 
-    def stage_all(self, run_id: str, streams: Sequence[str] = STREAM_ORDER) -> dict[str, int]:
-        """Stage every stream's changed raw rows, then fold the WAL into the file."""
+    def stage_all(
+        self, run_id: str, streams: Sequence[str] = STREAM_ORDER, *, checkpoint: bool = True
+    ) -> dict[str, int]:
+        """Stage every stream's changed raw rows, then fold the WAL into the file (unless
+        ``checkpoint=False``: the real-time processor checkpoints in its periodic refresh,
+        not after every micro-batch of a few rows)."""
         staged = {s: self.stage(s, run_id) for s in streams}
         # Extraction leaves up to 1 GB of WAL (the checkpoint threshold): fold it into the
         # database file once here, where the run pays for it, not at some later commit.
-        self.checkpoint()
+        if checkpoint:
+            self.checkpoint()
         return staged
 
     def row_counts(self) -> dict[str, int]:
