@@ -3,8 +3,10 @@
 - ``stripe-to-sage``: the main sync on a cron schedule (``SYNC_CRON``, default every 15 min)
 - ``reconcile-payouts``: daily payout reconciliation (``RECONCILE_CRON``, default 06:30 UTC)
 - ``sync-customers-from-sage``: Sage → Stripe customer changes, hourly (``CUSTOMERS_CRON``)
-- ``process-stripe-events``: triggered by the webhook receiver's ``stripe.events.received``
-  Prefect event; one run at a time, later triggers queue behind it and find the inbox drained
+- ``realtime-processor``: the long-lived real-time processor (``stripe-sage serve`` starts
+  it as its own process; served here on demand, e.g. after stopping that process)
+- ``process-stripe-events``: drains the webhook inbox once, on demand (the real-time
+  processor does this continuously; the scheduled sync drains it too)
 - ``replay-dead-letters``, ``backfill`` (Dask fan-out), ``backfill-windows``: on demand
 
 The same deployments for a work pool (workers on several machines) are in ``prefect.yaml``.
@@ -18,16 +20,15 @@ import argparse
 
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 from flows.backfill import backfill, backfill_windows
 from flows.process_stripe_events import process_stripe_events
+from flows.realtime_processor import realtime_processor
 from flows.reconcile_payouts import reconcile_payouts
 from flows.replay_dead_letters import replay_dead_letters
 from flows.stripe_to_sage import stripe_to_sage
 from flows.sync_customers_from_sage import sync_customers_from_sage
 from stripe_sage.settings import Settings
-from stripe_sage.stripe.webhooks import INBOX_RESOURCE, TRIGGER_EVENT
 
 
 def deployments(settings: Settings) -> dict[str, object]:
@@ -53,20 +54,20 @@ def deployments(settings: Settings) -> dict[str, object]:
             tags=["stripe-sage", "customers"],
             concurrency_limit=1,
         ),
+        "realtime-processor": realtime_processor.to_deployment(
+            name="realtime-processor",
+            tags=["stripe-sage", "webhooks", "realtime"],
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            ),
+        ),
         "process-stripe-events": process_stripe_events.to_deployment(
             name="process-stripe-events",
             tags=["stripe-sage", "webhooks"],
-            parameters={"trigger": "webhook"},
+            parameters={"trigger": "manual"},
             concurrency_limit=ConcurrencyLimitConfig(
                 limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
             ),
-            triggers=[
-                DeploymentEventTrigger(
-                    name="stripe webhook received",
-                    expect={TRIGGER_EVENT},
-                    match={"prefect.resource.id": INBOX_RESOURCE},
-                )
-            ],
         ),
         "replay-dead-letters": replay_dead_letters.to_deployment(
             name="replay-dead-letters",

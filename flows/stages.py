@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from flows.lifecycle import FlowRun
+from quality.runner import Engine
 from stripe_sage.metrics import peak_rss_mb
 from stripe_sage.runtime import RunContext
 from stripe_sage.stripe.webhooks import Inbox
@@ -89,6 +90,10 @@ def _call(task: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
+def _plain(task: Any, *args: Any, **kwargs: Any) -> Any:
+    return task.fn(*args, **kwargs)
+
+
 def _list_streams(
     ctx: RunContext, streams: tuple[str, ...], full_refresh: bool, since: int | None
 ) -> dict[str, dict[str, Any]]:
@@ -125,20 +130,32 @@ def run_stages(
     full_refresh: bool = False,
     since: int | None = None,
     inbox: Inbox | None = None,
+    inbox_limit: int = 20_000,
     previous_rows: dict[str, int] | None = None,
     dry_run: bool = False,
     clock: Clock | None = None,
+    quality_engine: Engine = "gx",
+    data_docs: bool = True,
+    task_runs: bool = True,
+    checkpoint: bool = True,
 ) -> dict[str, Any]:
     """Run ``stages`` of the sequence, in its order, recording into ``run.counts``.
 
     Extract lists ``streams`` (and the events since the cursor) when given, then re-fetches
-    what the unprocessed events of ``inbox`` name; those events are marked processed only after
-    the write-back, so a crashed run leaves them for the next one. Quality compares volumes
-    with ``previous_rows`` (by default the row counts before the extract; ``{}``: no
-    comparison). A ``dry_run`` plans without enqueuing and ends the run there (``dry_run``);
-    a run through the load records its status (``run_status``) before the snapshot, so the
-    snapshot holds the run's own row in ``ops.runs``.
+    what the unprocessed events of ``inbox`` name (the ``inbox_limit`` oldest); those events
+    are marked processed only after the write-back, so a crashed run leaves them for the
+    next one. Quality compares volumes with ``previous_rows`` (by default the row counts
+    before the extract; ``{}``: no comparison). A ``dry_run`` plans without enqueuing and
+    ends the run there (``dry_run``); a run through the load records its status
+    (``run_status``) before the snapshot, so the snapshot holds the run's own row in
+    ``ops.runs``. ``quality_engine`` and ``data_docs``: how quality runs (the real-time
+    processor's micro-batches: Polars, no Data Docs; ``quality.runner.validate_stream``).
+    ``task_runs=False`` calls each stage's plain function even inside a run: the processor
+    makes a whole micro-batch one task run (a task run costs ~7 ms idle, far more on a busy
+    Prefect server; eight of them per batch were a large part of a batch of one event).
+    ``checkpoint=False``: staging leaves the WAL for the caller to checkpoint.
     """
+    call = _call if task_runs else _plain
     counts = run.counts
     clock = clock or FlowClock(counts)
     settings = ctx.settings
@@ -153,41 +170,40 @@ def run_stages(
         with clock.stage("extract") as row:
             if streams is not None:
                 counts["extract"] = _list_streams(ctx, streams, full_refresh, since)
-                counts["events"] = _call(extract_events, ctx.extractor, streams)
+                counts["events"] = call(extract_events, ctx.extractor, streams)
                 row["rows"] = sum(x["listed"] for x in counts["extract"].values())
             if inbox is not None:
-                inbox_ids = _call(drain_inbox, ctx.extractor, inbox)
+                inbox_ids = call(drain_inbox, ctx.extractor, inbox, inbox_limit)
                 if streams is None:
                     counts["events"] = len(inbox_ids)
 
     if "stage" in stages:
         with clock.stage("stage") as row:
-            counts["staged"] = _call(stage, st, run_id)
+            counts["staged"] = call(stage, st, run_id, checkpoint)
             # Customers deleted in Stripe are in no list, only named by charges or invoices:
             # retrieved by id once those are staged (a first run's extract has nothing staged
             # to look at), then staged too (docs/accounting.md §2).
             if ctx.extractor.fetch_referenced_customers():
-                for table, n in _call(stage, st, run_id).items():
+                for table, n in call(stage, st, run_id, checkpoint).items():
                     counts["staged"][table] = counts["staged"].get(table, 0) + n
             row["rows"] = sum(counts["staged"].values())
         with clock.stage("itemise") as row:
-            counts["payouts_itemised"] = row["rows"] = _call(
-                itemise_payouts, ctx.reader, st, run_id
-            )
+            counts["payouts_itemised"] = row["rows"] = call(itemise_payouts, ctx.reader, st, run_id)
 
     if "quality" in stages:
         with clock.stage("quality") as row:
-            q = _call(quality, st, run_id, previous_rows or {}, data_dir / "data_docs")
+            docs = data_dir / "data_docs" if data_docs else None
+            q = call(quality, st, run_id, previous_rows or {}, docs, quality_engine)
             counts["quarantined"] = q.quarantined
             counts["data_docs"] = q.docs_path
             row["rows"] = sum(q.rows.values())
 
     if "plan" in stages:
         with clock.stage("transform") as row:
-            periods = _call(fiscal_periods, ctx.sage)
+            periods = call(fiscal_periods, ctx.sage)
             # Planned slice by slice into the outbox: a 1M-charge first run is ~2M payloads,
             # never all in memory at once; the loader reads them back in pages.
-            planned = _call(plan, st, ctx.loader, ctx.mapping, periods, ctx.sage, run_id, dry_run)
+            planned = call(plan, st, ctx.loader, ctx.mapping, periods, ctx.sage, run_id, dry_run)
             counts["planned"] = planned["planned"]
             row["rows"] = sum(planned["planned"].values())
             row["enqueued"] = planned["enqueued"]
@@ -200,7 +216,7 @@ def run_stages(
 
     if "load" in stages:
         with clock.stage("load") as row:
-            counts["load"] = _call(load, ctx.loader)
+            counts["load"] = call(load, ctx.loader)
             counts["sage_client"] = ctx.sage.stats.as_dict()
             row["rows"] = sum(counts["load"]["posted"].values()) + sum(
                 counts["load"]["dead"].values()
@@ -208,14 +224,14 @@ def run_stages(
 
     if "write_back" in stages:
         with clock.stage("write_back"):
-            counts["write_back"] = _call(write_back_task, ctx.reader, st, run_id)
+            counts["write_back"] = call(write_back_task, ctx.reader, st, run_id)
             counts["stripe_client"] = dict(ctx.reader.stats)
         counts["totals"] = st.outbox_totals()
     if inbox is not None:
-        counts["inbox"] = _call(mark_processed, inbox, inbox_ids, run_id)
+        counts["inbox"] = call(mark_processed, inbox, inbox_ids, run_id)
 
     if "report" in stages:
-        counts["reconciliation"] = _call(
+        counts["reconciliation"] = call(
             reconciliation_report, st, ctx.mapping, run_id, data_dir / "reconciliation.html"
         )
 
@@ -224,5 +240,5 @@ def run_stages(
     if "snapshot" in stages:
         # After the run's row is recorded, so the snapshot holds it.
         with clock.stage("publish"):
-            counts["snapshot"] = _call(publish_snapshot, st, data_dir / "snapshot", run_id)
+            counts["snapshot"] = call(publish_snapshot, st, data_dir / "snapshot", run_id)
     return counts

@@ -73,6 +73,37 @@ class RunContext:
         )
         return cls(settings, run_id, staging, reader, sage, mapping, extractor, loader)
 
+    def for_batch(self, run_id: str, *, retry_budget: float | None = None) -> RunContext:
+        """The same warm staging file, clients and mapping under another run id: one
+        micro-batch of the real-time processor (its own extractor and loader, which tag what
+        they write with the run id). Close it with ``close_batch``, never ``close``."""
+        extractor = Extractor(
+            self.reader,
+            self.staging,
+            run_id=run_id,
+            now=int(time.time()),
+            backfill_start=self.extractor.backfill_start,
+            window_seconds=self.extractor.window_seconds,
+            window_objects=self.extractor.window_objects,
+        )
+        loader = Loader(
+            self.staging,
+            self.sage,
+            run_id=run_id,
+            concurrency=self.settings.sage_concurrency,
+            retry_budget=(
+                self.settings.sage_retry_budget if retry_budget is None else retry_budget
+            ),
+        )
+        return RunContext(
+            self.settings, run_id, self.staging, self.reader, self.sage, self.mapping,
+            extractor, loader, self.writer_slot,
+        )  # fmt: skip
+
+    def close_batch(self) -> None:
+        """End a ``for_batch`` context: its page writer only (the file and clients stay)."""
+        self.extractor.writer.close()
+
     def close(self) -> None:
         try:
             self.extractor.writer.close()

@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     reconcile_cron: str = Field(default="30 6 * * *")
     customers_cron: str = Field(default="5 * * * *")
     runner_poll_seconds: float = Field(default=2.0, gt=0)
+    # The real-time event processor (flows/realtime_processor.py): at most this many inbox
+    # events per micro-batch, how often it looks at the inbox while idle, how often (at most)
+    # it refreshes the reconciliation report and the analysts' snapshot, and the retry
+    # budget of one batch's load (short: the processor retries the rest with its own
+    # backoff, so a Sage outage never stalls it for SAGE_RETRY_BUDGET).
+    processor_batch_events: int = Field(default=500, ge=1)
+    processor_poll_seconds: float = Field(default=0.05, gt=0)
+    processor_refresh_seconds: float = Field(default=60.0, ge=0)
+    processor_retry_budget: float = Field(default=10.0, ge=0)
     # Where a backfill's window files go (shared by every machine of a fan-out); unset:
     # ``backfill/`` beside the staging file.
     backfill_dir: Path | None = Field(default=None)

@@ -9,24 +9,34 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from quality.runner import Engine
 from quality.validate import QualityOutcome, validate_all
 from stripe_sage.store.staging import Staging
 from tasks.context import in_run, run_logger
 
 
 @task(name="stage", cache_policy=NO_CACHE)
-def stage(st: Staging, run_id: str) -> dict[str, int]:
-    counts = st.stage_all(run_id)
+def stage(st: Staging, run_id: str, checkpoint: bool = True) -> dict[str, int]:
+    counts = st.stage_all(run_id, checkpoint=checkpoint)
     run_logger().info("staged: %s", counts)
     return counts
 
 
 @task(name="quality", cache_policy=NO_CACHE)
 def quality(
-    st: Staging, run_id: str, previous_rows: dict[str, int], docs_dir: Path | None
+    st: Staging,
+    run_id: str,
+    previous_rows: dict[str, int],
+    docs_dir: Path | None,
+    engine: Engine = "gx",
 ) -> QualityOutcome:
     outcome = validate_all(
-        st, run_id, now=dt.datetime.now(dt.UTC), docs_dir=docs_dir, previous_rows=previous_rows
+        st,
+        run_id,
+        now=dt.datetime.now(dt.UTC),
+        docs_dir=docs_dir,
+        previous_rows=previous_rows,
+        engine=engine,
     )
     if outcome.results and in_run():
         create_table_artifact(

@@ -178,6 +178,49 @@ class HolderRecord:
                 f.close()
 
 
+class WriterWaiters:
+    """Who on this machine is waiting for the writer slot: each waiter keeps a file
+    ``stripe-sage-writer.want.<pid>`` locked (``flock``) while it waits. The real-time
+    processor holds the slot for as long as it runs and hands it over between two batches
+    when it sees a live waiter (a scheduled sync, a replay), then takes it back after it.
+    A waiter that died leaves an unlocked file: not a live waiter, removed by the next look."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.dir = directory or holder_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        path = self.dir / f"stripe-sage-writer.want.{os.getpid()}"
+        f = open(path, "ab")  # noqa: SIM115 - kept open (locked) while this process waits
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            f.close()
+
+    def others(self) -> int:
+        """Live waiters other than this process."""
+        live = 0
+        for path in self.dir.glob("stripe-sage-writer.want.*"):
+            if path.suffix == f".{os.getpid()}":
+                continue
+            try:
+                f = open(path, "ab")  # noqa: SIM115 - closed below
+            except OSError:
+                continue
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live += 1  # its owner holds the lock: alive and waiting
+            else:
+                path.unlink(missing_ok=True)  # its owner died while waiting
+            finally:
+                f.close()
+        return live
+
+
 def ensure_writer_limit() -> None:
     """Create the limit (1 slot) if the Prefect server does not have it yet."""
     with get_client(sync_client=True) as client:
@@ -262,6 +305,10 @@ def writer_slot() -> Iterator[dict[str, Any]]:
         # own clean-up); a context of our own makes that lease the only one in it.
         with ExitStack() as stack:
             leases = stack.enter_context(ConcurrencyContext())
+            wanting = stack.enter_context(ExitStack())
+            # Say so while waiting: the real-time processor hands the slot over between
+            # two batches when someone waits for it.
+            wanting.enter_context(WriterWaiters(record.dir).waiting())
             while True:
                 # Before each attempt, so a dead holder costs the next run no wait at all.
                 unrecorded_since = reclaim_dead_holder(record, unrecorded_since)
@@ -282,6 +329,7 @@ def writer_slot() -> Iterator[dict[str, Any]]:
                     break
                 except TimeoutError:
                     continue
+            wanting.close()
             waited = round(time.monotonic() - asked, 3)
             acquired_at = dt.datetime.now(dt.UTC).isoformat()
             flow_run = runtime.flow_run.id

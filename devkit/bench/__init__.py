@@ -303,7 +303,7 @@ def bench_reconcile(args: argparse.Namespace) -> dict[str, Any]:
 def _realtime(args: argparse.Namespace) -> dict[str, Any]:
     from devkit.bench.realtime import bench_realtime
 
-    return bench_realtime(events=args.events)
+    return bench_realtime(events=args.events, burst=args.burst)
 
 
 def _backfill(args: argparse.Namespace) -> dict[str, Any]:

@@ -84,7 +84,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--profile", action="store_true", help="compare/scale: pyinstrument each contender"
     )
-    p.add_argument("--events", type=int, default=10, help="realtime: single events to time")
+    p.add_argument("--events", type=int, default=20, help="realtime: single events to time")
+    p.add_argument(
+        "--burst", type=int, default=1000, help="realtime: events in the burst (0: none)"
+    )
     p.add_argument("--rate", type=float, default=200.0, help="receiver: events per second")
     p.add_argument("--seconds", type=float, default=30.0, help="receiver: for how long")
     p.add_argument("--charges", type=int, default=100_000)

@@ -259,6 +259,40 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_processor(args: argparse.Namespace) -> int:
+    """Run the real-time processor (one long-lived flow run) until Ctrl-C or SIGTERM. When
+    Prefect cannot be reached (down, restarting) it tries again with backoff: events wait in
+    the inbox meanwhile, and are processed once the flow run starts."""
+    import time
+
+    prefect_defaults()
+    from flows.realtime_processor import STOP, realtime_processor, stop_on_signals
+    from stripe_sage.realtime import Backoff
+
+    stop_on_signals()  # also while Prefect is unreachable and the command waits to retry
+
+    backoff = Backoff(initial=1.0, cap=10.0)
+    started = time.monotonic()
+    while not STOP.is_set():
+        left = None if args.run_for is None else args.run_for - (time.monotonic() - started)
+        if left is not None and left <= 0:
+            return 0
+        try:
+            stats = realtime_processor(run_for=left)
+        except Exception as exc:  # Prefect unreachable, or the run failed: start again
+            wait = backoff.failed(time.monotonic())
+            print(
+                f"real-time processor stopped ({type(exc).__name__}: {str(exc)[:200]}); "
+                f"starting again in {wait:.0f} s",
+                flush=True,
+            )
+            STOP.wait(wait)
+            continue
+        print(f"real-time processor: {stats}", flush=True)
+        return 0
+    return 0
+
+
 def cmd_mapping_preview(args: argparse.Namespace) -> int:
     from stripe_sage.errors import ConfigurationError
     from stripe_sage.mapping import load_mapping
@@ -331,6 +365,16 @@ def register(sub: Any) -> None:
         help="also accept this signing secret (while a secret rotates)",
     )
     p.set_defaults(func=cmd_webhooks)
+
+    p = sub.add_parser(
+        "processor",
+        help="run the real-time event processor (webhook inbox → Sage in seconds)",
+        description="One long-lived Prefect flow run (realtime_processor) that turns the "
+        "events the webhook receiver stores into Sage documents in micro-batches, holding "
+        "the DuckDB writer and handing it to a scheduled sync between batches.",
+    )
+    p.add_argument("--run-for", type=float, default=None, help="stop after this many seconds")
+    p.set_defaults(func=cmd_processor)
 
     p = sub.add_parser(
         "serve",

@@ -4,9 +4,11 @@ It starts, as child processes, in this order:
 1. a Prefect server (its SQLite database under a project-local ``PREFECT_HOME``, ``.prefect``)
    with the UI, unless ``PREFECT_API_URL`` already names a running server;
 2. (``--with-sandboxes``) the Stripe and Sage Pro sandboxes, for a demo on embedded defaults;
-3. the deployment runner (``deployments/serve.py``): every flow with its schedule, the
-   webhook trigger and the concurrency limits;
-4. the webhook receiver, which posts its events to that server;
+3. the deployment runner (``deployments/serve.py``): every flow with its schedule and the
+   concurrency limits;
+4. the real-time processor (``stripe-sage processor``): one long-lived flow run that turns
+   webhook events into Sage documents in micro-batches, seconds after they arrive;
+5. the webhook receiver, which stores the events in its inbox for the processor;
 and installs the alert automations (``tasks/alerts.py``). Ctrl-C (or SIGTERM) stops
 them in the reverse order, each given time to finish what it is doing.
 """
@@ -166,6 +168,7 @@ def serve(
             )
         _install_alerts(env)
         sup.start("deployments", [sys.executable, str(ROOT / "deployments" / "serve.py")])
+        sup.start("realtime-processor", [str(BIN / "stripe-sage"), "processor"])
         receiver = [str(BIN / "stripe-sage"), "webhooks"]
         if webhook_port:
             receiver += ["--port", str(webhook_port)]

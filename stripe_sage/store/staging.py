@@ -373,12 +373,17 @@ class Staging:
     def table(self, stream: str) -> pl.DataFrame:
         return self.frame(f"SELECT * FROM staging.{stream}")
 
-    def stage_all(self, run_id: str, streams: Sequence[str] = STREAM_ORDER) -> dict[str, int]:
-        """Stage every stream's changed raw rows, then fold the WAL into the file."""
+    def stage_all(
+        self, run_id: str, streams: Sequence[str] = STREAM_ORDER, *, checkpoint: bool = True
+    ) -> dict[str, int]:
+        """Stage every stream's changed raw rows, then fold the WAL into the file (unless
+        ``checkpoint=False``: the real-time processor checkpoints in its periodic refresh,
+        not after every micro-batch of a few rows)."""
         staged = {s: self.stage(s, run_id) for s in streams}
         # Extraction leaves up to 1 GB of WAL (the checkpoint threshold): fold it into the
         # database file once here, where the run pays for it, not at some later commit.
-        self.checkpoint()
+        if checkpoint:
+            self.checkpoint()
         return staged
 
     def set_payout_interval(self, account_id: str, interval: str | None) -> None:
@@ -744,6 +749,17 @@ class Staging:
             "UPDATE ops.runs SET ended_at = ?, status = ?, counts = ?, error = ? WHERE run_id = ?",
             [now_utc(), status, json.dumps(counts, default=str), error, run_id],
         )
+
+    def fail_interrupted_runs(self, flow: str, error: str) -> int:
+        """Runs of ``flow`` still ``running`` although their process is gone (killed
+        mid-run): ``failed`` with ``error``, so no run stays silently unfinished. Call it
+        only while holding the writer, when no run of ``flow`` can be alive."""
+        rows = self.con.execute(
+            "UPDATE ops.runs SET ended_at = ?, status = 'failed', error = ? "
+            "WHERE flow = ? AND status = 'running' RETURNING run_id",
+            [now_utc(), error, flow],
+        ).fetchall()
+        return len(rows)
 
     def transaction(self) -> _Tx:
         return _Tx(self.con)

@@ -99,11 +99,14 @@ class Inbox:
         return True
 
     def unprocessed(self, limit: int = 10_000) -> list[dict[str, Any]]:
+        """The oldest ``limit`` unprocessed events in order of arrival (a burst is drained
+        batch by batch in the order Stripe delivered it; within a batch, events are applied
+        in order of ``created``: ``events_by_stream``)."""
         rows = (
             self._con()
             .execute(
                 "SELECT event_id, type, object_type, object_id, created, payload FROM inbox "
-                "WHERE processed_at IS NULL ORDER BY created, event_id LIMIT ?",
+                "WHERE processed_at IS NULL ORDER BY rowid LIMIT ?",
                 (limit,),
             )
             .fetchall()
@@ -118,6 +121,11 @@ class Inbox:
             )
             for r in rows
         ]
+
+    def waiting(self) -> int:
+        """How many events wait (cheap: the real-time processor asks many times a second)."""
+        row = self._con().execute("SELECT count(*) FROM inbox WHERE processed_at IS NULL")
+        return int(row.fetchone()[0])
 
     def mark_processed(self, event_ids: Sequence[str], run_id: str) -> None:
         con = self._con()
@@ -217,6 +225,41 @@ class Notifier:
                 )
 
 
+MAX_ID_LENGTH = 255  # Stripe's ids are far shorter; longer ones are not Stripe's
+MAX_CREATED = 2**53  # a Unix time in seconds beyond any real one (and within SQLite's range)
+
+
+def event_problem(event: Any) -> str | None:
+    """Why a parsed body cannot be stored as a Stripe event (``None``: it can). The inbox
+    and the processor read ``id``, ``type``, ``created`` and ``data.object``'s ``id`` and
+    ``object``; each must have Stripe's type, so a bad body is refused with a reason
+    instead of failing later."""
+    if not isinstance(event, dict):
+        return f"the body is a JSON {type(event).__name__}, not an object"
+    for key in ("id", "type"):
+        value = event.get(key)
+        if not isinstance(value, str) or not value:
+            return f"'{key}' must be a non-empty string"
+        if len(value) > MAX_ID_LENGTH:
+            return f"'{key}' is longer than {MAX_ID_LENGTH} characters"
+    created = event.get("created")
+    if created is not None and (
+        isinstance(created, bool) or not isinstance(created, int) or not 0 <= created < MAX_CREATED
+    ):
+        return "'created' must be a Unix time in seconds"
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return "'data' must be an object"
+    obj = data.get("object")
+    if not isinstance(obj, dict):
+        return "'data.object' must be an object"
+    for key in ("id", "object"):
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_ID_LENGTH):
+            return f"'data.object.{key}' must be a string of at most {MAX_ID_LENGTH} characters"
+    return None
+
+
 def create_receiver(
     inbox: Inbox,
     secrets: Sequence[str],
@@ -229,39 +272,49 @@ def create_receiver(
     if not secrets:
         raise ValueError("a webhook receiver needs at least one signing secret")
 
-    def verify(payload: bytes, header: str) -> dict[str, Any]:
+    def verify(payload: bytes, header: str) -> None:
         last: Exception | None = None
         for secret in secrets:
             try:
-                event = stripe.Webhook.construct_event(payload, header, secret, tolerance)
-                return event.to_dict()
+                stripe.WebhookSignature.verify_header(payload, header, secret, tolerance)
+                return
             except stripe.SignatureVerificationError as exc:
                 last = exc
         assert last is not None
         raise last
 
+    def refuse(status: int, reason: str) -> JSONResponse:
+        log.warning("webhook refused (%d): %s", status, reason)
+        return JSONResponse({"error": reason}, status_code=status)
+
     async def receive(request: Request) -> JSONResponse:
-        length = request.headers.get("content-length")
+        length = request.headers.get("content-length", "")
+        if length and not length.isdigit():
+            return refuse(400, "Content-Length is not a number")
         if length and int(length) > MAX_BODY:
-            return JSONResponse({"error": "body too large"}, status_code=413)
+            return refuse(413, "body too large")
         payload = await request.body()
         if len(payload) > MAX_BODY:
-            return JSONResponse({"error": "body too large"}, status_code=413)
+            return refuse(413, "body too large")
         header = request.headers.get("stripe-signature")
         if not header:
-            log.warning("webhook refused: no Stripe-Signature header")
-            return JSONResponse({"error": "missing Stripe-Signature header"}, status_code=400)
+            return refuse(400, "missing Stripe-Signature header")
         try:
-            event = verify(payload, header)
+            verify(payload, header)
         except stripe.SignatureVerificationError as exc:
             # The reason (bad signature, no v1, too old) without the secret or the header.
             log.warning("webhook refused: %s", str(exc).split(":")[0][:120])
             return JSONResponse({"error": "invalid signature"}, status_code=400)
-        except ValueError:
-            log.warning("webhook refused: body is not JSON")
-            return JSONResponse({"error": "body is not valid JSON"}, status_code=400)
-        if not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
-            return JSONResponse({"error": "not a Stripe event"}, status_code=400)
+        except UnicodeDecodeError:  # the signature is over the UTF-8 text of the body
+            return refuse(400, "body is not valid JSON (not UTF-8)")
+        try:
+            event = json.loads(payload)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python goes
+            return refuse(400, "body is not valid JSON")
+        problem = event_problem(event)
+        if problem is not None:
+            # Signed by Stripe's secret yet not an event we can store: say why, store nothing.
+            return refuse(400, f"not a Stripe event: {problem}")
         if not subscribed(event["type"]):
             return JSONResponse(
                 {
@@ -270,7 +323,12 @@ def create_receiver(
                     "reason": f"event type {event['type']} is not subscribed",
                 }
             )
-        new = inbox.store(event, payload)
+        try:
+            new = inbox.store(event, payload)
+        except sqlite3.Error as exc:
+            # Not the sender's fault: 503 makes Stripe deliver it again later.
+            log.error("webhook inbox unavailable: %s", type(exc).__name__)
+            return JSONResponse({"error": "inbox unavailable, retry later"}, status_code=503)
         if notifier is not None:
             notifier.poke()
         return JSONResponse({"received": True, "stored": new, "duplicate": not new})

@@ -86,6 +86,10 @@ def test_deployments_register_from_prefect_yaml_and_a_scheduled_run_fires(ops: O
     for d in spec["deployments"]:
         if d["name"] == "stripe-to-sage":
             d["schedules"] = [{"interval": 20}]
+    keepalive = next(d for d in spec["deployments"] if d["name"] == "realtime-processor")
+    assert keepalive["schedules"] == [{"interval": 60}]
+    assert keepalive["concurrency_limit"]["collision_strategy"] == "CANCEL_NEW"
+    keepalive["schedules"] = []  # this test's worker runs the scheduled sync only
     test_yaml = ops.tmp / "prefect.yaml"
     test_yaml.write_text(yaml.safe_dump(spec))
     ops.prefect.cli("work-pool", "create", POOL, "--type", "process")
@@ -96,6 +100,7 @@ def test_deployments_register_from_prefect_yaml_and_a_scheduled_run_fires(ops: O
         "stripe-to-sage",
         "reconcile-payouts",
         "sync-customers-from-sage",
+        "realtime-processor",
         "process-stripe-events",
         "replay-dead-letters",
         "backfill",
@@ -111,12 +116,11 @@ def test_deployments_register_from_prefect_yaml_and_a_scheduled_run_fires(ops: O
     assert crons["sync-customers-from-sage"] == ["5 * * * *"]
     assert deployments["stripe-to-sage"]["schedules"][0]["schedule"]["interval"] == 20
     assert deployments["stripe-to-sage"]["parameters"] == {"trigger": "schedule"}
-    limit = deployments["process-stripe-events"]["global_concurrency_limit"]
+    limit = deployments["realtime-processor"]["global_concurrency_limit"]
     assert limit["limit"] == 1
+    # The real-time processor replaced the event-triggered runs: no trigger any more.
     automations = ops.prefect.api("POST", "/automations/filter", json={})
-    trigger = next(a for a in automations if a["name"] == "stripe webhook received")
-    assert trigger["trigger"]["expect"] == ["stripe.events.received"]
-    assert trigger["actions"][0]["deployment_id"] == deployments["process-stripe-events"]["id"]
+    assert not [a for a in automations if a["name"] == "stripe webhook received"]
 
     db = ops.tmp / "scheduled" / "stripe_sage.duckdb"
     db.parent.mkdir()
@@ -409,11 +413,10 @@ def test_serve_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> 
             except httpx.HTTPError:
                 return set()
 
-        names = wait_for(lambda: len(deployments()) == 7 and deployments(), 180, "7 deployments")
-        assert "stripe-to-sage" in names and "process-stripe-events" in names
+        names = wait_for(lambda: len(deployments()) == 8 and deployments(), 180, "8 deployments")
+        assert "stripe-to-sage" in names and "realtime-processor" in names
         automations = {a["name"] for a in httpx.post(api + "/automations/filter", json={}).json()}
         assert "stripe-sage: run failed" in automations
-        assert "stripe webhook received" in automations  # the deployment's trigger
         health = wait_for(
             lambda: _get_json(f"http://127.0.0.1:{hook_port}/healthz"), 60, "the receiver"
         )
@@ -425,7 +428,7 @@ def test_serve_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> 
         out, _ = serve.communicate(timeout=120)
     text = out.decode()
     assert serve.returncode == 0, text
-    for name in ("webhook-receiver", "deployments", "prefect-server"):
+    for name in ("webhook-receiver", "realtime-processor", "deployments", "prefect-server"):
         assert f"stopped {name}" in text
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
