@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     reconcile_cron: str = Field(default="30 6 * * *")
     customers_cron: str = Field(default="5 * * * *")
     runner_poll_seconds: float = Field(default=2.0, gt=0)
+    # The finance console (`stripe-sage console`): its own store (users, sessions, actions;
+    # never the staging file), where it listens, and how long a session lasts unused.
+    console_store: Path = Field(default=Path("data/console.sqlite3"))
+    console_host: str = Field(default="127.0.0.1")
+    console_port: int = Field(default=8788)
+    console_session_minutes: float = Field(default=480, gt=0)
     # Where a backfill's window files go (shared by every machine of a fan-out); unset:
     # ``backfill/`` beside the staging file.
     backfill_dir: Path | None = Field(default=None)

@@ -7,6 +7,7 @@ It starts, as child processes, in this order:
 3. the deployment runner (``deployments/serve.py``): every flow with its schedule, the
    webhook trigger and the concurrency limits;
 4. the webhook receiver, which posts its events to that server;
+5. the finance console (``stripe-sage console``), which replays through that server;
 and installs the alert automations (``tasks/alerts.py``). Ctrl-C (or SIGTERM) stops
 them in the reverse order, each given time to finish what it is doing.
 """
@@ -170,12 +171,14 @@ def serve(
         if webhook_port:
             receiver += ["--port", str(webhook_port)]
         sup.start("webhook-receiver", receiver)
+        sup.start("console", [str(BIN / "stripe-sage"), "console"])
         ui = api.removesuffix("/api")
         print(
             f"stripe-sage is serving.\n"
             f"  Prefect UI        {ui}   (flows, runs, retries, artifacts, automations)\n"
             f"  Prefect API       {api}\n"
             f"  webhook receiver  http://127.0.0.1:{webhook_port or 8787}/stripe/webhook\n"
+            f"  finance console   http://127.0.0.1:{_console_port()}/\n"
             f"  logs              {sup.log_dir}\n"
             f"Ctrl-C stops everything.",
             flush=True,
@@ -207,3 +210,9 @@ def _install_alerts(env: dict[str, str]) -> None:
         check=True,
         stdout=subprocess.DEVNULL,
     )
+
+
+def _console_port() -> int:
+    from stripe_sage.settings import Settings
+
+    return Settings().console_port
