@@ -119,8 +119,9 @@ def tie_outs(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """The latest run's reconciliation: payouts by status and the Stripe Clearing check."""
     rows = _rows(
         con,
-        "SELECT counts->'reconciliation' AS rec, ended_at FROM ops.runs "
-        "WHERE counts->'reconciliation' IS NOT NULL ORDER BY started_at DESC LIMIT 1",
+        "SELECT json_extract(counts, '$.reconciliation') AS rec, ended_at FROM ops.runs "
+        "WHERE json_extract(counts, '$.reconciliation') IS NOT NULL "
+        "ORDER BY started_at DESC LIMIT 1",
     )
     if not rows:
         return {}
