@@ -9,7 +9,9 @@ auditor's session is refused every change; no page renders a setting's secret.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from fastapi.templating import Jinja2Templates
 from stripe_sage.console import reads
 from stripe_sage.console.replay import Replayer
 from stripe_sage.console.store import ConsoleStore, Session, Throttled
+from stripe_sage.money import to_decimal_string
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "stripe_sage_console"
@@ -63,6 +66,7 @@ def create_console(config: ConsoleConfig) -> FastAPI:
         secrets=list(config.secrets),
     )
     templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.filters["money"] = _money
     prefect_ui = config.prefect_api_url.removesuffix("/api") if config.prefect_api_url else None
     app = FastAPI(title="stripe-sage console", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.replayer = replayer
@@ -240,6 +244,52 @@ def create_console(config: ConsoleConfig) -> FastAPI:
             meta=meta,
         )
 
+    @app.get("/reconciliation", response_class=HTMLResponse)
+    def reconciliation(request: Request) -> Response:
+        session = session_of(request)
+        with snapshot.open() as con:
+            if con is None:
+                return page(request, "empty.html", session, title="Reconciliation")
+            rows, meta = reads.payouts(con), reads.meta(con)
+        return page(
+            request, "reconciliation.html", session, title="Reconciliation", payouts=rows, meta=meta
+        )
+
+    @app.get("/reconciliation.csv")
+    def reconciliation_csv(request: Request) -> Response:
+        session_of(request)
+        with snapshot.open() as con:
+            rows = reads.payouts(con) if con is not None else []
+        return _csv("reconciliation.csv", reads.PAYOUT_COLUMNS, rows)
+
+    @app.get("/reconciliation/{payout}.csv")
+    def payout_csv(request: Request, payout: str) -> Response:
+        session_of(request)
+        with snapshot.open() as con:
+            rows = reads.payout_transactions(con, payout) if con is not None else []
+        return _csv(f"{payout}.csv", reads.TRANSACTION_COLUMNS, rows)
+
+    @app.get("/reconciliation/{payout}", response_class=HTMLResponse)
+    def payout(request: Request, payout: str) -> Response:
+        session = session_of(request)
+        with snapshot.open() as con:
+            if con is None:
+                return page(request, "empty.html", session, title="Reconciliation")
+            found = reads.payouts(con, payout=payout)
+            if not found:
+                raise HTTPException(404, f"no reconciled payout {payout}")
+            transactions = reads.payout_transactions(con, payout)
+            meta = reads.meta(con)
+        return page(
+            request,
+            "payout.html",
+            session,
+            title="Reconciliation",
+            payout=found[0],
+            transactions=transactions,
+            meta=meta,
+        )
+
     @app.get("/actions", response_class=HTMLResponse)
     def actions(request: Request) -> Response:
         session = session_of(request)
@@ -285,3 +335,21 @@ def create_console(config: ConsoleConfig) -> FastAPI:
         return RedirectResponse(f"/exceptions/{quote(doc_key)}", status_code=303)
 
     return app
+
+
+def _money(minor: int | None, currency: str) -> str:
+    """Minor units as the currency's decimal string (what finance reads in Sage)."""
+    return "" if minor is None else to_decimal_string(int(minor), currency)
+
+
+def _csv(name: str, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> Response:
+    """A table as CSV (amounts in minor units, as in the snapshot), downloaded as ``name``."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return Response(
+        out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )

@@ -223,3 +223,65 @@ def _pretty(payload: Any) -> str | None:
         return json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
     except (TypeError, ValueError):
         return str(payload)
+
+
+# -- reconciliation ---------------------------------------------------------------------------
+PAYOUT_COLUMNS = (
+    "payout",
+    "arrival_date",
+    "currency",
+    "status",
+    "amount",
+    "gross",
+    "fees",
+    "refunds",
+    "disputes",
+    "net",
+    "journal_no",
+    "recon_status",
+    "difference",
+)
+TRANSACTION_COLUMNS = (
+    "id",
+    "created",
+    "type",
+    "reporting_category",
+    "source",
+    "currency",
+    "amount",
+    "fee",
+    "net",
+    "sage_documents",
+)
+
+
+def payouts(
+    con: duckdb.DuckDBPyConnection, limit: int = 1000, payout: str | None = None
+) -> list[dict[str, Any]]:
+    """The latest reconciliation, one row per payout with its Stripe status, newest first
+    (only ``payout`` when given)."""
+    if "ops.reconciliation" not in _tables(con):
+        return []
+    return _rows(
+        con,
+        "SELECT r.payout, r.arrival_date, p.currency, p.status, r.amount, r.gross, r.fees, "
+        "r.refunds, r.disputes, r.net, r.journal_no, r.recon_status, r.difference "
+        "FROM ops.reconciliation r LEFT JOIN staging.payouts p ON p.id = r.payout "
+        "WHERE ? IS NULL OR r.payout = ? ORDER BY r.arrival_date DESC, r.payout LIMIT ?",
+        [payout, payout, limit],
+    )
+
+
+def payout_transactions(con: duckdb.DuckDBPyConnection, payout: str) -> list[dict[str, Any]]:
+    """A payout's balance transactions (as Stripe itemised it) and the Sage documents behind
+    each one's source: type, Sage number or, when not in Sage, its state."""
+    return _rows(
+        con,
+        "SELECT b.id, b.created, b.type, b.reporting_category, b.source, b.currency, b.amount, "
+        "b.fee, b.net, (SELECT string_agg(o.doc_type || ' ' || coalesce(o.sage_id, o.status), "
+        "', ' ORDER BY o.phase, o.doc_type) FROM sage.outbox o WHERE o.stripe_id = b.source) "
+        "AS sage_documents FROM staging.payout_items i "
+        "JOIN staging.balance_transactions b ON b.id = i.balance_transaction "
+        "WHERE i.payout = ? ORDER BY b.created, b.id",
+        [payout],
+    )

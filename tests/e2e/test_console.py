@@ -196,6 +196,7 @@ def test_an_auditor_reads_everything_and_changes_nothing(console: Console, brows
     # No button that changes anything...
     assert page.locator("form[action='/actions/replay']").count() == 0
     assert page.locator("form[action='/actions/resolve']").count() == 0
+    _shot(page, "auditor-exception")
     csrf = page.locator("form[action='/logout'] input[name=csrf]").input_value()
     # ...and a forged change, with the auditor's own valid CSRF token, is refused.
     before = _dead_letters(console.env)
@@ -208,7 +209,6 @@ def test_an_auditor_reads_everything_and_changes_nothing(console: Console, brows
     assert _dead_letters(console.env) == before
     page.goto(console.url + "/actions")
     assert "Nothing yet." in page.inner_text("main")
-    _shot(page, "auditor-exception")
 
 
 def test_a_post_without_the_csrf_token_is_refused(console: Console, browser: Any) -> None:
@@ -264,6 +264,7 @@ def test_find_fix_and_replay_a_dead_letter(console: Console, browser: Any) -> No
     # The Stripe object and the Sage payload side by side.
     stripe_side, sage_side = page.locator(".side-by-side pre").all_inner_texts()
     assert f'"id": "{charge}"' in stripe_side and ORDER in stripe_side
+    assert f'"reference": "{charge}"' in sage_side and f'"sales_order_no": "{ORDER}"' in sage_side
     _shot(page, "exception")
     # Secrets are never rendered, on any page seen so far.
     for secret in console.env.secrets:
@@ -338,3 +339,31 @@ def test_find_fix_and_replay_a_dead_letter(console: Console, browser: Any) -> No
     listed = page.inner_text("main")
     assert charge not in listed and all(h in listed for h in held)
     _shot(page, "exceptions-after-replay")
+
+
+def test_reconciliation_drills_down_from_a_payout_to_its_transactions(
+    console: Console, browser: Any
+) -> None:
+    with console.env.stripe() as s:
+        payouts = stripe_all(s, "/v1/payouts")
+        paid = next(p for p in payouts if p["automatic"] and p["status"] == "paid")
+        items = stripe_all(s, "/v1/balance_transactions", payout=paid["id"])
+    page = _login(browser, console.url, *AUDITOR)  # reading needs no admin
+    page.click("a[href='/reconciliation']")
+    listed = page.locator("main table tbody tr")
+    assert listed.count() == len(payouts)  # every payout Stripe lists, read from the snapshot
+    _shot(page, "reconciliation")
+    page.click(f"a:text-is('{paid['id']}')")
+    rows = page.locator("main table tbody tr")
+    assert rows.count() == len(items)
+    text = page.inner_text("main table")
+    # Each charge in the payout shows the Sage documents behind it, with their Sage numbers.
+    charges = [i["source"] for i in items if i["type"] == "charge"]
+    assert charges and all(c in text for c in charges)
+    assert "cash_receipt " in text
+    _shot(page, "payout")
+    csv_text = page.request.get(f"{console.url}/reconciliation/{paid['id']}.csv").text()
+    lines = csv_text.strip().splitlines()
+    assert lines[0].startswith("id,created,type") and len(lines) == len(items) + 1
+    # The CSV needs a login too.
+    assert httpx.get(f"{console.url}/reconciliation.csv", follow_redirects=False).status_code == 303
