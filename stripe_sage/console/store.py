@@ -95,6 +95,18 @@ class ConsoleStore:
         # A new password ends the user's sessions everywhere.
         self._con().execute("DELETE FROM sessions WHERE user = ?", (user,))
 
+    def export(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every action, and every user without the password hash: what a run copies into
+        ``ops.console_actions`` and ``ops.console_users`` for analysts."""
+        actions = self._rows("SELECT * FROM actions ORDER BY id", ())
+        cur = self._con().execute(
+            "SELECT name, role, created_at, updated_at FROM users ORDER BY name"
+        )
+        users = [
+            dict(zip(("name", "role", "created_at", "updated_at"), r, strict=True)) for r in cur
+        ]
+        return actions, users
+
     def users(self) -> list[tuple[str, str]]:
         return list(self._con().execute("SELECT name, role FROM users ORDER BY name"))
 

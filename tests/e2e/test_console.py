@@ -77,6 +77,8 @@ def console(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> 
     with env.pair:
         use_env(env, mp)
         mp.setenv("MAPPING_FILE", str(strict))
+        store = tmp / "console.sqlite3"
+        mp.setenv("CONSOLE_STORE", str(store))  # the runs in this process copy its records
         w = env.pair.world
         good = next(k for k in range(w.count("customers")) if is_plain(w.render("customers", k)))
         cus = w.make_id("customers", good)
@@ -97,7 +99,6 @@ def console(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> 
                 "SELECT sage_id FROM sage.xref WHERE stripe_id = ? AND doc_type = 'customer'",
                 [cus],
             ).fetchall()[0][0]
-        store = tmp / "console.sqlite3"
         child_env = {
             **os.environ,
             **product_env(env),
@@ -339,6 +340,23 @@ def test_find_fix_and_replay_a_dead_letter(console: Console, browser: Any) -> No
     listed = page.inner_text("main")
     assert charge not in listed and all(h in listed for h in held)
     _shot(page, "exceptions-after-replay")
+
+    # The next run copies the console's records into ops.* for analysts (no password hash).
+    run_flow(trigger="test")
+    snapshot = console.env.db.parent / "snapshot" / "analytics.duckdb"
+    with duckdb.connect(str(snapshot), read_only=True) as con:
+        copied = con.sql(
+            'SELECT "user", action, status, note, doc_keys FROM ops.console_actions ORDER BY id'
+        ).fetchall()
+        users = dict(con.sql("SELECT name, role FROM ops.console_users").fetchall())
+        columns = {r[0] for r in con.sql("DESCRIBE ops.console_users").fetchall()}
+    assert len(copied) == 2  # the resolution and the replay: the refused POSTs left none
+    resolution = ("finance", "resolve", "done", f"created {ORDER} in Sage", [f"invoice:{charge}"])
+    assert copied[0] == resolution
+    assert copied[1][:3] == ("finance", "replay", "dead again")
+    assert set(copied[1][4]) == keys | set(expected_again)
+    assert users["finance"] == "admin" and users["auditor"] == "auditor"
+    assert not any("hash" in c or "password" in c for c in columns)
 
 
 def test_reconciliation_drills_down_from_a_payout_to_its_transactions(
