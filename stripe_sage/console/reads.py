@@ -275,13 +275,17 @@ def payouts(
 def payout_transactions(con: duckdb.DuckDBPyConnection, payout: str) -> list[dict[str, Any]]:
     """A payout's balance transactions (as Stripe itemised it) and the Sage documents behind
     each one's source: type, Sage number or, when not in Sage, its state."""
+    # One join over the payout's own sources (not a lookup per transaction): the outbox is
+    # the biggest table in the snapshot.
     return _rows(
         con,
-        "SELECT b.id, b.created, b.type, b.reporting_category, b.source, b.currency, b.amount, "
-        "b.fee, b.net, (SELECT string_agg(o.doc_type || ' ' || coalesce(o.sage_id, o.status), "
-        "', ' ORDER BY o.phase, o.doc_type) FROM sage.outbox o WHERE o.stripe_id = b.source) "
-        "AS sage_documents FROM staging.payout_items i "
-        "JOIN staging.balance_transactions b ON b.id = i.balance_transaction "
-        "WHERE i.payout = ? ORDER BY b.created, b.id",
+        "WITH b AS (SELECT b.id, b.created, b.type, b.reporting_category, b.source, b.currency, "
+        "b.amount, b.fee, b.net FROM staging.payout_items i JOIN staging.balance_transactions b "
+        "ON b.id = i.balance_transaction WHERE i.payout = ?), "
+        "d AS (SELECT stripe_id, string_agg(doc_type || ' ' || coalesce(sage_id, status), ', ' "
+        "ORDER BY phase, doc_type) AS sage_documents FROM sage.outbox "
+        "WHERE stripe_id IN (SELECT source FROM b) GROUP BY stripe_id) "
+        "SELECT b.*, d.sage_documents FROM b LEFT JOIN d ON d.stripe_id = b.source "
+        "ORDER BY b.created, b.id",
         [payout],
     )
