@@ -215,7 +215,8 @@ def test_an_auditor_reads_everything_and_changes_nothing(console: Console, brows
 def test_a_post_without_the_csrf_token_is_refused(console: Console, browser: Any) -> None:
     key = f"invoice:{console.charge['id']}"
     page = _login(browser, console.url, *ADMIN)
-    for form in ({"doc_key": key}, {"doc_key": key, "csrf": "not-the-token"}):
+    forms = ({"doc_key": key}, {"doc_key": key, "csrf": "not-the-token"}, {"csrf": "jeton-forgé"})
+    for form in forms:
         r = page.request.post(console.url + "/actions/replay", form=form, max_redirects=0)
         assert r.status == 403
     # The same request from another site's page carries no cookie (SameSite=Strict) and no
