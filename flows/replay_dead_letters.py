@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -11,6 +12,7 @@ from flows.lifecycle import flow_run
 from stripe_sage.sage.replay import release_dead_letters
 from stripe_sage.settings import Settings
 from tasks.sage import fiscal_periods, load, plan
+from tasks.staging import publish_snapshot
 
 
 @flow(name="replay_dead_letters", log_prints=True)
@@ -43,4 +45,10 @@ def replay_dead_letters(
         ).fetchall()
         counts["dead_again"] = [r[0] for r in again]
         logger.info("replayed %d dead letters: %d dead again", len(released), len(again))
+        # Published like a sync's, so the console and analysts see the replay's outcome now
+        # rather than after the next scheduled run (the run's own row recorded first).
+        run.finish("completed")
+        counts["snapshot"] = publish_snapshot(
+            st, Path(settings.staging_db).parent / "snapshot", run.run_id
+        )
         return counts

@@ -31,7 +31,7 @@ from tasks.context import in_run
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report
 from tasks.sage import fiscal_periods, load, plan, write_back_task
-from tasks.staging import publish_snapshot, quality, stage
+from tasks.staging import copy_console_records, publish_snapshot, quality, stage
 from tasks.stripe import extract_events, extract_stream
 
 Stage = Literal["extract", "stage", "quality", "plan", "load", "write_back", "report", "snapshot"]
@@ -238,6 +238,7 @@ def run_stages(
     if "load" in stages:
         run.finish(run_status(counts["load"]))
     if "snapshot" in stages:
+        counts["console"] = _call(copy_console_records, st, settings.console_store)
         # After the run's row is recorded, so the snapshot holds it.
         with clock.stage("publish"):
             counts["snapshot"] = call(publish_snapshot, st, data_dir / "snapshot", run_id)

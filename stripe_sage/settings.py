@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     processor_poll_seconds: float = Field(default=0.05, gt=0)
     processor_refresh_seconds: float = Field(default=60.0, ge=0)
     processor_retry_budget: float = Field(default=10.0, ge=0)
+    # The finance console (`stripe-sage console`): its own store (users, sessions, actions;
+    # never the staging file), where it listens, and how long a session lasts unused.
+    console_store: Path = Field(default=Path("data/console.sqlite3"))
+    console_host: str = Field(default="127.0.0.1")
+    console_port: int = Field(default=8788)
+    console_session_minutes: float = Field(default=480, gt=0)
     # Where a backfill's window files go (shared by every machine of a fan-out); unset:
     # ``backfill/`` beside the staging file.
     backfill_dir: Path | None = Field(default=None)

@@ -73,3 +73,16 @@ def publish_snapshot(st: Staging, root: Path, run_id: str) -> str:
     path = publish(st, root, run_id)
     run_logger().info("analyst snapshot published: %s", path)
     return str(path)
+
+
+@task(name="copy-console-records", cache_policy=NO_CACHE)
+def copy_console_records(st: Staging, store_path: Path) -> dict[str, int]:
+    """The finance console's actions and users into ``ops.console_*`` (before the snapshot,
+    so analysts see them); nothing when no console store exists."""
+    if not Path(store_path).exists():
+        return {"actions": 0, "users": 0}
+    from stripe_sage.console.store import ConsoleStore
+
+    actions, users = ConsoleStore(store_path).export()
+    st.replace_console_records(actions, users)
+    return {"actions": len(actions), "users": len(users)}

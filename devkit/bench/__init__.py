@@ -312,6 +312,12 @@ def _backfill(args: argparse.Namespace) -> dict[str, Any]:
     return bench_backfill(args)
 
 
+def _console(args: argparse.Namespace) -> dict[str, Any]:
+    from devkit.bench.console import bench_console
+
+    return bench_console(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "crash":
         from devkit.bench.crash import cmd_crash
@@ -330,6 +336,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "realtime": _realtime,
         "reconcile": bench_reconcile,
         "backfill": _backfill,
+        "console": _console,
     }[args.what]
     result = fn(args)
     text = json.dumps(result, indent=2)

@@ -35,6 +35,7 @@ def register(sub: Any) -> None:
             "realtime",
             "backfill",
             "crash",
+            "console",
         ),
     )
     p.add_argument(
@@ -125,5 +126,6 @@ def register(sub: Any) -> None:
         "server, or both",
     )
     p.add_argument("--seed", type=int, default=16, help="crash: the random kill points' seed")
+    p.add_argument("--repeat", type=int, default=20, help="console: fetches per page")
     p.add_argument("--out", default="bench-results")
     p.set_defaults(func=_run)

@@ -293,6 +293,62 @@ def cmd_processor(args: argparse.Namespace) -> int:
     return 0
 
 
+def console_app(settings: Any) -> Any:
+    """The console's app for these settings (also mounted by ``stripe-sage serve``'s child)."""
+    from stripe_sage.console.app import ConsoleConfig, create_console
+    from stripe_sage.console.store import ConsoleStore
+
+    return create_console(
+        ConsoleConfig(
+            store=ConsoleStore(
+                settings.console_store, session_minutes=settings.console_session_minutes
+            ),
+            snapshot=Path(settings.staging_db).parent / "snapshot" / "analytics.duckdb",
+            env=dict(os.environ),
+            prefect_api_url=settings.prefect_api_url or os.environ.get("PREFECT_API_URL"),
+            secrets=tuple(settings.secrets()),
+        )
+    )
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """Serve the finance console until Ctrl-C."""
+    import uvicorn
+
+    from stripe_sage.settings import Settings
+
+    prefect_defaults()  # a replay subprocess then uses the same Prefect home as the CLI
+    settings = Settings()
+    app = console_app(settings)
+    host, port = args.host or settings.console_host, args.port or settings.console_port
+    if not app.state.store.users():
+        print("no console user yet: `stripe-sage console set-password USER` creates one")
+    print(f"Finance console http://{host}:{port}/  store {settings.console_store}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0
+
+
+def cmd_console_set_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from stripe_sage.console.store import ConsoleStore
+    from stripe_sage.settings import Settings
+
+    password = os.environ.get("CONSOLE_PASSWORD") if args.password_from_env else None
+    if password is None:
+        password = getpass.getpass(f"password for {args.user}: ")
+        if password != getpass.getpass("again: "):
+            print("the two passwords differ; nothing changed")
+            return 2
+    if len(password) < 10:
+        print("a console password has at least 10 characters; nothing changed")
+        return 2
+    store = ConsoleStore(Settings().console_store)
+    store.set_password(args.user, password, role=args.role)
+    print(f"console user {args.user} ({args.role}) set in {store.path}")
+    return 0
+
+
 def cmd_mapping_preview(args: argparse.Namespace) -> int:
     from stripe_sage.errors import ConfigurationError
     from stripe_sage.mapping import load_mapping
@@ -458,6 +514,32 @@ def register(sub: Any) -> None:
     q.add_argument("--limit", type=int, default=0, help="at most this many lines (0: all)")
     q.add_argument("--db", help="staging DuckDB file (default STAGING_DB)")
     q.set_defaults(func=cmd_dead_letters_list)
+
+    p = sub.add_parser(
+        "console",
+        help="the finance console: overview, exceptions, replays (web, login required)",
+        description="Serve the finance console (default http://127.0.0.1:8788/): the last "
+        "runs, what needs a person and why, replay or resolve with a note. It reads the "
+        "published snapshot and keeps its users and actions in CONSOLE_STORE.",
+    )
+    p.add_argument("--host", default=None, help="default CONSOLE_HOST (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default CONSOLE_PORT (8788)")
+    p.set_defaults(func=cmd_console)
+    csub = p.add_subparsers(dest="console_command", metavar="COMMAND")
+    q = csub.add_parser(
+        "set-password",
+        help="create a console user or change its password and role",
+        description="Store USER's password (scrypt-hashed) and role in CONSOLE_STORE; "
+        "the user's open sessions end. Asks for the password twice.",
+    )
+    q.add_argument("user")
+    q.add_argument("--role", choices=("admin", "auditor"), default="admin")
+    q.add_argument(
+        "--password-from-env",
+        action="store_true",
+        help="read the password from CONSOLE_PASSWORD (scripts, tests) instead of asking",
+    )
+    q.set_defaults(func=cmd_console_set_password)
 
     p = sub.add_parser(
         "mapping",

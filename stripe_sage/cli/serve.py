@@ -9,6 +9,7 @@ It starts, as child processes, in this order:
 4. the real-time processor (``stripe-sage processor``): one long-lived flow run that turns
    webhook events into Sage documents in micro-batches, seconds after they arrive;
 5. the webhook receiver, which stores the events in its inbox for the processor;
+6. the finance console (``stripe-sage console``), which replays through that server;
 and installs the alert automations (``tasks/alerts.py``). Ctrl-C (or SIGTERM) stops
 them in the reverse order, each given time to finish what it is doing.
 """
@@ -173,12 +174,14 @@ def serve(
         if webhook_port:
             receiver += ["--port", str(webhook_port)]
         sup.start("webhook-receiver", receiver)
+        sup.start("console", [str(BIN / "stripe-sage"), "console"])
         ui = api.removesuffix("/api")
         print(
             f"stripe-sage is serving.\n"
             f"  Prefect UI        {ui}   (flows, runs, retries, artifacts, automations)\n"
             f"  Prefect API       {api}\n"
             f"  webhook receiver  http://127.0.0.1:{webhook_port or 8787}/stripe/webhook\n"
+            f"  finance console   http://127.0.0.1:{_console_port()}/\n"
             f"  logs              {sup.log_dir}\n"
             f"Ctrl-C stops everything.",
             flush=True,
@@ -210,3 +213,9 @@ def _install_alerts(env: dict[str, str]) -> None:
         check=True,
         stdout=subprocess.DEVNULL,
     )
+
+
+def _console_port() -> int:
+    from stripe_sage.settings import Settings
+
+    return Settings().console_port

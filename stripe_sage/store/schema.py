@@ -94,6 +94,16 @@ CREATE TABLE IF NOT EXISTS ops.flags (
 -- (its reason's class, e.g. balance_transaction), which sets how long it may wait.
 ALTER TABLE sage.outbox ADD COLUMN IF NOT EXISTS waiting_since TIMESTAMPTZ;
 ALTER TABLE sage.outbox ADD COLUMN IF NOT EXISTS wait_kind VARCHAR;
+-- The finance console's records, copied from its own store (CONSOLE_STORE) by every run for
+-- analysts (the console never writes this file): every action, and who may log in (never a
+-- password hash).
+CREATE TABLE IF NOT EXISTS ops.console_actions (
+    id BIGINT PRIMARY KEY, asked_at TIMESTAMPTZ, "user" VARCHAR, action VARCHAR, target VARCHAR,
+    doc_keys VARCHAR[], note VARCHAR, status VARCHAR, outcome VARCHAR, finished_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS ops.console_users (
+    name VARCHAR PRIMARY KEY, role VARCHAR, created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ
+);
 CREATE TABLE IF NOT EXISTS sage.xref (
     stripe_id VARCHAR, doc_type VARCHAR, collection VARCHAR, sage_id VARCHAR,
     matched_by VARCHAR, created_at TIMESTAMPTZ, run_id VARCHAR,

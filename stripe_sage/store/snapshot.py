@@ -33,6 +33,8 @@ EXTRA_TABLES = (
     "ops.reconciliation",
     "ops.customer_conflicts",
     "ops.sync_state",
+    "ops.console_actions",
+    "ops.console_users",
 )
 SNAPSHOT_DB = "analytics.duckdb"
 UNPOSTED_VIEW = """

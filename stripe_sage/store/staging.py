@@ -635,6 +635,36 @@ class Staging:
                 [now_utc(), list(keys)],
             )
 
+    def replace_console_records(
+        self, actions: list[dict[str, Any]], users: list[dict[str, Any]]
+    ) -> None:
+        """The console store's actions and users, as of now (``ops.console_*``)."""
+        action_cols = (
+            "id",
+            "at",
+            "user",
+            "action",
+            "target",
+            "doc_keys",
+            "note",
+            "status",
+            "outcome",
+            "finished_at",
+        )
+        with self.transaction() as con:
+            con.execute("DELETE FROM ops.console_actions").fetchall()
+            con.execute("DELETE FROM ops.console_users").fetchall()
+            if actions:
+                con.executemany(
+                    "INSERT INTO ops.console_actions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[a[c] for c in action_cols] for a in actions],
+                )
+            if users:
+                con.executemany(
+                    "INSERT INTO ops.console_users VALUES (?, ?, ?, ?)",
+                    [[u["name"], u["role"], u["created_at"], u["updated_at"]] for u in users],
+                )
+
     def state_counts(self) -> dict[str, int]:
         """Unposted documents per state, plus quarantined rows (none of them silent)."""
         rows = self.con.execute(

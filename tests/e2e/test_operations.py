@@ -393,6 +393,8 @@ def test_serve_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> 
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "STAGING_DB": str(tmp_path / "stripe_sage.duckdb"),
         "WEBHOOK_INBOX": str(tmp_path / "inbox.sqlite3"),
+        "CONSOLE_STORE": str(tmp_path / "console.sqlite3"),
+        "CONSOLE_PORT": str(free_port()),
     }
     env.pop("PREFECT_API_URL", None)
     serve = subprocess.Popen(
@@ -428,7 +430,13 @@ def test_serve_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> 
         out, _ = serve.communicate(timeout=120)
     text = out.decode()
     assert serve.returncode == 0, text
-    for name in ("webhook-receiver", "realtime-processor", "deployments", "prefect-server"):
+    for name in (
+        "console",
+        "webhook-receiver",
+        "realtime-processor",
+        "deployments",
+        "prefect-server",
+    ):
         assert f"stopped {name}" in text
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 

@@ -1,0 +1,114 @@
+"""The console's pure parts: password hashing, the likely-fix table, its own store's login
+throttle, sessions and action records (SQLite in tmp_path)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from stripe_sage.console import store as console_store
+from stripe_sage.console.advice import DEFAULT_ADVICE, likely_fix, reason_class_sql
+from stripe_sage.console.passwords import hash_password, verify_password
+from stripe_sage.console.store import MAX_FAILURES, ConsoleStore, Throttled
+
+pytestmark = pytest.mark.unit
+
+
+def test_passwords_are_salted_and_verified() -> None:
+    a, b = hash_password("correct horse"), hash_password("correct horse")
+    assert a != b and "correct horse" not in a  # salted, never stored in clear
+    assert verify_password("correct horse", a) and verify_password("correct horse", b)
+    assert not verify_password("correct hors", a)
+    assert not verify_password("x", "not-a-hash")
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "expected"),
+    [
+        (
+            "dead",
+            "metadata.erp_order_id SO7777777: Sage has no such sales order "
+            "(charges.unknown_erp_order: reject)",
+            "Create sales order SO7777777 in Sage",
+        ),
+        ("dead", "422 period_closed: 2026-06 is closed", "Open the fiscal period"),
+        (
+            "dead",
+            "customer_id C000123, which does not exist in Sage",
+            "existing Sage customer (metadata sage_customer_id C000123)",
+        ),
+        ("waiting", "waiting: balance transaction not staged", "Nothing to do yet"),
+        ("blocked", "blocked by invoice:ch_1 (dead)", "Fix the document it depends on"),
+        ("quarantined", "not_null: amount is null", "correct it in Stripe"),
+    ],
+)
+def test_likely_fix_names_what_to_change(state: str, reason: str, expected: str) -> None:
+    assert expected in likely_fix(state, reason)
+
+
+def test_an_unknown_reason_gets_the_general_advice() -> None:
+    assert likely_fix("dead", "something Sage never said before") == DEFAULT_ADVICE
+
+
+def test_reasons_differing_only_in_ids_group_together() -> None:
+    con = duckdb.connect()
+    expr = reason_class_sql("r")
+    rows = con.execute(
+        f"SELECT DISTINCT {expr} FROM (VALUES "
+        "('metadata.erp_order_id SO7777777: Sage has no such sales order'), "
+        "('metadata.erp_order_id SO1234567: Sage has no such sales order'), "
+        "('blocked by invoice:ch_3Nabc (dead)'), ('blocked by invoice:ch_9Zxy (dead)')) t(r)"
+    ).fetchall()
+    assert sorted(r[0] for r in rows) == [
+        "blocked by invoice:<id> (dead)",
+        "metadata.erp_order_id <no>: Sage has no such sales order",
+    ]
+
+
+def test_login_throttles_after_repeated_wrong_passwords(tmp_path: Path) -> None:
+    store = ConsoleStore(tmp_path / "console.sqlite3")
+    store.set_password("finance", "a long password", role="admin")
+    for _ in range(MAX_FAILURES):
+        assert store.login("finance", "wrong") is None
+    with pytest.raises(Throttled):  # even the right password, until the window passes
+        store.login("finance", "a long password")
+    store._con().execute(
+        "UPDATE login_failures SET at = ?",
+        ((dt.datetime.now(dt.UTC) - console_store.FAILURE_WINDOW).isoformat(),),
+    )
+    assert store.login("finance", "a long password") is not None
+
+
+def test_sessions_expire_and_a_new_password_ends_them(tmp_path: Path) -> None:
+    store = ConsoleStore(tmp_path / "console.sqlite3", session_minutes=60)
+    store.set_password("audit", "another long one", role="auditor")
+    token = store.login("audit", "another long one")
+    session = store.session(token)
+    assert session is not None and session.role == "auditor" and len(session.csrf) > 30
+    # The stored token is a hash: the file alone logs nobody in.
+    assert token not in {r[0] for r in store._con().execute("SELECT token_hash FROM sessions")}
+    store._con().execute(
+        "UPDATE sessions SET expires_at = ?", (dt.datetime.now(dt.UTC).isoformat(),)
+    )
+    assert store.session(token) is None
+    token = store.login("audit", "another long one")
+    store.set_password("audit", "a changed password", role="auditor")
+    assert store.session(token) is None
+    with pytest.raises(ValueError):
+        store.set_password("x", "y", role="owner")
+
+
+def test_actions_are_recorded_with_who_when_and_outcome(tmp_path: Path) -> None:
+    store = ConsoleStore(tmp_path / "console.sqlite3")
+    first = store.record("finance", "replay", "invoice:ch_1", ["invoice:ch_1"])
+    store.finish(first, "done", "released 1 dead letters; dead again: []")
+    store.record("finance", "resolve", "invoice:ch_2", ["invoice:ch_2"], note="voided in Sage")
+    on_first = store.actions(doc_key="invoice:ch_1")
+    assert [(a["action"], a["status"], a["user"]) for a in on_first] == [
+        ("replay", "done", "finance")
+    ]
+    assert store.resolved()["invoice:ch_2"]["note"] == "voided in Sage"
+    assert "invoice:ch_1" not in store.resolved()
