@@ -88,6 +88,10 @@ class Accounts(BaseModel):
     other_adjustments: str
     # Realized FX gain/loss: the rate difference of refunds of foreign-currency sales.
     fx_gain_loss: str = "7500"
+    # Issue 19: invoices written off (memo expense_account), recovered later (journal Cr).
+    bad_debt: str = "6200"
+    # Issue 19: customer credit (Stripe's customer balance) applied to invoices.
+    customer_credit: str = "2400"
 
 
 class CustomerMapping(BaseModel):

@@ -23,6 +23,7 @@ CHART_OF_ACCOUNTS: Final[list[tuple[str, str, AccountType]]] = [
     ("1052", "Stripe Clearing GBP", "asset"),
     ("1100", "Accounts Receivable", "asset"),
     ("2200", "Sales Tax Payable", "liability"),
+    ("2400", "Customer Credit Balances", "liability"),
     ("4000", "Sales", "revenue"),
     ("4010", "Subscription Revenue", "revenue"),
     ("4900", "Sales Returns and Allowances", "revenue"),
@@ -31,6 +32,7 @@ CHART_OF_ACCOUNTS: Final[list[tuple[str, str, AccountType]]] = [
     ("6120", "Dispute Fees", "expense"),
     ("6130", "FX Fees", "expense"),
     ("6190", "Other Stripe Adjustments", "expense"),
+    ("6200", "Bad Debt", "expense"),
     ("7500", "Realized FX Gain/Loss", "expense"),
 ]
 

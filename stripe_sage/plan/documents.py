@@ -674,7 +674,9 @@ def plan_invoices(
     ``discount_amount`` = the invoice's discounts, ``tax_amount`` = all its tax (inclusive and
     exclusive) in ``tax_lines`` per Stripe tax rate (``invoice_tax``), so that Σ lines −
     discount + tax is Stripe's ``total`` exactly; anything else is a reason, not a post."""
-    inv = invoices.filter(pl.col("status").is_in(["open", "paid"]))
+    # Issue 19: a voided or written-off invoice still posts (its number was issued); its
+    # memo (plan/after_posting.py) then takes its open balance off.
+    inv = invoices.filter(pl.col("status").is_in(["open", "paid", "void", "uncollectible"]))
     if inv.is_empty():
         return empty_docs()
     inv = _with_tax_columns(inv)
