@@ -237,7 +237,13 @@ def _document_slices(
                 "SELECT r.* FROM staging.refunds r "
                 "WHERE r.charge IN (SELECT charge FROM _plan_slice)"
             )
-        yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds)
+            # Refunds a credit note names post through the note's memo (issue 19).
+            credited = st.frame(
+                "SELECT DISTINCT r AS id FROM (SELECT unnest(refunds) AS r "
+                "FROM staging.credit_notes WHERE status = 'issued') "
+                "WHERE r IN (SELECT id FROM staging.refunds)"
+            )["id"].to_list()
+        yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds, credited)
 
     yield from _payout_documents(st, mapping, pf)
 

@@ -104,3 +104,26 @@ def test_credit_note_on_an_open_invoice_is_a_memo_against_it() -> None:
     assert "invoice_no" not in refunding
     assert refunding["gl_account"] == mapping.accounts.clearing["USD"]
     assert refunding["tax_amount"] == "0.41"
+
+
+def test_a_refund_a_credit_note_names_is_not_planned_again() -> None:
+    from stripe_sage.plan.documents import plan_refunds
+    from tests.unit.test_defaults import refunds
+    from tests.unit.test_transform import bts, charges, periods
+
+    usd = {"amount": 5_000, "currency": "USD", "balance_transaction": "txn_1"}
+    rows = [
+        {"id": "re_a", "amount": 1_000, "balance_transaction": "txn_ra"},
+        {"id": "re_b", "amount": 2_000, "balance_transaction": "txn_rb"},
+    ]
+    refund_bts = [
+        {"id": "txn_1", "amount": 5_000},
+        {"id": "txn_ra", "amount": -1_000},
+        {"id": "txn_rb", "amount": -2_000},
+    ]
+    args = (refunds(*rows), charges(usd), bts(*refund_bts), load_mapping(), periods())
+    alone = plan_refunds(*args)
+    assert {"credit_memo:re_a", "credit_memo:re_b"} <= set(alone["doc_key"])
+    docs = plan_refunds(*args, credited_refunds=["re_a"])
+    assert "credit_memo:re_b" in set(docs["doc_key"])
+    assert not any("re_a" in k for k in docs["doc_key"])
