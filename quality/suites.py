@@ -83,6 +83,7 @@ ID_PREFIXES: dict[str, tuple[str, ...]] = {
     "subscriptions": ("sub",),
     "products": ("prod",),
     "tax_rates": ("txr",),
+    "credit_notes": ("cn",),
 }
 
 STATUSES: dict[str, tuple[str, ...]] = {
@@ -91,6 +92,7 @@ STATUSES: dict[str, tuple[str, ...]] = {
     "payouts": ("paid", "pending", "in_transit", "canceled", "failed"),
     "invoices": ("draft", "open", "paid", "uncollectible", "void"),
     "invoice_payments": ("open", "paid", "canceled"),
+    "credit_notes": ("issued", "void"),
     "balance_transactions": ("available", "pending"),
     "disputes": (
         "warning_needs_response", "warning_under_review", "warning_closed",
@@ -125,6 +127,7 @@ AMOUNTS: dict[str, tuple[Amount, ...]] = {
         Amount("fee_details_total", -MAX_AMOUNT),
     ),
     "disputes": (Amount("amount", 0),),
+    "credit_notes": (Amount("total", 0), Amount("subtotal", -MAX_AMOUNT)),
 }  # fmt: skip
 
 OPTIONAL_CURRENCY = frozenset({"customers"})  # a customer has no currency until billed

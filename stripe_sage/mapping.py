@@ -124,6 +124,10 @@ class Accounts(BaseModel):
     platform_revenue: str = "4020"
     connect_transfers: str = "6200"
     suspense: str = "9990"
+    # Issue 19: invoices written off (memo expense_account), recovered later (journal Cr).
+    bad_debt: str = "6300"
+    # Issue 19: customer credit (Stripe's customer balance) applied to invoices.
+    customer_credit: str = "2400"
 
 
 class CustomerMapping(BaseModel):

@@ -50,6 +50,7 @@ FILTERS: dict[str, set[str]] = {
     "topups": set(),
     "application_fees": set(),
     "transfers": set(),
+    "credit_notes": {"invoice", "customer"},
 }
 EXPANDABLE: dict[str, set[str]] = {
     "charges": {"balance_transaction", "refunds", "customer"},
@@ -529,16 +530,21 @@ def create_stripe_app(
                 want = value
                 predicates.append(
                     lambda a, z, want=want: np.array(
-                        [
-                            ("paid" if world.invoice_paid_charge(j, world.now()) >= 0 else "open")
-                            == want
-                            for j in range(a, z)
-                        ],
+                        [world.invoice_status(j, world.now()) == want for j in range(a, z)],
                         bool,
                     )
                 )
             elif resource == "invoices" and key == "collection_method":
                 predicates.append(lambda a, z, v=value: np.full(z - a, v == "charge_automatically"))
+            elif resource == "credit_notes" and key == "invoice":
+                j = lookup("invoices", value, key)
+                cn = int(b.inv_credit_note[j])
+                fixed = np.array([cn] if cn >= 0 else [], np.int64)
+            elif resource == "credit_notes" and key == "customer":
+                k = lookup("customers", value, key)
+                predicates.append(
+                    lambda a, z, k=k: b.ch_customer[b.inv_charge[b.cn_invoice[a:z]]] == k
+                )
             elif resource == "tax_rates" and key in ("active", "inclusive"):
                 want_true = str(value).lower() == "true"
                 predicates.append(
@@ -736,6 +742,7 @@ def create_stripe_app(
         "topups",
         "application_fees",
         "transfers",
+        "credit_notes",
     ]
 
     def make_list(resource: str) -> Callable[[Request], Any]:
@@ -769,6 +776,22 @@ def create_stripe_app(
     @app.get("/v1/account", summary="The account (its payout schedule: daily, or manual)")
     async def account() -> Response:
         return ok(world.render_account())
+
+    @app.get("/v1/credit_notes/{obj_id}/lines", summary="All lines of a credit note")
+    async def credit_note_lines(request: Request, obj_id: str) -> Response:
+        params = query(request)
+        check_known(params, {"limit", "starting_after", "ending_before", "expand"})
+        with world.lock:
+            lines = world.credit_note_lines(lookup("credit_notes", obj_id))
+        # A credit note here credits one line: the whole list is one page.
+        return ok(
+            {
+                "object": "list",
+                "data": lines,
+                "has_more": False,
+                "url": f"/v1/credit_notes/{obj_id}/lines",
+            }
+        )
 
     @app.get("/v1/invoices/{obj_id}/lines", summary="All lines of an invoice (paged)")
     async def invoice_lines(request: Request, obj_id: str) -> Response:

@@ -161,6 +161,9 @@ EVENT_TYPES: tuple[tuple[str, str], ...] = (
     ("charge.updated", "charges"),  # 22
     ("invoice.updated", "invoices"),  # 23
     ("charge.expired", "charges"),  # 24
+    ("credit_note.created", "credit_notes"),  # 25 (issue 19, stripe_after)
+    ("invoice.voided", "invoices"),  # 26
+    ("invoice.marked_uncollectible", "invoices"),  # 27
 )
 EVENT_CODE = {name: i for i, (name, _) in enumerate(EVENT_TYPES)}
 
@@ -194,6 +197,14 @@ class Table:
 class Business:
     """The generated business. Build once (seconds at 1M charges), then read-only."""
 
+    # Issue 19 (drawn by ``stripe_after.after_posting``): per invoice the void and write-off
+    # times (0: never) and its credit note (-1: none); per credit note its invoice.
+    credit_notes: Table
+    cn_invoice: np.ndarray
+    inv_credit_note: np.ndarray
+    inv_voided_at: np.ndarray
+    inv_uncollectible_at: np.ndarray
+
     def __init__(self, config: BusinessConfig) -> None:
         if config.charges < 20:
             raise ValueError("a business needs at least 20 charges")
@@ -208,6 +219,9 @@ class Business:
         self._refunds_at_later_rates()
         self._disputes()
         self._balance_transactions_and_payouts()
+        from devkit.sandbox.stripe_after import after_posting  # it reads this module's Table
+
+        after_posting(self)
         self._events()
         del self.rng
 
@@ -788,6 +802,12 @@ class Business:
                 "payout.failed",
                 np.array([self.failed_payout]),
             )
+        # Issue 19: credit notes, voids and write-offs of open invoices (stripe_after).
+        add(self.credit_notes.created, "credit_note.created", np.arange(len(self.credit_notes)))
+        voided = np.nonzero(self.inv_voided_at)[0]
+        add(self.inv_voided_at[voided], "invoice.voided", voided)
+        written_off = np.nonzero(self.inv_uncollectible_at)[0]
+        add(self.inv_uncollectible_at[written_off], "invoice.marked_uncollectible", written_off)
         created = np.concatenate([p[0] for p in parts])
         etype = np.concatenate([np.full(len(p[0]), p[1], np.int8) for p in parts])
         obj = np.concatenate([p[2] for p in parts]).astype(np.int32)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from devkit.sandbox.stripe_after import credit_note_taxes, credited_line, line_total
 from devkit.sandbox.stripe_billing import (
     RATE_INCLUSIVE,
     InvoiceMath,
@@ -72,6 +73,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "topups": ("tu", "topup"),
     "application_fees": ("fee", "application_fee"),
     "transfers": ("tr", "transfer"),
+    "credit_notes": ("cn", "credit_note"),
 }
 PREFIX_TO_RESOURCE = {prefix: name for name, (prefix, _) in RESOURCES.items()}
 
@@ -870,6 +872,116 @@ class StripeWorld:
             return later
         return -1
 
+    def invoice_credited(self, j: int, t: int) -> int:
+        """What invoice j's credit note (issue 19) took off it as of t, 0 without one."""
+        cn = int(self.b.inv_credit_note[j])
+        if cn < 0 or int(self.b.credit_notes.created[cn]) > t:
+            return 0
+        math = self.invoice_math(j)
+        return line_total(math, credited_line(math))
+
+    def invoice_status(self, j: int, t: int) -> str:
+        """paid, open, void or uncollectible as of t (a written-off invoice can still be paid)."""
+        if self.invoice_paid_charge(j, t) >= 0:
+            return "paid"
+        voided_at = int(self.b.inv_voided_at[j])
+        if voided_at and voided_at <= t:
+            return "void"
+        written_off_at = int(self.b.inv_uncollectible_at[j])
+        if written_off_at and written_off_at <= t:
+            return "uncollectible"
+        return "open"
+
+    def credit_note_lines(self, cn: int) -> list[JSON]:
+        b = self.b
+        j = int(b.cn_invoice[cn])
+        math = self.invoice_math(j)
+        k = credited_line(math)
+        ln = math.lines[k]
+        inv_line = self._invoice_lines(j)[k]
+        cn_id = self.make_id("credit_notes", cn)
+        obj = dict(self.tpl["credit_note_line_item"])
+        obj.update(
+            id=f"cnli_{cn_id[3:]}00",
+            amount=ln.amount,
+            description=inv_line["description"],
+            discount_amount=ln.discount,
+            discount_amounts=[
+                {"amount": ln.discount, "discount": d} for d in inv_line["discounts"]
+            ],
+            invoice_line_item=inv_line["id"],
+            livemode=False,
+            quantity=ln.quantity,
+            tax_rates=[],
+            type="invoice_line_item",
+            unit_amount=None,
+            unit_amount_decimal=None,
+            pretax_credit_amounts=(
+                [
+                    {"amount": ln.discount, "discount": d, "type": "discount"}
+                    for d in inv_line["discounts"]
+                ]
+            ),
+            taxes=credit_note_taxes(math, k),
+            metadata={},
+        )
+        return [obj]
+
+    def _render_credit_notes(self, cn: int, t: int, expand: frozenset[str]) -> JSON:
+        b = self.b
+        j = int(b.cn_invoice[cn])
+        math = self.invoice_math(j)
+        k = credited_line(math)
+        ln = math.lines[k]
+        total = line_total(math, k)
+        inclusive = sum(a for r, a, _ in ln.taxes if RATE_INCLUSIVE[r])
+        created = int(b.credit_notes.created[cn])
+        cn_id = self.make_id("credit_notes", cn)
+        inv = self._render_invoices(j, created, frozenset())
+        lines = self.credit_note_lines(cn)
+        obj = dict(self.tpl["credit_note"])
+        obj.update(
+            id=cn_id,
+            amount=total,
+            amount_shipping=0,
+            created=created,
+            currency="usd",
+            customer=inv["customer"],
+            customer_account=None,
+            customer_balance_transaction=None,
+            discount_amount=ln.discount,
+            discount_amounts=lines[0]["discount_amounts"],
+            effective_at=created,
+            invoice=inv["id"],
+            livemode=False,
+            memo=None,
+            metadata={},
+            number=f"{inv['number']}-CN-01",
+            out_of_band_amount=None,
+            pdf=f"https://pay.stripe.com/credit_notes/{cn_id}/pdf",
+            post_payment_amount=0,
+            pre_payment_amount=total,
+            pretax_credit_amounts=lines[0]["pretax_credit_amounts"],
+            reason="order_change",
+            refunds=[],
+            shipping_cost=None,
+            status="issued",
+            subtotal=ln.amount,
+            subtotal_excluding_tax=ln.amount - inclusive,
+            total=total,
+            total_excluding_tax=total - sum(a for _, a, _ in ln.taxes),
+            total_taxes=credit_note_taxes(math, k),
+            type="pre_payment",
+            voided_at=None,
+            lines={
+                "object": "list",
+                "data": lines,
+                "has_more": False,
+                "url": f"/v1/credit_notes/{cn_id}/lines",
+            },
+        )
+        return obj
+
     def _render_invoices(self, j: int, t: int, expand: frozenset[str]) -> JSON:
         b = self.b
         i = int(b.inv_charge[j])
@@ -880,6 +992,10 @@ class StripeWorld:
         assert math.total == total, f"invoice {j}: lines make {math.total}, not {total}"
         paid_by = self.invoice_paid_charge(j, t)
         paid = paid_by >= 0
+        status = self.invoice_status(j, t)
+        credited = self.invoice_credited(j, t)
+        voided_at = int(b.inv_voided_at[j])
+        written_off_at = int(b.inv_uncollectible_at[j])
         created = int(b.invoices.created[j])
         sub = int(b.inv_subscription[j])
         line_expand = frozenset(
@@ -901,12 +1017,14 @@ class StripeWorld:
             customer_shipping=None,
             amount_due=total,
             amount_paid=total if paid else 0,
-            amount_remaining=0 if paid else total,
+            amount_remaining=0 if paid else total - credited,
+            pre_payment_credit_notes_amount=credited,
+            post_payment_credit_notes_amount=0,
             amount_overpaid=0,
             amount_shipping=0,
             attempt_count=1,
             attempted=True,
-            auto_advance=not paid,
+            auto_advance=status == "open",
             billing_reason="subscription_cycle" if sub >= 0 else "manual",
             collection_method="charge_automatically",
             created=created,
@@ -920,7 +1038,7 @@ class StripeWorld:
             last_finalization_error=None,
             livemode=False,
             metadata={},
-            next_payment_attempt=None if paid else created + 3 * DAY,
+            next_payment_attempt=created + 3 * DAY if status == "open" else None,
             parent=(
                 {
                     "type": "subscription_details",
@@ -938,12 +1056,14 @@ class StripeWorld:
             shipping_cost=None,
             shipping_details=None,
             starting_balance=0,
-            status="paid" if paid else "open",
+            status=status,
             status_transitions={
                 "finalized_at": created + 1,
-                "marked_uncollectible_at": None,
+                "marked_uncollectible_at": (
+                    written_off_at if written_off_at and written_off_at <= t else None
+                ),
                 "paid_at": self.charge(paid_by).created if paid else None,
-                "voided_at": None,
+                "voided_at": voided_at if status == "void" else None,
             },
             subtotal=math.subtotal,
             subtotal_excluding_tax=math.subtotal - math.tax(inclusive=True),
@@ -1566,5 +1686,6 @@ class StripeWorld:
         return [
             int(j)
             for j in np.nonzero(self.b.ch_failed[self.b.inv_charge])[0]
-            if self.invoice_paid_charge(int(j), t) < 0
+            # Issue 19's credited, voided and written-off invoices stay as they are.
+            if self.invoice_status(int(j), t) == "open" and self.b.inv_credit_note[j] < 0
         ]

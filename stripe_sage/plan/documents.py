@@ -13,7 +13,7 @@ balance transaction not staged yet): such documents are planned again by the nex
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import polars as pl
@@ -681,7 +681,9 @@ def plan_invoices(
     ``discount_amount`` = the invoice's discounts, ``tax_amount`` = all its tax (inclusive and
     exclusive) in ``tax_lines`` per Stripe tax rate (``invoice_tax``), so that Σ lines −
     discount + tax is Stripe's ``total`` exactly; anything else is a reason, not a post."""
-    inv = invoices.filter(pl.col("status").is_in(["open", "paid"]))
+    # Issue 19: a voided or written-off invoice still posts (its number was issued); its
+    # memo (plan/after_posting.py) then takes its open balance off.
+    inv = invoices.filter(pl.col("status").is_in(["open", "paid", "void", "uncollectible"]))
     if inv.is_empty():
         return empty_docs()
     inv = _with_tax_columns(inv)
@@ -841,6 +843,7 @@ def plan_refunds(
     mapping: Mapping,
     periods: pl.DataFrame | None = None,
     charge_refunds: pl.DataFrame | None = None,
+    credited_refunds: Sequence[str] = (),
 ) -> pl.DataFrame:
     """Every refund that moved money → a credit memo against Stripe Clearing; a refund that
     later failed → also a journal entry reversing it (Dr Clearing, Cr Sales Returns).
@@ -849,8 +852,12 @@ def plan_refunds(
     and a journal moves the rest of what it cost at the refund's rate between Stripe Clearing
     and Realized FX gain/loss (docs/accounting.md, "Foreign currency, first class").
     ``charge_refunds``: every staged refund of the same charges (earlier ones may be posted
-    already); the default is ``refunds`` itself."""
-    df = refunds.filter(pl.col("balance_transaction").is_not_null())
+    already); the default is ``refunds`` itself. ``credited_refunds``: refunds a credit note
+    names (issue 19): they post through that note's memo only, never a second time."""
+    df = refunds.filter(
+        pl.col("balance_transaction").is_not_null()
+        & ~pl.col("id").is_in(pl.Series(list(credited_refunds), dtype=pl.String))
+    )
     if df.is_empty():
         return empty_docs()
     ch = with_settlement(

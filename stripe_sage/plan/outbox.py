@@ -13,6 +13,12 @@ from typing import Any
 import polars as pl
 
 from stripe_sage.mapping import Mapping
+from stripe_sage.plan.after_posting import (
+    VOID_PREFIX,
+    WRITE_OFF_PREFIX,
+    plan_credit_notes,
+    plan_invoice_closures,
+)
 from stripe_sage.plan.documents import (
     GUEST_KEY,
     empty_docs,
@@ -226,6 +232,8 @@ def _document_slices(
         settlements = invoice_settlements(payments, paying, paying_bts)
         yield plan_invoices(invoices, lines, mapping, pf, tax_rates, settlements)
 
+    yield from _after_posting_documents(st, mapping, pf, tax_rates, slice_rows)
+
     refunds_todo = _todo(
         "refunds", "credit_memo:", "journal_entry:refund_failure:", "journal_entry:refund_fx:"
     )
@@ -252,9 +260,38 @@ def _document_slices(
                 "SELECT r.* FROM staging.refunds r "
                 "WHERE r.charge IN (SELECT charge FROM _plan_slice)"
             )
-        yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds)
+            # Refunds a credit note names post through the note's memo (issue 19).
+            credited = st.frame(
+                "SELECT DISTINCT r AS id FROM (SELECT unnest(refunds) AS r "
+                "FROM staging.credit_notes WHERE status = 'issued') "
+                "WHERE r IN (SELECT id FROM staging.refunds)"
+            )["id"].to_list()
+        yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds, credited)
 
     yield from _payout_documents(st, mapping, pf)
+
+
+def _after_posting_documents(
+    st: Staging,
+    mapping: Mapping,
+    pf: pl.DataFrame | None,
+    tax_rates: pl.DataFrame,
+    slice_rows: int,
+) -> Iterator[pl.DataFrame]:
+    """Issue 19: credit notes, and the memos of voided and written-off invoices."""
+    for notes in _rows_to_plan(
+        st, "credit_notes", _todo("credit_notes", "credit_memo:"), slice_rows
+    ):
+        yield plan_credit_notes(notes, mapping, pf, tax_rates)
+    closing = (
+        f"{_not_quarantined('invoices')} AND ("
+        "(s.status = 'void' AND NOT EXISTS (SELECT 1 FROM _settled k "
+        f"WHERE k.doc_key = 'credit_memo:{VOID_PREFIX}' || s.id)) OR "
+        "(s.status = 'uncollectible' AND NOT EXISTS (SELECT 1 FROM _settled k "
+        f"WHERE k.doc_key = 'credit_memo:{WRITE_OFF_PREFIX}' || s.id)))"
+    )
+    for invoices in _rows_to_plan(st, "invoices", closing, slice_rows):
+        yield plan_invoice_closures(invoices, mapping, pf, tax_rates)
 
 
 def _item_documents(st: Staging, mapping: Mapping) -> Iterator[pl.DataFrame]:

@@ -200,6 +200,16 @@ STREAMS: dict[str, Stream] = {
                 Column("amount_due", "BIGINT", _int("amount_due")),
                 Column("amount_paid", "BIGINT", _int("amount_paid")),
                 Column("amount_remaining", "BIGINT", _int("amount_remaining")),
+                # Issue 19: the customer's balance before and after the invoice; the credit it
+                # used is ending - starting (Stripe keeps credit as a negative balance).
+                Column("starting_balance", "BIGINT", _int("starting_balance")),
+                Column("ending_balance", "BIGINT", _int("ending_balance")),
+                Column("voided_at", "TIMESTAMPTZ", _ts("status_transitions.voided_at")),
+                Column(
+                    "marked_uncollectible_at",
+                    "TIMESTAMPTZ",
+                    _ts("status_transitions.marked_uncollectible_at"),
+                ),
                 Column(
                     "subscription",
                     "VARCHAR",
@@ -433,6 +443,54 @@ STREAMS: dict[str, Stream] = {
             notes="The rates invoices' taxes name (issue 18): Sage tax codes come from these.",
         ),
         Stream(
+            "credit_notes",
+            "/v1/credit_notes",
+            "credit_note",
+            "events",
+            (
+                ID,
+                CREATED,
+                Column("number", "VARCHAR", _str("number")),
+                Column("invoice", "VARCHAR", _str("invoice")),
+                Column("customer", "VARCHAR", _str("customer")),
+                Column("status", "VARCHAR", _str("status")),
+                Column("type", "VARCHAR", _str("type")),
+                Column("reason", "VARCHAR", _str("reason")),
+                CURRENCY,
+                Column("subtotal", "BIGINT", _int("subtotal")),
+                Column("discount_amount", "BIGINT", _int("discount_amount")),
+                Column("total", "BIGINT", _int("total")),
+                Column("total_excluding_tax", "BIGINT", _int("total_excluding_tax")),
+                Column("pre_payment_amount", "BIGINT", _int("pre_payment_amount")),
+                Column("post_payment_amount", "BIGINT", _int("post_payment_amount")),
+                Column("effective_at", "TIMESTAMPTZ", _ts("effective_at")),
+                Column("voided_at", "TIMESTAMPTZ", _ts("voided_at")),
+                Column("taxes", TAXES_TYPE, _taxes("total_taxes", "tax_amounts")),
+                # The refunds it names (a note on a paid invoice): they post through its memo.
+                Column(
+                    "refunds",
+                    "VARCHAR[]",
+                    "coalesce(list_transform(CAST(json_extract(data, '$.refunds[*]') AS JSON[]), "
+                    "lambda r: coalesce(r->>'$.refund.id', r->>'refund')), [])",
+                ),
+                # Its lines (Stripe embeds them; a note here credits at most a few lines).
+                Column(
+                    "lines",
+                    "STRUCT(id VARCHAR, invoice_line_item VARCHAR, amount BIGINT, "
+                    "discount_amount BIGINT, quantity BIGINT, description VARCHAR)[]",
+                    "coalesce(list_transform(CAST(json_extract(data, '$.lines.data[*]') AS "
+                    "JSON[]), lambda ln: {'id': ln->>'id', "
+                    "'invoice_line_item': ln->>'invoice_line_item', "
+                    "'amount': CAST(ln->>'amount' AS BIGINT), "
+                    "'discount_amount': CAST(ln->>'discount_amount' AS BIGINT), "
+                    "'quantity': CAST(ln->>'quantity' AS BIGINT), "
+                    "'description': ln->>'description'}), [])",
+                ),
+                Column("lines_has_more", "BOOLEAN", "CAST(data->>'$.lines.has_more' AS BOOLEAN)"),
+            ),
+            notes="Credit notes (issue 19): each becomes one Sage credit memo.",
+        ),
+        Stream(
             "subscriptions",
             "/v1/subscriptions",
             "subscription",
@@ -477,6 +535,7 @@ STREAM_ORDER = (
     "invoices",
     "invoice_lines",
     "invoice_payments",
+    "credit_notes",
     "payouts",
     "balance_transactions",
     "disputes",

@@ -111,7 +111,10 @@ def expected_documents(env: Env) -> Counter[str]:
             for p in stripe_all(s, "/v1/invoice_payments")
             if p["status"] == "paid"
         }
-        invoices = [i for i in stripe_all(s, "/v1/invoices") if i["status"] in ("open", "paid")]
+        # Issue 19: voided and written-off invoices post too, then a memo takes their open
+        # balance off; each credit note is one memo.
+        invoices = [i for i in stripe_all(s, "/v1/invoices") if i["status"] != "draft"]
+        credit_notes = stripe_all(s, "/v1/credit_notes")
         refunds = stripe_all(s, "/v1/refunds")
         customers = stripe_all(s, "/v1/customers")
         # Automatic payouts get a journal each (itemised); manual ones too (not itemised).
@@ -155,7 +158,15 @@ def expected_documents(env: Env) -> Counter[str]:
             # a foreign-currency invoice posts once Stripe settled its payment
             + len([i for i in invoices if i["currency"] == "usd" or i["status"] == "paid"]),
             "cash_receipt": len(succeeded),
-            "credit_memo": len(refunds),
+            "credit_memo": len(refunds)
+            + len(credit_notes)
+            + len(
+                [
+                    i
+                    for i in invoices
+                    if i["status"] in ("void", "uncollectible") and i["amount_remaining"] > 0
+                ]
+            ),
             # refund failures, FX on refunds, one journal per paid payout, a reversal per
             # failed payout
             "journal_entry": len([r for r in refunds if r["status"] == "failed"])

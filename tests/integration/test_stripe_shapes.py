@@ -71,6 +71,17 @@ NULLABLE: dict[str, set[str]] = {
         "parent.invoice_item_details",
         "parent.subscription_item_details",
     },
+    "credit_note": {
+        # A pre-payment note on an open invoice: no refund, no balance transaction, no
+        # shipping, nothing out of band, not voided (issue 19).
+        "customer_balance_transaction",
+        "shipping_cost",
+        "out_of_band_amount",
+        "voided_at",
+        "customer_account",
+        "memo",
+    },
+    "credit_note_line_item": {"unit_amount", "unit_amount_decimal"},
     "payout": set(),
     "balance_transaction": {"exchange_rate", "source"},  # USD charge; stripe_fee has no source
     "customer": {"discount", "shipping"},

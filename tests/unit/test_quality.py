@@ -68,6 +68,9 @@ _GOOD: dict[str, Callable[[int], dict[str, Any]]] = {
     "products": lambda i: {"id": f"prod_{i:04d}", "created": CREATED, "name": f"Product {i}"},
     "tax_rates": lambda i: {"id": f"txr_{i:04d}", "created": CREATED, "display_name": "VAT",
                             "jurisdiction": "GB", "inclusive": True},
+    "credit_notes": lambda i: {"id": f"cn_{i:04d}", "created": CREATED, "status": "issued",
+                               "invoice": f"in_{i:04d}", "customer": "cus_0000",
+                               "currency": "USD", "subtotal": 1000, "total": 1082},
 }  # fmt: skip
 
 

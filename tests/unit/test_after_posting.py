@@ -1,0 +1,129 @@
+"""Planning after an invoice is posted (issue 19): credit notes, voids, write-offs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+from typing import Any
+
+import polars as pl
+import pytest
+
+from stripe_sage.mapping import load_mapping
+from stripe_sage.plan.after_posting import plan_credit_notes, plan_invoice_closures
+from stripe_sage.plan.invoice_tax import TAXES_DTYPE
+
+pytestmark = pytest.mark.unit
+
+T0 = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
+RATE = "txr_ca"
+
+
+def taxes(*amounts: int) -> list[dict[str, Any]]:
+    return [
+        {"tax_rate": f"{RATE}{k}", "amount": a, "taxable_amount": a * 10, "inclusive": False}
+        for k, a in enumerate(amounts)
+    ]
+
+
+def rates(n: int) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "id": [f"{RATE}{k}" for k in range(n)],
+            "jurisdiction": ["US - CA"] * n,
+            "percentage": [8.25] * n,
+            "display_name": ["Sales Tax"] * n,
+        }
+    )
+
+
+def payloads(docs: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    return {k: json.loads(p) for k, p in zip(docs["doc_key"], docs["payload"], strict=True)}
+
+
+def invoices(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    base = {
+        "customer": "cus_1",
+        "currency": "USD",
+        "number": None,
+        "voided_at": T0,
+        "marked_uncollectible_at": T0,
+    }
+    return pl.DataFrame([{**base, **r} for r in rows]).with_columns(
+        pl.col("taxes").cast(TAXES_DTYPE)
+    )
+
+
+def test_void_reverses_the_open_balance_and_its_tax_in_proportion() -> None:
+    mapping = load_mapping(None)
+    inv = invoices(
+        [
+            {"id": "in_v", "status": "void", "total": 1000, "amount_remaining": 333,
+             "taxes": taxes(61, 20)},
+            {"id": "in_w", "status": "uncollectible", "total": 500, "amount_remaining": 500,
+             "taxes": taxes(30)},
+            {"id": "in_p", "status": "paid", "total": 500, "amount_remaining": 0,
+             "taxes": taxes(30)},
+        ]
+    )  # fmt: skip
+    docs = plan_invoice_closures(inv, mapping, None, rates(2))
+    p = payloads(docs)
+    assert set(p) == {"credit_memo:void:in_v", "credit_memo:writeoff:in_w"}
+    void = p["credit_memo:void:in_v"]
+    assert void["amount"] == "3.33" and void["invoice_no"] == "@xref:invoice:in_v"
+    assert void["reference"] == "in_v" and "expense_account" not in void
+    # 81 x 333 / 1000 = 26.97 → 26 in all: 61 x .333 = 20 (+ remainder 0), 20 x .333 = 6
+    assert void["tax_amount"] == "0.26"
+    assert sum(Decimal(t["amount"]) for t in void["tax_lines"]) == Decimal("0.26")
+    wo = p["credit_memo:writeoff:in_w"]
+    assert wo["expense_account"] == mapping.accounts.bad_debt and wo["amount"] == "5.00"
+    assert wo["tax_amount"] == "0.00"
+    deps = dict(zip(docs["doc_key"], docs["depends_on"].to_list(), strict=True))
+    assert "invoice:in_v" in deps["credit_memo:void:in_v"]
+    assert docs["error"].is_null().all()
+
+
+def test_credit_note_on_an_open_invoice_is_a_memo_against_it() -> None:
+    mapping = load_mapping(None)
+    notes = pl.DataFrame(
+        [
+            {"id": "cn_1", "status": "issued", "invoice": "in_1", "customer": "cus_1",
+             "number": "AB-0001-CN-01", "currency": "USD", "total": 1082, "created": T0,
+             "effective_at": T0, "taxes": taxes(82), "refunds": []},
+            {"id": "cn_2", "status": "issued", "invoice": "in_2", "customer": "cus_1",
+             "number": "AB-0002-CN-01", "currency": "USD", "total": 541, "created": T0,
+             "effective_at": T0, "taxes": taxes(41), "refunds": ["re_9"]},
+        ]
+    ).with_columns(pl.col("taxes").cast(TAXES_DTYPE))  # fmt: skip
+    p = payloads(plan_credit_notes(notes, mapping, None, rates(1)))
+    on_open = p["credit_memo:cn_1"]
+    assert on_open["invoice_no"] == "@xref:invoice:in_1"
+    assert on_open["amount"] == "10.82" and on_open["tax_amount"] == "0.82"
+    refunding = p["credit_memo:cn_2"]
+    assert "invoice_no" not in refunding
+    assert refunding["gl_account"] == mapping.accounts.clearing["USD"]
+    assert refunding["tax_amount"] == "0.41"
+
+
+def test_a_refund_a_credit_note_names_is_not_planned_again() -> None:
+    from stripe_sage.plan.documents import plan_refunds
+    from tests.unit.test_defaults import refunds
+    from tests.unit.test_transform import bts, charges, periods
+
+    usd = {"amount": 5_000, "currency": "USD", "balance_transaction": "txn_1"}
+    rows = [
+        {"id": "re_a", "amount": 1_000, "balance_transaction": "txn_ra"},
+        {"id": "re_b", "amount": 2_000, "balance_transaction": "txn_rb"},
+    ]
+    refund_bts = [
+        {"id": "txn_1", "amount": 5_000},
+        {"id": "txn_ra", "amount": -1_000},
+        {"id": "txn_rb", "amount": -2_000},
+    ]
+    args = (refunds(*rows), charges(usd), bts(*refund_bts), load_mapping(), periods())
+    alone = plan_refunds(*args)
+    assert {"credit_memo:re_a", "credit_memo:re_b"} <= set(alone["doc_key"])
+    docs = plan_refunds(*args, credited_refunds=["re_a"])
+    assert "credit_memo:re_b" in set(docs["doc_key"])
+    assert not any("re_a" in k for k in docs["doc_key"])

@@ -1,0 +1,119 @@
+"""The Stripe sandbox after an invoice is finalized (issue 19): credit notes, voids and
+write-offs of open invoices, in Stripe's current shapes, read over the sandbox's HTTP API."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from devkit.sandbox.stripe_app import create_stripe_app
+from devkit.sandbox.stripe_business import BusinessConfig
+from devkit.sandbox.stripe_state import StripeWorld
+
+pytestmark = pytest.mark.unit
+
+END = 1_782_777_600
+KEY = "sk_test_after"
+
+
+@pytest.fixture(scope="module")
+def api() -> TestClient:
+    world = StripeWorld(BusinessConfig(seed=7, charges=1500, end=END), clock=lambda: END)
+    app = create_stripe_app(world=world, api_key=KEY, rate_limit=None)
+    return TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
+
+
+def list_all(api: TestClient, path: str, **params: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        q = {"limit": 100, **params, **({"starting_after": after} if after else {})}
+        page = api.get(path, params=q).json()
+        out += page["data"]
+        if not page["has_more"]:
+            return out
+        after = page["data"][-1]["id"]
+
+
+@pytest.fixture(scope="module")
+def stripe(api: TestClient) -> dict[str, list[dict[str, Any]]]:
+    return {
+        "invoices": list_all(api, "/v1/invoices"),
+        "credit_notes": list_all(api, "/v1/credit_notes"),
+        "events": list_all(api, "/v1/events"),
+    }
+
+
+def fixture_keys(name: str) -> set[str]:
+    text = resources.files("devkit.sandbox").joinpath("data/stripe_fixtures3.json").read_text()
+    return set(json.loads(text)["resources"][name])
+
+
+def test_every_kind_is_present(stripe: dict[str, list[dict[str, Any]]]) -> None:
+    statuses = {inv["status"] for inv in stripe["invoices"]}
+    assert {"paid", "open", "void", "uncollectible"} <= statuses
+    assert stripe["credit_notes"]
+
+
+def test_credit_notes_have_stripes_shape_and_sum_to_their_lines(
+    api: TestClient, stripe: dict[str, list[dict[str, Any]]]
+) -> None:
+    invoices = {inv["id"]: inv for inv in stripe["invoices"]}
+    for cn in stripe["credit_notes"]:
+        assert cn["id"].startswith("cn_")
+        assert set(cn) == fixture_keys("credit_note")
+        lines = api.get(f"/v1/credit_notes/{cn['id']}/lines").json()["data"]
+        assert lines == cn["lines"]["data"]
+        for line in lines:
+            assert set(line) == fixture_keys("credit_note_line_item")
+        exclusive = sum(
+            t["amount"] for ln in lines for t in ln["taxes"] if t["tax_behavior"] == "exclusive"
+        )
+        assert cn["total"] == sum(ln["amount"] - ln["discount_amount"] for ln in lines) + exclusive
+        assert sum(t["amount"] for t in cn["total_taxes"]) == sum(
+            t["amount"] for ln in lines for t in ln["taxes"]
+        )
+        inv = invoices[cn["invoice"]]
+        assert cn["customer"] == inv["customer"]
+        assert cn["type"] == "pre_payment" and cn["refunds"] == []
+        # A pre-payment note reduces what is still owed on the open invoice.
+        assert inv["status"] == "open"
+        assert inv["amount_remaining"] == inv["amount_due"] - cn["total"]
+        assert inv["pre_payment_credit_notes_amount"] == cn["total"]
+        by_invoice = api.get("/v1/credit_notes", params={"invoice": inv["id"]}).json()["data"]
+        assert [c["id"] for c in by_invoice] == [cn["id"]]
+
+
+def test_voids_and_write_offs_have_their_events_and_transitions(
+    stripe: dict[str, list[dict[str, Any]]],
+) -> None:
+    events: dict[str, set[str]] = {}
+    for ev in stripe["events"]:
+        obj = ev["data"]["object"]
+        events.setdefault(ev["type"], set()).add(obj["id"])
+        if ev["type"] == "invoice.voided":
+            assert obj["status"] == "void"
+        if ev["type"] == "invoice.marked_uncollectible":
+            assert obj["status"] == "uncollectible"
+    voided = {i["id"] for i in stripe["invoices"] if i["status"] == "void"}
+    written_off = {i["id"] for i in stripe["invoices"] if i["status"] == "uncollectible"}
+    assert voided == events["invoice.voided"]
+    assert written_off == events["invoice.marked_uncollectible"]
+    assert {c["id"] for c in stripe["credit_notes"]} == events["credit_note.created"]
+    for inv in stripe["invoices"]:
+        tr = inv["status_transitions"]
+        assert (tr["voided_at"] is not None) == (inv["id"] in voided)
+        assert (tr["marked_uncollectible_at"] is not None) == (inv["id"] in written_off)
+        assert inv["amount_paid"] == (inv["amount_due"] if inv["status"] == "paid" else 0)
+
+
+def test_status_filter_knows_the_new_statuses(
+    api: TestClient, stripe: dict[str, list[dict[str, Any]]]
+) -> None:
+    for status in ("void", "uncollectible", "open"):
+        listed = {i["id"] for i in list_all(api, "/v1/invoices", status=status)}
+        assert listed == {i["id"] for i in stripe["invoices"] if i["status"] == status}
