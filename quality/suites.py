@@ -82,6 +82,8 @@ ID_PREFIXES: dict[str, tuple[str, ...]] = {
     "disputes": ("du", "dp"),
     "subscriptions": ("sub",),
     "products": ("prod",),
+    "checkout_sessions": ("cs",),
+    "checkout_line_items": ("li",),
 }
 
 STATUSES: dict[str, tuple[str, ...]] = {
@@ -90,6 +92,7 @@ STATUSES: dict[str, tuple[str, ...]] = {
     "payouts": ("paid", "pending", "in_transit", "canceled", "failed"),
     "invoices": ("draft", "open", "paid", "uncollectible", "void"),
     "invoice_payments": ("open", "paid", "canceled"),
+    "checkout_sessions": ("open", "complete", "expired"),
     "balance_transactions": ("available", "pending"),
     "disputes": (
         "warning_needs_response", "warning_under_review", "warning_closed",
@@ -124,6 +127,8 @@ AMOUNTS: dict[str, tuple[Amount, ...]] = {
         Amount("fee_details_total", -MAX_AMOUNT),
     ),
     "disputes": (Amount("amount", 0),),
+    "checkout_sessions": (Amount("amount_total", 0, required=False),),
+    "checkout_line_items": (Amount("amount_subtotal", 0), Amount("quantity", 0, required=False)),
 }  # fmt: skip
 
 OPTIONAL_CURRENCY = frozenset({"customers"})  # a customer has no currency until billed
@@ -146,6 +151,7 @@ REFERENCES: dict[str, tuple[Reference, ...]] = {
     "disputes": (Reference("charge", "charges"),),
     "invoice_lines": (Reference("invoice", "invoices"),),
     "invoice_payments": (Reference("invoice", "invoices"),),
+    "checkout_line_items": (Reference("session", "checkout_sessions"),),
 }
 
 

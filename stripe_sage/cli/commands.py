@@ -431,7 +431,7 @@ def register(sub: Any) -> None:
     q.add_argument(
         "--stream",
         default="charges",
-        choices=("charges", "refunds", "customers", "invoices", "products"),
+        choices=("charges", "refunds", "customers", "invoices", "products", "checkout_sessions"),
     )
     q.add_argument("--limit", type=int, default=20)
     q.add_argument("--id", action="append", help="preview these Stripe ids")

@@ -511,6 +511,21 @@ class Staging:
             ],
         )
 
+    def record_checkout_lookups(self, rows: Sequence[tuple[str, str | None]], run_id: str) -> None:
+        """(payment intent, session or None) pairs Stripe answered for."""
+        if not rows:
+            return
+        frame = pl.DataFrame(
+            {"payment_intent": [r[0] for r in rows], "session": [r[1] for r in rows]},
+            schema={"payment_intent": pl.String, "session": pl.String},
+        )
+        with self.registered("_lookups", frame):
+            self._exec(
+                "INSERT OR REPLACE INTO staging.checkout_lookups "
+                "SELECT payment_intent, session, ?, ? FROM _lookups",
+                [now_utc(), run_id],
+            )
+
     def windows_done(self, stream: str) -> set[tuple[int, int]]:
         rows = self.con.execute(
             "SELECT window_start, window_end FROM ops.sync_windows WHERE stream = ?", [stream]

@@ -2,7 +2,8 @@
 
 After a Sage customer is created or matched, its id goes into the Stripe customer's
 ``metadata.sage_customer_id``; after a charge's Sage invoice (and sales order) is posted,
-their numbers go into the charge's ``metadata.sage_invoice_no`` / ``sage_order_no``; the code
+their numbers go into the charge's ``metadata.sage_invoice_no`` / ``sage_order_no`` (a
+Checkout order's into its payment intent's, the acknowledgement back to the shop); the code
 of a product's Sage item goes into the product's ``metadata.sage_item``. Each
 write carries an idempotency key derived from what it writes, respects the reader's rate
 limit, and is recorded in ``sage.writeback`` so it is never sent twice. The metadata-only
@@ -37,6 +38,15 @@ def pending(st: Staging, limit: int) -> list[tuple[str, str, str, str]]:
                                   ELSE 'sage_order_no' END)
             FROM sage.xref x JOIN staging.charges ch ON ch.id = x.stripe_id
             WHERE x.doc_type IN ('invoice', 'sales_order')
+            UNION ALL
+            -- A Checkout order: its Sage numbers on the payment intent (acknowledgement).
+            -- Payment intents are not staged: what was written is in sage.writeback.
+            SELECT '/v1/payment_intents', cs.payment_intent,
+                   CASE x.doc_type WHEN 'invoice' THEN 'sage_invoice_no'
+                        ELSE 'sage_order_no' END,
+                   x.sage_id, x.created_at, NULL
+            FROM sage.xref x JOIN staging.checkout_sessions cs ON cs.id = x.stripe_id
+            WHERE x.doc_type IN ('invoice', 'sales_order') AND cs.payment_intent IS NOT NULL
             UNION ALL
             SELECT '/v1/products', x.stripe_id, 'sage_item', x.sage_id, x.created_at,
                    p.metadata->>'sage_item'
