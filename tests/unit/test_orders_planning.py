@@ -145,7 +145,7 @@ def test_a_goods_session_becomes_an_order_and_its_invoice_to_the_cent(mapping: A
 
 
 def test_sessions_that_are_not_goods_orders_plan_nothing(mapping: Any) -> None:
-    row, items = an_order()
+    _, items = an_order()
     for other in (
         session(id="cs_inv", invoice_creation=True, invoice="in_1"),
         session(id="cs_open", status="open", payment_intent=None),
