@@ -82,7 +82,7 @@ ID_PREFIXES: dict[str, tuple[str, ...]] = {
     "disputes": ("du", "dp"),
     "subscriptions": ("sub",),
     "products": ("prod",),
-    "checkout_sessions": ("cs",),
+    "checkout_sessions": ("cs_test", "cs_live", "cs"),  # Stripe: cs_test_…, cs_live_…
     "checkout_line_items": ("li",),
 }
 

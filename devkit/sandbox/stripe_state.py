@@ -60,7 +60,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "events": ("evt", "event"),
     "invoice_payments": ("inpay", "invoice_payment"),
     "products": ("prod", "product"),
-    "checkout_sessions": ("cs", "checkout.session"),
+    "checkout_sessions": ("cs_test", "checkout.session"),  # as Stripe: cs_test_…
     "payment_intents": ("pi", "payment_intent"),
 }
 # Checkout's inclusive sales tax (the shop's prices include it) and its coupon.
@@ -1198,7 +1198,7 @@ class StripeWorld:
             )
             item = dict(tpl)
             item.update(
-                id=f"li_{cs_id[3:]}{k:02d}",
+                id=f"li_{cs_id.rsplit('_', 1)[-1]}{k:02d}",
                 amount_subtotal=amount,
                 amount_discount=off,
                 amount_tax=tax,
@@ -1242,7 +1242,7 @@ class StripeWorld:
                             "discount": deep_merge(
                                 self.tpl["discount"],
                                 {
-                                    "id": f"di_{cs_id[3:]}",
+                                    "id": f"di_{cs_id.rsplit('_', 1)[-1]}",
                                     "checkout_session": cs_id,
                                     "customer": None,
                                     "source": {"coupon": CHECKOUT_COUPON, "type": "coupon"},

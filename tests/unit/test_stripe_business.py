@@ -329,6 +329,7 @@ def test_events_sorted_and_match_their_objects(data: dict[str, list[dict[str, An
         "payout": "po_",
         "dispute": "du_",
         "subscription": "sub_",
+        "checkout.session": "cs_test_",
     }
     for e in events:
         obj = e["data"]["object"]
