@@ -1364,7 +1364,7 @@ class StripeWorld:
             amount_details={"tip": {}},
             canceled_at=c.auth_at if status == "canceled" else None,
             capture_method="manual" if c.auth else "automatic",
-            client_secret=None,
+            client_secret=f"pi_{cid[3:]}_secret_{_b62(self._salt ^ i, 11)}",
             created=c.created,
             currency=self.currencies[c.currency][0],
             customer=None if c.customer < 0 else self.make_id("customers", c.customer),
