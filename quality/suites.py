@@ -84,6 +84,8 @@ ID_PREFIXES: dict[str, tuple[str, ...]] = {
     "products": ("prod",),
     "tax_rates": ("txr",),
     "credit_notes": ("cn",),
+    "checkout_sessions": ("cs_test", "cs_live", "cs"),  # Stripe: cs_test_…, cs_live_…
+    "checkout_line_items": ("li",),
 }
 
 STATUSES: dict[str, tuple[str, ...]] = {
@@ -93,6 +95,7 @@ STATUSES: dict[str, tuple[str, ...]] = {
     "invoices": ("draft", "open", "paid", "uncollectible", "void"),
     "invoice_payments": ("open", "paid", "canceled"),
     "credit_notes": ("issued", "void"),
+    "checkout_sessions": ("open", "complete", "expired"),
     "balance_transactions": ("available", "pending"),
     "disputes": (
         "warning_needs_response", "warning_under_review", "warning_closed",
@@ -128,6 +131,8 @@ AMOUNTS: dict[str, tuple[Amount, ...]] = {
     ),
     "disputes": (Amount("amount", 0),),
     "credit_notes": (Amount("total", 0), Amount("subtotal", -MAX_AMOUNT)),
+    "checkout_sessions": (Amount("amount_total", 0, required=False),),
+    "checkout_line_items": (Amount("amount_subtotal", 0), Amount("quantity", 0, required=False)),
 }  # fmt: skip
 
 OPTIONAL_CURRENCY = frozenset({"customers"})  # a customer has no currency until billed
@@ -150,6 +155,7 @@ REFERENCES: dict[str, tuple[Reference, ...]] = {
     "disputes": (Reference("charge", "charges"),),
     "invoice_lines": (Reference("invoice", "invoices"),),
     "invoice_payments": (Reference("invoice", "invoices"),),
+    "checkout_line_items": (Reference("session", "checkout_sessions"),),
 }
 
 

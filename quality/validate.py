@@ -28,6 +28,7 @@ REFERENCES = {
     "invoice_lines": ("invoices",),
     "invoice_payments": ("invoices",),
     "disputes": ("charges",),
+    "checkout_line_items": ("checkout_sessions",),
 }
 
 

@@ -183,6 +183,13 @@ class ItemMapping(BaseModel):
     default_item: str = Field(default="STRIPE-SALE", pattern=r"^[A-Z0-9_-]{1,20}$")
     default_description: str = Field(default="Stripe sale", min_length=1, max_length=60)
     fields: dict[str, FieldRule] = Field(default_factory=_default_item_fields)
+    # Checkout orders (issue 17): the shipping of a session is a line of this item, its
+    # discount a negative invoice line of that one; both created in Sage (service items)
+    # when Sage lacks them, on first need.
+    shipping_item: str = Field(default="STRIPE-SHIPPING", pattern=r"^[A-Z0-9_-]{1,20}$")
+    shipping_description: str = Field(default="Shipping", min_length=1, max_length=60)
+    discount_item: str = Field(default="STRIPE-DISCOUNT", pattern=r"^[A-Z0-9_-]{1,20}$")
+    discount_description: str = Field(default="Discount", min_length=1, max_length=60)
 
     @model_validator(mode="after")
     def _known_fields(self) -> ItemMapping:
@@ -218,6 +225,17 @@ class TaxMapping(BaseModel):
     default_code: str | None = Field(default=None, pattern=r"^[A-Z0-9_-]{1,10}$")
 
 
+class OrderMapping(BaseModel):
+    """Checkout Sessions (issue 17). A completed goods session (``mode: payment``, no
+    ``invoice_creation``) becomes a Sage sales order and its invoice, and the charge that
+    paid it a receipt applied to that invoice. ``enabled: false`` posts every charge as a
+    standalone sale and never waits for sessions (an account that does not use Checkout for
+    goods)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+
+
 class Mapping(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Literal[1]
@@ -232,6 +250,7 @@ class Mapping(BaseModel):
     invoices: InvoiceMapping
     items: ItemMapping = Field(default_factory=ItemMapping)
     tax: TaxMapping = Field(default_factory=TaxMapping)
+    orders: OrderMapping = Field(default_factory=OrderMapping)
     # Stripe balance-transaction reporting categories → account names above (payout journals).
     # The file's entries are laid over DEFAULT_REPORTING_CATEGORIES (every category STRIPE.md
     # lists has a default); a category neither knows posts to accounts.suspense.

@@ -26,6 +26,9 @@ def drain_inbox(extractor: Extractor, inbox: Inbox, limit: int = 20_000) -> list
     counts["write_back_echoes"] = extractor.apply_echoes(echoes, changed)
     counts["customers_referenced"] = extractor.fetch_missing_customers()
     counts["balance_transactions_referenced"] = extractor.fetch_missing_balance_transactions()
+    # A charge's webhook may come before its checkout.session.completed: its session is
+    # asked for by payment intent, so the charge never posts as a standalone sale.
+    counts["checkout_sessions_of_charges"] = extractor.fetch_checkout_sessions_of_charges()
     run_logger().info("inbox: %d events, re-fetched %s", len(rows), counts)
     return [r["event_id"] for r in rows]
 

@@ -51,6 +51,8 @@ FILTERS: dict[str, set[str]] = {
     "application_fees": set(),
     "transfers": set(),
     "credit_notes": {"invoice", "customer"},
+    "checkout_sessions": {"payment_intent"},
+    "payment_intents": set(),
 }
 EXPANDABLE: dict[str, set[str]] = {
     "charges": {"balance_transaction", "refunds", "customer"},
@@ -80,6 +82,7 @@ EXPANDABLE: dict[str, set[str]] = {
     "payouts": {"balance_transaction"},
     "balance_transactions": {"source"},
     "invoice_lines": {"discounts", "discount_amounts.discount"},
+    "checkout_sessions": {"line_items"},
 }
 
 
@@ -167,6 +170,35 @@ class WebhookEndpoint:
     delivered: int = 0
     failed_attempts: int = 0
     buffer: list[JSON] = field(default_factory=list)
+
+
+def _item_page(items: list[JSON], params: JSON, url: str) -> JSON:
+    """One page of a sub-list whose cursors are item ids, in the parent's order."""
+    limit = _int(params, "limit", params.get("limit", 10))
+    if not 1 <= limit <= 100:
+        raise StripeApiError(
+            400,
+            "Invalid limit: must be between 1 and 100",
+            code="parameter_invalid_integer",
+            param="limit",
+        )
+    ids = [x["id"] for x in items]
+    start, stop = 0, len(items)
+    for key in ("starting_after", "ending_before"):
+        if key in params:
+            if params[key] not in ids:
+                raise StripeApiError(
+                    404, f"No such line item: '{params[key]}'", code="resource_missing", param=key
+                )
+            if key == "starting_after":
+                start = ids.index(params[key]) + 1
+            else:
+                stop = ids.index(params[key])
+    if "ending_before" in params:
+        page, more = items[max(start, stop - limit) : stop], stop - limit > start
+    else:
+        page, more = items[start : start + limit], start + limit < stop
+    return {"object": "list", "data": page, "has_more": more, "url": url}
 
 
 def sign_payload(payload: bytes, secret: str, timestamp: int | None = None) -> str:
@@ -513,6 +545,10 @@ def create_stripe_app(
             elif resource == "charges" and key == "payment_intent":
                 i = world.parse_id("charges", "ch_" + str(value)[3:])
                 fixed = np.array([] if i is None else [i], np.int64)
+            elif resource == "checkout_sessions" and key == "payment_intent":
+                i = world.parse_id("charges", "ch_" + str(value)[3:])
+                k = -1 if i is None else world.session_of_charge(i)
+                fixed = np.array([k] if k >= 0 else [], np.int64)
             elif resource in ("refunds", "disputes") and key == "charge":
                 i = lookup("charges", value, key)
                 if resource == "refunds":
@@ -743,6 +779,7 @@ def create_stripe_app(
         "application_fees",
         "transfers",
         "credit_notes",
+        "payment_intents",
     ]
 
     def make_list(resource: str) -> Callable[[Request], Any]:
@@ -792,6 +829,31 @@ def create_stripe_app(
                 "url": f"/v1/credit_notes/{obj_id}/lines",
             }
         )
+
+    # Checkout Sessions live under /v1/checkout/sessions (Stripe's path for the resource).
+    app.add_api_route(
+        "/v1/checkout/sessions",
+        make_list("checkout_sessions"),
+        methods=["GET"],
+        summary="List Checkout Sessions (filter payment_intent; expand[]=data.line_items)",
+    )
+    app.add_api_route(
+        "/v1/checkout/sessions/{obj_id}",
+        make_retrieve("checkout_sessions"),
+        methods=["GET"],
+        summary="Retrieve a Checkout Session (expand[]=line_items)",
+    )
+
+    @app.get(
+        "/v1/checkout/sessions/{obj_id}/line_items",
+        summary="The line items of a Checkout Session (paged)",
+    )
+    async def checkout_line_items(request: Request, obj_id: str) -> Response:
+        params = query(request)
+        check_known(params, {"limit", "starting_after", "ending_before", "expand"})
+        with world.lock:
+            items = world.checkout_line_items(lookup("checkout_sessions", obj_id))
+        return ok(_item_page(items, params, f"/v1/checkout/sessions/{obj_id}/line_items"))
 
     @app.get("/v1/invoices/{obj_id}/lines", summary="All lines of an invoice (paged)")
     async def invoice_lines(request: Request, obj_id: str) -> Response:
@@ -915,6 +977,17 @@ def create_stripe_app(
             i = lookup("charges", obj_id)
             return world.update_object(
                 "charges", i, {x: v for x, v in params.items() if x != "expand"}
+            )
+
+        return await idempotent(request, handle)
+
+    @app.post("/v1/payment_intents/{obj_id}", summary="Update a payment intent (metadata)")
+    async def update_payment_intent(request: Request, obj_id: str) -> Response:
+        def handle(params: JSON) -> JSON:
+            check_known(params, {"metadata", "description", "expand"})
+            i = lookup("payment_intents", obj_id)
+            return world.update_object(
+                "payment_intents", i, {x: v for x, v in params.items() if x != "expand"}
             )
 
         return await idempotent(request, handle)

@@ -164,6 +164,7 @@ EVENT_TYPES: tuple[tuple[str, str], ...] = (
     ("credit_note.created", "credit_notes"),  # 25 (issue 19, stripe_after)
     ("invoice.voided", "invoices"),  # 26
     ("invoice.marked_uncollectible", "invoices"),  # 27
+    ("checkout.session.completed", "checkout_sessions"),  # 28
 )
 EVENT_CODE = {name: i for i, (name, _) in enumerate(EVENT_TYPES)}
 
@@ -222,6 +223,7 @@ class Business:
         from devkit.sandbox.stripe_after import after_posting  # it reads this module's Table
 
         after_posting(self)
+        self._checkout_sessions()
         self._events()
         del self.rng
 
@@ -410,6 +412,47 @@ class Business:
             ("long_unbroken", 4, 5),
         ):
             self.cu_name_kind[pick_customers(kind, free, offset)] = code
+
+    # -- Checkout Sessions (issue 17) -------------------------------------------------------
+    def _checkout_sessions(self) -> None:
+        """Checkout Sessions, each paid by one of the business's charges (the session's
+        ``payment_intent`` is the charge's): goods orders on plain captured USD charges, and a
+        few sessions created with ``invoice_creation`` on the charges of Billing invoices
+        (they post through their invoice). Drawn from their own rng, after everything else is
+        decided, so the rest of the business is the same with or without them; what each
+        session holds (items, quantities, tax, shipping, discount) is rendered from its index
+        (``stripe_state``)."""
+        c = self.config
+        rng = np.random.default_rng(c.seed + 1_700)
+        n = c.charges
+        goods_pool = np.nonzero(
+            ~self.ch_is_invoice
+            & ~self.ch_is_erp
+            & ~self.ch_failed
+            & (self.ch_auth == 0)
+            & ~self.ch_erp_unknown
+            & (self.ch_currency == USD)
+            & (self.ch_amount >= 2_000)
+        )[0]
+        n_goods = min(len(goods_pool), min(40, max(8, n // 40)))
+        goods = np.sort(rng.choice(goods_pool, n_goods, replace=False))
+        paid_invoices = np.nonzero(~self.ch_failed[self.inv_charge])[0]
+        n_inv = min(len(paid_invoices), max(2, n // 250))
+        invoiced = np.sort(rng.choice(paid_invoices, n_inv, replace=False))
+        charge = np.concatenate([goods, self.inv_charge[invoiced]]).astype(np.int64)
+        invoice = np.concatenate([np.full(n_goods, -1), invoiced]).astype(np.int32)
+        # The buyer spends a few minutes in Checkout before paying (Billing invoices are
+        # created an hour before their charge: the session comes first).
+        lead = rng.integers(60, 1_800, len(charge))
+        created = np.where(
+            invoice >= 0,
+            self.charges.created[charge] - HOUR - lead,
+            self.charges.created[charge] - lead,
+        )
+        order = np.argsort(created, kind="stable")
+        self.checkout_sessions = Table(created[order])
+        self.cs_charge = charge[order]
+        self.cs_invoice = invoice[order]
 
     # -- refunds ---------------------------------------------------------------------------
     def _refunds(self) -> None:
@@ -755,6 +798,8 @@ class Business:
             parts.append((np.asarray(created, np.int64), EVENT_CODE[etype], np.asarray(obj)))
 
         add(self.customers.created, "customer.created", np.arange(len(self.customers)))
+        ncs = np.arange(len(self.checkout_sessions))
+        add(self.charges.created[self.cs_charge] + 1, "checkout.session.completed", ncs)
         gone = np.nonzero(self.cu_deleted_at)[0]
         add(self.cu_deleted_at[gone], "customer.deleted", gone)
         add(
@@ -855,6 +900,16 @@ PRODUCT_CATALOG: tuple[tuple[str, str, str, dict[str, str]], ...] = (
         {},
     ),
     ("prod_kit", "Starter hardware kit", "good", {}),
+    # Goods the web shop sells through Checkout (with prod_kit and prod_onb).
+    ("prod_mug", "Enamel camp mug", "good", {}),
+    ("prod_tee", "Organic cotton T-shirt", "good", {}),
+)
+# What Checkout Sessions sell: the catalog's physical goods, with their unit prices in cents.
+CHECKOUT_GOODS: tuple[tuple[str, str], ...] = (
+    ("prod_kit", "Starter hardware kit"),
+    ("prod_onb", "Onboarding package"),
+    ("prod_mug", "Enamel camp mug"),
+    ("prod_tee", "Organic cotton T-shirt"),
 )
 
 

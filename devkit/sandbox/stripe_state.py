@@ -43,6 +43,7 @@ from devkit.sandbox.stripe_business import (
     BT_REFUND,
     BT_REFUND_FAILURE,
     BT_STRIPE_FEE,
+    CHECKOUT_GOODS,
     CURRENCIES,
     DAY,
     EVENT_TYPES,
@@ -74,7 +75,12 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "application_fees": ("fee", "application_fee"),
     "transfers": ("tr", "transfer"),
     "credit_notes": ("cn", "credit_note"),
+    "checkout_sessions": ("cs_test", "checkout.session"),  # as Stripe: cs_test_…
+    "payment_intents": ("pi", "payment_intent"),
 }
+# Checkout's inclusive sales tax (the shop's prices include it) and its coupon.
+CHECKOUT_TAX_RATE = ("txr_checkout_incl_8_25", 8.25)
+CHECKOUT_COUPON = "SPRING10"
 PREFIX_TO_RESOURCE = {prefix: name for name, (prefix, _) in RESOURCES.items()}
 
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -304,6 +310,8 @@ class StripeWorld:
             return len(self.products)
         if resource == "tax_rates":
             return len(self.tax_rates)
+        if resource == "payment_intents":  # one per charge: pi_ and ch_ share their tail
+            return len(self.b.charges)
         return len(getattr(self.b, resource))
 
     def extra(self, resource: str) -> list[Any]:
@@ -313,6 +321,7 @@ class StripeWorld:
             "refunds": self.o.refunds,
             "balance_transactions": self.o.bts,
             "events": self.o.events,
+            "payment_intents": self.o.charges,
         }
         return lists.get(resource, [])
 
@@ -326,6 +335,8 @@ class StripeWorld:
             return np.array([p["created"] for p in self.products], np.int64)
         if resource == "tax_rates":
             return np.array([r["created"] for r in self.tax_rates], np.int64)
+        if resource == "payment_intents":
+            return self.b.charges.created
         table: Any = getattr(self.b, resource)
         return table.created
 
@@ -1475,6 +1486,274 @@ class StripeWorld:
         )
         return obj
 
+    # -- Checkout Sessions and payment intents (issue 17) ---------------------------------
+    def session_of_charge(self, i: int) -> int:
+        """The Checkout Session charge ``i`` paid, or -1."""
+        k = np.nonzero(self.b.cs_charge == i)[0]
+        return int(k[0]) if len(k) else -1
+
+    def _checkout_parts(self, s: int) -> tuple[list[JSON], int, int]:
+        """(line items, shipping, discount) of session ``s``; Σ line amount_total + shipping
+        is the paying charge's amount, exactly. Drawn from the session's index."""
+        b = self.b
+        i = int(b.cs_charge[s])
+        total = self.charge(i).amount
+        cs_id = self.make_id("checkout_sessions", s)
+        rr = random.Random(self.config.seed * 104_729 + s)
+        parts: list[tuple[str, str, int, int]] = []  # product, name, quantity, unit amount
+        tax_rate = 0.0
+        shipping = discount = 0
+        per_line_tax: list[int] = []
+        j = int(b.cs_invoice[s])
+        if j >= 0:  # invoice_creation: the items of its Billing invoice, tax exclusive
+            lines = self._invoice_lines(j)
+            for ln in lines:
+                pd = ln["pricing"]["price_details"]
+                q = int(ln["quantity"])
+                parts.append((pd["product"], ln["description"], q, int(ln["amount"]) // q))
+            tax = int(b.inv_tax[j])
+            weights = [q * u for _, _, q, u in parts]
+            per_line_tax = [tax * w // max(1, sum(weights)) for w in weights]
+            per_line_tax[0] += tax - sum(per_line_tax)
+        else:
+            if rr.random() < 0.6:
+                shipping = min(rr.choice([499, 895, 1200]), total // 5)
+            lines_total = total - shipping
+            if rr.random() < 0.4:
+                discount = lines_total // 9  # 10% off the subtotal
+            subtotal = lines_total + discount
+            n = rr.randint(1, 4) if subtotal >= 400 else 1
+            goods = rr.sample(CHECKOUT_GOODS, n)
+            weights = [rr.randint(1, 10) for _ in range(n)]
+            left = subtotal
+            for k, (product, name) in enumerate(goods):
+                if k == n - 1:  # the last line takes what is left, one unit of it
+                    parts.append((product, name, 1, left))
+                    break
+                q = rr.randint(1, 3)
+                unit = max(1, subtotal * weights[k] // sum(weights) // q)
+                if left - q * unit < 1:
+                    q, unit = 1, max(1, (left - 1) // 2)
+                parts.append((product, name, q, unit))
+                left -= q * unit
+            tax_rate = CHECKOUT_TAX_RATE[1] if rr.random() < 0.5 else 0.0
+        amounts = [q * u for _, _, q, u in parts]
+        discounts = [discount * a // max(1, sum(amounts)) for a in amounts]
+        if discounts:
+            discounts[-1] += discount - sum(discounts)
+        tpl = self.tpl["item"]
+        items = []
+        for k, ((product, name, q, unit), amount, off) in enumerate(
+            zip(parts, amounts, discounts, strict=True)
+        ):
+            if j >= 0:
+                tax, inclusive = per_line_tax[k], False
+            else:  # inclusive: the tax is inside what the buyer paid for the line
+                tax = round((amount - off) * tax_rate / (100 + tax_rate))
+                inclusive = True
+            price = deep_merge(
+                tpl["price"],
+                {
+                    "id": f"price_{product[5:]}_{unit}",
+                    "product": product,
+                    "unit_amount": unit,
+                    "unit_amount_decimal": str(unit),
+                    "type": "one_time",
+                    "recurring": None,
+                    "transform_quantity": None,
+                    "custom_unit_amount": None,
+                    "tax_behavior": "inclusive" if inclusive else "exclusive",
+                    "created": self.config.start,
+                },
+            )
+            item = dict(tpl)
+            item.update(
+                id=f"li_{cs_id.rsplit('_', 1)[-1]}{k:02d}",
+                amount_subtotal=amount,
+                amount_discount=off,
+                amount_tax=tax,
+                amount_total=amount - off + (0 if inclusive else tax),
+                currency="usd",
+                description=name,
+                price=price,
+                quantity=q,
+                metadata={},
+                adjustable_quantity=None,
+                taxes=(
+                    [
+                        {
+                            "amount": tax,
+                            "rate": deep_merge(
+                                self.tpl["tax_rate"],
+                                {
+                                    "id": CHECKOUT_TAX_RATE[0],
+                                    "inclusive": inclusive,
+                                    "percentage": CHECKOUT_TAX_RATE[1],
+                                    "country": "US",
+                                    "jurisdiction": "US",
+                                    "description": "Sales tax",
+                                    "display_name": "Sales tax",
+                                    "tax_type": "sales_tax",
+                                    "flat_amount": None,
+                                    "effective_percentage": CHECKOUT_TAX_RATE[1],
+                                },
+                            ),
+                            "taxability_reason": None,
+                            "taxable_amount": amount - off - (tax if inclusive else 0),
+                        }
+                    ]
+                    if tax
+                    else []
+                ),
+                discounts=(
+                    [
+                        {
+                            "amount": off,
+                            "discount": deep_merge(
+                                self.tpl["discount"],
+                                {
+                                    "id": f"di_{cs_id.rsplit('_', 1)[-1]}",
+                                    "checkout_session": cs_id,
+                                    "customer": None,
+                                    "source": {"coupon": CHECKOUT_COUPON, "type": "coupon"},
+                                },
+                            ),
+                        }
+                    ]
+                    if off
+                    else []
+                ),
+            )
+            items.append(item)
+        return items, shipping, discount
+
+    def checkout_line_items(self, s: int) -> list[JSON]:
+        return self._checkout_parts(s)[0]
+
+    def _render_checkout_sessions(self, s: int, t: int, expand: frozenset[str]) -> JSON:
+        b = self.b
+        i = int(b.cs_charge[s])
+        ch = self.charge(i)
+        cs_id = self.make_id("checkout_sessions", s)
+        created = int(b.checkout_sessions.created[s])
+        complete = ch.created <= t
+        items, shipping, discount = self._checkout_parts(s)
+        j = int(b.cs_invoice[s])
+        guest = ch.customer < 0
+        cust = self._guest_attrs(i) if guest else self._customer_attrs(ch.customer)
+        tax = sum(int(x["amount_tax"]) for x in items)
+        obj = dict(self.tpl["checkout.session"])
+        obj.update(
+            id=cs_id,
+            created=created,
+            expires_at=created + DAY,
+            currency="usd",
+            customer=None if guest else self.make_id("customers", ch.customer),
+            customer_creation="if_required" if guest else None,
+            customer_details={
+                **self.tpl["checkout.session"]["customer_details"],
+                "address": dict(cust["address"]),
+                "email": cust["email"],
+                "name": cust["billing_name"],
+                "phone": None,
+            },
+            customer_email=None,
+            client_secret=None,
+            amount_subtotal=sum(int(x["amount_subtotal"]) for x in items),
+            amount_total=ch.amount,
+            invoice=self.make_id("invoices", j) if j >= 0 and complete else None,
+            invoice_creation={
+                **self.tpl["checkout.session"]["invoice_creation"],
+                "enabled": j >= 0,
+            },
+            mode="payment",
+            # Since API 2022-08-01 the payment intent exists once the buyer confirms.
+            payment_intent=f"pi_{self.make_id('charges', i)[3:]}" if complete else None,
+            payment_status="paid" if complete else "unpaid",
+            status="complete" if complete else "open",
+            shipping_address_collection=(
+                {"allowed_countries": ["US", "CA", "GB", "DE"]} if shipping else None
+            ),
+            shipping_cost=(
+                {
+                    "amount_subtotal": shipping,
+                    "amount_tax": 0,
+                    "amount_total": shipping,
+                    "shipping_rate": "shr_standard",
+                }
+                if shipping
+                else None
+            ),
+            shipping_options=(
+                [{"shipping_amount": shipping, "shipping_rate": "shr_standard"}] if shipping else []
+            ),
+            total_details={
+                "amount_discount": discount,
+                "amount_shipping": shipping,
+                "amount_tax": tax,
+            },
+            discounts=([{"coupon": CHECKOUT_COUPON, "promotion_code": None}] if discount else []),
+            currency_conversion=None,
+            adaptive_pricing={"enabled": False},
+            livemode=False,
+            metadata={},
+            url=None,
+            success_url="https://shop.example.com/thanks",
+            cancel_url="https://shop.example.com/cart",
+            managed_payments={"enabled": False},
+            after_expiration=None,
+            collected_information=None,
+            payment_method_configuration_details=None,
+        )
+        if "line_items" in expand:
+            obj["line_items"] = {
+                "object": "list",
+                "data": items[:10],
+                "has_more": len(items) > 10,
+                "url": f"/v1/checkout/sessions/{cs_id}/line_items",
+            }
+        return obj
+
+    def _render_payment_intents(self, i: int, t: int, expand: frozenset[str]) -> JSON:
+        c = self.charge(i)
+        cid = self.make_id("charges", i)
+        captured = not c.failed and not c.auth
+        status = (
+            "requires_payment_method"
+            if c.failed
+            else ("requires_capture" if c.auth == AUTH_PENDING else "succeeded")
+        )
+        if c.auth and c.auth != AUTH_PENDING:
+            status = "canceled"
+        obj = dict(self.tpl["payment_intent"])
+        obj.update(
+            id=f"pi_{cid[3:]}",
+            amount=c.amount,
+            amount_capturable=c.amount if c.auth == AUTH_PENDING else 0,
+            amount_received=c.amount if captured else 0,
+            amount_details={"tip": {}},
+            canceled_at=c.auth_at if status == "canceled" else None,
+            capture_method="manual" if c.auth else "automatic",
+            client_secret=f"pi_{cid[3:]}_secret_{_b62(self._salt ^ i, 11)}",
+            created=c.created,
+            currency=self.currencies[c.currency][0],
+            customer=None if c.customer < 0 else self.make_id("customers", c.customer),
+            description="Payment for invoice" if c.invoice >= 0 else "Order payment",
+            last_payment_error=None,
+            latest_charge=cid,
+            livemode=False,
+            metadata={},
+            next_action=None,
+            payment_method=f"pm_{cid[3:]}",
+            processing=None,
+            shipping=None,
+            status=status,
+            transfer_data=None,
+            managed_payments={"enabled": False},
+            payment_method_configuration_details=None,
+        )
+        return obj
+
     # -- activity after the generated business (live mode, controls, API writes) -----------
     def _tick(self) -> int:
         """Now, but never before the newest thing that already happened (lists stay sorted)."""
@@ -1556,6 +1835,7 @@ class StripeWorld:
                 "charges": "charge.updated",
                 "invoices": "invoice.updated",
                 "products": "product.updated",
+                "payment_intents": "payment_intent.updated",
             }[resource]
             self._emit(etype, resource, index, previous)
             return self.render(resource, index)

@@ -557,7 +557,15 @@ def register(sub: Any) -> None:
     q.add_argument(
         "--stream",
         default="charges",
-        choices=("charges", "refunds", "customers", "invoices", "products", "payouts"),
+        choices=(
+            "charges",
+            "refunds",
+            "customers",
+            "invoices",
+            "products",
+            "payouts",
+            "checkout_sessions",
+        ),
     )
     q.add_argument("--limit", type=int, default=20)
     q.add_argument("--id", action="append", help="preview these Stripe ids")

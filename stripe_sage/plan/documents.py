@@ -461,6 +461,11 @@ def plan_charges(
     df = classify_charges(charges, invoice_payments)
     if df.is_empty():
         return empty_docs()
+    # Checkout (plan/orders.py): the goods session a charge paid (only its receipt posts,
+    # applied to the order's invoice), or why it waits for one. Absent: neither.
+    for col in ("order_session", "session_wait"):
+        if col not in df.columns:
+            df = df.with_columns(pl.lit(None, pl.String).alias(col))
     df = with_settlement(df, bts, "balance_transaction").with_columns(
         presentment(pl.col("amount"), pl.col("currency"), pl.col("exchange_rate")).alias(
             "presentment"
@@ -492,6 +497,7 @@ def plan_charges(
     on_account = unknown_order & pl.lit(mapping.charges.unknown_erp_order == "on_account")
     settle = money_string(pl.col("settlement_amount"), pl.col("settlement_currency"))
     missing = first_error(
+        pl.col("session_wait"),
         # A succeeded charge before Stripe created its balance transaction: no amount to
         # post yet. It waits (the next run plans it again), never a POST with null money.
         pl.when(pl.col("balance_transaction").is_null()).then(
@@ -536,7 +542,12 @@ def plan_charges(
         .otherwise(pl.lit([], pl.List(pl.String)))
     )
 
-    own = df.filter(pl.col("paid_invoice").is_null() & ~pl.col("_on_account"))
+    own = df.filter(
+        pl.col("paid_invoice").is_null()
+        & ~pl.col("_on_account")
+        & pl.col("order_session").is_null()
+        & pl.col("session_wait").is_null()
+    )
     as_order = mapping.charges.document == "sales_order_and_invoice"
     item, item_deps = _charge_item(mapping)
     line = pl.struct(
@@ -599,6 +610,8 @@ def plan_charges(
     applied_key = (
         pl.when(pl.col("paid_invoice").is_not_null())
         .then(pl.concat_str([pl.lit("invoice:"), pl.col("paid_invoice")]))
+        .when(pl.col("order_session").is_not_null())
+        .then(pl.concat_str([pl.lit("invoice:"), pl.col("order_session")]))
         .otherwise(invoice_key)
     )
     applied = pl.concat_list(

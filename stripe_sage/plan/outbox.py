@@ -32,6 +32,7 @@ from stripe_sage.plan.documents import (
 )
 from stripe_sage.plan.fx import invoice_settlements
 from stripe_sage.plan.items import plan_default_item, plan_items
+from stripe_sage.plan.orders import link_charges_to_sessions, plan_order_items, plan_orders
 from stripe_sage.reconcile.report import (
     TOPUP_CATEGORIES,
     plan_daily_journals,
@@ -186,15 +187,35 @@ def _document_slices(
         "WHERE b.id IN (SELECT balance_transaction FROM _plan_slice)"
     )
 
+    yield from _order_documents(st, mapping, pf, slice_rows)
+
     known_orders: set[str] = set()  # ERP order ids Sage has (asked once each per run)
     asked: set[str] = set()
+    sessions_read_until = _sessions_read_until(st)
     for charges in _rows_to_plan(st, "charges", _todo("charges", "cash_receipt:"), slice_rows):
-        with st.registered("_plan_slice", charges.select("id", "balance_transaction")):
+        with st.registered(
+            "_plan_slice", charges.select("id", "balance_transaction", "payment_intent")
+        ):
             bts = st.frame(bts_of_slice)
             invoice_payments = st.frame(
                 "SELECT p.* FROM staging.invoice_payments p "
                 "WHERE p.charge IN (SELECT id FROM _plan_slice)"
             )
+            # Quarantined sessions too: their charge's receipt is then blocked by the
+            # order's missing invoice (named), never posted as a second, standalone sale.
+            sessions = st.frame(
+                "SELECT payment_intent, id AS session, status AS session_status, "
+                "(mode = 'payment' AND NOT coalesce(invoice_creation, false)) AS session_goods "
+                "FROM staging.checkout_sessions "
+                "WHERE payment_intent IN (SELECT payment_intent FROM _plan_slice)"
+            )
+            looked_up = st.frame(
+                "SELECT payment_intent FROM staging.checkout_lookups "
+                "WHERE payment_intent IN (SELECT payment_intent FROM _plan_slice)"
+            )
+        charges = link_charges_to_sessions(
+            charges, sessions, looked_up, sessions_read_until, mapping
+        )
         orders: set[str] | None = None
         if sales_orders is not None:
             ids = sorted(set(charges["erp_order_id"].drop_nulls().to_list()) - asked)
@@ -292,6 +313,41 @@ def _after_posting_documents(
     )
     for invoices in _rows_to_plan(st, "invoices", closing, slice_rows):
         yield plan_invoice_closures(invoices, mapping, pf, tax_rates)
+
+
+def _sessions_read_until(st: Staging) -> dt.datetime | None:
+    """How far the ``checkout_sessions`` stream has been listed (its created cursor): every
+    session created before it is staged, with the events read in the same run."""
+    state = st.sync_state("checkout_sessions") or {}
+    cursor = state.get("created_cursor")
+    return None if cursor is None else dt.datetime.fromtimestamp(int(cursor), dt.UTC)
+
+
+def _order_documents(
+    st: Staging, mapping: Mapping, pf: pl.DataFrame | None, slice_rows: int
+) -> Iterator[pl.DataFrame]:
+    """Completed goods Checkout Sessions → sales order + invoice (plan/orders.py), with the
+    shipping and discount items they name planned first."""
+    if not mapping.orders.enabled:
+        return
+    todo = (
+        _todo("checkout_sessions", "sales_order:", "invoice:")
+        + " AND s.mode = 'payment' AND NOT coalesce(s.invoice_creation, false)"
+        + " AND s.status = 'complete'"
+    )
+    first = True
+    for sessions in _rows_to_plan(st, "checkout_sessions", todo, slice_rows):
+        if first:
+            yield plan_order_items(mapping)
+            first = False
+        with st.registered("_plan_slice", sessions.select("id")):
+            items = st.frame(
+                "SELECT s.*, s.product IN (SELECT id FROM staging.products) AS product_staged "
+                "FROM staging.checkout_line_items s "
+                "WHERE s.session IN (SELECT id FROM _plan_slice) AND "
+                + _not_quarantined("checkout_line_items")
+            )
+        yield plan_orders(sessions, items, mapping, pf)
 
 
 def _item_documents(st: Staging, mapping: Mapping) -> Iterator[pl.DataFrame]:

@@ -19,6 +19,7 @@ from stripe_sage.plan.documents import (
     plan_refunds,
 )
 from stripe_sage.plan.items import plan_items
+from stripe_sage.plan.orders import plan_orders
 from stripe_sage.plan.outbox import customer_columns
 from stripe_sage.reconcile.report import plan_payouts
 from stripe_sage.store.staging import Staging
@@ -50,6 +51,20 @@ SHOWN = {
     # Payout journals: a line in suspense (a reporting category the mapping does not know)
     # shows as the journal's flag.
     "payouts": ("id", "amount", "currency", "status", "automatic", "arrival_date"),
+    "checkout_sessions": (
+        "id",
+        "payment_intent",
+        "customer",
+        "status",
+        "currency",
+        "amount_subtotal",
+        "amount_discount",
+        "amount_shipping",
+        "amount_tax",
+        "amount_total",
+        "invoice_creation",
+        "invoice",
+    ),
 }
 
 
@@ -68,12 +83,39 @@ def _notes(stream: str, row: dict[str, Any], docs: list[dict[str, Any]]) -> list
         for d in docs:
             if d.get("flag"):
                 notes.append(f"to suspense: {d['flag']}")
+    if stream == "checkout_sessions":
+        if row.get("invoice_creation"):
+            notes.append(
+                f"created with invoice_creation: posts through its Billing invoice "
+                f"{row.get('invoice')}, not as an order"
+            )
+        elif row.get("status") != "complete":
+            notes.append(f"{row.get('status')}: nothing is posted until the session completes")
+        else:
+            notes.append(
+                f"the payment of {row.get('payment_intent')} posts only its receipt, applied "
+                "to this order's invoice"
+            )
     if stream == "charges":
         if row.get("captured") is False:
             notes.append("not captured: nothing is posted until it is (never, if released)")
         if row.get("customer") is None and any(d["doc_type"] != "customer" for d in docs):
             notes.append("guest checkout: posted to the mapping's guest customer")
     return notes
+
+
+def _line_item_notes(items: Any) -> dict[str, list[str]]:
+    """Each session's Stripe line items, in words, beside the order's lines."""
+    out: dict[str, list[str]] = {}
+    for it in items.sort("session", "position").iter_rows(named=True):
+        tax = it["amount_tax"] or 0
+        how = "incl." if it["tax_inclusive"] else "excl."
+        out.setdefault(it["session"], []).append(
+            f"line item: {it['quantity']} × {it['description']} ({it['product']}) "
+            f"subtotal {it['amount_subtotal']}, discount {it['amount_discount']}, "
+            f"tax {tax} {how}"
+        )
+    return out
 
 
 def preview(
@@ -130,6 +172,14 @@ def preview(
                 "WHERE id IN (SELECT id FROM _preview))"
             )
         docs = plan_payouts(rows, items, bts, mapping)
+    elif stream == "checkout_sessions":  # a session beside its sales order and invoice
+        with st.registered("_preview", rows.select("id")):
+            items = st.frame(
+                "SELECT s.*, s.product IN (SELECT id FROM staging.products) AS product_staged "
+                "FROM staging.checkout_line_items s WHERE s.session IN (SELECT id FROM _preview)"
+            )
+        docs = plan_orders(rows, items, mapping)
+        line_notes = _line_item_notes(items)
     else:
         raise ValueError(f"no preview for {stream!r}: choose one of {', '.join(SHOWN)}")
     by_source: dict[str, list[dict[str, Any]]] = {}
@@ -147,13 +197,10 @@ def preview(
     out = []
     for r in rows.iter_rows(named=True):
         documents = by_source.get(r["id"], [])
-        out.append(
-            {
-                "stripe": {c: r[c] for c in cols},
-                "documents": documents,
-                "notes": _notes(stream, r, documents),
-            }
-        )
+        notes = _notes(stream, r, documents)
+        if stream == "checkout_sessions":
+            notes = line_notes.get(r["id"], []) + notes
+        out.append({"stripe": {c: r[c] for c in cols}, "documents": documents, "notes": notes})
     guest = guest_customer_key(mapping)
     if stream == "charges" and guest and rows["customer"].null_count():
         # The guest customer those charges post to (created once, on first need).

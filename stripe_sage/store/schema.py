@@ -115,6 +115,12 @@ CREATE TABLE IF NOT EXISTS ops.customer_conflicts (
     stripe_values JSON, sage_updated_at TIMESTAMPTZ, stripe_changed_at TIMESTAMPTZ,
     winner VARCHAR, rule VARCHAR, decided_at TIMESTAMPTZ, run_id VARCHAR
 );
+-- Checkout: payment intents Stripe was asked about (GET /v1/checkout/sessions?payment_intent=)
+-- and the session it named (null: none); their charges never wait for a session.
+CREATE TABLE IF NOT EXISTS staging.checkout_lookups (
+    payment_intent VARCHAR PRIMARY KEY, session VARCHAR, looked_up_at TIMESTAMPTZ,
+    run_id VARCHAR
+);
 -- Write-back: each Sage id written to Stripe metadata, so none is sent twice.
 CREATE TABLE IF NOT EXISTS sage.writeback (
     stripe_id VARCHAR, field VARCHAR, value VARCHAR, written_at TIMESTAMPTZ, outcome VARCHAR,

@@ -541,6 +541,15 @@ class Staging:
                 FROM sage.xref x JOIN staging.charges ch ON ch.id = x.stripe_id
                 WHERE x.doc_type IN ('invoice', 'sales_order')
                 UNION ALL
+                -- A Checkout order: its Sage numbers on the payment intent (acknowledgement).
+                -- Payment intents are not staged: what was written is in sage.writeback.
+                SELECT '/v1/payment_intents', cs.payment_intent,
+                       CASE x.doc_type WHEN 'invoice' THEN 'sage_invoice_no'
+                            ELSE 'sage_order_no' END,
+                       x.sage_id, x.created_at, NULL
+                FROM sage.xref x JOIN staging.checkout_sessions cs ON cs.id = x.stripe_id
+                WHERE x.doc_type IN ('invoice', 'sales_order') AND cs.payment_intent IS NOT NULL
+                UNION ALL
                 SELECT '/v1/products', x.stripe_id, 'sage_item', x.sage_id, x.created_at,
                        p.metadata->>'sage_item'
                 FROM sage.xref x JOIN staging.products p ON p.id = x.stripe_id
@@ -750,6 +759,21 @@ class Staging:
                 now_utc(),
             ],
         )
+
+    def record_checkout_lookups(self, rows: Sequence[tuple[str, str | None]], run_id: str) -> None:
+        """(payment intent, session or None) pairs Stripe answered for."""
+        if not rows:
+            return
+        frame = pl.DataFrame(
+            {"payment_intent": [r[0] for r in rows], "session": [r[1] for r in rows]},
+            schema={"payment_intent": pl.String, "session": pl.String},
+        )
+        with self.registered("_lookups", frame):
+            self._exec(
+                "INSERT OR REPLACE INTO staging.checkout_lookups "
+                "SELECT payment_intent, session, ?, ? FROM _lookups",
+                [now_utc(), run_id],
+            )
 
     def windows_done(self, stream: str) -> set[tuple[int, int]]:
         rows = self.con.execute(

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from stripe_sage.store.staging import Staging, now_utc, raw_json
 from stripe_sage.stripe.client import JSON, StripeReader
-from stripe_sage.stripe.extract import OVERLAP, backfill_windows, invoice_lines, window_pages
-from stripe_sage.stripe.streams import LISTED_STREAMS
+from stripe_sage.stripe.extract import OVERLAP, backfill_windows, child_rows, window_pages
+from stripe_sage.stripe.streams import CHILD_STREAMS, LISTED_STREAMS
 
 PARQUET_SCHEMA = pa.schema([("id", pa.string()), ("created", pa.int64()), ("data", pa.string())])
 
@@ -121,19 +121,18 @@ def extract_window(reader: StripeReader, window: Window, root: Path, *, now: int
     if target.exists():
         return {window.stream: pq.ParquetFile(target).metadata.num_rows, "reused": 1}
     main = _ParquetFile(target)
-    lines = (
-        _ParquetFile(window.path(root, "invoice_lines")) if window.stream == "invoices" else None
-    )
+    child = CHILD_STREAMS.get(window.stream)
+    lines = _ParquetFile(window.path(root, child)) if child is not None else None
     for page in window_pages(reader, window.stream, window.start, window.end, now=now):
         if lines is not None:
-            lines.write(invoice_lines(reader, page))
+            lines.write(child_rows(reader, window.stream, page))
         main.write(page)
     if lines is not None:
         lines.commit()  # before the main file: the main file's presence means "all done"
     main.commit()
     out = {window.stream: main.rows}
-    if lines is not None:
-        out["invoice_lines"] = lines.rows
+    if lines is not None and child is not None:
+        out[child] = lines.rows
     return out
 
 
@@ -159,7 +158,8 @@ def merge_windows(
             raise FileNotFoundError(
                 f"backfill window files missing for {stream}: {', '.join(missing[:5])}"
             )
-        targets = [stream, "invoice_lines"] if stream == "invoices" else [stream]
+        child = CHILD_STREAMS.get(stream)
+        targets = [stream, child] if child is not None else [stream]
         with st.transaction() as con:
             for target in targets:
                 files = [str(w.path(root, target)) for w in ws if w.path(root, target).exists()]

@@ -29,7 +29,7 @@ import pyarrow as pa
 from stripe_sage.errors import NotFoundError
 from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import JSON, ListPage, StripeReader
-from stripe_sage.stripe.streams import LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
+from stripe_sage.stripe.streams import CHILD_STREAMS, LISTED_STREAMS, OBJECT_TO_STREAM, STREAMS
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,33 @@ def invoice_lines(reader: StripeReader, invoices: Iterable[JSON]) -> list[JSON]:
                 }
             )
     return out
+
+
+def checkout_line_items(reader: StripeReader, sessions: Iterable[JSON]) -> list[JSON]:
+    """Line items of each Checkout Session: the expanded ones, or all of them paged from
+    ``/v1/checkout/sessions/{id}/line_items`` when there are more (or none came expanded)."""
+    out: list[JSON] = []
+    for cs in sessions:
+        expanded = cs.get("line_items")
+        items = list((expanded or {}).get("data", []))
+        if expanded is None or expanded.get("has_more"):
+            items = []
+            for page in reader.list_pages(f"/v1/checkout/sessions/{cs['id']}/line_items"):
+                items.extend(page)
+        for position, item in enumerate(items):
+            out.append(
+                {**item, "_session": cs["id"], "_position": position, "created": cs.get("created")}
+            )
+    return out
+
+
+def child_rows(reader: StripeReader, stream: str, objects: Iterable[JSON]) -> list[JSON]:
+    """The child rows a page of ``stream`` carries (invoice lines, Checkout line items)."""
+    if stream == "invoices":
+        return invoice_lines(reader, objects)
+    if stream == "checkout_sessions":
+        return checkout_line_items(reader, objects)
+    return []
 
 
 def _exists(reader: Any, stream: str, start: int, before: int) -> bool:
@@ -362,21 +389,23 @@ class Extractor:
 
     # -- writing ---------------------------------------------------------------------------
     def _write(self, stream: str, page: list[JSON] | ListPage, source: str) -> int:
-        """Queue one page (and an invoice page's lines) for the writer thread. A listed page
-        goes as Stripe sent it: only an invoice page is parsed here, for its lines."""
+        """Queue one page (and its child rows: an invoice page's lines, a Checkout Session
+        page's line items) for the writer thread. A listed page goes as Stripe sent it: only
+        a page with children is parsed here, for them."""
         lines: list[JSON] = []
-        if stream == "invoices":
-            # Lines past the tenth are paged from Stripe here, in the HTTP thread.
+        child = CHILD_STREAMS.get(stream)
+        if child is not None:
+            # Children past the expanded ones are paged from Stripe here, in the HTTP thread.
             objects = page.objects() if isinstance(page, ListPage) else page
-            lines = invoice_lines(self.reader, objects)
+            lines = child_rows(self.reader, stream, objects)
         if isinstance(page, ListPage):
             self.writer.put_body(stream, page.body, source)
             ids = page.ids
         else:
             self.writer.put_page(stream, page, source)
             ids = [o["id"] for o in page]
-        if lines:
-            self.writer.put_page("invoice_lines", lines, source)
+        if lines and child is not None:
+            self.writer.put_page(child, lines, source)
         return len(set(ids))
 
     # -- listed streams --------------------------------------------------------------------
@@ -490,6 +519,10 @@ class Extractor:
                 patch = writeback_echo(event)
                 if patch is not None:
                     stream = OBJECT_TO_STREAM.get(obj.get("object", ""), "")
+                    if stream not in STREAMS:
+                        # e.g. payment_intent.updated from our acknowledgement write-back:
+                        # no stream keeps payment intents, nothing to merge it into.
+                        continue
                     merged = echoes.setdefault(stream, {}).setdefault(obj["id"], {})
                     for key, value in patch.items():
                         merged.setdefault(key, value)  # newest first: keep the latest value
@@ -665,6 +698,52 @@ class Extractor:
             self._refetch("balance_transactions", missing, {}, source)
         return len(missing)
 
+    def fetch_checkout_sessions_of_charges(self, source: str = "webhook") -> int:
+        """The Checkout Session of each charge re-fetched in this run whose payment intent no
+        staged session names: asked of Stripe (``GET /v1/checkout/sessions?payment_intent=``)
+        and staged when there is one. Each answer is recorded in ``staging.checkout_lookups``:
+        a charge whose payment intent Stripe has answered for never waits for a session
+        (docs/accounting.md "Orders, items and stock"). Returns the sessions found."""
+        with self.write_lock:
+            wanted = [
+                r[0]
+                for r in self.staging.con.execute(
+                    "SELECT DISTINCT data->>'payment_intent' AS pi FROM raw.charges "
+                    "WHERE run_id = ? AND data->>'payment_intent' IS NOT NULL "
+                    "AND data->>'payment_intent' NOT IN (SELECT payment_intent FROM "
+                    "staging.checkout_lookups) AND data->>'payment_intent' NOT IN ("
+                    "SELECT data->>'payment_intent' FROM raw.checkout_sessions "
+                    "WHERE data->>'payment_intent' IS NOT NULL) ORDER BY 1",
+                    [self.run_id],
+                ).fetchall()
+            ]
+        if not wanted:
+            return 0
+        stream = STREAMS["checkout_sessions"]
+        expand = [f"data.{e}" for e in stream.expand]
+
+        def lookup(pi: str) -> list[JSON]:
+            found: list[JSON] = []
+            for page in self.reader.list_pages(
+                stream.path, {"payment_intent": pi, "expand": expand}
+            ):
+                found.extend(page)
+            return found
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="x-cs-pi") as pool:
+            answers = list(pool.map(lookup, wanted))
+        sessions = [cs for found in answers for cs in found]
+        if sessions:
+            with self.writer.committing():
+                self._write("checkout_sessions", sessions, source)
+        rows = [
+            (pi, found[0]["id"] if found else None)
+            for pi, found in zip(wanted, answers, strict=True)
+        ]
+        with self.write_lock:
+            self.staging.record_checkout_lookups(rows, self.run_id)
+        return len(sessions)
+
     def _tombstone_unlisted_customers(self) -> None:
         """Stripe's customer list leaves deleted customers out: a customer the full re-read
         did not list is fetched on its own, and becomes a tombstone if Stripe says deleted."""
@@ -704,7 +783,7 @@ class Extractor:
                     out.extend(page)
                 return out
             try:
-                obj = self.reader.retrieve(s.path, object_id)
+                obj = self.reader.retrieve(s.path, object_id, s.expand)
             except NotFoundError:
                 if stream != "customers":
                     raise

@@ -491,6 +491,90 @@ STREAMS: dict[str, Stream] = {
             notes="Credit notes (issue 19): each becomes one Sage credit memo.",
         ),
         Stream(
+            "checkout_sessions",
+            "/v1/checkout/sessions",
+            "checkout.session",
+            "events",
+            (
+                ID,
+                CREATED,
+                Column("status", "VARCHAR", _str("status")),
+                Column("payment_status", "VARCHAR", _str("payment_status")),
+                Column("mode", "VARCHAR", _str("mode")),
+                Column("payment_intent", "VARCHAR", _str("payment_intent")),
+                Column("customer", "VARCHAR", _str("customer")),
+                Column("customer_email", "VARCHAR", "data->>'$.customer_details.email'"),
+                Column("customer_name", "VARCHAR", "data->>'$.customer_details.name'"),
+                CURRENCY,
+                Column("amount_subtotal", "BIGINT", _int("amount_subtotal")),
+                Column("amount_total", "BIGINT", _int("amount_total")),
+                Column(
+                    "amount_discount",
+                    "BIGINT",
+                    "coalesce(CAST(data->>'$.total_details.amount_discount' AS BIGINT), 0)",
+                ),
+                Column(
+                    "amount_shipping",
+                    "BIGINT",
+                    "coalesce(CAST(data->>'$.shipping_cost.amount_total' AS BIGINT), 0)",
+                ),
+                Column(
+                    "shipping_tax",
+                    "BIGINT",
+                    "coalesce(CAST(data->>'$.shipping_cost.amount_tax' AS BIGINT), 0)",
+                ),
+                Column(
+                    "amount_tax",
+                    "BIGINT",
+                    "coalesce(CAST(data->>'$.total_details.amount_tax' AS BIGINT), 0)",
+                ),
+                Column("invoice", "VARCHAR", _str("invoice")),
+                Column(
+                    "invoice_creation",
+                    "BOOLEAN",
+                    "coalesce(CAST(data->>'$.invoice_creation.enabled' AS BOOLEAN), false)",
+                ),
+                Column(
+                    "line_items_has_more",
+                    "BOOLEAN",
+                    "CAST(data->>'$.line_items.has_more' AS BOOLEAN)",
+                ),
+                Column("metadata", "JSON", "data->'metadata'"),
+            ),
+            expand=("line_items",),
+            notes="Checkout orders (issue 17): a goods session becomes a Sage sales order.",
+        ),
+        Stream(
+            "checkout_line_items",
+            "/v1/checkout/sessions/{parent}/line_items",
+            "item",
+            "child",
+            (
+                ID,
+                Column("session", "VARCHAR", _str("_session")),
+                Column("position", "INTEGER", "CAST(data->>'_position' AS INTEGER)"),
+                Column("description", "VARCHAR", _str("description")),
+                Column("quantity", "BIGINT", _int("quantity")),
+                CURRENCY,
+                Column("price", "VARCHAR", "data->>'$.price.id'"),
+                Column("product", "VARCHAR", "data->>'$.price.product'"),
+                Column("unit_amount", "BIGINT", "CAST(data->>'$.price.unit_amount' AS BIGINT)"),
+                Column("amount_subtotal", "BIGINT", _int("amount_subtotal")),
+                Column("amount_discount", "BIGINT", _int("amount_discount")),
+                Column("amount_tax", "BIGINT", _int("amount_tax")),
+                Column("amount_total", "BIGINT", _int("amount_total")),
+                # Tax inside the price (inclusive) or added to it (exclusive): Sage's line is
+                # net of tax either way; the planner subtracts an inclusive tax.
+                Column(
+                    "tax_inclusive",
+                    "BOOLEAN",
+                    "coalesce(data->>'$.price.tax_behavior' = 'inclusive', false)",
+                ),
+            ),
+            parent="checkout_sessions",
+            notes="Expanded with the session (≤ 10); the rest are paged.",
+        ),
+        Stream(
             "subscriptions",
             "/v1/subscriptions",
             "subscription",
@@ -530,6 +614,9 @@ STREAM_ORDER = (
     "customers",
     "products",
     "tax_rates",
+    # Before charges: a charge paid through Checkout is planned with its session.
+    "checkout_sessions",
+    "checkout_line_items",
     "charges",
     "refunds",
     "invoices",
@@ -543,3 +630,5 @@ STREAM_ORDER = (
 )
 LISTED_STREAMS = tuple(s for s in STREAM_ORDER if STREAMS[s].mode != "child")
 OBJECT_TO_STREAM = {s.object_type: s.name for s in STREAMS.values()}
+# Child streams by their parent: the parent's listed objects carry their children.
+CHILD_STREAMS = {s.parent: s.name for s in STREAMS.values() if s.parent}

@@ -43,6 +43,7 @@ SUBSCRIBED_PREFIXES = (
     "payout.",
     "balance.",
     "charge.dispute.",
+    "checkout.session.",
 )
 MAX_BODY = 512 * 1024  # Stripe's events are far smaller; larger bodies are refused (413)
 TRIGGER_EVENT = "stripe.events.received"

@@ -2,7 +2,8 @@
 
 After a Sage customer is created or matched, its id goes into the Stripe customer's
 ``metadata.sage_customer_id``; after a charge's Sage invoice (and sales order) is posted,
-their numbers go into the charge's ``metadata.sage_invoice_no`` / ``sage_order_no``; the code
+their numbers go into the charge's ``metadata.sage_invoice_no`` / ``sage_order_no`` (a
+Checkout order's into its payment intent's, the acknowledgement back to the shop); the code
 of a product's Sage item goes into the product's ``metadata.sage_item``. Each
 write carries an idempotency key derived from what it writes, respects the reader's rate
 limit, and is recorded in ``sage.writeback`` so it is never sent twice. The metadata-only

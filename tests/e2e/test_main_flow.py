@@ -138,11 +138,16 @@ def test_every_line_names_an_item_made_once_and_stock_moves(env: Env) -> None:
     seeded = {i.item: i for i in SHOP_ITEMS}
     named = {p["id"] for p in products if p["metadata"].get("sage_item") in seeded}
     made = [i for i in items.values() if i["item"] not in seeded]
-    # One per product that named no item, plus the default item; none twice.
-    assert sorted(i["reference"] or "" for i in made) == sorted(
-        ["", *(p["id"] for p in products if p["id"] not in named)]
+    # One per product that named no item, plus the default items (plain charges' sale,
+    # Checkout orders' shipping and discount); none twice.
+    assert sorted(i["reference"] for i in made if i["reference"]) == sorted(
+        p["id"] for p in products if p["id"] not in named
     )
-    assert "STRIPE-SALE" in items
+    assert sorted(i["item"] for i in made if not i["reference"]) == [
+        "STRIPE-DISCOUNT",
+        "STRIPE-SALE",
+        "STRIPE-SHIPPING",
+    ]
     for p in products:  # each product's code is in its metadata (written back, or the shop's)
         code = p["metadata"].get("sage_item")
         assert code in items, p["id"]

@@ -116,12 +116,18 @@ def expected_ids(pair: SandboxPair, streams: tuple[str, ...]) -> dict[str, list[
     out: dict[str, list[str]] = {}
     with stripe_http(pair) as http:
         for stream in streams:
-            out[stream] = [o["id"] for o in list_all(http, f"/v1/{stream}")]
+            out[stream] = [o["id"] for o in list_all(http, STREAMS[stream].path)]
         if "invoices" in streams:
             out["invoice_lines"] = [
                 line["id"]
                 for inv in out["invoices"]
                 for line in list_all(http, f"/v1/invoices/{inv}/lines")
+            ]
+        if "checkout_sessions" in streams:
+            out["checkout_line_items"] = [
+                item["id"]
+                for cs in out["checkout_sessions"]
+                for item in list_all(http, f"/v1/checkout/sessions/{cs}/line_items")
             ]
     return out
 
@@ -830,3 +836,38 @@ def test_given_one_commit_mixing_listed_pages_and_objects_of_a_stream_then_the_l
             ]
         )
         assert one(st, sql, []) == ("from an event",)
+
+
+def test_the_session_of_each_charge_is_asked_for_by_payment_intent(
+    pair: SandboxPair, st: Staging
+) -> None:
+    """The webhook path's rule (docs/accounting.md §5): a charge whose payment intent no
+    staged session names has its session looked up on Stripe, staged when there is one, and
+    every answer recorded, so the charge never waits for a session that does not exist."""
+    now = int(time.time())
+    ex = extractor(pair, st, "run-1", now)
+    ex.extract_stream("charges")
+    with stripe_http(pair) as http:
+        charges = list_all(http, "/v1/charges")
+        sessions = {cs["payment_intent"]: cs for cs in list_all(http, "/v1/checkout/sessions")}
+    intents = {c["payment_intent"] for c in charges if c["payment_intent"]}
+    assert intents & set(sessions) and intents - set(sessions)
+    found = ex.fetch_checkout_sessions_of_charges()
+    st.stage_all("run-1")
+    paid_sessions = sorted(cs["id"] for pi, cs in sessions.items() if pi in intents)
+    assert found == len(paid_sessions)
+    assert sorted(ids(st, "staging.checkout_sessions")) == paid_sessions
+    line_items = ids(st, "staging.checkout_line_items")
+    with stripe_http(pair) as http:
+        want = [
+            item["id"]
+            for cs in paid_sessions
+            for item in list_all(http, f"/v1/checkout/sessions/{cs}/line_items")
+        ]
+    assert sorted(line_items) == sorted(want)
+    answers = dict(
+        st.con.execute("SELECT payment_intent, session FROM staging.checkout_lookups").fetchall()
+    )
+    assert answers == {pi: (sessions[pi]["id"] if pi in sessions else None) for pi in intents}
+    # Asked once: a second call has nothing left to ask.
+    assert extractor(pair, st, "run-1", now).fetch_checkout_sessions_of_charges() == 0

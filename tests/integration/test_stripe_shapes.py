@@ -102,6 +102,36 @@ NULLABLE: dict[str, set[str]] = {
     "invoice_payment": set(),
     "tax_rate": {"flat_amount"},  # a percentage rate has no flat amount
     "discount": {"end"},  # a coupon of duration "once" has no end
+    "checkout.session": {
+        # Stripe documents each as nullable: no recovery set up, the default payment method
+        # configuration, nothing shipped, no URL once complete, no adaptive pricing.
+        "after_expiration",
+        "payment_method_configuration_details",
+        "shipping_address_collection",
+        "shipping_cost",
+        "url",
+        "collected_information",
+        "currency_conversion",
+        "customer_details.email",  # a buyer whose customer has no email
+    },
+    "item": {
+        # A one-time price with a fixed amount, bought in a fixed quantity.
+        "price.recurring",
+        "price.transform_quantity",
+        "price.custom_unit_amount",
+        "adjustable_quantity",
+    },
+    "payment_intent": {
+        # A succeeded intent: never cancelled, no error, nothing to do or process, no
+        # Connect transfer, nothing shipped, the default payment method configuration.
+        "canceled_at",
+        "last_payment_error",
+        "next_action",
+        "processing",
+        "transfer_data",
+        "shipping",
+        "payment_method_configuration_details",
+    },
 }
 # Fields Stripe documents as floats where the example happens to show a whole number.
 FLOATS: dict[str, set[str]] = {"tax_rate": {"percentage", "effective_percentage"}}
@@ -472,3 +502,29 @@ def test_complete_invoice_lines(raw: httpx.Client, examples: dict[str, dict[str,
         for ln in lines
         if ln["parent"]["type"] == "subscription_item_details"
     )
+
+
+def test_checkout_sessions_their_items_and_payment_intents(
+    raw: httpx.Client, examples: dict[str, dict[str, Any]]
+) -> None:
+    """Issue 17: Checkout Sessions (listed with their line items expanded), the items, and the
+    payment intents the acknowledgement writes to, in Stripe's current shapes."""
+    sessions = list_all(raw, "checkout/sessions")
+    sample = spread(sessions) + first(sessions, lambda s: s["invoice_creation"]["enabled"])
+    sample += first(sessions, lambda s: s["shipping_cost"] is not None)
+    sample += first(sessions, lambda s: s["total_details"]["amount_discount"] > 0)
+    check("checkout.session", examples, sample)
+    expanded = get(raw, "/v1/checkout/sessions", limit=5, **{"expand[]": "data.line_items"})
+    items = [it for s in expanded["data"] for it in s["line_items"]["data"]]
+    items += [
+        it for s in sample for it in get(raw, f"/v1/checkout/sessions/{s['id']}/line_items")["data"]
+    ]
+    # taxes and discounts are Stripe's includable fields of an item (not in its example)
+    check(
+        "item",
+        examples,
+        [{k: v for k, v in it.items() if k not in ("taxes", "discounts")} for it in items],
+    )
+    assert any(it["taxes"] for it in items) and any(it["quantity"] > 1 for it in items)
+    intents = [get(raw, f"/v1/payment_intents/{s['payment_intent']}") for s in sample]
+    check("payment_intent", examples, intents)

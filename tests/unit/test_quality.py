@@ -71,6 +71,12 @@ _GOOD: dict[str, Callable[[int], dict[str, Any]]] = {
     "credit_notes": lambda i: {"id": f"cn_{i:04d}", "created": CREATED, "status": "issued",
                                "invoice": f"in_{i:04d}", "customer": "cus_0000",
                                "currency": "USD", "subtotal": 1000, "total": 1082},
+    "checkout_sessions": lambda i: {"id": f"cs_test_{i:04d}", "created": CREATED,
+                                    "status": "complete", "currency": "USD",
+                                    "amount_total": 2000 + i},
+    "checkout_line_items": lambda i: {"id": f"li_{i:04d}", "session": f"cs_test_{i:04d}",
+                                      "currency": "USD", "amount_subtotal": 1000,
+                                      "quantity": 2},
 }  # fmt: skip
 
 
@@ -99,6 +105,7 @@ def known(n: int = 5) -> dict[str, set[str]]:
     return {
         "charges": {f"ch_{i:04d}" for i in range(n)},
         "invoices": {f"in_{i:04d}" for i in range(n)},
+        "checkout_sessions": {f"cs_test_{i:04d}" for i in range(n)},
     }
 
 

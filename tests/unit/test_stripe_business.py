@@ -338,6 +338,7 @@ def test_events_sorted_and_match_their_objects(data: dict[str, list[dict[str, An
         "dispute": "du_",
         "subscription": "sub_",
         "credit_note": "cn_",
+        "checkout.session": "cs_test_",
     }
     for e in events:
         obj = e["data"]["object"]
