@@ -54,6 +54,7 @@ STREAMS = (
     "balance_transactions",
     "products",
     "tax_rates",  # the invoices' tax rates give their Sage tax codes (issue 18)
+    "checkout_sessions",  # a charge paid through Checkout posts with its order (issue 17)
 )
 
 

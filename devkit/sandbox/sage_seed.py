@@ -33,9 +33,9 @@ CHART_OF_ACCOUNTS: Final[list[tuple[str, str, AccountType]]] = [
     ("6120", "Dispute Fees", "expense"),
     ("6130", "FX Fees", "expense"),
     ("6190", "Other Stripe Adjustments", "expense"),
+    ("6200", "Connected Account Transfers", "expense"),
     ("6300", "Bad Debt", "expense"),
     ("7500", "Realized FX Gain/Loss", "expense"),
-    ("6200", "Connected Account Transfers", "expense"),
     ("9990", "Suspense", "asset"),
 ]
 

@@ -48,6 +48,12 @@ def after_posting(b: Business) -> None:
     credited &= cn_at <= end
     voided &= failed_at + VOID_DELAY <= end
     written_off &= failed_at + UNCOLLECTIBLE_DELAY <= end
+    # Only settlement-currency invoices: a foreign-currency invoice awaiting settlement is
+    # not in Sage yet, and crediting one is not supported (docs/accounting.md §4).
+    domestic = ~b.ch_is_fx_invoice[b.inv_charge[open_inv]]
+    credited &= domestic
+    voided &= domestic
+    written_off &= domestic
     b.inv_voided_at = np.zeros(n_inv, np.int64)
     b.inv_voided_at[open_inv[voided]] = failed_at[voided] + VOID_DELAY
     b.inv_uncollectible_at = np.zeros(n_inv, np.int64)

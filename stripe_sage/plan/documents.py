@@ -1114,7 +1114,9 @@ def _refund_fx_journals(
             pl.col("doc_date").cast(pl.String).alias("entry_date"),
             pl.lit(mapping.source_code).alias("source_code"),
             desc.alias("description"),
-            pl.col("id").alias("reference"),
+            # The refund's own balance transaction: the refund id is the memo's reference and,
+            # when it fails, the reversing journal's (Sage finds documents by reference).
+            pl.col("balance_transaction").alias("reference"),
             cur.alias("currency"),
             pl.concat_list(
                 [

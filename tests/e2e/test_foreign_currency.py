@@ -79,10 +79,13 @@ def fx_run(
 
 
 def fx_journals(d: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Realized-FX journals by refund id (their reference is the refund's balance
+    transaction: the refund id is its memo's, and a failed refund's reversing journal's)."""
+    refund_of_bt = {r["balance_transaction"]: r["id"] for r in d["refunds"].values()}
     out: dict[str, list[dict[str, Any]]] = {}
     for j in d["journalentries"]:
         if j["description"].startswith(FX_PREFIX):
-            out.setdefault(j["reference"], []).append(j)
+            out.setdefault(refund_of_bt[j["reference"]], []).append(j)
     return out
 
 

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def main_env(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Iterator[Env]:
     mp = pytest.MonkeyPatch()
-    env = make_env(tmp_path_factory.mktemp("main"), charges=240, seed=11, monkeypatch=mp)
+    env = make_env(tmp_path_factory.mktemp("main"), charges=240, seed=15, monkeypatch=mp)
     with env.pair:
         yield env
     mp.undo()
@@ -196,7 +196,13 @@ def test_new_activity_is_picked_up_by_the_next_run(env: Env) -> None:
             and not c["disputed"]
             and c["amount_refunded"] == 0
         )
-        opened = s.get("/_sandbox/open_invoices").json()["data"]
+        # An open invoice in the settlement currency (a foreign one awaits settlement: see
+        # tests/e2e/test_foreign_currency.py), neither voided nor credited.
+        opened = [
+            i
+            for i in s.get("/_sandbox/open_invoices").json()["data"]
+            if s.get(f"/v1/invoices/{i}").json()["currency"] == "usd"
+        ]
         assert opened, "the business has an invoice whose payment failed"
         jpy = s.post(
             "/_sandbox/activity",

@@ -48,6 +48,7 @@ STREAMS_TO_LOAD = (
     "customers",
     "products",  # Billing lines name their products' items
     "tax_rates",  # ... and their tax rates the Sage tax codes (issue 18)
+    "checkout_sessions",  # a charge paid through Checkout posts with its order (issue 17)
     "charges",
     "refunds",
     "invoices",

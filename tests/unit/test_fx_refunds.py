@@ -66,7 +66,7 @@ def test_full_refund_at_a_higher_rate_reverses_the_sale_and_books_the_loss() -> 
     [memo] = payloads(docs, "credit_memo")
     assert memo["amount"] == "540.00"  # the sale, exactly: net sales back where they were
     [journal] = payloads(docs, "journal_entry")
-    assert journal["reference"] == "re_1"
+    assert journal["reference"] == "txn_r1"  # the refund id is the memo's
     assert account_total(docs, "7500") == Decimal("10.00")  # a loss: Dr FX gain/loss
     assert clearing_movement(docs) == Decimal("-550.00")  # exactly the refund's bt.amount
     assert docs.filter(pl.col("doc_type") == "journal_entry")["doc_key"].to_list() == [
