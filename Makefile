@@ -40,7 +40,7 @@ browser:
 # Two pytest workers, one test module each at a time (module fixtures stay per worker): most
 # e2e time is waiting on Prefect servers and flow-run processes, so two cores overlap it.
 test: install browser
-	$(BIN)/pytest -m "not slow" -q -n 2 --dist loadfile
+	$(BIN)/pytest -m "not slow" -q -n 2 --dist loadfile --durations=25
 
 # The unit tier alone (pure functions, no servers): well under a minute.
 test-unit: install

@@ -23,6 +23,7 @@ from tests.helpers.business import (
     outbox,
     read_only,
     run_flow,
+    run_twice_under_sage_faults,
     sage_all,
     settlement_waits,
     stripe_all,
@@ -193,22 +194,9 @@ def test_under_the_fault_mix_complete_invoices_post_exactly_once(
     env = make_env(tmp_path, charges=150, seed=19, monkeypatch=monkeypatch)
     with env.pair:
         use_env(env, monkeypatch)
-        with env.sage() as c:
-            c.post(
-                "/_sandbox/faults",
-                json={
-                    "seed": 18,
-                    "rate_503": 0.2,
-                    "rate_429": 0.1,
-                    "retry_after": 0.05,
-                    "commit_then_503_rate": 0.1,
-                },
-            ).raise_for_status()
-        first = run_flow(trigger="test")
-        with env.sage() as c:
-            injected = c.get("/_sandbox/stats").json()["faults"]
-            c.delete("/_sandbox/faults")
-        second = run_flow(trigger="test")
+        first, second, injected = run_twice_under_sage_faults(
+            env, seed=18, commit_then_503_rate=0.1
+        )
         assert injected["commit_then_503"] > 0 and injected["http_503"] > 0
         assert sum(first["load"]["deferred"].values()) == 0, first["load"]
         assert sum(second["load"]["posted"].values()) == 0

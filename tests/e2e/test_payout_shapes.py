@@ -25,6 +25,7 @@ from tests.helpers.business import (
     expected_documents,
     make_env,
     run_flow,
+    run_twice_under_sage_faults,
     sage_all,
     stripe_all,
     use_env,
@@ -377,22 +378,9 @@ def test_a_manual_account_under_sage_faults_posts_each_journal_exactly_once(
     env = make_env(tmp_path, charges=80, seed=71, monkeypatch=monkeypatch, manual_payouts=True)
     with env.pair:
         use_env(env, monkeypatch)
-        with env.sage() as c:
-            c.post(
-                "/_sandbox/faults",
-                json={
-                    "seed": 11,
-                    "rate_503": 0.2,
-                    "rate_429": 0.1,
-                    "retry_after": 0.05,
-                    "commit_then_503_rate": 0.15,
-                },
-            ).raise_for_status()
-        first = run_flow(trigger="test")
-        with env.sage() as c:
-            injected = c.get("/_sandbox/stats").json()["faults"]
-            c.delete("/_sandbox/faults")
-        second = run_flow(trigger="test")
+        first, second, injected = run_twice_under_sage_faults(
+            env, seed=11, commit_then_503_rate=0.15
+        )
         assert injected["commit_then_503"] > 0
         assert not any(first["load"]["dead"].values()) and not any(second["load"]["dead"].values())
         with env.sage() as c:

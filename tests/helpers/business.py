@@ -318,3 +318,26 @@ def run_flow(**kw: Any) -> dict[str, Any]:
     from flows.stripe_to_sage import stripe_to_sage
 
     return stripe_to_sage(**kw)
+
+
+def run_twice_under_sage_faults(
+    env: Env, *, seed: int, commit_then_503_rate: float
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """The main flow under the Sage fault mix (20 % 503, 10 % 429, commits answered 503),
+    then once more without faults: (first result, second result, faults injected)."""
+    with env.sage() as c:
+        c.post(
+            "/_sandbox/faults",
+            json={
+                "seed": seed,
+                "rate_503": 0.2,
+                "rate_429": 0.1,
+                "retry_after": 0.05,
+                "commit_then_503_rate": commit_then_503_rate,
+            },
+        ).raise_for_status()
+    first = run_flow(trigger="test")
+    with env.sage() as c:
+        injected = c.get("/_sandbox/stats").json()["faults"]
+        c.delete("/_sandbox/faults")
+    return first, run_flow(trigger="test"), injected

