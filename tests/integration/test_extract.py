@@ -212,6 +212,8 @@ def test_given_fresh_database_when_every_stream_extracted_then_raw_and_staging_m
         assert stats[stream].listed == len(expected[stream])
         windows = windows_of(st, stream)
         assert stats[stream].windows == len(windows), stream
+        if not expected[stream]:  # an empty stream (credit notes, above): nothing listed
+            continue
         assert_contiguous(windows, oldest(st, stream), now)
         assert sum(w[2] for w in windows) == len(expected[stream])  # every row exactly once
         assert {w[3] for w in windows} == {"run-1"}
