@@ -999,12 +999,12 @@ def plan_refunds(
         journals = failed.with_columns(
             pl.lit("journal_entry").alias("doc_type"),
             pl.concat_str([pl.lit("refund_failure:"), pl.col("id")]).alias("stripe_key"),
-            pl.struct(
-                pl.col("failure_date").cast(pl.String).alias("entry_date"),
-                pl.lit(mapping.source_code).alias("source_code"),
-                desc.alias("description"),
-                pl.col("id").alias("reference"),
-                cur.alias("currency"),
+            journal_payload(
+                mapping,
+                pl.col("failure_date"),
+                desc,
+                pl.col("id"),
+                cur,
                 pl.concat_list(
                     [
                         journal_line(clearing, pl.col("failure_amount"), cur, desc),
@@ -1015,8 +1015,7 @@ def plan_refunds(
                             desc,
                         ),
                     ]
-                )
-                .list.concat(
+                ).list.concat(
                     pl.when(back != 0)
                     .then(
                         pl.concat_list(
@@ -1024,8 +1023,7 @@ def plan_refunds(
                         )
                     )
                     .otherwise(pl.lit([], pl.List(JOURNAL_LINE)))
-                )
-                .alias("lines"),
+                ),
             ).alias("payload"),
             pl.lit([], pl.List(pl.String)).alias("depends_on"),
             first_error(
@@ -1093,6 +1091,26 @@ def journal_line(account: pl.Expr, signed: pl.Expr, currency: pl.Expr, desc: pl.
     )
 
 
+def journal_payload(
+    mapping: Mapping,
+    date: pl.Expr,
+    desc: pl.Expr,
+    reference: pl.Expr,
+    currency: pl.Expr,
+    lines: pl.Expr,
+) -> pl.Expr:
+    """A Sage journal entry's payload (source code from the mapping; ``lines`` of
+    ``journal_line``)."""
+    return pl.struct(
+        date.cast(pl.String).alias("entry_date"),
+        pl.lit(mapping.source_code).alias("source_code"),
+        desc.alias("description"),
+        reference.alias("reference"),
+        currency.alias("currency"),
+        lines.alias("lines"),
+    )
+
+
 def _refund_fx_journals(
     df: pl.DataFrame, mapping: Mapping, periods: pl.DataFrame | None
 ) -> pl.DataFrame:
@@ -1110,20 +1128,20 @@ def _refund_fx_journals(
     journals = fx.with_columns(
         pl.lit("journal_entry").alias("doc_type"),
         pl.concat_str([pl.lit("refund_fx:"), pl.col("id")]).alias("stripe_key"),
-        pl.struct(
-            pl.col("doc_date").cast(pl.String).alias("entry_date"),
-            pl.lit(mapping.source_code).alias("source_code"),
-            desc.alias("description"),
+        journal_payload(
+            mapping,
+            pl.col("doc_date"),
+            desc,
             # The refund's own balance transaction: the refund id is the memo's reference and,
             # when it fails, the reversing journal's (Sage finds documents by reference).
-            pl.col("balance_transaction").alias("reference"),
-            cur.alias("currency"),
+            pl.col("balance_transaction"),
+            cur,
             pl.concat_list(
                 [
                     journal_line(pl.lit(mapping.accounts.fx_gain_loss), d, cur, desc),
                     journal_line(clearing, -d, cur, desc),
                 ]
-            ).alias("lines"),
+            ),
         ).alias("payload"),
         pl.lit([], pl.List(pl.String)).alias("depends_on"),
     )
