@@ -692,9 +692,9 @@ def test_two_runs_racing_for_the_same_new_products_create_each_item_once(
 
     def record(response: httpx.Response) -> None:
         request = response.request
-        if request.method == "POST" and request.url.path == "/api/v1/items":
-            if response.status_code >= 400:
-                refused_item_posts.append(response.status_code)
+        item_post = request.method == "POST" and request.url.path == "/api/v1/items"
+        if item_post and response.status_code >= 400:
+            refused_item_posts.append(response.status_code)
 
     runs = []
     for n in (1, 2):
