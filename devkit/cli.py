@@ -41,6 +41,12 @@ def _business_args(p: argparse.ArgumentParser, charges: int) -> None:
         action="store_true",
         help="the account is paid out only manually (weekly payouts Stripe does not itemise)",
     )
+    g.add_argument(
+        "--interim-manual-payouts",
+        action="store_true",
+        help="an automatic account also paid out by hand twice (a standard and an instant "
+        "payout between automatic ones)",
+    )
 
 
 def _business(args: argparse.Namespace) -> BusinessConfig:
@@ -52,6 +58,7 @@ def _business(args: argparse.Namespace) -> BusinessConfig:
         days=args.days,
         end=args.end if args.end is not None else default_end(),
         manual_payouts=getattr(args, "manual_payouts", False),
+        interim_manual_payouts=getattr(args, "interim_manual_payouts", False),
     )
 
 

@@ -183,13 +183,11 @@ class ItemMapping(BaseModel):
     default_item: str = Field(default="STRIPE-SALE", pattern=r"^[A-Z0-9_-]{1,20}$")
     default_description: str = Field(default="Stripe sale", min_length=1, max_length=60)
     fields: dict[str, FieldRule] = Field(default_factory=_default_item_fields)
-    # Checkout orders (issue 17): the shipping of a session is a line of this item, its
-    # discount a negative invoice line of that one; both created in Sage (service items)
-    # when Sage lacks them, on first need.
+    # Checkout orders (issue 17): the shipping of a session is a line of this item, created
+    # in Sage (a service item) when Sage lacks it, on first need. (A session's discount is
+    # its invoice's discount_amount: no item.)
     shipping_item: str = Field(default="STRIPE-SHIPPING", pattern=r"^[A-Z0-9_-]{1,20}$")
     shipping_description: str = Field(default="Shipping", min_length=1, max_length=60)
-    discount_item: str = Field(default="STRIPE-DISCOUNT", pattern=r"^[A-Z0-9_-]{1,20}$")
-    discount_description: str = Field(default="Discount", min_length=1, max_length=60)
 
     @model_validator(mode="after")
     def _known_fields(self) -> ItemMapping:

@@ -601,7 +601,7 @@ def create_stripe_app(
                 )
             elif resource == "balance_transactions" and key == "payout":
                 p = lookup("payouts", value, key)
-                if world.config.manual_payouts:  # Stripe itemises automatic payouts only
+                if not b.po_automatic[p]:  # Stripe itemises automatic payouts only
                     raise StripeApiError(
                         400,
                         "Balance transaction history can only be filtered on automatic "

@@ -179,6 +179,11 @@ class BusinessConfig:
     # pays nothing out by itself; the merchant pays out weekly (automatic=false payouts,
     # which Stripe will not itemise).
     manual_payouts: bool = False
+    # An account with automatic payouts whose merchant also pays out by hand now and then
+    # (issue 21): one standard and one instant payout (automatic=false, which Stripe will not
+    # itemise), each taking the balance available at that moment between two automatic
+    # payouts. Ignored with manual_payouts.
+    interim_manual_payouts: bool = False
 
     @property
     def start(self) -> int:
@@ -631,16 +636,41 @@ class Business:
         failed_payout = -1
         carry: list[np.ndarray] = []
         carry_extra: list[int] = []
+        po_arrival: list[int] = []
+        po_method: list[str] = []  # "standard" | "instant"
+        po_automatic: list[bool] = []
         pos = 0
         fail_after = c.start + c.days * DAY // 2
         first_day = int(midnight(c.start)) + 2 * DAY
         # Manual payouts: the merchant pays out the available balance once a week.
         every = 7 * DAY if c.manual_payouts else DAY
+        interim = self._interim_payout_times(first_day)
         for day in range(first_day, int(midnight(c.end)) + 1, every):
             created = day + 6 * HOUR
             if created > c.end - HOUR:
                 break
-            nxt = int(np.searchsorted(avail_sorted, day, side="right"))
+            for when, method in [x for x in interim if x[0] < created]:
+                # A payout by hand takes what is available at that moment and not paid out.
+                interim.remove((when, method))
+                upto = int(np.searchsorted(avail_sorted, when, side="right"))
+                carry.append(by_avail[pos:upto])
+                pos = upto
+                members = np.concatenate(carry)
+                total = int(net[members].sum())
+                if total <= 0:  # nothing to take: the merchant tries again the next day
+                    interim.append((when + DAY, method))
+                    continue
+                payout_of[members] = len(po_created)
+                po_created.append(when)
+                po_amount.append(total)
+                # Instant: in the bank within the half hour; standard: two days later.
+                po_arrival.append(
+                    when + 30 * 60 if method == "instant" else int(midnight(when)) + 2 * DAY
+                )
+                po_method.append(method)
+                po_automatic.append(False)
+                carry = []
+            nxt = max(pos, int(np.searchsorted(avail_sorted, day, side="right")))
             carry.append(by_avail[pos:nxt])
             pos = nxt
             carry_extra += [
@@ -655,6 +685,9 @@ class Business:
             p = len(po_created)
             po_created.append(created)
             po_amount.append(total)
+            po_arrival.append(day + 2 * DAY)
+            po_method.append("standard")
+            po_automatic.append(not c.manual_payouts)
             payout_of[members] = p
             for k in carry_extra:
                 extra_payout_of[k] = p
@@ -674,7 +707,9 @@ class Business:
         self.po_created_arr = np.array(po_created, np.int64)
         self.payouts = Table(self.po_created_arr)
         self.po_amount = np.array(po_amount, np.int64)
-        self.po_arrival = midnight(self.po_created_arr) + 2 * DAY
+        self.po_arrival = np.array(po_arrival, np.int64)
+        self.po_method = np.array(po_method, dtype=object)
+        self.po_automatic = np.array(po_automatic, bool)
         self.failed_payout = failed_payout
         self.po_failed_at = np.zeros(n_po, np.int64)
         if failed_payout >= 0:
@@ -726,6 +761,23 @@ class Business:
         by_payout = np.lexsort((np.arange(len(order)), self.bt_payout))
         self.bt_by_payout = by_payout[self.bt_payout[by_payout] >= 0].astype(np.int64)
         self.bt_by_payout_key = self.bt_payout[self.bt_by_payout]
+
+    def _interim_payout_times(self, first_day: int) -> list[tuple[int, str]]:
+        """When the merchant of an account with automatic payouts paid out by hand
+        (``interim_manual_payouts``): a standard payout about a third into the business and an
+        instant one about two thirds in, each in the small hours, before that day's automatic
+        payout (charges become available at midnight: they take those). From their own rng,
+        so the other draws do not shift."""
+        c = self.config
+        if not c.interim_manual_payouts or c.manual_payouts:
+            return []
+        rng = np.random.default_rng(c.seed + 2_200)
+        span = int(midnight(c.end)) - first_day
+        out = []
+        for share, method in ((0.33, "standard"), (0.66, "instant")):
+            day = int(midnight(first_day + int(span * share)))
+            out.append((day + int(rng.integers(1 * HOUR, 5 * HOUR)), method))
+        return out
 
     def _balance_shapes(self, add: Any) -> None:
         """Top-ups (one reversed), Connect application fees (one partly refunded) and

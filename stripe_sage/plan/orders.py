@@ -10,9 +10,10 @@ the session posts only its cash receipt, applied to that invoice (``plan_charges
 - Lines: the product's item (as Billing lines: ``item_codes.line_item``), Stripe's quantity, the
   unit price net of tax (an inclusive tax is subtracted; ``line_amounts.line_price_exprs`` keeps
   the extension exact), the line's description; shipping is a line of the mapping's shipping
-  item; the discount a negative invoice line of its discount item (Sage's sales-order lines may
-  not be negative, and the invoice of this Sage version has no discount field). The invoice's
-  ``tax_amount`` is the session's tax, so lines + tax = the session's ``amount_total``.
+  item. The session's discount is the invoice's ``discount_amount`` (Sage v1.1, as on Billing
+  invoices); the sales order carries the lines before it (Sage's sales order has no discount
+  field, and its lines may not be negative). The invoice's ``tax_amount`` is the session's
+  tax, so lines − discount + tax = the session's ``amount_total``.
 
 Which charges wait for a session (:func:`link_charges_to_sessions`): a charge carries no
 marker of a session of its own, so its payment intent is looked for among the staged
@@ -55,22 +56,16 @@ def goods_session() -> pl.Expr:
     return (pl.col("mode") == "payment") & ~pl.col("invoice_creation").fill_null(False)
 
 
-def order_item_keys(mapping: Mapping) -> tuple[str, str]:
-    """The doc keys of the shipping and discount items (planned like the default item)."""
-    return (
-        f"item:default:{mapping.items.shipping_item}",
-        f"item:default:{mapping.items.discount_item}",
-    )
+def shipping_item_key(mapping: Mapping) -> str:
+    """The doc key of the shipping item (planned like the default item)."""
+    return f"item:default:{mapping.items.shipping_item}"
 
 
 def plan_order_items(mapping: Mapping) -> pl.DataFrame:
-    """The shipping and discount items, created by the loader when Sage lacks them (linked
-    when it has them), planned when a slice of orders first needs them."""
+    """The shipping item, created by the loader when Sage lacks it (linked when it has it),
+    planned when a slice of orders first needs it."""
     items = mapping.items
-    codes = [
-        (items.shipping_item, items.shipping_description),
-        (items.discount_item, items.discount_description),
-    ]
+    codes = [(items.shipping_item, items.shipping_description)]
     df = pl.DataFrame(
         {
             "id": [f"default:{code}" for code, _ in codes],
@@ -160,7 +155,7 @@ def plan_orders(
     df = sessions.filter(goods_session() & (pl.col("status") == "complete"))
     if df.is_empty() or not mapping.orders.enabled:
         return empty_docs()
-    shipping_key, discount_key = order_item_keys(mapping)
+    shipping_key = shipping_item_key(mapping)
     item, item_key = line_item(pl.col("product"), mapping)
     staged = pl.col("product_staged") if "product_staged" in items.columns else pl.lit(True)
     # Net of tax: an inclusive tax is inside the line's subtotal; an exclusive one is not.
@@ -210,23 +205,11 @@ def plan_orders(
         pl.lit("1").alias("quantity"),
         money_string(pl.col("shipping_net"), cur).alias("unit_price"),
     )
-    discount_line = pl.struct(
-        pl.lit(mapping.items.discount_item).alias("item"),
-        pl.lit(mapping.items.discount_description).alias("description"),
-        pl.lit("1").alias("quantity"),
-        money_string(-pl.col("amount_discount"), cur).alias("unit_price"),
-    )
     with_shipping = pl.col("shipping_net") > 0
-    with_discount = pl.col("amount_discount") > 0
     order_lines = (
         pl.when(with_shipping)
         .then(pl.concat_list([pl.col("item_lines"), pl.concat_list([shipping_line])]))
         .otherwise(pl.col("item_lines"))
-    )
-    invoice_lines = (
-        pl.when(with_discount)
-        .then(pl.concat_list([order_lines, pl.concat_list([discount_line])]))
-        .otherwise(order_lines)
     )
     lines_total = pl.col("items_net") + pl.col("shipping_net") - pl.col("amount_discount")
     error = first_error(
@@ -295,18 +278,11 @@ def plan_orders(
             cur.alias("currency"),
             pl.col("payment_intent").alias("reference"),
             pl.concat_str([pl.lit("@xref:"), order_key]).alias("sales_order_no"),
-            invoice_lines.alias("lines"),
+            order_lines.alias("lines"),
+            money_string(pl.col("amount_discount"), cur).alias("discount_amount"),
             money_string(pl.col("amount_tax"), cur).alias("tax_amount"),
             money_string(pl.col("amount_total"), cur).alias("total"),
         ).alias("payload"),
-        pl.concat_list(
-            [
-                base_deps,
-                pl.concat_list([order_key]),
-                pl.when(with_discount)
-                .then(pl.lit([discount_key]))
-                .otherwise(pl.lit([], pl.List(pl.String))),
-            ]
-        ).alias("depends_on"),
+        pl.concat_list([base_deps, pl.concat_list([order_key])]).alias("depends_on"),
     )
     return pl.concat([_docs(orders, mapping, periods), _docs(invoices, mapping, periods)])

@@ -35,6 +35,7 @@ from stripe_sage.plan.items import plan_default_item, plan_items
 from stripe_sage.plan.orders import link_charges_to_sessions, plan_order_items, plan_orders
 from stripe_sage.reconcile.report import (
     TOPUP_CATEGORIES,
+    daily_recognition_sql,
     plan_daily_journals,
     plan_payouts,
     plan_topups,
@@ -384,8 +385,10 @@ def _payout_documents(
 def _balance_documents(
     st: Staging, mapping: Mapping, pf: pl.DataFrame | None, today: dt.date | None = None
 ) -> Iterator[pl.DataFrame]:
-    """Top-up journals, and on an account paid out only manually the daily journals of the
-    fees and adjustments no automatic payout recognises (docs/accounting.md, section 6)."""
+    """Top-up journals, and the daily journals of the fees and adjustments no automatic
+    payout recognises: on an account paid out only manually every day's, on one with
+    automatic payouts those of the days a manual (or instant) payout swept transactions
+    from (docs/accounting.md, section 6)."""
     topups = st.frame(
         f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.balance_transactions s "
         "WHERE s.reporting_category IN (SELECT unnest(?::VARCHAR[])) AND "
@@ -395,15 +398,12 @@ def _balance_documents(
         [list(TOPUP_CATEGORIES)],
     )
     yield plan_topups(topups, mapping, pf)
-    if not st.payouts_manual_only():
-        return
     today = today or dt.datetime.now(dt.UTC).date()
-    # Transactions no automatic payout itemises, of days whose journal is not settled
+    # Transactions no automatic payout recognises, of days whose journal is not settled
     # (a day is planned once it has ended, with all its transactions staged).
     unitemised = st.frame(
         f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.balance_transactions s "
-        "WHERE NOT EXISTS (SELECT 1 FROM staging.payout_items i "
-        "WHERE i.balance_transaction = s.id) AND "
+        f"WHERE {daily_recognition_sql(st.payouts_manual_only(), 's')} AND "
         + _not_quarantined("balance_transactions")
         + " AND CAST(timezone('UTC', s.created) AS DATE) < ? "
         "AND NOT EXISTS (SELECT 1 FROM _settled k WHERE k.doc_key = 'journal_entry:stripe_day:' "

@@ -110,6 +110,34 @@ def itemise_payouts(
     return total
 
 
+# -- which transactions a daily journal recognises -----------------------------------------
+def daily_recognition_sql(manual_only: bool, bt: str = "b") -> str:
+    """A SQL condition on the balance transaction aliased ``bt``: no automatic payout
+    recognises it, so the daily journal of its day does (docs/accounting.md, section 6).
+
+    On an account paid out only manually that is every transaction no payout itemises. On an
+    account with automatic payouts it is what a manual (or instant) payout swept in between:
+    not itemised by any automatic payout although one itemises a transaction of the same
+    currency that became available after it (a later automatic payout would have taken it),
+    and only once every paid automatic payout is itemised (one not read yet could be the
+    payout that holds it). The payouts' own transactions do not count as "later": an
+    automatic payout is created after what it pays out became available."""
+    unitemised = (
+        f"NOT EXISTS (SELECT 1 FROM staging.payout_items i WHERE i.balance_transaction = {bt}.id)"
+    )
+    if manual_only:
+        return unitemised
+    return f"""{unitemised}
+        AND {bt}.available_on < (
+            SELECT max(x.available_on) FROM staging.payout_items i
+            JOIN staging.balance_transactions x ON x.id = i.balance_transaction
+            WHERE x.reporting_category <> 'payout' AND x.currency = {bt}.currency)
+        AND NOT EXISTS (
+            SELECT 1 FROM staging.payouts p WHERE p.automatic
+              AND p.status IN ('paid', 'failed')
+              AND NOT EXISTS (SELECT 1 FROM staging.payout_items i WHERE i.payout = p.id))"""
+
+
 # -- planning payout journals --------------------------------------------------------------
 def _account(mapping: Mapping, name: str, currency: str) -> str | None:
     return gl_account(mapping, name, currency)
@@ -323,9 +351,9 @@ def plan_daily_journals(
     today: dt.date,
     periods: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """On an account paid out manually: one journal per settlement currency and UTC day
-    before ``today`` recognising the fees and the categories no document posts of the
-    transactions ``bts`` (those no automatic payout itemises), Clearing the balancing line.
+    """One journal per settlement currency and UTC day before ``today`` recognising the
+    fees and the categories no document posts of the transactions ``bts`` (those no
+    automatic payout recognises: ``daily_recognition_sql``), Clearing the balancing line.
     Days whose transactions only move gross amounts (nothing to recognise) get no journal."""
     if bts.is_empty():
         return empty_docs()
@@ -353,7 +381,7 @@ def plan_daily_journals(
             f"stripe_day:{cur}:{day}",
             day_reference(str(cur), day),
             day,
-            f"Stripe fees and adjustments {day} (manual payouts)",
+            f"Stripe fees and adjustments {day} (daily journal)",
             str(cur),
             list(lines),
             [],
@@ -525,10 +553,13 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     that explain it (not posted, each with its state — dead, waiting, blocked, pending,
     quarantined — and its reason).
 
-    On an account paid out only manually the Stripe side is its balance: the gross of every
-    transaction a document posts (its payouts' own included), less the fees and other
-    amounts of the days that have ended (their daily journals)."""
+    A manual (or instant) payout's own transaction is what its journal posts, so it counts
+    on the Stripe side, and so do the fees and other amounts of the ended days' daily
+    journals (``daily_recognition_sql``): on an account paid out only manually the Stripe side
+    is then its balance; on one with automatic payouts, the transactions a manual payout
+    swept in between are recognised by their days' journals."""
     manual = st.payouts_manual_only()
+    swept = daily_recognition_sql(manual)
     today = dt.datetime.now(dt.UTC).date()
     out = []
     for currency, account in mapping.accounts.clearing.items():
@@ -550,7 +581,7 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
             [account, currency],
         ).fetchall()[0][0]
         docs = st.frame(
-            """
+            f"""
             WITH cleared AS (
                 SELECT i.balance_transaction FROM staging.payout_items i
                 JOIN sage.outbox o ON o.doc_key = 'journal_entry:' || i.payout
@@ -571,10 +602,11 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
                 WHERE b.currency = ?1 AND (b.reporting_category IN
                     ('charge', 'refund', 'refund_failure', 'payout_reversal', 'topup',
                      'topup_reversal')
-                    -- Manual only: a payout's own transaction is what its journal posts.
-                    OR (?2 AND b.reporting_category = 'payout'))),
-            -- Manual only: what each ended day's journal recognises (fees, and the whole
-            -- amount of the categories no document posts).
+                    -- A manual payout's own transaction is what its journal posts.
+                    OR (b.reporting_category = 'payout' AND (?2 OR b.source IN
+                        (SELECT id FROM staging.payouts WHERE NOT automatic))))),
+            -- What each ended day's journal recognises (fees, and the whole amount of the
+            -- categories no document posts) of the transactions no automatic payout does.
             daily AS (
                 -- Its effect on clearing: less the fee, plus the amount (a dispute takes
                 -- money out, an application fee brings it in).
@@ -585,10 +617,9 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
                         || CAST(CAST(timezone('UTC', b.created) AS DATE) AS VARCHAR) AS doc_key,
                     false AS is_cleared
                 FROM staging.balance_transactions b
-                WHERE ?2 AND b.currency = ?1
+                WHERE b.currency = ?1
                   AND CAST(timezone('UTC', b.created) AS DATE) < ?4
-                  AND NOT EXISTS (SELECT 1 FROM staging.payout_items i
-                                  WHERE i.balance_transaction = b.id)),
+                  AND {swept}),
             rec AS (SELECT * FROM own UNION ALL SELECT * FROM daily WHERE amount <> 0)
             SELECT rec.*,
                 coalesce(o.status, CASE WHEN q.reason IS NOT NULL THEN 'quarantined'

@@ -19,6 +19,7 @@ import pytest
 from stripe_sage.mapping import load_mapping
 from tests.helpers.business import (
     Env,
+    is_goods_order,
     make_env,
     outbox,
     read_only,
@@ -188,9 +189,11 @@ def test_analysts_see_subscriptions_and_mrr(env: Env) -> None:
     assert all(r[4] is not None and r[3] >= 1 for r in items)
 
 
-def test_under_the_fault_mix_complete_invoices_post_exactly_once(
+def test_under_the_fault_mix_complete_invoices_and_orders_post_exactly_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
 ) -> None:
+    """One business under the Sage fault mix: its Billing invoices (here) and its Checkout
+    orders (``_orders_posted_once``) each post exactly once."""
     env = make_env(tmp_path, charges=150, seed=19, monkeypatch=monkeypatch)
     with env.pair:
         use_env(env, monkeypatch)
@@ -215,3 +218,29 @@ def test_under_the_fault_mix_complete_invoices_post_exactly_once(
             assert cents(doc["discount_amount"]) == sum(
                 d["amount"] for d in inv["total_discount_amounts"]
             )
+        _orders_posted_once(env)
+
+
+def _orders_posted_once(env: Env) -> None:
+    """Each goods Checkout Session: one sales order, one invoice of it (total and discount
+    Stripe's), and its charge's one receipt applied to that invoice; nothing else in Sage
+    names the session's payment intent or its charge."""
+    with env.stripe() as s:
+        sessions = [x for x in stripe_all(s, "/v1/checkout/sessions") if is_goods_order(x)]
+        charge_of = {c["payment_intent"]: c for c in stripe_all(s, "/v1/charges")}
+    with env.sage() as c:
+        orders, invoices, receipts = (
+            sage_all(c, name) for name in ("salesorders", "invoices", "cashreceipts")
+        )
+    assert sessions
+    for x in sessions:
+        pi, charge = x["payment_intent"], charge_of[x["payment_intent"]]["id"]
+        [order] = [o for o in orders if o["reference"] == pi]
+        [invoice] = [i for i in invoices if i["reference"] == pi]
+        assert invoice["sales_order_no"] == order["order_no"] and order["status"] == "invoiced"
+        assert cents(invoice["total"]) == x["amount_total"], x["id"]
+        assert cents(invoice["discount_amount"]) == x["total_details"]["amount_discount"]
+        assert not [i for i in invoices if i["reference"] == charge]  # no standalone sale
+        [receipt] = [r for r in receipts if r["reference"] == charge]
+        assert [a["invoice_no"] for a in receipt["apply_to"]] == [invoice["invoice_no"]]
+        assert cents(invoice["balance_due"]) == 0

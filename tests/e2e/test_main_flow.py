@@ -139,12 +139,11 @@ def test_every_line_names_an_item_made_once_and_stock_moves(env: Env) -> None:
     named = {p["id"] for p in products if p["metadata"].get("sage_item") in seeded}
     made = [i for i in items.values() if i["item"] not in seeded]
     # One per product that named no item, plus the default items (plain charges' sale,
-    # Checkout orders' shipping and discount); none twice.
+    # Checkout orders' shipping); none twice.
     assert sorted(i["reference"] for i in made if i["reference"]) == sorted(
         p["id"] for p in products if p["id"] not in named
     )
     assert sorted(i["item"] for i in made if not i["reference"]) == [
-        "STRIPE-DISCOUNT",
         "STRIPE-SALE",
         "STRIPE-SHIPPING",
     ]

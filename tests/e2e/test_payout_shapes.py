@@ -1,7 +1,8 @@
 """Every payout shape end to end (issue 21, docs/accounting.md section 6), on two sandbox
 businesses: one paid out automatically (with top-ups, one reversed, Connect application fees
-and transfers, and a reporting category no mapping knows), and one whose account is paid out
-only manually. Expectations are computed from the Stripe side (its listings)."""
+and transfers, a reporting category no mapping knows, and a standard and an instant payout
+made by hand between automatic ones), and one whose account is paid out only manually.
+Expectations are computed from the Stripe side (its listings)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tests.helpers.business import (
     run_twice_under_sage_faults,
     sage_all,
     stripe_all,
+    swept_by_manual_payouts,
     use_env,
 )
 from tests.helpers.servers import BIN
@@ -56,7 +58,14 @@ class Shapes:
 
 def _business(tmp: pytest.TempPathFactory, name: str, seed: int, manual: bool) -> Iterator[Shapes]:
     mp = pytest.MonkeyPatch()
-    env = make_env(tmp.mktemp(name), charges=150, seed=seed, monkeypatch=mp, manual_payouts=manual)
+    env = make_env(
+        tmp.mktemp(name),
+        charges=150,
+        seed=seed,
+        monkeypatch=mp,
+        manual_payouts=manual,
+        interim_manual_payouts=not manual,
+    )
     with env.pair:
         use_env(env, mp)
         result = run_flow(trigger="test")
@@ -99,14 +108,21 @@ def _payout_journals_balance_and_bank_is_the_amount(shapes: Shapes) -> None:
 def test_every_payout_journal_balances_and_its_bank_line_is_the_payout(
     auto: Shapes, manual: Shapes
 ) -> None:
-    assert all(p["automatic"] for p in auto.payouts)
+    # The automatic account also paid out by hand: once standard, once instant.
+    by_hand = [p for p in auto.payouts if not p["automatic"]]
+    assert sorted(p["method"] for p in by_hand) == ["instant", "standard"]
     assert not any(p["automatic"] for p in manual.payouts)
     _payout_journals_balance_and_bank_is_the_amount(auto)
     _payout_journals_balance_and_bank_is_the_amount(manual)
     # A manual payout's journal is the amount from clearing to the bank, nothing else.
-    refs = manual.by_reference()
-    for p in manual.payouts:
-        if p["status"] == "paid":
+    for shapes in (auto, manual):
+        _manual_payout_journals_move_the_amount_to_the_bank(shapes)
+
+
+def _manual_payout_journals_move_the_amount_to_the_bank(shapes: Shapes) -> None:
+    refs = shapes.by_reference()
+    for p in shapes.payouts:
+        if p["status"] == "paid" and not p["automatic"]:
             [j] = refs[p["id"]]
             assert lines_by_account(j) == {BANK: p["amount"], CLEARING: -p["amount"]}
             assert (
@@ -132,40 +148,42 @@ def test_top_up_journals_exist_once_and_a_reversal_reverses_its_top_up(auto: Sha
 
 
 def test_connect_categories_post_to_their_accounts_inside_the_payout(auto: Shapes) -> None:
+    """Each Connect transaction is recognised by the journal of the automatic payout that
+    lists it, or, when a payout made by hand took it, by its day's journal."""
     refs = auto.by_reference()
+    earning = ("platform_earning", "platform_earning_refund")
+    transfers = ("transfer", "transfer_reversal")
     with auto.env.stripe() as s:
-        for cat, account in (
-            ("platform_earning", "4020"),
-            ("platform_earning_refund", "4020"),
-            ("transfer", "6200"),
-            ("transfer_reversal", "6200"),
-        ):
-            found = [b for b in auto.bts if b["reporting_category"] == cat]
-            assert found, cat
-            for b in found:
-                payout = next(
-                    p
-                    for p in auto.payouts
-                    if p["status"] in ("paid", "failed")
-                    and b["id"]
-                    in {x["id"] for x in stripe_all(s, "/v1/balance_transactions", payout=p["id"])}
-                )
-                members = stripe_all(s, "/v1/balance_transactions", payout=payout["id"])
-                want = -sum(
-                    m["amount"]
-                    for m in members
-                    if (m["reporting_category"] in ("platform_earning", "platform_earning_refund"))
-                    == (account == "4020")
-                    and m["reporting_category"]
-                    in (
-                        "platform_earning",
-                        "platform_earning_refund",
-                        "transfer",
-                        "transfer_reversal",
-                    )
-                )
-                [j] = refs[payout["id"]]
-                assert lines_by_account(j).get(account, 0) == want, (cat, payout["id"])
+        listed = {
+            p["id"]: stripe_all(s, "/v1/balance_transactions", payout=p["id"])
+            for p in auto.payouts
+            if p["automatic"] and p["status"] in ("paid", "failed")
+        }
+        swept = swept_by_manual_payouts(s, auto.bts, auto.payouts)
+    recognised_by: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+    for po, members in listed.items():
+        recognised_by |= {m["id"]: (po, members) for m in members}
+    for m in swept:
+        ref = f"STRIPE-DAY-USD-{dt.datetime.fromtimestamp(m['created'], dt.UTC).date()}"
+        same_day = [x for x in swept if f"STRIPE-DAY-USD-{_utc_day(x)}" == ref]
+        recognised_by[m["id"]] = (ref, same_day)
+    for cat, account, group in (
+        ("platform_earning", "4020", earning),
+        ("platform_earning_refund", "4020", earning),
+        ("transfer", "6200", transfers),
+        ("transfer_reversal", "6200", transfers),
+    ):
+        found = [b for b in auto.bts if b["reporting_category"] == cat]
+        assert found, cat
+        for b in found:
+            ref, members = recognised_by[b["id"]]
+            want = -sum(m["amount"] for m in members if m["reporting_category"] in group)
+            [j] = refs[ref]
+            assert lines_by_account(j).get(account, 0) == want, (cat, ref)
+
+
+def _utc_day(b: dict[str, Any]) -> dt.date:
+    return dt.datetime.fromtimestamp(b["created"], dt.UTC).date()
 
 
 def test_a_made_up_category_lands_in_suspense_its_payout_posts_and_an_alert_names_it(
@@ -176,7 +194,8 @@ def test_a_made_up_category_lands_in_suspense_its_payout_posts_and_an_alert_name
         payout = next(
             p
             for p in auto.payouts
-            if p["status"] in ("paid", "failed")
+            if p["automatic"]
+            and p["status"] in ("paid", "failed")
             and odd["id"]
             in {x["id"] for x in stripe_all(s, "/v1/balance_transactions", payout=p["id"])}
         )
@@ -245,20 +264,53 @@ def _suspense_event(run_id: str) -> list[str]:
 
 
 def test_clearing_equals_gross_not_paid_out_on_the_automatic_account(auto: Shapes) -> None:
+    """Paid out: what the automatic payouts list, and what the payouts made by hand took
+    (Stripe lists nothing for those: the transactions no automatic payout lists that were
+    available when one was made). The latter's fees and other amounts are recognised by
+    the daily journals of their days, so the clearing difference is 0."""
     with auto.env.stripe() as s:
         paid_out = {
             b["id"]
             for p in auto.payouts
-            if p["status"] in ("paid", "failed")
+            if p["automatic"] and p["status"] in ("paid", "failed")
             for b in stripe_all(s, "/v1/balance_transactions", payout=p["id"])
         }
+        swept = swept_by_manual_payouts(s, auto.bts, auto.payouts)
+    by_hand = [p for p in auto.payouts if not p["automatic"]]
+    assert swept and all(p["status"] == "paid" for p in by_hand)
+    # What the payouts by hand took is exactly what they paid.
+    assert sum(b["net"] for b in swept) == sum(p["amount"] for p in by_hand)
     own = OWN_DOCUMENT - {"payout"}
+    taken = paid_out | {b["id"] for b in swept}
     unpaid_gross = sum(
-        b["amount"] for b in auto.bts if b["reporting_category"] in own and b["id"] not in paid_out
+        b["amount"] for b in auto.bts if b["reporting_category"] in own and b["id"] not in taken
     )
     assert _sage_clearing(auto, None) == unpaid_gross
     [usd] = [c for c in auto.result["reconciliation"]["clearing"] if c["currency"] == "USD"]
     assert usd["unexplained"] == 0 and usd["difference"] == 0
+    # The daily journals: one per day the payouts by hand took fees (or other amounts)
+    # from, taking from clearing exactly those.
+    clearing_moves: Counter[str] = Counter()  # per UTC day: amounts no document posts - fees
+    recognised: set[str] = set()  # days with something to recognise
+    for b in swept:
+        day = dt.datetime.fromtimestamp(b["created"], dt.UTC).date().isoformat()
+        other = 0 if b["reporting_category"] in OWN_DOCUMENT else b["amount"]
+        clearing_moves[day] += other - b["fee"]
+        if b["fee"] or other:
+            recognised.add(day)
+    assert recognised
+    daily = {r: js for r, js in auto.by_reference().items() if r.startswith("STRIPE-DAY-USD-")}
+    assert sorted(daily) == sorted(f"STRIPE-DAY-USD-{d}" for d in recognised)
+    for day in recognised:
+        [j] = daily[f"STRIPE-DAY-USD-{day}"]
+        assert lines_by_account(j).get(CLEARING, 0) == clearing_moves[day], day
+    with duckdb.connect(str(auto.env.db), read_only=True) as con:
+        kinds = dict(
+            con.execute(
+                "SELECT recon_status, count(*) FROM ops.reconciliation GROUP BY 1"
+            ).fetchall()
+        )
+    assert kinds.get("manual") == len(by_hand)
 
 
 def _sage_clearing(shapes: Shapes, day: dt.date | None) -> int:

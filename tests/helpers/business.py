@@ -202,14 +202,38 @@ OWN_DOCUMENT = {
 }
 
 
+def swept_by_manual_payouts(
+    s: httpx.Client, bts: list[dict[str, Any]], payouts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """On an account with automatic payouts, the transactions its manual (or instant)
+    payouts took: those no automatic payout lists, available when a manual payout was made
+    (a payout takes the available balance)."""
+    listed = {
+        b["id"]
+        for p in payouts
+        if p["automatic"] and p["status"] in ("paid", "failed")
+        for b in stripe_all(s, "/v1/balance_transactions", payout=p["id"])
+    }
+    manual = [p["created"] for p in payouts if not p["automatic"]]
+    return [
+        b
+        for b in bts
+        if manual
+        and b["id"] not in listed
+        and b["reporting_category"] != "payout"
+        and b["available_on"] <= max(manual)
+    ]
+
+
 def daily_journals(env: Env) -> int:
-    """On an account paid out only manually: one journal per ended UTC day with a fee or a
-    category no document posts (counted from Stripe's transactions)."""
+    """One journal per ended UTC day with a fee or a category no document posts, of the
+    transactions no automatic payout recognises: on an account paid out only manually all of
+    them, else those manual payouts took (counted from Stripe's transactions)."""
     with env.stripe() as s:
         schedule = s.get("/v1/account").json()["settings"]["payouts"]["schedule"]
-        if schedule["interval"] != "manual":
-            return 0
         bts = stripe_all(s, "/v1/balance_transactions")
+        if schedule["interval"] != "manual":
+            bts = swept_by_manual_payouts(s, bts, stripe_all(s, "/v1/payouts"))
     today = time.time() // 86_400
     days: dict[int, int] = {}
     for b in bts:
@@ -281,12 +305,19 @@ def make_env(
     monkeypatch: pytest.MonkeyPatch,
     *,
     manual_payouts: bool = False,
+    interim_manual_payouts: bool = False,
 ) -> Env:
     stripe_key = f"sk_test_{secrets.token_hex(12)}"
     sage_key = f"sage_{secrets.token_hex(12)}"
     webhook_secret = f"whsec_{secrets.token_hex(12)}"
     pair = SandboxPair(
-        BusinessConfig(seed=seed, charges=charges, end=END, manual_payouts=manual_payouts),
+        BusinessConfig(
+            seed=seed,
+            charges=charges,
+            end=END,
+            manual_payouts=manual_payouts,
+            interim_manual_payouts=interim_manual_payouts,
+        ),
         sage_db=tmp / "sage.sqlite3",
         stripe_key=stripe_key,
         sage_key=sage_key,

@@ -675,6 +675,102 @@ def test_items_another_process_made_are_linked_and_a_taken_code_is_salted(env: E
     assert all(ln["item"] in codes for inv in invoices for ln in inv["lines"])
 
 
+def test_two_runs_racing_for_the_same_new_products_create_each_item_once(
+    extracted: tuple[SandboxPair, Path], tmp_path: Path
+) -> None:
+    """Two loaders (two runs, or a run and a webhook batch, each with its own staging file)
+    post the same new products' items at the same moment, in two threads, over real HTTP.
+    Sage answers its GETs slowly, so both look an item up, find nothing, and POST: Sage takes
+    one, refuses the other (the code exists), and the loser links the winner's item. Each
+    product ends with one Sage item, each run records it posted (one created, one linked),
+    and nothing is dead-lettered."""
+    import threading
+
+    pair, template = extracted
+    httpx.post(f"{pair.sage_url}/_sandbox/reset").raise_for_status()
+    refused_item_posts: list[int] = []
+
+    def record(response: httpx.Response) -> None:
+        request = response.request
+        item_post = request.method == "POST" and request.url.path == "/api/v1/items"
+        if item_post and response.status_code >= 400:
+            refused_item_posts.append(response.status_code)
+
+    runs = []
+    for n in (1, 2):
+        shutil.copy(template, tmp_path / f"run{n}.duckdb")
+        runs.append(Staging(tmp_path / f"run{n}.duckdb"))
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def load(st: Staging, n: int) -> None:
+        try:
+            http = httpx.Client(timeout=30.0, event_hooks={"response": [record]})
+            with http, SageProClient(pair.sage_url, pair.sage_key, http_client=http) as client:
+                docs = plan_documents(
+                    st, load_mapping(), client.fiscal_periods(), **sage_lookups(client)
+                ).filter(pl.col("doc_type").is_in(["item", "item_link"]))
+                loader = Loader(st, client, run_id=f"race-{n}", concurrency=4)
+                assert loader.enqueue(docs) == len(docs) > 3
+                barrier.wait(timeout=60)
+                loader.run()
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    try:
+        with httpx.Client(base_url=pair.sage_url) as http:
+            http.post(
+                "/_sandbox/faults",
+                json={"slow_rate": 1.0, "slow_seconds": 0.3, "only_methods": ["GET"]},
+            ).raise_for_status()
+        threads = [threading.Thread(target=load, args=(st, n)) for n, st in enumerate(runs, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors, errors
+        with httpx.Client(base_url=pair.sage_url) as http:
+            http.delete("/_sandbox/faults").raise_for_status()
+        outboxes = [outbox(st) for st in runs]
+        items_of = [
+            {k: r for k, r in box.items() if r["doc_type"] == "item" and k.startswith("item:prod_")}
+            for box in outboxes
+        ]
+        assert items_of[0] and set(items_of[0]) == set(items_of[1])
+        # Both runs posted every item document, to the same Sage item; nothing dead.
+        for box in outboxes:
+            assert {r["status"] for r in box.values()} == {"posted"}
+        assert {k: r["sage_id"] for k, r in items_of[0].items()} == {
+            k: r["sage_id"] for k, r in items_of[1].items()
+        }
+        assert [dead_letters(st) for st in runs] == [{}, {}]
+        # One run created each product's item, the other linked it.
+        matched: dict[str, list[str]] = {}
+        for st in runs:
+            for stripe_id, how in st.con.execute(
+                "SELECT stripe_id, matched_by FROM sage.xref WHERE doc_type = 'item' "
+                "AND stripe_id LIKE 'prod_%'"
+            ).fetchall():
+                matched.setdefault(stripe_id, []).append(how)
+        made = {k.removeprefix("item:") for k in items_of[0]}  # not those naming a sage_item
+        assert {p: sorted(h) for p, h in matched.items() if p in made} == {
+            p: ["created", "linked"] for p in made
+        }
+        # Sage holds one item per product; the race really happened (a POST was refused).
+        with httpx.Client(base_url=pair.sage_url, headers=auth(pair)) as http:
+            references = Counter(i["reference"] for i in sage_all(http, "items"))
+        assert all(references[k.removeprefix("item:")] == 1 for k in items_of[0])
+        assert refused_item_posts, "no two POSTs of the same item met: the race did not happen"
+    finally:
+        for st in runs:
+            st.close()
+        httpx.delete(f"{pair.sage_url}/_sandbox/faults").raise_for_status()
+
+
+def auth(pair: SandboxPair) -> dict[str, str]:
+    return {"Authorization": f"Bearer {pair.sage_key}"}
+
+
 def test_a_sage_item_sage_lacks_dead_letters_naming_it_and_blocks_its_lines(env: Env) -> None:
     pid = env.st.frame(
         "SELECT DISTINCT product FROM staging.invoice_lines WHERE product IS NOT NULL "

@@ -236,3 +236,72 @@ def test_a_day_of_gross_amounts_only_gets_no_daily_journal() -> None:
     d = dt.datetime(2026, 6, 1, 12, tzinfo=UTC)
     bts = bts_frame([("t1", "topup", d, 50_000, 0, "tu_1"), ("t2", "refund", d, -500, 0, "re")])
     assert plan_daily_journals(bts, MAPPING, today=dt.date(2026, 6, 5)).is_empty()
+
+
+def test_on_an_automatic_account_days_a_manual_payout_swept_get_their_daily_journal(
+    tmp_path: Any,
+) -> None:
+    """What a payout made by hand took between automatic payouts (no automatic payout lists
+    it, yet a later one lists what became available after it) is recognised by its days'
+    journals; what merely waits for the next automatic payout is not, nor is anything while
+    a paid automatic payout is not itemised yet."""
+    from stripe_sage.plan.outbox import _balance_documents
+    from stripe_sage.store.staging import Staging
+
+    def at(day: int, hour: int) -> dt.datetime:
+        return dt.datetime(2026, 6, day, hour, tzinfo=UTC)
+
+    bts = bts_frame(
+        [
+            ("t_auto1", "charge", at(1, 10), 10_000, 320, "ch_1"),
+            ("t_swept", "charge", at(2, 9), 8_000, 300, "ch_2"),
+            ("t_swept_dispute", "dispute", at(4, 1), -4_000, 1_500, "du_1"),
+            ("t_manual", "payout", at(4, 2), -2_200, 0, "po_manual"),
+            ("t_later", "charge", at(4, 10), 5_000, 175, "ch_3"),
+            ("t_po_auto2", "payout", at(7, 6), -4_825, 0, "po_auto2"),
+            ("t_pending", "charge", at(5, 10), 6_000, 204, "ch_4"),
+        ]
+    ).with_columns(
+        pl.Series(
+            "available_on",
+            [at(3, 0), at(4, 0), at(4, 1), at(4, 2), at(6, 0), at(7, 6), at(7, 0)],
+        )
+    )
+    items = pl.DataFrame(
+        {
+            "payout": ["po_auto1", "po_auto2", "po_auto2"],
+            "balance_transaction": ["t_auto1", "t_later", "t_po_auto2"],
+        }
+    )
+    payouts = pl.DataFrame(
+        {
+            "id": ["po_auto1", "po_manual", "po_auto2", "po_auto3"],
+            "automatic": [True, False, True, True],
+            "status": ["paid", "paid", "paid", "in_transit"],
+        }
+    )
+    with Staging(tmp_path / "s.duckdb") as st:
+        st.set_payout_interval("acct_1", "daily")
+        for table, frame in (
+            ("balance_transactions", bts),
+            ("payout_items", items),
+            ("payouts", payouts),
+        ):
+            with st.registered("_rows", frame):
+                st.con.execute(f"INSERT INTO staging.{table} BY NAME SELECT * FROM _rows")
+
+        def planned() -> dict[str, dict[str, int]]:
+            *_, daily = _balance_documents(st, MAPPING, None, today=dt.date(2026, 6, 8))
+            return {r["doc_key"]: lines_of(r) for r in daily.to_dicts()}
+
+        assert planned() == {
+            "journal_entry:stripe_day:USD:2026-06-02": {"6100": 300, "1050": -300},
+            "journal_entry:stripe_day:USD:2026-06-04": {
+                "6120": 1_500,
+                "6110": 4_000,
+                "1050": -5_500,
+            },
+        }
+        # A paid automatic payout not itemised yet may be the one that lists them: wait.
+        st.con.execute("UPDATE staging.payouts SET status = 'paid' WHERE id = 'po_auto3'")
+        assert planned() == {}
