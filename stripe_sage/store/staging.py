@@ -40,6 +40,33 @@ UNPOSTED_STATES = ("dead", "waiting", "blocked", "pending")
 # to wait until then (plan_invoices writes it).
 SETTLEMENT_DUE = re.compile(r"\bdue (\d{4}-\d{2}-\d{2})\b")
 STAGE_SLICE = 4_000
+# The columns a planned document is written with (``Staging.write_planned``).
+OUTBOX_WRITE_COLUMNS = (
+    "doc_key",
+    "doc_type",
+    "collection",
+    "stripe_id",
+    "phase",
+    "depends_on",
+    "payload",
+    "status",
+    "sage_id",
+    "attempts",
+    "last_error",
+    "created_at",
+    "updated_at",
+    "posted_at",
+    "run_id",
+    "waiting_since",
+    "wait_kind",
+)
+
+
+def keys_in(keys: Sequence[str]) -> str:
+    """``(?, ?, …)``: an IN list of constants lets DuckDB find the keys through the outbox's
+    primary-key index; ``IN (SELECT unnest(?))`` scans the whole outbox (2M rows at 1M
+    charges), several times per batch of documents."""
+    return "(" + ", ".join("?" * len(keys)) + ")"
 
 
 def _connect(
@@ -518,6 +545,215 @@ class Staging:
             [sorted(refs)],
         ).fetchall()
         return {f"{t}:{s}": sid for t, s, sid in found}
+
+    # -- the outbox, as the loader writes it -----------------------------------------------
+    # Keys are passed as an IN list of constants (``keys_in``): DuckDB then finds them through
+    # the outbox's primary-key index, where ``IN (SELECT unnest(?))`` scans the whole outbox.
+    def outbox_states(self, frame_of_keys: pl.DataFrame) -> pl.DataFrame:
+        """The outbox rows of ``frame_of_keys``'s ``doc_key`` column as they are now:
+        ``doc_key, old_status, error_kind`` (its dead letter's code), ``old_since``."""
+        with self.registered("_enqueue_keys", frame_of_keys.select("doc_key")):
+            return self.frame(
+                "SELECT o.doc_key, o.status AS old_status, d.error_code AS error_kind, "
+                "o.waiting_since AS old_since FROM sage.outbox o "
+                "LEFT JOIN ops.dead_letters d USING (doc_key) "
+                "WHERE o.doc_key IN (SELECT doc_key FROM _enqueue_keys)"
+            )
+
+    def write_planned(self, rows: pl.DataFrame, revived: Sequence[str], now: dt.datetime) -> None:
+        """Planned documents into ``sage.outbox`` (replacing their rows) and the dead letters
+        of the ``revived`` ones marked replayed, in one transaction. ``rows`` has the
+        outbox's columns; ``payload`` is JSON text."""
+        cols = ", ".join(OUTBOX_WRITE_COLUMNS)
+        with self.transaction(), self.registered("_new_docs", rows.select(OUTBOX_WRITE_COLUMNS)):
+            self._exec(
+                f"INSERT OR REPLACE INTO sage.outbox ({cols}) SELECT "
+                + cols.replace("payload", "CAST(payload AS JSON)")
+                + " FROM _new_docs"
+            )
+            if revived:
+                self._exec(
+                    "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
+                    "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                    [now, list(revived)],
+                )
+
+    def unposted_documents(self, keys: Sequence[str]) -> list[tuple[str, str, str, str, Any, Any]]:
+        """``(doc_type, stripe_id, doc_key, status, last_error, wait_kind)`` of those of
+        ``keys`` not in Sage."""
+        if not keys:
+            return []
+        return self.con.execute(
+            "SELECT doc_type, stripe_id, doc_key, status, last_error, wait_kind "
+            f"FROM sage.outbox WHERE doc_key IN {keys_in(keys)} AND status <> 'posted'",
+            list(keys),
+        ).fetchall()
+
+    def quarantined_checks(self, stream: str, ids: Sequence[str]) -> list[tuple[str, str, str]]:
+        """``(id, check, reason)`` of the quarantined rows of ``stream`` among ``ids``."""
+        if not ids:
+            return []
+        return self.con.execute(
+            'SELECT id, "check", reason FROM staging.quarantine '
+            f"WHERE stream = ? AND id IN {keys_in(ids)}",
+            [stream, *ids],
+        ).fetchall()
+
+    def blocked_documents(self) -> list[tuple[str, list[str] | None, str]]:
+        """``(doc_key, depends_on, status)`` of blocked documents, and of dead letters of code
+        ``blocked`` (files from before the ``blocked`` state)."""
+        return self.con.execute(
+            "SELECT o.doc_key, o.depends_on, o.status FROM sage.outbox o "
+            "LEFT JOIN ops.dead_letters d USING (doc_key) WHERE o.status = 'blocked' "
+            "OR (o.status = 'dead' AND d.error_code = 'blocked')"
+        ).fetchall()
+
+    def unblock(self, keys: Sequence[str]) -> None:
+        """These blocked documents back to ``pending`` (reason cleared) and their dead
+        letters marked replayed, in one transaction."""
+        with self.transaction():
+            self._exec(
+                "UPDATE sage.outbox SET status = 'pending', last_error = NULL "
+                "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [list(keys)],
+            )
+            self._exec(
+                "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
+                "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [now_utc(), list(keys)],
+            )
+
+    def note_deferred(self, prefix: str) -> None:
+        """Prefix the reason of every pending document with ``prefix`` (the retry budget
+        ran out: the next run retries them)."""
+        self._exec(
+            "UPDATE sage.outbox SET last_error = ? || coalesce(last_error, 'not sent') "
+            "WHERE status = 'pending'",
+            [prefix],
+        )
+
+    def count_attempts(self, keys: Sequence[str]) -> None:
+        """One more attempt for each of these documents, committed before they are sent."""
+        if not keys:
+            return
+        self._exec(
+            "UPDATE sage.outbox SET attempts = attempts + 1, updated_at = ? "
+            f"WHERE doc_key IN {keys_in(keys)}",
+            [now_utc(), *keys],
+        )
+
+    def set_reasons(self, reasons: dict[str, str], now: dt.datetime) -> None:
+        """``last_error`` of these documents (doc key → the reason a person reads)."""
+        if not reasons:
+            return
+        keys = list(reasons)
+        notes = pl.DataFrame({"doc_key": keys, "last_error": list(reasons.values())})
+        with self.registered("_notes", notes):
+            self._exec(
+                "UPDATE sage.outbox o SET last_error = n.last_error, updated_at = ? "
+                f"FROM _notes n WHERE o.doc_key = n.doc_key AND o.doc_key IN {keys_in(keys)}",
+                [now, *keys],
+            )
+
+    def give_back_attempts(self, unsent: dict[str, int]) -> None:
+        """Attempts counted for documents that were never sent, taken back (doc key → n)."""
+        if not unsent:
+            return
+        keys = list(unsent)
+        with self.registered(
+            "_unsent", pl.DataFrame({"doc_key": keys, "n": list(unsent.values())})
+        ):
+            self._exec(
+                "UPDATE sage.outbox o SET attempts = o.attempts - u.n FROM _unsent u "
+                f"WHERE o.doc_key = u.doc_key AND o.doc_key IN {keys_in(keys)}",
+                keys,
+            )
+
+    def mark_posted(self, posted: pl.DataFrame, run_id: str) -> None:
+        """Posted documents (``doc_key, collection, stripe_id, sage_id, matched_by`` and
+        ``xref_type``, the type their cross-reference is kept under) ``posted`` in the outbox
+        with their Sage numbers in ``sage.xref``, in one transaction."""
+        if posted.is_empty():
+            return
+        now = now_utc()
+        keys = posted["doc_key"].to_list()
+        with self.transaction(), self.registered("_posted", posted):
+            self._exec(
+                "UPDATE sage.outbox o SET status = 'posted', sage_id = p.sage_id, "
+                "posted_at = ?, updated_at = ?, last_error = NULL FROM _posted p "
+                f"WHERE o.doc_key = p.doc_key AND o.doc_key IN {keys_in(keys)}",
+                [now, now, *keys],
+            )
+            self._exec(
+                "INSERT OR REPLACE INTO sage.xref SELECT stripe_id, xref_type, "
+                "collection, sage_id, matched_by, ?, ? FROM _posted",
+                [now, run_id],
+            )
+
+    def mark_blocked(self, doc_key: str, reason: str) -> None:
+        self._exec(
+            "UPDATE sage.outbox SET status = 'blocked', last_error = ?, updated_at = ? "
+            "WHERE doc_key = ?",
+            [reason, now_utc(), doc_key],
+        )
+
+    def mark_waiting(self, doc_key: str, reason: str, wait_kind: str | None) -> None:
+        """``waiting`` since the first time it was seen waiting."""
+        now = now_utc()
+        self._exec(
+            "UPDATE sage.outbox SET status = 'waiting', last_error = ?, updated_at = ?, "
+            "waiting_since = coalesce(waiting_since, ?), wait_kind = ? WHERE doc_key = ?",
+            [reason, now, now, wait_kind, doc_key],
+        )
+
+    def mark_dead(self, doc_key: str, reason: str) -> None:
+        self._exec(
+            "UPDATE sage.outbox SET status = 'dead', last_error = ?, updated_at = ? "
+            "WHERE doc_key = ?",
+            [reason, now_utc(), doc_key],
+        )
+
+    def record_dead_letter(
+        self,
+        doc_key: str,
+        doc_type: str,
+        stripe_id: str,
+        reason: str,
+        *,
+        run_id: str,
+        code: str | None = None,
+        http_status: int | None = None,
+        field: str | None = None,
+        payload: str | None = None,
+    ) -> None:
+        """The dead letter of a document (``ops.dead_letters``): a new one, or the same one
+        seen again (``occurrences`` + 1, no longer replayed). ``payload``: JSON text."""
+        now = now_utc()
+        self._exec(
+            """
+            INSERT INTO ops.dead_letters (doc_key, doc_type, stripe_id, reason, http_status,
+                error_code, error_field, payload, first_seen, last_seen, occurrences, replayed,
+                replayed_at, run_id)
+            VALUES (?, ?, ?, ?, ?, ?, ?, CAST(? AS JSON), ?, ?, 1, false, NULL, ?)
+            ON CONFLICT (doc_key) DO UPDATE SET reason = excluded.reason,
+                http_status = excluded.http_status, error_code = excluded.error_code,
+                error_field = excluded.error_field, payload = excluded.payload,
+                last_seen = excluded.last_seen, occurrences = ops.dead_letters.occurrences + 1,
+                replayed = false, run_id = excluded.run_id""",
+            [
+                doc_key,
+                doc_type,
+                stripe_id,
+                reason,
+                http_status,
+                code,
+                field,
+                payload,
+                now,
+                now,
+                run_id,
+            ],
+        )
 
     # -- write-back of Sage ids into Stripe -----------------------------------------------
     def writeback_pending(self, limit: int) -> list[tuple[str, str, str, str]]:
