@@ -40,6 +40,13 @@ UNPOSTED_STATES = ("dead", "waiting", "blocked", "pending")
 # to wait until then (plan_invoices writes it).
 SETTLEMENT_DUE = re.compile(r"\bdue (\d{4}-\d{2}-\d{2})\b")
 STAGE_SLICE = 4_000
+# The documents the planner must not plan again: everything in the outbox but what waits and
+# what died of a planning error (both are planned again by every run).
+SETTLED_DOCUMENTS = (
+    "SELECT o.doc_key FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key) "
+    "WHERE o.status <> 'waiting' AND (o.status <> 'dead' "
+    "OR coalesce(d.error_code, '') <> 'planning')"
+)
 # The columns a planned document is written with (``Staging.write_planned``).
 OUTBOX_WRITE_COLUMNS = (
     "doc_key",
@@ -545,6 +552,30 @@ class Staging:
             [sorted(refs)],
         ).fetchall()
         return {f"{t}:{s}": sid for t, s, sid in found}
+
+    # -- the outbox, as the planner reads and flags it ------------------------------------
+    def settled_among(self, keys: Sequence[str]) -> set[str]:
+        """Those of ``keys`` the planner must not plan again (``SETTLED_DOCUMENTS``)."""
+        rows = self.con.execute(
+            f"SELECT doc_key FROM ({SETTLED_DOCUMENTS}) "
+            "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+            [list(keys)],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def guest_charge_staged(self) -> bool:
+        """Whether some succeeded, unquarantined charge has no Stripe customer."""
+        rows = self.con.execute(
+            "SELECT EXISTS (SELECT 1 FROM staging.charges s WHERE s.customer IS NULL "
+            "AND s.status = 'succeeded' AND NOT EXISTS (SELECT 1 FROM staging.quarantine q "
+            "WHERE q.stream = 'charges' AND q.id = s.id))"
+        ).fetchall()
+        return bool(rows[0][0])
+
+    def write_flags(self, flagged: pl.DataFrame) -> None:
+        """``ops.flags`` rows (by column name), replacing a document's earlier flag."""
+        with self.registered("_flags", flagged):
+            self._exec("INSERT OR REPLACE INTO ops.flags BY NAME SELECT * FROM _flags")
 
     # -- the outbox, as the loader writes it -----------------------------------------------
     # Keys are passed as an IN list of constants (``keys_in``): DuckDB then finds them through
