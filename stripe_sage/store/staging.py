@@ -324,6 +324,32 @@ class Staging:
             self._exec("DROP TABLE IF EXISTS _raw_rows")
         return int(n)
 
+    def merge_raw_parquet(
+        self,
+        stream: str,
+        files: Sequence[str],
+        *,
+        api_version: str | None,
+        extracted_at: dt.datetime,
+        run_id: str,
+    ) -> int:
+        """Backfill window files (Parquet: ``id``, ``created``, ``data``) into ``raw.<stream>``
+        as listed objects, one row per id; returns the rows of ``raw.<stream>`` this run has
+        written. Not staged here (``stage`` catches up); run it inside ``transaction()`` with
+        the windows' checkpoints."""
+        self._exec(
+            f"""
+            INSERT OR REPLACE INTO raw.{stream}
+            SELECT id, to_timestamp(created), CAST(data AS JSON), 'list', ?, ?, ?
+            FROM read_parquet(?)
+            QUALIFY row_number() OVER (PARTITION BY id) = 1""",
+            [api_version, extracted_at, run_id, list(files)],
+        )
+        rows = self.con.execute(
+            f"SELECT count(*) FROM raw.{stream} WHERE run_id = ?", [run_id]
+        ).fetchall()
+        return int(rows[0][0])
+
     def tombstone(self, stream: str, object_id: str, *, run_id: str) -> None:
         """A deleted object: keep the row, flag it (``*.deleted`` events never vanish rows)."""
         self._exec(
