@@ -911,6 +911,19 @@ class Staging:
             ).fetchall()
         ]
 
+    def dead_among(self, keys: Sequence[str]) -> list[str]:
+        """Those of ``keys`` whose documents are dead (e.g. dead again after a replay)."""
+        if not keys:
+            return []
+        return [
+            r[0]
+            for r in self.con.execute(
+                "SELECT doc_key FROM sage.outbox WHERE status = 'dead' "
+                "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [list(keys)],
+            ).fetchall()
+        ]
+
     def blocked_dependencies(self) -> dict[str, list[str]]:
         """Documents held back by what they depend on (``blocked``, or dead letters of code
         ``blocked`` from older files) → their dependencies."""
