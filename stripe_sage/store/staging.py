@@ -13,7 +13,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +360,116 @@ class Staging:
             WHERE id = ?""",
             [run_id, now_utc(), object_id],
         )
+
+    # -- what extraction asks of the raw tables ------------------------------------------------
+    def merge_patches(self, stream: str, patches: pa.Table, *, run_id: str) -> None:
+        """JSON merge patches (``patches``: ``id``, ``patch`` as JSON text) into the stored
+        objects of ``raw.<stream>``, as changes this run saw in events, in one transaction."""
+        with self.transaction(), self.registered("_echo", patches):
+            self._exec(
+                f"UPDATE raw.{stream} r SET data = json_merge_patch(r.data, e.patch), "
+                "run_id = ?, source = 'event', extracted_at = now() FROM _echo e "
+                "WHERE r.id = e.id",
+                [run_id],
+            )
+
+    def written_back(self, stripe_ids: Sequence[str]) -> set[tuple[str, str, str]]:
+        """``(stripe_id, field, value)`` our write-back recorded for these objects."""
+        if not stripe_ids:
+            return set()
+        exists = self.con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'sage' "
+            "AND table_name = 'writeback'"
+        ).fetchall()[0][0]
+        if not exists:
+            return set()
+        rows = self.con.execute(
+            "SELECT stripe_id, field, value FROM sage.writeback "
+            "WHERE stripe_id IN (SELECT unnest(?::VARCHAR[]))",
+            [list(stripe_ids)],
+        ).fetchall()
+        return {(r[0], r[1], r[2]) for r in rows}
+
+    def listed_by(self, run_id: str, stream: str, ids: Collection[str]) -> set[str]:
+        """Those of ``ids`` that run ``run_id`` read from a list of ``stream``."""
+        rows = self.con.execute(
+            f"SELECT id FROM raw.{stream} WHERE run_id = ? AND source = 'list' "
+            "AND id IN (SELECT unnest(?::VARCHAR[]))",
+            [run_id, list(ids)],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def customers_missing_for(self, run_id: str) -> list[str]:
+        """Customers that charges or invoices written by this run name but raw has not."""
+        return self._ids(
+            "SELECT DISTINCT c FROM (SELECT data->>'customer' AS c FROM raw.charges WHERE "
+            "run_id = ?1 UNION SELECT data->>'customer' FROM raw.invoices WHERE run_id = ?1) "
+            "WHERE c IS NOT NULL AND c NOT IN (SELECT id FROM raw.customers)",
+            [run_id],
+        )
+
+    def customers_referenced_unlisted(self) -> list[str]:
+        """Customers that staged charges or invoices name but raw has not, by id."""
+        return self._ids(
+            "SELECT DISTINCT customer FROM (SELECT customer FROM staging.charges "
+            "UNION ALL SELECT customer FROM staging.invoices) "
+            "WHERE customer IS NOT NULL AND customer NOT IN "
+            "(SELECT id FROM raw.customers) ORDER BY 1"
+        )
+
+    def unknown_customers_first_named(self, ids: Sequence[str]) -> dict[str, int | None]:
+        """Those of ``ids`` raw has no customer for → when a staged charge or invoice first
+        named them (epoch seconds; None if none does)."""
+        rows = self.con.execute(
+            "WITH wanted AS (SELECT unnest(?::VARCHAR[]) AS id) "
+            "SELECT w.id, CAST(epoch(min(x.created)) AS BIGINT) FROM wanted w "
+            "LEFT JOIN (SELECT customer, created FROM staging.charges UNION ALL "
+            "SELECT customer, created FROM staging.invoices) x ON x.customer = w.id "
+            "WHERE w.id NOT IN (SELECT id FROM raw.customers) GROUP BY w.id",
+            [list(ids)],
+        ).fetchall()
+        return dict(rows)
+
+    def balance_transactions_missing_for(self, run_id: str) -> list[str]:
+        """Balance transactions that charges, refunds or payouts written by this run name
+        but raw has not."""
+        return self._ids(
+            "SELECT DISTINCT t FROM ("
+            "SELECT data->>'balance_transaction' AS t FROM raw.charges WHERE run_id = ?1 "
+            "UNION SELECT data->>'balance_transaction' FROM raw.refunds WHERE run_id = ?1 "
+            "UNION SELECT data->>'failure_balance_transaction' FROM raw.refunds "
+            "WHERE run_id = ?1 "
+            "UNION SELECT data->>'balance_transaction' FROM raw.payouts WHERE run_id = ?1 "
+            "UNION SELECT data->>'failure_balance_transaction' FROM raw.payouts "
+            "WHERE run_id = ?1) "
+            "WHERE t IS NOT NULL AND t NOT IN (SELECT id FROM raw.balance_transactions)",
+            [run_id],
+        )
+
+    def payment_intents_without_session(self, run_id: str) -> list[str]:
+        """Payment intents of charges written by this run that no stored Checkout Session
+        names and Stripe was never asked about (``staging.checkout_lookups``), by id."""
+        return self._ids(
+            "SELECT DISTINCT data->>'payment_intent' AS pi FROM raw.charges "
+            "WHERE run_id = ? AND data->>'payment_intent' IS NOT NULL "
+            "AND data->>'payment_intent' NOT IN (SELECT payment_intent FROM "
+            "staging.checkout_lookups) AND data->>'payment_intent' NOT IN ("
+            "SELECT data->>'payment_intent' FROM raw.checkout_sessions "
+            "WHERE data->>'payment_intent' IS NOT NULL) ORDER BY 1",
+            [run_id],
+        )
+
+    def live_customers_not_read_by(self, run_id: str) -> list[str]:
+        """Customers not deleted as far as raw knows that run ``run_id`` did not read."""
+        return self._ids(
+            "SELECT id FROM raw.customers WHERE run_id <> ? AND "
+            "coalesce(CAST(data->>'deleted' AS BOOLEAN), false) = false",
+            [run_id],
+        )
+
+    def _ids(self, sql: str, params: Sequence[Any] | None = None) -> list[str]:
+        """The first column of a query's rows."""
+        return [r[0] for r in self.con.execute(sql, params or []).fetchall()]
 
     # -- staging ---------------------------------------------------------------------------
     def stage(self, stream: str, run_id: str) -> int:
