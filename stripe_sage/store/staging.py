@@ -966,6 +966,16 @@ class Staging:
         ).fetchall()
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
+    def record_writeback(
+        self, stripe_id: str, field: str, value: str, outcome: str, run_id: str
+    ) -> None:
+        """A metadata value written into Stripe (``outcome``: written, or gone when the
+        object was deleted meanwhile), so it is never sent again (``sage.writeback``)."""
+        self._exec(
+            "INSERT OR REPLACE INTO sage.writeback VALUES (?, ?, ?, ?, ?, ?)",
+            [stripe_id, field, value, now_utc(), outcome, run_id],
+        )
+
     # -- the customer master (Sage → Stripe) -----------------------------------------------
     def stripe_customers_by_sage_id(self) -> dict[str, str]:
         """Sage customer id → the Stripe customer it was made from or linked to."""
