@@ -985,6 +985,39 @@ class Staging:
             ).fetchall()
         )
 
+    def record_customer_conflict(
+        self,
+        stripe_id: str,
+        sage_id: str,
+        *,
+        fields: list[str],
+        sage_values: str,
+        stripe_values: str,
+        sage_updated_at: dt.datetime | None,
+        stripe_changed_at: dt.datetime,
+        winner: str,
+        rule: str,
+        run_id: str,
+    ) -> None:
+        """A customer changed on both sides and how it was decided (``ops.customer_conflicts``;
+        ``*_values`` as JSON text)."""
+        self._exec(
+            "INSERT INTO ops.customer_conflicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                stripe_id,
+                sage_id,
+                fields,
+                sage_values,
+                stripe_values,
+                sage_updated_at,
+                stripe_changed_at,
+                winner,
+                rule,
+                now_utc(),
+                run_id,
+            ],
+        )
+
     def customer_last_sent(
         self, stripe_id: str
     ) -> tuple[dt.datetime, str | None, str | None, str | None, str | None] | None:
