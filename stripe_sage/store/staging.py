@@ -14,6 +14,7 @@ import json
 import re
 import time
 from collections.abc import Collection, Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -570,6 +571,52 @@ class Staging:
             "SELECT payout_interval FROM ops.stripe_account ORDER BY read_at DESC LIMIT 1"
         ).fetchall()
         return bool(rows) and rows[0][0] == "manual"
+
+    def unitemised_payouts(self) -> list[str]:
+        """Paid (or paid-then-failed) automatic payouts whose transactions are not stored
+        yet (``staging.payout_items``), oldest first."""
+        return self._ids(
+            "SELECT p.id FROM staging.payouts p WHERE p.automatic "
+            "AND p.status IN ('paid', 'failed') "
+            "AND NOT EXISTS (SELECT 1 FROM staging.payout_items i WHERE i.payout = p.id) "
+            "ORDER BY p.created"
+        )
+
+    def record_payout_items(self, payout: str, balance_transactions: Sequence[str]) -> None:
+        """The balance transactions Stripe lists for a payout (``staging.payout_items``)."""
+        if balance_transactions:
+            self._exec(
+                "INSERT OR IGNORE INTO staging.payout_items SELECT ?, unnest(?::VARCHAR[])",
+                [payout, list(balance_transactions)],
+            )
+
+    def replace_reconciliation(self, report: pl.DataFrame) -> None:
+        """``ops.reconciliation``: the latest report's rows (its columns as they come)."""
+        with self.transaction(), self.registered("_recon", report):
+            self._exec("CREATE OR REPLACE TABLE ops.reconciliation AS SELECT * FROM _recon")
+
+    def posted_clearing_balance(self, account: str, currency: str) -> Decimal:
+        """What the posted documents put on the Sage account ``account`` in ``currency``:
+        receipts deposited there, less credit memos drawn on it, plus journal lines on it
+        (a DECIMAL(18, 3) sum, as Sage keeps it)."""
+        rows = self.con.execute(
+            """
+            SELECT coalesce(sum(CASE
+                WHEN doc_type = 'cash_receipt' AND payload->>'deposit_account' = ?1
+                    THEN CAST(payload->>'amount' AS DECIMAL(18, 3))
+                WHEN doc_type = 'credit_memo' AND payload->>'gl_account' = ?1
+                    THEN -CAST(payload->>'amount' AS DECIMAL(18, 3))
+                ELSE 0 END), 0)
+              + coalesce((SELECT sum(CAST(l->>'debit' AS DECIMAL(18, 3))
+                                     - CAST(l->>'credit' AS DECIMAL(18, 3)))
+                          FROM sage.outbox o2, unnest(CAST(o2.payload->'lines' AS JSON[])) t(l)
+                          WHERE o2.status = 'posted' AND o2.doc_type = 'journal_entry'
+                            AND l->>'account' = ?1 AND o2.payload->>'currency' = ?2), 0)
+            FROM sage.outbox WHERE status = 'posted' AND payload->>'currency' = ?2
+            """,
+            [account, currency],
+        ).fetchall()
+        return Decimal(rows[0][0])
 
     def suspense_flags(self, run_id: str) -> list[dict[str, Any]]:
         """Journals this run flagged for posting to suspense (unknown reporting categories)."""
