@@ -38,12 +38,8 @@ def replay_dead_letters(
         # a second pass posts them now rather than at the next scheduled run.
         if ctx.loader.revive_unblocked() or ctx.loader.pending_count():
             counts["load_dependents"] = load(ctx.loader)
-        again = st.con.execute(
-            "SELECT doc_key FROM sage.outbox WHERE status = 'dead' "
-            "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
-            [released or [""]],
-        ).fetchall()
-        counts["dead_again"] = [r[0] for r in again]
+        again = st.dead_among(released)
+        counts["dead_again"] = again
         logger.info("replayed %d dead letters: %d dead again", len(released), len(again))
         # Published like a sync's, so the console and analysts see the replay's outcome now
         # rather than after the next scheduled run (the run's own row recorded first).

@@ -72,7 +72,7 @@ class FieldRule(BaseModel):
         return cols
 
 
-# Every reporting category STRIPE.md lists (and the older names the default file keeps) →
+# Every reporting category docs/stripe.md lists (and the older names the default file keeps) →
 # the account name it posts to in a payout (or daily) journal. "clearing" marks a category
 # whose gross a document of its own posts (receipts, memos, top-up and payout journals).
 DEFAULT_REPORTING_CATEGORIES: dict[str, str] = {
@@ -250,7 +250,7 @@ class Mapping(BaseModel):
     tax: TaxMapping = Field(default_factory=TaxMapping)
     orders: OrderMapping = Field(default_factory=OrderMapping)
     # Stripe balance-transaction reporting categories → account names above (payout journals).
-    # The file's entries are laid over DEFAULT_REPORTING_CATEGORIES (every category STRIPE.md
+    # The file's entries are laid over DEFAULT_REPORTING_CATEGORIES (every category docs/stripe.md
     # lists has a default); a category neither knows posts to accounts.suspense.
     reporting_categories: dict[str, str] = {}
 

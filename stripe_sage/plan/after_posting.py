@@ -1,4 +1,4 @@
-"""After an invoice is posted (issue 19; ACCOUNTING.md "Stripe Billing, completely").
+"""After an invoice is posted (issue 19; docs/accounting.md §3 "Stripe Billing, completely").
 
 What follows a Stripe invoice, as Sage credit memos:
 

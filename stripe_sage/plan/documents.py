@@ -689,7 +689,7 @@ def plan_invoices(
     settlement currency at that charge's rate (``fx.settle_foreign_invoices``); until then
     it is awaiting settlement, a wait with its due date, not an error.
 
-    ACCOUNTING.md "Stripe Billing, completely": every line net of its inclusive tax (unit
+    docs/accounting.md §3 "Stripe Billing, completely": every line net of its inclusive tax (unit
     prices exact to v1.1's 4 extra decimals), proration credits as negative lines,
     ``discount_amount`` = the invoice's discounts, ``tax_amount`` = all its tax (inclusive and
     exclusive) in ``tax_lines`` per Stripe tax rate (``invoice_tax``), so that Σ lines −

@@ -40,7 +40,7 @@ from stripe_sage.reconcile.report import (
     plan_payouts,
     plan_topups,
 )
-from stripe_sage.store.staging import Staging, now_utc
+from stripe_sage.store.staging import SETTLED_DOCUMENTS, Staging, now_utc
 
 # -- planning ------------------------------------------------------------------------------
 # Planning reads the staged rows in slices (keyset on id) and hands each slice's documents
@@ -51,11 +51,7 @@ PAYOUT_SLICE = 20  # payouts carry all their balance transactions (~3,000 a day 
 
 # Doc keys that need no planning again: pending, posted, blocked, or dead for a Sage reason
 # (a waiting document is planned again by every run until what it waits for exists).
-_SETTLED = (
-    "SELECT o.doc_key FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key) "
-    "WHERE o.status <> 'waiting' AND (o.status <> 'dead' "
-    "OR coalesce(d.error_code, '') <> 'planning')"
-)
+_SETTLED = SETTLED_DOCUMENTS
 
 
 def _not_quarantined(stream: str, alias: str = "s") -> str:
@@ -115,22 +111,13 @@ def customer_columns(alias: str = "s") -> str:
 def _guest_planned(st: Staging, gid: str) -> bool:
     """The outbox settled the guest customer in either form (created, or linked): once it is
     created, Sage has it, and it must not be planned again as a link."""
-    keys = [f"{t}:{GUEST_KEY}:{gid}" for t in ("customer", "customer_link")]
-    rows = st.con.execute(
-        f"SELECT count(*) FROM ({_SETTLED}) WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
-        [keys],
-    ).fetchall()
-    return bool(rows[0][0])
+    return bool(st.settled_among([f"{t}:{GUEST_KEY}:{gid}" for t in ("customer", "customer_link")]))
 
 
 def _guest_needed(st: Staging) -> bool:
     """Some succeeded charge has no Stripe customer (the guest customer is created on first
     need, not on an account that never has guest checkout)."""
-    rows = st.con.execute(
-        "SELECT EXISTS (SELECT 1 FROM staging.charges s WHERE s.customer IS NULL "
-        "AND s.status = 'succeeded' AND " + _not_quarantined("charges") + ")"
-    ).fetchall()
-    return bool(rows[0][0])
+    return st.guest_charge_staged()
 
 
 def _document_slices(
@@ -562,8 +549,7 @@ def record_flags(st: Staging, flagged: pl.DataFrame, run_id: str | None) -> None
         pl.lit(now_utc()).alias("flagged_at"),
         pl.lit(run_id, pl.String).alias("run_id"),
     )
-    with st.registered("_flags", rows):
-        st.con.execute("INSERT OR REPLACE INTO ops.flags BY NAME SELECT * FROM _flags").fetchall()
+    st.write_flags(rows)
 
 
 def plan_payout_documents(

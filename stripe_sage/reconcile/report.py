@@ -52,12 +52,7 @@ DISPUTE_CATEGORIES = {"dispute", "dispute_reversal"}
 # -- itemising payouts ---------------------------------------------------------------------
 def payouts_to_itemise(st: Any) -> list[str]:
     """Paid (or paid-then-failed) automatic payouts whose transactions are not stored yet."""
-    rows = st.con.execute(
-        "SELECT p.id FROM staging.payouts p WHERE p.automatic AND p.status IN ('paid', 'failed') "
-        "AND NOT EXISTS (SELECT 1 FROM staging.payout_items i WHERE i.payout = p.id) "
-        "ORDER BY p.created"
-    ).fetchall()
-    return [r[0] for r in rows]
+    return list(st.unitemised_payouts())
 
 
 def read_payout_schedule(reader: StripeReader, st: Any) -> str | None:
@@ -101,11 +96,7 @@ def itemise_payouts(
                     run_id=run_id,
                     api_version=reader.api_version,
                 )
-                if bts:
-                    st.con.execute(
-                        "INSERT OR IGNORE INTO staging.payout_items SELECT ?, unnest(?::VARCHAR[])",
-                        [po, [b["id"] for b in bts]],
-                    ).fetchall()
+                st.record_payout_items(po, [b["id"] for b in bts])
             total += len(bts)
     return total
 
@@ -540,10 +531,7 @@ def store(st: Any, rep: pl.DataFrame, run_id: str) -> None:
     frame = rep.with_columns(
         pl.lit(run_id).alias("run_id"), pl.lit(dt.datetime.now(dt.UTC)).alias("reported_at")
     )
-    with st.transaction() as con:
-        con.register("_recon", frame.to_arrow())
-        con.execute("CREATE OR REPLACE TABLE ops.reconciliation AS SELECT * FROM _recon").fetchall()
-        con.unregister("_recon")
+    st.replace_reconciliation(frame)
 
 
 def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
@@ -563,23 +551,7 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     today = dt.datetime.now(dt.UTC).date()
     out = []
     for currency, account in mapping.accounts.clearing.items():
-        sage = st.con.execute(
-            """
-            SELECT coalesce(sum(CASE
-                WHEN doc_type = 'cash_receipt' AND payload->>'deposit_account' = ?1
-                    THEN CAST(payload->>'amount' AS DECIMAL(18, 3))
-                WHEN doc_type = 'credit_memo' AND payload->>'gl_account' = ?1
-                    THEN -CAST(payload->>'amount' AS DECIMAL(18, 3))
-                ELSE 0 END), 0)
-              + coalesce((SELECT sum(CAST(l->>'debit' AS DECIMAL(18, 3))
-                                     - CAST(l->>'credit' AS DECIMAL(18, 3)))
-                          FROM sage.outbox o2, unnest(CAST(o2.payload->'lines' AS JSON[])) t(l)
-                          WHERE o2.status = 'posted' AND o2.doc_type = 'journal_entry'
-                            AND l->>'account' = ?1 AND o2.payload->>'currency' = ?2), 0)
-            FROM sage.outbox WHERE status = 'posted' AND payload->>'currency' = ?2
-            """,
-            [account, currency],
-        ).fetchall()[0][0]
+        sage = st.posted_clearing_balance(account, currency)
         docs = st.frame(
             f"""
             WITH cleared AS (

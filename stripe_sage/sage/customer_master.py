@@ -108,21 +108,17 @@ def sync_from_sage(
             winner = {"sage_wins": "sage", "stripe_wins": "stripe"}.get(
                 rule, "sage" if sage_at and sage_at >= stripe_changed else "stripe"
             )
-            st._exec(
-                "INSERT INTO ops.customer_conflicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    stripe_id,
-                    customer["customer_id"],
-                    sorted(diff),
-                    json.dumps(stripe_view(customer)),
-                    json.dumps({k: current.get(k) for k in diff}),
-                    sage_at,
-                    stripe_changed,
-                    winner,
-                    rule,
-                    now_utc(),
-                    run_id,
-                ],
+            st.record_customer_conflict(
+                stripe_id,
+                customer["customer_id"],
+                fields=sorted(diff),
+                sage_values=json.dumps(stripe_view(customer)),
+                stripe_values=json.dumps({k: current.get(k) for k in diff}),
+                sage_updated_at=sage_at,
+                stripe_changed_at=stripe_changed,
+                winner=winner,
+                rule=rule,
+                run_id=run_id,
             )
             if winner == "stripe":
                 continue  # the Stripe → Sage direction carries Stripe's values over

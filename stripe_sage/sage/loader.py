@@ -199,13 +199,6 @@ class _Round:
     unsent: Counter[str] = field(default_factory=Counter)
 
 
-def keys_in(keys: list[str]) -> str:
-    """``(?, ?, …)``: an IN list of constants lets DuckDB find the keys through the outbox's
-    primary-key index; ``IN (SELECT unnest(?))`` scans the whole outbox (2M rows at 1M
-    charges), several times per batch of documents."""
-    return "(" + ", ".join("?" * len(keys)) + ")"
-
-
 def resolve_placeholders(value: Any, xref: dict[str, str]) -> Any:
     """Replace ``"@xref:<doc_key>"`` strings with the Sage number of that document."""
     if isinstance(value, str) and value.startswith("@xref:"):
@@ -274,13 +267,7 @@ class Loader:
         docs = docs.unique(subset="doc_key", keep="last")
         is_wait = pl.col("error").str.starts_with(WAITING_PREFIX).fill_null(False)
         # Only the outbox rows of these keys: the whole outbox is millions of rows at scale.
-        with self.st.registered("_enqueue_keys", docs.select("doc_key")):
-            existing = self.st.frame(
-                "SELECT o.doc_key, o.status AS old_status, d.error_code AS error_kind, "
-                "o.waiting_since AS old_since FROM sage.outbox o "
-                "LEFT JOIN ops.dead_letters d USING (doc_key) "
-                "WHERE o.doc_key IN (SELECT doc_key FROM _enqueue_keys)"
-            )
+        existing = self.st.outbox_states(docs)
         fresh = docs.join(existing.select("doc_key"), on="doc_key", how="anti")
         dead_planning = existing.filter(
             (pl.col("old_status") == "dead") & (pl.col("error_kind") == PLANNING_ERROR)
@@ -324,25 +311,7 @@ class Loader:
         )
         if rows.is_empty():
             return 0
-        cols = (
-            "doc_key, doc_type, collection, stripe_id, phase, depends_on, payload, status, "
-            "sage_id, attempts, last_error, created_at, updated_at, posted_at, run_id, "
-            "waiting_since, wait_kind"
-        )
-        with self.st.transaction() as con:
-            con.register("_new_docs", rows.select(cols.split(", ")).to_arrow())
-            con.execute(
-                f"INSERT OR REPLACE INTO sage.outbox ({cols}) SELECT "
-                + cols.replace("payload", "CAST(payload AS JSON)")
-                + " FROM _new_docs"
-            ).fetchall()
-            con.unregister("_new_docs")
-            if revive.height:
-                con.execute(
-                    "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
-                    "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
-                    [now, revive["doc_key"].to_list()],
-                ).fetchall()
+        self.st.write_planned(rows, revive["doc_key"].to_list(), now)
         for status, counter in (("pending", self.stats.enqueued), ("waiting", self.stats.waiting)):
             for doc_type, n in (
                 rows.filter(pl.col("status") == status).group_by("doc_type").len().iter_rows()
@@ -385,12 +354,7 @@ class Loader:
         for key in keys:  # "customer:<id>" may be the customer_link document
             kind, _, stripe_id = key.partition(":")
             wanted.update(f"{t}:{stripe_id}" for t, x in XREF_TYPE.items() if x == kind)
-        listed = sorted(wanted)
-        rows = self.st.con.execute(
-            "SELECT doc_type, stripe_id, doc_key, status, last_error, wait_kind "
-            f"FROM sage.outbox WHERE doc_key IN {keys_in(listed)} AND status <> 'posted'",
-            listed,
-        ).fetchall()
+        rows = self.st.unposted_documents(sorted(wanted))
         out: dict[str, tuple[str, str, str | None]] = {}
         for doc_type, stripe_id, key, status, reason, kind in rows:
             text = reason or {"dead": "dead-lettered", "pending": "not posted yet"}.get(
@@ -399,16 +363,11 @@ class Loader:
             out[key] = (status, text, kind)
             out.setdefault(f"{XREF_TYPE.get(doc_type, doc_type)}:{stripe_id}", out[key])
         customers = sorted(k.partition(":")[2] for k in keys if k.startswith("customer:"))
-        if customers:
-            for object_id, check, reason in self.st.con.execute(
-                'SELECT id, "check", reason FROM staging.quarantine '
-                f"WHERE stream = 'customers' AND id IN {keys_in(customers)}",
-                customers,
-            ).fetchall():
-                out.setdefault(
-                    f"customer:{object_id}",
-                    ("dead", f"its Stripe record is quarantined ({check}: {reason})", None),
-                )
+        for object_id, check, reason in self.st.quarantined_checks("customers", customers):
+            out.setdefault(
+                f"customer:{object_id}",
+                ("dead", f"its Stripe record is quarantined ({check}: {reason})", None),
+            )
         return out
 
     @staticmethod
@@ -445,11 +404,7 @@ class Loader:
         wait for was corrected and replayed, or planned at last); they are checked again
         when posted. Files from before the ``blocked`` state kept them as dead letters with
         code ``blocked``: those are checked again too."""
-        rows = self.st.con.execute(
-            "SELECT o.doc_key, o.depends_on, o.status FROM sage.outbox o "
-            "LEFT JOIN ops.dead_letters d USING (doc_key) WHERE o.status = 'blocked' "
-            "OR (o.status = 'dead' AND d.error_code = 'blocked')"
-        ).fetchall()
+        rows = self.st.blocked_documents()
         # The Sage numbers of what they depend on (not the whole xref: millions at scale).
         xref = self._xref_for([(k, None, None, None, None, deps) for k, deps, _ in rows])
         states = self._states({d for _, deps, _ in rows for d in deps or [] if d not in xref})
@@ -466,17 +421,7 @@ class Loader:
                     states[k] = ("pending", "not posted yet", None)
                     grew = True
         if ready:
-            with self.st.transaction() as con:
-                con.execute(
-                    "UPDATE sage.outbox SET status = 'pending', last_error = NULL "
-                    "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
-                    [ready],
-                ).fetchall()
-                con.execute(
-                    "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
-                    "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
-                    [now_utc(), ready],
-                ).fetchall()
+            self.st.unblock(ready)
             self.stats.revived += len(ready)
         return len(ready)
 
@@ -544,14 +489,10 @@ class Loader:
             self.stats.retry_seconds = self._clock() - started
         self.stats.deferred = Counter(self.st.pending_by_type())
         if self.stats.deferred and not self._halt.is_set():
-            self.st._exec(
-                "UPDATE sage.outbox SET last_error = ? || coalesce(last_error, 'not sent') "
-                "WHERE status = 'pending'",
-                [
-                    f"deferred: not taken by Sage within the retry budget "
-                    f"({self.retry_budget:.0f} s, {self.stats.rounds} rounds); the next run "
-                    "retries it. Last answer: "
-                ],
+            self.st.note_deferred(
+                f"deferred: not taken by Sage within the retry budget "
+                f"({self.retry_budget:.0f} s, {self.stats.rounds} rounds); the next run "
+                "retries it. Last answer: "
             )
         self.stats.states = self.st.state_counts()
         return self.stats
@@ -683,11 +624,7 @@ class Loader:
             jobs.append(rnd.ready.popleft())
         keys = [j.row[0] for j in jobs]
         # Committed before any POST: after a crash these documents are looked up first.
-        self.st._exec(
-            "UPDATE sage.outbox SET attempts = attempts + 1, updated_at = ? "
-            f"WHERE doc_key IN {keys_in(keys)}",
-            [now_utc(), *keys],
-        )
+        self.st.count_attempts(keys)
         self._attempted += len(jobs)
         for job in jobs:
             self._not_before.pop(job.row[0], None)
@@ -763,29 +700,10 @@ class Loader:
         ``attempts`` of documents never sent given back, then the posted documents and
         their cross-references (in one transaction)."""
         now = now_utc()
-        if rnd.notes:
-            keys = list(rnd.notes)
-            with self.st.registered(
-                "_notes", pl.DataFrame({"doc_key": keys, "last_error": list(rnd.notes.values())})
-            ):
-                self.st._exec(
-                    "UPDATE sage.outbox o SET last_error = n.last_error, updated_at = ? "
-                    f"FROM _notes n WHERE o.doc_key = n.doc_key AND o.doc_key IN {keys_in(keys)}",
-                    [now, *keys],
-                )
-            rnd.notes = {}
-        if rnd.unsent:
-            keys = list(rnd.unsent)
-            with self.st.registered(
-                "_unsent",
-                pl.DataFrame({"doc_key": keys, "n": list(rnd.unsent.values())}),
-            ):
-                self.st._exec(
-                    "UPDATE sage.outbox o SET attempts = o.attempts - u.n FROM _unsent u "
-                    f"WHERE o.doc_key = u.doc_key AND o.doc_key IN {keys_in(keys)}",
-                    keys,
-                )
-            rnd.unsent = Counter()
+        self.st.set_reasons(rnd.notes, now)
+        rnd.notes = {}
+        self.st.give_back_attempts(rnd.unsent)
+        rnd.unsent = Counter()
         posted, rnd.posted_rows = rnd.posted_rows, []
         self._mark_posted_many(posted)
 
@@ -940,58 +858,30 @@ class Loader:
         """Record a batch of posted documents and their cross-references in one transaction."""
         if not rows:
             return
-        now = now_utc()
         frame = pl.DataFrame(
             rows,
             schema=["doc_key", "doc_type", "collection", "stripe_id", "sage_id", "matched_by"],
             orient="row",
         ).with_columns(pl.col("doc_type").replace(XREF_TYPE).alias("xref_type"))
-        with self.st.transaction() as con:
-            con.register("_posted", frame.to_arrow())
-            keys = [r[0] for r in rows]
-            con.execute(
-                "UPDATE sage.outbox o SET status = 'posted', sage_id = p.sage_id, "
-                "posted_at = ?, updated_at = ?, last_error = NULL FROM _posted p "
-                f"WHERE o.doc_key = p.doc_key AND o.doc_key IN {keys_in(keys)}",
-                [now, now, *keys],
-            ).fetchall()
-            con.execute(
-                "INSERT OR REPLACE INTO sage.xref SELECT stripe_id, xref_type, "
-                "collection, sage_id, matched_by, ?, ? FROM _posted",
-                [now, self.run_id],
-            ).fetchall()
-            con.unregister("_posted")
+        self.st.mark_posted(frame, self.run_id)
 
     def _mark_blocked(self, doc_key: str, doc_type: str, stripe_id: str, reason: str) -> None:
         """Outbox row blocked, with a dead letter of code ``blocked`` (replay releases it
         with what blocks it; ``revive_unblocked`` once that is posted)."""
-        self.st._exec(
-            "UPDATE sage.outbox SET status = 'blocked', last_error = ?, updated_at = ? "
-            "WHERE doc_key = ?",
-            [reason, now_utc(), doc_key],
-        )
+        self.st.mark_blocked(doc_key, reason)
         self._dead_letter(doc_key, doc_type, stripe_id, reason, code="blocked")
         self.stats.blocked[doc_type] += 1
 
     def _mark_waiting(self, doc_key: str, doc_type: str, reason: str, kind: str | None) -> None:
         """Outbox row waiting on a dependency that waits (planned again by the next run)."""
-        now = now_utc()
-        self.st._exec(
-            "UPDATE sage.outbox SET status = 'waiting', last_error = ?, updated_at = ?, "
-            "waiting_since = coalesce(waiting_since, ?), wait_kind = ? WHERE doc_key = ?",
-            [reason, now, now, kind or wait_kind(reason), doc_key],
-        )
+        self.st.mark_waiting(doc_key, reason, kind or wait_kind(reason))
         self.stats.waiting[doc_type] += 1
 
     def _mark_dead(
         self, doc_key: str, doc_type: str, stripe_id: str, reason: str, **details: Any
     ) -> None:
         """Outbox row dead + its dead letter (``details``: code, http_status, field, payload)."""
-        self.st._exec(
-            "UPDATE sage.outbox SET status = 'dead', last_error = ?, updated_at = ? "
-            "WHERE doc_key = ?",
-            [reason, now_utc(), doc_key],
-        )
+        self.st.mark_dead(doc_key, reason)
         self._dead_letter(doc_key, doc_type, stripe_id, reason, **details)
         self.stats.dead[doc_type] += 1
 
@@ -1007,32 +897,17 @@ class Loader:
         field: str | None = None,
         payload: Any = None,
     ) -> None:
-        now = now_utc()
         body = payload if isinstance(payload, str) or payload is None else json.dumps(payload)
-        self.st._exec(
-            """
-            INSERT INTO ops.dead_letters (doc_key, doc_type, stripe_id, reason, http_status,
-                error_code, error_field, payload, first_seen, last_seen, occurrences, replayed,
-                replayed_at, run_id)
-            VALUES (?, ?, ?, ?, ?, ?, ?, CAST(? AS JSON), ?, ?, 1, false, NULL, ?)
-            ON CONFLICT (doc_key) DO UPDATE SET reason = excluded.reason,
-                http_status = excluded.http_status, error_code = excluded.error_code,
-                error_field = excluded.error_field, payload = excluded.payload,
-                last_seen = excluded.last_seen, occurrences = ops.dead_letters.occurrences + 1,
-                replayed = false, run_id = excluded.run_id""",
-            [
-                doc_key,
-                doc_type,
-                stripe_id,
-                reason,
-                http_status,
-                code,
-                field,
-                body,
-                now,
-                now,
-                self.run_id,
-            ],
+        self.st.record_dead_letter(
+            doc_key,
+            doc_type,
+            stripe_id,
+            reason,
+            run_id=self.run_id,
+            code=code,
+            http_status=http_status,
+            field=field,
+            payload=body,
         )
 
 

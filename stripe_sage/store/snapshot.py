@@ -47,7 +47,7 @@ SELECT stream || ':' || id, stream, id, 'quarantined', "check" || ': ' || reason
     quarantined_at, 0
 FROM staging.quarantine"""
 
-# Subscriptions for analysts (issue 18, ACCOUNTING.md "Stripe Billing, completely"): one row
+# Subscriptions for analysts (issue 18, docs/accounting.md §3 "Stripe Billing, completely"): one row
 # per subscription item with its status, price, quantity and current period end, and the
 # monthly recurring revenue per customer. MRR in minor units of the price's currency: a
 # live subscription's (active, trialing, past_due) unit_amount x quantity, brought to one

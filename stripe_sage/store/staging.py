@@ -13,7 +13,8 @@ import functools
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,40 @@ UNPOSTED_STATES = ("dead", "waiting", "blocked", "pending")
 # to wait until then (plan_invoices writes it).
 SETTLEMENT_DUE = re.compile(r"\bdue (\d{4}-\d{2}-\d{2})\b")
 STAGE_SLICE = 4_000
+# The documents the planner must not plan again: everything in the outbox but what waits and
+# what died of a planning error (both are planned again by every run).
+SETTLED_DOCUMENTS = (
+    "SELECT o.doc_key FROM sage.outbox o LEFT JOIN ops.dead_letters d USING (doc_key) "
+    "WHERE o.status <> 'waiting' AND (o.status <> 'dead' "
+    "OR coalesce(d.error_code, '') <> 'planning')"
+)
+# The columns a planned document is written with (``Staging.write_planned``).
+OUTBOX_WRITE_COLUMNS = (
+    "doc_key",
+    "doc_type",
+    "collection",
+    "stripe_id",
+    "phase",
+    "depends_on",
+    "payload",
+    "status",
+    "sage_id",
+    "attempts",
+    "last_error",
+    "created_at",
+    "updated_at",
+    "posted_at",
+    "run_id",
+    "waiting_since",
+    "wait_kind",
+)
+
+
+def keys_in(keys: Sequence[str]) -> str:
+    """``(?, ?, …)``: an IN list of constants lets DuckDB find the keys through the outbox's
+    primary-key index; ``IN (SELECT unnest(?))`` scans the whole outbox (2M rows at 1M
+    charges), several times per batch of documents."""
+    return "(" + ", ".join("?" * len(keys)) + ")"
 
 
 def _connect(
@@ -290,6 +325,32 @@ class Staging:
             self._exec("DROP TABLE IF EXISTS _raw_rows")
         return int(n)
 
+    def merge_raw_parquet(
+        self,
+        stream: str,
+        files: Sequence[str],
+        *,
+        api_version: str | None,
+        extracted_at: dt.datetime,
+        run_id: str,
+    ) -> int:
+        """Backfill window files (Parquet: ``id``, ``created``, ``data``) into ``raw.<stream>``
+        as listed objects, one row per id; returns the rows of ``raw.<stream>`` this run has
+        written. Not staged here (``stage`` catches up); run it inside ``transaction()`` with
+        the windows' checkpoints."""
+        self._exec(
+            f"""
+            INSERT OR REPLACE INTO raw.{stream}
+            SELECT id, to_timestamp(created), CAST(data AS JSON), 'list', ?, ?, ?
+            FROM read_parquet(?)
+            QUALIFY row_number() OVER (PARTITION BY id) = 1""",
+            [api_version, extracted_at, run_id, list(files)],
+        )
+        rows = self.con.execute(
+            f"SELECT count(*) FROM raw.{stream} WHERE run_id = ?", [run_id]
+        ).fetchall()
+        return int(rows[0][0])
+
     def tombstone(self, stream: str, object_id: str, *, run_id: str) -> None:
         """A deleted object: keep the row, flag it (``*.deleted`` events never vanish rows)."""
         self._exec(
@@ -300,6 +361,116 @@ class Staging:
             WHERE id = ?""",
             [run_id, now_utc(), object_id],
         )
+
+    # -- what extraction asks of the raw tables ------------------------------------------------
+    def merge_patches(self, stream: str, patches: pa.Table, *, run_id: str) -> None:
+        """JSON merge patches (``patches``: ``id``, ``patch`` as JSON text) into the stored
+        objects of ``raw.<stream>``, as changes this run saw in events, in one transaction."""
+        with self.transaction(), self.registered("_echo", patches):
+            self._exec(
+                f"UPDATE raw.{stream} r SET data = json_merge_patch(r.data, e.patch), "
+                "run_id = ?, source = 'event', extracted_at = now() FROM _echo e "
+                "WHERE r.id = e.id",
+                [run_id],
+            )
+
+    def written_back(self, stripe_ids: Sequence[str]) -> set[tuple[str, str, str]]:
+        """``(stripe_id, field, value)`` our write-back recorded for these objects."""
+        if not stripe_ids:
+            return set()
+        exists = self.con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'sage' "
+            "AND table_name = 'writeback'"
+        ).fetchall()[0][0]
+        if not exists:
+            return set()
+        rows = self.con.execute(
+            "SELECT stripe_id, field, value FROM sage.writeback "
+            "WHERE stripe_id IN (SELECT unnest(?::VARCHAR[]))",
+            [list(stripe_ids)],
+        ).fetchall()
+        return {(r[0], r[1], r[2]) for r in rows}
+
+    def listed_by(self, run_id: str, stream: str, ids: Collection[str]) -> set[str]:
+        """Those of ``ids`` that run ``run_id`` read from a list of ``stream``."""
+        rows = self.con.execute(
+            f"SELECT id FROM raw.{stream} WHERE run_id = ? AND source = 'list' "
+            "AND id IN (SELECT unnest(?::VARCHAR[]))",
+            [run_id, list(ids)],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def customers_missing_for(self, run_id: str) -> list[str]:
+        """Customers that charges or invoices written by this run name but raw has not."""
+        return self._ids(
+            "SELECT DISTINCT c FROM (SELECT data->>'customer' AS c FROM raw.charges WHERE "
+            "run_id = ?1 UNION SELECT data->>'customer' FROM raw.invoices WHERE run_id = ?1) "
+            "WHERE c IS NOT NULL AND c NOT IN (SELECT id FROM raw.customers)",
+            [run_id],
+        )
+
+    def customers_referenced_unlisted(self) -> list[str]:
+        """Customers that staged charges or invoices name but raw has not, by id."""
+        return self._ids(
+            "SELECT DISTINCT customer FROM (SELECT customer FROM staging.charges "
+            "UNION ALL SELECT customer FROM staging.invoices) "
+            "WHERE customer IS NOT NULL AND customer NOT IN "
+            "(SELECT id FROM raw.customers) ORDER BY 1"
+        )
+
+    def unknown_customers_first_named(self, ids: Sequence[str]) -> dict[str, int | None]:
+        """Those of ``ids`` raw has no customer for → when a staged charge or invoice first
+        named them (epoch seconds; None if none does)."""
+        rows = self.con.execute(
+            "WITH wanted AS (SELECT unnest(?::VARCHAR[]) AS id) "
+            "SELECT w.id, CAST(epoch(min(x.created)) AS BIGINT) FROM wanted w "
+            "LEFT JOIN (SELECT customer, created FROM staging.charges UNION ALL "
+            "SELECT customer, created FROM staging.invoices) x ON x.customer = w.id "
+            "WHERE w.id NOT IN (SELECT id FROM raw.customers) GROUP BY w.id",
+            [list(ids)],
+        ).fetchall()
+        return dict(rows)
+
+    def balance_transactions_missing_for(self, run_id: str) -> list[str]:
+        """Balance transactions that charges, refunds or payouts written by this run name
+        but raw has not."""
+        return self._ids(
+            "SELECT DISTINCT t FROM ("
+            "SELECT data->>'balance_transaction' AS t FROM raw.charges WHERE run_id = ?1 "
+            "UNION SELECT data->>'balance_transaction' FROM raw.refunds WHERE run_id = ?1 "
+            "UNION SELECT data->>'failure_balance_transaction' FROM raw.refunds "
+            "WHERE run_id = ?1 "
+            "UNION SELECT data->>'balance_transaction' FROM raw.payouts WHERE run_id = ?1 "
+            "UNION SELECT data->>'failure_balance_transaction' FROM raw.payouts "
+            "WHERE run_id = ?1) "
+            "WHERE t IS NOT NULL AND t NOT IN (SELECT id FROM raw.balance_transactions)",
+            [run_id],
+        )
+
+    def payment_intents_without_session(self, run_id: str) -> list[str]:
+        """Payment intents of charges written by this run that no stored Checkout Session
+        names and Stripe was never asked about (``staging.checkout_lookups``), by id."""
+        return self._ids(
+            "SELECT DISTINCT data->>'payment_intent' AS pi FROM raw.charges "
+            "WHERE run_id = ? AND data->>'payment_intent' IS NOT NULL "
+            "AND data->>'payment_intent' NOT IN (SELECT payment_intent FROM "
+            "staging.checkout_lookups) AND data->>'payment_intent' NOT IN ("
+            "SELECT data->>'payment_intent' FROM raw.checkout_sessions "
+            "WHERE data->>'payment_intent' IS NOT NULL) ORDER BY 1",
+            [run_id],
+        )
+
+    def live_customers_not_read_by(self, run_id: str) -> list[str]:
+        """Customers not deleted as far as raw knows that run ``run_id`` did not read."""
+        return self._ids(
+            "SELECT id FROM raw.customers WHERE run_id <> ? AND "
+            "coalesce(CAST(data->>'deleted' AS BOOLEAN), false) = false",
+            [run_id],
+        )
+
+    def _ids(self, sql: str, params: Sequence[Any] | None = None) -> list[str]:
+        """The first column of a query's rows."""
+        return [r[0] for r in self.con.execute(sql, params or []).fetchall()]
 
     # -- staging ---------------------------------------------------------------------------
     def stage(self, stream: str, run_id: str) -> int:
@@ -400,6 +571,52 @@ class Staging:
             "SELECT payout_interval FROM ops.stripe_account ORDER BY read_at DESC LIMIT 1"
         ).fetchall()
         return bool(rows) and rows[0][0] == "manual"
+
+    def unitemised_payouts(self) -> list[str]:
+        """Paid (or paid-then-failed) automatic payouts whose transactions are not stored
+        yet (``staging.payout_items``), oldest first."""
+        return self._ids(
+            "SELECT p.id FROM staging.payouts p WHERE p.automatic "
+            "AND p.status IN ('paid', 'failed') "
+            "AND NOT EXISTS (SELECT 1 FROM staging.payout_items i WHERE i.payout = p.id) "
+            "ORDER BY p.created"
+        )
+
+    def record_payout_items(self, payout: str, balance_transactions: Sequence[str]) -> None:
+        """The balance transactions Stripe lists for a payout (``staging.payout_items``)."""
+        if balance_transactions:
+            self._exec(
+                "INSERT OR IGNORE INTO staging.payout_items SELECT ?, unnest(?::VARCHAR[])",
+                [payout, list(balance_transactions)],
+            )
+
+    def replace_reconciliation(self, report: pl.DataFrame) -> None:
+        """``ops.reconciliation``: the latest report's rows (its columns as they come)."""
+        with self.transaction(), self.registered("_recon", report):
+            self._exec("CREATE OR REPLACE TABLE ops.reconciliation AS SELECT * FROM _recon")
+
+    def posted_clearing_balance(self, account: str, currency: str) -> Decimal:
+        """What the posted documents put on the Sage account ``account`` in ``currency``:
+        receipts deposited there, less credit memos drawn on it, plus journal lines on it
+        (a DECIMAL(18, 3) sum, as Sage keeps it)."""
+        rows = self.con.execute(
+            """
+            SELECT coalesce(sum(CASE
+                WHEN doc_type = 'cash_receipt' AND payload->>'deposit_account' = ?1
+                    THEN CAST(payload->>'amount' AS DECIMAL(18, 3))
+                WHEN doc_type = 'credit_memo' AND payload->>'gl_account' = ?1
+                    THEN -CAST(payload->>'amount' AS DECIMAL(18, 3))
+                ELSE 0 END), 0)
+              + coalesce((SELECT sum(CAST(l->>'debit' AS DECIMAL(18, 3))
+                                     - CAST(l->>'credit' AS DECIMAL(18, 3)))
+                          FROM sage.outbox o2, unnest(CAST(o2.payload->'lines' AS JSON[])) t(l)
+                          WHERE o2.status = 'posted' AND o2.doc_type = 'journal_entry'
+                            AND l->>'account' = ?1 AND o2.payload->>'currency' = ?2), 0)
+            FROM sage.outbox WHERE status = 'posted' AND payload->>'currency' = ?2
+            """,
+            [account, currency],
+        ).fetchall()
+        return Decimal(rows[0][0])
 
     def suspense_flags(self, run_id: str) -> list[dict[str, Any]]:
         """Journals this run flagged for posting to suspense (unknown reporting categories)."""
@@ -519,6 +736,239 @@ class Staging:
         ).fetchall()
         return {f"{t}:{s}": sid for t, s, sid in found}
 
+    # -- the outbox, as the planner reads and flags it ------------------------------------
+    def settled_among(self, keys: Sequence[str]) -> set[str]:
+        """Those of ``keys`` the planner must not plan again (``SETTLED_DOCUMENTS``)."""
+        rows = self.con.execute(
+            f"SELECT doc_key FROM ({SETTLED_DOCUMENTS}) "
+            "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+            [list(keys)],
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def guest_charge_staged(self) -> bool:
+        """Whether some succeeded, unquarantined charge has no Stripe customer."""
+        rows = self.con.execute(
+            "SELECT EXISTS (SELECT 1 FROM staging.charges s WHERE s.customer IS NULL "
+            "AND s.status = 'succeeded' AND NOT EXISTS (SELECT 1 FROM staging.quarantine q "
+            "WHERE q.stream = 'charges' AND q.id = s.id))"
+        ).fetchall()
+        return bool(rows[0][0])
+
+    def write_flags(self, flagged: pl.DataFrame) -> None:
+        """``ops.flags`` rows (by column name), replacing a document's earlier flag."""
+        with self.registered("_flags", flagged):
+            self._exec("INSERT OR REPLACE INTO ops.flags BY NAME SELECT * FROM _flags")
+
+    # -- the outbox, as the loader writes it -----------------------------------------------
+    # Keys are passed as an IN list of constants (``keys_in``): DuckDB then finds them through
+    # the outbox's primary-key index, where ``IN (SELECT unnest(?))`` scans the whole outbox.
+    def outbox_states(self, frame_of_keys: pl.DataFrame) -> pl.DataFrame:
+        """The outbox rows of ``frame_of_keys``'s ``doc_key`` column as they are now:
+        ``doc_key, old_status, error_kind`` (its dead letter's code), ``old_since``."""
+        with self.registered("_enqueue_keys", frame_of_keys.select("doc_key")):
+            return self.frame(
+                "SELECT o.doc_key, o.status AS old_status, d.error_code AS error_kind, "
+                "o.waiting_since AS old_since FROM sage.outbox o "
+                "LEFT JOIN ops.dead_letters d USING (doc_key) "
+                "WHERE o.doc_key IN (SELECT doc_key FROM _enqueue_keys)"
+            )
+
+    def write_planned(self, rows: pl.DataFrame, revived: Sequence[str], now: dt.datetime) -> None:
+        """Planned documents into ``sage.outbox`` (replacing their rows) and the dead letters
+        of the ``revived`` ones marked replayed, in one transaction. ``rows`` has the
+        outbox's columns; ``payload`` is JSON text."""
+        cols = ", ".join(OUTBOX_WRITE_COLUMNS)
+        with self.transaction(), self.registered("_new_docs", rows.select(OUTBOX_WRITE_COLUMNS)):
+            self._exec(
+                f"INSERT OR REPLACE INTO sage.outbox ({cols}) SELECT "
+                + cols.replace("payload", "CAST(payload AS JSON)")
+                + " FROM _new_docs"
+            )
+            if revived:
+                self._exec(
+                    "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
+                    "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                    [now, list(revived)],
+                )
+
+    def unposted_documents(self, keys: Sequence[str]) -> list[tuple[str, str, str, str, Any, Any]]:
+        """``(doc_type, stripe_id, doc_key, status, last_error, wait_kind)`` of those of
+        ``keys`` not in Sage."""
+        if not keys:
+            return []
+        return self.con.execute(
+            "SELECT doc_type, stripe_id, doc_key, status, last_error, wait_kind "
+            f"FROM sage.outbox WHERE doc_key IN {keys_in(keys)} AND status <> 'posted'",
+            list(keys),
+        ).fetchall()
+
+    def quarantined_checks(self, stream: str, ids: Sequence[str]) -> list[tuple[str, str, str]]:
+        """``(id, check, reason)`` of the quarantined rows of ``stream`` among ``ids``."""
+        if not ids:
+            return []
+        return self.con.execute(
+            'SELECT id, "check", reason FROM staging.quarantine '
+            f"WHERE stream = ? AND id IN {keys_in(ids)}",
+            [stream, *ids],
+        ).fetchall()
+
+    def blocked_documents(self) -> list[tuple[str, list[str] | None, str]]:
+        """``(doc_key, depends_on, status)`` of blocked documents, and of dead letters of code
+        ``blocked`` (files from before the ``blocked`` state)."""
+        return self.con.execute(
+            "SELECT o.doc_key, o.depends_on, o.status FROM sage.outbox o "
+            "LEFT JOIN ops.dead_letters d USING (doc_key) WHERE o.status = 'blocked' "
+            "OR (o.status = 'dead' AND d.error_code = 'blocked')"
+        ).fetchall()
+
+    def unblock(self, keys: Sequence[str]) -> None:
+        """These blocked documents back to ``pending`` (reason cleared) and their dead
+        letters marked replayed, in one transaction."""
+        with self.transaction():
+            self._exec(
+                "UPDATE sage.outbox SET status = 'pending', last_error = NULL "
+                "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [list(keys)],
+            )
+            self._exec(
+                "UPDATE ops.dead_letters SET replayed = true, replayed_at = ? "
+                "WHERE doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [now_utc(), list(keys)],
+            )
+
+    def note_deferred(self, prefix: str) -> None:
+        """Prefix the reason of every pending document with ``prefix`` (the retry budget
+        ran out: the next run retries them)."""
+        self._exec(
+            "UPDATE sage.outbox SET last_error = ? || coalesce(last_error, 'not sent') "
+            "WHERE status = 'pending'",
+            [prefix],
+        )
+
+    def count_attempts(self, keys: Sequence[str]) -> None:
+        """One more attempt for each of these documents, committed before they are sent."""
+        if not keys:
+            return
+        self._exec(
+            "UPDATE sage.outbox SET attempts = attempts + 1, updated_at = ? "
+            f"WHERE doc_key IN {keys_in(keys)}",
+            [now_utc(), *keys],
+        )
+
+    def set_reasons(self, reasons: dict[str, str], now: dt.datetime) -> None:
+        """``last_error`` of these documents (doc key → the reason a person reads)."""
+        if not reasons:
+            return
+        keys = list(reasons)
+        notes = pl.DataFrame({"doc_key": keys, "last_error": list(reasons.values())})
+        with self.registered("_notes", notes):
+            self._exec(
+                "UPDATE sage.outbox o SET last_error = n.last_error, updated_at = ? "
+                f"FROM _notes n WHERE o.doc_key = n.doc_key AND o.doc_key IN {keys_in(keys)}",
+                [now, *keys],
+            )
+
+    def give_back_attempts(self, unsent: dict[str, int]) -> None:
+        """Attempts counted for documents that were never sent, taken back (doc key → n)."""
+        if not unsent:
+            return
+        keys = list(unsent)
+        with self.registered(
+            "_unsent", pl.DataFrame({"doc_key": keys, "n": list(unsent.values())})
+        ):
+            self._exec(
+                "UPDATE sage.outbox o SET attempts = o.attempts - u.n FROM _unsent u "
+                f"WHERE o.doc_key = u.doc_key AND o.doc_key IN {keys_in(keys)}",
+                keys,
+            )
+
+    def mark_posted(self, posted: pl.DataFrame, run_id: str) -> None:
+        """Posted documents (``doc_key, collection, stripe_id, sage_id, matched_by`` and
+        ``xref_type``, the type their cross-reference is kept under) ``posted`` in the outbox
+        with their Sage numbers in ``sage.xref``, in one transaction."""
+        if posted.is_empty():
+            return
+        now = now_utc()
+        keys = posted["doc_key"].to_list()
+        with self.transaction(), self.registered("_posted", posted):
+            self._exec(
+                "UPDATE sage.outbox o SET status = 'posted', sage_id = p.sage_id, "
+                "posted_at = ?, updated_at = ?, last_error = NULL FROM _posted p "
+                f"WHERE o.doc_key = p.doc_key AND o.doc_key IN {keys_in(keys)}",
+                [now, now, *keys],
+            )
+            self._exec(
+                "INSERT OR REPLACE INTO sage.xref SELECT stripe_id, xref_type, "
+                "collection, sage_id, matched_by, ?, ? FROM _posted",
+                [now, run_id],
+            )
+
+    def mark_blocked(self, doc_key: str, reason: str) -> None:
+        self._exec(
+            "UPDATE sage.outbox SET status = 'blocked', last_error = ?, updated_at = ? "
+            "WHERE doc_key = ?",
+            [reason, now_utc(), doc_key],
+        )
+
+    def mark_waiting(self, doc_key: str, reason: str, wait_kind: str | None) -> None:
+        """``waiting`` since the first time it was seen waiting."""
+        now = now_utc()
+        self._exec(
+            "UPDATE sage.outbox SET status = 'waiting', last_error = ?, updated_at = ?, "
+            "waiting_since = coalesce(waiting_since, ?), wait_kind = ? WHERE doc_key = ?",
+            [reason, now, now, wait_kind, doc_key],
+        )
+
+    def mark_dead(self, doc_key: str, reason: str) -> None:
+        self._exec(
+            "UPDATE sage.outbox SET status = 'dead', last_error = ?, updated_at = ? "
+            "WHERE doc_key = ?",
+            [reason, now_utc(), doc_key],
+        )
+
+    def record_dead_letter(
+        self,
+        doc_key: str,
+        doc_type: str,
+        stripe_id: str,
+        reason: str,
+        *,
+        run_id: str,
+        code: str | None = None,
+        http_status: int | None = None,
+        field: str | None = None,
+        payload: str | None = None,
+    ) -> None:
+        """The dead letter of a document (``ops.dead_letters``): a new one, or the same one
+        seen again (``occurrences`` + 1, no longer replayed). ``payload``: JSON text."""
+        now = now_utc()
+        self._exec(
+            """
+            INSERT INTO ops.dead_letters (doc_key, doc_type, stripe_id, reason, http_status,
+                error_code, error_field, payload, first_seen, last_seen, occurrences, replayed,
+                replayed_at, run_id)
+            VALUES (?, ?, ?, ?, ?, ?, ?, CAST(? AS JSON), ?, ?, 1, false, NULL, ?)
+            ON CONFLICT (doc_key) DO UPDATE SET reason = excluded.reason,
+                http_status = excluded.http_status, error_code = excluded.error_code,
+                error_field = excluded.error_field, payload = excluded.payload,
+                last_seen = excluded.last_seen, occurrences = ops.dead_letters.occurrences + 1,
+                replayed = false, run_id = excluded.run_id""",
+            [
+                doc_key,
+                doc_type,
+                stripe_id,
+                reason,
+                http_status,
+                code,
+                field,
+                payload,
+                now,
+                now,
+                run_id,
+            ],
+        )
+
     # -- write-back of Sage ids into Stripe -----------------------------------------------
     def writeback_pending(self, limit: int) -> list[tuple[str, str, str, str]]:
         """(path, stripe id, metadata field, value) still to write into Stripe, oldest first:
@@ -563,6 +1013,16 @@ class Staging:
         ).fetchall()
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
+    def record_writeback(
+        self, stripe_id: str, field: str, value: str, outcome: str, run_id: str
+    ) -> None:
+        """A metadata value written into Stripe (``outcome``: written, or gone when the
+        object was deleted meanwhile), so it is never sent again (``sage.writeback``)."""
+        self._exec(
+            "INSERT OR REPLACE INTO sage.writeback VALUES (?, ?, ?, ?, ?, ?)",
+            [stripe_id, field, value, now_utc(), outcome, run_id],
+        )
+
     # -- the customer master (Sage → Stripe) -----------------------------------------------
     def stripe_customers_by_sage_id(self) -> dict[str, str]:
         """Sage customer id → the Stripe customer it was made from or linked to."""
@@ -570,6 +1030,39 @@ class Staging:
             self.con.execute(
                 "SELECT sage_id, stripe_id FROM sage.xref WHERE doc_type = 'customer'"
             ).fetchall()
+        )
+
+    def record_customer_conflict(
+        self,
+        stripe_id: str,
+        sage_id: str,
+        *,
+        fields: list[str],
+        sage_values: str,
+        stripe_values: str,
+        sage_updated_at: dt.datetime | None,
+        stripe_changed_at: dt.datetime,
+        winner: str,
+        rule: str,
+        run_id: str,
+    ) -> None:
+        """A customer changed on both sides and how it was decided (``ops.customer_conflicts``;
+        ``*_values`` as JSON text)."""
+        self._exec(
+            "INSERT INTO ops.customer_conflicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                stripe_id,
+                sage_id,
+                fields,
+                sage_values,
+                stripe_values,
+                sage_updated_at,
+                stripe_changed_at,
+                winner,
+                rule,
+                now_utc(),
+                run_id,
+            ],
         )
 
     def customer_last_sent(
@@ -615,6 +1108,19 @@ class Staging:
                 "SELECT o.doc_key FROM sage.outbox o JOIN ops.dead_letters d USING (doc_key) "
                 f"WHERE {' AND '.join(where)} ORDER BY o.doc_key",
                 params,
+            ).fetchall()
+        ]
+
+    def dead_among(self, keys: Sequence[str]) -> list[str]:
+        """Those of ``keys`` whose documents are dead (e.g. dead again after a replay)."""
+        if not keys:
+            return []
+        return [
+            r[0]
+            for r in self.con.execute(
+                "SELECT doc_key FROM sage.outbox WHERE status = 'dead' "
+                "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
+                [list(keys)],
             ).fetchall()
         ]
 

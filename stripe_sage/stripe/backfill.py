@@ -160,23 +160,14 @@ def merge_windows(
             )
         child = CHILD_STREAMS.get(stream)
         targets = [stream, child] if child is not None else [stream]
-        with st.transaction() as con:
+        with st.transaction():
             for target in targets:
                 files = [str(w.path(root, target)) for w in ws if w.path(root, target).exists()]
                 if not files:
                     continue
-                con.execute(
-                    f"""
-                    INSERT OR REPLACE INTO raw.{target}
-                    SELECT id, to_timestamp(created), CAST(data AS JSON), 'list', ?, ?, ?
-                    FROM read_parquet(?)
-                    QUALIFY row_number() OVER (PARTITION BY id) = 1""",
-                    [api_version, extracted_at, run_id, files],
-                ).fetchall()
-                n = con.execute(
-                    f"SELECT count(*) FROM raw.{target} WHERE run_id = ?", [run_id]
-                ).fetchall()[0][0]
-                merged[target] = int(n)
+                merged[target] = st.merge_raw_parquet(
+                    target, files, api_version=api_version, extracted_at=extracted_at, run_id=run_id
+                )
             for w in ws:
                 rows = pq.ParquetFile(w.path(root)).metadata.num_rows
                 st.mark_window(stream, w.start, w.end, rows, run_id)

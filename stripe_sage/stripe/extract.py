@@ -554,21 +554,7 @@ class Extractor:
         same keys set by someone else (e.g. finance choosing a Sage customer for an ambiguous
         email) are real changes and are re-fetched."""
         ids = [i for patches in echoes.values() for i in patches]
-        ours: set[tuple[str, str, str]] = set()
-        if ids:
-            exists = self.staging.con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'sage' "
-                "AND table_name = 'writeback'"
-            ).fetchall()[0][0]
-            if exists:
-                ours = {
-                    (r[0], r[1], r[2])
-                    for r in self.staging.con.execute(
-                        "SELECT stripe_id, field, value FROM sage.writeback "
-                        "WHERE stripe_id IN (SELECT unnest(?::VARCHAR[]))",
-                        [ids],
-                    ).fetchall()
-                }
+        ours = self.staging.written_back(ids)
         for stream, patches in echoes.items():
             for object_id in list(patches):
                 if not all((object_id, k, v) in ours for k, v in patches[object_id].items()):
@@ -591,15 +577,8 @@ class Extractor:
             if not rows:
                 continue
             frame = pa.table({"id": [r[0] for r in rows], "patch": [r[1] for r in rows]})
-            with self.write_lock, self.staging.transaction() as con:
-                con.register("_echo", frame)
-                con.execute(
-                    f"UPDATE raw.{stream} r SET data = json_merge_patch(r.data, e.patch), "
-                    "run_id = ?, source = 'event', extracted_at = now() FROM _echo e "
-                    "WHERE r.id = e.id",
-                    [self.run_id],
-                ).fetchall()
-                con.unregister("_echo")
+            with self.write_lock:
+                self.staging.merge_patches(stream, frame, run_id=self.run_id)
             n += len(rows)
         return n
 
@@ -620,15 +599,7 @@ class Extractor:
     def fetch_missing_customers(self, source: str = "webhook") -> int:
         """Customers that objects re-fetched in this run point at but staging never saw (a
         webhook for a brand-new customer's first charge may arrive before its own)."""
-        missing = [
-            r[0]
-            for r in self.staging.con.execute(
-                "SELECT DISTINCT c FROM (SELECT data->>'customer' AS c FROM raw.charges WHERE "
-                "run_id = ?1 UNION SELECT data->>'customer' FROM raw.invoices WHERE run_id = ?1) "
-                "WHERE c IS NOT NULL AND c NOT IN (SELECT id FROM raw.customers)",
-                [self.run_id],
-            ).fetchall()
-        ]
+        missing = self.staging.customers_missing_for(self.run_id)
         if missing:
             self._refetch("customers", missing, {}, source)
         return len(missing)
@@ -641,15 +612,7 @@ class Extractor:
         as a deleted customer: the mapping's name fallbacks rebuild its name from the
         charge's billing details, and it posts inactive (docs/accounting.md §2)."""
         with self.write_lock:
-            missing = [
-                r[0]
-                for r in self.staging.con.execute(
-                    "SELECT DISTINCT customer FROM (SELECT customer FROM staging.charges "
-                    "UNION ALL SELECT customer FROM staging.invoices) "
-                    "WHERE customer IS NOT NULL AND customer NOT IN "
-                    "(SELECT id FROM raw.customers) ORDER BY 1"
-                ).fetchall()
-            ]
+            missing = self.staging.customers_referenced_unlisted()
         if missing:
             log.info("%d customers referenced by charges or invoices were never listed "
                      "(deleted in Stripe?): retrieving them by id", len(missing))  # fmt: skip
@@ -661,15 +624,7 @@ class Extractor:
         that names them (a stub has no ``created``; staging requires one)."""
         ids = [o["id"] for o in stubs]
         with self.write_lock:
-            rows = self.staging.con.execute(
-                "WITH wanted AS (SELECT unnest(?::VARCHAR[]) AS id) "
-                "SELECT w.id, CAST(epoch(min(x.created)) AS BIGINT) FROM wanted w "
-                "LEFT JOIN (SELECT customer, created FROM staging.charges UNION ALL "
-                "SELECT customer, created FROM staging.invoices) x ON x.customer = w.id "
-                "WHERE w.id NOT IN (SELECT id FROM raw.customers) GROUP BY w.id",
-                [ids],
-            ).fetchall()
-        first = dict(rows)
+            first = self.staging.unknown_customers_first_named(ids)
         return [
             {**o, "deleted": True, "created": first[o["id"]] or self.now}
             for o in stubs
@@ -679,21 +634,7 @@ class Extractor:
     def fetch_missing_balance_transactions(self, source: str = "webhook") -> int:
         """Balance transactions that objects re-fetched in this run point at but staging never
         saw: a new charge's amounts and fees live there (receipts wait for them)."""
-        missing = [
-            r[0]
-            for r in self.staging.con.execute(
-                "SELECT DISTINCT t FROM ("
-                "SELECT data->>'balance_transaction' AS t FROM raw.charges WHERE run_id = ?1 "
-                "UNION SELECT data->>'balance_transaction' FROM raw.refunds WHERE run_id = ?1 "
-                "UNION SELECT data->>'failure_balance_transaction' FROM raw.refunds "
-                "WHERE run_id = ?1 "
-                "UNION SELECT data->>'balance_transaction' FROM raw.payouts WHERE run_id = ?1 "
-                "UNION SELECT data->>'failure_balance_transaction' FROM raw.payouts "
-                "WHERE run_id = ?1) "
-                "WHERE t IS NOT NULL AND t NOT IN (SELECT id FROM raw.balance_transactions)",
-                [self.run_id],
-            ).fetchall()
-        ]
+        missing = self.staging.balance_transactions_missing_for(self.run_id)
         if missing:
             self._refetch("balance_transactions", missing, {}, source)
         return len(missing)
@@ -705,18 +646,7 @@ class Extractor:
         a charge whose payment intent Stripe has answered for never waits for a session
         (docs/accounting.md "Orders, items and stock"). Returns the sessions found."""
         with self.write_lock:
-            wanted = [
-                r[0]
-                for r in self.staging.con.execute(
-                    "SELECT DISTINCT data->>'payment_intent' AS pi FROM raw.charges "
-                    "WHERE run_id = ? AND data->>'payment_intent' IS NOT NULL "
-                    "AND data->>'payment_intent' NOT IN (SELECT payment_intent FROM "
-                    "staging.checkout_lookups) AND data->>'payment_intent' NOT IN ("
-                    "SELECT data->>'payment_intent' FROM raw.checkout_sessions "
-                    "WHERE data->>'payment_intent' IS NOT NULL) ORDER BY 1",
-                    [self.run_id],
-                ).fetchall()
-            ]
+            wanted = self.staging.payment_intents_without_session(self.run_id)
         if not wanted:
             return 0
         stream = STREAMS["checkout_sessions"]
@@ -747,14 +677,7 @@ class Extractor:
     def _tombstone_unlisted_customers(self) -> None:
         """Stripe's customer list leaves deleted customers out: a customer the full re-read
         did not list is fetched on its own, and becomes a tombstone if Stripe says deleted."""
-        missing = [
-            r[0]
-            for r in self.staging.con.execute(
-                "SELECT id FROM raw.customers WHERE run_id <> ? AND "
-                "coalesce(CAST(data->>'deleted' AS BOOLEAN), false) = false",
-                [self.run_id],
-            ).fetchall()
-        ]
+        missing = self.staging.live_customers_not_read_by(self.run_id)
         if missing:
             self._refetch("customers", missing, {})
 
@@ -762,12 +685,7 @@ class Extractor:
         """Objects this run already listed are current: no need to fetch them again."""
         out: dict[str, set[str]] = {}
         for stream, ids in changed.items():
-            rows = self.staging.con.execute(
-                f"SELECT id FROM raw.{stream} WHERE run_id = ? AND source = 'list' "
-                "AND id IN (SELECT unnest(?::VARCHAR[]))",
-                [self.run_id, list(ids)],
-            ).fetchall()
-            out[stream] = {r[0] for r in rows}
+            out[stream] = self.staging.listed_by(self.run_id, stream, ids)
         return out
 
     def _refetch(

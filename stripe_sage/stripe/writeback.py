@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from stripe_sage.errors import NotFoundError
-from stripe_sage.store.staging import Staging, now_utc
+from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 
 
@@ -41,9 +41,6 @@ def write_back(
             outcome = "written"
         except NotFoundError:
             outcome = "gone"  # deleted in Stripe meanwhile: nothing to write to
-        st._exec(
-            "INSERT OR REPLACE INTO sage.writeback VALUES (?, ?, ?, ?, ?, ?)",
-            [stripe_id, field, value, now_utc(), outcome, run_id],
-        )
+        st.record_writeback(stripe_id, field, value, outcome, run_id)
         done[f"{field}:{outcome}"] = done.get(f"{field}:{outcome}", 0) + 1
     return done

@@ -1,4 +1,4 @@
-"""Complete Billing invoices end to end (issue 18; ACCOUNTING.md "Stripe Billing, completely",
+"""Complete Billing invoices end to end (issue 18; docs/accounting.md §3,
 invariant 12): coupons, inclusive VAT, two exclusive rates and proration lines reach Sage with
 ``discount_amount``, ``tax_lines`` per Stripe tax rate and Stripe's ``total`` to the cent.
 

@@ -22,7 +22,7 @@ from stripe_sage.reconcile.report import (
 
 pytestmark = pytest.mark.unit
 MAPPING = load_mapping()
-# The categories STRIPE.md ("Balance transaction reporting categories") lists.
+# The categories docs/stripe.md ("Balance transaction reporting categories") lists.
 STRIPE_MD_CATEGORIES = (
     "charge refund refund_failure dispute dispute_reversal fee payout payout_reversal topup "
     "topup_reversal transfer transfer_reversal platform_earning platform_earning_refund "
