@@ -58,7 +58,6 @@ def _memo_payload(
     invoice_no: pl.Expr | None,
     gl_account: pl.Expr | None,
     expense_account: pl.Expr | None,
-    receivables: str,
 ) -> pl.Expr:
     fields = [
         pl.concat_str([pl.lit("@xref:customer:"), pl.col("customer")]).alias("customer_id"),
@@ -71,10 +70,9 @@ def _memo_payload(
         pl.when(pl.col("tax_lines").list.len() > 0).then(pl.col("tax_lines")).alias("tax_lines"),
     ]
     if invoice_no is not None:
+        # Sage credits the invoice's receivable: no gl_account (SAGEPRO_API.md, optional then).
         fields.append(invoice_no.alias("invoice_no"))
-        # Sage credits the invoice's receivable; it still asks for a gl_account: name AR.
-        gl_account = pl.lit(receivables)
-    if gl_account is not None:
+    elif gl_account is not None:
         fields.append(gl_account.alias("gl_account"))
     if expense_account is not None:
         fields.append(expense_account.alias("expense_account"))
@@ -114,7 +112,6 @@ def plan_credit_notes(
                     pl.concat_str([pl.lit("@xref:invoice:"), pl.col("invoice")]),
                     None,
                     None,
-                    mapping.accounts.receivables,
                 ).alias("payload"),
                 pl.concat_list(
                     [
@@ -140,7 +137,6 @@ def plan_credit_notes(
                     None,
                     clearing,
                     None,
-                    mapping.accounts.receivables,
                 ).alias("payload"),
                 pl.concat_list([pl.concat_str([pl.lit("customer:"), pl.col("customer")])]).alias(
                     "depends_on"
@@ -237,7 +233,6 @@ def plan_invoice_closures(
                     pl.concat_str([pl.lit("@xref:invoice:"), pl.col("id")]),
                     None,
                     None if is_void else pl.lit(mapping.accounts.bad_debt),
-                    mapping.accounts.receivables,
                 ).alias("payload"),
                 pl.concat_list(
                     [

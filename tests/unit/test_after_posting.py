@@ -100,6 +100,7 @@ def test_credit_note_on_an_open_invoice_is_a_memo_against_it() -> None:
     on_open = p["credit_memo:cn_1"]
     assert on_open["invoice_no"] == "@xref:invoice:in_1"
     assert on_open["amount"] == "10.82" and on_open["tax_amount"] == "0.82"
+    assert "gl_account" not in on_open  # Sage credits the invoice's receivable
     refunding = p["credit_memo:cn_2"]
     assert "invoice_no" not in refunding
     assert refunding["gl_account"] == mapping.accounts.clearing["USD"]
