@@ -75,6 +75,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "application_fees": ("fee", "application_fee"),
     "transfers": ("tr", "transfer"),
     "credit_notes": ("cn", "credit_note"),
+    # Listed per customer only (/v1/customers/{id}/balance_transactions), as in Stripe.
+    "customer_balance_transactions": ("cbtxn", "customer_balance_transaction"),
     "checkout_sessions": ("cs_test", "checkout.session"),  # as Stripe: cs_test_…
     "payment_intents": ("pi", "payment_intent"),
 }
@@ -529,10 +531,49 @@ class StripeWorld:
             invoice_prefix=f"{_b62(k, 6).upper()}",
             next_invoice_sequence=1,
             shipping=None,
-            balance=0,
+            balance=self.customer_balance(k, t),
             delinquent=False,
             default_source=None,
             test_clock=None,
+        )
+        return obj
+
+    def customer_balance_transactions(self, k: int, t: int) -> list[int]:
+        """Customer k's balance transactions as of t, oldest first (issue 19)."""
+        by_customer = self.__dict__.get("_cbtxn_by_customer")
+        if by_customer is None:
+            by_customer = {}
+            for x, c in enumerate(self.b.cbtxn_customer.tolist()):
+                by_customer.setdefault(int(c), []).append(x)
+            self.__dict__["_cbtxn_by_customer"] = by_customer
+        created = self.b.customer_balance_transactions.created
+        return [x for x in by_customer.get(k, []) if int(created[x]) <= t]
+
+    def customer_balance(self, k: int, t: int) -> int:
+        """Stripe's ``customer.balance`` as of t: negative is credit the customer holds."""
+        return sum(int(self.b.cbtxn_amount[x]) for x in self.customer_balance_transactions(k, t))
+
+    def _render_customer_balance_transactions(self, x: int, t: int, expand: frozenset[str]) -> JSON:
+        from devkit.sandbox.stripe_after import CBTXN_TYPES
+
+        b = self.b
+        j = int(b.cbtxn_invoice[x])
+        obj = dict(self.tpl["customer_balance_transaction"])
+        obj.update(
+            id=self.make_id("customer_balance_transactions", x),
+            amount=int(b.cbtxn_amount[x]),
+            created=int(b.customer_balance_transactions.created[x]),
+            credit_note=None,
+            currency="usd",
+            customer=self.make_id("customers", int(b.cbtxn_customer[x])),
+            description=None if j >= 0 else "Goodwill credit",
+            ending_balance=int(b.cbtxn_ending[x]),
+            invoice=self.make_id("invoices", j) if j >= 0 else None,
+            livemode=False,
+            metadata=None if j >= 0 else {},
+            type=CBTXN_TYPES[int(b.cbtxn_type[x])],
+            checkout_session=None,
+            customer_account=None,
         )
         return obj
 
@@ -1005,6 +1046,8 @@ class StripeWorld:
         paid = paid_by >= 0
         status = self.invoice_status(j, t)
         credited = self.invoice_credited(j, t)
+        # Issue 19: credit the customer held, used up when the invoice was finalized.
+        balance_used = int(b.inv_balance_applied[j])
         voided_at = int(b.inv_voided_at[j])
         written_off_at = int(b.inv_uncollectible_at[j])
         created = int(b.invoices.created[j])
@@ -1026,9 +1069,9 @@ class StripeWorld:
             customer_phone=cust["phone"],
             customer_address=dict(cust["address"]),
             customer_shipping=None,
-            amount_due=total,
+            amount_due=total - balance_used,
             amount_paid=total if paid else 0,
-            amount_remaining=0 if paid else total - credited,
+            amount_remaining=0 if paid else total - credited - balance_used,
             pre_payment_credit_notes_amount=credited,
             post_payment_credit_notes_amount=0,
             amount_overpaid=0,
@@ -1042,7 +1085,7 @@ class StripeWorld:
             currency=self.currencies[ch.currency][0],
             due_date=None,
             effective_at=created + 1,
-            ending_balance=0,
+            ending_balance=0,  # finalized: any credit it used is gone
             from_invoice=None,
             hosted_invoice_url=f"https://invoice.stripe.com/i/{inv_id}",
             invoice_pdf=f"https://pay.stripe.com/invoice/{inv_id}/pdf",
@@ -1066,7 +1109,7 @@ class StripeWorld:
             period_end=created + 30 * DAY,
             shipping_cost=None,
             shipping_details=None,
-            starting_balance=0,
+            starting_balance=-balance_used,
             status=status,
             status_transitions={
                 "finalized_at": created + 1,
@@ -1967,5 +2010,7 @@ class StripeWorld:
             int(j)
             for j in np.nonzero(self.b.ch_failed[self.b.inv_charge])[0]
             # Issue 19's credited, voided and written-off invoices stay as they are.
-            if self.invoice_status(int(j), t) == "open" and self.b.inv_credit_note[j] < 0
+            if self.invoice_status(int(j), t) == "open"
+            and self.b.inv_credit_note[j] < 0
+            and not self.b.inv_balance_applied[j]
         ]

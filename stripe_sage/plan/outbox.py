@@ -14,8 +14,10 @@ import polars as pl
 
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.after_posting import (
+    BALANCE_PREFIX,
     VOID_PREFIX,
     WRITE_OFF_PREFIX,
+    plan_credit_balances,
     plan_credit_notes,
     plan_invoice_closures,
 )
@@ -299,7 +301,8 @@ def _after_posting_documents(
     tax_rates: pl.DataFrame,
     slice_rows: int,
 ) -> Iterator[pl.DataFrame]:
-    """Issue 19: credit notes, and the memos of voided and written-off invoices."""
+    """Issue 19: credit notes, the memos of voided and written-off invoices, and of credit
+    balances invoices used."""
     for notes in _rows_to_plan(
         st, "credit_notes", _todo("credit_notes", "credit_memo:"), slice_rows
     ):
@@ -313,6 +316,13 @@ def _after_posting_documents(
     )
     for invoices in _rows_to_plan(st, "invoices", closing, slice_rows):
         yield plan_invoice_closures(invoices, mapping, pf, tax_rates)
+    credit_used = (
+        f"{_not_quarantined('invoices')} AND s.ending_balance - s.starting_balance > 0 "
+        "AND NOT EXISTS (SELECT 1 FROM _settled k "
+        f"WHERE k.doc_key = 'credit_memo:{BALANCE_PREFIX}' || s.id)"
+    )
+    for invoices in _rows_to_plan(st, "invoices", credit_used, slice_rows):
+        yield plan_credit_balances(invoices, mapping, pf)
 
 
 def _sessions_read_until(st: Staging) -> dt.datetime | None:

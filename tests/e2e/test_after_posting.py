@@ -8,14 +8,23 @@ Stripe sandbox over HTTP, what Sage holds from the Sage sandbox over HTTP.
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
 
+from stripe_sage.cli.main import main
+from stripe_sage.mapping import load_mapping
+from stripe_sage.money import to_decimal_string
+from stripe_sage.reconcile.ar import ar_tie_out
+from stripe_sage.store.staging import Staging
 from tests.helpers.business import (
     Env,
     expected_documents,
@@ -138,3 +147,46 @@ def test_documents_as_expected_and_exactly_once_on_rerun(world: Any) -> None:
         assert before[doc_type] == box["posted"][doc_type], doc_type
     run_flow(trigger="test")
     assert sage_counts(env) == before
+
+
+def test_the_report_ties_ar_out_per_customer_and_renders_it(
+    world: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env, _, d = world
+    page = tmp_path / "reconciliation.html"
+    assert main(["reconcile", "--html", str(page)]) == 0  # nothing unexplained
+    out = capsys.readouterr().out
+    [line] = [x for x in out.splitlines() if x.startswith("AR tie-out USD")]
+    assert "unexplained 0.00" in line
+    # The report's Sage side is what Sage itself holds, per customer.
+    owner = {i["id"]: i["customer"] for i in d["invoices"]}
+    owner |= {c["id"]: c["customer"] for c in d["charges"]}
+    sage_open: Counter[str] = Counter()
+    for inv in d["sage_invoices"]:
+        if minor(inv["balance_due"]):
+            sage_open[owner[inv["reference"]]] += minor(inv["balance_due"])
+    with Staging(env.db, read_only=True) as st:
+        [usd] = ar_tie_out(st, load_mapping(None))
+    assert usd["unexplained"] == 0 and usd["difference"] == 0
+    assert usd["sage_open"] == sum(sage_open.values()) > 0
+    assert dict(+Counter({r["customer"]: r["sage_open"] for r in usd["rows"]})) == dict(+sage_open)
+    text = rendered_text(page, tmp_path)
+    summary = text.split("Sage open AR against Stripe")[1].split()
+    # currency, customers, Sage open, Stripe open, difference, explained, unexplained
+    row = summary[summary.index("USD") : summary.index("USD") + 7]
+    assert row == ["USD", str(usd["customers"]), *[to_decimal_string(usd[k], "USD") for k in
+                   ("sage_open", "stripe_open")], "0.00", "0.00", "0.00"]  # fmt: skip
+
+
+def rendered_text(page: Path, tmp_path: Path) -> str:
+    """The page's text after a real headless Chromium laid it out (the parsed file where the
+    machine has no Chromium, as tests/e2e/test_reconciliation.py does)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    dom = page.read_text()
+    if browser:
+        dom = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+    return re.sub(r"<[^>]+>", " ", dom)

@@ -172,6 +172,15 @@ def expected_documents(env: Env) -> Counter[str]:
                     and i["amount_remaining"] > 0
                     and i["id"] not in unsettled
                 ]
+            )
+            # the customer credit an invoice used (credit is a negative balance)
+            + len(
+                [
+                    i
+                    for i in invoices
+                    if (i["ending_balance"] or 0) - (i["starting_balance"] or 0) > 0
+                    and i["id"] not in unsettled
+                ]
             ),
             # refund failures, FX on refunds, one journal per paid payout, a reversal per
             # failed payout

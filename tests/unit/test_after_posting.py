@@ -128,3 +128,39 @@ def test_a_refund_a_credit_note_names_is_not_planned_again() -> None:
     docs = plan_refunds(*args, credited_refunds=["re_a"])
     assert "credit_memo:re_b" in set(docs["doc_key"])
     assert not any("re_a" in k for k in docs["doc_key"])
+
+
+def test_credit_balance_used_by_an_invoice_is_a_memo_from_customer_credit() -> None:
+    from stripe_sage.plan.after_posting import plan_credit_balances
+
+    mapping = load_mapping(None)
+    base = {"customer": "cus_1", "currency": "USD", "number": "AB-0007", "created": T0,
+            "finalized_at": T0, "total": 2000}  # fmt: skip
+    inv = pl.DataFrame(
+        [
+            # Credit of 5.00 used: Stripe keeps credit negative, ending − starting = 500.
+            {**base, "id": "in_c", "status": "open", "starting_balance": -500,
+             "ending_balance": 0},
+            # No balance, and a debt carried in (positive): no memo.
+            {**base, "id": "in_n", "status": "paid", "starting_balance": 0, "ending_balance": 0},
+            {**base, "id": "in_d", "status": "paid", "starting_balance": 300,
+             "ending_balance": 0},
+            # A foreign-currency invoice's credit: an error naming it, never a guess.
+            {**base, "id": "in_f", "currency": "EUR", "status": "open",
+             "starting_balance": -100, "ending_balance": 0},
+        ]
+    )  # fmt: skip
+    docs = plan_credit_balances(inv, mapping)
+    p = payloads(docs)
+    assert set(p) == {"credit_memo:balance:in_c", "credit_memo:balance:in_f"}
+    memo = p["credit_memo:balance:in_c"]
+    assert memo["amount"] == "5.00" and memo["tax_amount"] == "0.00"
+    assert memo["invoice_no"] == "@xref:invoice:in_c" and "gl_account" not in memo
+    assert memo["expense_account"] == mapping.accounts.customer_credit
+    assert memo["reference"] == "in_c-CB"  # the invoice id alone is its void memo's
+    assert memo["memo_date"] == "2026-06-01"
+    errors = dict(zip(docs["doc_key"], docs["error"], strict=True))
+    assert errors["credit_memo:balance:in_c"] is None
+    assert (
+        "in_f" in errors["credit_memo:balance:in_f"] and "EUR" in errors["credit_memo:balance:in_f"]
+    )
