@@ -96,8 +96,7 @@ def reconciliation_report(
         "clearing": [{k: v for k, v in c.items() if k != "unposted_documents"} for c in clearing],
         # Per currency: Sage open AR, Stripe open, difference, explained, unexplained.
         "ar": [
-            {k: v for k, v in t.items() if k not in ("rows", "customers_unexplained")}
-            for t in ar
+            {k: v for k, v in t.items() if k not in ("rows", "customers_unexplained")} for t in ar
         ],
         "html": str(html_path) if html_path else None,
     }

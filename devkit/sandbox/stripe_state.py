@@ -551,7 +551,8 @@ class StripeWorld:
 
     def customer_balance(self, k: int, t: int) -> int:
         """Stripe's ``customer.balance`` as of t: negative is credit the customer holds."""
-        return sum(int(self.b.cbtxn_amount[x]) for x in self.customer_balance_transactions(k, t))
+        amounts = self.b.cbtxn_amount
+        return int(sum(int(amounts[x]) for x in self.customer_balance_transactions(k, t)))
 
     def _render_customer_balance_transactions(self, x: int, t: int, expand: frozenset[str]) -> JSON:
         from devkit.sandbox.stripe_after import CBTXN_TYPES

@@ -138,7 +138,7 @@ def test_credit_balance_used_by_an_invoice_is_a_memo_from_customer_credit() -> N
             "finalized_at": T0, "total": 2000}  # fmt: skip
     inv = pl.DataFrame(
         [
-            # Credit of 5.00 used: Stripe keeps credit negative, ending − starting = 500.
+            # Credit of 5.00 used: Stripe keeps credit negative, ending - starting = 500.
             {**base, "id": "in_c", "status": "open", "starting_balance": -500,
              "ending_balance": 0},
             # No balance, and a debt carried in (positive): no memo.
