@@ -13,13 +13,19 @@ The draws come from an rng of their own (seed + 1919). Of the open invoices:
 A credited invoice is not voided or written off, and none of the three is paid by the live
 mode's ``pay_invoice`` (its charge would no longer be the invoice's amount).
 
+Of the refunds of paid settlement-currency invoices (not failed), half came with a credit
+note (own rng, seed + 1921; at least one): ``type: post_payment``, created with the refund,
+``refunds`` naming it; a full refund credits every line of the invoice with its taxes, a
+partial one is a single ``custom_line_item`` for the refunded amount. The invoice stays
+paid (``post_payment_credit_notes_amount``). No charge, refund or balance transaction moves.
+
 Customer credit balances (``credit_balances``, an rng of their own: seed + 1920):
 
-- one in three of the open invoices left untouched above was finalized against a credit the
-  customer held: a minute before it, an ``adjustment`` customer balance transaction granted
-  20–60 % of its total (negative: credit), which the invoice used up at finalization
-  (``applied_to_invoice``, ``starting_balance`` = −credit, ``ending_balance`` = 0, its
-  ``amount_due``/``amount_remaining`` the total less the credit);
+- one in three (at least one) of the open invoices left untouched above was finalized
+  against a credit the customer held: a minute before it, an ``adjustment`` customer
+  balance transaction granted 20–60 % of its total (negative: credit), which the invoice
+  used up at finalization (``applied_to_invoice``, ``starting_balance`` = −credit,
+  ``ending_balance`` = 0, its ``amount_due``/``amount_remaining`` the total less the credit);
 - a few customers (1 in 50, at least one) were granted a credit on the business's last day
   that no invoice has used yet: their ``balance`` stays negative.
 
@@ -43,6 +49,7 @@ VOID_DELAY = 4 * DAY
 UNCOLLECTIBLE_DELAY = 5 * DAY
 P_CREDIT, P_VOID, P_UNCOLLECTIBLE = 0.25, 0.2, 0.2
 P_BALANCE, P_LEFTOVER = 1 / 3, 1 / 50
+P_REFUND_NOTE = 0.5
 BALANCE_LEAD = 60  # the credit is granted a minute before the invoice is finalized
 CBTXN_ADJUSTMENT, CBTXN_APPLIED = 0, 1
 CBTXN_TYPES = ("adjustment", "applied_to_invoice")
@@ -75,9 +82,24 @@ def after_posting(b: Business) -> None:
     b.inv_voided_at[open_inv[voided]] = failed_at[voided] + VOID_DELAY
     b.inv_uncollectible_at = np.zeros(n_inv, np.int64)
     b.inv_uncollectible_at[open_inv[written_off]] = failed_at[written_off] + UNCOLLECTIBLE_DELAY
-    order = np.argsort(cn_at[credited], kind="stable")
-    b.credit_notes = Table(cn_at[credited][order].astype(np.int64))
-    b.cn_invoice = open_inv[credited][order].astype(np.int32)
+    # Post-payment notes (own rng, seed + 1921): half the refunds of paid settlement-currency
+    # invoices came with a credit note that names them (at least one when there are any).
+    paid_rng = np.random.default_rng(b.config.seed + 1921)
+    rf_charge = b.rf_charge
+    refunded_invoice = b.ch_invoice[rf_charge]
+    eligible = np.nonzero((refunded_invoice >= 0) & ~b.ch_is_fx_invoice[rf_charge] & ~b.rf_failed)[
+        0
+    ]
+    refunding = eligible[paid_rng.random(len(eligible)) < P_REFUND_NOTE]
+    if len(refunding) == 0 and len(eligible):
+        refunding = eligible[:1]
+    created = np.concatenate([cn_at[credited], b.refunds.created[refunding]])
+    invoice = np.concatenate([open_inv[credited], refunded_invoice[refunding]])
+    refund = np.concatenate([np.full(int(credited.sum()), -1), refunding])
+    order = np.argsort(created, kind="stable")
+    b.credit_notes = Table(created[order].astype(np.int64))
+    b.cn_invoice = invoice[order].astype(np.int32)
+    b.cn_refund = refund[order].astype(np.int32)
     b.inv_credit_note = np.full(n_inv, -1, np.int32)
     b.inv_credit_note[b.cn_invoice] = np.arange(len(b.cn_invoice), dtype=np.int32)
     credit_balances(b, open_inv[domestic & ~credited & ~voided & ~written_off])
@@ -95,6 +117,8 @@ def credit_balances(b: Business, untouched: np.ndarray) -> None:
     share = rng.uniform(0.2, 0.6, len(untouched))
     credit = np.maximum(1, (totals * share).astype(np.int64))
     pick &= credit < totals
+    if not pick.any() and (credit < totals).any():  # at least one, when any can
+        pick[np.argmax(credit < totals)] = True
     applied_to = untouched[pick]
     b.inv_balance_applied = np.zeros(n_inv, np.int64)
     b.inv_balance_applied[applied_to] = credit[pick]

@@ -202,6 +202,7 @@ class Business:
     # times (0: never) and its credit note (-1: none); per credit note its invoice.
     credit_notes: Table
     cn_invoice: np.ndarray
+    cn_refund: np.ndarray  # the refund a post-payment note names (-1: a pre-payment note)
     inv_credit_note: np.ndarray
     inv_voided_at: np.ndarray
     inv_uncollectible_at: np.ndarray

@@ -928,10 +928,18 @@ class StripeWorld:
     def invoice_credited(self, j: int, t: int) -> int:
         """What invoice j's credit note (issue 19) took off it as of t, 0 without one."""
         cn = int(self.b.inv_credit_note[j])
-        if cn < 0 or int(self.b.credit_notes.created[cn]) > t:
+        if cn < 0 or int(self.b.credit_notes.created[cn]) > t or self.b.cn_refund[cn] >= 0:
             return 0
         math = self.invoice_math(j)
         return line_total(math, credited_line(math))
+
+    def invoice_refund_credited(self, j: int, t: int) -> int:
+        """What invoice j's post-payment credit note (it names a refund) credited as of t."""
+        cn = int(self.b.inv_credit_note[j])
+        r = int(self.b.cn_refund[cn]) if cn >= 0 else -1
+        if r < 0 or int(self.b.credit_notes.created[cn]) > t:
+            return 0
+        return int(self.b.rf_amount[r])
 
     def invoice_status(self, j: int, t: int) -> str:
         """paid, open, void or uncollectible as of t (a written-off invoice can still be paid)."""
@@ -945,53 +953,104 @@ class StripeWorld:
             return "uncollectible"
         return "open"
 
+    def _credited_lines(self, cn: int) -> list[int] | None:
+        """The invoice lines credit note cn credits, or None for a custom amount: a
+        pre-payment note credits the largest line; a post-payment note the whole invoice
+        when its refund was full, else the refunded amount as one custom line."""
+        b = self.b
+        j = int(b.cn_invoice[cn])
+        math = self.invoice_math(j)
+        r = int(b.cn_refund[cn])
+        if r < 0:
+            return [credited_line(math)]
+        if int(b.rf_amount[r]) == math.total:
+            return list(range(len(math.lines)))
+        return None
+
     def credit_note_lines(self, cn: int) -> list[JSON]:
         b = self.b
         j = int(b.cn_invoice[cn])
         math = self.invoice_math(j)
-        k = credited_line(math)
-        ln = math.lines[k]
-        inv_line = self._invoice_lines(j)[k]
         cn_id = self.make_id("credit_notes", cn)
-        obj = dict(self.tpl["credit_note_line_item"])
-        obj.update(
-            id=f"cnli_{cn_id[3:]}00",
-            amount=ln.amount,
-            description=inv_line["description"],
-            discount_amount=ln.discount,
-            discount_amounts=[
-                {"amount": ln.discount, "discount": d} for d in inv_line["discounts"]
-            ],
-            invoice_line_item=inv_line["id"],
-            livemode=False,
-            quantity=ln.quantity,
-            tax_rates=[],
-            type="invoice_line_item",
-            unit_amount=None,
-            unit_amount_decimal=None,
-            pretax_credit_amounts=(
-                [
-                    {"amount": ln.discount, "discount": d, "type": "discount"}
-                    for d in inv_line["discounts"]
-                ]
-            ),
-            taxes=credit_note_taxes(math, k),
-            metadata={},
-        )
-        return [obj]
+        credited = self._credited_lines(cn)
+        if credited is None:
+            amount = int(b.rf_amount[int(b.cn_refund[cn])])
+            obj = dict(self.tpl["credit_note_line_item"])
+            obj.update(
+                id=f"cnli_{cn_id[3:]}00",
+                amount=amount,
+                description="Partial refund",
+                discount_amount=0,
+                discount_amounts=[],
+                invoice_line_item=None,
+                livemode=False,
+                quantity=1,
+                tax_rates=[],
+                type="custom_line_item",
+                unit_amount=amount,
+                unit_amount_decimal=str(amount),
+                pretax_credit_amounts=[],
+                taxes=[],
+                metadata={},
+            )
+            return [obj]
+        inv_lines = self._invoice_lines(j)
+        out = []
+        for n, k in enumerate(credited):
+            ln = math.lines[k]
+            inv_line = inv_lines[k]
+            obj = dict(self.tpl["credit_note_line_item"])
+            obj.update(
+                id=f"cnli_{cn_id[3:]}{n:02d}",
+                amount=ln.amount,
+                description=inv_line["description"],
+                discount_amount=ln.discount,
+                discount_amounts=[
+                    {"amount": ln.discount, "discount": d} for d in inv_line["discounts"]
+                ],
+                invoice_line_item=inv_line["id"],
+                livemode=False,
+                quantity=ln.quantity,
+                tax_rates=[],
+                type="invoice_line_item",
+                unit_amount=None,
+                unit_amount_decimal=None,
+                pretax_credit_amounts=(
+                    [
+                        {"amount": ln.discount, "discount": d, "type": "discount"}
+                        for d in inv_line["discounts"]
+                    ]
+                ),
+                taxes=credit_note_taxes(math, k),
+                metadata={},
+            )
+            out.append(obj)
+        return out
 
     def _render_credit_notes(self, cn: int, t: int, expand: frozenset[str]) -> JSON:
         b = self.b
         j = int(b.cn_invoice[cn])
-        math = self.invoice_math(j)
-        k = credited_line(math)
-        ln = math.lines[k]
-        total = line_total(math, k)
-        inclusive = sum(a for r, a, _ in ln.taxes if RATE_INCLUSIVE[r])
+        r = int(b.cn_refund[cn])
         created = int(b.credit_notes.created[cn])
         cn_id = self.make_id("credit_notes", cn)
         inv = self._render_invoices(j, created, frozenset())
         lines = self.credit_note_lines(cn)
+        taxes = [x for ln in lines for x in ln["taxes"]]
+        exclusive = sum(x["amount"] for x in taxes if x["tax_behavior"] == "exclusive")
+        inclusive = sum(x["amount"] for x in taxes if x["tax_behavior"] == "inclusive")
+        subtotal = sum(ln["amount"] for ln in lines)
+        discount = sum(ln["discount_amount"] for ln in lines)
+        total = subtotal - discount + exclusive
+        by_rate: dict[str, JSON] = {}
+        for x in taxes:  # per rate, in the lines' order
+            rate = x["tax_rate_details"]["tax_rate"]
+            acc = by_rate.setdefault(rate, {**x, "amount": 0, "taxable_amount": 0})
+            acc["amount"] += x["amount"]
+            acc["taxable_amount"] += x["taxable_amount"]
+        discounts: dict[str, int] = {}
+        for ln in lines:
+            for d in ln["discount_amounts"]:
+                discounts[d["discount"]] = discounts.get(d["discount"], 0) + d["amount"]
         obj = dict(self.tpl["credit_note"])
         obj.update(
             id=cn_id,
@@ -1002,8 +1061,8 @@ class StripeWorld:
             customer=inv["customer"],
             customer_account=None,
             customer_balance_transaction=None,
-            discount_amount=ln.discount,
-            discount_amounts=lines[0]["discount_amounts"],
+            discount_amount=discount,
+            discount_amounts=[{"amount": a, "discount": d} for d, a in discounts.items()],
             effective_at=created,
             invoice=inv["id"],
             livemode=False,
@@ -1012,19 +1071,32 @@ class StripeWorld:
             number=f"{inv['number']}-CN-01",
             out_of_band_amount=None,
             pdf=f"https://pay.stripe.com/credit_notes/{cn_id}/pdf",
-            post_payment_amount=0,
-            pre_payment_amount=total,
-            pretax_credit_amounts=lines[0]["pretax_credit_amounts"],
-            reason="order_change",
-            refunds=[],
+            post_payment_amount=total if r >= 0 else 0,
+            pre_payment_amount=0 if r >= 0 else total,
+            pretax_credit_amounts=[
+                {"amount": a, "discount": d, "type": "discount"} for d, a in discounts.items()
+            ],
+            reason="order_change" if r < 0 else "requested_by_customer",
+            refunds=(
+                [
+                    {
+                        "amount_refunded": total,
+                        "refund": self.make_id("refunds", r),
+                        "payment_record_refund": None,
+                        "type": "refund",
+                    }
+                ]
+                if r >= 0
+                else []
+            ),
             shipping_cost=None,
             status="issued",
-            subtotal=ln.amount,
-            subtotal_excluding_tax=ln.amount - inclusive,
+            subtotal=subtotal,
+            subtotal_excluding_tax=subtotal - inclusive,
             total=total,
-            total_excluding_tax=total - sum(a for _, a, _ in ln.taxes),
-            total_taxes=credit_note_taxes(math, k),
-            type="pre_payment",
+            total_excluding_tax=total - exclusive - inclusive,
+            total_taxes=list(by_rate.values()),
+            type="post_payment" if r >= 0 else "pre_payment",
             voided_at=None,
             lines={
                 "object": "list",
@@ -1074,7 +1146,7 @@ class StripeWorld:
             amount_paid=total if paid else 0,
             amount_remaining=0 if paid else total - credited - balance_used,
             pre_payment_credit_notes_amount=credited,
-            post_payment_credit_notes_amount=0,
+            post_payment_credit_notes_amount=self.invoice_refund_credited(j, t),
             amount_overpaid=0,
             amount_shipping=0,
             attempt_count=1,

@@ -10,7 +10,9 @@ What follows a Stripe invoice, as Sage credit memos:
 - a voided invoice → a memo against it for its open balance (``amount_remaining``), the tax
   reversed in proportion to that balance, ``reference`` = the invoice id;
 - an invoice marked uncollectible → a memo against it for its open balance with
-  ``expense_account`` = Bad Debt (the whole balance: no tax relief is claimed here);
+  ``expense_account`` = Bad Debt (the whole balance: no tax relief is claimed here); when
+  Stripe collects it later, the memo still posts (for what the payment paid) and the charge
+  books a recovery journal instead of a receipt (``plan_charges``);
 - an invoice paid partly from the customer's credit balance → a memo against it for the
   credit it used (``ending_balance − starting_balance``: Stripe keeps credit as a negative
   balance) with ``expense_account`` = Customer Credit (Dr Customer Credit, Cr AR), no tax:
@@ -168,9 +170,19 @@ def plan_invoice_closures(
     """Voided and uncollectible invoices → a memo against each for its open balance:
     ``credit_memo:void:<in_…>`` (tax reversed in proportion) or ``credit_memo:writeoff:<in_…>``
     (``expense_account`` = Bad Debt)."""
-    inv = invoices.filter(
-        pl.col("status").is_in(["void", "uncollectible"]) & (pl.col("amount_remaining") > 0)
-    )
+    # Written off and later collected: the write-off still posts, for what was open then,
+    # which is what the later payment paid (the recovery journal books that payment).
+    collected = (pl.col("status") == "paid") & pl.col("marked_uncollectible_at").is_not_null()
+    inv = invoices.with_columns(
+        pl.when(collected)
+        .then(pl.col("amount_paid"))
+        .otherwise(pl.col("amount_remaining"))
+        .alias("amount_remaining"),
+        pl.when(collected)
+        .then(pl.lit("uncollectible"))
+        .otherwise(pl.col("status"))
+        .alias("status"),
+    ).filter(pl.col("status").is_in(["void", "uncollectible"]) & (pl.col("amount_remaining") > 0))
     if inv.is_empty():
         return empty_docs()
     void = pl.col("status") == "void"

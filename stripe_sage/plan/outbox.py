@@ -215,6 +215,13 @@ def _document_slices(
                 "SELECT payment_intent FROM staging.checkout_lookups "
                 "WHERE payment_intent IN (SELECT payment_intent FROM _plan_slice)"
             )
+            # Invoices these charges paid that were written off first: a recovery, not a
+            # receipt (issue 19).
+            written_off = st.frame(
+                "SELECT id, marked_uncollectible_at FROM staging.invoices "
+                "WHERE marked_uncollectible_at IS NOT NULL AND id IN (SELECT p.invoice FROM "
+                "staging.invoice_payments p WHERE p.charge IN (SELECT id FROM _plan_slice))"
+            )
         charges = link_charges_to_sessions(
             charges, sessions, looked_up, sessions_read_until, mapping
         )
@@ -225,7 +232,7 @@ def _document_slices(
                 known_orders |= sales_orders(ids)
                 asked.update(ids)
             orders = known_orders
-        yield plan_charges(charges, bts, invoice_payments, mapping, pf, orders)
+        yield plan_charges(charges, bts, invoice_payments, mapping, pf, orders, written_off)
 
     tax_rates = st.table("tax_rates")  # a handful of rows: the Sage tax codes come from them
     for invoices in _rows_to_plan(st, "invoices", _todo("invoices", "invoice:"), slice_rows):
@@ -311,7 +318,9 @@ def _after_posting_documents(
         f"{_not_quarantined('invoices')} AND ("
         "(s.status = 'void' AND NOT EXISTS (SELECT 1 FROM _settled k "
         f"WHERE k.doc_key = 'credit_memo:{VOID_PREFIX}' || s.id)) OR "
-        "(s.status = 'uncollectible' AND NOT EXISTS (SELECT 1 FROM _settled k "
+        # Written off, even if Stripe collected it later (then a recovery journal follows).
+        "(s.marked_uncollectible_at IS NOT NULL AND s.status IN ('uncollectible', 'paid') "
+        "AND NOT EXISTS (SELECT 1 FROM _settled k "
         f"WHERE k.doc_key = 'credit_memo:{WRITE_OFF_PREFIX}' || s.id)))"
     )
     for invoices in _rows_to_plan(st, "invoices", closing, slice_rows):

@@ -580,8 +580,15 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
             own AS (
                 SELECT b.id, b.amount, b.reporting_category, b.source,
                     CASE b.reporting_category
-                        WHEN 'charge' THEN 'cash_receipt:' || b.source
-                        WHEN 'refund' THEN 'credit_memo:' || b.source
+                        -- A charge that collected a written-off invoice: its recovery.
+                        WHEN 'charge' THEN CASE WHEN EXISTS (SELECT 1 FROM sage.outbox r
+                            WHERE r.doc_key = 'journal_entry:recovery:' || b.source)
+                            THEN 'journal_entry:recovery:' || b.source
+                            ELSE 'cash_receipt:' || b.source END
+                        -- A refund a credit note names posts through the note's memo.
+                        WHEN 'refund' THEN 'credit_memo:' || coalesce(
+                            (SELECT min(cn.id) FROM staging.credit_notes cn
+                             WHERE list_contains(cn.refunds, b.source)), b.source)
                         WHEN 'refund_failure' THEN 'journal_entry:refund_failure:' || b.source
                         WHEN 'payout_reversal' THEN 'journal_entry:payout_failure:' || b.source
                         WHEN 'topup' THEN 'journal_entry:topup:' || b.source

@@ -114,3 +114,38 @@ def test_reconcile_exits_1_on_an_unexplained_ar_difference_and_0_once_explained(
         "AR tie-out USD: Sage open 31.00, Stripe open 22.00, difference 9.00 (unexplained 0.00"
         in out
     )
+
+
+def test_a_lost_dispute_on_an_invoice_payment_is_linked_to_invoice_and_customer(
+    tmp_path: Path,
+) -> None:
+    from stripe_sage.reconcile.report import invoice_disputes
+
+    with Staging(tmp_path / "d.duckdb") as st:
+        _business(st)
+        st.con.execute(
+            "INSERT INTO staging.invoice_payments BY NAME SELECT * FROM (VALUES "
+            "('inpay_1', 'in_a1', 'ch_a1', 'paid'), ('inpay_2', 'in_c1', 'ch_c1', 'paid')) "
+            "t(id, invoice, charge, status)"
+        )
+        st.con.execute(
+            "INSERT INTO staging.disputes BY NAME SELECT * FROM (VALUES "
+            "('du_lost', 'ch_a1', 'lost', 1000, ['txn_d1']), "
+            "('du_won', 'ch_c1', 'won', 900, ['txn_d2']), "
+            "('du_plain', 'ch_x', 'lost', 500, ['txn_d3'])) "
+            "t(id, charge, status, amount, balance_transactions)"
+        )
+        st.con.execute(
+            "INSERT INTO staging.payout_items VALUES ('po_1', 'txn_d1'), ('po_2', 'txn_d2')"
+        )
+        st.con.execute("UPDATE staging.invoices SET number = 'AB-0001' WHERE id = 'in_a1'")
+        st.con.execute(
+            "UPDATE sage.outbox SET sage_id = 'INV0000001' WHERE doc_key = 'invoice:in_a1'"
+        )
+        rows = invoice_disputes(st).to_dicts()
+    # Only the lost dispute on an invoice payment; the invoice stays paid (nothing posted).
+    assert [
+        (r["dispute"], r["invoice"], r["invoice_number"], r["sage_invoice_no"], r["customer"],
+         r["customer_name"], r["payout"])
+        for r in rows
+    ] == [("du_lost", "in_a1", "AB-0001", "INV0000001", "cus_a", "Ann", "po_1")]  # fmt: skip
