@@ -1143,7 +1143,7 @@ class StripeWorld:
             customer_address=dict(cust["address"]),
             customer_shipping=None,
             amount_due=total - balance_used,
-            amount_paid=total if paid else 0,
+            amount_paid=total - balance_used if paid else 0,
             amount_remaining=0 if paid else total - credited - balance_used,
             pre_payment_credit_notes_amount=credited,
             post_payment_credit_notes_amount=self.invoice_refund_credited(j, t),
@@ -2071,7 +2071,9 @@ class StripeWorld:
             if self.invoice_paid_charge(j, self._tick()) >= 0:
                 raise ValueError("invoice is already paid")
             first = self.charge(int(self.b.inv_charge[j]))
-            i = self.create_charge(customer=first.customer, amount=first.amount, invoice=j)
+            # What is due: the total less the customer credit it used at finalization.
+            due = first.amount - int(self.b.inv_balance_applied[j])
+            i = self.create_charge(customer=first.customer, amount=due, invoice=j)
             self.o.invoice_paid_by[j] = i
             self._emit("invoice.paid", "invoices", j)
             self._emit("invoice.payment_succeeded", "invoices", j)
@@ -2083,7 +2085,5 @@ class StripeWorld:
             int(j)
             for j in np.nonzero(self.b.ch_failed[self.b.inv_charge])[0]
             # Issue 19's credited, voided and written-off invoices stay as they are.
-            if self.invoice_status(int(j), t) == "open"
-            and self.b.inv_credit_note[j] < 0
-            and not self.b.inv_balance_applied[j]
+            if self.invoice_status(int(j), t) == "open" and self.b.inv_credit_note[j] < 0
         ]
