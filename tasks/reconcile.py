@@ -52,7 +52,7 @@ def plan_payout_journals(
 def reconciliation_report(
     st: Staging, mapping: Mapping, run_id: str, html_path: Path | None
 ) -> dict[str, Any]:
-    rep, clearing = reconcile.build_report(st, mapping, html_path=html_path)
+    rep, clearing, ar = reconcile.build_report(st, mapping, html_path=html_path)
     reconcile.store(st, rep, run_id)
     if rep.height and in_run():
         create_table_artifact(
@@ -73,6 +73,10 @@ def reconciliation_report(
                 c["currency"],
                 c["unexplained"],
             )
+    from stripe_sage.reconcile.ar import unexplained_messages
+
+    for line in unexplained_messages(ar)[:20]:
+        logger.warning("%s (no unposted document explains it)", line)
     balance = reconcile.balance_journals(st)
     suspense = reconcile.suspense_postings(st)
     # This run's suspense postings (the alert names them too); earlier ones stay listed.
@@ -90,5 +94,9 @@ def reconciliation_report(
         },
         "suspense": suspense.height,
         "clearing": [{k: v for k, v in c.items() if k != "unposted_documents"} for c in clearing],
+        # Per currency: Sage open AR, Stripe open, difference, explained, unexplained.
+        "ar": [
+            {k: v for k, v in t.items() if k not in ("rows", "customers_unexplained")} for t in ar
+        ],
         "html": str(html_path) if html_path else None,
     }

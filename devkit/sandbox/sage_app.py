@@ -73,7 +73,8 @@ with `GET /api/v1/<collection>?reference=`.
   a sales-order line's may not; a unit price carries the currency's exponent of decimals
   and up to 4 more, and each line's extension is rounded half-up, away from zero); cash receipt
   `customer_id, receipt_date, amount (> 0), currency, deposit_account`; credit memo
-  `customer_id, memo_date, amount (> 0), currency, gl_account`; journal entry `entry_date,
+  `customer_id, memo_date, amount (> 0), currency`, and `gl_account` unless it has an
+  `invoice_no` (then the invoice's receivable is credited); journal entry `entry_date,
   source_code ([A-Z0-9]{2}), currency, lines (>= 2)`, a missing `debit`/`credit` is zero.
 - Validation order: field rules (`validation_error`), then `unknown_customer` /
   `unknown_account`, then document rules (`unbalanced`, `over_application`, links), and
@@ -392,7 +393,9 @@ class CreditMemoCreate(_Model):
     reference: DocRef | None = None
     reason: Annotated[str, _text(60, 0)] | None = None
     invoice_no: Annotated[str, _text(10)] | None = None
-    gl_account: Account
+    # Cr for the memo when there is no invoice_no (required then); with invoice_no the
+    # invoice's receivable is credited and a gl_account given is not used (SAGEPRO_API.md).
+    gl_account: Account | None = None
     tax_amount: Money | None = Field(default=None, description="0 <= tax_amount <= amount")
     tax_lines: list[TaxLine] | None = Field(default=None, description="Σ amount = tax_amount")
     expense_account: Account | None = Field(
@@ -1312,11 +1315,14 @@ class SageLedger:
         if tax > amount:
             raise _invalid("tax_amount", "tax_amount: more than the memo's amount")
         tax_lines = _tax_lines(memo.tax_lines, tax, cur)
+        if memo.invoice_no is None and memo.gl_account is None:
+            raise _invalid("gl_account", "gl_account: required when the memo has no invoice_no")
         expense = memo.expense_account or DEFAULT_RETURNS_ACCOUNT
         now = self._now()
         with self.store.transaction() as conn:
             self._customer_exists(conn, memo.customer_id)
-            self._account_exists(conn, memo.gl_account, "gl_account")
+            if memo.gl_account is not None:
+                self._account_exists(conn, memo.gl_account, "gl_account")
             self._account_exists(conn, expense, "expense_account")
             invoice = None
             if memo.invoice_no is not None:

@@ -814,6 +814,46 @@ def create_stripe_app(
     async def account() -> Response:
         return ok(world.render_account())
 
+    @app.get(
+        "/v1/customers/{obj_id}/balance_transactions",
+        summary="A customer's balance transactions (credit granted, applied to invoices)",
+    )
+    async def customer_balance_transactions(request: Request, obj_id: str) -> Response:
+        params = query(request)
+        check_known(params, {"limit", "starting_after", "ending_before", "expand"})
+        limit = int(params.get("limit", 10))
+        url = f"/v1/customers/{obj_id}/balance_transactions"
+        with world.lock:
+            t = world.now()
+            k = lookup("customers", obj_id)
+            found = list(reversed(world.customer_balance_transactions(k, t)))
+            if params.get("starting_after"):
+                after = lookup("customer_balance_transactions", params["starting_after"])
+                found = found[found.index(after) + 1 :] if after in found else []
+            page = found[:limit]
+            data = [world.render("customer_balance_transactions", x) for x in page]
+        # Newest first, as Stripe lists them.
+        return ok({"object": "list", "data": data, "has_more": len(found) > limit, "url": url})
+
+    @app.get(
+        "/v1/customers/{obj_id}/balance_transactions/{txn_id}",
+        summary="One of a customer's balance transactions",
+    )
+    async def customer_balance_transaction(obj_id: str, txn_id: str) -> Response:
+        with world.lock:
+            k = lookup("customers", obj_id)
+            x = lookup("customer_balance_transactions", txn_id)
+            if int(world.b.cbtxn_customer[x]) != k or x not in world.customer_balance_transactions(
+                k, world.now()
+            ):
+                raise StripeApiError(
+                    404,
+                    f"No such customer balance transaction: '{txn_id}'",
+                    code="resource_missing",
+                    param="id",
+                )
+            return ok(world.render("customer_balance_transactions", x))
+
     @app.get("/v1/credit_notes/{obj_id}/lines", summary="All lines of a credit note")
     async def credit_note_lines(request: Request, obj_id: str) -> Response:
         params = query(request)

@@ -207,9 +207,20 @@ class Business:
     # times (0: never) and its credit note (-1: none); per credit note its invoice.
     credit_notes: Table
     cn_invoice: np.ndarray
+    cn_refund: np.ndarray  # the refund a post-payment note names (-1: a pre-payment note)
     inv_credit_note: np.ndarray
     inv_voided_at: np.ndarray
     inv_uncollectible_at: np.ndarray
+    # Customer credit balances (``stripe_after.credit_balances``): per invoice the credit it
+    # used at finalization (0: none); per customer balance transaction its customer, amount
+    # (negative: credit granted), invoice (-1: none), type and the customer's ending balance.
+    inv_balance_applied: np.ndarray
+    customer_balance_transactions: Table
+    cbtxn_customer: np.ndarray
+    cbtxn_amount: np.ndarray
+    cbtxn_invoice: np.ndarray
+    cbtxn_type: np.ndarray
+    cbtxn_ending: np.ndarray
 
     def __init__(self, config: BusinessConfig) -> None:
         if config.charges < 20:

@@ -75,6 +75,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "application_fees": ("fee", "application_fee"),
     "transfers": ("tr", "transfer"),
     "credit_notes": ("cn", "credit_note"),
+    # Listed per customer only (/v1/customers/{id}/balance_transactions), as in Stripe.
+    "customer_balance_transactions": ("cbtxn", "customer_balance_transaction"),
     "checkout_sessions": ("cs_test", "checkout.session"),  # as Stripe: cs_test_…
     "payment_intents": ("pi", "payment_intent"),
 }
@@ -529,10 +531,50 @@ class StripeWorld:
             invoice_prefix=f"{_b62(k, 6).upper()}",
             next_invoice_sequence=1,
             shipping=None,
-            balance=0,
+            balance=self.customer_balance(k, t),
             delinquent=False,
             default_source=None,
             test_clock=None,
+        )
+        return obj
+
+    def customer_balance_transactions(self, k: int, t: int) -> list[int]:
+        """Customer k's balance transactions as of t, oldest first (issue 19)."""
+        by_customer = self.__dict__.get("_cbtxn_by_customer")
+        if by_customer is None:
+            by_customer = {}
+            for x, c in enumerate(self.b.cbtxn_customer.tolist()):
+                by_customer.setdefault(int(c), []).append(x)
+            self.__dict__["_cbtxn_by_customer"] = by_customer
+        created = self.b.customer_balance_transactions.created
+        return [x for x in by_customer.get(k, []) if int(created[x]) <= t]
+
+    def customer_balance(self, k: int, t: int) -> int:
+        """Stripe's ``customer.balance`` as of t: negative is credit the customer holds."""
+        amounts = self.b.cbtxn_amount
+        return int(sum(int(amounts[x]) for x in self.customer_balance_transactions(k, t)))
+
+    def _render_customer_balance_transactions(self, x: int, t: int, expand: frozenset[str]) -> JSON:
+        from devkit.sandbox.stripe_after import CBTXN_TYPES
+
+        b = self.b
+        j = int(b.cbtxn_invoice[x])
+        obj = dict(self.tpl["customer_balance_transaction"])
+        obj.update(
+            id=self.make_id("customer_balance_transactions", x),
+            amount=int(b.cbtxn_amount[x]),
+            created=int(b.customer_balance_transactions.created[x]),
+            credit_note=None,
+            currency="usd",
+            customer=self.make_id("customers", int(b.cbtxn_customer[x])),
+            description=None if j >= 0 else "Goodwill credit",
+            ending_balance=int(b.cbtxn_ending[x]),
+            invoice=self.make_id("invoices", j) if j >= 0 else None,
+            livemode=False,
+            metadata=None if j >= 0 else {},
+            type=CBTXN_TYPES[int(b.cbtxn_type[x])],
+            checkout_session=None,
+            customer_account=None,
         )
         return obj
 
@@ -886,10 +928,18 @@ class StripeWorld:
     def invoice_credited(self, j: int, t: int) -> int:
         """What invoice j's credit note (issue 19) took off it as of t, 0 without one."""
         cn = int(self.b.inv_credit_note[j])
-        if cn < 0 or int(self.b.credit_notes.created[cn]) > t:
+        if cn < 0 or int(self.b.credit_notes.created[cn]) > t or self.b.cn_refund[cn] >= 0:
             return 0
         math = self.invoice_math(j)
         return line_total(math, credited_line(math))
+
+    def invoice_refund_credited(self, j: int, t: int) -> int:
+        """What invoice j's post-payment credit note (it names a refund) credited as of t."""
+        cn = int(self.b.inv_credit_note[j])
+        r = int(self.b.cn_refund[cn]) if cn >= 0 else -1
+        if r < 0 or int(self.b.credit_notes.created[cn]) > t:
+            return 0
+        return int(self.b.rf_amount[r])
 
     def invoice_status(self, j: int, t: int) -> str:
         """paid, open, void or uncollectible as of t (a written-off invoice can still be paid)."""
@@ -903,53 +953,104 @@ class StripeWorld:
             return "uncollectible"
         return "open"
 
+    def _credited_lines(self, cn: int) -> list[int] | None:
+        """The invoice lines credit note cn credits, or None for a custom amount: a
+        pre-payment note credits the largest line; a post-payment note the whole invoice
+        when its refund was full, else the refunded amount as one custom line."""
+        b = self.b
+        j = int(b.cn_invoice[cn])
+        math = self.invoice_math(j)
+        r = int(b.cn_refund[cn])
+        if r < 0:
+            return [credited_line(math)]
+        if int(b.rf_amount[r]) == math.total:
+            return list(range(len(math.lines)))
+        return None
+
     def credit_note_lines(self, cn: int) -> list[JSON]:
         b = self.b
         j = int(b.cn_invoice[cn])
         math = self.invoice_math(j)
-        k = credited_line(math)
-        ln = math.lines[k]
-        inv_line = self._invoice_lines(j)[k]
         cn_id = self.make_id("credit_notes", cn)
-        obj = dict(self.tpl["credit_note_line_item"])
-        obj.update(
-            id=f"cnli_{cn_id[3:]}00",
-            amount=ln.amount,
-            description=inv_line["description"],
-            discount_amount=ln.discount,
-            discount_amounts=[
-                {"amount": ln.discount, "discount": d} for d in inv_line["discounts"]
-            ],
-            invoice_line_item=inv_line["id"],
-            livemode=False,
-            quantity=ln.quantity,
-            tax_rates=[],
-            type="invoice_line_item",
-            unit_amount=None,
-            unit_amount_decimal=None,
-            pretax_credit_amounts=(
-                [
-                    {"amount": ln.discount, "discount": d, "type": "discount"}
-                    for d in inv_line["discounts"]
-                ]
-            ),
-            taxes=credit_note_taxes(math, k),
-            metadata={},
-        )
-        return [obj]
+        credited = self._credited_lines(cn)
+        if credited is None:
+            amount = int(b.rf_amount[int(b.cn_refund[cn])])
+            obj = dict(self.tpl["credit_note_line_item"])
+            obj.update(
+                id=f"cnli_{cn_id[3:]}00",
+                amount=amount,
+                description="Partial refund",
+                discount_amount=0,
+                discount_amounts=[],
+                invoice_line_item=None,
+                livemode=False,
+                quantity=1,
+                tax_rates=[],
+                type="custom_line_item",
+                unit_amount=amount,
+                unit_amount_decimal=str(amount),
+                pretax_credit_amounts=[],
+                taxes=[],
+                metadata={},
+            )
+            return [obj]
+        inv_lines = self._invoice_lines(j)
+        out = []
+        for n, k in enumerate(credited):
+            ln = math.lines[k]
+            inv_line = inv_lines[k]
+            obj = dict(self.tpl["credit_note_line_item"])
+            obj.update(
+                id=f"cnli_{cn_id[3:]}{n:02d}",
+                amount=ln.amount,
+                description=inv_line["description"],
+                discount_amount=ln.discount,
+                discount_amounts=[
+                    {"amount": ln.discount, "discount": d} for d in inv_line["discounts"]
+                ],
+                invoice_line_item=inv_line["id"],
+                livemode=False,
+                quantity=ln.quantity,
+                tax_rates=[],
+                type="invoice_line_item",
+                unit_amount=None,
+                unit_amount_decimal=None,
+                pretax_credit_amounts=(
+                    [
+                        {"amount": ln.discount, "discount": d, "type": "discount"}
+                        for d in inv_line["discounts"]
+                    ]
+                ),
+                taxes=credit_note_taxes(math, k),
+                metadata={},
+            )
+            out.append(obj)
+        return out
 
     def _render_credit_notes(self, cn: int, t: int, expand: frozenset[str]) -> JSON:
         b = self.b
         j = int(b.cn_invoice[cn])
-        math = self.invoice_math(j)
-        k = credited_line(math)
-        ln = math.lines[k]
-        total = line_total(math, k)
-        inclusive = sum(a for r, a, _ in ln.taxes if RATE_INCLUSIVE[r])
+        r = int(b.cn_refund[cn])
         created = int(b.credit_notes.created[cn])
         cn_id = self.make_id("credit_notes", cn)
         inv = self._render_invoices(j, created, frozenset())
         lines = self.credit_note_lines(cn)
+        taxes = [x for ln in lines for x in ln["taxes"]]
+        exclusive = sum(x["amount"] for x in taxes if x["tax_behavior"] == "exclusive")
+        inclusive = sum(x["amount"] for x in taxes if x["tax_behavior"] == "inclusive")
+        subtotal = sum(ln["amount"] for ln in lines)
+        discount = sum(ln["discount_amount"] for ln in lines)
+        total = subtotal - discount + exclusive
+        by_rate: dict[str, JSON] = {}
+        for x in taxes:  # per rate, in the lines' order
+            rate = x["tax_rate_details"]["tax_rate"]
+            acc = by_rate.setdefault(rate, {**x, "amount": 0, "taxable_amount": 0})
+            acc["amount"] += x["amount"]
+            acc["taxable_amount"] += x["taxable_amount"]
+        discounts: dict[str, int] = {}
+        for ln in lines:
+            for d in ln["discount_amounts"]:
+                discounts[d["discount"]] = discounts.get(d["discount"], 0) + d["amount"]
         obj = dict(self.tpl["credit_note"])
         obj.update(
             id=cn_id,
@@ -960,8 +1061,8 @@ class StripeWorld:
             customer=inv["customer"],
             customer_account=None,
             customer_balance_transaction=None,
-            discount_amount=ln.discount,
-            discount_amounts=lines[0]["discount_amounts"],
+            discount_amount=discount,
+            discount_amounts=[{"amount": a, "discount": d} for d, a in discounts.items()],
             effective_at=created,
             invoice=inv["id"],
             livemode=False,
@@ -970,19 +1071,32 @@ class StripeWorld:
             number=f"{inv['number']}-CN-01",
             out_of_band_amount=None,
             pdf=f"https://pay.stripe.com/credit_notes/{cn_id}/pdf",
-            post_payment_amount=0,
-            pre_payment_amount=total,
-            pretax_credit_amounts=lines[0]["pretax_credit_amounts"],
-            reason="order_change",
-            refunds=[],
+            post_payment_amount=total if r >= 0 else 0,
+            pre_payment_amount=0 if r >= 0 else total,
+            pretax_credit_amounts=[
+                {"amount": a, "discount": d, "type": "discount"} for d, a in discounts.items()
+            ],
+            reason="order_change" if r < 0 else "requested_by_customer",
+            refunds=(
+                [
+                    {
+                        "amount_refunded": total,
+                        "refund": self.make_id("refunds", r),
+                        "payment_record_refund": None,
+                        "type": "refund",
+                    }
+                ]
+                if r >= 0
+                else []
+            ),
             shipping_cost=None,
             status="issued",
-            subtotal=ln.amount,
-            subtotal_excluding_tax=ln.amount - inclusive,
+            subtotal=subtotal,
+            subtotal_excluding_tax=subtotal - inclusive,
             total=total,
-            total_excluding_tax=total - sum(a for _, a, _ in ln.taxes),
-            total_taxes=credit_note_taxes(math, k),
-            type="pre_payment",
+            total_excluding_tax=total - exclusive - inclusive,
+            total_taxes=list(by_rate.values()),
+            type="post_payment" if r >= 0 else "pre_payment",
             voided_at=None,
             lines={
                 "object": "list",
@@ -1005,6 +1119,8 @@ class StripeWorld:
         paid = paid_by >= 0
         status = self.invoice_status(j, t)
         credited = self.invoice_credited(j, t)
+        # Issue 19: credit the customer held, used up when the invoice was finalized.
+        balance_used = int(b.inv_balance_applied[j])
         voided_at = int(b.inv_voided_at[j])
         written_off_at = int(b.inv_uncollectible_at[j])
         created = int(b.invoices.created[j])
@@ -1026,11 +1142,11 @@ class StripeWorld:
             customer_phone=cust["phone"],
             customer_address=dict(cust["address"]),
             customer_shipping=None,
-            amount_due=total,
-            amount_paid=total if paid else 0,
-            amount_remaining=0 if paid else total - credited,
+            amount_due=total - balance_used,
+            amount_paid=total - balance_used if paid else 0,
+            amount_remaining=0 if paid else total - credited - balance_used,
             pre_payment_credit_notes_amount=credited,
-            post_payment_credit_notes_amount=0,
+            post_payment_credit_notes_amount=self.invoice_refund_credited(j, t),
             amount_overpaid=0,
             amount_shipping=0,
             attempt_count=1,
@@ -1042,7 +1158,7 @@ class StripeWorld:
             currency=self.currencies[ch.currency][0],
             due_date=None,
             effective_at=created + 1,
-            ending_balance=0,
+            ending_balance=0,  # finalized: any credit it used is gone
             from_invoice=None,
             hosted_invoice_url=f"https://invoice.stripe.com/i/{inv_id}",
             invoice_pdf=f"https://pay.stripe.com/invoice/{inv_id}/pdf",
@@ -1066,7 +1182,7 @@ class StripeWorld:
             period_end=created + 30 * DAY,
             shipping_cost=None,
             shipping_details=None,
-            starting_balance=0,
+            starting_balance=-balance_used,
             status=status,
             status_transitions={
                 "finalized_at": created + 1,
@@ -1955,7 +2071,9 @@ class StripeWorld:
             if self.invoice_paid_charge(j, self._tick()) >= 0:
                 raise ValueError("invoice is already paid")
             first = self.charge(int(self.b.inv_charge[j]))
-            i = self.create_charge(customer=first.customer, amount=first.amount, invoice=j)
+            # What is due: the total less the customer credit it used at finalization.
+            due = first.amount - int(self.b.inv_balance_applied[j])
+            i = self.create_charge(customer=first.customer, amount=due, invoice=j)
             self.o.invoice_paid_by[j] = i
             self._emit("invoice.paid", "invoices", j)
             self._emit("invoice.payment_succeeded", "invoices", j)

@@ -186,7 +186,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     mapping = load_mapping(settings.mapping_file)
     with Staging(settings.staging_db) as st:
         html = Path(args.html or Path(settings.staging_db).parent / "reconciliation.html")
-        rep, clearing = reconcile.build_report(
+        rep, clearing, ar = reconcile.build_report(
             st,
             mapping,
             html_path=html,
@@ -228,8 +228,22 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             f"{to_decimal_string(c['unexplained'], c['currency'])}; "
             f"{len(c['unposted_documents'])} unposted documents explain the rest)"
         )
+    from stripe_sage.reconcile.ar import unexplained_messages
+
+    for t in ar:
+        cur = t["currency"]
+        print(
+            f"AR tie-out {cur}: Sage open {to_decimal_string(t['sage_open'], cur)}, Stripe open "
+            f"{to_decimal_string(t['stripe_open'], cur)}, difference "
+            f"{to_decimal_string(t['difference'], cur)} (unexplained "
+            f"{to_decimal_string(t['unexplained'], cur)}; {t['customers']} customers, "
+            f"{t['customers_with_difference']} with a difference)"
+        )
+    ar_problems = unexplained_messages(ar)
+    for line in ar_problems:
+        print(line)
     bad = rep.filter(rep["recon_status"] == "mismatch").height
-    return 1 if bad or any(c["unexplained"] for c in clearing) else 0
+    return 1 if bad or ar_problems or any(c["unexplained"] for c in clearing) else 0
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:

@@ -116,7 +116,8 @@ def state_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def tie_outs(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-    """The latest run's reconciliation: payouts by status and the Stripe Clearing check."""
+    """The latest run's reconciliation: payouts by status, the Stripe Clearing check and the
+    AR tie-out totals (per currency)."""
     rows = _rows(
         con,
         "SELECT json_extract(counts, '$.reconciliation') AS rec, ended_at FROM ops.runs "
@@ -129,6 +130,7 @@ def tie_outs(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     return {
         "payouts": rec.get("payouts") or {},
         "clearing": rec.get("clearing") or [],
+        "ar": rec.get("ar") or [],
         "at": rows[0]["ended_at"],
     }
 

@@ -10,7 +10,13 @@ What follows a Stripe invoice, as Sage credit memos:
 - a voided invoice → a memo against it for its open balance (``amount_remaining``), the tax
   reversed in proportion to that balance, ``reference`` = the invoice id;
 - an invoice marked uncollectible → a memo against it for its open balance with
-  ``expense_account`` = Bad Debt (the whole balance: no tax relief is claimed here).
+  ``expense_account`` = Bad Debt (the whole balance: no tax relief is claimed here); when
+  Stripe collects it later, the memo still posts (for what the payment paid) and the charge
+  books a recovery journal instead of a receipt (``plan_charges``);
+- an invoice paid partly from the customer's credit balance → a memo against it for the
+  credit it used (``ending_balance − starting_balance``: Stripe keeps credit as a negative
+  balance) with ``expense_account`` = Customer Credit (Dr Customer Credit, Cr AR), no tax:
+  the invoice's tax is all in the invoice, whoever pays it.
 
 A memo against an invoice depends on that invoice's Sage document (``invoice:<in_…>``): the
 loader posts it only once the invoice is in Sage and resolves ``@xref:invoice:<in_…>`` to
@@ -33,6 +39,9 @@ from stripe_sage.plan.invoice_tax import TAXES_DTYPE, invoice_tax_lines
 # The doc-key prefixes (after ``credit_memo:``) of the memos an invoice's later life makes.
 VOID_PREFIX = "void:"
 WRITE_OFF_PREFIX = "writeoff:"
+BALANCE_PREFIX = "balance:"
+# The credit-balance memo's Sage reference: the invoice id is its void or write-off memo's.
+BALANCE_REFERENCE_SUFFIX = "-CB"
 
 
 def _tax_money(
@@ -58,7 +67,6 @@ def _memo_payload(
     invoice_no: pl.Expr | None,
     gl_account: pl.Expr | None,
     expense_account: pl.Expr | None,
-    receivables: str,
 ) -> pl.Expr:
     fields = [
         pl.concat_str([pl.lit("@xref:customer:"), pl.col("customer")]).alias("customer_id"),
@@ -71,10 +79,9 @@ def _memo_payload(
         pl.when(pl.col("tax_lines").list.len() > 0).then(pl.col("tax_lines")).alias("tax_lines"),
     ]
     if invoice_no is not None:
+        # Sage credits the invoice's receivable: no gl_account (SAGEPRO_API.md, optional then).
         fields.append(invoice_no.alias("invoice_no"))
-        # Sage credits the invoice's receivable; it still asks for a gl_account: name AR.
-        gl_account = pl.lit(receivables)
-    if gl_account is not None:
+    elif gl_account is not None:
         fields.append(gl_account.alias("gl_account"))
     if expense_account is not None:
         fields.append(expense_account.alias("expense_account"))
@@ -114,7 +121,6 @@ def plan_credit_notes(
                     pl.concat_str([pl.lit("@xref:invoice:"), pl.col("invoice")]),
                     None,
                     None,
-                    mapping.accounts.receivables,
                 ).alias("payload"),
                 pl.concat_list(
                     [
@@ -140,7 +146,6 @@ def plan_credit_notes(
                     None,
                     clearing,
                     None,
-                    mapping.accounts.receivables,
                 ).alias("payload"),
                 pl.concat_list([pl.concat_str([pl.lit("customer:"), pl.col("customer")])]).alias(
                     "depends_on"
@@ -165,9 +170,19 @@ def plan_invoice_closures(
     """Voided and uncollectible invoices → a memo against each for its open balance:
     ``credit_memo:void:<in_…>`` (tax reversed in proportion) or ``credit_memo:writeoff:<in_…>``
     (``expense_account`` = Bad Debt)."""
-    inv = invoices.filter(
-        pl.col("status").is_in(["void", "uncollectible"]) & (pl.col("amount_remaining") > 0)
-    )
+    # Written off and later collected: the write-off still posts, for what was open then,
+    # which is what the later payment paid (the recovery journal books that payment).
+    collected = (pl.col("status") == "paid") & pl.col("marked_uncollectible_at").is_not_null()
+    inv = invoices.with_columns(
+        pl.when(collected)
+        .then(pl.col("amount_paid"))
+        .otherwise(pl.col("amount_remaining"))
+        .alias("amount_remaining"),
+        pl.when(collected)
+        .then(pl.lit("uncollectible"))
+        .otherwise(pl.col("status"))
+        .alias("status"),
+    ).filter(pl.col("status").is_in(["void", "uncollectible"]) & (pl.col("amount_remaining") > 0))
     if inv.is_empty():
         return empty_docs()
     void = pl.col("status") == "void"
@@ -237,7 +252,6 @@ def plan_invoice_closures(
                     pl.concat_str([pl.lit("@xref:invoice:"), pl.col("id")]),
                     None,
                     None if is_void else pl.lit(mapping.accounts.bad_debt),
-                    mapping.accounts.receivables,
                 ).alias("payload"),
                 pl.concat_list(
                     [
@@ -249,3 +263,59 @@ def plan_invoice_closures(
             )
         )
     return pl.concat([_docs(f, mapping, periods, key_col="stripe_key") for f in frames])
+
+
+def plan_credit_balances(
+    invoices: pl.DataFrame, mapping: Mapping, periods: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Finalized invoices that used the customer's credit balance → a memo against each for
+    that credit (``credit_memo:balance:<in_…>``), ``expense_account`` = Customer Credit,
+    dated the invoice's finalization. A foreign-currency invoice's credit is not converted:
+    its memo is a planning error naming the invoice (posting it would need FX)."""
+    used = pl.col("ending_balance") - pl.col("starting_balance")
+    inv = invoices.filter(
+        pl.col("status").is_in(["open", "paid", "void", "uncollectible"]) & (used > 0)
+    )
+    if inv.is_empty():
+        return empty_docs()
+    settles = pl.col("currency").is_in(mapping.settlement_currencies)
+    df = inv.with_columns(
+        used.alias("_used"),
+        pl.concat_str([pl.lit(BALANCE_PREFIX), pl.col("id")]).alias("stripe_key"),
+        local_date(pl.coalesce("finalized_at", "created"), mapping.timezone).alias("doc_date"),
+        pl.lit("credit_memo").alias("doc_type"),
+    )
+    df = df.with_columns(
+        pl.struct(
+            pl.concat_str([pl.lit("@xref:customer:"), pl.col("customer")]).alias("customer_id"),
+            pl.col("doc_date").cast(pl.String).alias("memo_date"),
+            money_string(pl.col("_used"), pl.col("currency")).alias("amount"),
+            pl.col("currency"),
+            pl.concat_str([pl.col("id"), pl.lit(BALANCE_REFERENCE_SUFFIX)])
+            .str.slice(0, 30)
+            .alias("reference"),
+            pl.format("Customer credit applied to invoice {}", pl.coalesce("number", "id"))
+            .str.slice(0, 60)
+            .alias("reason"),
+            money_string(pl.lit(0), pl.col("currency")).alias("tax_amount"),
+            pl.concat_str([pl.lit("@xref:invoice:"), pl.col("id")]).alias("invoice_no"),
+            pl.lit(mapping.accounts.customer_credit).alias("expense_account"),
+        ).alias("payload"),
+        pl.concat_list(
+            [
+                pl.concat_str([pl.lit("customer:"), pl.col("customer")]),
+                pl.concat_str([pl.lit("invoice:"), pl.col("id")]),
+            ]
+        ).alias("depends_on"),
+        pl.when(~settles)
+        .then(
+            pl.format(
+                "invoice {}: credit balance applied in {}, not a settlement currency "
+                "(posting it would need FX)",
+                pl.col("id"),
+                pl.col("currency"),
+            )
+        )
+        .alias("error"),
+    )
+    return _docs(df, mapping, periods, key_col="stripe_key")

@@ -448,6 +448,7 @@ def plan_charges(
     mapping: Mapping,
     periods: pl.DataFrame | None = None,
     known_orders: Iterable[str] | None = None,
+    written_off: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Each succeeded, captured charge → a Sage invoice (or its ERP sales order's invoice) +
     a cash receipt applied to it; a charge that paid a Stripe Billing invoice → just the
@@ -457,10 +458,33 @@ def plan_charges(
     ``known_orders`` (the ``metadata.erp_order_id`` values Sage has a sales order for), a
     charge naming an order Sage does not have posts its receipt on account (no invoice, no
     ``apply_to``) and is flagged (``charges.unknown_erp_order: on_account``), or is a planning
-    error (``reject``); ``None`` means not checked (every order taken as known)."""
+    error (``reject``); ``None`` means not checked (every order taken as known).
+
+    A charge that paid an invoice after it was written off (``written_off``: ``id``,
+    ``marked_uncollectible_at`` of such invoices) is a recovery: no receipt (the invoice's
+    balance is gone), a journal Stripe Clearing Dr / Bad Debt Cr for what Stripe collected
+    (``journal_entry:recovery:<ch_…>``), after the write-off memo."""
     df = classify_charges(charges, invoice_payments)
     if df.is_empty():
         return empty_docs()
+    if written_off is not None and not written_off.is_empty():
+        df = df.join(
+            written_off.select(
+                pl.col("id").alias("paid_invoice"),
+                pl.col("marked_uncollectible_at").alias("_written_off_at"),
+            ),
+            on="paid_invoice",
+            how="left",
+        ).with_columns(
+            (
+                pl.col("_written_off_at").is_not_null()
+                & (pl.col("_written_off_at") <= pl.col("created"))
+            )
+            .fill_null(False)
+            .alias("_recovery")
+        )
+    else:
+        df = df.with_columns(pl.lit(False).alias("_recovery"))
     # Checkout (plan/orders.py): the goods session a charge paid (only its receipt posts,
     # applied to the order's invoice), or why it waits for one. Absent: neither.
     for col in ("order_session", "session_wait"):
@@ -638,7 +662,10 @@ def plan_charges(
         )
         .otherwise(pl.col("rcp_memo"))
     )
-    receipts = df.with_columns(
+    recoveries = df.filter(pl.col("_recovery"))
+    if not recoveries.is_empty():
+        frames.append(_recovery_journals(recoveries, base_deps, mapping))
+    receipts = df.filter(~pl.col("_recovery")).with_columns(
         pl.lit("cash_receipt").alias("doc_type"),
         pl.struct(
             pl.col("customer_ref").alias("customer_id"),
@@ -661,7 +688,51 @@ def plan_charges(
         flag.alias("flag"),
     )
     frames.append(receipts)
-    return pl.concat([_docs(f, mapping, periods) for f in frames])
+    return pl.concat(
+        [
+            _docs(f, mapping, periods, key_col="stripe_key" if "stripe_key" in f.columns else "id")
+            for f in frames
+        ]
+    )
+
+
+def _recovery_journals(df: pl.DataFrame, base_deps: pl.Expr, mapping: Mapping) -> pl.DataFrame:
+    """Charges that collected a written-off invoice: Stripe Clearing Dr / Bad Debt Cr for the
+    charge's settled amount (ACCOUNTING.md: a recovery journal, not a receipt), dated the
+    charge's day, reference the charge; after the invoice's write-off memo (phase 4)."""
+    from stripe_sage.plan.after_posting import WRITE_OFF_PREFIX
+
+    cur = pl.col("settlement_currency")
+    amount = pl.col("settlement_amount")
+    desc = pl.format("Recovery of written-off invoice {} by {}", pl.col("paid_invoice"), "id")
+    return df.with_columns(
+        pl.lit("journal_entry").alias("doc_type"),
+        pl.lit(4).alias("phase"),
+        pl.concat_str([pl.lit("recovery:"), pl.col("id")]).alias("stripe_key"),
+        journal_payload(
+            mapping,
+            pl.col("doc_date"),
+            desc.str.slice(0, 60),
+            pl.col("id"),
+            cur,
+            pl.concat_list(
+                [
+                    journal_line(pl.col("clearing_account"), amount, cur, desc.str.slice(0, 60)),
+                    journal_line(
+                        pl.lit(mapping.accounts.bad_debt), -amount, cur, desc.str.slice(0, 60)
+                    ),
+                ]
+            ),
+        ).alias("payload"),
+        pl.concat_list(
+            [
+                base_deps,
+                pl.concat_list(
+                    [pl.concat_str([pl.lit(f"credit_memo:{WRITE_OFF_PREFIX}"), "paid_invoice"])]
+                ),
+            ]
+        ).alias("depends_on"),
+    )
 
 
 def _charge_item(mapping: Mapping) -> tuple[pl.Expr, pl.Expr]:

@@ -14,8 +14,10 @@ import polars as pl
 
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.after_posting import (
+    BALANCE_PREFIX,
     VOID_PREFIX,
     WRITE_OFF_PREFIX,
+    plan_credit_balances,
     plan_credit_notes,
     plan_invoice_closures,
 )
@@ -201,6 +203,13 @@ def _document_slices(
                 "SELECT payment_intent FROM staging.checkout_lookups "
                 "WHERE payment_intent IN (SELECT payment_intent FROM _plan_slice)"
             )
+            # Invoices these charges paid that were written off first: a recovery, not a
+            # receipt (issue 19).
+            written_off = st.frame(
+                "SELECT id, marked_uncollectible_at FROM staging.invoices "
+                "WHERE marked_uncollectible_at IS NOT NULL AND id IN (SELECT p.invoice FROM "
+                "staging.invoice_payments p WHERE p.charge IN (SELECT id FROM _plan_slice))"
+            )
         charges = link_charges_to_sessions(
             charges, sessions, looked_up, sessions_read_until, mapping
         )
@@ -211,7 +220,7 @@ def _document_slices(
                 known_orders |= sales_orders(ids)
                 asked.update(ids)
             orders = known_orders
-        yield plan_charges(charges, bts, invoice_payments, mapping, pf, orders)
+        yield plan_charges(charges, bts, invoice_payments, mapping, pf, orders, written_off)
 
     tax_rates = st.table("tax_rates")  # a handful of rows: the Sage tax codes come from them
     for invoices in _rows_to_plan(st, "invoices", _todo("invoices", "invoice:"), slice_rows):
@@ -287,7 +296,8 @@ def _after_posting_documents(
     tax_rates: pl.DataFrame,
     slice_rows: int,
 ) -> Iterator[pl.DataFrame]:
-    """Issue 19: credit notes, and the memos of voided and written-off invoices."""
+    """Issue 19: credit notes, the memos of voided and written-off invoices, and of credit
+    balances invoices used."""
     for notes in _rows_to_plan(
         st, "credit_notes", _todo("credit_notes", "credit_memo:"), slice_rows
     ):
@@ -296,11 +306,20 @@ def _after_posting_documents(
         f"{_not_quarantined('invoices')} AND ("
         "(s.status = 'void' AND NOT EXISTS (SELECT 1 FROM _settled k "
         f"WHERE k.doc_key = 'credit_memo:{VOID_PREFIX}' || s.id)) OR "
-        "(s.status = 'uncollectible' AND NOT EXISTS (SELECT 1 FROM _settled k "
+        # Written off, even if Stripe collected it later (then a recovery journal follows).
+        "(s.marked_uncollectible_at IS NOT NULL AND s.status IN ('uncollectible', 'paid') "
+        "AND NOT EXISTS (SELECT 1 FROM _settled k "
         f"WHERE k.doc_key = 'credit_memo:{WRITE_OFF_PREFIX}' || s.id)))"
     )
     for invoices in _rows_to_plan(st, "invoices", closing, slice_rows):
         yield plan_invoice_closures(invoices, mapping, pf, tax_rates)
+    credit_used = (
+        f"{_not_quarantined('invoices')} AND s.ending_balance - s.starting_balance > 0 "
+        "AND NOT EXISTS (SELECT 1 FROM _settled k "
+        f"WHERE k.doc_key = 'credit_memo:{BALANCE_PREFIX}' || s.id)"
+    )
+    for invoices in _rows_to_plan(st, "invoices", credit_used, slice_rows):
+        yield plan_credit_balances(invoices, mapping, pf)
 
 
 def _sessions_read_until(st: Staging) -> dt.datetime | None:

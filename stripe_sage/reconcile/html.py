@@ -84,6 +84,8 @@ def render(
     title: str = "Stripe payout reconciliation",
     balance: pl.DataFrame | None = None,
     suspense: pl.DataFrame | None = None,
+    ar: list[dict[str, Any]] | None = None,
+    disputes: pl.DataFrame | None = None,
 ) -> str:
     currency = rep["currency"][0] if rep.height else "USD"
     counts = (
@@ -160,6 +162,8 @@ def render(
         for r in (suspense.to_dicts() if suspense is not None else [])
     )
     head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+    ar_summary, ar_rows = _ar_tables(ar or [])
+    dispute_rows = _dispute_rows(disputes)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -176,6 +180,14 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 <table id="clearing"><tr><th>currency</th><th>account</th><th>Sage clearing</th>
 <th>Stripe gross not paid out</th><th>difference</th><th>unexplained</th>
 <th>unposted documents</th></tr>{clearing_rows}</table>
+<h2>AR tie-out: Sage open AR against Stripe's open invoices</h2>
+<table id="ar-summary"><tr><th>currency</th><th>customers</th><th>Sage open AR</th>
+<th>Stripe open (amount remaining)</th><th>difference</th><th>explained by unposted</th>
+<th>unexplained</th><th>customers with a difference</th><th>Stripe credit balances</th></tr>
+{ar_summary}</table>
+<table id="ar"><tr><th>currency</th><th>customer</th><th>name</th><th>Sage open AR</th>
+<th>Stripe open</th><th>difference</th><th>explained</th><th>unexplained</th>
+<th>credit balance</th><th>documents behind the difference</th></tr>{ar_rows}</table>
 <h2>Payouts</h2>
 <table id="payouts"><tr>{head}</tr>{"".join(rows)}</table>
 <h2>Top-ups and daily journals (accounts paid out manually)</h2>
@@ -183,4 +195,89 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 <th>journal no</th><th>flag</th></tr>{balance_rows}</table>
 <h2>Posted to suspense (reporting categories the mapping does not know)</h2>
 <table id="suspense"><tr><th>document</th><th>what</th></tr>{suspense_rows}</table>
+<h2>Lost disputes on invoiced sales (booked in the payout journal; the invoice stays paid)</h2>
+<table id="invoice-disputes"><tr><th>dispute</th><th>amount</th><th>reason</th><th>charge</th>
+<th>invoice</th><th>Stripe number</th><th>Sage invoice</th><th>customer</th><th>name</th>
+<th>payout</th></tr>{dispute_rows}</table>
 </body></html>"""
+
+
+def _td(v: Any, num: bool = False) -> str:
+    text = html.escape("" if v is None else str(v))
+    return f'<td class="num">{text}</td>' if num else f"<td>{text}</td>"
+
+
+def _ar_tables(ar: list[dict[str, Any]]) -> tuple[str, str]:
+    """The tie-out's totals per currency, and its customers (those with a difference
+    first), each with the unposted documents behind the difference."""
+    summary, rows = [], []
+    for t in ar:
+        cur = t["currency"]
+
+        def m(v: int, cur: str = cur) -> str:
+            return to_decimal_string(int(v), cur)
+
+        colour = "#c53030" if t["unexplained"] else "#2f855a"
+        summary.append(
+            "<tr>"
+            + _td(cur)
+            + _td(t["customers"])
+            + "".join(
+                _td(m(t[k]), True) for k in ("sage_open", "stripe_open", "difference", "explained")
+            )
+            + f'<td class="num" style="color:{colour};font-weight:bold">{m(t["unexplained"])}</td>'
+            + _td(t["customers_with_difference"])
+            + _td(m(t["credit_balances"]), True)
+            + "</tr>"
+        )
+        for c in t["rows"]:
+            docs = "; ".join(
+                f"{d['doc_key']} {d['status']} {m(d['amount'])}"
+                + (f" ({d['reason']})" if d["reason"] else "")
+                for d in c["documents"]
+            )
+            rows.append(
+                "<tr>"
+                + _td(cur)
+                + _td(c["customer"])
+                + _td(c["name"])
+                + "".join(
+                    _td(m(c[k]), True)
+                    for k in (
+                        "sage_open",
+                        "stripe_open",
+                        "difference",
+                        "explained",
+                        "unexplained",
+                        "credit_balance",
+                    )
+                )
+                + _td(docs)
+                + "</tr>"
+            )
+    return "".join(summary), "".join(rows)
+
+
+def _dispute_rows(disputes: pl.DataFrame | None) -> str:
+    if disputes is None:
+        return ""
+    return "".join(
+        "<tr>"
+        + _td(d["dispute"])
+        + _td(to_decimal_string(int(d["amount"]), d["currency"]), True)
+        + "".join(
+            _td(d[k])
+            for k in (
+                "reason",
+                "charge",
+                "invoice",
+                "invoice_number",
+                "sage_invoice_no",
+                "customer",
+                "customer_name",
+                "payout",
+            )
+        )
+        + "</tr>"
+        for d in disputes.iter_rows(named=True)
+    )

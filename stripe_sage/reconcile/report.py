@@ -526,6 +526,28 @@ def suspense_postings(st: Any) -> pl.DataFrame:
     )
 
 
+def invoice_disputes(st: Any) -> pl.DataFrame:
+    """Lost disputes on invoice payments, linked to the invoice and its customer
+    (docs/accounting.md §3): the payout journal books the loss (Chargebacks) and the invoice
+    stays paid, as in Stripe; the report names the dispute, the charge, the invoice (Stripe
+    number and Sage number), the customer and the payout whose journal booked it."""
+    return st.frame(
+        """
+        SELECT d.id AS dispute, d.created, d.amount, d.currency, d.reason, d.charge,
+            i.id AS invoice, i.number AS invoice_number, o.sage_id AS sage_invoice_no,
+            i.customer, c.name AS customer_name,
+            (SELECT min(pi.payout) FROM staging.payout_items pi
+             WHERE list_contains(d.balance_transactions, pi.balance_transaction)) AS payout
+        FROM staging.disputes d
+        JOIN staging.invoice_payments p ON p.charge = d.charge AND p.status = 'paid'
+        JOIN staging.invoices i ON i.id = p.invoice
+        LEFT JOIN staging.customers c ON c.id = i.customer
+        LEFT JOIN sage.outbox o ON o.doc_key = 'invoice:' || i.id
+        WHERE d.status = 'lost'
+        ORDER BY d.created, d.id"""
+    )
+
+
 def store(st: Any, rep: pl.DataFrame, run_id: str) -> None:
     """``ops.reconciliation``: one row per payout, as of the latest report."""
     frame = rep.with_columns(
@@ -561,8 +583,15 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
             own AS (
                 SELECT b.id, b.amount, b.reporting_category, b.source,
                     CASE b.reporting_category
-                        WHEN 'charge' THEN 'cash_receipt:' || b.source
-                        WHEN 'refund' THEN 'credit_memo:' || b.source
+                        -- A charge that collected a written-off invoice: its recovery.
+                        WHEN 'charge' THEN CASE WHEN EXISTS (SELECT 1 FROM sage.outbox r
+                            WHERE r.doc_key = 'journal_entry:recovery:' || b.source)
+                            THEN 'journal_entry:recovery:' || b.source
+                            ELSE 'cash_receipt:' || b.source END
+                        -- A refund a credit note names posts through the note's memo.
+                        WHEN 'refund' THEN 'credit_memo:' || coalesce(
+                            (SELECT min(cn.id) FROM staging.credit_notes cn
+                             WHERE list_contains(cn.refunds, b.source)), b.source)
                         WHEN 'refund_failure' THEN 'journal_entry:refund_failure:' || b.source
                         WHEN 'payout_reversal' THEN 'journal_entry:payout_failure:' || b.source
                         WHEN 'topup' THEN 'journal_entry:topup:' || b.source
@@ -665,12 +694,15 @@ def build_report(
     payout: str | None = None,
     date_from: dt.date | None = None,
     date_to: dt.date | None = None,
-) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
-    """The report and the clearing check, with the HTML page written when asked."""
+) -> tuple[pl.DataFrame, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The report, the clearing check and the AR tie-out, with the HTML page written when
+    asked."""
+    from stripe_sage.reconcile.ar import ar_tie_out
     from stripe_sage.reconcile.html import daily_series, render
 
     rep = add_bank_line(report(st, payout=payout, date_from=date_from, date_to=date_to), mapping)
     clearing = clearing_check(st, mapping)
+    ar = ar_tie_out(st, mapping)
     if html_path is not None:
         html_path.parent.mkdir(parents=True, exist_ok=True)
         html_path.write_text(
@@ -680,6 +712,8 @@ def build_report(
                 clearing,
                 balance=balance_journals(st),
                 suspense=suspense_postings(st),
+                ar=ar,
+                disputes=invoice_disputes(st),
             )
         )
-    return rep, clearing
+    return rep, clearing, ar

@@ -118,6 +118,9 @@ STREAMS: dict[str, Stream] = {
                 Column("sage_customer_id", "VARCHAR", "data->>'$.metadata.sage_customer_id'"),
                 Column("deleted", "BOOLEAN", "coalesce(CAST(data->>'deleted' AS BOOLEAN), false)"),
                 Column("metadata", "JSON", "data->'metadata'"),
+                # Issue 19: the customer's balance (negative: credit the customer holds), shown
+                # beside the AR tie-out.
+                Column("balance", "BIGINT", _int("balance")),
             ),
         ),
         Stream(

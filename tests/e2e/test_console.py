@@ -257,6 +257,8 @@ def test_find_fix_and_replay_a_dead_letter(console: Console, browser: Any) -> No
     assert keys <= set(dead)
     assert page.inner_text("a.card[href='/exceptions?state=dead'] .n") == str(len(dead))
     assert "Create sales order SO" in page.inner_text("main")
+    # The AR tie-out total: the held sale's invoice and receipt are both dead, so it ties out.
+    assert "ties out" in page.inner_text("#ar-tie-out")
     _shot(page, "overview")
 
     page.click("a[href='/exceptions']")

@@ -106,11 +106,12 @@ def expected_documents(env: Env) -> Counter[str]:
     """What the Stripe business implies, from Stripe's own lists (docs/accounting.md)."""
     with env.stripe() as s:
         charges = stripe_all(s, "/v1/charges")
-        paid_invoice_charges = {
-            p["payment"]["charge"]
+        invoice_of_charge = {
+            p["payment"]["charge"]: p["invoice"]
             for p in stripe_all(s, "/v1/invoice_payments")
             if p["status"] == "paid"
         }
+        paid_invoice_charges = set(invoice_of_charge)
         # Issue 19: voided and written-off invoices post too, then a memo takes their open
         # balance off; each credit note is one memo.
         invoices = [i for i in stripe_all(s, "/v1/invoices") if i["status"] != "draft"]
@@ -148,6 +149,24 @@ def expected_documents(env: Env) -> Counter[str]:
     deleted = {x for x in named if x and x not in listed}
     guest = any(c["customer"] is None for c in succeeded)
     unsettled = {i["id"] for i in invoices if i["currency"] != "usd" and i["status"] != "paid"}
+    # Issue 19: a written-off invoice Stripe collected later keeps its write-off memo, and
+    # the charge that collected it books a recovery journal instead of a receipt.
+    written_off_at = {
+        i["id"]: i["status_transitions"]["marked_uncollectible_at"]
+        for i in invoices
+        if i["status_transitions"].get("marked_uncollectible_at")
+    }
+    recoveries = [
+        c
+        for c in succeeded
+        if invoice_of_charge.get(c["id"]) in written_off_at
+        and c["created"] >= written_off_at[invoice_of_charge[c["id"]]]
+    ]
+    collected_write_offs = [
+        i
+        for i in invoices
+        if i["status"] == "paid" and i["id"] in written_off_at and i["amount_paid"] > 0
+    ]
     return Counter(
         {
             "invoice": len(
@@ -159,10 +178,12 @@ def expected_documents(env: Env) -> Counter[str]:
             )
             # a foreign-currency invoice posts once Stripe settled its payment
             + len([i for i in invoices if i["currency"] == "usd" or i["status"] == "paid"]),
-            "cash_receipt": len(succeeded),
+            "cash_receipt": len(succeeded) - len(recoveries),
             # ... but not those of a foreign-currency invoice awaiting settlement: they wait
             # with it (docs/accounting.md §4)
+            # a refund a credit note names posts through the note's memo only (issue 19)
             "credit_memo": len(refunds)
+            - len({x["refund"] for n in credit_notes for x in n["refunds"]})
             + len([n for n in credit_notes if n["invoice"] not in unsettled])
             + len(
                 [
@@ -170,6 +191,16 @@ def expected_documents(env: Env) -> Counter[str]:
                     for i in invoices
                     if i["status"] in ("void", "uncollectible")
                     and i["amount_remaining"] > 0
+                    and i["id"] not in unsettled
+                ]
+            )
+            + len(collected_write_offs)
+            # the customer credit an invoice used (credit is a negative balance)
+            + len(
+                [
+                    i
+                    for i in invoices
+                    if (i["ending_balance"] or 0) - (i["starting_balance"] or 0) > 0
                     and i["id"] not in unsettled
                 ]
             ),
@@ -180,6 +211,7 @@ def expected_documents(env: Env) -> Counter[str]:
             + len(payouts)
             + len([p for p in payouts if p["status"] == "failed"])
             + len(topups)
+            + len(recoveries)
             + daily_journals(env),
             "customer": len(customers) + len(deleted) + int(guest),
             # A completed goods Checkout Session is a sales order; its invoice replaces the

@@ -588,6 +588,23 @@ def test_applications_reduce_balance_due_until_paid(api: TestClient) -> None:
     assert (paid["balance_due"], paid["status"]) == ("0.00", "paid")
 
 
+def test_gl_account_is_optional_on_a_memo_against_an_invoice(api: TestClient) -> None:
+    """SAGEPRO_API.md: with ``invoice_no`` the invoice's receivable is credited, so
+    ``gl_account`` may be left out; without ``invoice_no`` it is required."""
+    number = post_ok(api, "/api/v1/invoices", invoice_payload())["invoice_no"]
+    against = credit_memo_payload(amount="6.00", invoice_no=number)
+    del against["gl_account"]
+    memo = post_ok(api, "/api/v1/creditmemos", against)
+    assert memo["gl_account"] is None
+    assert api.get(f"/api/v1/invoices/{number}").json()["balance_due"] == "20.00"
+    on_its_own = credit_memo_payload()
+    del on_its_own["gl_account"]
+    assert_error(
+        api.post("/api/v1/creditmemos", json=on_its_own), 422, "validation_error", "gl_account"
+    )
+    assert len(api.get("/api/v1/creditmemos").json()["data"]) == 1
+
+
 def test_over_application_is_refused_and_changes_nothing(api: TestClient) -> None:
     number = post_ok(api, "/api/v1/invoices", invoice_payload())["invoice_no"]
     more_than_balance = receipt_payload(

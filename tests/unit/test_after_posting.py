@@ -49,6 +49,7 @@ def invoices(rows: list[dict[str, Any]]) -> pl.DataFrame:
         "number": None,
         "voided_at": T0,
         "marked_uncollectible_at": T0,
+        "amount_paid": 0,
     }
     return pl.DataFrame([{**base, **r} for r in rows]).with_columns(
         pl.col("taxes").cast(TAXES_DTYPE)
@@ -64,7 +65,7 @@ def test_void_reverses_the_open_balance_and_its_tax_in_proportion() -> None:
             {"id": "in_w", "status": "uncollectible", "total": 500, "amount_remaining": 500,
              "taxes": taxes(30)},
             {"id": "in_p", "status": "paid", "total": 500, "amount_remaining": 0,
-             "taxes": taxes(30)},
+             "taxes": taxes(30), "marked_uncollectible_at": None, "amount_paid": 500},
         ]
     )  # fmt: skip
     docs = plan_invoice_closures(inv, mapping, None, rates(2))
@@ -100,6 +101,7 @@ def test_credit_note_on_an_open_invoice_is_a_memo_against_it() -> None:
     on_open = p["credit_memo:cn_1"]
     assert on_open["invoice_no"] == "@xref:invoice:in_1"
     assert on_open["amount"] == "10.82" and on_open["tax_amount"] == "0.82"
+    assert "gl_account" not in on_open  # Sage credits the invoice's receivable
     refunding = p["credit_memo:cn_2"]
     assert "invoice_no" not in refunding
     assert refunding["gl_account"] == mapping.accounts.clearing["USD"]
@@ -127,3 +129,90 @@ def test_a_refund_a_credit_note_names_is_not_planned_again() -> None:
     docs = plan_refunds(*args, credited_refunds=["re_a"])
     assert "credit_memo:re_b" in set(docs["doc_key"])
     assert not any("re_a" in k for k in docs["doc_key"])
+
+
+def test_credit_balance_used_by_an_invoice_is_a_memo_from_customer_credit() -> None:
+    from stripe_sage.plan.after_posting import plan_credit_balances
+
+    mapping = load_mapping(None)
+    base = {"customer": "cus_1", "currency": "USD", "number": "AB-0007", "created": T0,
+            "finalized_at": T0, "total": 2000}  # fmt: skip
+    inv = pl.DataFrame(
+        [
+            # Credit of 5.00 used: Stripe keeps credit negative, ending - starting = 500.
+            {**base, "id": "in_c", "status": "open", "starting_balance": -500,
+             "ending_balance": 0},
+            # No balance, and a debt carried in (positive): no memo.
+            {**base, "id": "in_n", "status": "paid", "starting_balance": 0, "ending_balance": 0},
+            {**base, "id": "in_d", "status": "paid", "starting_balance": 300,
+             "ending_balance": 0},
+            # A foreign-currency invoice's credit: an error naming it, never a guess.
+            {**base, "id": "in_f", "currency": "EUR", "status": "open",
+             "starting_balance": -100, "ending_balance": 0},
+        ]
+    )  # fmt: skip
+    docs = plan_credit_balances(inv, mapping)
+    p = payloads(docs)
+    assert set(p) == {"credit_memo:balance:in_c", "credit_memo:balance:in_f"}
+    memo = p["credit_memo:balance:in_c"]
+    assert memo["amount"] == "5.00" and memo["tax_amount"] == "0.00"
+    assert memo["invoice_no"] == "@xref:invoice:in_c" and "gl_account" not in memo
+    assert memo["expense_account"] == mapping.accounts.customer_credit
+    assert memo["reference"] == "in_c-CB"  # the invoice id alone is its void memo's
+    assert memo["memo_date"] == "2026-06-01"
+    errors = dict(zip(docs["doc_key"], docs["error"], strict=True))
+    assert errors["credit_memo:balance:in_c"] is None
+    assert (
+        "in_f" in errors["credit_memo:balance:in_f"] and "EUR" in errors["credit_memo:balance:in_f"]
+    )
+
+
+def test_a_written_off_invoice_collected_later_books_a_recovery_not_a_receipt() -> None:
+    from stripe_sage.plan.documents import plan_charges
+    from tests.unit.test_transform import bts, charges, periods
+
+    mapping = load_mapping(None)
+    written_off_at = T0 - dt.timedelta(days=3)
+    # Stripe now shows the invoice paid, its write-off time still set: the write-off memo
+    # posts for what the later payment paid, whichever run first sees it.
+    inv = invoices(
+        [{"id": "in_w", "status": "paid", "total": 700, "amount_remaining": 0, "amount_paid": 700,
+          "taxes": taxes(30), "marked_uncollectible_at": written_off_at}]
+    )  # fmt: skip
+    memo = payloads(plan_invoice_closures(inv, mapping, None, rates(1)))[
+        "credit_memo:writeoff:in_w"
+    ]
+    assert memo["amount"] == "7.00" and memo["expense_account"] == mapping.accounts.bad_debt
+    payments = pl.DataFrame(
+        [
+            {"charge": "ch_late", "invoice": "in_w", "status": "paid"},
+            {"charge": "ch_ok", "invoice": "in_o", "status": "paid"},
+        ]
+    )
+    written_off = pl.DataFrame({"id": ["in_w"], "marked_uncollectible_at": [written_off_at]})
+    docs = plan_charges(
+        charges(
+            {"id": "ch_late", "amount": 700, "balance_transaction": "txn_l", "created": T0},
+            {"id": "ch_ok", "amount": 900, "balance_transaction": "txn_o", "created": T0},
+        ),
+        bts({"id": "txn_l", "amount": 700}, {"id": "txn_o", "amount": 900}),
+        payments,
+        mapping,
+        periods(),
+        None,
+        written_off,
+    )
+    keys = set(docs["doc_key"])
+    assert "cash_receipt:ch_late" not in keys and "cash_receipt:ch_ok" in keys
+    p = payloads(docs)
+    journal = p["journal_entry:recovery:ch_late"]
+    assert journal["reference"] == "ch_late" and journal["entry_date"] == "2026-06-01"
+    lines = {ln["account"]: (ln["debit"], ln["credit"]) for ln in journal["lines"]}
+    assert lines == {
+        mapping.accounts.clearing["USD"]: ("7.00", "0.00"),
+        mapping.accounts.bad_debt: ("0.00", "7.00"),
+    }
+    deps = dict(zip(docs["doc_key"], docs["depends_on"].to_list(), strict=True))
+    assert "credit_memo:writeoff:in_w" in deps["journal_entry:recovery:ch_late"]
+    phase = dict(zip(docs["doc_key"], docs["phase"].to_list(), strict=True))
+    assert phase["journal_entry:recovery:ch_late"] > phase["cash_receipt:ch_ok"]

@@ -45,6 +45,9 @@ def stripe(api: TestClient) -> dict[str, list[dict[str, Any]]]:
         "invoices": list_all(api, "/v1/invoices"),
         "credit_notes": list_all(api, "/v1/credit_notes"),
         "events": list_all(api, "/v1/events"),
+        "refunds": list_all(api, "/v1/refunds"),
+        "charges": list_all(api, "/v1/charges"),
+        "customers": list_all(api, "/v1/customers"),
     }
 
 
@@ -63,6 +66,9 @@ def test_credit_notes_have_stripes_shape_and_sum_to_their_lines(
     api: TestClient, stripe: dict[str, list[dict[str, Any]]]
 ) -> None:
     invoices = {inv["id"]: inv for inv in stripe["invoices"]}
+    refunds = {r["id"]: r for r in stripe["refunds"]}
+    charges = {c["id"]: c for c in stripe["charges"]}
+    assert {cn["type"] for cn in stripe["credit_notes"]} == {"pre_payment", "post_payment"}
     for cn in stripe["credit_notes"]:
         assert cn["id"].startswith("cn_")
         assert set(cn) == fixture_keys("credit_note")
@@ -79,11 +85,28 @@ def test_credit_notes_have_stripes_shape_and_sum_to_their_lines(
         )
         inv = invoices[cn["invoice"]]
         assert cn["customer"] == inv["customer"]
-        assert cn["type"] == "pre_payment" and cn["refunds"] == []
-        # A pre-payment note reduces what is still owed on the open invoice.
-        assert inv["status"] == "open"
-        assert inv["amount_remaining"] == inv["amount_due"] - cn["total"]
-        assert inv["pre_payment_credit_notes_amount"] == cn["total"]
+        if cn["type"] == "pre_payment":
+            assert cn["refunds"] == [] and cn["pre_payment_amount"] == cn["total"]
+            # A pre-payment note reduces what is still owed on the open invoice.
+            assert inv["status"] == "open"
+            assert inv["amount_remaining"] == inv["amount_due"] - cn["total"]
+            assert inv["pre_payment_credit_notes_amount"] == cn["total"]
+        else:
+            # A post-payment note names the refund that paid it back; the invoice stays paid.
+            assert cn["type"] == "post_payment" and cn["post_payment_amount"] == cn["total"]
+            [named] = cn["refunds"]
+            refund = refunds[named["refund"]]
+            assert named["amount_refunded"] == refund["amount"] == cn["total"]
+            assert charges[refund["charge"]]["customer"] == inv["customer"]
+            assert inv["status"] == "paid" and inv["amount_remaining"] == 0
+            assert inv["post_payment_credit_notes_amount"] == cn["total"]
+            # A full refund credits every line with its taxes; a partial one, a custom line.
+            if cn["total"] == inv["total"]:
+                assert sum(t["amount"] for t in cn["total_taxes"]) == sum(
+                    t["amount"] for t in inv["total_taxes"]
+                )
+            else:
+                assert [ln["type"] for ln in lines] == ["custom_line_item"]
         by_invoice = api.get("/v1/credit_notes", params={"invoice": inv["id"]}).json()["data"]
         assert [c["id"] for c in by_invoice] == [cn["id"]]
 
@@ -117,3 +140,40 @@ def test_status_filter_knows_the_new_statuses(
     for status in ("void", "uncollectible", "open"):
         listed = {i["id"] for i in list_all(api, "/v1/invoices", status=status)}
         assert listed == {i["id"] for i in stripe["invoices"] if i["status"] == status}
+
+
+def test_credit_balances_have_stripes_shape_and_add_up(
+    api: TestClient, stripe: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Customer credit (issue 19): invoices that used it, the balance transactions behind
+    them, and customers still holding some; credit is a negative balance (STRIPE.md)."""
+    used = [i for i in stripe["invoices"] if i["ending_balance"] - i["starting_balance"] > 0]
+    holding = [c for c in stripe["customers"] if c["balance"] < 0]
+    assert used and holding
+    for inv in used:
+        credit = inv["ending_balance"] - inv["starting_balance"]
+        assert inv["starting_balance"] == -credit and inv["ending_balance"] == 0
+        assert inv["amount_due"] == inv["total"] - credit
+        assert inv["amount_remaining"] == inv["amount_due"]  # open: nothing paid yet
+        txns = list_all(api, f"/v1/customers/{inv['customer']}/balance_transactions")
+        applied = [t for t in txns if t["invoice"] == inv["id"]]
+        assert [(t["type"], t["amount"]) for t in applied] == [("applied_to_invoice", credit)]
+    for cus in {i["customer"] for i in used} | {c["id"] for c in holding}:
+        txns = list_all(api, f"/v1/customers/{cus}/balance_transactions")
+        for t in txns:
+            assert set(t) == fixture_keys("customer_balance_transaction")
+            assert t["object"] == "customer_balance_transaction" and t["customer"] == cus
+            one = api.get(f"/v1/customers/{cus}/balance_transactions/{t['id']}").json()
+            assert one == t
+        # Newest first; each ending_balance is the running sum; the last is the balance.
+        oldest_first = txns[::-1]
+        running = 0
+        for t in oldest_first:
+            running += t["amount"]
+            assert t["ending_balance"] == running
+        assert api.get(f"/v1/customers/{cus}").json()["balance"] == running
+    other = stripe["customers"][0]["id"]
+    stranger = list_all(api, f"/v1/customers/{holding[0]['id']}/balance_transactions")[0]["id"]
+    if other != holding[0]["id"]:
+        r = api.get(f"/v1/customers/{other}/balance_transactions/{stranger}")
+        assert r.status_code == 404
