@@ -90,5 +90,7 @@ def reconciliation_report(
         },
         "suspense": suspense.height,
         "clearing": [{k: v for k, v in c.items() if k != "unposted_documents"} for c in clearing],
+        # Realized FX gain/loss posted, per settlement currency (issue 20).
+        "realized_fx": reconcile.realized_fx(st, mapping),
         "html": str(html_path) if html_path else None,
     }
