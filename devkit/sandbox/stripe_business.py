@@ -219,11 +219,14 @@ class Business:
         self._refunds()
         self._refunds_at_later_rates()
         self._disputes()
+        # Checkout Sessions draw from their own rng and read only the charges' kinds, so
+        # they are drawn here, before an invoice paid in parts changes its charges' amounts.
+        self._checkout_sessions()
+        self._invoices_paid_in_parts()
         self._balance_transactions_and_payouts()
         from devkit.sandbox.stripe_after import after_posting  # it reads this module's Table
 
         after_posting(self)
-        self._checkout_sessions()
         self._events()
         del self.rng
 
@@ -503,6 +506,89 @@ class Business:
         settle = np.round(self.rf_amount * rate * 10.0 ** (2 - exps)).astype(np.int64)
         self.rf_rate = rate
         self.rf_bt_amount = np.where(cur == USD, self.rf_amount, np.maximum(1, settle))
+
+    # -- foreign-currency invoices paid in parts (issue 20) -----------------------------------
+    def _invoices_paid_in_parts(self) -> None:
+        """A few paid foreign-currency invoices are paid in two parts at moving rates: the
+        invoice's own charge pays 30-60 % of its total, and a later charge in the same
+        currency, by the same customer (a plain sale of the business, re-purposed, so that
+        no id or count shifts), pays the rest at a rate 1-3 % away. Stripe lists two
+        ``invoice_payment``s for such an invoice; it is ``paid`` from the second. Drawn from
+        an rng of their own (seed + 2026), after every other draw that reads the charges'
+        amounts, so the rest of the business is the same with or without them."""
+        c = self.config
+        rng = np.random.default_rng(c.seed + 2026)
+        n_inv = len(self.inv_charge)
+        self.inv_total = self.ch_amount[self.inv_charge].copy()  # an invoice's total
+        self.inv_second_charge = np.full(n_inv, -1, np.int64)  # its second part's charge
+        first = self.inv_charge
+        created = self.charges.created
+        eligible = np.nonzero(
+            self.ch_is_fx_invoice[first]
+            & ~self.ch_failed[first]
+            & (self.ch_refund[first] < 0)
+            & (self.ch_dispute[first] < 0)
+            & ~np.isin(np.arange(n_inv), self.cs_invoice)
+            & (self.inv_total >= 200)
+        )[0]
+        plain = (
+            ~self.ch_is_invoice
+            & ~self.ch_is_erp
+            & ~self.ch_failed
+            & (self.ch_auth == 0)
+            & ~self.ch_guest
+            & ~self.ch_erp_unknown
+            & (self.ch_refund < 0)
+            & (self.ch_dispute < 0)
+            & (self.ch_customer >= 0)
+            & ~np.isin(np.arange(c.charges), self.cs_charge)
+        )
+        exps = np.array([e for _, e, _, _ in CURRENCIES])
+        taken = np.zeros(c.charges, bool)
+        for j in eligible[: max(1, len(eligible) // 4)]:
+            i1 = int(first[j])
+            cur = int(self.ch_currency[i1])
+            pool = np.nonzero(
+                plain
+                & ~taken
+                & (self.ch_currency == cur)
+                & (created >= created[i1] + 2 * DAY)
+                & (created <= c.end - 3 * HOUR)
+            )[0]
+            if not len(pool):
+                continue
+            i2 = int(pool[rng.integers(0, len(pool))])
+            taken[i2] = True
+            total = int(self.inv_total[j])
+            part1 = int(np.clip(round(total * rng.uniform(0.3, 0.6)), 1, total - 1))
+            drift = rng.uniform(0.01, 0.03) * rng.choice([-1.0, 1.0])
+            self.ch_rate[i2] = round(float(self.ch_rate[i1]) * (1 + drift), 6)
+            self.ch_amount[i1], self.ch_amount[i2] = part1, total - part1
+            self.ch_customer[i2] = self.ch_customer[i1]
+            self.ch_invoice[i2] = j
+            self.inv_second_charge[j] = i2
+            for i in (i1, i2):
+                settle = round(
+                    int(self.ch_amount[i]) * float(self.ch_rate[i]) * 10.0 ** (2 - exps[cur])
+                )
+                self.ch_bt_amount[i] = settle
+                self.ch_fee_processing[i] = round(settle * 0.029) + 30
+                self.ch_fee_intl[i] = round(settle * 0.01)
+        # Invoice payments, oldest first: one per invoice (created with it), and a second
+        # for an invoice paid in parts (created with its charge).
+        parts = np.nonzero(self.inv_second_charge >= 0)[0]
+        ip_invoice = np.concatenate([np.arange(n_inv), parts]).astype(np.int32)
+        ip_charge = np.concatenate([first, self.inv_second_charge[parts]]).astype(np.int64)
+        ip_created = np.concatenate([self.invoices.created, created[self.inv_second_charge[parts]]])
+        order = np.argsort(ip_created, kind="stable")
+        self.invoice_payments = Table(ip_created[order])
+        self.ip_invoice = ip_invoice[order]
+        self.ip_charge = ip_charge[order]
+
+    def invoice_paid_at(self, j: int) -> int:
+        """When invoice j (paid) was paid in full: its last part's charge."""
+        i = int(self.inv_second_charge[j])
+        return int(self.charges.created[i if i >= 0 else self.inv_charge[j]])
 
     # -- disputes --------------------------------------------------------------------------
     def _disputes(self) -> None:
@@ -812,7 +898,9 @@ class Business:
         add(self.invoices.created + 1, "invoice.finalized", ninv)
         inv_ok = ~self.ch_failed[self.inv_charge]
         paid = ninv[inv_ok]
-        add(self.charges.created[self.inv_charge[paid]] + 1, "invoice.paid", paid)
+        # An invoice paid in parts is paid when its last part is.
+        last = np.where(self.inv_second_charge >= 0, self.inv_second_charge, self.inv_charge)
+        add(self.charges.created[last[paid]] + 1, "invoice.paid", paid)
         add(self.charges.created[self.inv_charge[paid]] + 1, "invoice.payment_succeeded", paid)
         unpaid = ninv[~inv_ok]
         add(self.charges.created[self.inv_charge[unpaid]] + 1, "invoice.payment_failed", unpaid)

@@ -21,6 +21,7 @@ from stripe_sage.mapping import load_mapping
 from stripe_sage.money import exponent
 from tests.helpers.business import (
     Env,
+    fx_payment_shares,
     fx_refund_shares,
     make_env,
     run_flow,
@@ -33,7 +34,7 @@ from tests.helpers.business import (
 pytestmark = pytest.mark.e2e
 
 SEED, CHARGES = 11, 400
-FX_PREFIX = "Realized FX"
+FX_PREFIX = "Realized FX on refund"
 
 
 def minor(amount: str, currency: str) -> int:
@@ -69,9 +70,13 @@ def fx_run(
                 "bts": {b["id"]: b for b in bts},
                 "shares": fx_refund_shares(charges, refunds, bts),
                 "fx_invoices": [i for i in invoices if i["currency"] != "usd"],
+                # The first payment of each paid invoice: its rate books the invoice.
                 "paid_by": {
-                    p["invoice"]: p["payment"]["charge"] for p in payments if p["status"] == "paid"
+                    p["invoice"]: p["payment"]["charge"]
+                    for p in payments
+                    if p["status"] == "paid" and p["is_default"]
                 },
+                "parts": fx_payment_shares(payments, charges, bts),
                 **sage,
             },
         )
@@ -147,12 +152,13 @@ def test_a_full_refund_of_a_foreign_sale_leaves_net_sales_unchanged(fx_run: Any)
 
 def test_no_dead_letters_and_a_rerun_posts_nothing_twice(fx_run: Any) -> None:
     env, d = fx_run
-    assert d["result"]["status"] == "completed", d["result"]
     con = duckdb.connect(str(env.db), read_only=True)
     try:
-        assert con.execute("SELECT count(*) FROM ops.dead_letters").fetchone() == (0,)
+        dead = con.execute("SELECT * FROM ops.dead_letters").fetchall()
     finally:
         con.close()
+    assert dead == []
+    assert d["result"]["status"] == "completed", d["result"]
     before = sage_counts(env)
     run_flow(trigger="test")
     assert sage_counts(env) == before
@@ -175,12 +181,60 @@ def test_paid_foreign_invoices_post_once_at_the_settled_amount_and_are_paid(fx_r
         charge = d["charges"][d["paid_by"][inv["id"]]]
         settled = d["bts"][charge["balance_transaction"]]
         assert posted["currency"] == settled["currency"].upper() == "USD"
-        assert minor(posted["total"], "USD") == settled["amount"], inv["id"]
         assert posted["balance_due"] == "0.00" and posted["status"] == "paid"
+        parts = [c for c, (i, _, _) in d["parts"].items() if i == inv["id"]]
+        if parts:  # paid in parts: see the test below
+            continue
+        assert minor(posted["total"], "USD") == settled["amount"], inv["id"]
         # The receipt of the charge that paid it is applied to it, in full.
         (applied,) = receipts[charge["id"]]["apply_to"]
         assert applied["invoice_no"] == posted["invoice_no"]
         assert applied["amount"] == posted["total"]
+
+
+def test_an_invoice_paid_in_parts_at_moving_rates_is_paid_and_books_the_fx(fx_run: Any) -> None:
+    """Booked at its first payment's rate; each later part receipts its share of it and a
+    journal books what Stripe settled beyond that share to Realized FX gain/loss."""
+    _, d = fx_run
+    assert any(share != settled for _, share, settled in d["parts"].values())
+    clearing = load_mapping().accounts.clearing["USD"]
+    fx_account = load_mapping().accounts.fx_gain_loss
+    sage_invoices = {inv["reference"]: inv for inv in d["invoices"]}
+    receipts = {r["reference"]: r for r in d["cashreceipts"]}
+    journals: dict[str, list[dict[str, Any]]] = {}
+    for j in d["journalentries"]:
+        journals.setdefault(j["reference"], []).append(j)
+    booked: dict[str, int] = {}
+    for charge_id, (invoice, share, settled) in d["parts"].items():
+        booked[invoice] = booked.get(invoice, 0) + share
+        posted = sage_invoices[invoice]
+        receipt = receipts[charge_id]
+        assert minor(receipt["amount"], "USD") == share, charge_id
+        assert receipt["apply_to"] == [
+            {"invoice_no": posted["invoice_no"], "amount": receipt["amount"]}
+        ]
+        fx = [
+            j
+            for j in journals.get(d["charges"][charge_id]["balance_transaction"], [])
+            if j["description"].startswith("Realized FX on payment")
+        ]
+        if share == settled:
+            assert not fx
+            continue
+        (journal,) = fx
+        moved = {line["account"]: line for line in journal["lines"]}
+        assert set(moved) == {clearing, fx_account}
+        gain = minor(moved[fx_account]["credit"], "USD") - minor(moved[fx_account]["debit"], "USD")
+        assert gain == settled - share
+        # Clearing moves by exactly the charge's balance transaction: receipt + journal.
+        assert (
+            share + minor(moved[clearing]["debit"], "USD") - minor(moved[clearing]["credit"], "USD")
+            == settled
+        )
+    for invoice, total in booked.items():
+        posted = sage_invoices[invoice]
+        assert minor(posted["total"], "USD") == total
+        assert posted["balance_due"] == "0.00" and posted["status"] == "paid"
 
 
 def test_an_unpaid_foreign_invoice_waits_for_settlement_and_the_run_completes(
