@@ -48,6 +48,7 @@ from devkit.sandbox.stripe_business import (
     DAY,
     EVENT_TYPES,
     HOUR,
+    SETTLEMENT_CURRENCIES,
     Business,
     BusinessConfig,
     product_catalog,
@@ -222,6 +223,7 @@ class BtSpec:
     src: int
     available_on: int
     payout: int = -1
+    currency: int = 0  # index into SETTLEMENT_CURRENCIES (issue 20)
 
 
 @dataclass
@@ -403,6 +405,7 @@ class StripeWorld:
             src=int(b.bt_src[t]),
             available_on=int(b.bt_available[t]),
             payout=int(b.bt_payout[t]),
+            currency=int(b.bt_currency[t]),
         )
 
     def refunds_of_charge(self, i: int) -> list[int]:
@@ -1261,9 +1264,11 @@ class StripeWorld:
             automatic=not self.config.manual_payouts,
             balance_transaction=self.make_id("balance_transactions", bt),
             created=int(b.payouts.created[p]),
-            currency="usd",
+            currency=SETTLEMENT_CURRENCIES[int(b.po_currency[p])],
             description="STRIPE PAYOUT",
-            destination="ba_stripe_sage_operating",
+            destination=(
+                "ba_stripe_sage_eur" if int(b.po_currency[p]) else "ba_stripe_sage_operating"
+            ),
             failure_balance_transaction=self.make_id("balance_transactions", fbt)
             if failed
             else None,
@@ -1289,6 +1294,7 @@ class StripeWorld:
     def _render_balance_transactions(self, x: int, t: int, expand: frozenset[str]) -> JSON:
         s = self.bt(x)
         btype, category = BT_KINDS[s.kind]
+        cur = SETTLEMENT_CURRENCIES[s.currency]
         rate: float | None = None
         fee_details: list[JSON] = []
         if s.kind == BT_CHARGE:
@@ -1300,7 +1306,7 @@ class StripeWorld:
                 {
                     "amount": ch.fee_processing,
                     "application": None,
-                    "currency": "usd",
+                    "currency": cur,
                     "description": "Stripe processing fees",
                     "type": "stripe_fee",
                 }
@@ -1310,7 +1316,7 @@ class StripeWorld:
                     {
                         "amount": ch.fee_intl,
                         "application": None,
-                        "currency": "usd",
+                        "currency": cur,
                         "description": "International card fee",
                         "type": "stripe_fee",
                     }
@@ -1333,7 +1339,7 @@ class StripeWorld:
                     {
                         "amount": s.fee,
                         "application": None,
-                        "currency": "usd",
+                        "currency": cur,
                         "description": "Dispute fee",
                         "type": "stripe_fee",
                     }
@@ -1346,13 +1352,15 @@ class StripeWorld:
             description = "Billing - Usage Fee (monthly)"
         else:
             source, description = self._balance_shape_source(s.kind, s.src)
+        if s.currency:  # settled in the sale's own currency (a EUR balance): no conversion
+            rate = None
         obj = dict(self.tpl["balance_transaction"])
         obj.update(
             id=self.make_id("balance_transactions", x),
             amount=s.amount,
             available_on=s.available_on,
             created=s.created,
-            currency="usd",
+            currency=cur,
             description=description,
             exchange_rate=rate,
             fee=s.fee,

@@ -16,8 +16,9 @@ from typing import Any
 
 import duckdb
 import pytest
+import yaml
 
-from stripe_sage.mapping import load_mapping
+from stripe_sage.mapping import default_mapping_text, load_mapping
 from stripe_sage.money import exponent
 from tests.helpers.business import (
     Env,
@@ -46,9 +47,16 @@ def fx_run(
     tmp_path_factory: pytest.TempPathFactory, prefect_harness: None
 ) -> Iterator[tuple[Env, dict[str, Any]]]:
     mp = pytest.MonkeyPatch()
-    env = make_env(tmp_path_factory.mktemp("fx"), charges=CHARGES, seed=SEED, monkeypatch=mp)
+    tmp = tmp_path_factory.mktemp("fx")
+    # A second settlement currency: the account also holds a EUR balance (its own clearing
+    # and bank accounts, its own payouts); the mapping settles in USD and EUR.
+    env = make_env(tmp, charges=CHARGES, seed=SEED, monkeypatch=mp, eur_balance=True)
+    mapping = yaml.safe_load(default_mapping_text())
+    mapping["settlement_currencies"] = ["USD", "EUR"]
+    (tmp / "mapping.yaml").write_text(yaml.safe_dump(mapping))
     with env.pair:
         use_env(env, mp)
+        mp.setenv("MAPPING_FILE", str(tmp / "mapping.yaml"))
         result = run_flow(trigger="test")
         with env.stripe() as s:
             charges = stripe_all(s, "/v1/charges")
@@ -56,6 +64,12 @@ def fx_run(
             bts = stripe_all(s, "/v1/balance_transactions")
             invoices = stripe_all(s, "/v1/invoices")
             payments = stripe_all(s, "/v1/invoice_payments")
+            payouts = stripe_all(s, "/v1/payouts")
+            payout_items = {
+                p["id"]: stripe_all(s, "/v1/balance_transactions", payout=p["id"])
+                for p in payouts
+                if p["currency"] == "eur" and p["status"] == "paid"
+            }
         with env.sage() as c:
             sage = {
                 n: sage_all(c, n)
@@ -69,7 +83,8 @@ def fx_run(
                 "refunds": {r["id"]: r for r in refunds},
                 "bts": {b["id"]: b for b in bts},
                 "shares": fx_refund_shares(charges, refunds, bts),
-                "fx_invoices": [i for i in invoices if i["currency"] != "usd"],
+                # Invoices in a currency the account does not settle in (EUR it does).
+                "fx_invoices": [i for i in invoices if i["currency"] not in ("usd", "eur")],
                 # The first payment of each paid invoice: its rate books the invoice.
                 "paid_by": {
                     p["invoice"]: p["payment"]["charge"]
@@ -77,6 +92,8 @@ def fx_run(
                     if p["status"] == "paid" and p["is_default"]
                 },
                 "parts": fx_payment_shares(payments, charges, bts),
+                "payouts": payouts,
+                "eur_payout_items": payout_items,
                 **sage,
             },
         )
@@ -257,3 +274,89 @@ def test_an_unpaid_foreign_invoice_waits_for_settlement_and_the_run_completes(
     finally:
         con.close()
     assert d["result"]["status"] == "completed", d["result"]
+
+
+# -- a second settlement currency -------------------------------------------------------------
+def test_a_eur_balance_posts_in_eur_and_its_clearing_ties_out(fx_run: Any) -> None:
+    """Sales settled in EUR post in EUR to the EUR clearing account, unconverted; EUR payouts
+    move EUR clearing to the EUR bank; the clearing check holds per currency."""
+    env, d = fx_run
+    accounts = load_mapping().accounts
+    eur_clearing, eur_bank = accounts.clearing["EUR"], accounts.bank["EUR"]
+    assert eur_bank != accounts.bank["USD"]
+    eur_sales = [
+        c
+        for c in d["charges"].values()
+        if c.get("balance_transaction") and d["bts"][c["balance_transaction"]]["currency"] == "eur"
+    ]
+    assert eur_sales
+    receipts = {r["reference"]: r for r in d["cashreceipts"]}
+    for c in eur_sales:
+        bt = d["bts"][c["balance_transaction"]]
+        assert bt["exchange_rate"] is None and c["currency"] == "eur"
+        receipt = receipts[c["id"]]
+        assert receipt["currency"] == "EUR" and receipt["deposit_account"] == eur_clearing
+        assert minor(receipt["amount"], "EUR") == bt["amount"] == c["amount"]
+    eur_refunds = [
+        r for r in d["refunds"].values() if d["bts"][r["balance_transaction"]]["currency"] == "eur"
+    ]
+    assert eur_refunds
+    memos = {m["reference"]: m for m in d["creditmemos"]}
+    for r in eur_refunds:
+        assert memos[r["id"]]["currency"] == "EUR" and memos[r["id"]]["gl_account"] == eur_clearing
+        assert minor(memos[r["id"]]["amount"], "EUR") == r["amount"]
+        assert r["id"] not in fx_journals(d)
+    # Each paid EUR payout: one EUR journal, its bank line the payout, the rest EUR clearing
+    # and fees (Stripe itemises it in EUR only).
+    journals = {j["reference"]: j for j in d["journalentries"]}
+    assert d["eur_payout_items"]
+    for payout_id, items in d["eur_payout_items"].items():
+        payout = next(p for p in d["payouts"] if p["id"] == payout_id)
+        assert {b["currency"] for b in items} == {"eur"}
+        journal = journals[payout_id]
+        assert journal["currency"] == "EUR"
+        bank = [line for line in journal["lines"] if line["account"] == eur_bank]
+        assert [minor(line["debit"], "EUR") for line in bank] == [payout["amount"]]
+        assert {line["account"] for line in journal["lines"]} <= {
+            eur_bank,
+            eur_clearing,
+            accounts.merchant_fees,
+            accounts.chargebacks,
+            accounts.dispute_fees,
+        }
+    # The clearing check, per settlement currency: nothing unexplained in either.
+    clearing = {c["currency"]: c for c in d["result"]["reconciliation"]["clearing"]}
+    assert {"USD", "EUR"} <= set(clearing)
+    for c in clearing.values():
+        assert c["unexplained"] == 0, c
+    con = duckdb.connect(str(env.db), read_only=True)
+    try:
+        statuses = dict(
+            con.execute(
+                "SELECT recon_status, count(*) FROM ops.reconciliation WHERE currency = 'EUR' "
+                "GROUP BY ALL"
+            ).fetchall()
+        )
+    finally:
+        con.close()
+    # Paid ones matched; the last days' payouts still in transit.
+    assert statuses["matched"] == len(d["eur_payout_items"])
+    assert set(statuses) <= {"matched", "pending"}
+
+
+def test_the_run_reports_the_realized_fx_total_it_posted(fx_run: Any) -> None:
+    """The realized FX gain/loss of the run's report is Σ of the FX lines Sage holds."""
+    _, d = fx_run
+    account = load_mapping().accounts.fx_gain_loss
+    held = sum(
+        minor(line["credit"], "USD") - minor(line["debit"], "USD")
+        for j in d["journalentries"]
+        for line in j["lines"]
+        if line["account"] == account
+    )
+    [usd] = [f for f in d["result"]["reconciliation"]["realized_fx"] if f["currency"] == "USD"]
+    assert usd["net"] == held == usd["gain"] - usd["loss"]
+    assert usd["gain"] > 0 and usd["loss"] > 0
+    assert usd["journals"] == len(
+        [j for j in d["journalentries"] if any(line["account"] == account for line in j["lines"])]
+    )

@@ -322,12 +322,19 @@ def make_env(
     monkeypatch: pytest.MonkeyPatch,
     *,
     manual_payouts: bool = False,
+    eur_balance: bool = False,
 ) -> Env:
     stripe_key = f"sk_test_{secrets.token_hex(12)}"
     sage_key = f"sage_{secrets.token_hex(12)}"
     webhook_secret = f"whsec_{secrets.token_hex(12)}"
     pair = SandboxPair(
-        BusinessConfig(seed=seed, charges=charges, end=END, manual_payouts=manual_payouts),
+        BusinessConfig(
+            seed=seed,
+            charges=charges,
+            end=END,
+            manual_payouts=manual_payouts,
+            eur_balance=eur_balance,
+        ),
         sage_db=tmp / "sage.sqlite3",
         stripe_key=stripe_key,
         sage_key=sage_key,
