@@ -147,3 +147,20 @@ def test_random_partial_payments_add_up_to_the_booked_total_and_clearing_moves_b
         )
         assert clearing == sum(settled for _, _, settled, _ in parts)
         assert account_total(docs, "7500") == -account_total(docs, "1050")
+
+
+def test_a_part_settled_in_another_currency_than_the_invoice_is_booked_in_is_an_error() -> None:
+    ch, bt, pays = frames(PARTS)
+    bt = bt.with_columns(
+        pl.when(pl.col("id") == "txn_ch_b")
+        .then(pl.lit("GBP"))
+        .otherwise("currency")
+        .alias("currency")
+    )
+    mapping = load_mapping()
+    mapping.settlement_currencies = ["USD", "GBP"]
+    shares = invoice_payment_shares(pays, ch, bt)
+    docs = plan_charges(ch, bt, pays, mapping, periods(), None, shares)
+    [error] = docs.filter(pl.col("stripe_id") == "ch_b")["error"].to_list()
+    assert error is not None and not error.startswith("waiting:")
+    assert "GBP" in error and "in_1" in error and "USD" in error
