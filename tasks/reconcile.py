@@ -98,5 +98,7 @@ def reconciliation_report(
         "ar": [
             {k: v for k, v in t.items() if k not in ("rows", "customers_unexplained")} for t in ar
         ],
+        # Realized FX gain/loss posted, per settlement currency (issue 20).
+        "realized_fx": reconcile.realized_fx(st, mapping),
         "html": str(html_path) if html_path else None,
     }

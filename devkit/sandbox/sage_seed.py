@@ -18,6 +18,7 @@ AccountType = Literal["asset", "liability", "equity", "revenue", "expense"]
 # journal line naming any other account is rejected with ``unknown_account``.
 CHART_OF_ACCOUNTS: Final[list[tuple[str, str, AccountType]]] = [
     ("1000", "Bank - Operating", "asset"),
+    ("1010", "Bank - EUR", "asset"),
     ("1050", "Stripe Clearing USD", "asset"),
     ("1051", "Stripe Clearing EUR", "asset"),
     ("1052", "Stripe Clearing GBP", "asset"),

@@ -651,7 +651,7 @@ def create_stripe_app(
                 overlay.append(lambda k, now=now: not world.is_deleted(k, now))
             elif resource == "invoice_payments" and key == "invoice":
                 j = lookup("invoices", value, key)
-                fixed = np.array([j], np.int64)
+                fixed = np.nonzero(b.ip_invoice == j)[0].astype(np.int64)
             elif (
                 key == "currency"
                 or key == "delivery_success"

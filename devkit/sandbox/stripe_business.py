@@ -63,6 +63,9 @@ CURRENCIES: tuple[tuple[str, int, float, float], ...] = (
     ("kwd", 3, 3.25, 0.05),
 )
 USD = 0
+# Settlement currencies of the account's balances (bt.currency); index 0 is the default.
+SETTLEMENT_CURRENCIES = ("usd", "eur")
+EUR = 1  # in CURRENCIES, and in SETTLEMENT_CURRENCIES
 DISPUTE_FEE = 1500
 BILLING_FEE = 2500
 # Authorizations: 0 a normal (captured or failed) charge, else never captured and ...
@@ -184,6 +187,9 @@ class BusinessConfig:
     # itemise), each taking the balance available at that moment between two automatic
     # payouts. Ignored with manual_payouts.
     interim_manual_payouts: bool = False
+    # A second settlement currency (issue 20): the account also holds a EUR balance, paid out
+    # to a EUR bank account; its EUR sales settle in it (no conversion).
+    eur_balance: bool = False
 
     @property
     def start(self) -> int:
@@ -234,12 +240,16 @@ class Business:
         self._everyday_shapes()
         self._refunds()
         self._refunds_at_later_rates()
+        self._second_settlement_currency()
         self._disputes()
+        # Checkout Sessions draw from their own rng and read only the charges' kinds, so
+        # they are drawn here, before an invoice paid in parts changes its charges' amounts.
+        self._checkout_sessions()
+        self._invoices_paid_in_parts()
         self._balance_transactions_and_payouts()
         from devkit.sandbox.stripe_after import after_posting  # it reads this module's Table
 
         after_posting(self)
-        self._checkout_sessions()
         self._events()
         del self.rng
 
@@ -520,6 +530,114 @@ class Business:
         self.rf_rate = rate
         self.rf_bt_amount = np.where(cur == USD, self.rf_amount, np.maximum(1, settle))
 
+    # -- foreign-currency invoices paid in parts (issue 20) -----------------------------------
+    def _invoices_paid_in_parts(self) -> None:
+        """A few paid foreign-currency invoices are paid in two parts at moving rates: the
+        invoice's own charge pays 30-60 % of its total, and a later charge by the same
+        customer, presented in the invoice's currency (a plain sale of the business,
+        re-purposed, so that no id or count shifts), pays the rest at a rate 1-3 % away.
+        Stripe lists two ``invoice_payment``s for such an invoice; it is ``paid`` from the
+        second. Drawn from
+        an rng of their own (seed + 2026), after every other draw that reads the charges'
+        amounts, so the rest of the business is the same with or without them."""
+        c = self.config
+        rng = np.random.default_rng(c.seed + 2026)
+        n_inv = len(self.inv_charge)
+        self.inv_total = self.ch_amount[self.inv_charge].copy()  # an invoice's total
+        self.inv_second_charge = np.full(n_inv, -1, np.int64)  # its second part's charge
+        first = self.inv_charge
+        created = self.charges.created
+        eligible = np.nonzero(
+            self.ch_is_fx_invoice[first]
+            & (self.ch_settle[first] == 0)  # converted: not settled in its own currency
+            & ~self.ch_failed[first]
+            & (self.ch_refund[first] < 0)
+            & (self.ch_dispute[first] < 0)
+            & ~np.isin(np.arange(n_inv), self.cs_invoice)
+            & (self.inv_total >= 200)
+        )[0]
+        plain = (
+            ~self.ch_is_invoice
+            & ~self.ch_is_erp
+            & ~self.ch_failed
+            & (self.ch_auth == 0)
+            & ~self.ch_guest
+            & ~self.ch_erp_unknown
+            & (self.ch_refund < 0)
+            & (self.ch_dispute < 0)
+            & (self.ch_customer >= 0)
+            & ~np.isin(np.arange(c.charges), self.cs_charge)
+            & (self.ch_settle == 0)  # settled in USD, like the invoice's first part
+        )
+        exps = np.array([e for _, e, _, _ in CURRENCIES])
+        taken = np.zeros(c.charges, bool)
+        wanted = max(1, len(eligible) // 4)
+        for j in eligible:
+            if taken.sum() >= wanted:
+                break
+            i1 = int(first[j])
+            cur = int(self.ch_currency[i1])
+            later = plain & ~taken & (created > created[i1] + HOUR)
+            # Days later when the business has them, else the same day.
+            pool = np.nonzero(later & (created >= created[i1] + 2 * DAY))[0]
+            if not len(pool):
+                pool = np.nonzero(later)[0]
+            if not len(pool):
+                continue
+            i2 = int(pool[rng.integers(0, len(pool))])
+            self.ch_currency[i2] = cur  # presented in the invoice's currency
+            taken[i2] = True
+            total = int(self.inv_total[j])
+            part1 = int(np.clip(round(total * rng.uniform(0.3, 0.6)), 1, total - 1))
+            drift = rng.uniform(0.01, 0.03) * rng.choice([-1.0, 1.0])
+            self.ch_rate[i2] = round(float(self.ch_rate[i1]) * (1 + drift), 6)
+            self.ch_amount[i1], self.ch_amount[i2] = part1, total - part1
+            self.ch_customer[i2] = self.ch_customer[i1]
+            self.ch_invoice[i2] = j
+            self.inv_second_charge[j] = i2
+            for i in (i1, i2):
+                settle = round(
+                    int(self.ch_amount[i]) * float(self.ch_rate[i]) * 10.0 ** (2 - exps[cur])
+                )
+                self.ch_bt_amount[i] = settle
+                self.ch_fee_processing[i] = round(settle * 0.029) + 30
+                self.ch_fee_intl[i] = round(settle * 0.01)
+        # Invoice payments, oldest first: one per invoice (created with it), and a second
+        # for an invoice paid in parts (created with its charge).
+        parts = np.nonzero(self.inv_second_charge >= 0)[0]
+        ip_invoice = np.concatenate([np.arange(n_inv), parts]).astype(np.int32)
+        ip_charge = np.concatenate([first, self.inv_second_charge[parts]]).astype(np.int64)
+        ip_created = np.concatenate([self.invoices.created, created[self.inv_second_charge[parts]]])
+        order = np.argsort(ip_created, kind="stable")
+        self.invoice_payments = Table(ip_created[order])
+        self.ip_invoice = ip_invoice[order]
+        self.ip_charge = ip_charge[order]
+
+    def invoice_paid_at(self, j: int) -> int:
+        """When invoice j (paid) was paid in full: its last part's charge."""
+        i = int(self.inv_second_charge[j])
+        return int(self.charges.created[i if i >= 0 else self.inv_charge[j]])
+
+    # -- a second settlement currency (issue 20) ---------------------------------------------
+    def _second_settlement_currency(self) -> None:
+        """With ``eur_balance``: every EUR sale (Billing invoices' charges too) settles in EUR,
+        unconverted (``exchange_rate`` null) as Stripe settles a currency the account holds
+        a balance in, its fees in EUR, its refunds and disputes in EUR; payouts are per
+        currency. Without it everything settles in USD, as before. No draw."""
+        n = self.config.charges
+        self.ch_settle = np.zeros(n, np.int8)  # index into SETTLEMENT_CURRENCIES
+        if not self.config.eur_balance:
+            return
+        eur = self.ch_currency == EUR
+        self.ch_settle[eur] = 1
+        self.ch_rate[eur] = 1.0
+        self.ch_bt_amount[eur] = self.ch_amount[eur]
+        self.ch_fee_processing[eur] = np.round(self.ch_amount[eur] * 0.029).astype(np.int64) + 30
+        self.ch_fee_intl[eur] = 0
+        refunded = eur[self.rf_charge]
+        self.rf_rate[refunded] = 1.0
+        self.rf_bt_amount[refunded] = self.rf_amount[refunded]
+
     # -- disputes --------------------------------------------------------------------------
     def _disputes(self) -> None:
         c, rng = self.config, self.rng
@@ -560,6 +678,7 @@ class Business:
             fee: np.ndarray,
             src: np.ndarray,
             available: np.ndarray,
+            currency: np.ndarray | None = None,  # SETTLEMENT_CURRENCIES index; None: USD
         ) -> None:
             rows.append(
                 {
@@ -569,6 +688,11 @@ class Business:
                     "fee": fee.astype(np.int64),
                     "src": src.astype(np.int32),
                     "available": available.astype(np.int64),
+                    "currency": (
+                        np.zeros(len(created), np.int8)
+                        if currency is None
+                        else currency.astype(np.int8)
+                    ),
                 }
             )
 
@@ -581,6 +705,7 @@ class Business:
             self.ch_fee_processing[ok] + self.ch_fee_intl[ok],
             ok,
             midnight(ch_created) + 2 * DAY,
+            self.ch_settle[ok],
         )
         r = np.arange(len(self.refunds))
         add(
@@ -590,6 +715,7 @@ class Business:
             np.zeros(len(r)),
             r,
             self.refunds.created,
+            self.ch_settle[self.rf_charge],
         )
         rf = np.nonzero(self.rf_failed)[0]
         add(
@@ -599,6 +725,7 @@ class Business:
             np.zeros(len(rf)),
             rf,
             self.rf_failed_at[rf],
+            self.ch_settle[self.rf_charge[rf]],
         )
         d = np.arange(len(self.disputes))
         dp_amount = self.ch_bt_amount[self.dp_charge]
@@ -609,6 +736,7 @@ class Business:
             np.full(len(d), DISPUTE_FEE),
             d,
             self.disputes.created,
+            self.ch_settle[self.dp_charge],
         )
         won = np.nonzero(self.dp_status == 1)[0]
         add(
@@ -618,6 +746,7 @@ class Business:
             np.where(self.dp_fee_returned[won], -DISPUTE_FEE, 0),
             won,
             self.dp_closed_at[won],
+            self.ch_settle[self.dp_charge[won]],
         )
         # A monthly Billing fee on the first of each month inside the business.
         months = []
@@ -635,84 +764,113 @@ class Business:
         self._balance_shapes(add)
 
         cols = {k: np.concatenate([row[k] for row in rows]) for k in rows[0]}
-        # Automatic daily payouts: each day at 06:00 UTC, everything available by midnight.
-        by_avail = np.argsort(cols["available"], kind="stable")
-        avail_sorted = cols["available"][by_avail]
         net = cols["amount"] - cols["fee"]
         payout_of = np.full(len(net), -1, np.int32)
         po_created: list[int] = []
         po_amount: list[int] = []
+        po_currency: list[int] = []
         pending_extra: list[tuple[int, int, int]] = []  # failure bts: (available, amount, payout)
         extra_payout_of: list[int] = []  # the later payout that swept each failure bt up
         failed_payout = -1
-        carry: list[np.ndarray] = []
-        carry_extra: list[int] = []
         po_arrival: list[int] = []
         po_method: list[str] = []  # "standard" | "instant"
         po_automatic: list[bool] = []
-        pos = 0
         fail_after = c.start + c.days * DAY // 2
         first_day = int(midnight(c.start)) + 2 * DAY
         # Manual payouts: the merchant pays out the available balance once a week.
         every = 7 * DAY if c.manual_payouts else DAY
-        interim = self._interim_payout_times(first_day)
-        for day in range(first_day, int(midnight(c.end)) + 1, every):
-            created = day + 6 * HOUR
-            if created > c.end - HOUR:
-                break
-            for when, method in [x for x in interim if x[0] < created]:
-                # A payout by hand takes what is available at that moment and not paid out.
-                interim.remove((when, method))
-                upto = int(np.searchsorted(avail_sorted, when, side="right"))
-                carry.append(by_avail[pos:upto])
-                pos = upto
+        # Automatic daily payouts per balance currency: each day at 06:00 UTC, everything of
+        # that currency available by midnight (the one failing payout is a USD one); payouts
+        # by hand between them (interim_manual_payouts) take the USD balance available then.
+        for code in np.unique(cols["currency"]):
+            in_code = np.nonzero(cols["currency"] == code)[0]
+            by_avail = in_code[np.argsort(cols["available"][in_code], kind="stable")]
+            avail_sorted = cols["available"][by_avail]
+            carry: list[np.ndarray] = []
+            carry_extra: list[int] = []
+            pos = 0
+            interim = self._interim_payout_times(first_day) if code == 0 else []
+            for day in range(first_day, int(midnight(c.end)) + 1, every):
+                created = day + 6 * HOUR
+                if created > c.end - HOUR:
+                    break
+                for when, method in [x for x in interim if x[0] < created]:
+                    # A payout by hand takes what is available at that moment and not paid out.
+                    interim.remove((when, method))
+                    upto = int(np.searchsorted(avail_sorted, when, side="right"))
+                    carry.append(by_avail[pos:upto])
+                    pos = upto
+                    members = np.concatenate(carry)
+                    total = int(net[members].sum())
+                    if total <= 0:  # nothing to take: the merchant tries again the next day
+                        interim.append((when + DAY, method))
+                        continue
+                    payout_of[members] = len(po_created)
+                    po_created.append(when)
+                    po_amount.append(total)
+                    po_currency.append(int(code))
+                    # Instant: in the bank within the half hour; standard: two days later.
+                    po_arrival.append(
+                        when + 30 * 60 if method == "instant" else int(midnight(when)) + 2 * DAY
+                    )
+                    po_method.append(method)
+                    po_automatic.append(False)
+                    carry = []
+                nxt = max(pos, int(np.searchsorted(avail_sorted, day, side="right")))
+                carry.append(by_avail[pos:nxt])
+                pos = nxt
+                carry_extra += [
+                    k
+                    for k, (avail, _, _) in enumerate(pending_extra)
+                    if code == 0  # a failed (USD) payout's money comes back to USD
+                    and avail <= day
+                    and extra_payout_of[k] < 0
+                    and k not in carry_extra
+                ]
                 members = np.concatenate(carry)
-                total = int(net[members].sum())
-                if total <= 0:  # nothing to take: the merchant tries again the next day
-                    interim.append((when + DAY, method))
-                    continue
-                payout_of[members] = len(po_created)
-                po_created.append(when)
+                total = int(net[members].sum()) + sum(pending_extra[k][1] for k in carry_extra)
+                if total <= 0:
+                    continue  # nothing to pay out: the balance carries to the next day
+                p = len(po_created)
+                po_created.append(created)
                 po_amount.append(total)
-                # Instant: in the bank within the half hour; standard: two days later.
-                po_arrival.append(
-                    when + 30 * 60 if method == "instant" else int(midnight(when)) + 2 * DAY
-                )
-                po_method.append(method)
-                po_automatic.append(False)
-                carry = []
-            nxt = max(pos, int(np.searchsorted(avail_sorted, day, side="right")))
-            carry.append(by_avail[pos:nxt])
-            pos = nxt
-            carry_extra += [
-                k
-                for k, (avail, _, _) in enumerate(pending_extra)
-                if avail <= day and extra_payout_of[k] < 0 and k not in carry_extra
-            ]
-            members = np.concatenate(carry)
-            total = int(net[members].sum()) + sum(pending_extra[k][1] for k in carry_extra)
-            if total <= 0:
-                continue  # nothing to pay out: the balance carries to the next day
-            p = len(po_created)
-            po_created.append(created)
-            po_amount.append(total)
-            po_arrival.append(day + 2 * DAY)
-            po_method.append("standard")
-            po_automatic.append(not c.manual_payouts)
-            payout_of[members] = p
-            for k in carry_extra:
-                extra_payout_of[k] = p
-            carry, carry_extra = [], []
-            arrival = day + 2 * DAY
-            if (
-                failed_payout < 0
-                and not c.manual_payouts
-                and day >= fail_after
-                and arrival + DAY <= c.end - DAY
-            ):
-                failed_payout = p
-                pending_extra.append((arrival + DAY, total, p))
-                extra_payout_of.append(-1)
+                po_currency.append(int(code))
+                po_arrival.append(day + 2 * DAY)
+                po_method.append("standard")
+                po_automatic.append(not c.manual_payouts)
+                payout_of[members] = p
+                for k in carry_extra:
+                    extra_payout_of[k] = p
+                carry, carry_extra = [], []
+                arrival = day + 2 * DAY
+                if (
+                    failed_payout < 0
+                    and code == 0
+                    and not c.manual_payouts
+                    and day >= fail_after
+                    and arrival + DAY <= c.end - DAY
+                ):
+                    failed_payout = p
+                    pending_extra.append((arrival + DAY, total, p))
+                    extra_payout_of.append(-1)
+        # Payouts in order of creation (with one currency they already are).
+        po_order = np.lexsort((np.array(po_currency, np.int64), np.array(po_created, np.int64)))
+        renumber = np.empty(len(po_order), np.int32)
+        renumber[po_order] = np.arange(len(po_order), dtype=np.int32)
+        payout_of = (
+            np.where(payout_of >= 0, renumber[np.maximum(payout_of, 0)], -1).astype(np.int32)
+            if len(po_order)
+            else payout_of
+        )
+        extra_payout_of = [int(renumber[p]) if p >= 0 else -1 for p in extra_payout_of]
+        pending_extra = [(a, v, int(renumber[p])) for a, v, p in pending_extra]
+        failed_payout = int(renumber[failed_payout]) if failed_payout >= 0 else -1
+        po_created = [po_created[k] for k in po_order]
+        po_amount = [po_amount[k] for k in po_order]
+        po_currency = [po_currency[k] for k in po_order]
+        po_arrival = [po_arrival[k] for k in po_order]
+        po_method = [po_method[k] for k in po_order]
+        po_automatic = [po_automatic[k] for k in po_order]
 
         n_po = len(po_created)
         self.po_created_arr = np.array(po_created, np.int64)
@@ -722,6 +880,7 @@ class Business:
         self.po_method = np.array(po_method, dtype=object)
         self.po_automatic = np.array(po_automatic, bool)
         self.failed_payout = failed_payout
+        self.po_currency = np.array(po_currency, np.int8)
         self.po_failed_at = np.zeros(n_po, np.int64)
         if failed_payout >= 0:
             self.po_failed_at[failed_payout] = self.po_arrival[failed_payout] + DAY
@@ -748,6 +907,9 @@ class Business:
             "available": np.concatenate(
                 [self.po_created_arr, np.array([a for a, _, _ in pending_extra], np.int64)]
             ),
+            "currency": np.concatenate(
+                [self.po_currency, np.zeros(len(pending_extra), np.int8)]
+            ).astype(np.int8),
         }
         payout_all = np.concatenate(
             [payout_of, pk.astype(np.int32), np.array(extra_payout_of, np.int32)]
@@ -761,6 +923,7 @@ class Business:
         self.bt_src = allc["src"][order]
         self.bt_available = allc["available"][order]
         self.bt_payout = payout_all[order]
+        self.bt_currency = allc["currency"][order]  # index into SETTLEMENT_CURRENCIES
         # Back-references from sources to their bts.
         self._bt_index: dict[int, np.ndarray] = {}
         for kind in range(len(BT_KINDS)):
@@ -875,7 +1038,9 @@ class Business:
         add(self.invoices.created + 1, "invoice.finalized", ninv)
         inv_ok = ~self.ch_failed[self.inv_charge]
         paid = ninv[inv_ok]
-        add(self.charges.created[self.inv_charge[paid]] + 1, "invoice.paid", paid)
+        # An invoice paid in parts is paid when its last part is.
+        last = np.where(self.inv_second_charge >= 0, self.inv_second_charge, self.inv_charge)
+        add(self.charges.created[last[paid]] + 1, "invoice.paid", paid)
         add(self.charges.created[self.inv_charge[paid]] + 1, "invoice.payment_succeeded", paid)
         unpaid = ninv[~inv_ok]
         add(self.charges.created[self.inv_charge[unpaid]] + 1, "invoice.payment_failed", unpaid)

@@ -48,6 +48,7 @@ from devkit.sandbox.stripe_business import (
     DAY,
     EVENT_TYPES,
     HOUR,
+    SETTLEMENT_CURRENCIES,
     Business,
     BusinessConfig,
     product_catalog,
@@ -224,6 +225,7 @@ class BtSpec:
     src: int
     available_on: int
     payout: int = -1
+    currency: int = 0  # index into SETTLEMENT_CURRENCIES (issue 20)
 
 
 @dataclass
@@ -305,7 +307,7 @@ class StripeWorld:
     # -- counts and timestamps -------------------------------------------------------------
     def base_count(self, resource: str) -> int:
         if resource == "invoice_payments":
-            return len(self.b.invoices)
+            return len(self.b.invoice_payments)
         if resource == "invoice_lines":
             return 0
         if resource == "products":
@@ -332,7 +334,7 @@ class StripeWorld:
 
     def base_created(self, resource: str) -> np.ndarray:
         if resource == "invoice_payments":
-            return self.b.charges.created[self.b.inv_charge]
+            return self.b.invoice_payments.created
         if resource == "products":
             return np.array([p["created"] for p in self.products], np.int64)
         if resource == "tax_rates":
@@ -405,6 +407,7 @@ class StripeWorld:
             src=int(b.bt_src[t]),
             available_on=int(b.bt_available[t]),
             payout=int(b.bt_payout[t]),
+            currency=int(b.bt_currency[t]),
         )
 
     def refunds_of_charge(self, i: int) -> list[int]:
@@ -787,7 +790,7 @@ class StripeWorld:
     def invoice_math(self, j: int) -> InvoiceMath:
         """Invoice j's lines, discounts and taxes (``stripe_billing``), from its total."""
         b = self.b
-        total = int(self.charge(int(b.inv_charge[j])).amount)
+        total = int(b.inv_total[j])
         rr = random.Random(self.config.seed * 7919 + j)
         math, _ = invoice_math(
             total, int(b.inv_lines[j]), int(b.inv_kind[j]), bool(b.inv_tax[j] > 0), rr
@@ -916,14 +919,29 @@ class StripeWorld:
         return lines
 
     def invoice_paid_charge(self, j: int, t: int) -> int:
-        """The charge that paid invoice j as of t, or -1 while it is open."""
+        """The charge that paid invoice j (in full: an invoice paid in parts, its last part)
+        as of t, or -1 while it is open."""
         i = int(self.b.inv_charge[j])
+        second = int(self.b.inv_second_charge[j])
+        if second >= 0:
+            return second if self.b.charges.created[second] <= t else -1
         if not self.b.ch_failed[i] and self.b.charges.created[i] <= t:
             return i
         later = self.o.invoice_paid_by.get(j)
         if later is not None and self.charge(later).created <= t:
             return later
         return -1
+
+    def invoice_amount_paid(self, j: int, t: int) -> int:
+        """What invoice j's payments paid as of t (its parts, when paid in parts)."""
+        second = int(self.b.inv_second_charge[j])
+        if second < 0:
+            return int(self.b.inv_total[j]) if self.invoice_paid_charge(j, t) >= 0 else 0
+        return sum(
+            self.charge(i).amount
+            for i in (int(self.b.inv_charge[j]), second)
+            if self.charge(i).created <= t
+        )
 
     def invoice_credited(self, j: int, t: int) -> int:
         """What invoice j's credit note (issue 19) took off it as of t, 0 without one."""
@@ -1112,7 +1130,7 @@ class StripeWorld:
         i = int(b.inv_charge[j])
         ch = self.charge(i)
         cust = self._customer_attrs(ch.customer)
-        total = ch.amount
+        total = int(b.inv_total[j])
         math = self.invoice_math(j)
         assert math.total == total, f"invoice {j}: lines make {math.total}, not {total}"
         paid_by = self.invoice_paid_charge(j, t)
@@ -1142,9 +1160,17 @@ class StripeWorld:
             customer_phone=cust["phone"],
             customer_address=dict(cust["address"]),
             customer_shipping=None,
+            # Credit the customer held is used at finalization (issue 19; only on settlement-
+            # currency invoices); an invoice paid in parts (issue 20) has paid its parts so far.
             amount_due=total - balance_used,
-            amount_paid=total - balance_used if paid else 0,
-            amount_remaining=0 if paid else total - credited - balance_used,
+            amount_paid=(
+                self.invoice_amount_paid(j, t) - balance_used
+                if paid
+                else self.invoice_amount_paid(j, t)
+            ),
+            amount_remaining=(
+                0 if paid else total - credited - balance_used - self.invoice_amount_paid(j, t)
+            ),
             pre_payment_credit_notes_amount=credited,
             post_payment_credit_notes_amount=self.invoice_refund_credited(j, t),
             amount_overpaid=0,
@@ -1235,25 +1261,36 @@ class StripeWorld:
             obj["customer"] = self.render("customers", ch.customer, as_of=t)
         return obj
 
-    def _render_invoice_payments(self, j: int, t: int, expand: frozenset[str]) -> JSON:
-        paid_by = self.invoice_paid_charge(j, t)
-        i = paid_by if paid_by >= 0 else int(self.b.inv_charge[j])
+    def _render_invoice_payments(self, p: int, t: int, expand: frozenset[str]) -> JSON:
+        b = self.b
+        j = int(b.ip_invoice[p])
+        own = int(b.ip_charge[p])
+        first = own == int(b.inv_charge[j])
+        if int(b.inv_second_charge[j]) < 0:
+            # One payment: the invoice's charge, or the live mode's later one.
+            paid_by = self.invoice_paid_charge(j, t)
+            i = paid_by if paid_by >= 0 else own
+            paid = paid_by >= 0
+        else:  # one part of an invoice paid in parts (issue 20)
+            i = own
+            paid = self.charge(i).created <= t
         ch = self.charge(i)
+        inv_id = self.make_id("invoices", j)
         obj = dict(self.tpl["invoice_payment"])
         obj.update(
-            id=f"inpay_{self.make_id('invoices', j)[3:]}",
-            amount_paid=ch.amount if paid_by >= 0 else 0,
+            id=f"inpay_{inv_id[3:]}" + ("" if first else "2"),
+            amount_paid=ch.amount if paid else 0,
             amount_requested=ch.amount,
-            created=int(self.b.invoices.created[j]),
+            created=int(b.invoices.created[j]) if first else ch.created,
             currency=self.currencies[ch.currency][0],
-            invoice=self.make_id("invoices", j),
-            is_default=True,
+            invoice=inv_id,
+            is_default=first,
             livemode=False,
             payment={"type": "charge", "charge": self.make_id("charges", i)},
-            status="paid" if paid_by >= 0 else "open",
+            status="paid" if paid else "open",
             status_transitions={
                 "canceled_at": None,
-                "paid_at": ch.created if paid_by >= 0 else None,
+                "paid_at": ch.created if paid else None,
             },
         )
         return obj
@@ -1351,9 +1388,11 @@ class StripeWorld:
             automatic=bool(b.po_automatic[p]),
             balance_transaction=self.make_id("balance_transactions", bt),
             created=int(b.payouts.created[p]),
-            currency="usd",
+            currency=SETTLEMENT_CURRENCIES[int(b.po_currency[p])],
             description="STRIPE PAYOUT",
-            destination="ba_stripe_sage_operating",
+            destination=(
+                "ba_stripe_sage_eur" if int(b.po_currency[p]) else "ba_stripe_sage_operating"
+            ),
             failure_balance_transaction=self.make_id("balance_transactions", fbt)
             if failed
             else None,
@@ -1379,6 +1418,7 @@ class StripeWorld:
     def _render_balance_transactions(self, x: int, t: int, expand: frozenset[str]) -> JSON:
         s = self.bt(x)
         btype, category = BT_KINDS[s.kind]
+        cur = SETTLEMENT_CURRENCIES[s.currency]
         rate: float | None = None
         fee_details: list[JSON] = []
         if s.kind == BT_CHARGE:
@@ -1390,7 +1430,7 @@ class StripeWorld:
                 {
                     "amount": ch.fee_processing,
                     "application": None,
-                    "currency": "usd",
+                    "currency": cur,
                     "description": "Stripe processing fees",
                     "type": "stripe_fee",
                 }
@@ -1400,7 +1440,7 @@ class StripeWorld:
                     {
                         "amount": ch.fee_intl,
                         "application": None,
-                        "currency": "usd",
+                        "currency": cur,
                         "description": "International card fee",
                         "type": "stripe_fee",
                     }
@@ -1423,7 +1463,7 @@ class StripeWorld:
                     {
                         "amount": s.fee,
                         "application": None,
-                        "currency": "usd",
+                        "currency": cur,
                         "description": "Dispute fee",
                         "type": "stripe_fee",
                     }
@@ -1436,13 +1476,15 @@ class StripeWorld:
             description = "Billing - Usage Fee (monthly)"
         else:
             source, description = self._balance_shape_source(s.kind, s.src)
+        if s.currency:  # settled in the sale's own currency (a EUR balance): no conversion
+            rate = None
         obj = dict(self.tpl["balance_transaction"])
         obj.update(
             id=self.make_id("balance_transactions", x),
             amount=s.amount,
             available_on=s.available_on,
             created=s.created,
-            currency="usd",
+            currency=cur,
             description=description,
             exchange_rate=rate,
             fee=s.fee,
@@ -2071,9 +2113,15 @@ class StripeWorld:
             if self.invoice_paid_charge(j, self._tick()) >= 0:
                 raise ValueError("invoice is already paid")
             first = self.charge(int(self.b.inv_charge[j]))
-            # What is due: the total less the customer credit it used at finalization.
-            due = first.amount - int(self.b.inv_balance_applied[j])
-            i = self.create_charge(customer=first.customer, amount=due, invoice=j)
+            # What is due: the total less the customer credit it used at finalization, in the
+            # invoice's own currency (a foreign-currency invoice too).
+            due = int(self.b.inv_total[j]) - int(self.b.inv_balance_applied[j])
+            i = self.create_charge(
+                customer=first.customer,
+                amount=due,
+                currency=self.currencies[first.currency][0],
+                invoice=j,
+            )
             self.o.invoice_paid_by[j] = i
             self._emit("invoice.paid", "invoices", j)
             self._emit("invoice.payment_succeeded", "invoices", j)

@@ -44,6 +44,11 @@ def print_run(title: str, result: dict[str, Any]) -> None:
             f"  clearing    {c['currency']} {c['account']}: difference {c['difference']}, "
             f"unexplained {c['unexplained']}, unposted {unposted}"
         )
+    for f in (result.get("reconciliation") or {}).get("realized_fx", []):
+        from stripe_sage.reconcile.report import describe_fx
+
+        # Realized FX gain/loss posted (refunds of foreign sales, later foreign payments).
+        print(f"  realized FX {describe_fx(f)}")
     t = result.get("timings", {})
     print("  seconds     " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
 
@@ -194,6 +199,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             date_from=dt.date.fromisoformat(args.date_from) if args.date_from else None,
             date_to=dt.date.fromisoformat(args.date_to) if args.date_to else None,
         )
+        fx = reconcile.realized_fx(st, mapping)
     cols = reconcile.REPORT_COLUMNS
     money = {"amount", "gross", "fees", "refunds", "disputes", "net", "bank_line", "difference"}
     table = [
@@ -242,6 +248,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     ar_problems = unexplained_messages(ar)
     for line in ar_problems:
         print(line)
+    for f in fx:
+        print(f"Realized FX gain/loss {reconcile.describe_fx(f)}")
     bad = rep.filter(rep["recon_status"] == "mismatch").height
     return 1 if bad or ar_problems or any(c["unexplained"] for c in clearing) else 0
 

@@ -20,7 +20,7 @@ import polars as pl
 
 from stripe_sage.mapping import DERIVED_COLUMNS, TEMPLATE_FIELD, FieldRule, Mapping
 from stripe_sage.money import KNOWN_CURRENCIES, THREE_DECIMAL, ZERO_DECIMAL
-from stripe_sage.plan.fx import settle_foreign_invoices
+from stripe_sage.plan.fx import PAYMENT_SHARE_SCHEMA, settle_foreign_invoices
 from stripe_sage.plan.invoice_tax import TAX_LINES_SCHEMA, TAXES_DTYPE, invoice_tax_lines
 from stripe_sage.plan.item_codes import default_item_key, line_item
 from stripe_sage.plan.line_amounts import line_price_exprs
@@ -448,11 +448,19 @@ def plan_charges(
     mapping: Mapping,
     periods: pl.DataFrame | None = None,
     known_orders: Iterable[str] | None = None,
+    *,
     written_off: pl.DataFrame | None = None,
+    payment_shares: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Each succeeded, captured charge → a Sage invoice (or its ERP sales order's invoice) +
     a cash receipt applied to it; a charge that paid a Stripe Billing invoice → just the
     receipt, applied to that invoice's Sage document. Amounts in the settlement currency.
+
+    A charge that paid (part of) an invoice in a currency that is not a settlement currency
+    (``payment_shares``: ``fx.invoice_payment_shares``) receipts its share of the invoice at
+    the rate the invoice was booked at, and a journal moves what Stripe settled beyond that
+    share between Stripe Clearing and Realized FX gain/loss — clearing still moves by exactly
+    the charge's ``bt.amount`` and the invoice is left with nothing open once fully paid.
 
     A charge without a Stripe customer posts to the mapping's guest customer. With
     ``known_orders`` (the ``metadata.erp_order_id`` values Sage has a sales order for), a
@@ -496,6 +504,22 @@ def plan_charges(
         ),
         local_date(pl.col("created"), mapping.timezone).alias("doc_date"),
     )
+    # A payment of a foreign-currency invoice: its share of the invoice at the booking rate.
+    shares = (
+        payment_shares if payment_shares is not None else pl.DataFrame(schema=PAYMENT_SHARE_SCHEMA)
+    ).select(pl.col("charge").alias("id"), "invoice_share", "booking_currency", "share_wait")
+    pays_foreign_invoice = (
+        pl.col("paid_invoice").is_not_null()
+        & ~pl.col("currency").str.to_uppercase().is_in(mapping.settlement_currencies)
+        & pl.lit(payment_shares is not None)
+    )
+    df = df.join(shares, on="id", how="left").with_columns(
+        pays_foreign_invoice.alias("_fx_payment"),
+        pl.when(pays_foreign_invoice)
+        .then(pl.col("invoice_share"))
+        .otherwise(pl.col("settlement_amount"))
+        .alias("receipt_amount"),
+    )
     tz_clearing = mapping.accounts.clearing
     guest = mapping.charges.guest_customer_id
     df = apply_rules(
@@ -519,7 +543,7 @@ def plan_charges(
     else:
         unknown_order = erp & ~pl.col("erp_order_id").is_in(sorted(set(known_orders)))
     on_account = unknown_order & pl.lit(mapping.charges.unknown_erp_order == "on_account")
-    settle = money_string(pl.col("settlement_amount"), pl.col("settlement_currency"))
+    settle = money_string(pl.col("receipt_amount"), pl.col("settlement_currency"))
     missing = first_error(
         pl.col("session_wait"),
         # A succeeded charge before Stripe created its balance transaction: no amount to
@@ -537,6 +561,25 @@ def plan_charges(
             pl.format(
                 "settlement currency {} is not in the mapping's settlement_currencies",
                 pl.col("settlement_currency"),
+            )
+        ),
+        pl.when(pl.col("_fx_payment") & pl.col("invoice_share").is_null()).then(
+            pl.coalesce(
+                pl.col("share_wait"),
+                pl.format(
+                    "waiting: the payments of invoice {} are not staged", pl.col("paid_invoice")
+                ),
+            )
+        ),
+        pl.when(
+            pl.col("_fx_payment") & (pl.col("booking_currency") != pl.col("settlement_currency"))
+        ).then(
+            pl.format(
+                "charge settled in {} but invoice {} is booked in {}: a payment of an invoice "
+                "settles in the invoice's settlement currency",
+                pl.col("settlement_currency"),
+                pl.col("paid_invoice"),
+                pl.col("booking_currency"),
             )
         ),
         pl.when(pl.col("customer").is_null() & pl.lit(guest is None)).then(
@@ -690,8 +733,13 @@ def plan_charges(
     frames.append(receipts)
     return pl.concat(
         [
-            _docs(f, mapping, periods, key_col="stripe_key" if "stripe_key" in f.columns else "id")
-            for f in frames
+            *(
+                _docs(
+                    f, mapping, periods, key_col="stripe_key" if "stripe_key" in f.columns else "id"
+                )
+                for f in frames
+            ),
+            _payment_fx_journals(df, mapping, periods),
         ]
     )
 
@@ -733,6 +781,47 @@ def _recovery_journals(df: pl.DataFrame, base_deps: pl.Expr, mapping: Mapping) -
             ]
         ).alias("depends_on"),
     )
+
+
+def _payment_fx_journals(
+    df: pl.DataFrame, mapping: Mapping, periods: pl.DataFrame | None
+) -> pl.DataFrame:
+    """Realized FX on a later payment of a foreign-currency invoice: its receipt applied its
+    share of the invoice at the booking rate; this moves what Stripe settled beyond that
+    share (its ``bt.amount`` − share) between Stripe Clearing and FX gain/loss — a gain when
+    the payment settled more, a loss when less. A payment at the booking rate (an invoice's
+    first) needs none."""
+    fx = df.filter(
+        pl.col("_fx_payment")
+        & pl.col("error").is_null()
+        & (pl.col("settlement_amount") != pl.col("receipt_amount"))
+    )
+    if fx.is_empty():
+        return empty_docs()
+    cur = pl.col("settlement_currency")
+    d = pl.col("settlement_amount") - pl.col("receipt_amount")  # > 0: a gain
+    # Sage allows 60 characters: the charge names its invoice (Stripe's invoice_payments).
+    desc = pl.concat_str([pl.lit("Realized FX on payment "), pl.col("id")])
+    journals = fx.with_columns(
+        pl.lit("journal_entry").alias("doc_type"),
+        pl.concat_str([pl.lit("payment_fx:"), pl.col("id")]).alias("stripe_key"),
+        journal_payload(
+            mapping,
+            pl.col("doc_date"),
+            desc,
+            # The charge's balance transaction: the charge id is its receipt's reference.
+            pl.col("balance_transaction"),
+            cur,
+            pl.concat_list(
+                [
+                    journal_line(pl.col("clearing_account"), d, cur, desc),
+                    journal_line(pl.lit(mapping.accounts.fx_gain_loss), -d, cur, desc),
+                ]
+            ),
+        ).alias("payload"),
+        pl.lit([], pl.List(pl.String)).alias("depends_on"),
+    )
+    return _docs(journals, mapping, periods, key_col="stripe_key")
 
 
 def _charge_item(mapping: Mapping) -> tuple[pl.Expr, pl.Expr]:

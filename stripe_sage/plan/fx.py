@@ -78,30 +78,113 @@ SETTLEMENT_SCHEMA = {
 }
 
 
-def invoice_settlements(
+def _paid_rows(
     invoice_payments: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
 ) -> pl.DataFrame:
-    """Per paid invoice, the charge that paid it and what Stripe settled for it
-    (SETTLEMENT_SCHEMA); an invoice whose charge or balance transaction is not staged has no
-    row (it waits)."""
-    if invoice_payments.is_empty():
-        return pl.DataFrame(schema=SETTLEMENT_SCHEMA)
-    paid = invoice_payments.filter(pl.col("status") == "paid").select("invoice", "charge")
+    """The paid rows of ``invoice_payments``, each with its charge's amount (``paid``) and
+    what Stripe settled for it (``settled``, null while its balance transaction is not
+    staged), in the order the invoice was paid (``paid_at``, the charge's ``created``, id):
+    the first is the payment whose rate books the invoice."""
+    pays = invoice_payments.filter(pl.col("status") == "paid")
+    amount_paid = pl.col("amount_paid") if "amount_paid" in pays.columns else pl.lit(None)
+    paid_at = pl.col("paid_at") if "paid_at" in pays.columns else pl.lit(None)
+    pays = pays.select(
+        "invoice",
+        "charge",
+        amount_paid.cast(pl.Int64).alias("amount_paid"),
+        paid_at.alias("_paid_at"),
+    )
     ch = charges.select(
-        pl.col("id").alias("charge"), pl.col("amount").alias("paid"), "balance_transaction"
+        pl.col("id").alias("charge"),
+        pl.col("amount").cast(pl.Int64).alias("paid"),
+        pl.col("created").alias("_charge_created"),
+        "balance_transaction",
     )
     bt = bts.select(
         pl.col("id").alias("balance_transaction"),
-        pl.col("amount").alias("settled"),
+        pl.col("amount").cast(pl.Int64).alias("settled"),
         pl.col("currency").str.to_uppercase().alias("settlement_currency"),
     )
     return (
-        paid.join(ch, on="charge")
-        .join(bt, on="balance_transaction")
-        .unique(subset=["invoice"], keep="first")
+        pays.join(ch, on="charge")
+        .join(bt, on="balance_transaction", how="left")
+        .with_columns(pl.coalesce("amount_paid", "paid").alias("amount_paid"))
+        .sort("invoice", "_paid_at", "_charge_created", "charge", nulls_last=True)
+    )
+
+
+def invoice_settlements(
+    invoice_payments: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
+) -> pl.DataFrame:
+    """Per paid invoice, the payment whose rate books it — its first (an invoice paid in
+    parts posts once its first part settles) — and what Stripe settled for it
+    (SETTLEMENT_SCHEMA); an invoice whose first paying charge or its balance transaction is
+    not staged has no row (it waits)."""
+    if invoice_payments.is_empty():
+        return pl.DataFrame(schema=SETTLEMENT_SCHEMA)
+    return (
+        _paid_rows(invoice_payments, charges, bts)
+        .group_by("invoice", maintain_order=True)
+        .first()
+        .filter(pl.col("settled").is_not_null())
         .select(*SETTLEMENT_SCHEMA)
         .cast(SETTLEMENT_SCHEMA)  # type: ignore[arg-type]
     )
+
+
+PAYMENT_SHARE_SCHEMA = {
+    "charge": pl.String,
+    "invoice": pl.String,
+    "invoice_share": pl.Int64,  # settlement minor units; null: the booking rate is not known
+    "booking_currency": pl.String,  # the settlement currency the invoice is booked in
+    "share_wait": pl.String,  # why there is no share yet
+}
+
+
+def invoice_payment_shares(
+    invoice_payments: pl.DataFrame, charges: pl.DataFrame, bts: pl.DataFrame
+) -> pl.DataFrame:
+    """Per charge that paid (part of) an invoice: the part of the invoice's booked amount it
+    settles, at the invoice's booking rate (its first payment's ``settled ÷ paid``, the rate
+    the invoice was posted at). Cumulative over the invoice's payments in the order they
+    were paid, ``round(Σ paid up to it × rate) − round(Σ paid before it × rate)`` (half-up),
+    so the parts of a fully paid invoice add up to exactly its booked total and the last
+    part takes the rounding remainder; the first part's share is its own settled amount.
+    ``invoice_payments`` must hold every paid row of the invoices asked about (earlier
+    parts may be posted already). What a part settled beyond its share is realized FX."""
+    if invoice_payments.is_empty():
+        return pl.DataFrame(schema=PAYMENT_SHARE_SCHEMA)
+    df = _paid_rows(invoice_payments, charges, bts).with_columns(
+        pl.col("amount_paid").cum_sum().over("invoice").alias("_to"),
+        pl.col("paid").first().over("invoice").alias("_book_paid"),
+        pl.col("settled").first().over("invoice").alias("_book_settled"),
+        pl.col("settlement_currency").first().over("invoice").alias("booking_currency"),
+        pl.col("charge").first().over("invoice").alias("_first"),
+    )
+    a, settled = pl.col("_book_paid"), pl.col("_book_settled")
+
+    def booked(presentment: pl.Expr) -> pl.Expr:  # round-half-up(presentment x settled / a)
+        return (2 * presentment * settled + a) // (2 * a)
+
+    known = settled.is_not_null() & (a > 0)
+    return df.select(
+        "charge",
+        "invoice",
+        pl.when(known)
+        .then(booked(pl.col("_to")) - booked(pl.col("_to") - pl.col("amount_paid")))
+        .alias("invoice_share"),
+        "booking_currency",
+        pl.when(~known)
+        .then(
+            pl.format(
+                "waiting: the first payment {} of invoice {} is not settled yet (its rate "
+                "books the invoice)",
+                pl.col("_first"),
+                pl.col("invoice"),
+            )
+        )
+        .alias("share_wait"),
+    ).cast(PAYMENT_SHARE_SCHEMA)  # type: ignore[arg-type]
 
 
 def settle_foreign_invoices(

@@ -32,7 +32,7 @@ from stripe_sage.plan.documents import (
     plan_invoices,
     plan_refunds,
 )
-from stripe_sage.plan.fx import invoice_settlements
+from stripe_sage.plan.fx import invoice_payment_shares, invoice_settlements
 from stripe_sage.plan.items import plan_default_item, plan_items
 from stripe_sage.plan.orders import link_charges_to_sessions, plan_order_items, plan_orders
 from stripe_sage.reconcile.report import (
@@ -191,6 +191,23 @@ def _document_slices(
                 "SELECT p.* FROM staging.invoice_payments p "
                 "WHERE p.charge IN (SELECT id FROM _plan_slice)"
             )
+            # Every payment of the invoices these charges paid, with its charge and what
+            # Stripe settled: a part of a foreign-currency invoice receipts its share at the
+            # rate the invoice was booked at (plan/fx.py).
+            all_payments = st.frame(
+                "SELECT p.* FROM staging.invoice_payments p WHERE p.invoice IN "
+                "(SELECT invoice FROM staging.invoice_payments "
+                "WHERE charge IN (SELECT id FROM _plan_slice))"
+            )
+            with st.registered("_paying", all_payments.select("charge")):
+                paying = st.frame(
+                    "SELECT c.* FROM staging.charges c WHERE c.id IN (SELECT charge FROM _paying)"
+                )
+                paying_bts = st.frame(
+                    "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN "
+                    "(SELECT c.balance_transaction FROM staging.charges c "
+                    "WHERE c.id IN (SELECT charge FROM _paying))"
+                )
             # Quarantined sessions too: their charge's receipt is then blocked by the
             # order's missing invoice (named), never posted as a second, standalone sale.
             sessions = st.frame(
@@ -220,7 +237,17 @@ def _document_slices(
                 known_orders |= sales_orders(ids)
                 asked.update(ids)
             orders = known_orders
-        yield plan_charges(charges, bts, invoice_payments, mapping, pf, orders, written_off)
+        shares = invoice_payment_shares(all_payments, paying, paying_bts)
+        yield plan_charges(
+            charges,
+            bts,
+            invoice_payments,
+            mapping,
+            pf,
+            orders,
+            written_off=written_off,
+            payment_shares=shares,
+        )
 
     tax_rates = st.table("tax_rates")  # a handful of rows: the Sage tax codes come from them
     for invoices in _rows_to_plan(st, "invoices", _todo("invoices", "invoice:"), slice_rows):

@@ -70,10 +70,8 @@ ROW_LIMIT = 200  # customers listed on the page (those with a difference first)
 
 def _credit_balances(st: Any) -> dict[str, int]:
     """Stripe customers' balances (negative: credit they hold), where staged and non-zero."""
-    rows = st.con.execute(
-        "SELECT id, balance FROM staging.customers WHERE coalesce(balance, 0) <> 0"
-    ).fetchall()
-    return {str(c): int(b) for c, b in rows}
+    rows = st.frame("SELECT id, balance FROM staging.customers WHERE coalesce(balance, 0) <> 0")
+    return {str(c): int(b) for c, b in rows.iter_rows()}
 
 
 def ar_tie_out(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
@@ -82,7 +80,7 @@ def ar_tie_out(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     explain of it, and the unexplained rest; customers with a difference list the documents
     behind it."""
     balances = _credit_balances(st)
-    names = dict(st.con.execute("SELECT id, name FROM staging.customers").fetchall())
+    names = dict(st.frame("SELECT id, name FROM staging.customers").iter_rows())
     out = []
     for currency in mapping.settlement_currencies:
         scale = 10 ** exponent(currency)

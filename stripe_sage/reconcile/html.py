@@ -86,6 +86,7 @@ def render(
     suspense: pl.DataFrame | None = None,
     ar: list[dict[str, Any]] | None = None,
     disputes: pl.DataFrame | None = None,
+    fx: list[dict[str, Any]] | None = None,
 ) -> str:
     currency = rep["currency"][0] if rep.height else "USD"
     counts = (
@@ -147,6 +148,14 @@ def render(
         f"<td>{len(c['unposted_documents'])}</td></tr>"
         for c in clearing
     )
+    fx_rows = "".join(
+        f"<tr><td>{f['currency']}</td><td>{f['account']}</td>"
+        f"<td class='num'>{to_decimal_string(f['gain'], f['currency'])}</td>"
+        f"<td class='num'>{to_decimal_string(f['loss'], f['currency'])}</td>"
+        f"<td class='num'>{to_decimal_string(f['net'], f['currency'])}</td>"
+        f"<td>{f['journals']}</td></tr>"
+        for f in fx or []
+    )
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     balance_rows = "".join(
         "<tr>"
@@ -188,6 +197,9 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 <table id="ar"><tr><th>currency</th><th>customer</th><th>name</th><th>Sage open AR</th>
 <th>Stripe open</th><th>difference</th><th>explained</th><th>unexplained</th>
 <th>credit balance</th><th>documents behind the difference</th></tr>{ar_rows}</table>
+<h2>Realized FX gain/loss (posted)</h2>
+<table id="realized-fx"><tr><th>currency</th><th>account</th><th>gains</th><th>losses</th>
+<th>net (gain +)</th><th>journals</th></tr>{fx_rows}</table>
 <h2>Payouts</h2>
 <table id="payouts"><tr>{head}</tr>{"".join(rows)}</table>
 <h2>Top-ups and daily journals (accounts paid out manually)</h2>

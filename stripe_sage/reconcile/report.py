@@ -668,6 +668,54 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     return out
 
 
+def realized_fx(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
+    """Realized FX gain/loss posted to Sage, per settlement currency (minor units): the
+    posted journals with a line on ``accounts.fx_gain_loss`` (refunds of foreign sales,
+    their failures, later payments of foreign invoices — docs/accounting.md "Foreign
+    currency, first class"). ``net`` > 0 is a gain (the account's credits exceed its
+    debits); only Stripe's own rates are behind these amounts."""
+    account = mapping.accounts.fx_gain_loss
+    rows = st.frame(
+        """
+        SELECT o.payload->>'currency' AS currency, count(DISTINCT o.doc_key) AS journals,
+            coalesce(sum(CAST(l->>'debit' AS DECIMAL(18, 3))), 0) AS debit,
+            coalesce(sum(CAST(l->>'credit' AS DECIMAL(18, 3))), 0) AS credit
+        FROM sage.outbox o, unnest(CAST(o.payload->'lines' AS JSON[])) t(l)
+        WHERE o.status = 'posted' AND o.doc_type = 'journal_entry' AND l->>'account' = ?
+        GROUP BY ALL ORDER BY currency""",
+        [account],
+    ).iter_rows()
+    from stripe_sage.money import exponent
+
+    out = []
+    for currency, journals, debit, credit in rows:
+        scale = 10 ** exponent(currency)
+        loss, gain = int(Decimal(debit) * scale), int(Decimal(credit) * scale)
+        out.append(
+            {
+                "currency": currency,
+                "account": account,
+                "journals": int(journals),
+                "gain": gain,
+                "loss": loss,
+                "net": gain - loss,
+            }
+        )
+    return out
+
+
+def describe_fx(fx: dict[str, Any]) -> str:
+    """One line for the CLI and the demo: 'USD 7500: net gain 12.34 (gains 20.00, losses
+    7.66; 9 journals)'."""
+    cur, net = fx["currency"], fx["net"]
+    word = "gain" if net >= 0 else "loss"
+    return (
+        f"{cur} {fx['account']}: net {word} {to_decimal_string(abs(net), cur)} "
+        f"(gains {to_decimal_string(fx['gain'], cur)}, losses "
+        f"{to_decimal_string(fx['loss'], cur)}; {fx['journals']} journals)"
+    )
+
+
 REPORT_COLUMNS = (
     "payout",
     "kind",
@@ -714,6 +762,7 @@ def build_report(
                 suspense=suspense_postings(st),
                 ar=ar,
                 disputes=invoice_disputes(st),
+                fx=realized_fx(st, mapping),
             )
         )
     return rep, clearing, ar

@@ -16,11 +16,13 @@ from typing import Any
 
 import duckdb
 import pytest
+import yaml
 
-from stripe_sage.mapping import load_mapping
+from stripe_sage.mapping import default_mapping_text, load_mapping
 from stripe_sage.money import exponent
 from tests.helpers.business import (
     Env,
+    fx_payment_shares,
     fx_refund_shares,
     make_env,
     run_flow,
@@ -33,7 +35,7 @@ from tests.helpers.business import (
 pytestmark = pytest.mark.e2e
 
 SEED, CHARGES = 11, 400
-FX_PREFIX = "Realized FX"
+FX_PREFIX = "Realized FX on refund"
 
 
 def minor(amount: str, currency: str) -> int:
@@ -45,9 +47,16 @@ def fx_run(
     tmp_path_factory: pytest.TempPathFactory, prefect_harness: None
 ) -> Iterator[tuple[Env, dict[str, Any]]]:
     mp = pytest.MonkeyPatch()
-    env = make_env(tmp_path_factory.mktemp("fx"), charges=CHARGES, seed=SEED, monkeypatch=mp)
+    tmp = tmp_path_factory.mktemp("fx")
+    # A second settlement currency: the account also holds a EUR balance (its own clearing
+    # and bank accounts, its own payouts); the mapping settles in USD and EUR.
+    env = make_env(tmp, charges=CHARGES, seed=SEED, monkeypatch=mp, eur_balance=True)
+    mapping = yaml.safe_load(default_mapping_text())
+    mapping["settlement_currencies"] = ["USD", "EUR"]
+    (tmp / "mapping.yaml").write_text(yaml.safe_dump(mapping))
     with env.pair:
         use_env(env, mp)
+        mp.setenv("MAPPING_FILE", str(tmp / "mapping.yaml"))
         result = run_flow(trigger="test")
         with env.stripe() as s:
             charges = stripe_all(s, "/v1/charges")
@@ -55,6 +64,12 @@ def fx_run(
             bts = stripe_all(s, "/v1/balance_transactions")
             invoices = stripe_all(s, "/v1/invoices")
             payments = stripe_all(s, "/v1/invoice_payments")
+            payouts = stripe_all(s, "/v1/payouts")
+            payout_items = {
+                p["id"]: stripe_all(s, "/v1/balance_transactions", payout=p["id"])
+                for p in payouts
+                if p["currency"] == "eur" and p["status"] == "paid"
+            }
         with env.sage() as c:
             sage = {
                 n: sage_all(c, n)
@@ -68,10 +83,17 @@ def fx_run(
                 "refunds": {r["id"]: r for r in refunds},
                 "bts": {b["id"]: b for b in bts},
                 "shares": fx_refund_shares(charges, refunds, bts),
-                "fx_invoices": [i for i in invoices if i["currency"] != "usd"],
+                # Invoices in a currency the account does not settle in (EUR it does).
+                "fx_invoices": [i for i in invoices if i["currency"] not in ("usd", "eur")],
+                # The first payment of each paid invoice: its rate books the invoice.
                 "paid_by": {
-                    p["invoice"]: p["payment"]["charge"] for p in payments if p["status"] == "paid"
+                    p["invoice"]: p["payment"]["charge"]
+                    for p in payments
+                    if p["status"] == "paid" and p["is_default"]
                 },
+                "parts": fx_payment_shares(payments, charges, bts),
+                "payouts": payouts,
+                "eur_payout_items": payout_items,
                 **sage,
             },
         )
@@ -147,12 +169,13 @@ def test_a_full_refund_of_a_foreign_sale_leaves_net_sales_unchanged(fx_run: Any)
 
 def test_no_dead_letters_and_a_rerun_posts_nothing_twice(fx_run: Any) -> None:
     env, d = fx_run
-    assert d["result"]["status"] == "completed", d["result"]
     con = duckdb.connect(str(env.db), read_only=True)
     try:
-        assert con.execute("SELECT count(*) FROM ops.dead_letters").fetchone() == (0,)
+        dead = con.execute("SELECT * FROM ops.dead_letters").fetchall()
     finally:
         con.close()
+    assert dead == []
+    assert d["result"]["status"] == "completed", d["result"]
     before = sage_counts(env)
     run_flow(trigger="test")
     assert sage_counts(env) == before
@@ -175,12 +198,60 @@ def test_paid_foreign_invoices_post_once_at_the_settled_amount_and_are_paid(fx_r
         charge = d["charges"][d["paid_by"][inv["id"]]]
         settled = d["bts"][charge["balance_transaction"]]
         assert posted["currency"] == settled["currency"].upper() == "USD"
-        assert minor(posted["total"], "USD") == settled["amount"], inv["id"]
         assert posted["balance_due"] == "0.00" and posted["status"] == "paid"
+        parts = [c for c, (i, _, _) in d["parts"].items() if i == inv["id"]]
+        if parts:  # paid in parts: see the test below
+            continue
+        assert minor(posted["total"], "USD") == settled["amount"], inv["id"]
         # The receipt of the charge that paid it is applied to it, in full.
         (applied,) = receipts[charge["id"]]["apply_to"]
         assert applied["invoice_no"] == posted["invoice_no"]
         assert applied["amount"] == posted["total"]
+
+
+def test_an_invoice_paid_in_parts_at_moving_rates_is_paid_and_books_the_fx(fx_run: Any) -> None:
+    """Booked at its first payment's rate; each later part receipts its share of it and a
+    journal books what Stripe settled beyond that share to Realized FX gain/loss."""
+    _, d = fx_run
+    assert any(share != settled for _, share, settled in d["parts"].values())
+    clearing = load_mapping().accounts.clearing["USD"]
+    fx_account = load_mapping().accounts.fx_gain_loss
+    sage_invoices = {inv["reference"]: inv for inv in d["invoices"]}
+    receipts = {r["reference"]: r for r in d["cashreceipts"]}
+    journals: dict[str, list[dict[str, Any]]] = {}
+    for j in d["journalentries"]:
+        journals.setdefault(j["reference"], []).append(j)
+    booked: dict[str, int] = {}
+    for charge_id, (invoice, share, settled) in d["parts"].items():
+        booked[invoice] = booked.get(invoice, 0) + share
+        posted = sage_invoices[invoice]
+        receipt = receipts[charge_id]
+        assert minor(receipt["amount"], "USD") == share, charge_id
+        assert receipt["apply_to"] == [
+            {"invoice_no": posted["invoice_no"], "amount": receipt["amount"]}
+        ]
+        fx = [
+            j
+            for j in journals.get(d["charges"][charge_id]["balance_transaction"], [])
+            if j["description"].startswith("Realized FX on payment")
+        ]
+        if share == settled:
+            assert not fx
+            continue
+        (journal,) = fx
+        moved = {line["account"]: line for line in journal["lines"]}
+        assert set(moved) == {clearing, fx_account}
+        gain = minor(moved[fx_account]["credit"], "USD") - minor(moved[fx_account]["debit"], "USD")
+        assert gain == settled - share
+        # Clearing moves by exactly the charge's balance transaction: receipt + journal.
+        assert (
+            share + minor(moved[clearing]["debit"], "USD") - minor(moved[clearing]["credit"], "USD")
+            == settled
+        )
+    for invoice, total in booked.items():
+        posted = sage_invoices[invoice]
+        assert minor(posted["total"], "USD") == total
+        assert posted["balance_due"] == "0.00" and posted["status"] == "paid"
 
 
 def test_an_unpaid_foreign_invoice_waits_for_settlement_and_the_run_completes(
@@ -203,3 +274,89 @@ def test_an_unpaid_foreign_invoice_waits_for_settlement_and_the_run_completes(
     finally:
         con.close()
     assert d["result"]["status"] == "completed", d["result"]
+
+
+# -- a second settlement currency -------------------------------------------------------------
+def test_a_eur_balance_posts_in_eur_and_its_clearing_ties_out(fx_run: Any) -> None:
+    """Sales settled in EUR post in EUR to the EUR clearing account, unconverted; EUR payouts
+    move EUR clearing to the EUR bank; the clearing check holds per currency."""
+    env, d = fx_run
+    accounts = load_mapping().accounts
+    eur_clearing, eur_bank = accounts.clearing["EUR"], accounts.bank["EUR"]
+    assert eur_bank != accounts.bank["USD"]
+    eur_sales = [
+        c
+        for c in d["charges"].values()
+        if c.get("balance_transaction") and d["bts"][c["balance_transaction"]]["currency"] == "eur"
+    ]
+    assert eur_sales
+    receipts = {r["reference"]: r for r in d["cashreceipts"]}
+    for c in eur_sales:
+        bt = d["bts"][c["balance_transaction"]]
+        assert bt["exchange_rate"] is None and c["currency"] == "eur"
+        receipt = receipts[c["id"]]
+        assert receipt["currency"] == "EUR" and receipt["deposit_account"] == eur_clearing
+        assert minor(receipt["amount"], "EUR") == bt["amount"] == c["amount"]
+    eur_refunds = [
+        r for r in d["refunds"].values() if d["bts"][r["balance_transaction"]]["currency"] == "eur"
+    ]
+    assert eur_refunds
+    memos = {m["reference"]: m for m in d["creditmemos"]}
+    for r in eur_refunds:
+        assert memos[r["id"]]["currency"] == "EUR" and memos[r["id"]]["gl_account"] == eur_clearing
+        assert minor(memos[r["id"]]["amount"], "EUR") == r["amount"]
+        assert r["id"] not in fx_journals(d)
+    # Each paid EUR payout: one EUR journal, its bank line the payout, the rest EUR clearing
+    # and fees (Stripe itemises it in EUR only).
+    journals = {j["reference"]: j for j in d["journalentries"]}
+    assert d["eur_payout_items"]
+    for payout_id, items in d["eur_payout_items"].items():
+        payout = next(p for p in d["payouts"] if p["id"] == payout_id)
+        assert {b["currency"] for b in items} == {"eur"}
+        journal = journals[payout_id]
+        assert journal["currency"] == "EUR"
+        bank = [line for line in journal["lines"] if line["account"] == eur_bank]
+        assert [minor(line["debit"], "EUR") for line in bank] == [payout["amount"]]
+        assert {line["account"] for line in journal["lines"]} <= {
+            eur_bank,
+            eur_clearing,
+            accounts.merchant_fees,
+            accounts.chargebacks,
+            accounts.dispute_fees,
+        }
+    # The clearing check, per settlement currency: nothing unexplained in either.
+    clearing = {c["currency"]: c for c in d["result"]["reconciliation"]["clearing"]}
+    assert {"USD", "EUR"} <= set(clearing)
+    for c in clearing.values():
+        assert c["unexplained"] == 0, c
+    con = duckdb.connect(str(env.db), read_only=True)
+    try:
+        statuses = dict(
+            con.execute(
+                "SELECT recon_status, count(*) FROM ops.reconciliation WHERE currency = 'EUR' "
+                "GROUP BY ALL"
+            ).fetchall()
+        )
+    finally:
+        con.close()
+    # Paid ones matched; the last days' payouts still in transit.
+    assert statuses["matched"] == len(d["eur_payout_items"])
+    assert set(statuses) <= {"matched", "pending"}
+
+
+def test_the_run_reports_the_realized_fx_total_it_posted(fx_run: Any) -> None:
+    """The realized FX gain/loss of the run's report is Σ of the FX lines Sage holds."""
+    _, d = fx_run
+    account = load_mapping().accounts.fx_gain_loss
+    held = sum(
+        minor(line["credit"], "USD") - minor(line["debit"], "USD")
+        for j in d["journalentries"]
+        for line in j["lines"]
+        if line["account"] == account
+    )
+    [usd] = [f for f in d["result"]["reconciliation"]["realized_fx"] if f["currency"] == "USD"]
+    assert usd["net"] == held == usd["gain"] - usd["loss"]
+    assert usd["gain"] > 0 and usd["loss"] > 0
+    assert usd["journals"] == len(
+        [j for j in d["journalentries"] if any(line["account"] == account for line in j["lines"])]
+    )

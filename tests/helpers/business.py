@@ -102,14 +102,49 @@ def fx_refund_shares(
     return out
 
 
+def fx_payment_shares(
+    payments: list[dict[str, Any]], charges: list[dict[str, Any]], bts: list[dict[str, Any]]
+) -> dict[str, tuple[str, int, int]]:
+    """Parts of foreign-currency invoices paid in parts: charge id → (invoice, its share of
+    the invoice at the rate of the invoice's first payment, what Stripe settled for it), in
+    settlement minor units (docs/accounting.md, "Foreign currency, first class"). Shares are
+    cumulative over the invoice's payments in the order they were paid, so together they are
+    the invoice's booked total; the first part's share is its own settled amount."""
+    amount_of = {b["id"]: b["amount"] for b in bts}
+    currency_of = {b["id"]: b["currency"] for b in bts}
+    by_id = {c["id"]: c for c in charges}
+    by_invoice: dict[str, list[dict[str, Any]]] = {}
+    for p in payments:
+        if p["status"] == "paid":
+            by_invoice.setdefault(p["invoice"], []).append(p)
+    out: dict[str, tuple[str, int, int]] = {}
+    for invoice, parts in by_invoice.items():
+        if len(parts) < 2:
+            continue
+        parts.sort(key=lambda p: (p["status_transitions"]["paid_at"], p["payment"]["charge"]))
+        paying = [by_id[p["payment"]["charge"]] for p in parts]
+        first = paying[0]
+        if first["currency"] == currency_of[first["balance_transaction"]]:
+            continue  # an invoice in its settlement currency: no rate to book
+        rate = Decimal(amount_of[first["balance_transaction"]]) / Decimal(first["amount"])
+        before = Decimal(0)
+        for p, ch in zip(parts, paying, strict=True):
+            upto = before + p["amount_paid"]
+            share = int((upto * rate).to_integral_value(ROUND_HALF_UP)) - int(
+                (before * rate).to_integral_value(ROUND_HALF_UP)
+            )
+            before = upto
+            out[ch["id"]] = (invoice, share, amount_of[ch["balance_transaction"]])
+    return out
+
+
 def expected_documents(env: Env) -> Counter[str]:
     """What the Stripe business implies, from Stripe's own lists (docs/accounting.md)."""
     with env.stripe() as s:
         charges = stripe_all(s, "/v1/charges")
+        invoice_payments = stripe_all(s, "/v1/invoice_payments")
         invoice_of_charge = {
-            p["payment"]["charge"]: p["invoice"]
-            for p in stripe_all(s, "/v1/invoice_payments")
-            if p["status"] == "paid"
+            p["payment"]["charge"]: p["invoice"] for p in invoice_payments if p["status"] == "paid"
         }
         paid_invoice_charges = set(invoice_of_charge)
         # Issue 19: voided and written-off invoices post too, then a memo takes their open
@@ -131,6 +166,12 @@ def expected_documents(env: Env) -> Counter[str]:
     # A refund of a foreign sale at another rate than the sale's books the difference.
     fx_journals = [
         r for r, (share, cost) in fx_refund_shares(charges, refunds, bts).items() if share != cost
+    ]
+    # ... and so does a later part of a foreign invoice paid in parts, settled at another rate.
+    fx_journals += [
+        c
+        for c, (_, share, settled) in fx_payment_shares(invoice_payments, charges, bts).items()
+        if share != settled
     ]
     with env.sage() as c:
         orders = {o["order_no"] for o in sage_all(c, "salesorders")}
@@ -338,6 +379,7 @@ def make_env(
     *,
     manual_payouts: bool = False,
     interim_manual_payouts: bool = False,
+    eur_balance: bool = False,
 ) -> Env:
     stripe_key = f"sk_test_{secrets.token_hex(12)}"
     sage_key = f"sage_{secrets.token_hex(12)}"
@@ -349,6 +391,7 @@ def make_env(
             end=END,
             manual_payouts=manual_payouts,
             interim_manual_payouts=interim_manual_payouts,
+            eur_balance=eur_balance,
         ),
         sage_db=tmp / "sage.sqlite3",
         stripe_key=stripe_key,

@@ -377,18 +377,26 @@ def test_invoice_payments_link_charges(
 ) -> None:
     charges = {c["id"]: c for c in all_charges}
     invoices = raw_list(raw, "invoices")
-    sample = invoices[::20] + [i for i in invoices if i["status"] == "open"][:2]
+    # Issue 20: a foreign-currency invoice paid in two parts lists two payments.
+    in_parts = {p["invoice"] for p in raw_list(raw, "invoice_payments") if not p["is_default"]}
+    assert in_parts
+    sample = (
+        invoices[::20]
+        + [i for i in invoices if i["status"] == "open"][:2]
+        + [i for i in invoices if i["id"] in in_parts]
+    )
     for inv in sample:
         pays = dicts(client.v1.invoice_payments.list(params={"invoice": inv["id"]}).data)
-        assert len(pays) == 1
-        pay = pays[0]
-        assert pay["invoice"] == inv["id"]
-        ch = charges[pay["payment"]["charge"]]
-        assert ch["amount"] == inv["total"]
-        assert ch["customer"] == inv["customer"]
-        assert (ch["status"] == "succeeded") == (inv["status"] == "paid")
-        # a voided or written-off invoice's payment stays as it was (never paid)
-        assert pay["status"] == (inv["status"] if inv["status"] in ("open", "paid") else "open")
+        assert len(pays) == (2 if inv["id"] in in_parts else 1)
+        assert {pay["invoice"] for pay in pays} == {inv["id"]}
+        paying = [charges[pay["payment"]["charge"]] for pay in pays]
+        assert sum(ch["amount"] for ch in paying) == inv["total"]
+        assert {ch["customer"] for ch in paying} == {inv["customer"]}
+        assert {ch["currency"] for ch in paying} == {inv["currency"]}
+        for pay, ch in zip(pays, paying, strict=True):
+            assert (ch["status"] == "succeeded") == (inv["status"] == "paid")
+            # a voided or written-off invoice's payment stays as it was (never paid)
+            assert pay["status"] == (inv["status"] if inv["status"] in ("open", "paid") else "open")
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_a_written_off_invoice_collected_later_books_a_recovery_not_a_receipt() 
         mapping,
         periods(),
         None,
-        written_off,
+        written_off=written_off,
     )
     keys = set(docs["doc_key"])
     assert "cash_receipt:ch_late" not in keys and "cash_receipt:ch_ok" in keys

@@ -301,8 +301,41 @@ def test_invoices(data: dict[str, list[dict[str, Any]]], world: StripeWorld) -> 
             assert inv["amount_remaining"] == inv["total"] - credited - used
         else:
             assert paying["status"] == "succeeded"
-            assert inv["amount_paid"] == inv["total"] == paying["amount"]
+            # An invoice paid in parts (issue 20): its payments add up to its total.
+            parts = [
+                charges[world.make_id("charges", int(world.b.ip_charge[p]))]
+                for p in np.nonzero(world.b.ip_invoice == j)[0]
+            ]
+            assert inv["amount_paid"] == inv["total"] == sum(c["amount"] for c in parts)
     assert {inv["parent"] is None for inv in invoices} == {True, False}
+
+
+def test_a_foreign_invoice_is_paid_in_two_parts_at_moving_rates(
+    data: dict[str, list[dict[str, Any]]], world: StripeWorld
+) -> None:
+    """Issue 20: a paid EUR/GBP/JPY invoice whose two invoice_payments are charges of the
+    same customer, in its currency, at rates that differ; it is paid from the second."""
+    charges = {c["id"]: c for c in data["charges"]}
+    bts = {b["id"]: b for b in data["balance_transactions"]}
+    payments = render_all(world, "invoice_payments")
+    assert [p["created"] for p in payments] == sorted(p["created"] for p in payments)
+    by_invoice: dict[str, list[dict[str, Any]]] = {}
+    for p in payments:
+        by_invoice.setdefault(p["invoice"], []).append(p)
+    split = {i: ps for i, ps in by_invoice.items() if len(ps) > 1}
+    assert split
+    invoices = {inv["id"]: inv for inv in data["invoices"]}
+    for inv_id, ps in split.items():
+        inv = invoices[inv_id]
+        assert inv["currency"] != "usd" and inv["status"] == "paid"
+        assert [p["is_default"] for p in ps] == [True, False]
+        paid = [charges[p["payment"]["charge"]] for p in ps]
+        assert {c["customer"] for c in paid} == {inv["customer"]}
+        assert {c["currency"] for c in paid} == {inv["currency"]}
+        assert sum(p["amount_paid"] for p in ps) == inv["total"] == inv["amount_paid"]
+        assert inv["status_transitions"]["paid_at"] == paid[1]["created"] > paid[0]["created"]
+        rates = [bts[c["balance_transaction"]]["exchange_rate"] for c in paid]
+        assert rates[0] != rates[1]
 
 
 def test_some_charges_carry_erp_order_ids(data: dict[str, list[dict[str, Any]]]) -> None:
