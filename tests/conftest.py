@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.helpers.scheduling import CostliestFirst, FileSeconds
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
@@ -19,3 +22,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for tier in TIERS:
             if tier in parts and not item.get_closest_marker(tier):
                 item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` (``make test``), costliest files first: tests/helpers/scheduling.py."""
+    if config.getvalue("dist") == "loadfile":
+        return CostliestFirst(config, log)
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # On xdist's controller only: its workers report every test to it.
+    if config.getvalue("dist") not in (None, "no") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(FileSeconds(), "stripe-sage-file-seconds")

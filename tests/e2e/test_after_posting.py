@@ -19,7 +19,6 @@ import pytest
 from tests.helpers.business import (
     Env,
     expected_documents,
-    make_env,
     outbox,
     run_flow,
     sage_all,
@@ -31,18 +30,14 @@ from tests.helpers.business import (
 
 pytestmark = pytest.mark.e2e
 
-SEED, CHARGES = 7, 1_000
-
 
 @pytest.fixture(scope="module")
 def world(
-    tmp_path_factory: pytest.TempPathFactory, prefect_harness: None
+    default_business: tuple[Env, dict[str, Any]],
 ) -> Iterator[tuple[Env, dict[str, Any], dict[str, Any]]]:
-    mp = pytest.MonkeyPatch()
-    env = make_env(tmp_path_factory.mktemp("after"), charges=CHARGES, seed=SEED, monkeypatch=mp)
-    with env.pair:
+    env, result = default_business  # after its first run (tests/e2e/conftest.py)
+    with pytest.MonkeyPatch.context() as mp:
         use_env(env, mp)
-        result = run_flow(trigger="test")
         with env.stripe() as s:
             stripe = {
                 "invoices": stripe_all(s, "/v1/invoices"),
@@ -53,7 +48,6 @@ def world(
         with env.sage() as c:
             sage = {n: sage_all(c, n) for n in ("invoices", "creditmemos")}
         yield env, result, {**stripe, **{f"sage_{k}": v for k, v in sage.items()}}
-    mp.undo()
 
 
 def minor(amount: str) -> int:
