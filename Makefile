@@ -39,6 +39,7 @@ browser:
 
 # Two pytest workers, one test module each at a time (module fixtures stay per worker): most
 # e2e time is waiting on Prefect servers and flow-run processes, so two cores overlap it.
+# The costliest modules start first (tests/helpers/scheduling.py, times from the last run).
 test: install browser
 	$(BIN)/pytest -m "not slow" -q -n 2 --dist loadfile --durations=25
 

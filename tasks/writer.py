@@ -264,7 +264,11 @@ def _give_back(holder: Holder | None) -> str:
     return "its lease is gone already"
 
 
-def reclaim_dead_holder(record: HolderRecord, unrecorded_since: float | None) -> float | None:
+def reclaim_dead_holder(
+    record: HolderRecord,
+    unrecorded_since: float | None,
+    grace: float = UNRECORDED_GRACE_SECONDS,
+) -> float | None:
     """If the slot's holder on this machine is dead, give its slot back. Returns since when
     (monotonic) the slot has been taken with no record, for the grace period."""
     log = run_logger()
@@ -282,7 +286,7 @@ def reclaim_dead_holder(record: HolderRecord, unrecorded_since: float | None) ->
         now = time.monotonic()
         if unrecorded_since is None:
             return now
-        if now - unrecorded_since < UNRECORDED_GRACE_SECONDS:
+        if now - unrecorded_since < grace:
             return unrecorded_since
         how = _give_back(None)
         log.warning(
@@ -294,8 +298,9 @@ def reclaim_dead_holder(record: HolderRecord, unrecorded_since: float | None) ->
 
 
 @contextmanager
-def writer_slot() -> Iterator[dict[str, Any]]:
-    """Hold the writer slot; yields what the wait was (recorded in ``ops.runs``)."""
+def writer_slot(unrecorded_grace: float = UNRECORDED_GRACE_SECONDS) -> Iterator[dict[str, Any]]:
+    """Hold the writer slot; yields what the wait was (recorded in ``ops.runs``). A test of
+    the grace period may shorten it (``unrecorded_grace``)."""
     ensure_writer_limit()
     record = HolderRecord()
     asked = time.monotonic()
@@ -311,7 +316,7 @@ def writer_slot() -> Iterator[dict[str, Any]]:
             wanting.enter_context(WriterWaiters(record.dir).waiting())
             while True:
                 # Before each attempt, so a dead holder costs the next run no wait at all.
-                unrecorded_since = reclaim_dead_holder(record, unrecorded_since)
+                unrecorded_since = reclaim_dead_holder(record, unrecorded_since, unrecorded_grace)
                 try:
                     # A Prefect API blip while the run holds the slot does not abort its
                     # work (DuckDB's own file lock still keeps a second writer out); the

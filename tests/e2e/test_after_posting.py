@@ -30,7 +30,6 @@ from stripe_sage.store.staging import Staging
 from tests.helpers.business import (
     Env,
     expected_documents,
-    make_env,
     outbox,
     run_flow,
     sage_all,
@@ -42,20 +41,17 @@ from tests.helpers.business import (
 
 pytestmark = pytest.mark.e2e
 
-SEED, CHARGES = 7, 1_000
 CLEARING = "1050"  # accounts.clearing USD
 
 
 @pytest.fixture(scope="module")
 def world(
-    tmp_path_factory: pytest.TempPathFactory, prefect_harness: None
+    default_business: tuple[Env, dict[str, Any]],
 ) -> Iterator[tuple[Env, dict[str, Any], dict[str, Any]]]:
-    mp = pytest.MonkeyPatch()
-    env = make_env(tmp_path_factory.mktemp("after"), charges=CHARGES, seed=SEED, monkeypatch=mp)
-    with env.pair:
+    env, result = default_business  # after its first run (tests/e2e/conftest.py)
+    with pytest.MonkeyPatch.context() as mp:
         use_env(env, mp)
-        run_flow(trigger="test")
-        first_run = sage_counts(env)
+        first_run = sage_counts(env)  # after the shared first run
         # Stripe collects a written-off invoice after it was posted (written off) in Sage: the
         # next run books a recovery journal (issue 19).
         with env.stripe() as s:
@@ -84,7 +80,6 @@ def world(
                 for n in ("invoices", "creditmemos", "cashreceipts", "journalentries")
             }
         yield env, result, {**stripe, **{f"sage_{k}": v for k, v in sage.items()}}
-    mp.undo()
 
 
 def minor(amount: str) -> int:

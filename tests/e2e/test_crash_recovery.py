@@ -26,12 +26,13 @@ from tests.helpers.servers import ROOT, Prefect
 pytestmark = pytest.mark.e2e
 
 # A process that takes the writer slot, says so, holds it for argv[1] seconds, then reports
-# the limit's taken slots once it gave it back.
+# the limit's taken slots once it gave it back (argv[2]: the grace for a slot nobody recorded).
 HOLD = """
 import json, sys, time
 from prefect.client.orchestration import get_client
-from tasks.writer import WRITER_LIMIT, writer_slot
-with writer_slot() as slot:
+from tasks.writer import UNRECORDED_GRACE_SECONDS, WRITER_LIMIT, writer_slot
+grace = float(sys.argv[2]) if len(sys.argv) > 2 else UNRECORDED_GRACE_SECONDS
+with writer_slot(unrecorded_grace=grace) as slot:
     print(json.dumps({"pid": __import__("os").getpid(), **slot}), flush=True)
     time.sleep(float(sys.argv[1]))
 with get_client(sync_client=True) as c:
@@ -40,9 +41,9 @@ print(json.dumps({"active_slots_after": taken}), flush=True)
 """
 
 
-def holder(env: dict[str, str], seconds: float, log: Path) -> subprocess.Popen[str]:
+def holder(env: dict[str, str], seconds: float, log: Path, *grace: float) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(seconds)],
+        [sys.executable, "-c", HOLD, str(seconds), *map(str, grace)],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -167,8 +168,13 @@ with get_client(sync_client=True) as c:
 def test_embedded_a_slot_taken_by_nobody_recorded_is_given_back_after_the_grace(
     tmp_path: Path,
 ) -> None:
-    from tasks.writer import UNRECORDED_GRACE_SECONDS
+    from tasks.writer import POLL_SECONDS, UNRECORDED_GRACE_SECONDS
 
+    # The grace shortened to just over one poll (the same logic, 14 s less to wait): the
+    # waiter's first look starts the clock, the next one is within the grace and must not
+    # give the slot back, the one after gives it back.
+    grace = POLL_SECONDS + 1
+    assert grace < UNRECORDED_GRACE_SECONDS
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect"),
@@ -180,13 +186,11 @@ def test_embedded_a_slot_taken_by_nobody_recorded_is_given_back_after_the_grace(
         [sys.executable, "-c", TAKE_AND_EXIT], env=env, cwd=ROOT, capture_output=True, timeout=240
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    waiter = holder(env, 0, tmp_path / "processes.log")
+    waiter = holder(env, 0, tmp_path / "processes.log", grace)
     try:
         got = first_line(waiter, timeout=180)
         # Not before the grace (a live holder may be about to record itself), soon after it.
-        assert (
-            UNRECORDED_GRACE_SECONDS <= float(str(got["waited_s"])) < UNRECORDED_GRACE_SECONDS + 15
-        )
+        assert grace <= float(str(got["waited_s"])) < grace + 15
         assert waiter.stdout is not None
         assert json.loads(waiter.stdout.readline()) == {"active_slots_after": 0}
         assert waiter.wait(60) == 0

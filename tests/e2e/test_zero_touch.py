@@ -19,24 +19,18 @@ import duckdb
 import pytest
 
 from stripe_sage.mapping import load_mapping
-from tests.helpers.business import Env, make_env, run_flow, sage_all, stripe_all, use_env
+from tests.helpers.business import Env, sage_all, stripe_all, use_env
 
 pytestmark = pytest.mark.e2e
-
-SEED, CHARGES = 7, 1_000  # BusinessConfig's defaults: the business `make demo` serves
 
 
 @pytest.fixture(scope="module")
 def first_run(
-    tmp_path_factory: pytest.TempPathFactory, prefect_harness: None
+    default_business: tuple[Env, dict[str, Any]],
 ) -> Iterator[tuple[Env, dict[str, Any], dict[str, list[dict[str, Any]]]]]:
-    mp = pytest.MonkeyPatch()
-    env = make_env(
-        tmp_path_factory.mktemp("zero_touch"), charges=CHARGES, seed=SEED, monkeypatch=mp
-    )
-    with env.pair:
+    env, result = default_business  # after its first run (tests/e2e/conftest.py)
+    with pytest.MonkeyPatch.context() as mp:
         use_env(env, mp)
-        result = run_flow(trigger="test")
         with env.stripe() as s:
             stripe = {
                 "charges": stripe_all(s, "/v1/charges"),
@@ -54,7 +48,6 @@ def first_run(
                 for name in ("customers", "invoices", "cashreceipts", "creditmemos", "salesorders")
             }
         yield env, result, {**stripe, **{f"sage_{k}": v for k, v in sage.items()}}
-    mp.undo()
 
 
 def by_reference(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
