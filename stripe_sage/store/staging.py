@@ -393,6 +393,16 @@ class Staging:
             [account_id, interval, now_utc()],
         )
 
+    def charges_without_balance_transaction(self, limit: int = 500) -> list[str]:
+        """Succeeded, captured charges staged before Stripe created their balance
+        transaction (their receipts wait for it), oldest id first."""
+        rows = self.con.execute(
+            "SELECT id FROM staging.charges WHERE balance_transaction IS NULL "
+            "AND status = 'succeeded' AND coalesce(captured, true) ORDER BY id LIMIT ?",
+            [limit],
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def payouts_manual_only(self) -> bool:
         """Whether the account is paid out only manually (its schedule's interval is
         ``manual``), as last read from Stripe."""
