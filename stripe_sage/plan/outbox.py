@@ -164,7 +164,8 @@ def _document_slices(
             "WHERE doc_type = 'customer'"
         )
         sage = sage_customers().join(linked, on="customer_id", how="left")
-    yield plan_customers(new_customers, mapping, sage)
+    if not new_customers.is_empty():  # (each planner costs ~10 ms even on no rows)
+        yield plan_customers(new_customers, mapping, sage)
     del new_customers
     gid = mapping.charges.guest_customer_id
     if gid and not _guest_planned(st, gid) and _guest_needed(st):
@@ -182,7 +183,8 @@ def _document_slices(
             "AND x.doc_type = 'customer' WHERE c.run_id = ? AND x.run_id <> ?",
             [run_id, run_id],
         )
-        yield plan_customer_updates(changed, mapping)
+        if not changed.is_empty():
+            yield plan_customer_updates(changed, mapping)
     yield from _item_documents(st, mapping, scoped)
     pf = periods_frame(periods) if periods else None
     bts_of_slice = (
@@ -370,7 +372,8 @@ def _item_documents(st: Staging, mapping: Mapping, scoped: bool = False) -> Iter
         f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.products s WHERE "
         + _todo("products", "item:", "item_link:", alternatives=True, scoped=scoped)
     )
-    yield plan_items(products, mapping)
+    if not products.is_empty():
+        yield plan_items(products, mapping)
 
 
 def _payout_documents(
@@ -411,7 +414,8 @@ def _balance_documents(
         + in_scope(scoped),
         [list(TOPUP_CATEGORIES)],
     )
-    yield plan_topups(topups, mapping, pf)
+    if not topups.is_empty():
+        yield plan_topups(topups, mapping, pf)
     if not st.payouts_manual_only():
         return
     today = today or dt.datetime.now(dt.UTC).date()
@@ -427,7 +431,8 @@ def _balance_documents(
         "|| upper(s.currency) || ':' || CAST(CAST(timezone('UTC', s.created) AS DATE) AS VARCHAR))",
         [today],
     )
-    yield plan_daily_journals(unitemised, mapping, today, pf)
+    if not unitemised.is_empty():
+        yield plan_daily_journals(unitemised, mapping, today, pf)
 
 
 def _without_settled(st: Staging, docs: pl.DataFrame) -> pl.DataFrame:
