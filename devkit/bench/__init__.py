@@ -307,7 +307,6 @@ def _realtime(args: argparse.Namespace) -> dict[str, Any]:
         events=args.events,
         burst=args.burst,
         mechanisms=not args.no_mechanisms,
-        during_sync=args.during_sync,
     )
 
 

@@ -90,13 +90,6 @@ def register(sub: Any) -> None:
         "--burst", type=int, default=1000, help="realtime: events in the burst (0: none)"
     )
     p.add_argument(
-        "--during-sync",
-        type=int,
-        default=0,
-        help="realtime: also time single events while a scheduled sync of a business of this "
-        "many charges runs (0: not)",
-    )
-    p.add_argument(
         "--no-mechanisms",
         action="store_true",
         help="realtime: skip measuring what each Prefect mechanism costs",

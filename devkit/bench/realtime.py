@@ -120,7 +120,6 @@ def bench_realtime(
     charges: int = 200,
     burst: int = 1000,
     mechanisms: bool = True,
-    during_sync: int = 0,
 ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="stripe-sage-realtime-"))
     port = free_port()
