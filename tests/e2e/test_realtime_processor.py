@@ -233,7 +233,7 @@ def _processor_events(rt: Realtime, name: str, since: float) -> list[tuple[float
                 "event": {"name": [name]},
                 "occurred": {"since": after.isoformat()},
             },
-            "limit": 200,
+            "limit": 50,
         }
         events = httpx.post(f"{rt.prefect.url}/events/filter", json=body, timeout=10).json()
         found = [
