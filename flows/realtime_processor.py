@@ -10,8 +10,14 @@ DuckDB writer between calls; a task run inside a running flow run costs ~7 ms. S
 processor keeps its imports, its Stripe and Sage clients and its DuckDB connection warm,
 watches the inbox (a cheap SQLite count every ``PROCESSOR_POLL_SECONDS``) and runs, per
 batch, only the stages the batch needs: re-fetch what the events name → stage → row-level
-quality → plan → load → write-back, then marks the events processed. The reconciliation
-report and the analysts' snapshot are refreshed at most every ``PROCESSOR_REFRESH_SECONDS``.
+quality → plan → load → write-back, then marks the events processed. The plan covers only
+what the batch staged and what depends on it (``stripe_sage/plan/scope.py``: planning every
+unsettled row was the largest cost of a batch); the first batch and one at most every
+``PROCESSOR_FULL_PLAN_SECONDS`` plan everything unsettled. Charges staged before Stripe
+created their balance transaction are retrieved again with a backoff (1 s doubling to 60 s):
+no event announces the transaction. The reconciliation report and the analysts' snapshot
+are refreshed at most every ``PROCESSOR_REFRESH_SECONDS``, the dead-letter and waiting-age
+alerts raised at most every ``PROCESSOR_ALERT_SECONDS``.
 
 The DuckDB writer: the processor holds the writer slot (``tasks/writer.py``) while it runs and
 hands it over between two batches to any process on this machine that waits for it (a
