@@ -10,8 +10,14 @@ DuckDB writer between calls; a task run inside a running flow run costs ~7 ms. S
 processor keeps its imports, its Stripe and Sage clients and its DuckDB connection warm,
 watches the inbox (a cheap SQLite count every ``PROCESSOR_POLL_SECONDS``) and runs, per
 batch, only the stages the batch needs: re-fetch what the events name → stage → row-level
-quality → plan → load → write-back, then marks the events processed. The reconciliation
-report and the analysts' snapshot are refreshed at most every ``PROCESSOR_REFRESH_SECONDS``.
+quality → plan → load → write-back, then marks the events processed. The plan covers only
+what the batch staged and what depends on it (``stripe_sage/plan/scope.py``: planning every
+unsettled row was the largest cost of a batch); the first batch and one at most every
+``PROCESSOR_FULL_PLAN_SECONDS`` plan everything unsettled. Charges staged before Stripe
+created their balance transaction are retrieved again with a backoff (1 s doubling to 60 s):
+no event announces the transaction. The reconciliation report and the analysts' snapshot
+are refreshed at most every ``PROCESSOR_REFRESH_SECONDS``, the dead-letter and waiting-age
+alerts raised at most every ``PROCESSOR_ALERT_SECONDS``.
 
 The DuckDB writer: the processor holds the writer slot (``tasks/writer.py``) while it runs and
 hands it over between two batches to any process on this machine that waits for it (a
@@ -48,7 +54,7 @@ from tasks.context import run_logger
 from tasks.inbox import mark_processed
 from tasks.reconcile import reconciliation_report
 from tasks.staging import publish_snapshot
-from tasks.writer import WriterWaiters, open_run
+from tasks.writer import WriterWaiters, emit_state_alerts, open_run
 
 FLOW = "realtime_processor"
 # Per batch: no report, no snapshot (the refresh does them), and no volume comparison.
@@ -69,16 +75,24 @@ def stop_on_signals() -> None:
 
 
 def process_batch(
-    ctx: RunContext, inbox: Inbox, settings: Settings, *, retry_documents: bool = False
+    ctx: RunContext,
+    inbox: Inbox,
+    settings: Settings,
+    *,
+    retry_documents: bool = False,
+    full_plan: bool = False,
+    recheck_waits: bool = False,
 ) -> dict[str, Any]:
     """One micro-batch under its own run id, recorded in ``ops.runs``; raises what failed
     it (recorded as ``failed``), its events then still unprocessed. Events that name no
     object of a stream (``balance.available``) and no documents to retry need no stage at
-    all: they are only marked processed."""
+    all: they are only marked processed. The batch plans only what it staged and what
+    depends on it, unless ``full_plan``; with ``recheck_waits`` it also retrieves again the
+    charges whose balance transaction Stripe had not created yet."""
     run_id = str(uuid.uuid4())
     rows = inbox.unprocessed(settings.processor_batch_events)
     changed, echoes = events_by_stream(rows)
-    if rows and not changed and not echoes and not retry_documents:
+    if rows and not changed and not echoes and not retry_documents and not recheck_waits:
         mark_processed.fn(inbox, [r["event_id"] for r in rows], run_id)
         return {"events": len(rows), "status": "completed", "run_id": run_id, "staged": {}}
     batch = ctx.for_batch(run_id, retry_budget=settings.processor_retry_budget)
@@ -96,11 +110,14 @@ def process_batch(
                 data_docs=False,
                 task_runs=False,
                 checkpoint=False,
+                scoped_plan=not full_plan,
+                recheck_waits=recheck_waits,
             )
     finally:
         batch.close_batch()
     counts["status"] = run.status or run_status(counts.get("load", {}))
     counts["run_id"] = batch.run_id
+    counts["full_plan"] = full_plan
     return counts
 
 
@@ -117,7 +134,12 @@ def refresh(ctx: RunContext, run_id: str) -> None:
 
 
 def _hold(
-    settings: Settings, inbox: Inbox, session: str, deadline: float | None, stats: dict[str, Any]
+    settings: Settings,
+    inbox: Inbox,
+    session: str,
+    deadline: float | None,
+    stats: dict[str, Any],
+    alerts: Refresh,
 ) -> None:
     """Hold the writer and process batches until stopped, past ``deadline``, or someone on
     this machine waits for the writer (then hand it over)."""
@@ -125,6 +147,13 @@ def _hold(
     waiters = WriterWaiters()
     backoff = Backoff(initial=0.5, cap=30.0)
     pending_refresh = Refresh(every=settings.processor_refresh_seconds, last=time.monotonic())
+    # The first batch plans everything unsettled (what changed while no processor ran),
+    # then one at most every PROCESSOR_FULL_PLAN_SECONDS.
+    full_plan = Refresh(every=settings.processor_full_plan_seconds, changed=True)
+    # Charges that succeeded before Stripe created their balance transaction: no event says
+    # when it appears, so they are retrieved again after 1 s, 2 s, 4 s ... (at most a
+    # minute apart) for as long as any waits; their receipts wait meanwhile, never dead.
+    bt_waits = Backoff(initial=1.0, cap=60.0)
     retry_documents = False
     last_run = session
     with open_run(settings, session) as ctx:
@@ -133,16 +162,23 @@ def _hold(
         # marked processed, so the next batches process them again.
         if n := ctx.staging.fail_interrupted_runs(FLOW, INTERRUPTED):
             log.warning("%d batch(es) of a processor that stopped mid-batch marked failed", n)
+        waiting_bts = bool(ctx.staging.charges_without_balance_transaction(1))
         while not STOP.is_set() and (deadline is None or time.monotonic() < deadline):
             if waiters.others():
                 log.info("handing the DuckDB writer over to a waiting run; events wait")
                 stats["handovers"] += 1
                 break
             now = time.monotonic()
-            if batch_should_run(inbox.waiting(), retry_documents, backoff, now):
+            recheck = waiting_bts and bt_waits.ready(now)
+            if batch_should_run(inbox.waiting(), retry_documents or recheck, backoff, now):
                 try:
                     counts = process_batch_task(
-                        ctx, inbox, settings, retry_documents=retry_documents
+                        ctx,
+                        inbox,
+                        settings,
+                        retry_documents=retry_documents,
+                        full_plan=full_plan.due(now),
+                        recheck_waits=recheck,
                     )
                 except Exception as exc:
                     stats["failed_batches"] += 1
@@ -156,7 +192,15 @@ def _hold(
                     continue
                 stats["batches"] += 1
                 stats["events"] += int(counts.get("events") or 0)
+                if counts.get("full_plan"):
+                    full_plan.ran(time.monotonic())
+                    full_plan.touched()  # due again in PROCESSOR_FULL_PLAN_SECONDS
                 last_run = counts["run_id"]
+                waiting_bts = bool(ctx.staging.charges_without_balance_transaction(1))
+                if not waiting_bts:
+                    bt_waits.succeeded()
+                elif recheck or bt_waits.failures == 0:
+                    bt_waits.failed(time.monotonic())  # the next look, later each time
                 if counts.get("staged") != {}:
                     pending_refresh.touched()
                 # Documents Sage did not take (down, 429s past the batch's budget): try again
@@ -166,6 +210,18 @@ def _hold(
                     backoff.failed(time.monotonic())
                 else:
                     backoff.succeeded()
+                continue
+            if alerts.due(now):
+                try:
+                    if emitted := emit_state_alerts(
+                        ctx.staging, settings, run_id=last_run, flow=FLOW
+                    ):
+                        log.warning("alerts raised: %s", ", ".join(emitted))
+                    stats["alert_checks"] += 1
+                except Exception as exc:  # the next interval tries again; batches go on
+                    log.warning("alert check failed: %s", str(exc)[:300])
+                alerts.ran(time.monotonic())
+                alerts.touched()
                 continue
             if pending_refresh.due(now):
                 try:
@@ -191,11 +247,14 @@ def realtime_processor(run_for: float | None = None) -> dict[str, Any]:
     session = str(runtime.flow_run.id or uuid.uuid4())
     deadline = None if run_for is None else time.monotonic() + run_for
     stats: dict[str, Any] = dict.fromkeys(
-        ("batches", "events", "failed_batches", "handovers", "refreshes"), 0
+        ("batches", "events", "failed_batches", "handovers", "refreshes", "alert_checks"), 0
     )
     waiters = WriterWaiters()
+    # The dead-letter and waiting-age alerts a run raises as it ends, at most once an
+    # interval (across hand-overs of the writer).
+    alerts = Refresh(every=settings.processor_alert_seconds, changed=True)
     while not STOP.is_set() and (deadline is None or time.monotonic() < deadline):
-        _hold(settings, inbox, session, deadline, stats)
+        _hold(settings, inbox, session, deadline, stats, alerts)
         # Handed over: let the waiters take the slot first, then queue behind them.
         while waiters.others() and not STOP.is_set():
             STOP.wait(0.2)

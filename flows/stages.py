@@ -138,6 +138,8 @@ def run_stages(
     data_docs: bool = True,
     task_runs: bool = True,
     checkpoint: bool = True,
+    scoped_plan: bool = False,
+    recheck_waits: bool = False,
 ) -> dict[str, Any]:
     """Run ``stages`` of the sequence, in its order, recording into ``run.counts``.
 
@@ -154,6 +156,9 @@ def run_stages(
     makes a whole micro-batch one task run (a task run costs ~7 ms idle, far more on a busy
     Prefect server; eight of them per batch were a large part of a batch of one event).
     ``checkpoint=False``: staging leaves the WAL for the caller to checkpoint.
+    ``scoped_plan``: plan only what this run staged and what depends on it (a micro-batch;
+    ``stripe_sage/plan/scope.py``), not every unsettled row. ``recheck_waits``: the
+    extract retrieves again the charges staged before their balance transaction existed.
     """
     call = _call if task_runs else _plain
     counts = run.counts
@@ -173,7 +178,7 @@ def run_stages(
                 counts["events"] = call(extract_events, ctx.extractor, streams)
                 row["rows"] = sum(x["listed"] for x in counts["extract"].values())
             if inbox is not None:
-                inbox_ids = call(drain_inbox, ctx.extractor, inbox, inbox_limit)
+                inbox_ids = call(drain_inbox, ctx.extractor, inbox, inbox_limit, recheck_waits)
                 if streams is None:
                     counts["events"] = len(inbox_ids)
 
@@ -203,7 +208,9 @@ def run_stages(
             periods = call(fiscal_periods, ctx.sage)
             # Planned slice by slice into the outbox: a 1M-charge first run is ~2M payloads,
             # never all in memory at once; the loader reads them back in pages.
-            planned = call(plan, st, ctx.loader, ctx.mapping, periods, ctx.sage, run_id, dry_run)
+            planned = call(
+                plan, st, ctx.loader, ctx.mapping, periods, ctx.sage, run_id, dry_run, scoped_plan
+            )
             counts["planned"] = planned["planned"]
             row["rows"] = sum(planned["planned"].values())
             row["enqueued"] = planned["enqueued"]

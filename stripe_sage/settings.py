@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     processor_poll_seconds: float = Field(default=0.05, gt=0)
     processor_refresh_seconds: float = Field(default=60.0, ge=0)
     processor_retry_budget: float = Field(default=10.0, ge=0)
+    # A micro-batch plans only what it staged and what depends on it (plan/scope.py); at
+    # most this often a batch plans everything unsettled instead (what waits on time, not
+    # data: a day that ended). And at most this often the processor raises the dead-letter
+    # and waiting-age alerts (tasks/alerts.py), as a scheduled run does at its end.
+    processor_full_plan_seconds: float = Field(default=60.0, ge=0)
+    processor_alert_seconds: float = Field(default=300.0, ge=0)
     # The finance console (`stripe-sage console`): its own store (users, sessions, actions;
     # never the staging file), where it listens, and how long a session lasts unused.
     console_store: Path = Field(default=Path("data/console.sqlite3"))

@@ -34,6 +34,7 @@ PRODUCT_FLOWS = (
     "reconcile_payouts",
     "sync_customers_from_sage",
     "process_stripe_events",
+    "realtime_processor",
     "replay_dead_letters",
     "backfill",
     "backfill-windows",

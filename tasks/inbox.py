@@ -13,10 +13,17 @@ from tasks.context import run_logger
 
 
 @task(name="drain-inbox", cache_policy=NO_CACHE)
-def drain_inbox(extractor: Extractor, inbox: Inbox, limit: int = 20_000) -> list[str]:
+def drain_inbox(
+    extractor: Extractor, inbox: Inbox, limit: int = 20_000, recheck_waits: bool = False
+) -> list[str]:
     """Re-fetch every object the unprocessed events name (from Stripe, never from the event
     payload: an out-of-order or old-version payload can never overwrite newer state).
-    Returns the event ids to mark processed once the run has committed its documents."""
+    ``recheck_waits``: also retrieve again the charges whose balance transaction Stripe had
+    not created yet. Returns the event ids to mark processed once the run has committed its
+    documents."""
+    if recheck_waits:
+        n = extractor.refetch_charges_waiting_for_balance_transactions()
+        run_logger().info("re-fetched %d charges waiting for their balance transaction", n)
     rows = inbox.unprocessed(limit)
     if not rows:
         return []

@@ -72,16 +72,19 @@ def plan(
     sage: SageProClient | None = None,
     run_id: str | None = None,
     dry_run: bool = False,
+    scoped: bool = False,
 ) -> dict[str, Any]:
     """Plan the Sage documents the staged data implies, slice by slice into the outbox
-    (``dry_run``: only count them). Returns ``planned`` per doc_type, ``planned_errors``
-    and ``enqueued``."""
+    (``dry_run``: only count them; ``scoped``: only what run ``run_id`` staged and what
+    depends on it, a micro-batch's plan). Returns ``planned`` per doc_type,
+    ``planned_errors`` and ``enqueued``."""
     totals = plan_into_outbox(
         st,
         mapping,
         periods,
         None if dry_run else loader.enqueue,
         run_id=run_id,
+        scope_run_id=run_id if scoped else None,
         sage_customers=(lambda: sage_customer_emails(sage.list_customers())) if sage else None,
         **(sage_lookups(sage) if sage else SageLookups()),
     )

@@ -48,7 +48,10 @@ from prefect.settings import get_current_settings
 
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
+from stripe_sage.store.staging import Staging
 from tasks.alerts import (
+    DEAD_LETTERS_ABOVE,
+    WAITING_OVERDUE,
     auth_error_in,
     emit_auth_failed,
     emit_dead_letters,
@@ -373,14 +376,26 @@ def open_run(settings: Settings, run_id: str, **options: Any) -> Iterator[RunCon
             if (auth := auth_error_in(exc)) is not None:
                 emit_auth_failed(auth, run_id=run_id, flow=flow)
             raise
-        states = ctx.staging.state_counts()
-        emit_dead_letters(
-            states.get("dead", 0),
-            settings.dead_letter_alert_threshold,
-            run_id=run_id,
-            flow=flow,
-            unposted=states,
-        )
-        overdue = ctx.staging.overdue_waiting(settings.waiting_alert_hours)
-        emit_waiting_overdue(overdue, run_id=run_id, flow=flow)
+        emit_state_alerts(ctx.staging, settings, run_id=run_id, flow=flow)
         emit_suspense(ctx.staging.suspense_flags(run_id), run_id=run_id, flow=flow)
+
+
+def emit_state_alerts(st: Staging, settings: Settings, *, run_id: str, flow: str) -> list[str]:
+    """The alerts on the outbox's state: more open dead letters than the threshold, and
+    documents waiting longer than their reason allows. A run raises them as it ends; the
+    real-time processor, which never ends, every ``PROCESSOR_ALERT_SECONDS``. Returns the
+    events emitted."""
+    emitted = []
+    states = st.state_counts()
+    if emit_dead_letters(
+        states.get("dead", 0),
+        settings.dead_letter_alert_threshold,
+        run_id=run_id,
+        flow=flow,
+        unposted=states,
+    ):
+        emitted.append(DEAD_LETTERS_ABOVE)
+    overdue = st.overdue_waiting(settings.waiting_alert_hours)
+    if emit_waiting_overdue(overdue, run_id=run_id, flow=flow):
+        emitted.append(WAITING_OVERDUE)
+    return emitted

@@ -303,7 +303,11 @@ def bench_reconcile(args: argparse.Namespace) -> dict[str, Any]:
 def _realtime(args: argparse.Namespace) -> dict[str, Any]:
     from devkit.bench.realtime import bench_realtime
 
-    return bench_realtime(events=args.events, burst=args.burst)
+    return bench_realtime(
+        events=args.events,
+        burst=args.burst,
+        mechanisms=not args.no_mechanisms,
+    )
 
 
 def _backfill(args: argparse.Namespace) -> dict[str, Any]:

@@ -89,6 +89,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--burst", type=int, default=1000, help="realtime: events in the burst (0: none)"
     )
+    p.add_argument(
+        "--no-mechanisms",
+        action="store_true",
+        help="realtime: skip measuring what each Prefect mechanism costs",
+    )
     p.add_argument("--rate", type=float, default=200.0, help="receiver: events per second")
     p.add_argument("--seconds", type=float, default=30.0, help="receiver: for how long")
     p.add_argument("--charges", type=int, default=100_000)

@@ -116,7 +116,10 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 
 def bench_realtime(
-    events: int = 20, charges: int = 200, burst: int = 1000, mechanisms: bool = True
+    events: int = 20,
+    charges: int = 200,
+    burst: int = 1000,
+    mechanisms: bool = True,
 ) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="stripe-sage-realtime-"))
     port = free_port()

@@ -1084,6 +1084,7 @@ def create_stripe_app(
                         amount=int(body.get("amount", 2000)),
                         currency=body.get("currency", "usd"),
                         metadata=body.get("metadata"),
+                        balance_transaction_delay=float(body.get("balance_transaction_delay", 0.0)),
                     )
                     return {"id": world.make_id("charges", i)}
                 if action == "refund":

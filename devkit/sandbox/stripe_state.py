@@ -241,6 +241,9 @@ class Overlay:
     invoice_paid_by: dict[int, int] = field(default_factory=dict)  # open invoice → charge
     patches: dict[tuple[str, int], JSON] = field(default_factory=dict)  # current-state merges
     deleted_customers: set[int] = field(default_factory=set)
+    # Balance transactions Stripe has not created yet (bt index → time.monotonic() from which
+    # it exists): until then its charge shows none and retrieving it is a 404.
+    bt_ready_at: dict[int, float] = field(default_factory=dict)
 
 
 def deep_merge(base: JSON, patch: JSON) -> JSON:
@@ -302,7 +305,14 @@ class StripeWorld:
             return None
         if self.make_id(resource, index) != obj_id or index >= self.count(resource):
             return None
+        if resource == "balance_transactions" and not self.bt_exists(index):
+            return None
         return index
+
+    def bt_exists(self, x: int) -> bool:
+        """Whether Stripe has created balance transaction ``x`` yet (see ``create_charge``)."""
+        ready = self.o.bt_ready_at.get(x)
+        return ready is None or time.monotonic() >= ready
 
     # -- counts and timestamps -------------------------------------------------------------
     def base_count(self, resource: str) -> int:
@@ -658,7 +668,11 @@ class StripeWorld:
             amount=c.amount,
             amount_captured=c.amount if captured else 0,
             amount_refunded=refunded,
-            balance_transaction=self.make_id("balance_transactions", c.bt) if captured else None,
+            balance_transaction=(
+                self.make_id("balance_transactions", c.bt)
+                if captured and self.bt_exists(c.bt)
+                else None
+            ),
             billing_details={
                 **tpl["billing_details"],
                 "email": cust["email"],
@@ -707,7 +721,7 @@ class StripeWorld:
                 "has_more": False,
                 "url": f"/v1/charges/{cid}/refunds",
             }
-        if "balance_transaction" in expand and captured:
+        if "balance_transaction" in expand and obj["balance_transaction"] is not None:
             obj["balance_transaction"] = self._render_balance_transactions(c.bt, t, frozenset())
         if "customer" in expand and not guest:
             obj["customer"] = self.render("customers", c.customer, as_of=t)
@@ -2034,7 +2048,12 @@ class StripeWorld:
         currency: str = "usd",
         metadata: JSON | None = None,
         invoice: int = -1,
+        balance_transaction_delay: float = 0.0,
     ) -> int:
+        """A new succeeded charge, its ``charge.succeeded`` event emitted now. With
+        ``balance_transaction_delay`` (seconds), Stripe creates its balance transaction only
+        that much later, as it does for some payments: the charge shows none until then, and
+        no event says when it appears."""
         with self.lock:
             if customer >= 0 and self.is_deleted(customer):
                 raise ValueError(f"No such customer: '{self.make_id('customers', customer)}'")
@@ -2070,6 +2089,8 @@ class StripeWorld:
                 i,
                 created - created % DAY + 2 * DAY,
             )
+            if balance_transaction_delay > 0:
+                self.o.bt_ready_at[spec.bt] = time.monotonic() + balance_transaction_delay
             self.o.charges.append(spec)
             if metadata:
                 extra = {k: v for k, v in metadata.items() if k != "erp_order_id"}

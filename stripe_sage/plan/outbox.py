@@ -35,6 +35,7 @@ from stripe_sage.plan.documents import (
 from stripe_sage.plan.fx import invoice_payment_shares, invoice_settlements
 from stripe_sage.plan.items import plan_default_item, plan_items
 from stripe_sage.plan.orders import link_charges_to_sessions, plan_order_items, plan_orders
+from stripe_sage.plan.scope import build_scope, in_scope
 from stripe_sage.reconcile.report import (
     TOPUP_CATEGORIES,
     daily_recognition_sql,
@@ -63,15 +64,15 @@ def _not_quarantined(stream: str, alias: str = "s") -> str:
     )
 
 
-def _todo(stream: str, *prefixes: str, alternatives: bool = False) -> str:
+def _todo(stream: str, *prefixes: str, alternatives: bool = False, scoped: bool = False) -> str:
     """SQL condition on ``s`` (a row of ``staging.<stream>``): not quarantined, and some of
     its documents (``prefixes`` of doc_key) not settled; with ``alternatives``, none of them
-    settled (one document in either form)."""
+    settled (one document in either form); ``scoped``: in the batch's scope (plan/scope.py)."""
     settled = [
         f"EXISTS (SELECT 1 FROM _settled k WHERE k.doc_key = '{p}' || s.id)" for p in prefixes
     ]
     joined = (" OR " if alternatives else " AND ").join(settled)
-    return f"{_not_quarantined(stream)} AND NOT ({joined})"
+    return f"{_not_quarantined(stream)} AND NOT ({joined}){in_scope(scoped)}"
 
 
 def _rows_to_plan(st: Staging, stream: str, todo: str, size: int) -> Iterator[pl.DataFrame]:
@@ -132,6 +133,7 @@ def _document_slices(
     slice_rows: int,
     customer_exists: Callable[[str], bool] | None = None,
     sales_orders: Callable[[list[str]], set[str]] | None = None,
+    scoped: bool = False,
 ) -> Iterator[pl.DataFrame]:
     """The documents the staged data implies, a slice at a time (before the final check
     against the outbox, see :func:`plan_slices`). Each slice is registered as
@@ -139,7 +141,8 @@ def _document_slices(
     lines, items) are read for it."""
     new_customers = st.frame(
         f"WITH _settled AS ({_SETTLED}) SELECT {customer_columns()} FROM staging.customers s "
-        "WHERE " + _todo("customers", "customer:", "customer_link:", alternatives=True)
+        "WHERE "
+        + _todo("customers", "customer:", "customer_link:", alternatives=True, scoped=scoped)
     )
     sage = None
     if (
@@ -151,7 +154,8 @@ def _document_slices(
             "WHERE doc_type = 'customer'"
         )
         sage = sage_customers().join(linked, on="customer_id", how="left")
-    yield plan_customers(new_customers, mapping, sage)
+    if not new_customers.is_empty():  # (each planner costs ~10 ms even on no rows)
+        yield plan_customers(new_customers, mapping, sage)
     del new_customers
     gid = mapping.charges.guest_customer_id
     if gid and not _guest_planned(st, gid) and _guest_needed(st):
@@ -169,20 +173,23 @@ def _document_slices(
             "AND x.doc_type = 'customer' WHERE c.run_id = ? AND x.run_id <> ?",
             [run_id, run_id],
         )
-        yield plan_customer_updates(changed, mapping)
-    yield from _item_documents(st, mapping)
+        if not changed.is_empty():
+            yield plan_customer_updates(changed, mapping)
+    yield from _item_documents(st, mapping, scoped)
     pf = periods_frame(periods) if periods else None
     bts_of_slice = (
         "SELECT b.* FROM staging.balance_transactions b "
         "WHERE b.id IN (SELECT balance_transaction FROM _plan_slice)"
     )
 
-    yield from _order_documents(st, mapping, pf, slice_rows)
+    yield from _order_documents(st, mapping, pf, slice_rows, scoped)
 
     known_orders: set[str] = set()  # ERP order ids Sage has (asked once each per run)
     asked: set[str] = set()
     sessions_read_until = _sessions_read_until(st)
-    for charges in _rows_to_plan(st, "charges", _todo("charges", "cash_receipt:"), slice_rows):
+    for charges in _rows_to_plan(
+        st, "charges", _todo("charges", "cash_receipt:", scoped=scoped), slice_rows
+    ):
         with st.registered(
             "_plan_slice", charges.select("id", "balance_transaction", "payment_intent")
         ):
@@ -250,7 +257,9 @@ def _document_slices(
         )
 
     tax_rates = st.table("tax_rates")  # a handful of rows: the Sage tax codes come from them
-    for invoices in _rows_to_plan(st, "invoices", _todo("invoices", "invoice:"), slice_rows):
+    for invoices in _rows_to_plan(
+        st, "invoices", _todo("invoices", "invoice:", scoped=scoped), slice_rows
+    ):
         with st.registered("_plan_slice", invoices.select("id")):
             lines = st.frame(
                 # product_staged: a line's item comes from its product (see plan/items.py).
@@ -277,10 +286,14 @@ def _document_slices(
         settlements = invoice_settlements(payments, paying, paying_bts)
         yield plan_invoices(invoices, lines, mapping, pf, tax_rates, settlements)
 
-    yield from _after_posting_documents(st, mapping, pf, tax_rates, slice_rows)
+    yield from _after_posting_documents(st, mapping, pf, tax_rates, slice_rows, scoped)
 
     refunds_todo = _todo(
-        "refunds", "credit_memo:", "journal_entry:refund_failure:", "journal_entry:refund_fx:"
+        "refunds",
+        "credit_memo:",
+        "journal_entry:refund_failure:",
+        "journal_entry:refund_fx:",
+        scoped=scoped,
     )
     for refunds in _rows_to_plan(st, "refunds", refunds_todo, slice_rows):
         with st.registered(
@@ -313,7 +326,7 @@ def _document_slices(
             )["id"].to_list()
         yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds, credited)
 
-    yield from _payout_documents(st, mapping, pf)
+    yield from _payout_documents(st, mapping, pf, scoped)
 
 
 def _after_posting_documents(
@@ -322,11 +335,12 @@ def _after_posting_documents(
     pf: pl.DataFrame | None,
     tax_rates: pl.DataFrame,
     slice_rows: int,
+    scoped: bool = False,
 ) -> Iterator[pl.DataFrame]:
     """Issue 19: credit notes, the memos of voided and written-off invoices, and of credit
     balances invoices used."""
     for notes in _rows_to_plan(
-        st, "credit_notes", _todo("credit_notes", "credit_memo:"), slice_rows
+        st, "credit_notes", _todo("credit_notes", "credit_memo:", scoped=scoped), slice_rows
     ):
         yield plan_credit_notes(notes, mapping, pf, tax_rates)
     closing = (
@@ -336,7 +350,7 @@ def _after_posting_documents(
         # Written off, even if Stripe collected it later (then a recovery journal follows).
         "(s.marked_uncollectible_at IS NOT NULL AND s.status IN ('uncollectible', 'paid') "
         "AND NOT EXISTS (SELECT 1 FROM _settled k "
-        f"WHERE k.doc_key = 'credit_memo:{WRITE_OFF_PREFIX}' || s.id)))"
+        f"WHERE k.doc_key = 'credit_memo:{WRITE_OFF_PREFIX}' || s.id))){in_scope(scoped)}"
     )
     for invoices in _rows_to_plan(st, "invoices", closing, slice_rows):
         yield plan_invoice_closures(invoices, mapping, pf, tax_rates)
@@ -358,14 +372,14 @@ def _sessions_read_until(st: Staging) -> dt.datetime | None:
 
 
 def _order_documents(
-    st: Staging, mapping: Mapping, pf: pl.DataFrame | None, slice_rows: int
+    st: Staging, mapping: Mapping, pf: pl.DataFrame | None, slice_rows: int, scoped: bool = False
 ) -> Iterator[pl.DataFrame]:
     """Completed goods Checkout Sessions → sales order + invoice (plan/orders.py), with the
     shipping and discount items they name planned first."""
     if not mapping.orders.enabled:
         return
     todo = (
-        _todo("checkout_sessions", "sales_order:", "invoice:")
+        _todo("checkout_sessions", "sales_order:", "invoice:", scoped=scoped)
         + " AND s.mode = 'payment' AND NOT coalesce(s.invoice_creation, false)"
         + " AND s.status = 'complete'"
     )
@@ -384,21 +398,22 @@ def _order_documents(
         yield plan_orders(sessions, items, mapping, pf)
 
 
-def _item_documents(st: Staging, mapping: Mapping) -> Iterator[pl.DataFrame]:
+def _item_documents(st: Staging, mapping: Mapping, scoped: bool = False) -> Iterator[pl.DataFrame]:
     """The Sage items lines will name: the default item, then one per staged product whose
     item is not settled (posted under either form), before any document that names them."""
     yield plan_default_item(mapping)
     products = st.frame(
         f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.products s WHERE "
-        + _todo("products", "item:", "item_link:", alternatives=True)
+        + _todo("products", "item:", "item_link:", alternatives=True, scoped=scoped)
     )
-    yield plan_items(products, mapping)
+    if not products.is_empty():
+        yield plan_items(products, mapping)
 
 
 def _payout_documents(
-    st: Staging, mapping: Mapping, pf: pl.DataFrame | None
+    st: Staging, mapping: Mapping, pf: pl.DataFrame | None, scoped: bool = False
 ) -> Iterator[pl.DataFrame]:
-    todo = _todo("payouts", "journal_entry:", "journal_entry:payout_failure:")
+    todo = _todo("payouts", "journal_entry:", "journal_entry:payout_failure:", scoped=scoped)
     for payouts in _rows_to_plan(st, "payouts", todo, PAYOUT_SLICE):
         with st.registered("_plan_slice", payouts.select("id", "failure_balance_transaction")):
             items = st.frame(
@@ -412,11 +427,15 @@ def _payout_documents(
                 "UNION ALL SELECT failure_balance_transaction FROM _plan_slice)"
             )
         yield plan_payouts(payouts, items, bts, mapping, pf)
-    yield from _balance_documents(st, mapping, pf)
+    yield from _balance_documents(st, mapping, pf, scoped=scoped)
 
 
 def _balance_documents(
-    st: Staging, mapping: Mapping, pf: pl.DataFrame | None, today: dt.date | None = None
+    st: Staging,
+    mapping: Mapping,
+    pf: pl.DataFrame | None,
+    today: dt.date | None = None,
+    scoped: bool = False,
 ) -> Iterator[pl.DataFrame]:
     """Top-up journals, and the daily journals of the fees and adjustments no automatic
     payout recognises: on an account paid out only manually every day's, on one with
@@ -427,10 +446,12 @@ def _balance_documents(
         "WHERE s.reporting_category IN (SELECT unnest(?::VARCHAR[])) AND "
         + _not_quarantined("balance_transactions")
         + " AND NOT EXISTS (SELECT 1 FROM _settled k WHERE k.doc_key = "
-        "'journal_entry:' || s.reporting_category || ':' || coalesce(s.source, s.id))",
+        "'journal_entry:' || s.reporting_category || ':' || coalesce(s.source, s.id))"
+        + in_scope(scoped),
         [list(TOPUP_CATEGORIES)],
     )
-    yield plan_topups(topups, mapping, pf)
+    if not topups.is_empty():
+        yield plan_topups(topups, mapping, pf)
     today = today or dt.datetime.now(dt.UTC).date()
     # Transactions no automatic payout recognises, of days whose journal is not settled
     # (a day is planned once it has ended, with all its transactions staged).
@@ -443,7 +464,8 @@ def _balance_documents(
         "|| upper(s.currency) || ':' || CAST(CAST(timezone('UTC', s.created) AS DATE) AS VARCHAR))",
         [today],
     )
-    yield plan_daily_journals(unitemised, mapping, today, pf)
+    if not unitemised.is_empty():
+        yield plan_daily_journals(unitemised, mapping, today, pf)
 
 
 def _without_settled(st: Staging, docs: pl.DataFrame) -> pl.DataFrame:
@@ -466,6 +488,7 @@ def plan_slices(
     slice_rows: int = PLAN_SLICE_ROWS,
     customer_exists: Callable[[str], bool] | None = None,
     sales_orders: Callable[[list[str]], set[str]] | None = None,
+    scope_run_id: str | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Every Sage document the staged data implies that the outbox does not hold yet, as
     frames of at most a slice's documents (customers first, then charges, invoices, refunds
@@ -477,7 +500,10 @@ def plan_slices(
     changed, whose updates go to Sage; ``customer_exists`` says whether Sage has a customer
     id (the guest customer is linked, not created, when it does); ``sales_orders`` returns
     which of the given ERP order ids Sage has (the others post on account). Without them
-    (previews, tests) the guest customer is created and every ERP order taken as known."""
+    (previews, tests) the guest customer is created and every ERP order taken as known.
+    ``scope_run_id``: plan only what that run (a micro-batch) staged and what depends on it
+    (plan/scope.py); the same documents as the full plan gives for them."""
+    scoped = scope_run_id is not None and build_scope(st, scope_run_id)
     # Records still failing planning the same way are dead letters already.
     still_failing = st.frame(
         "SELECT doc_key, reason AS error FROM ops.dead_letters WHERE error_code = 'planning' "
@@ -492,6 +518,7 @@ def plan_slices(
         slice_rows=slice_rows,
         customer_exists=customer_exists,
         sales_orders=sales_orders,
+        scoped=scoped,
     ):
         if docs.is_empty():
             continue
@@ -509,6 +536,7 @@ def plan_documents(
     run_id: str | None = None,
     customer_exists: Callable[[str], bool] | None = None,
     sales_orders: Callable[[list[str]], set[str]] | None = None,
+    scope_run_id: str | None = None,
 ) -> pl.DataFrame:
     """All of :func:`plan_slices` in one frame (previews and tests; runs enqueue slice by
     slice with :func:`plan_into_outbox`)."""
@@ -521,6 +549,7 @@ def plan_documents(
             run_id=run_id,
             customer_exists=customer_exists,
             sales_orders=sales_orders,
+            scope_run_id=scope_run_id,
         )
     )
     return pl.concat(frames) if frames else empty_docs()
@@ -555,10 +584,12 @@ def plan_into_outbox(
     slice_rows: int = PLAN_SLICE_ROWS,
     customer_exists: Callable[[str], bool] | None = None,
     sales_orders: Callable[[list[str]], set[str]] | None = None,
+    scope_run_id: str | None = None,
 ) -> PlanTotals:
     """Plan slice by slice, each slice into the outbox (``enqueue``) before the next is read;
     with ``enqueue=None`` (a dry run) only count. Memory is one slice's documents. Flagged
-    documents are recorded in ``ops.flags`` for a person to list."""
+    documents are recorded in ``ops.flags`` for a person to list. ``scope_run_id``: see
+    :func:`plan_slices`."""
     totals = PlanTotals()
     for docs in plan_slices(
         st,
@@ -569,6 +600,7 @@ def plan_into_outbox(
         slice_rows=slice_rows,
         customer_exists=customer_exists,
         sales_orders=sales_orders,
+        scope_run_id=scope_run_id,
     ):
         for doc_type, n in docs.group_by("doc_type").len().iter_rows():
             totals.planned[doc_type] = totals.planned.get(doc_type, 0) + n

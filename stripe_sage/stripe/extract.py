@@ -67,6 +67,8 @@ class EventStats:
 
 
 # Metadata keys the product writes back to Stripe (see writeback.py).
+# Streams re-fetched with their balance transaction expanded (``_refetch``).
+EXPAND_BT = frozenset({"charges", "refunds"})
 WRITEBACK_KEYS = frozenset({"sage_customer_id", "sage_invoice_no", "sage_order_no", "sage_item"})
 
 
@@ -688,10 +690,24 @@ class Extractor:
             out[stream] = self.staging.listed_by(self.run_id, stream, ids)
         return out
 
+    def refetch_charges_waiting_for_balance_transactions(self, source: str = "webhook") -> int:
+        """Charges that succeeded before Stripe created their balance transaction (staged
+        with none, their receipt waiting for it): retrieved again, the balance transaction
+        expanded. The real-time processor asks, with a backoff, while receipts wait so:
+        Stripe sends no event when the balance transaction appears. Returns how many."""
+        waiting = self.staging.charges_without_balance_transaction()
+        if waiting:
+            self._refetch("charges", waiting, {}, source)
+        return len(waiting)
+
     def _refetch(
         self, stream: str, ids: list[str], types: dict[str, str], source: str = "event"
     ) -> None:
         s = STREAMS[stream]
+        # A charge or refund comes with its balance transaction expanded: the receipt needs
+        # it, and one request is quicker than two (fetch_missing_balance_transactions then
+        # finds nothing to fetch).
+        expand = (*s.expand, "balance_transaction") if stream in EXPAND_BT else s.expand
 
         def fetch(object_id: str) -> list[JSON]:
             if stream == "invoice_payments":
@@ -701,7 +717,7 @@ class Extractor:
                     out.extend(page)
                 return out
             try:
-                obj = self.reader.retrieve(s.path, object_id, s.expand)
+                obj = self.reader.retrieve(s.path, object_id, expand)
             except NotFoundError:
                 if stream != "customers":
                     raise
@@ -715,6 +731,20 @@ class Extractor:
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix=f"ev-{stream}") as pool:
             results = [obj for objs in pool.map(fetch, ids) for obj in objs]
+        bts = [
+            o["balance_transaction"]
+            for o in results
+            if isinstance(o.get("balance_transaction"), dict)
+        ]
+        results = [
+            {**o, "balance_transaction": o["balance_transaction"]["id"]}
+            if isinstance(o.get("balance_transaction"), dict)
+            else o
+            for o in results
+        ]
+        if bts:
+            with self.writer.committing():
+                self._write("balance_transactions", bts, source)
         deleted = [o for o in results if o.get("deleted") and "created" not in o]
         whole = [o for o in results if not (o.get("deleted") and "created" not in o)]
         if stream == "customers" and deleted:

@@ -10,6 +10,7 @@ parity between a micro-batch and the scheduled run on the same rows."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -39,6 +40,8 @@ from tests.helpers.servers import BIN, ROOT, Prefect, spawn, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
+ALERT_SECONDS = 3.0
+
 
 class Realtime:
     def __init__(self, env: Env, prefect: Prefect, tmp: Path) -> None:
@@ -67,7 +70,12 @@ class Realtime:
     def start_processor(self) -> subprocess.Popen[bytes]:
         self.children["processor"] = proc = spawn(
             [str(BIN / "stripe-sage"), "processor"],
-            self.child_env(PREFECT_LOGGING_LEVEL="INFO"),
+            self.child_env(
+                PREFECT_LOGGING_LEVEL="INFO",
+                # Alerts checked every ALERT_SECONDS; a wait overdue after ~1 s.
+                PROCESSOR_ALERT_SECONDS=str(ALERT_SECONDS),
+                WAITING_ALERT_HOURS=json.dumps({"default": 0.0003, "balance_transaction": 0.0003}),
+            ),
             self.tmp / "processor.log",
         )
         return proc
@@ -181,6 +189,61 @@ def test_a_sync_and_the_processor_overlap_without_lock_errors(rt: Realtime) -> N
     assert "handing the DuckDB writer over" in log
     assert "Could not set lock" not in log and "Conflicting lock" not in log
     assert Counter(receipts(rt.env)).most_common(1)[0][1] == 1
+
+
+def test_a_charge_before_its_balance_transaction_waits_then_posts_and_alerts(
+    rt: Realtime,
+) -> None:
+    """Stripe creates the balance transaction seconds after ``charge.succeeded`` and sends no
+    event when it does: the receipt waits (never dead), the processor retrieves the charge
+    again with a backoff and posts it once the balance transaction exists; meanwhile the
+    wait is overdue (a threshold of ~1 s here) and the processor raises the waiting alert,
+    at most once per PROCESSOR_ALERT_SECONDS."""
+    started = time.monotonic()
+    charge = new_charge(rt.env, balance_transaction_delay=8.0)
+    with rt.env.stripe() as s:
+        assert s.get(f"/v1/charges/{charge}").json()["balance_transaction"] is None
+        wait_for(rt.drained, 60, "the charge's event processed")
+        posted = receipts(rt.env)
+        if s.get(f"/v1/charges/{charge}").json()["balance_transaction"] is None:
+            assert charge not in posted  # processed, and its receipt waits
+    wait_for(lambda: charge in receipts(rt.env), 90, "the receipt once the transaction exists")
+    assert time.monotonic() - started >= 8.0
+    assert receipts(rt.env)[charge] == 1
+    alerts = _processor_events(rt, "stripe-sage.waiting.overdue", since=started)
+    assert alerts, "no waiting alert from the processor"
+    times = sorted(a for a, _ in alerts)
+    assert all(b - a >= ALERT_SECONDS - 0.5 for a, b in itertools.pairwise(times))
+    assert any("balance_transaction" in p["kinds"] for _, p in alerts)
+    log = (rt.tmp / "processor.log").read_text()
+    assert "charges waiting for their balance transaction" in log
+
+
+def _processor_events(rt: Realtime, name: str, since: float) -> list[tuple[float, Any]]:
+    """(seconds since the epoch, payload) of the events ``name`` the processor emitted since
+    ``since`` (monotonic), read back from Prefect's API."""
+    import datetime as dt
+
+    after = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=time.monotonic() - since)
+    found: list[tuple[float, Any]] = []
+    deadline = time.monotonic() + 30
+    while not found and time.monotonic() < deadline:
+        body = {
+            "filter": {
+                "event": {"name": [name]},
+                "occurred": {"since": after.isoformat()},
+            },
+            "limit": 50,
+        }
+        events = httpx.post(f"{rt.prefect.url}/events/filter", json=body, timeout=10).json()
+        found = [
+            (dt.datetime.fromisoformat(e["occurred"]).timestamp(), e["payload"])
+            for e in events.get("events", [])
+            if e["payload"].get("flow") == "realtime_processor"
+        ]
+        if not found:
+            time.sleep(1)
+    return found
 
 
 def test_a_burst_killed_mid_batch_is_drained_exactly_once(rt: Realtime) -> None:

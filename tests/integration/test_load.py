@@ -806,3 +806,83 @@ def assert_exactly_once(env: Env, seeded: dict[str, int]) -> None:
             assert [r for r, n in references.items() if n > 1] == [], collection
             assert len(found) == documents[collection]
             assert documents[collection] == seeded[collection] + posted[collection], collection
+
+
+def test_given_a_batch_when_planned_in_its_scope_then_the_full_plan_has_nothing_more(
+    env: Env,
+) -> None:
+    """A micro-batch plans only what it staged and what depends on it (plan/scope.py): the
+    same documents as the full plan, but for documents that still wait, unchanged, for
+    something no batch staged (the cost the scope saves)."""
+    st, mapping = env.st, load_mapping()
+    with env.client() as client:
+        periods = client.fiscal_periods()
+    picked = st.con.execute(
+        "SELECT id, balance_transaction FROM staging.charges WHERE status = 'succeeded' "
+        "AND balance_transaction IS NOT NULL AND customer IS NOT NULL "
+        "AND id NOT IN (SELECT charge FROM staging.invoice_payments WHERE charge IS NOT NULL) "
+        "AND id NOT IN (SELECT charge FROM staging.refunds) ORDER BY id LIMIT 3"
+    ).fetchall()
+    (new_charge, new_bt), (late_charge, late_bt), (still_late_charge, still_late_bt) = picked
+    (invoice,) = st.con.execute(
+        "SELECT id FROM staging.invoices WHERE status = 'paid' AND id IN "
+        "(SELECT invoice FROM staging.invoice_lines) ORDER BY id LIMIT 1"
+    ).fetchone() or (None,)
+    (refund, refund_bt) = st.con.execute(
+        "SELECT id, balance_transaction FROM staging.refunds "
+        "WHERE balance_transaction IS NOT NULL ORDER BY id LIMIT 1"
+    ).fetchone() or (None, None)
+    assert invoice and refund
+    # What the batch will stage arrives later: held out of staging while the rest is planned.
+    held = {
+        "charges": f"id = '{new_charge}'",
+        "balance_transactions": f"id IN ('{new_bt}', '{late_bt}', '{refund_bt}')",
+        "invoice_lines": f"invoice = '{invoice}'",
+        "refunds": f"id = '{refund}'",
+    }
+    for table, where in held.items():
+        st.con.execute(
+            f"CREATE TEMP TABLE held_{table} AS SELECT * FROM staging.{table} WHERE {where}"
+        )
+        st.con.execute(f"DELETE FROM staging.{table} WHERE {where}")
+    # And one balance transaction no batch brings: its charge keeps waiting.
+    st.con.execute("DELETE FROM staging.balance_transactions WHERE id = ?", [still_late_bt])
+    loader = Loader(st, env.client(), run_id="before")
+    plan_into_outbox(st, mapping, periods, loader.enqueue)
+    waiting = set(
+        k
+        for (k,) in st.con.execute(
+            "SELECT doc_key FROM sage.outbox WHERE status = 'waiting'"
+        ).fetchall()
+    )
+    assert {f"cash_receipt:{late_charge}", f"cash_receipt:{still_late_charge}"} <= waiting
+    assert f"invoice:{invoice}" in waiting
+    # The batch stages them (its run id tags what it staged).
+    for table in held:
+        st.con.execute(
+            f"INSERT INTO staging.{table} BY NAME "
+            f"SELECT * REPLACE ('batch-1' AS run_id) FROM held_{table}"
+        )
+    full = plan_documents(st, mapping, periods).sort("doc_key")
+    scoped = plan_documents(st, mapping, periods, scope_run_id="batch-1").sort("doc_key")
+    keys = set(scoped["doc_key"])
+    # What the batch staged, and what waited for it.
+    assert {
+        f"cash_receipt:{new_charge}",
+        f"cash_receipt:{late_charge}",
+        f"invoice:{invoice}",
+    } <= keys
+    assert any(refund in k for k in keys)
+    assert scoped.filter(pl.col("error").is_not_null()).is_empty()
+    # The full plan has the same documents, and only re-plans unchanged waits besides.
+    extra = full.filter(~pl.col("doc_key").is_in(list(keys)))
+    assert f"cash_receipt:{still_late_charge}" in set(extra["doc_key"])
+    waits = dict(
+        st.con.execute(
+            "SELECT doc_key, 'waiting: ' || last_error FROM sage.outbox WHERE status = 'waiting'"
+        ).fetchall()
+    )
+    assert {k: waits.get(k) for k in extra["doc_key"]} == dict(
+        extra.select("doc_key", "error").iter_rows()
+    )
+    assert full.filter(pl.col("doc_key").is_in(list(keys))).equals(scoped)
