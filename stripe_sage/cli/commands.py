@@ -307,8 +307,21 @@ def console_app(settings: Any) -> Any:
             env=dict(os.environ),
             prefect_api_url=settings.prefect_api_url or os.environ.get("PREFECT_API_URL"),
             secrets=tuple(settings.secrets()),
+            mapping_file=settings.mapping_file,
+            chart=lambda: _sage_chart(settings),
         )
     )
+
+
+def _sage_chart(settings: Any) -> list[dict[str, Any]]:
+    """Sage's chart of accounts, for the console's account choices (few attempts: a page
+    waits on it)."""
+    from stripe_sage.sage.client import SageProClient
+
+    with SageProClient(
+        settings.sagepro_base_url, settings.sagepro_api_key, max_attempts=2, timeout=5
+    ) as client:
+        return client.gl_accounts()
 
 
 def cmd_console(args: argparse.Namespace) -> int:

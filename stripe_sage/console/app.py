@@ -12,8 +12,9 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from stripe_sage.console import mapping_editor as editor
 from stripe_sage.console import reads
+from stripe_sage.console.mapping_file import MappingFile
 from stripe_sage.console.replay import Replayer
 from stripe_sage.console.store import ConsoleStore, Session, Throttled
 from stripe_sage.money import to_decimal_string
@@ -50,6 +53,13 @@ class ConsoleConfig:
     env: Mapping[str, str]
     prefect_api_url: str | None = None
     secrets: tuple[str, ...] = ()
+    # The mapping file the runs use (None: the built-in default; the console's first save
+    # then writes ``mapping_target`` and points ``env_file``'s MAPPING_FILE at it).
+    mapping_file: Path | None = None
+    mapping_target: Path = Path("mapping.yaml")
+    env_file: Path | None = Path(".env")
+    # Sage's chart of accounts (GET /api/v1/glaccounts), for the account choices.
+    chart: Callable[[], list[dict[str, Any]]] | None = None
 
 
 class LoginRequired(Exception):
@@ -67,6 +77,9 @@ def create_console(config: ConsoleConfig) -> FastAPI:
     )
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["money"] = _money
+    mapping_file = MappingFile(
+        config.mapping_file, config.mapping_target, config.env_file, replayer.env, config.chart
+    )
     prefect_ui = config.prefect_api_url.removesuffix("/api") if config.prefect_api_url else None
     app = FastAPI(title="stripe-sage console", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.replayer = replayer
@@ -334,7 +347,151 @@ def create_console(config: ConsoleConfig) -> FastAPI:
         store.record(session.user, "resolve", doc_key, [doc_key], note=note, status="done")
         return RedirectResponse(f"/exceptions/{quote(doc_key)}", status_code=303)
 
+    # -- mapping ----------------------------------------------------------------------------
+    def mapping_page(
+        request: Request,
+        session: Session,
+        sections: list[editor.Section],
+        status_code: int = 200,
+        **context: Any,
+    ) -> Response:
+        chart, chart_problem = mapping_file.chart()
+        return page(
+            request,
+            "mapping.html",
+            session,
+            status_code=status_code,
+            title="Mapping",
+            sections=sections,
+            chart=chart,
+            chart_problem=chart_problem,
+            file_name=mapping_file.name,
+            versions=store.mapping_versions(mapping_file.name),
+            streams=PREVIEW_STREAMS,
+            account_names=editor.ACCOUNT_NAMES,
+            **context,
+        )
+
+    def form_values(form: Any) -> dict[str, str]:
+        return {k: str(v) for k, v in form.items() if k.startswith(("/", "+/"))}
+
+    @app.get("/mapping", response_class=HTMLResponse)
+    def mapping(request: Request, saved: int | None = None) -> Response:
+        session = session_of(request)
+        text = mapping_file.read()
+        return mapping_page(request, session, editor.sections(editor.load_tree(text)), saved=saved)
+
+    @app.post("/mapping/preview", response_class=HTMLResponse)
+    async def mapping_preview(request: Request) -> Response:
+        """The Sage documents chosen staged rows become under the form's mapping, beside
+        what the saved mapping makes of them (nothing is saved or posted)."""
+        session = session_of(request)
+        form = await request.form()
+        if not _same(str(form.get("csrf") or ""), session.csrf):
+            raise HTTPException(403, "missing or wrong CSRF token: reload the page and retry")
+        stream = str(form.get("_stream") or "charges")
+        if stream not in PREVIEW_STREAMS:
+            raise HTTPException(400, f"no preview for {stream!r}")
+        ids = [i for i in re.split(r"[\s,]+", str(form.get("_ids") or "")) if i]
+        saved = mapping_file.read()
+        change = editor.apply_form(saved, form_values(form))
+        context: dict[str, Any] = {"change": change, "stream": stream, "items": []}
+        if not change.errors and snapshot.path.exists():
+            from stripe_sage.plan.preview import preview
+            from stripe_sage.store.staging import Staging
+
+            with Staging(snapshot.path, read_only=True) as st:
+                before = preview(st, editor.parse(saved), stream, 5, ids or None)
+                after = (
+                    preview(st, editor.parse(change.text), stream, 5, ids or None)
+                    if change.changed
+                    else before
+                )
+            context["items"] = editor.compare_previews(before, after)
+        return page(request, "mapping_preview.html", session, **context)
+
+    @app.post("/mapping/review", response_class=HTMLResponse)
+    async def mapping_review(request: Request) -> Response:
+        """The diff of the file a save would write, or the form again with its errors."""
+        session = await change_allowed(request)
+        form = await request.form()
+        saved = mapping_file.read()
+        change = editor.apply_form(saved, form_values(form))
+        if change.errors or not change.changed:
+            return mapping_page(
+                request,
+                session,
+                editor.with_form(change),
+                status_code=400 if change.errors else 200,
+                form_error=change.errors.get(""),
+                add_errors={k: v for k, v in change.errors.items() if k.startswith("+")},
+                nothing_changed=not change.changed and not change.errors,
+            )
+        note = "; ".join(change.changed)
+        draft = store.add_mapping_draft(session.user, editor.sha(saved), change.text, note)
+        return page(
+            request,
+            "mapping_review.html",
+            session,
+            title="Mapping",
+            draft=draft,
+            changed=change.changed,
+            diff=editor.unified_diff(saved, change.text, mapping_file.name),
+            file_name=mapping_file.name,
+        )
+
+    @app.post("/mapping/save")
+    async def mapping_save(request: Request) -> Response:
+        session = await change_allowed(request)
+        form = await request.form()
+        try:
+            draft_id = int(str(form.get("draft") or ""))
+        except ValueError:
+            raise HTTPException(400, "say which reviewed change to save (draft)") from None
+        draft = store.mapping_draft(draft_id, session.user)
+        if draft is None:
+            raise HTTPException(404, "no such reviewed change of yours: review it again")
+        if editor.sha(mapping_file.read()) != draft["base_sha256"]:
+            raise HTTPException(
+                409,
+                "the mapping file changed since this review (another save, or an engineer's "
+                "edit): open the mapping page and make the change again",
+            )
+        if problems := editor.validate(draft["text"]):
+            raise HTTPException(400, f"the mapping is not valid: {problems}")
+        version = mapping_file.save(store, session.user, draft["text"], draft["note"])
+        store.drop_mapping_draft(draft_id)
+        store.record(
+            session.user,
+            "mapping save",
+            mapping_file.name,
+            [],
+            note=draft["note"],
+            status="done",
+        )
+        return RedirectResponse(f"/mapping?saved={version}#versions", status_code=303)
+
+    @app.post("/mapping/rollback")
+    async def mapping_rollback(request: Request) -> Response:
+        session = await change_allowed(request)
+        form = await request.form()
+        try:
+            found = store.mapping_version(int(str(form.get("version") or "")))
+        except ValueError:
+            found = None
+        if found is None or found["path"] != mapping_file.name:
+            raise HTTPException(404, "no such version of this mapping file")
+        note = f"roll back to version {found['id']} ({found['at'][:16]}, {found['user']})"
+        version = mapping_file.save(store, session.user, found["text"], note)
+        store.record(
+            session.user, "mapping roll back", mapping_file.name, [], note=note, status="done"
+        )
+        return RedirectResponse(f"/mapping?saved={version}#versions", status_code=303)
+
     return app
+
+
+PREVIEW_STREAMS = ("charges", "refunds", "customers", "invoices", "products", "payouts")
 
 
 def _money(minor: int | None, currency: str) -> str:

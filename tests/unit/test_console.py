@@ -112,3 +112,54 @@ def test_actions_are_recorded_with_who_when_and_outcome(tmp_path: Path) -> None:
     ]
     assert store.resolved()["invoice:ch_2"]["note"] == "voided in Sage"
     assert "invoice:ch_1" not in store.resolved()
+
+
+# -- the mapping editor's pure part -------------------------------------------------------------
+def test_the_default_mapping_round_trips_byte_for_byte() -> None:
+    from stripe_sage.console.mapping_editor import dump_tree, load_tree
+    from stripe_sage.mapping import default_mapping_text
+
+    text = default_mapping_text()
+    assert dump_tree(load_tree(text)) == text
+
+
+def test_a_form_change_keeps_comments_and_quoting_and_validates() -> None:
+    from stripe_sage.console.mapping_editor import apply_form
+    from stripe_sage.mapping import default_mapping_text, load_mapping
+
+    text = default_mapping_text()
+    change = apply_form(
+        text,
+        {
+            "/accounts/merchant_fees": "6190",
+            "/refunds/credit_memo/reason/value_map/fraudulent": "",  # emptied: removed
+            "+/refunds/credit_memo/reason/value_map": "expired_uncaptured_charge",
+            "+/refunds/credit_memo/reason/value_map:value": "Expired",
+            "/customers/fields/email/max_length": "61",
+        },
+    )
+    assert not change.errors
+    mapping = load_mapping(text=change.text)
+    assert mapping.accounts.merchant_fees == "6190"  # still a string: the quotes were kept
+    memo = mapping.refunds.credit_memo["reason"].value_map or {}
+    assert memo.get("expired_uncaptured_charge") == "Expired" and "fraudulent" not in memo
+    assert mapping.customers.fields["email"].max_length == 61
+    assert [ln for ln in text.splitlines() if "#" in ln] == [
+        ln for ln in change.text.splitlines() if "#" in ln
+    ]
+    assert len(change.changed) == 4
+
+
+def test_form_errors_name_the_field() -> None:
+    from stripe_sage.console.mapping_editor import apply_form
+    from stripe_sage.mapping import default_mapping_text
+
+    text = default_mapping_text()
+    typed = apply_form(text, {"/customers/fields/email/max_length": "sixty"})
+    assert "whole number" in typed.errors["/customers/fields/email/max_length"]
+    assert typed.typed["/customers/fields/email/max_length"] == "sixty"
+    invalid = apply_form(text, {"/source_code": "STR"})
+    assert "pattern" in invalid.errors["/source_code"]
+    unknown = apply_form(text, {"/customers/fields/email/from": "e_mail"})
+    assert "unknown field 'e_mail'" in unknown.errors["/customers/fields/email/from"]
+    assert apply_form(text, {"/source_code": "ST"}).text == text  # unchanged: same bytes
