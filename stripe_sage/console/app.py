@@ -206,13 +206,19 @@ def create_console(config: ConsoleConfig) -> FastAPI:
 
     @app.get("/exceptions", response_class=HTMLResponse)
     def exceptions(
-        request: Request, state: str | None = None, reason: str | None = None
+        request: Request, state: str | None = None, reason: str | None = None, page_no: int = 1
     ) -> Response:
         session = session_of(request)
+        page_no = max(page_no, 1)
         with snapshot.open() as con:
             if con is None:
                 return page(request, "empty.html", session, title="Exceptions")
-            rows = reads.exceptions(con, state=state or None, reason_class=reason or None)
+            rows, total = reads.exceptions(
+                con,
+                state=state or None,
+                reason_class=reason or None,
+                offset=(page_no - 1) * reads.PAGE_ROWS,
+            )
             meta = reads.meta(con)
         resolved = store.resolved()
         for r in rows:
@@ -227,6 +233,7 @@ def create_console(config: ConsoleConfig) -> FastAPI:
             reason=reason,
             meta=meta,
             states=reads.UNPOSTED_STATES,
+            paging=_paging(request, page_no, total),
         )
 
     @app.get("/exceptions/{doc_key:path}", response_class=HTMLResponse)
@@ -283,15 +290,18 @@ def create_console(config: ConsoleConfig) -> FastAPI:
         return _csv(f"{payout}.csv", reads.TRANSACTION_COLUMNS, rows)
 
     @app.get("/reconciliation/{payout}", response_class=HTMLResponse)
-    def payout(request: Request, payout: str) -> Response:
+    def payout(request: Request, payout: str, page_no: int = 1) -> Response:
         session = session_of(request)
+        page_no = max(page_no, 1)
         with snapshot.open() as con:
             if con is None:
                 return page(request, "empty.html", session, title="Reconciliation")
             found = reads.payouts(con, payout=payout)
             if not found:
                 raise HTTPException(404, f"no reconciled payout {payout}")
-            transactions = reads.payout_transactions(con, payout)
+            transactions = reads.payout_transactions(
+                con, payout, limit=reads.PAGE_ROWS, offset=(page_no - 1) * reads.PAGE_ROWS
+            )
             meta = reads.meta(con)
         return page(
             request,
@@ -301,6 +311,7 @@ def create_console(config: ConsoleConfig) -> FastAPI:
             payout=found[0],
             transactions=transactions,
             meta=meta,
+            paging=_paging(request, page_no, transactions[0]["total"] if transactions else 0),
         )
 
     @app.get("/actions", response_class=HTMLResponse)
@@ -492,6 +503,26 @@ def create_console(config: ConsoleConfig) -> FastAPI:
 
 
 PREVIEW_STREAMS = ("charges", "refunds", "customers", "invoices", "products", "payouts")
+
+
+def _paging(request: Request, page_no: int, total: int) -> dict[str, Any]:
+    """Where this page of a long table is, and the links to its neighbours (the query
+    string kept, ``page_no`` replaced)."""
+    pages = max(1, -(-total // reads.PAGE_ROWS))
+
+    def link(n: int) -> str:
+        return str(request.url.include_query_params(page_no=n))
+
+    first = (page_no - 1) * reads.PAGE_ROWS + 1
+    return {
+        "total": total,
+        "page": page_no,
+        "pages": pages,
+        "first": min(first, total),
+        "last": min(page_no * reads.PAGE_ROWS, total),
+        "prev": link(page_no - 1) if page_no > 1 else None,
+        "next": link(page_no + 1) if page_no < pages else None,
+    }
 
 
 def _money(minor: int | None, currency: str) -> str:

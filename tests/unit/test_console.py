@@ -163,3 +163,28 @@ def test_form_errors_name_the_field() -> None:
     unknown = apply_form(text, {"/customers/fields/email/from": "e_mail"})
     assert "unknown field 'e_mail'" in unknown.errors["/customers/fields/email/from"]
     assert apply_form(text, {"/source_code": "ST"}).text == text  # unchanged: same bytes
+
+
+def test_the_exception_list_pages_and_counts_by_the_stored_reason_class() -> None:
+    from stripe_sage.console import reads
+
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA ops")
+    con.execute(
+        "CREATE TABLE ops.unposted AS SELECT 'invoice:ch_' || i AS doc_key, 'invoice' AS "
+        "doc_type, 'ch_' || i AS stripe_id, CASE WHEN i % 3 = 0 THEN 'waiting' ELSE 'dead' "
+        "END AS state, 'customer_id C' || i || ', which does not exist in Sage' AS reason, "
+        "TIMESTAMP '2026-01-01' + i * INTERVAL 1 MINUTE AS since, 1 AS attempts, "
+        "'customer_id C<n>, which does not exist in Sage' AS reason_class FROM range(450) t(i)"
+    )
+    dead = 450 - 150
+    first, total = reads.exceptions(con, state="dead")
+    assert total == dead and len(first) == reads.PAGE_ROWS
+    last, total = reads.exceptions(con, state="dead", offset=reads.PAGE_ROWS)
+    assert total == dead and len(last) == dead - reads.PAGE_ROWS
+    assert not {r["doc_key"] for r in first} & {r["doc_key"] for r in last}
+    assert reads.exceptions(con, state="dead", offset=1000) == ([], dead)
+    same, n = reads.exceptions(con, reason_class="customer_id C<n>, which does not exist in Sage")
+    assert n == 450 and "existing Sage customer" in same[0]["fix"]
+    keys = reads.keys_with_reason(con, "customer_id C<n>, which does not exist in Sage")
+    assert len(keys) == dead
