@@ -247,6 +247,12 @@ class ConsoleStore:
         )
         return int(cur.lastrowid or 0)
 
+    def export_mapping_versions(self) -> list[dict[str, Any]]:
+        """Every mapping version with its text (copied to ``ops.console_mapping_versions``)."""
+        names = ("id", "at", "user", "path", "sha256", "note", "text")
+        cur = self._con().execute(f"SELECT {', '.join(names)} FROM mapping_versions ORDER BY id")
+        return [dict(zip(names, r, strict=True)) for r in cur]
+
     def mapping_versions(self, path: str) -> list[dict[str, Any]]:
         """The versions of the file at ``path``, newest first (without their text)."""
         cur = self._con().execute(

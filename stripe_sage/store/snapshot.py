@@ -35,6 +35,7 @@ EXTRA_TABLES = (
     "ops.sync_state",
     "ops.console_actions",
     "ops.console_users",
+    "ops.console_mapping_versions",
 )
 SNAPSHOT_DB = "analytics.duckdb"
 # "What is not in Sage and why", written once per run (not a view over the outbox, the

@@ -674,6 +674,17 @@ class Staging:
                     [[u["name"], u["role"], u["created_at"], u["updated_at"]] for u in users],
                 )
 
+    def replace_console_mapping_versions(self, versions: list[dict[str, Any]]) -> None:
+        """The console store's mapping versions, as of now (``ops.console_mapping_versions``)."""
+        cols = ("id", "at", "user", "path", "sha256", "note", "text")
+        with self.transaction() as con:
+            con.execute("DELETE FROM ops.console_mapping_versions").fetchall()
+            if versions:
+                con.executemany(
+                    "INSERT INTO ops.console_mapping_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [[v[c] for c in cols] for v in versions],
+                )
+
     def state_counts(self) -> dict[str, int]:
         """Unposted documents per state, plus quarantined rows (none of them silent)."""
         rows = self.con.execute(

@@ -188,3 +188,23 @@ def test_the_exception_list_pages_and_counts_by_the_stored_reason_class() -> Non
     assert n == 450 and "existing Sage customer" in same[0]["fix"]
     keys = reads.keys_with_reason(con, "customer_id C<n>, which does not exist in Sage")
     assert len(keys) == dead
+
+
+def test_a_run_copies_the_mapping_versions_for_analysts(tmp_path: Path) -> None:
+    from stripe_sage.store.staging import Staging
+    from tasks.staging import copy_console_records
+
+    store = ConsoleStore(tmp_path / "console.sqlite3")
+    store.set_password("finance", "finance-pass-1234")
+    first = store.add_mapping_version("(file)", "/m.yaml", "version: 1\n", "as found")
+    second = store.add_mapping_version("finance", "/m.yaml", "version: 1 # x\n", "a: 1 → 2")
+    with Staging(tmp_path / "stripe_sage.duckdb") as st:
+        counts = copy_console_records.fn(st, tmp_path / "console.sqlite3")
+        rows = st.con.execute(
+            'SELECT id, "user", note, text FROM ops.console_mapping_versions ORDER BY id'
+        ).fetchall()
+    assert counts["mapping_versions"] == 2
+    assert rows == [
+        (first, "(file)", "as found", "version: 1\n"),
+        (second, "finance", "a: 1 → 2", "version: 1 # x\n"),
+    ]
