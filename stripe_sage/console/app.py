@@ -437,6 +437,8 @@ def create_console(config: ConsoleConfig) -> FastAPI:
                 form_error=change.errors.get(""),
                 add_errors={k: v for k, v in change.errors.items() if k.startswith("+")},
                 nothing_changed=not change.changed and not change.errors,
+                preview_stream=str(form.get("_stream") or ""),
+                preview_ids=str(form.get("_ids") or ""),
             )
         note = "; ".join(change.changed)
         draft = store.add_mapping_draft(session.user, editor.sha(saved), change.text, note)

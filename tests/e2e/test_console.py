@@ -472,6 +472,7 @@ def test_the_mapping_editor_previews_saves_replays_and_rolls_back(
     assert page.input_value("[name='/refunds/credit_memo/reason/value_map/duplicate']") == (
         "Charged twice"
     )
+    assert page.input_value("input[name=_ids]") == paid["id"]  # the preview's rows kept too
     _shot(page, "mapping-error")
     assert mapping_file.read_bytes() == original
     page.fill("[name='/source_code']", "ST")
