@@ -37,7 +37,7 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.lifecycle import flow_run
-from flows.stages import run_stages
+from flows.stages import progress, run_stages
 from flows.stripe_to_sage import stripe_to_sage
 from stripe_sage.runtime import stripe_reader
 from stripe_sage.settings import Settings
@@ -222,7 +222,11 @@ def backfill(
         )
         # The files written so far stay under ``root`` for a look; nothing was merged.
         run.failing = "window extraction failed"
-        results = _fan_out(fan_out, plan, root, now, settings.stripe_max_rps, workers, dask_address)
+        with progress(f"extract ({len(plan)} windows)") as row:
+            results = _fan_out(
+                fan_out, plan, root, now, settings.stripe_max_rps, workers, dask_address
+            )
+            row["rows"] = sum(r["rows"] for r in results)
         run.failing = ""
         timings["extract"] = round(time.perf_counter() - t, 3)
         counts["windows"] = len(plan)
@@ -232,9 +236,12 @@ def backfill(
         t = time.perf_counter()
         with run.open(now=now, backfill_days=days, window_days=window_days) as ctx:
             previous = ctx.staging.row_counts()
-            counts["merged"] = merge_windows(
-                ctx.staging, plan, root, run_id=run_id, now=now, api_version=reader.api_version
-            )
+            with progress("merge") as row:
+                counts["merged"] = merge_windows(
+                    ctx.staging, plan, root, run_id=run_id, now=now, api_version=reader.api_version
+                )
+                merged = counts["merged"]
+                row["rows"] = sum(merged.values()) if isinstance(merged, dict) else None
             finish_streams(ctx.staging, wanted, now=now)
             timings["merge"] = round(time.perf_counter() - t, 3)
             run_stages(ctx, run, stages=("stage", "quality"), previous_rows=previous)

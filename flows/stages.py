@@ -60,6 +60,46 @@ TIMING_KEYS = {
 }
 
 
+class StageObserver(Protocol):
+    """Told when a step starts and ends (with its rows, when it counts any): the terminal's
+    progress display (``stripe-sage sync``, ``backfill``, ``replay``) is one."""
+
+    def started(self, name: str) -> None: ...
+
+    def ended(self, name: str, rows: int | None, seconds: float, failed: bool) -> None: ...
+
+
+# Observers of this process's runs: the CLI registers its display around the flow it calls
+# (flows run in the CLI's process), a server or a worker registers none.
+_OBSERVERS: list[StageObserver] = []
+
+
+@contextmanager
+def observed(observer: StageObserver) -> Iterator[StageObserver]:
+    _OBSERVERS.append(observer)
+    try:
+        yield observer
+    finally:
+        _OBSERVERS.remove(observer)
+
+
+@contextmanager
+def progress(name: str) -> Iterator[dict[str, Any]]:
+    """A step the observers hear about; the block may set the yielded row's ``rows``."""
+    row: dict[str, Any] = {}
+    for o in _OBSERVERS:
+        o.started(name)
+    t = time.perf_counter()
+    failed = True
+    try:
+        yield row
+        failed = False
+    finally:
+        rows = row.get("rows")
+        for o in _OBSERVERS:
+            o.ended(name, rows if isinstance(rows, int) else None, time.perf_counter() - t, failed)
+
+
 class Clock(Protocol):
     """Times one step; the block fills the yielded row's ``rows`` (and, for the plan,
     ``enqueued`` and ``enqueue_seconds``)."""
@@ -78,7 +118,8 @@ class FlowClock:
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
         key = TIMING_KEYS.get(name)
         t = time.perf_counter()
-        yield {}
+        with progress(name) as row:
+            yield row
         if key is not None:
             self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t
             self.peaks[key] = peak_rss_mb()

@@ -80,9 +80,12 @@ def copy_console_records(st: Staging, store_path: Path) -> dict[str, int]:
     """The finance console's actions and users into ``ops.console_*`` (before the snapshot,
     so analysts see them); nothing when no console store exists."""
     if not Path(store_path).exists():
-        return {"actions": 0, "users": 0}
+        return {"actions": 0, "users": 0, "mapping_versions": 0}
     from stripe_sage.console.store import ConsoleStore
 
-    actions, users = ConsoleStore(store_path).export()
+    store = ConsoleStore(store_path)
+    actions, users = store.export()
     st.replace_console_records(actions, users)
-    return {"actions": len(actions), "users": len(users)}
+    versions = store.export_mapping_versions()
+    st.replace_console_mapping_versions(versions)
+    return {"actions": len(actions), "users": len(users), "mapping_versions": len(versions)}

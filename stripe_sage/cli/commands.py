@@ -55,11 +55,17 @@ def print_run(title: str, result: dict[str, Any]) -> None:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     prefect_defaults()
+    from flows.stages import observed
     from flows.stripe_to_sage import stripe_to_sage
+    from stripe_sage.cli.progress import TerminalProgress
 
-    result = stripe_to_sage(
-        streams=args.streams, full_refresh=args.full_refresh, dry_run=args.dry_run, trigger="cli"
-    )
+    with observed(TerminalProgress()):
+        result = stripe_to_sage(
+            streams=args.streams,
+            full_refresh=args.full_refresh,
+            dry_run=args.dry_run,
+            trigger="cli",
+        )
     print_run("sync", result)
     # Dead letters are reported (ops.dead_letters), not a failed sync; deferred work is.
     return (
@@ -105,8 +111,11 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.backfill import backfill
+    from flows.stages import observed
+    from stripe_sage.cli.progress import TerminalProgress
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(observed(TerminalProgress()))
         if not os.environ.get("PREFECT_API_URL"):
             # Without a server, each Dask worker process would start an ephemeral Prefect of
             # its own: one local server for the command, named to the workers too.
@@ -137,10 +146,16 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     prefect_defaults()
     from flows.replay_dead_letters import replay_dead_letters
+    from flows.stages import observed
+    from stripe_sage.cli.progress import TerminalProgress
 
-    result = replay_dead_letters(
-        doc_keys=args.doc_key, doc_type=args.doc_type, error_code=args.error_code, trigger="cli"
-    )
+    with observed(TerminalProgress()):
+        result = replay_dead_letters(
+            doc_keys=args.doc_key,
+            doc_type=args.doc_type,
+            error_code=args.error_code,
+            trigger="cli",
+        )
     print(f"released {len(result['released'])} dead letters; dead again: {result['dead_again']}")
     return 1 if result["dead_again"] else 0
 
@@ -329,8 +344,21 @@ def console_app(settings: Any) -> Any:
             env=dict(os.environ),
             prefect_api_url=settings.prefect_api_url or os.environ.get("PREFECT_API_URL"),
             secrets=tuple(settings.secrets()),
+            mapping_file=settings.mapping_file,
+            chart=lambda: _sage_chart(settings),
         )
     )
+
+
+def _sage_chart(settings: Any) -> list[dict[str, Any]]:
+    """Sage's chart of accounts, for the console's account choices (few attempts: a page
+    waits on it)."""
+    from stripe_sage.sage.client import SageProClient
+
+    with SageProClient(
+        settings.sagepro_base_url, settings.sagepro_api_key, max_attempts=2, timeout=5
+    ) as client:
+        return client.gl_accounts()
 
 
 def cmd_console(args: argparse.Namespace) -> int:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from stripe_sage.console import mapping_editor as editor
 from stripe_sage.console import reads
+from stripe_sage.console.mapping_file import MappingFile
 from stripe_sage.console.replay import Replayer
 from stripe_sage.console.store import ConsoleStore, Session, Throttled
 from stripe_sage.money import to_decimal_string
@@ -50,6 +53,13 @@ class ConsoleConfig:
     env: Mapping[str, str]
     prefect_api_url: str | None = None
     secrets: tuple[str, ...] = ()
+    # The mapping file the runs use (None: the built-in default; the console's first save
+    # then writes ``mapping_target`` and points ``env_file``'s MAPPING_FILE at it).
+    mapping_file: Path | None = None
+    mapping_target: Path = Path("mapping.yaml")
+    env_file: Path | None = Path(".env")
+    # Sage's chart of accounts (GET /api/v1/glaccounts), for the account choices.
+    chart: Callable[[], list[dict[str, Any]]] | None = None
 
 
 class LoginRequired(Exception):
@@ -67,6 +77,9 @@ def create_console(config: ConsoleConfig) -> FastAPI:
     )
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["money"] = _money
+    mapping_file = MappingFile(
+        config.mapping_file, config.mapping_target, config.env_file, replayer.env, config.chart
+    )
     prefect_ui = config.prefect_api_url.removesuffix("/api") if config.prefect_api_url else None
     app = FastAPI(title="stripe-sage console", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.replayer = replayer
@@ -193,13 +206,19 @@ def create_console(config: ConsoleConfig) -> FastAPI:
 
     @app.get("/exceptions", response_class=HTMLResponse)
     def exceptions(
-        request: Request, state: str | None = None, reason: str | None = None
+        request: Request, state: str | None = None, reason: str | None = None, page_no: int = 1
     ) -> Response:
         session = session_of(request)
+        page_no = max(page_no, 1)
         with snapshot.open() as con:
             if con is None:
                 return page(request, "empty.html", session, title="Exceptions")
-            rows = reads.exceptions(con, state=state or None, reason_class=reason or None)
+            rows, total = reads.exceptions(
+                con,
+                state=state or None,
+                reason_class=reason or None,
+                offset=(page_no - 1) * reads.PAGE_ROWS,
+            )
             meta = reads.meta(con)
         resolved = store.resolved()
         for r in rows:
@@ -214,6 +233,7 @@ def create_console(config: ConsoleConfig) -> FastAPI:
             reason=reason,
             meta=meta,
             states=reads.UNPOSTED_STATES,
+            paging=_paging(request, page_no, total),
         )
 
     @app.get("/exceptions/{doc_key:path}", response_class=HTMLResponse)
@@ -270,15 +290,18 @@ def create_console(config: ConsoleConfig) -> FastAPI:
         return _csv(f"{payout}.csv", reads.TRANSACTION_COLUMNS, rows)
 
     @app.get("/reconciliation/{payout}", response_class=HTMLResponse)
-    def payout(request: Request, payout: str) -> Response:
+    def payout(request: Request, payout: str, page_no: int = 1) -> Response:
         session = session_of(request)
+        page_no = max(page_no, 1)
         with snapshot.open() as con:
             if con is None:
                 return page(request, "empty.html", session, title="Reconciliation")
             found = reads.payouts(con, payout=payout)
             if not found:
                 raise HTTPException(404, f"no reconciled payout {payout}")
-            transactions = reads.payout_transactions(con, payout)
+            transactions = reads.payout_transactions(
+                con, payout, limit=reads.PAGE_ROWS, offset=(page_no - 1) * reads.PAGE_ROWS
+            )
             meta = reads.meta(con)
         return page(
             request,
@@ -288,6 +311,7 @@ def create_console(config: ConsoleConfig) -> FastAPI:
             payout=found[0],
             transactions=transactions,
             meta=meta,
+            paging=_paging(request, page_no, transactions[0]["total"] if transactions else 0),
         )
 
     @app.get("/actions", response_class=HTMLResponse)
@@ -334,7 +358,173 @@ def create_console(config: ConsoleConfig) -> FastAPI:
         store.record(session.user, "resolve", doc_key, [doc_key], note=note, status="done")
         return RedirectResponse(f"/exceptions/{quote(doc_key)}", status_code=303)
 
+    # -- mapping ----------------------------------------------------------------------------
+    def mapping_page(
+        request: Request,
+        session: Session,
+        sections: list[editor.Section],
+        status_code: int = 200,
+        **context: Any,
+    ) -> Response:
+        chart, chart_problem = mapping_file.chart()
+        return page(
+            request,
+            "mapping.html",
+            session,
+            status_code=status_code,
+            title="Mapping",
+            sections=sections,
+            chart=chart,
+            chart_problem=chart_problem,
+            file_name=mapping_file.name,
+            versions=store.mapping_versions(mapping_file.name),
+            streams=PREVIEW_STREAMS,
+            account_names=editor.ACCOUNT_NAMES,
+            **context,
+        )
+
+    def form_values(form: Any) -> dict[str, str]:
+        return {k: str(v) for k, v in form.items() if k.startswith(("/", "+/"))}
+
+    @app.get("/mapping", response_class=HTMLResponse)
+    def mapping(request: Request, saved: int | None = None) -> Response:
+        session = session_of(request)
+        text = mapping_file.read()
+        return mapping_page(request, session, editor.sections(editor.load_tree(text)), saved=saved)
+
+    @app.post("/mapping/preview", response_class=HTMLResponse)
+    async def mapping_preview(request: Request) -> Response:
+        """The Sage documents chosen staged rows become under the form's mapping, beside
+        what the saved mapping makes of them (nothing is saved or posted)."""
+        session = session_of(request)
+        form = await request.form()
+        if not _same(str(form.get("csrf") or ""), session.csrf):
+            raise HTTPException(403, "missing or wrong CSRF token: reload the page and retry")
+        stream = str(form.get("_stream") or "charges")
+        if stream not in PREVIEW_STREAMS:
+            raise HTTPException(400, f"no preview for {stream!r}")
+        ids = [i for i in re.split(r"[\s,]+", str(form.get("_ids") or "")) if i]
+        saved = mapping_file.read()
+        change = editor.apply_form(saved, form_values(form))
+        context: dict[str, Any] = {"change": change, "stream": stream, "items": []}
+        if not change.errors and snapshot.path.exists():
+            from stripe_sage.plan.preview import preview
+            from stripe_sage.store.staging import Staging
+
+            with Staging(snapshot.path, read_only=True) as st:
+                before = preview(st, editor.parse(saved), stream, 5, ids or None)
+                after = (
+                    preview(st, editor.parse(change.text), stream, 5, ids or None)
+                    if change.changed
+                    else before
+                )
+            context["items"] = editor.compare_previews(before, after)
+        return page(request, "mapping_preview.html", session, **context)
+
+    @app.post("/mapping/review", response_class=HTMLResponse)
+    async def mapping_review(request: Request) -> Response:
+        """The diff of the file a save would write, or the form again with its errors."""
+        session = await change_allowed(request)
+        form = await request.form()
+        saved = mapping_file.read()
+        change = editor.apply_form(saved, form_values(form))
+        if change.errors or not change.changed:
+            return mapping_page(
+                request,
+                session,
+                editor.with_form(change),
+                status_code=400 if change.errors else 200,
+                form_error=change.errors.get(""),
+                add_errors={k: v for k, v in change.errors.items() if k.startswith("+")},
+                nothing_changed=not change.changed and not change.errors,
+                preview_stream=str(form.get("_stream") or ""),
+                preview_ids=str(form.get("_ids") or ""),
+            )
+        note = "; ".join(change.changed)
+        draft = store.add_mapping_draft(session.user, editor.sha(saved), change.text, note)
+        return page(
+            request,
+            "mapping_review.html",
+            session,
+            title="Mapping",
+            draft=draft,
+            changed=change.changed,
+            diff=editor.unified_diff(saved, change.text, mapping_file.name),
+            file_name=mapping_file.name,
+        )
+
+    @app.post("/mapping/save")
+    async def mapping_save(request: Request) -> Response:
+        session = await change_allowed(request)
+        form = await request.form()
+        try:
+            draft_id = int(str(form.get("draft") or ""))
+        except ValueError:
+            raise HTTPException(400, "say which reviewed change to save (draft)") from None
+        draft = store.mapping_draft(draft_id, session.user)
+        if draft is None:
+            raise HTTPException(404, "no such reviewed change of yours: review it again")
+        if editor.sha(mapping_file.read()) != draft["base_sha256"]:
+            raise HTTPException(
+                409,
+                "the mapping file changed since this review (another save, or an engineer's "
+                "edit): open the mapping page and make the change again",
+            )
+        if problems := editor.validate(draft["text"]):
+            raise HTTPException(400, f"the mapping is not valid: {problems}")
+        version = mapping_file.save(store, session.user, draft["text"], draft["note"])
+        store.drop_mapping_draft(draft_id)
+        store.record(
+            session.user,
+            "mapping save",
+            mapping_file.name,
+            [],
+            note=draft["note"],
+            status="done",
+        )
+        return RedirectResponse(f"/mapping?saved={version}#versions", status_code=303)
+
+    @app.post("/mapping/rollback")
+    async def mapping_rollback(request: Request) -> Response:
+        session = await change_allowed(request)
+        form = await request.form()
+        try:
+            found = store.mapping_version(int(str(form.get("version") or "")))
+        except ValueError:
+            found = None
+        if found is None or found["path"] != mapping_file.name:
+            raise HTTPException(404, "no such version of this mapping file")
+        note = f"roll back to version {found['id']} ({found['at'][:16]}, {found['user']})"
+        version = mapping_file.save(store, session.user, found["text"], note)
+        store.record(
+            session.user, "mapping roll back", mapping_file.name, [], note=note, status="done"
+        )
+        return RedirectResponse(f"/mapping?saved={version}#versions", status_code=303)
+
     return app
+
+
+PREVIEW_STREAMS = ("charges", "refunds", "customers", "invoices", "products", "payouts")
+
+
+def _paging(request: Request, page_no: int, total: int) -> dict[str, Any]:
+    """Where this page of a long table is, and the links to its neighbours (the query
+    string kept, ``page_no`` replaced)."""
+    pages = max(1, -(-total // reads.PAGE_ROWS))
+
+    def link(n: int) -> str:
+        return str(request.url.include_query_params(page_no=n))
+
+    first = (page_no - 1) * reads.PAGE_ROWS + 1
+    return {
+        "total": total,
+        "page": page_no,
+        "pages": pages,
+        "first": min(first, total),
+        "last": min(page_no * reads.PAGE_ROWS, total),
+        "prev": link(page_no - 1) if page_no > 1 else None,
+        "next": link(page_no + 1) if page_no < pages else None,
+    }
 
 
 def _money(minor: int | None, currency: str) -> str:

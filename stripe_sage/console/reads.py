@@ -14,6 +14,7 @@ import duckdb
 
 from stripe_sage.console.advice import likely_fix, reason_class_sql
 
+PAGE_ROWS = 200  # rows per page of the long tables (exceptions, a payout's transactions)
 UNPOSTED_STATES = ("dead", "blocked", "waiting", "pending", "quarantined")
 # The Stripe object behind a document, by its id's prefix (staging.<stream> in the snapshot).
 STREAM_BY_PREFIX = {
@@ -63,6 +64,23 @@ class Snapshot:
             con.close()
 
 
+def _unposted(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The columns of ops.unposted (empty when the snapshot has none). Snapshots published
+    since the console's benchmark keep the reason class, the payload and the staged Stripe
+    object there (written once per run); older ones are read the slow way."""
+    return {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = 'ops' AND table_name = 'unposted'"
+        ).fetchall()
+    }
+
+
+def _reason_class(columns: set[str]) -> str:
+    return "reason_class" if "reason_class" in columns else REASON_CLASS
+
+
 def meta(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     rows = _rows(con, "SELECT run_id, published_at FROM meta.snapshot")
     return rows[0] if rows else {}
@@ -96,11 +114,13 @@ def posted_today(con: duckdb.DuckDBPyConnection, today: dt.date) -> list[dict[st
 def needs_a_person(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     """Unposted documents and quarantined records, counted by state and by reason (ids taken
     out, so one cause is one line)."""
-    if "ops.unposted" not in _tables(con):
+    columns = _unposted(con)
+    if not columns:
         return []
     rows = _rows(
         con,
-        f"SELECT state, {REASON_CLASS} AS reason_class, count(*) AS n, any_value(reason) AS "
+        f"SELECT state, {_reason_class(columns)} AS reason_class, count(*) AS n, "
+        "any_value(reason) AS "
         "example FROM ops.unposted GROUP BY ALL ORDER BY n DESC, state",
     )
     for r in rows:
@@ -140,28 +160,38 @@ def exceptions(
     *,
     state: str | None = None,
     reason_class: str | None = None,
-    limit: int = 500,
-) -> list[dict[str, Any]]:
-    """Every unposted document (or quarantined record) with its reason and likely fix."""
-    if "ops.unposted" not in _tables(con):
-        return []
+    limit: int = PAGE_ROWS,
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of the unposted documents (and quarantined records) with their reason and
+    likely fix, oldest first, and how many match in all."""
+    columns = _unposted(con)
+    if not columns:
+        return [], 0
+    reason_sql = _reason_class(columns)
     where, params = ["true"], []
     if state:
         where.append("state = ?")
         params.append(state)
     if reason_class:
-        where.append(f"{REASON_CLASS} = ?")
+        where.append(f"{reason_sql} = ?")
         params.append(reason_class)
+    # The count and the page in one scan (the window runs over the filtered rows only).
     rows = _rows(
         con,
         f"SELECT doc_key, doc_type, stripe_id, state, reason, since, attempts, "
-        f"{REASON_CLASS} AS reason_class FROM ops.unposted WHERE {' AND '.join(where)} "
-        "ORDER BY since, doc_key LIMIT ?",
-        [*params, limit],
+        f"{reason_sql} AS reason_class, count(*) OVER () AS total FROM ops.unposted "
+        f"WHERE {' AND '.join(where)} ORDER BY since, doc_key LIMIT ? OFFSET ?",
+        [*params, limit, offset],
     )
+    total = rows[0]["total"] if rows else 0
+    if not rows and offset:
+        total = con.execute(
+            f"SELECT count(*) FROM ops.unposted WHERE {' AND '.join(where)}", params
+        ).fetchall()[0][0]
     for r in rows:
         r["fix"] = likely_fix(r["state"], r["reason"])
-    return rows
+    return rows, int(total)
 
 
 def keys_with_reason(
@@ -170,7 +200,8 @@ def keys_with_reason(
     return [
         r[0]
         for r in con.execute(
-            f"SELECT doc_key FROM ops.unposted WHERE state = ? AND {REASON_CLASS} = ? "
+            f"SELECT doc_key FROM ops.unposted WHERE state = ? "
+            f"AND {_reason_class(_unposted(con))} = ? "
             "ORDER BY doc_key",
             [state, reason_class],
         ).fetchall()
@@ -179,23 +210,32 @@ def keys_with_reason(
 
 def exception(con: duckdb.DuckDBPyConnection, doc_key: str) -> dict[str, Any] | None:
     """One unposted document: its reason, Sage's answer, the payload and the Stripe object."""
+    columns = _unposted(con)
+    if not columns:
+        return None
+    stored = "payload" in columns and "stripe_object" in columns
+    extra = ", payload, depends_on, stripe_object" if stored else ""
     rows = _rows(
         con,
         f"SELECT doc_key, doc_type, stripe_id, state, reason, since, attempts, "
-        f"{REASON_CLASS} AS reason_class FROM ops.unposted WHERE doc_key = ?",
+        f"{_reason_class(columns)} AS reason_class{extra} FROM ops.unposted WHERE doc_key = ?",
         [doc_key],
     )
     if not rows:
         return None
     doc = rows[0]
     doc["fix"] = likely_fix(doc["state"], doc["reason"])
-    outbox = _rows(
-        con,
-        "SELECT payload, depends_on, collection FROM sage.outbox WHERE doc_key = ?",
-        [doc_key],
-    )
-    doc["payload"] = _pretty(outbox[0]["payload"]) if outbox else None
-    doc["depends_on"] = (outbox[0]["depends_on"] or []) if outbox else []
+    if stored:
+        doc["payload"] = _pretty(doc["payload"])
+        doc["depends_on"] = doc["depends_on"] or []
+        doc["stripe_object"] = _pretty(doc["stripe_object"])
+    else:  # an older snapshot: look the outbox row and the staged object up
+        outbox = _rows(
+            con, "SELECT payload, depends_on FROM sage.outbox WHERE doc_key = ?", [doc_key]
+        )
+        doc["payload"] = _pretty(outbox[0]["payload"]) if outbox else None
+        doc["depends_on"] = (outbox[0]["depends_on"] or []) if outbox else []
+        doc["stripe_object"] = stripe_object(con, doc["stripe_id"])
     letters = _rows(
         con,
         "SELECT http_status, error_code, error_field, occurrences, first_seen, last_seen, "
@@ -203,7 +243,6 @@ def exception(con: duckdb.DuckDBPyConnection, doc_key: str) -> dict[str, Any] | 
         [doc_key],
     )
     doc["dead_letter"] = letters[0] if letters else None
-    doc["stripe_object"] = stripe_object(con, doc["stripe_id"])
     return doc
 
 
@@ -274,20 +313,27 @@ def payouts(
     )
 
 
-def payout_transactions(con: duckdb.DuckDBPyConnection, payout: str) -> list[dict[str, Any]]:
+def payout_transactions(
+    con: duckdb.DuckDBPyConnection,
+    payout: str,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
     """A payout's balance transactions (as Stripe itemised it) and the Sage documents behind
     each one's source: type, Sage number or, when not in Sage, its state."""
     # One join over the payout's own sources (not a lookup per transaction): the outbox is
     # the biggest table in the snapshot.
+    # The page first (a window counts them all), then only its sources' documents.
     return _rows(
         con,
         "WITH b AS (SELECT b.id, b.created, b.type, b.reporting_category, b.source, b.currency, "
-        "b.amount, b.fee, b.net FROM staging.payout_items i JOIN staging.balance_transactions b "
-        "ON b.id = i.balance_transaction WHERE i.payout = ?), "
+        "b.amount, b.fee, b.net, count(*) OVER () AS total FROM staging.payout_items i "
+        "JOIN staging.balance_transactions b ON b.id = i.balance_transaction "
+        "WHERE i.payout = ? ORDER BY b.created, b.id LIMIT ? OFFSET ?), "
         "d AS (SELECT stripe_id, string_agg(doc_type || ' ' || coalesce(sage_id, status), ', ' "
         "ORDER BY phase, doc_type) AS sage_documents FROM sage.outbox "
         "WHERE stripe_id IN (SELECT source FROM b) GROUP BY stripe_id) "
         "SELECT b.*, d.sage_documents FROM b LEFT JOIN d ON d.stripe_id = b.source "
         "ORDER BY b.created, b.id",
-        [payout],
+        [payout, limit, offset],
     )

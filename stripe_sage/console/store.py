@@ -34,6 +34,16 @@ CREATE TABLE IF NOT EXISTS actions (
     action TEXT NOT NULL, target TEXT NOT NULL, doc_keys TEXT NOT NULL, note TEXT,
     status TEXT NOT NULL, outcome TEXT, finished_at TEXT);
 CREATE INDEX IF NOT EXISTS actions_at ON actions (at);
+-- Every mapping file text the console wrote (and the one it found before its first save):
+-- who, when, what changed; a roll-back writes an earlier text again as a new version.
+CREATE TABLE IF NOT EXISTS mapping_versions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, user TEXT NOT NULL,
+    path TEXT NOT NULL, sha256 TEXT NOT NULL, text TEXT NOT NULL, note TEXT NOT NULL);
+-- A reviewed change waiting for its save: the exact text the diff showed, never re-sent
+-- through the browser (a form would turn its line ends into CRLF).
+CREATE TABLE IF NOT EXISTS mapping_drafts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, user TEXT NOT NULL,
+    base_sha256 TEXT NOT NULL, text TEXT NOT NULL, note TEXT NOT NULL);
 """
 
 # Five wrong passwords for one user within the window lock that user's logins for the rest
@@ -220,3 +230,71 @@ class ConsoleStore:
             for key in a["doc_keys"]:
                 out[key] = a
         return out
+
+    # -- mapping versions -------------------------------------------------------------------
+    def add_mapping_version(self, user: str, path: str, text: str, note: str) -> int:
+        cur = self._con().execute(
+            "INSERT INTO mapping_versions (at, user, path, sha256, text, note) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                _now().isoformat(),
+                user,
+                path,
+                hashlib.sha256(text.encode()).hexdigest(),
+                text,
+                note,
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    def export_mapping_versions(self) -> list[dict[str, Any]]:
+        """Every mapping version with its text (copied to ``ops.console_mapping_versions``)."""
+        names = ("id", "at", "user", "path", "sha256", "note", "text")
+        cur = self._con().execute(f"SELECT {', '.join(names)} FROM mapping_versions ORDER BY id")
+        return [dict(zip(names, r, strict=True)) for r in cur]
+
+    def mapping_versions(self, path: str) -> list[dict[str, Any]]:
+        """The versions of the file at ``path``, newest first (without their text)."""
+        cur = self._con().execute(
+            "SELECT id, at, user, sha256, note FROM mapping_versions WHERE path = ? "
+            "ORDER BY id DESC",
+            (path,),
+        )
+        return [dict(zip(("id", "at", "user", "sha256", "note"), r, strict=True)) for r in cur]
+
+    def mapping_version(self, version_id: int) -> dict[str, Any] | None:
+        cur = self._con().execute(
+            "SELECT id, at, user, path, sha256, text, note FROM mapping_versions WHERE id = ?",
+            (version_id,),
+        )
+        row = cur.fetchone()
+        names = ("id", "at", "user", "path", "sha256", "text", "note")
+        return dict(zip(names, row, strict=True)) if row else None
+
+    def add_mapping_draft(self, user: str, base_sha: str, text: str, note: str) -> int:
+        con = self._con()
+        # Drafts are a step between review and save: a day is plenty.
+        con.execute(
+            "DELETE FROM mapping_drafts WHERE at < ?",
+            ((_now() - dt.timedelta(days=1)).isoformat(),),
+        )
+        cur = con.execute(
+            "INSERT INTO mapping_drafts (at, user, base_sha256, text, note) VALUES (?, ?, ?, ?, ?)",
+            (_now().isoformat(), user, base_sha, text, note),
+        )
+        return int(cur.lastrowid or 0)
+
+    def mapping_draft(self, draft_id: int, user: str) -> dict[str, Any] | None:
+        """A draft of this user's (another user's draft is theirs to save)."""
+        row = (
+            self._con()
+            .execute(
+                "SELECT base_sha256, text, note FROM mapping_drafts WHERE id = ? AND user = ?",
+                (draft_id, user),
+            )
+            .fetchone()
+        )
+        return dict(zip(("base_sha256", "text", "note"), row, strict=True)) if row else None
+
+    def drop_mapping_draft(self, draft_id: int) -> None:
+        self._con().execute("DELETE FROM mapping_drafts WHERE id = ?", (draft_id,))

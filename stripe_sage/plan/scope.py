@@ -99,13 +99,7 @@ def build_scope(st: Staging, run_id: str) -> bool:
     """Fill ``_plan_scope`` (a temporary table of this connection) with the ids run
     ``run_id`` touched and the ids that depend on them. Returns False when the batch touched
     something every document may depend on (tax rates): then only the full plan is right."""
-    tax = st.con.execute(
-        "SELECT count(*) FROM staging.tax_rates WHERE run_id = ?", [run_id]
-    ).fetchall()
-    if tax[0][0]:
-        return False
-    st.con.execute(_SCOPE_SQL, {"run_id": run_id})
-    return True
+    return st.build_plan_scope(_SCOPE_SQL, run_id)
 
 
 def in_scope(scoped: bool, alias: str = "s") -> str:

@@ -104,6 +104,12 @@ CREATE TABLE IF NOT EXISTS ops.console_actions (
 CREATE TABLE IF NOT EXISTS ops.console_users (
     name VARCHAR PRIMARY KEY, role VARCHAR, created_at TIMESTAMPTZ, updated_at TIMESTAMPTZ
 );
+-- Every mapping file text the console saved (or found before its first save; a roll-back
+-- is a version too): who, when, which file, what changed, and the text itself.
+CREATE TABLE IF NOT EXISTS ops.console_mapping_versions (
+    id BIGINT PRIMARY KEY, saved_at TIMESTAMPTZ, "user" VARCHAR, path VARCHAR,
+    sha256 VARCHAR, note VARCHAR, text VARCHAR
+);
 CREATE TABLE IF NOT EXISTS sage.xref (
     stripe_id VARCHAR, doc_type VARCHAR, collection VARCHAR, sage_id VARCHAR,
     matched_by VARCHAR, created_at TIMESTAMPTZ, run_id VARCHAR,

@@ -35,17 +35,41 @@ EXTRA_TABLES = (
     "ops.sync_state",
     "ops.console_actions",
     "ops.console_users",
+    "ops.console_mapping_versions",
 )
 SNAPSHOT_DB = "analytics.duckdb"
-UNPOSTED_VIEW = """
-CREATE VIEW ops.unposted AS
-SELECT doc_key, doc_type, stripe_id, status AS state, last_error AS reason,
-    coalesce(waiting_since, created_at) AS since, attempts
-FROM sage.outbox WHERE status <> 'posted'
-UNION ALL
-SELECT stream || ':' || id, stream, id, 'quarantined', "check" || ': ' || reason,
-    quarantined_at, 0
-FROM staging.quarantine"""
+# "What is not in Sage and why", written once per run (not a view over the outbox, the
+# snapshot's biggest table): every unposted document with its state, reason and reason
+# class (ids and numbers taken out: the console's counts by reason and "replay all like
+# this"), its payload, and the staged Stripe object behind it as JSON (the console shows
+# it beside the payload; found by id in the staged table here, not by a scan per page view);
+# and every quarantined Stripe record.
+UNPOSTED_SQL = """
+WITH u AS (
+    SELECT doc_key, doc_type, stripe_id, status AS state, last_error AS reason,
+        coalesce(waiting_since, created_at) AS since, attempts, payload, depends_on
+    FROM sage.outbox WHERE status <> 'posted'
+    UNION ALL
+    SELECT stream || ':' || id, stream, id, 'quarantined', "check" || ': ' || reason,
+        quarantined_at, 0, NULL, NULL
+    FROM staging.quarantine)
+SELECT u.*, {reason_class} AS reason_class, o.stripe_object
+FROM u LEFT JOIN ({objects}) o ON o.id = u.stripe_id"""
+
+
+def _unposted_sql(tables: list[str]) -> str:
+    from stripe_sage.console.advice import reason_class_sql
+    from stripe_sage.console.reads import STREAM_BY_PREFIX
+
+    objects = [
+        f"SELECT s.id, CAST(to_json(s) AS VARCHAR) AS stripe_object FROM staging.{stream} s "
+        "WHERE s.id IN (SELECT stripe_id FROM u)"
+        for stream in STREAM_BY_PREFIX.values()
+        if f"staging.{stream}" in tables
+    ]
+    union = " UNION ALL ".join(objects) or "SELECT NULL AS id, NULL AS stripe_object"
+    return UNPOSTED_SQL.format(reason_class=reason_class_sql("u.reason"), objects=union)
+
 
 # Subscriptions for analysts (issue 18, docs/accounting.md §3 "Stripe Billing, completely"): one row
 # per subscription item with its status, price, quantity and current period end, and the
@@ -92,6 +116,12 @@ def publish(st: Staging, root: Path, run_id: str, *, keep: int = 3) -> Path:
     tables = analyst_tables(st)
     for table in tables:
         st._exec(f"COPY {table} TO '{partial / (table + '.parquet')}' (FORMAT parquet)")
+    unposted = {"sage.outbox", "staging.quarantine"} <= set(tables)
+    if unposted:
+        st._exec(
+            f"COPY ({_unposted_sql(tables)}) TO '{partial / 'ops.unposted.parquet'}' "
+            "(FORMAT parquet)"
+        )
     partial.rename(directory)
     db_tmp = root / f".{directory.name}.duckdb"
     con = duckdb.connect(str(db_tmp))
@@ -101,11 +131,10 @@ def publish(st: Staging, root: Path, run_id: str, *, keep: int = 3) -> Path:
         for table in tables:
             path = (directory / f"{table}.parquet").resolve()
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{path}')")
-        if {"sage.outbox", "staging.quarantine"} <= set(tables):
-            # One place for "what is not in Sage and why": every unposted document with its
-            # state and reason, and every quarantined Stripe record.
+        if unposted:
             con.execute("CREATE SCHEMA IF NOT EXISTS ops")
-            con.execute(UNPOSTED_VIEW)
+            path = (directory / "ops.unposted.parquet").resolve()
+            con.execute(f"CREATE VIEW ops.unposted AS SELECT * FROM read_parquet('{path}')")
         if "staging.subscriptions" in tables:
             con.execute("CREATE SCHEMA IF NOT EXISTS billing")
             con.execute(SUBSCRIPTION_ITEMS_VIEW)

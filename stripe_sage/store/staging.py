@@ -1134,6 +1134,18 @@ class Staging:
             ).fetchall()
         ]
 
+    def build_plan_scope(self, scope_sql: str, run_id: str) -> bool:
+        """Run the planner's scope statement (plan/scope.py: it fills a temporary table of
+        this connection) for run ``run_id``; False, and nothing filled, when the run staged
+        tax rates (every document may depend on them: only a full plan is right)."""
+        tax = self.con.execute(
+            "SELECT count(*) FROM staging.tax_rates WHERE run_id = ?", [run_id]
+        ).fetchall()
+        if tax[0][0]:
+            return False
+        self.con.execute(scope_sql, {"run_id": run_id})
+        return True
+
     def dead_among(self, keys: Sequence[str]) -> list[str]:
         """Those of ``keys`` whose documents are dead (e.g. dead again after a replay)."""
         if not keys:
@@ -1201,6 +1213,17 @@ class Staging:
                 con.executemany(
                     "INSERT INTO ops.console_users VALUES (?, ?, ?, ?)",
                     [[u["name"], u["role"], u["created_at"], u["updated_at"]] for u in users],
+                )
+
+    def replace_console_mapping_versions(self, versions: list[dict[str, Any]]) -> None:
+        """The console store's mapping versions, as of now (``ops.console_mapping_versions``)."""
+        cols = ("id", "at", "user", "path", "sha256", "note", "text")
+        with self.transaction() as con:
+            con.execute("DELETE FROM ops.console_mapping_versions").fetchall()
+            if versions:
+                con.executemany(
+                    "INSERT INTO ops.console_mapping_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [[v[c] for c in cols] for v in versions],
                 )
 
     def state_counts(self) -> dict[str, int]:

@@ -388,3 +388,165 @@ def test_reconciliation_drills_down_from_a_payout_to_its_transactions(
     assert lines[0].startswith("id,created,type") and len(lines) == len(items) + 1
     # The CSV needs a login too.
     assert httpx.get(f"{console.url}/reconciliation.csv", follow_redirects=False).status_code == 303
+
+
+def _preview_shows(page: Any, *texts: str) -> str:
+    """The preview panel once htmx has swapped in the answer to the form as it now is
+    (Playwright's expect retries until the texts are there, or fails after its timeout)."""
+    from playwright.sync_api import expect
+
+    for text in texts:
+        expect(page.locator("#preview")).to_contain_text(text, timeout=20_000)
+    return str(page.inner_text("#preview"))
+
+
+def test_the_mapping_editor_previews_saves_replays_and_rolls_back(
+    console: Console, browser: Any
+) -> None:
+    """Last in the module: it changes the mapping the replays use, and rolls it back."""
+    from stripe_sage.console.store import ConsoleStore
+
+    mapping_file = Path(console.store.parent / "strict.yaml")
+    original = mapping_file.read_bytes()
+    with console.env.stripe() as s, console.env.sage() as c:
+        refund = next(r for r in stripe_all(s, "/v1/refunds") if r["reason"] == "duplicate")
+        paid = next(
+            p for p in stripe_all(s, "/v1/payouts") if p["automatic"] and p["status"] == "paid"
+        )
+        fees = [
+            b
+            for b in stripe_all(s, "/v1/balance_transactions", payout=paid["id"])
+            if b["fee"] or b["reporting_category"] == "fee"
+        ]
+        chart = {a["account"] for a in sage_all(c, "glaccounts")}
+    assert fees, "the payout has fees"
+    # Another expense account of Sage's chart (e.g. other Stripe adjustments).
+    new_fees_account = sorted(a for a in chart - {"6100"} if a.startswith("6"))[0]
+
+    # An auditor reads the mapping and changes nothing, not even with a forged POST.
+    auditor = _login(browser, console.url, *AUDITOR)
+    auditor.goto(console.url + "/mapping")
+    assert auditor.locator("button:text('Review the change')").count() == 0
+    assert auditor.locator("[name='/accounts/merchant_fees']").is_disabled()
+    csrf = auditor.locator("form[action='/logout'] input[name=csrf]").input_value()
+    for path, form in (
+        ("/mapping/review", {"csrf": csrf, "/source_code": "ZZ"}),
+        ("/mapping/save", {"csrf": csrf, "draft": "1"}),
+        ("/mapping/rollback", {"csrf": csrf, "version": "1"}),
+    ):
+        r = auditor.request.post(console.url + path, form=form, max_redirects=0)
+        assert r.status == 403, (path, r.status)
+    assert mapping_file.read_bytes() == original
+
+    page = _login(browser, console.url, *ADMIN)
+    r = page.request.post(console.url + "/mapping/review", form={"/source_code": "ZZ"})
+    assert r.status == 403  # no CSRF token
+    page.click("a[href='/mapping']")
+    # The fees account is chosen from Sage's own chart.
+    offered = page.locator("select[name='/accounts/merchant_fees'] option").evaluate_all(
+        "os => os.map(o => o.value)"
+    )
+    assert set(offered) == chart
+
+    # Live preview: a refund's credit memo, then a payout's journal, as the form changes.
+    page.select_option("select[name=_stream]", "refunds")
+    page.fill("input[name=_ids]", refund["id"])
+    _preview_shows(page, refund["id"], "Duplicate charge")
+    page.click("summary:text('Refunds')")  # sections open on demand (General, GL accounts are)
+    page.click("summary:text('Charges')")
+    page.fill("[name='/refunds/credit_memo/reason/value_map/duplicate']", "Charged twice")
+    _preview_shows(page, "Charged twice", "changed")
+    assert "Duplicate charge" in page.inner_text("#preview .doc-changes")
+    assert "→ Charged twice" in page.inner_text("#preview .doc-changes")
+    page.select_option("select[name='/accounts/merchant_fees']", new_fees_account)
+    page.select_option("select[name=_stream]", "payouts")
+    page.fill("input[name=_ids]", paid["id"])
+    _preview_shows(page, paid["id"], f"6100 → {new_fees_account}")
+    # The held sales' policy: post such receipts on account instead of dead-lettering them.
+    page.select_option("select[name='/charges/unknown_erp_order']", "on_account")
+    _shot(page, "mapping-preview")
+
+    # A value the file cannot hold is refused at its field, the other changes kept.
+    page.fill("[name='/source_code']", "STR")
+    page.click("button:text('Review the change')")
+    error = page.locator("[data-for='/source_code']")
+    assert "source_code" in error.inner_text() and "pattern" in error.inner_text()
+    assert page.input_value("[name='/refunds/credit_memo/reason/value_map/duplicate']") == (
+        "Charged twice"
+    )
+    assert page.input_value("input[name=_ids]") == paid["id"]  # the preview's rows kept too
+    _shot(page, "mapping-error")
+    assert mapping_file.read_bytes() == original
+    page.fill("[name='/source_code']", "ST")
+    page.click("button:text('Review the change')")
+    diff = page.inner_text("pre.diff")
+    assert '-  merchant_fees: "6100"' in diff and f'+  merchant_fees: "{new_fees_account}"' in diff
+    assert "+        duplicate: Charged twice" in diff
+    assert "+  unknown_erp_order: on_account" in diff
+    _shot(page, "mapping-review")
+    assert mapping_file.read_bytes() == original  # nothing saved before the save
+    page.click("button:text('Save this version')")
+    page.wait_for_url(re.compile(r"/mapping\?saved=\d+"))
+    saved = mapping_file.read_bytes()
+    store = ConsoleStore(console.store)
+    versions = store.mapping_versions(str(mapping_file))
+    assert [v["user"] for v in versions] == ["finance", "(file)"]
+    # Byte for byte the version recorded, and what `mapping preview` validates...
+    newest, found = (store.mapping_version(v["id"]) for v in versions)
+    assert newest is not None and found is not None
+    assert saved == newest["text"].encode() and found["text"].encode() == original
+    env = {**product_env(console.env), "PATH": os.environ["PATH"], "HOME": os.environ["HOME"]}
+    done = _cli(
+        [
+            "mapping",
+            "preview",
+            "--mapping",
+            str(mapping_file),
+            "--stream",
+            "refunds",
+            "--id",
+            refund["id"],
+            "--html",
+            str(console.store.parent / "preview.html"),
+        ],
+        env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"mapping {mapping_file}: valid" in done.stdout and "Charged twice" in done.stdout
+    # ...with every comment of the file kept.
+    comments = [ln.strip() for ln in original.decode().splitlines() if "#" in ln]
+    assert all(any(c in ln for ln in saved.decode().splitlines()) for c in comments[:5])
+    assert sum("#" in ln for ln in saved.decode().splitlines()) == len(comments)
+    page.goto(console.url + "/actions")
+    log = page.inner_text("table.actions-log")
+    assert "mapping save" in log and "merchant_fees" in log
+
+    # The held sales, replayed under the saved mapping, post on account.
+    dead = [k for k, s in _dead_letters(console.env).items() if s == "dead"]
+    held = sorted({k.split(":", 1)[1] for k in dead if k.startswith("cash_receipt:")})
+    assert held
+    page.goto(f"{console.url}/exceptions/cash_receipt:{held[0]}")
+    assert "Sage has no such sales order" in page.inner_text(".reason")
+    page.click("text=Replay all dead with the same reason")
+    page.wait_for_url(re.compile(r"/actions"))
+    row_id = page.url.rsplit("#", 1)[1]
+    page.wait_for_selector(
+        f"#{row_id} :is(.action-done, .action-failed, .action-dead-again)", timeout=240_000
+    )
+    assert "done" in page.inner_text(f"#{row_id} .state"), page.inner_text(f"#{row_id}")
+    with console.env.sage() as c:
+        receipts = {d["reference"]: d for d in sage_all(c, "cashreceipts")}
+    assert all(h in receipts for h in held)
+    assert not {f"cash_receipt:{h}" for h in held} & set(_dead_letters(console.env))
+
+    # Roll back: the file is the one found before the first save again, byte for byte.
+    page.goto(console.url + "/mapping#versions")
+    page.click(f"#version-{versions[1]['id']} button:text('Roll back to this')")
+    page.wait_for_url(re.compile(r"/mapping\?saved=\d+"))
+    assert mapping_file.read_bytes() == original
+    assert page.input_value("[name='/refunds/credit_memo/reason/value_map/duplicate']") == (
+        "Duplicate charge"
+    )
+    _shot(page, "mapping-versions")
+    page.goto(console.url + "/actions")
+    assert "mapping roll back" in page.inner_text("table.actions-log")

@@ -312,6 +312,10 @@ def test_a_charge_without_its_balance_transaction_waits_with_its_reason_and_aler
     # What the sync printed: the waiting documents, and a clearing check that the waiting
     # receipt explains to the cent.
     printed = ops.last_log.read_text()
+    # The terminal's progress, a line per finished step with its rows (then the summary).
+    for step in ("extract", "stage", "quality", "transform", "load"):
+        assert re.search(rf"^✓ {step}\s+[\d,]+ rows", printed, re.M), (step, printed)
+    assert re.search(r"^✓ publish ", printed, re.M), printed
     assert re.search(r"^  waiting     \{.*'cash_receipt': 1", printed, re.M), printed
     assert re.search(
         r"^  clearing    USD \S+: difference -\d+, unexplained 0, unposted [1-9]", printed, re.M

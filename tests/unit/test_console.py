@@ -112,3 +112,99 @@ def test_actions_are_recorded_with_who_when_and_outcome(tmp_path: Path) -> None:
     ]
     assert store.resolved()["invoice:ch_2"]["note"] == "voided in Sage"
     assert "invoice:ch_1" not in store.resolved()
+
+
+# -- the mapping editor's pure part -------------------------------------------------------------
+def test_the_default_mapping_round_trips_byte_for_byte() -> None:
+    from stripe_sage.console.mapping_editor import dump_tree, load_tree
+    from stripe_sage.mapping import default_mapping_text
+
+    text = default_mapping_text()
+    assert dump_tree(load_tree(text)) == text
+
+
+def test_a_form_change_keeps_comments_and_quoting_and_validates() -> None:
+    from stripe_sage.console.mapping_editor import apply_form
+    from stripe_sage.mapping import default_mapping_text, load_mapping
+
+    text = default_mapping_text()
+    change = apply_form(
+        text,
+        {
+            "/accounts/merchant_fees": "6190",
+            "/refunds/credit_memo/reason/value_map/fraudulent": "",  # emptied: removed
+            "+/refunds/credit_memo/reason/value_map": "expired_uncaptured_charge",
+            "+/refunds/credit_memo/reason/value_map:value": "Expired",
+            "/customers/fields/email/max_length": "61",
+        },
+    )
+    assert not change.errors
+    mapping = load_mapping(text=change.text)
+    assert mapping.accounts.merchant_fees == "6190"  # still a string: the quotes were kept
+    memo = mapping.refunds.credit_memo["reason"].value_map or {}
+    assert memo.get("expired_uncaptured_charge") == "Expired" and "fraudulent" not in memo
+    assert mapping.customers.fields["email"].max_length == 61
+    assert [ln for ln in text.splitlines() if "#" in ln] == [
+        ln for ln in change.text.splitlines() if "#" in ln
+    ]
+    assert len(change.changed) == 4
+
+
+def test_form_errors_name_the_field() -> None:
+    from stripe_sage.console.mapping_editor import apply_form
+    from stripe_sage.mapping import default_mapping_text
+
+    text = default_mapping_text()
+    typed = apply_form(text, {"/customers/fields/email/max_length": "sixty"})
+    assert "whole number" in typed.errors["/customers/fields/email/max_length"]
+    assert typed.typed["/customers/fields/email/max_length"] == "sixty"
+    invalid = apply_form(text, {"/source_code": "STR"})
+    assert "pattern" in invalid.errors["/source_code"]
+    unknown = apply_form(text, {"/customers/fields/email/from": "e_mail"})
+    assert "unknown field 'e_mail'" in unknown.errors["/customers/fields/email/from"]
+    assert apply_form(text, {"/source_code": "ST"}).text == text  # unchanged: same bytes
+
+
+def test_the_exception_list_pages_and_counts_by_the_stored_reason_class() -> None:
+    from stripe_sage.console import reads
+
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA ops")
+    con.execute(
+        "CREATE TABLE ops.unposted AS SELECT 'invoice:ch_' || i AS doc_key, 'invoice' AS "
+        "doc_type, 'ch_' || i AS stripe_id, CASE WHEN i % 3 = 0 THEN 'waiting' ELSE 'dead' "
+        "END AS state, 'customer_id C' || i || ', which does not exist in Sage' AS reason, "
+        "TIMESTAMP '2026-01-01' + i * INTERVAL 1 MINUTE AS since, 1 AS attempts, "
+        "'customer_id C<n>, which does not exist in Sage' AS reason_class FROM range(450) t(i)"
+    )
+    dead = 450 - 150
+    first, total = reads.exceptions(con, state="dead")
+    assert total == dead and len(first) == reads.PAGE_ROWS
+    last, total = reads.exceptions(con, state="dead", offset=reads.PAGE_ROWS)
+    assert total == dead and len(last) == dead - reads.PAGE_ROWS
+    assert not {r["doc_key"] for r in first} & {r["doc_key"] for r in last}
+    assert reads.exceptions(con, state="dead", offset=1000) == ([], dead)
+    same, n = reads.exceptions(con, reason_class="customer_id C<n>, which does not exist in Sage")
+    assert n == 450 and "existing Sage customer" in same[0]["fix"]
+    keys = reads.keys_with_reason(con, "customer_id C<n>, which does not exist in Sage")
+    assert len(keys) == dead
+
+
+def test_a_run_copies_the_mapping_versions_for_analysts(tmp_path: Path) -> None:
+    from stripe_sage.store.staging import Staging
+    from tasks.staging import copy_console_records
+
+    store = ConsoleStore(tmp_path / "console.sqlite3")
+    store.set_password("finance", "finance-pass-1234")
+    first = store.add_mapping_version("(file)", "/m.yaml", "version: 1\n", "as found")
+    second = store.add_mapping_version("finance", "/m.yaml", "version: 1 # x\n", "a: 1 → 2")
+    with Staging(tmp_path / "stripe_sage.duckdb") as st:
+        counts = copy_console_records.fn(st, tmp_path / "console.sqlite3")
+        rows = st.con.execute(
+            'SELECT id, "user", note, text FROM ops.console_mapping_versions ORDER BY id'
+        ).fetchall()
+    assert counts["mapping_versions"] == 2
+    assert rows == [
+        (first, "(file)", "as found", "version: 1\n"),
+        (second, "finance", "a: 1 → 2", "version: 1 # x\n"),
+    ]
