@@ -450,8 +450,7 @@ def _balance_documents(
         + in_scope(scoped),
         [list(TOPUP_CATEGORIES)],
     )
-    if not topups.is_empty():
-        yield plan_topups(topups, mapping, pf)
+    yield plan_topups(topups, mapping, pf)
     today = today or dt.datetime.now(dt.UTC).date()
     # Transactions no automatic payout recognises, of days whose journal is not settled
     # (a day is planned once it has ended, with all its transactions staged).
