@@ -37,11 +37,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: the report test checks the parsed HTML instead"
 
-# Two pytest workers, one test module each at a time (module fixtures stay per worker): most
-# e2e time is waiting on Prefect servers and flow-run processes, so two cores overlap it.
+# Three pytest workers on two cores, one test module each at a time (module fixtures stay per
+# worker): most e2e time is waiting on Prefect servers and flow-run processes, so a third
+# worker fills the cores while the others wait.
 # The costliest modules start first (tests/helpers/scheduling.py, times from the last run).
 test: install browser
-	$(BIN)/pytest -m "not slow" -q -n 2 --dist loadfile --durations=25
+	$(BIN)/pytest -m "not slow" -q -n 3 --dist loadfile --durations=25
 
 # The unit tier alone (pure functions, no servers): under a minute. Only tests/unit is
 # collected: collecting the other tiers imports Prefect and the sandboxes for nothing.
