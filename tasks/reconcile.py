@@ -54,6 +54,7 @@ def reconciliation_report(
 ) -> dict[str, Any]:
     rep, clearing, ar = reconcile.build_report(st, mapping, html_path=html_path)
     reconcile.store(st, rep, run_id)
+    reconcile.store_ar(st, ar, run_id)
     if rep.height and in_run():
         create_table_artifact(
             key="payout-reconciliation",

@@ -271,9 +271,24 @@ def create_console(config: ConsoleConfig) -> FastAPI:
             if con is None:
                 return page(request, "empty.html", session, title="Reconciliation")
             rows, meta = reads.payouts(con), reads.meta(con)
+            tie_outs, ar_customers = reads.tie_outs(con), reads.ar_customers(con)
         return page(
-            request, "reconciliation.html", session, title="Reconciliation", payouts=rows, meta=meta
+            request,
+            "reconciliation.html",
+            session,
+            title="Reconciliation",
+            payouts=rows,
+            meta=meta,
+            tie_outs=tie_outs,
+            ar_customers=ar_customers,
         )
+
+    @app.get("/ar-tie-out.csv")
+    def ar_tie_out_csv(request: Request) -> Response:
+        session_of(request)
+        with snapshot.open() as con:
+            rows = reads.ar_customers(con) if con is not None else []
+        return _csv("ar-tie-out.csv", reads.AR_COLUMNS, rows)
 
     @app.get("/reconciliation.csv")
     def reconciliation_csv(request: Request) -> Response:

@@ -267,6 +267,31 @@ def _pretty(payload: Any) -> str | None:
 
 
 # -- reconciliation ---------------------------------------------------------------------------
+AR_COLUMNS = (
+    "currency",
+    "customer",
+    "name",
+    "sage_open",
+    "stripe_open",
+    "difference",
+    "explained",
+    "unexplained",
+    "credit_balance",
+)
+
+
+def ar_customers(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """The latest AR tie-out per customer (``ops.ar_tie_out``, minor units): unexplained
+    differences first, then differences, then the largest open amounts."""
+    if "ops.ar_tie_out" not in _tables(con):
+        return []
+    return _rows(
+        con,
+        f"SELECT {', '.join(AR_COLUMNS)} FROM ops.ar_tie_out ORDER BY abs(unexplained) DESC, "
+        "abs(difference) DESC, stripe_open DESC, currency, customer",
+    )
+
+
 PAYOUT_COLUMNS = (
     "payout",
     "arrival_date",

@@ -556,6 +556,43 @@ def store(st: Any, rep: pl.DataFrame, run_id: str) -> None:
     st.replace_reconciliation(frame)
 
 
+AR_TIE_OUT_COLUMNS = (
+    "currency",
+    "customer",
+    "name",
+    "sage_open",
+    "stripe_open",
+    "difference",
+    "explained",
+    "unexplained",
+    "credit_balance",
+)
+
+
+def store_ar(st: Any, ar: list[dict[str, Any]], run_id: str) -> None:
+    """``ops.ar_tie_out``: the latest AR tie-out per customer (minor units; those with a
+    difference first, up to ``reconcile.ar.ROW_LIMIT`` per currency), for the console's
+    reconciliation page and the analysts."""
+    rows = [
+        {"currency": t["currency"], **{k: r[k] for k in AR_TIE_OUT_COLUMNS[1:]}}
+        for t in ar
+        for r in t["rows"]
+    ]
+    schema = {c: pl.Int64 for c in AR_TIE_OUT_COLUMNS} | {
+        "currency": pl.String,
+        "customer": pl.String,
+        "name": pl.String,
+    }
+    frame = (
+        pl.DataFrame(rows, schema=schema)
+        .select(AR_TIE_OUT_COLUMNS)
+        .with_columns(
+            pl.lit(run_id).alias("run_id"), pl.lit(dt.datetime.now(dt.UTC)).alias("reported_at")
+        )
+    )
+    st.replace_ar_tie_out(frame)
+
+
 def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     """Sage's Stripe Clearing balance (from the documents posted) against the Stripe side:
     Σ gross of the transactions recognised by their own documents that no posted payout

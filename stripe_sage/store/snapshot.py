@@ -31,6 +31,7 @@ EXTRA_TABLES = (
     "ops.dead_letters",
     "ops.flags",
     "ops.reconciliation",
+    "ops.ar_tie_out",
     "ops.customer_conflicts",
     "ops.sync_state",
     "ops.console_actions",

@@ -618,6 +618,11 @@ class Staging:
         with self.transaction(), self.registered("_recon", report):
             self._exec("CREATE OR REPLACE TABLE ops.reconciliation AS SELECT * FROM _recon")
 
+    def replace_ar_tie_out(self, rows: pl.DataFrame) -> None:
+        """``ops.ar_tie_out``: the latest AR tie-out's rows per customer."""
+        with self.transaction(), self.registered("_ar", rows):
+            self._exec("CREATE OR REPLACE TABLE ops.ar_tie_out AS SELECT * FROM _ar")
+
     def posted_clearing_balance(self, account: str, currency: str) -> Decimal:
         """What the posted documents put on the Sage account ``account`` in ``currency``:
         receipts deposited there, less credit memos drawn on it, plus journal lines on it
