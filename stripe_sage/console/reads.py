@@ -13,6 +13,7 @@ from typing import Any
 import duckdb
 
 from stripe_sage.console.advice import likely_fix, reason_class_sql
+from stripe_sage.reconcile.report import AR_TIE_OUT_COLUMNS
 
 PAGE_ROWS = 200  # rows per page of the long tables (exceptions, a payout's transactions)
 UNPOSTED_STATES = ("dead", "blocked", "waiting", "pending", "quarantined")
@@ -267,17 +268,7 @@ def _pretty(payload: Any) -> str | None:
 
 
 # -- reconciliation ---------------------------------------------------------------------------
-AR_COLUMNS = (
-    "currency",
-    "customer",
-    "name",
-    "sage_open",
-    "stripe_open",
-    "difference",
-    "explained",
-    "unexplained",
-    "credit_balance",
-)
+AR_COLUMNS = AR_TIE_OUT_COLUMNS  # ops.ar_tie_out, as the report writes it
 
 
 def ar_customers(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:

@@ -798,24 +798,47 @@ def _payment_fx_journals(
     )
     if fx.is_empty():
         return empty_docs()
-    cur = pl.col("settlement_currency")
-    d = pl.col("settlement_amount") - pl.col("receipt_amount")  # > 0: a gain
     # Sage allows 60 characters: the charge names its invoice (Stripe's invoice_payments).
-    desc = pl.concat_str([pl.lit("Realized FX on payment "), pl.col("id")])
+    # Its balance transaction is the reference: the charge id is its receipt's.
+    return _fx_journals(
+        fx,
+        mapping,
+        periods,
+        kind="payment_fx",
+        desc=pl.concat_str([pl.lit("Realized FX on payment "), pl.col("id")]),
+        clearing=pl.col("clearing_account"),
+        gain=pl.col("settlement_amount") - pl.col("receipt_amount"),
+    )
+
+
+def _fx_journals(
+    fx: pl.DataFrame,
+    mapping: Mapping,
+    periods: pl.DataFrame | None,
+    *,
+    kind: str,
+    desc: pl.Expr,
+    clearing: pl.Expr,
+    gain: pl.Expr,
+) -> pl.DataFrame:
+    """One Realized FX journal per row of ``fx`` (``journal_entry:<kind>:<id>``, dated the
+    row's ``doc_date``, reference its ``balance_transaction``): ``gain`` (settlement minor
+    units, > 0 a gain, < 0 a loss) credited to ``accounts.fx_gain_loss`` and debited to
+    Stripe Clearing (in that order of lines, as refunds' journals have always been)."""
+    cur = pl.col("settlement_currency")
     journals = fx.with_columns(
         pl.lit("journal_entry").alias("doc_type"),
-        pl.concat_str([pl.lit("payment_fx:"), pl.col("id")]).alias("stripe_key"),
+        pl.concat_str([pl.lit(f"{kind}:"), pl.col("id")]).alias("stripe_key"),
         journal_payload(
             mapping,
             pl.col("doc_date"),
             desc,
-            # The charge's balance transaction: the charge id is its receipt's reference.
             pl.col("balance_transaction"),
             cur,
             pl.concat_list(
                 [
-                    journal_line(pl.col("clearing_account"), d, cur, desc),
-                    journal_line(pl.lit(mapping.accounts.fx_gain_loss), -d, cur, desc),
+                    journal_line(pl.lit(mapping.accounts.fx_gain_loss), -gain, cur, desc),
+                    journal_line(clearing, gain, cur, desc),
                 ]
             ),
         ).alias("payload"),
@@ -1281,31 +1304,20 @@ def _refund_fx_journals(
     fx = df.filter(pl.col("_fx") & (pl.col("fx_difference") != 0) & pl.col("error").is_null())
     if fx.is_empty():
         return empty_docs()
-    cur = pl.col("settlement_currency")
-    clearing = cur.replace_strict(mapping.accounts.clearing, default=None)
-    d = pl.col("fx_difference")  # > 0: the refund cost more than the sale brought in (a loss)
-    desc = pl.concat_str([pl.lit("Realized FX on refund "), pl.col("id")])
-    journals = fx.with_columns(
-        pl.lit("journal_entry").alias("doc_type"),
-        pl.concat_str([pl.lit("refund_fx:"), pl.col("id")]).alias("stripe_key"),
-        journal_payload(
-            mapping,
-            pl.col("doc_date"),
-            desc,
-            # The refund's own balance transaction: the refund id is the memo's reference and,
-            # when it fails, the reversing journal's (Sage finds documents by reference).
-            pl.col("balance_transaction"),
-            cur,
-            pl.concat_list(
-                [
-                    journal_line(pl.lit(mapping.accounts.fx_gain_loss), d, cur, desc),
-                    journal_line(clearing, -d, cur, desc),
-                ]
-            ),
-        ).alias("payload"),
-        pl.lit([], pl.List(pl.String)).alias("depends_on"),
+    # > 0: the refund cost more than the sale brought in (a loss). Its own balance
+    # transaction is the reference: the refund id is the memo's and, when it fails, the
+    # reversing journal's (Sage finds documents by reference).
+    return _fx_journals(
+        fx,
+        mapping,
+        periods,
+        kind="refund_fx",
+        desc=pl.concat_str([pl.lit("Realized FX on refund "), pl.col("id")]),
+        clearing=pl.col("settlement_currency").replace_strict(
+            mapping.accounts.clearing, default=None
+        ),
+        gain=-pl.col("fx_difference"),
     )
-    return _docs(journals, mapping, periods, key_col="stripe_key")
 
 
 # -- closed periods ----------------------------------------------------------------------

@@ -206,15 +206,7 @@ def _document_slices(
                 "(SELECT invoice FROM staging.invoice_payments "
                 "WHERE charge IN (SELECT id FROM _plan_slice))"
             )
-            with st.registered("_paying", all_payments.select("charge")):
-                paying = st.frame(
-                    "SELECT c.* FROM staging.charges c WHERE c.id IN (SELECT charge FROM _paying)"
-                )
-                paying_bts = st.frame(
-                    "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN "
-                    "(SELECT c.balance_transaction FROM staging.charges c "
-                    "WHERE c.id IN (SELECT charge FROM _paying))"
-                )
+            paying, paying_bts = _paying_charges(st, all_payments)
             # Quarantined sessions too: their charge's receipt is then blocked by the
             # order's missing invoice (named), never posted as a second, standalone sale.
             sessions = st.frame(
@@ -274,15 +266,7 @@ def _document_slices(
                 "SELECT p.* FROM staging.invoice_payments p "
                 "WHERE p.invoice IN (SELECT id FROM _plan_slice)"
             )
-            with st.registered("_paying", payments.select("charge")):
-                paying = st.frame(
-                    "SELECT c.* FROM staging.charges c WHERE c.id IN (SELECT charge FROM _paying)"
-                )
-                paying_bts = st.frame(
-                    "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN "
-                    "(SELECT c.balance_transaction FROM staging.charges c "
-                    "WHERE c.id IN (SELECT charge FROM _paying))"
-                )
+            paying, paying_bts = _paying_charges(st, payments)
         settlements = invoice_settlements(payments, paying, paying_bts)
         yield plan_invoices(invoices, lines, mapping, pf, tax_rates, settlements)
 
@@ -327,6 +311,21 @@ def _document_slices(
         yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds, credited)
 
     yield from _payout_documents(st, mapping, pf, scoped)
+
+
+def _paying_charges(st: Staging, payments: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The staged charges behind ``payments`` (invoice payments) and their balance
+    transactions: what a foreign-currency invoice's rate and shares come from (plan/fx.py)."""
+    with st.registered("_paying", payments.select("charge")):
+        paying = st.frame(
+            "SELECT c.* FROM staging.charges c WHERE c.id IN (SELECT charge FROM _paying)"
+        )
+        paying_bts = st.frame(
+            "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN "
+            "(SELECT c.balance_transaction FROM staging.charges c "
+            "WHERE c.id IN (SELECT charge FROM _paying))"
+        )
+    return paying, paying_bts
 
 
 def _after_posting_documents(
