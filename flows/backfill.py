@@ -59,6 +59,14 @@ WINDOWS_DEPLOYMENT = "backfill-windows/backfill-windows"
 THREADS_PER_PROCESS = 2
 
 
+def _row_count(rows: int | dict[str, int]) -> int:
+    """Rows a window group read: a count, or counts per stream (``reused``: windows an
+    earlier attempt had written, not rows)."""
+    if isinstance(rows, int):
+        return rows
+    return sum(n for stream, n in rows.items() if stream != "reused")
+
+
 @functools.cache
 def _shared_reader(max_rps: float) -> StripeReader:
     """One reader (one rate limiter) per process, shared by the window tasks it runs. A
@@ -226,7 +234,7 @@ def backfill(
             results = _fan_out(
                 fan_out, plan, root, now, settings.stripe_max_rps, workers, dask_address
             )
-            row["rows"] = sum(r["rows"] for r in results)
+            row["rows"] = sum(_row_count(r["rows"]) for r in results)
         run.failing = ""
         timings["extract"] = round(time.perf_counter() - t, 3)
         counts["windows"] = len(plan)

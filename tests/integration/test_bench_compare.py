@@ -26,7 +26,7 @@ from tests.helpers.sage import (
 pytestmark = pytest.mark.integration
 __all__ = ["clock_fixture", "make_sage_app_fixture", "sage_db_fixture"]
 
-CHARGES = 300
+CHARGES = 120  # small: a smoke test of every contender and stage, never timed
 STAGES = ("extract", "stage", "itemise", "quality", "transform", "plan", "load")
 
 
