@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import duckdb
 import pytest
 
 from stripe_sage.mapping import load_mapping
-from tests.helpers.business import Env, sage_all, stripe_all, use_env
+from tests.helpers.business import Env, fx_refund_shares, sage_all, stripe_all, use_env
 
 pytestmark = pytest.mark.e2e
 
@@ -190,3 +191,38 @@ def test_unknown_erp_orders_post_on_account_and_are_flagged(first_run: Any) -> N
         (receipt,) = receipts[c["id"]]
         assert not receipt.get("apply_to"), receipt  # on account: applied to nothing
         assert flagged[c["id"]] >= 1, f"{c['id']} ({c['metadata']['erp_order_id']}) not flagged"
+
+
+def test_a_full_refund_of_a_eur_sale_leaves_net_sales_unchanged_and_books_the_fx(
+    first_run: Any,
+) -> None:
+    """Issue 20 on the default business (EUR sales settle in USD here): a EUR sale refunded in
+    full at a later rate — its memo takes back exactly what its receipt brought in (net sales
+    unchanged), and the refund's FX journal moves the difference to what the refund cost
+    between Stripe Clearing and Realized FX gain/loss (7500)."""
+    env, _, d = first_run
+    with env.stripe() as s:
+        bts = stripe_all(s, "/v1/balance_transactions")
+    with env.sage() as c:
+        journals = by_reference(sage_all(c, "journalentries"))
+    charges = {c["id"]: c for c in d["charges"]}
+    shares = fx_refund_shares(d["charges"], d["refunds"], bts)
+    full_eur = [
+        r
+        for r in d["refunds"]
+        if r["id"] in shares
+        and charges[r["charge"]]["currency"] == "eur"
+        and r["amount"] == charges[r["charge"]]["amount"]
+        and shares[r["id"]][0] != shares[r["id"]][1]  # refunded at another rate than sold
+    ]
+    assert full_eur, "the default business refunds a EUR sale in full at a moved rate"
+    receipts, memos = by_reference(d["sage_cashreceipts"]), by_reference(d["sage_creditmemos"])
+    for r in full_eur:
+        (receipt,) = receipts[r["charge"]]
+        (memo,) = memos[r["id"]]
+        assert memo["amount"] == receipt["amount"], r["id"]
+        share, cost = shares[r["id"]]
+        (journal,) = journals[r["balance_transaction"]]
+        fx = [ln for ln in journal["lines"] if ln["account"] == "7500"]
+        booked = sum(Decimal(ln["debit"]) - Decimal(ln["credit"]) for ln in fx)
+        assert booked == Decimal(cost - share) / 100, (r["id"], share, cost, journal["lines"])
