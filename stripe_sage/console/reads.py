@@ -13,7 +13,7 @@ from typing import Any
 import duckdb
 
 from stripe_sage.console.advice import likely_fix, reason_class_sql
-from stripe_sage.reconcile.report import AR_TIE_OUT_COLUMNS
+from stripe_sage.reconcile.ar import AR_TIE_OUT_COLUMNS
 
 PAGE_ROWS = 200  # rows per page of the long tables (exceptions, a payout's transactions)
 UNPOSTED_STATES = ("dead", "blocked", "waiting", "pending", "quarantined")

@@ -66,6 +66,17 @@ _STRIPE_OPEN = """
 """
 
 ROW_LIMIT = 200  # customers listed on the page (those with a difference first)
+# A customer's row of the tie-out (``ops.ar_tie_out``, the HTML page, the console), amounts
+# in minor units.
+AR_AMOUNTS = (
+    "sage_open",
+    "stripe_open",
+    "difference",
+    "explained",
+    "unexplained",
+    "credit_balance",
+)
+AR_TIE_OUT_COLUMNS = ("currency", "customer", "name", *AR_AMOUNTS)
 
 
 def _credit_balances(st: Any) -> dict[str, int]:

@@ -10,6 +10,7 @@ from typing import Any
 import polars as pl
 
 from stripe_sage.money import to_decimal_string
+from stripe_sage.reconcile.ar import AR_AMOUNTS
 
 SERIES = (("gross", "#2b6cb0"), ("fees", "#c53030"), ("net", "#2f855a"), ("payouts", "#805ad5"))
 STATUS_COLOUR = {
@@ -253,17 +254,7 @@ def _ar_tables(ar: list[dict[str, Any]]) -> tuple[str, str]:
                 + _td(cur)
                 + _td(c["customer"])
                 + _td(c["name"])
-                + "".join(
-                    _td(m(c[k]), True)
-                    for k in (
-                        "sage_open",
-                        "stripe_open",
-                        "difference",
-                        "explained",
-                        "unexplained",
-                        "credit_balance",
-                    )
-                )
+                + "".join(_td(m(c[k]), True) for k in AR_AMOUNTS)
                 + _td(docs)
                 + "</tr>"
             )

@@ -556,23 +556,12 @@ def store(st: Any, rep: pl.DataFrame, run_id: str) -> None:
     st.replace_reconciliation(frame)
 
 
-AR_TIE_OUT_COLUMNS = (
-    "currency",
-    "customer",
-    "name",
-    "sage_open",
-    "stripe_open",
-    "difference",
-    "explained",
-    "unexplained",
-    "credit_balance",
-)
-
-
 def store_ar(st: Any, ar: list[dict[str, Any]], run_id: str) -> None:
     """``ops.ar_tie_out``: the latest AR tie-out per customer (minor units; those with a
     difference first, up to ``reconcile.ar.ROW_LIMIT`` per currency), for the console's
     reconciliation page and the analysts."""
+    from stripe_sage.reconcile.ar import AR_TIE_OUT_COLUMNS
+
     rows = [
         {"currency": t["currency"], **{k: r[k] for k in AR_TIE_OUT_COLUMNS[1:]}}
         for t in ar
