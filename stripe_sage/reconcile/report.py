@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 import polars as pl
 
 from stripe_sage.mapping import Mapping
-from stripe_sage.money import to_decimal_string
+from stripe_sage.money import exponent, to_decimal_string
 from stripe_sage.plan.documents import _docs, empty_docs
 from stripe_sage.reconcile.balance import (
     OWN_DOCUMENT,
@@ -600,6 +600,7 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
     out = []
     for currency, account in mapping.accounts.clearing.items():
         sage = st.posted_clearing_balance(account, currency)
+        scale = 10 ** exponent(currency)
         docs = st.frame(
             f"""
             WITH cleared AS (
@@ -647,7 +648,30 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
                 WHERE b.currency = ?1
                   AND CAST(timezone('UTC', b.created) AS DATE) < ?4
                   AND {swept}),
-            rec AS (SELECT * FROM own UNION ALL SELECT * FROM daily WHERE amount <> 0)
+            -- A receipt (memo) of a foreign sale puts the sale's share on clearing and its
+            -- Realized FX journal the rest of the transaction: each explains its own part
+            -- when it is not posted (the journal's clearing lines, from its planned payload).
+            fx AS (
+                SELECT o.doc_key, split_part(o.doc_key, ':', 3) AS source,
+                    CASE split_part(o.doc_key, ':', 2) WHEN 'payment_fx' THEN 'charge'
+                        ELSE 'refund' END AS reporting_category,
+                    CAST(round(sum(CAST(l->>'debit' AS DECIMAL(18, 3))
+                                   - CAST(l->>'credit' AS DECIMAL(18, 3))) * ?6) AS BIGINT)
+                        AS amount
+                FROM sage.outbox o, unnest(CAST(o.payload->'lines' AS JSON[])) t(l)
+                WHERE (starts_with(o.doc_key, 'journal_entry:payment_fx:')
+                       OR starts_with(o.doc_key, 'journal_entry:refund_fx:'))
+                  AND o.payload->>'currency' = ?1 AND l->>'account' = ?5
+                GROUP BY ALL),
+            own_split AS (
+                SELECT own.id, own.amount - coalesce(fx.amount, 0) AS amount,
+                    own.reporting_category, own.source, own.doc_key, own.is_cleared
+                FROM own LEFT JOIN fx USING (source, reporting_category)
+                UNION ALL
+                SELECT own.id, fx.amount, own.reporting_category, own.source, fx.doc_key,
+                    own.is_cleared
+                FROM own JOIN fx USING (source, reporting_category)),
+            rec AS (SELECT * FROM own_split UNION ALL SELECT * FROM daily WHERE amount <> 0)
             SELECT rec.*,
                 coalesce(o.status, CASE WHEN q.reason IS NOT NULL THEN 'quarantined'
                                         ELSE 'not planned' END) AS doc_status,
@@ -656,13 +680,10 @@ def clearing_check(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
             -- A quarantined Stripe record is why its document is not planned: say so.
             LEFT JOIN (SELECT id, min("check" || ': ' || reason) AS reason
                        FROM staging.quarantine GROUP BY id) q ON q.id = rec.source""",
-            [currency, manual, sorted(OWN_DOCUMENT), today],
+            [currency, manual, sorted(OWN_DOCUMENT), today, account, scale],
         )
         if docs.is_empty() and not sage:
             continue
-        from stripe_sage.money import exponent
-
-        scale = 10 ** exponent(currency)
         stripe_side = int(docs.filter(~pl.col("is_cleared"))["amount"].sum() or 0)
         sage_minor = int(Decimal(sage) * scale)  # exact: DuckDB DECIMAL → Decimal
         unposted = docs.filter(pl.col("doc_status") != "posted")
@@ -711,7 +732,6 @@ def realized_fx(st: Any, mapping: Mapping) -> list[dict[str, Any]]:
         GROUP BY ALL ORDER BY currency""",
         [account],
     ).iter_rows()
-    from stripe_sage.money import exponent
 
     out = []
     for currency, journals, debit, credit in rows:

@@ -10,8 +10,10 @@ What Stripe implies is computed from the Stripe sandbox's lists over plain HTTP
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -20,6 +22,8 @@ import yaml
 
 from stripe_sage.mapping import default_mapping_text, load_mapping
 from stripe_sage.money import exponent
+from stripe_sage.reconcile.report import clearing_check
+from stripe_sage.store.staging import Staging
 from tests.helpers.business import (
     Env,
     fx_payment_shares,
@@ -342,6 +346,58 @@ def test_a_eur_balance_posts_in_eur_and_its_clearing_ties_out(fx_run: Any) -> No
     # Paid ones matched; the last days' payouts still in transit.
     assert statuses["matched"] == len(d["eur_payout_items"])
     assert set(statuses) <= {"matched", "pending"}
+
+
+def test_an_fx_journal_sage_refused_is_named_by_the_clearing_check(
+    fx_run: Any, tmp_path: Path
+) -> None:
+    """A foreign sale's receipt (or refund's memo) posted without its Realized FX journal
+    leaves clearing short by the journal's amount: the clearing check names the journal,
+    with that amount, and leaves nothing unexplained. Sage refusing the journals is played
+    on a copy of the run's staging file (their outbox rows dead, as the loader leaves a
+    document Sage refused)."""
+    env, _ = fx_run
+    db = tmp_path / "stripe_sage.duckdb"
+    shutil.copy(env.db, db)
+    with Staging(db) as st:
+        refused = [
+            key
+            for (key,) in st.con.execute(
+                "SELECT min(doc_key) FROM sage.outbox WHERE status = 'posted' AND ("
+                "doc_key LIKE 'journal_entry:payment_fx:%' OR doc_key LIKE "
+                "'journal_entry:refund_fx:%') GROUP BY split_part(doc_key, ':', 2) ORDER BY 1"
+            ).fetchall()
+        ]
+        assert [k.split(":")[1] for k in refused] == ["payment_fx", "refund_fx"]
+        st.con.execute(
+            "UPDATE sage.outbox SET status = 'dead', last_error = 'validation_error: refused' "
+            "WHERE doc_key IN (SELECT unnest(?))",
+            [refused],
+        )
+        [usd] = [c for c in clearing_check(st, load_mapping()) if c["currency"] == "USD"]
+    named = {d["doc_key"]: d for d in usd["unposted_documents"]}
+    assert set(refused) <= set(named)
+    # Each journal explains what it would have put on clearing (its clearing line).
+    journals = {j["reference"]: j for j in fx_run[1]["journalentries"]}
+    clearing = load_mapping().accounts.clearing["USD"]
+    with Staging(db, read_only=True) as st:
+        refs = dict(
+            st.con.execute(
+                "SELECT doc_key, payload->>'reference' FROM sage.outbox "
+                "WHERE doc_key IN (SELECT unnest(?))",
+                [refused],
+            ).fetchall()
+        )
+    expected = sum(
+        minor(line["debit"], "USD") - minor(line["credit"], "USD")
+        for key in refused
+        for line in journals[refs[key]]["lines"]
+        if line["account"] == clearing
+    )
+    assert expected != 0
+    assert sum(named[k]["amount"] for k in refused) == expected
+    assert usd["difference"] == -expected and usd["unexplained"] == 0, usd
+    assert all(named[k]["doc_status"] == "dead" for k in refused)
 
 
 def test_the_run_reports_the_realized_fx_total_it_posted(fx_run: Any) -> None:
