@@ -96,14 +96,3 @@ def likely_fix(state: str, reason: str | None) -> str:
             groups = [g for g in m.groups() if g] or [""]
             return advice.text.format(*groups)
     return DEFAULT_ADVICE
-
-
-def reason_class_sql(column: str) -> str:
-    """A DuckDB expression: the reason with its ids and numbers taken out, so that documents
-    failing for the same cause group together (counts by reason, "replay all like this")."""
-    ids = r"\b(ch|cus|re|in|po|txn|pi|py|dp|prod|ii|il|sub)_[A-Za-z0-9]+"
-    return (
-        "regexp_replace(regexp_replace(regexp_replace("
-        f"coalesce({column}, '(no reason recorded)'), '{ids}', '<id>', 'g'), "
-        r"'\b[A-Z]{2,}[0-9]{3,}\b', '<no>', 'g'), '[0-9]+(\.[0-9]+)?', '<n>', 'g')"
-    )

@@ -12,22 +12,12 @@ from typing import Any
 
 import duckdb
 
-from stripe_sage.console.advice import likely_fix, reason_class_sql
+from stripe_sage.console.advice import likely_fix
 from stripe_sage.reconcile.ar import AR_TIE_OUT_COLUMNS
+from stripe_sage.store.snapshot import STREAM_BY_PREFIX, reason_class_sql
 
 PAGE_ROWS = 200  # rows per page of the long tables (exceptions, a payout's transactions)
 UNPOSTED_STATES = ("dead", "blocked", "waiting", "pending", "quarantined")
-# The Stripe object behind a document, by its id's prefix (staging.<stream> in the snapshot).
-STREAM_BY_PREFIX = {
-    "ch": "charges",
-    "re": "refunds",
-    "cus": "customers",
-    "in": "invoices",
-    "po": "payouts",
-    "txn": "balance_transactions",
-    "dp": "disputes",
-    "prod": "products",
-}
 REASON_CLASS = reason_class_sql("reason")
 
 

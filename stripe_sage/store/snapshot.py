@@ -58,10 +58,32 @@ SELECT u.*, {reason_class} AS reason_class, o.stripe_object
 FROM u LEFT JOIN ({objects}) o ON o.id = u.stripe_id"""
 
 
-def _unposted_sql(tables: list[str]) -> str:
-    from stripe_sage.console.advice import reason_class_sql
-    from stripe_sage.console.reads import STREAM_BY_PREFIX
+# The Stripe object behind a document, by its id's prefix (staging.<stream> in the snapshot).
+STREAM_BY_PREFIX = {
+    "ch": "charges",
+    "re": "refunds",
+    "cus": "customers",
+    "in": "invoices",
+    "po": "payouts",
+    "txn": "balance_transactions",
+    "dp": "disputes",
+    "prod": "products",
+    "cn": "credit_notes",
+}
 
+
+def reason_class_sql(column: str) -> str:
+    """A DuckDB expression: the reason with its ids and numbers taken out, so that documents
+    failing for the same cause group together (counts by reason, "replay all like this")."""
+    ids = r"\b(ch|cus|re|in|po|txn|pi|py|dp|prod|ii|il|sub|cn|cs)_[A-Za-z0-9]+"
+    return (
+        "regexp_replace(regexp_replace(regexp_replace("
+        f"coalesce({column}, '(no reason recorded)'), '{ids}', '<id>', 'g'), "
+        r"'\b[A-Z]{2,}[0-9]{3,}\b', '<no>', 'g'), '[0-9]+(\.[0-9]+)?', '<n>', 'g')"
+    )
+
+
+def _unposted_sql(tables: list[str]) -> str:
     objects = [
         f"SELECT s.id, CAST(to_json(s) AS VARCHAR) AS stripe_object FROM staging.{stream} s "
         "WHERE s.id IN (SELECT stripe_id FROM u)"

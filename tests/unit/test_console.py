@@ -10,9 +10,10 @@ import duckdb
 import pytest
 
 from stripe_sage.console import store as console_store
-from stripe_sage.console.advice import DEFAULT_ADVICE, likely_fix, reason_class_sql
+from stripe_sage.console.advice import DEFAULT_ADVICE, likely_fix
 from stripe_sage.console.passwords import hash_password, verify_password
 from stripe_sage.console.store import MAX_FAILURES, ConsoleStore, Throttled
+from stripe_sage.store.snapshot import reason_class_sql
 
 pytestmark = pytest.mark.unit
 
