@@ -68,6 +68,8 @@ class LoginRequired(Exception):
 
 def create_console(config: ConsoleConfig) -> FastAPI:
     store = config.store
+    # A replay a stopped console was running has no outcome and never will: say so.
+    store.interrupt_orphans()
     snapshot = reads.Snapshot(config.snapshot)
     replayer = Replayer(
         store,

@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import secrets
+import socket
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -52,6 +54,23 @@ MAX_FAILURES = 5
 FAILURE_WINDOW = dt.timedelta(minutes=15)
 
 
+# Who records an action: the console process that runs it (``interrupt_orphans``).
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -80,6 +99,9 @@ class ConsoleStore:
         con = self._con()
         con.execute("PRAGMA journal_mode=WAL")
         con.executescript(CONSOLE_DDL)
+        columns = {r[1] for r in con.execute("PRAGMA table_info(actions)")}
+        if "owner" not in columns:  # a store from before owners were recorded
+            con.execute("ALTER TABLE actions ADD COLUMN owner TEXT")
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -189,11 +211,43 @@ class ConsoleStore:
         status: str = "started",
     ) -> int:
         cur = self._con().execute(
-            "INSERT INTO actions (at, user, action, target, doc_keys, note, status) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (_now().isoformat(), user, action, target, json.dumps(doc_keys), note, status),
+            "INSERT INTO actions (at, user, action, target, doc_keys, note, status, owner) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                _now().isoformat(),
+                user,
+                action,
+                target,
+                json.dumps(doc_keys),
+                note,
+                status,
+                _owner(),
+            ),
         )
         return int(cur.lastrowid or 0)
+
+    def interrupt_orphans(self) -> list[int]:
+        """Actions still ``started`` whose console process is gone (stopped or killed while
+        its replay ran, so nobody will record the outcome) become ``interrupted``, with what
+        a person should do; returns their ids. A started action of a live console on this
+        machine, or of one on another machine, is left alone."""
+        host = socket.gethostname()
+        gone = []
+        for action_id, owner in (
+            self._con().execute("SELECT id, owner FROM actions WHERE status = 'started'").fetchall()
+        ):
+            owner_host, _, pid = (owner or "").rpartition(":")
+            if owner and (owner_host != host or _alive(int(pid))):
+                continue
+            gone.append(int(action_id))
+            self.finish(
+                int(action_id),
+                "interrupted",
+                "the console stopped while this ran, so its outcome was not recorded: the "
+                "documents' states (Unposted, Runs) show what Sage took; replay what is "
+                "still unposted",
+            )
+        return gone
 
     def finish(self, action_id: int, status: str, outcome: str) -> None:
         self._con().execute(

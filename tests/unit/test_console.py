@@ -209,3 +209,35 @@ def test_a_run_copies_the_mapping_versions_for_analysts(tmp_path: Path) -> None:
         (first, "(file)", "as found", "version: 1\n"),
         (second, "finance", "a: 1 → 2", "version: 1 # x\n"),
     ]
+
+
+def test_a_replay_a_stopped_console_was_running_becomes_interrupted(tmp_path: Path) -> None:
+    """A console killed while its replay ran never records the outcome: the next console
+    marks that action interrupted (with what to do), and leaves a live console's alone."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "console.sqlite3"
+    # A console process that started a replay and died before recording its outcome.
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from stripe_sage.console.store import ConsoleStore; "
+            "ConsoleStore(sys.argv[1]).record("
+            "'finance', 'replay', 'ch_dead', ['cash_receipt:ch_dead'])",
+            str(path),
+        ],
+        check=True,
+    )
+    store = ConsoleStore(path)
+    live = store.record("finance", "replay", "ch_live", ["cash_receipt:ch_live"])
+    done = store.record("finance", "resolve", "ch_x", ["cash_receipt:ch_x"], status="done")
+    [dead] = [a["id"] for a in store.actions() if a["target"] == "ch_dead"]
+    assert store.interrupt_orphans() == [dead]
+    by_id = {a["id"]: a for a in store.actions()}
+    assert by_id[dead]["status"] == "interrupted"
+    assert "replay what is still unposted" in by_id[dead]["outcome"]
+    assert by_id[dead]["finished_at"]
+    assert by_id[live]["status"] == "started" and by_id[done]["status"] == "done"
+    assert store.interrupt_orphans() == []  # once
