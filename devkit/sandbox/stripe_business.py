@@ -22,7 +22,8 @@ for byte. What it contains, by design, so that the pipeline's hard cases all occ
   exclusive rates, and subscription prorations (``stripe_billing``, issue 18);
 - full, partial and failed refunds, days after their charge (so only ``/v1/events`` shows
   them to an incremental reader);
-- disputes won (fee sometimes returned) and lost, and still open;
+- disputes won (fee sometimes returned) and lost, and still open; one lost on a paid Billing
+  invoice's payment (issue 19: the invoice stays paid);
 - a monthly Billing fee (`stripe_fee`), automatic daily payouts whose balance transactions'
   ``net`` sums exactly to the payout amount, and one payout that fails after it was paid.
 
@@ -67,6 +68,9 @@ USD = 0
 SETTLEMENT_CURRENCIES = ("usd", "eur")
 EUR = 1  # in CURRENCIES, and in SETTLEMENT_CURRENCIES
 DISPUTE_FEE = 1500
+# The most an invoice whose payment is disputed and lost (issue 19) may be, so the payout
+# that sweeps the withdrawal up stays positive.
+LOST_INVOICE_DISPUTE_MAX = 10_000
 BILLING_FEE = 2500
 # Authorizations: 0 a normal (captured or failed) charge, else never captured and ...
 AUTH_PENDING, AUTH_EXPIRED, AUTH_RELEASED = 1, 2, 3  # ... still open, expired, released
@@ -246,6 +250,7 @@ class Business:
         # they are drawn here, before an invoice paid in parts changes its charges' amounts.
         self._checkout_sessions()
         self._invoices_paid_in_parts()
+        self._lost_dispute_on_an_invoice()
         self._balance_transactions_and_payouts()
         from devkit.sandbox.stripe_after import after_posting  # it reads this module's Table
 
@@ -665,6 +670,51 @@ class Business:
         self.dp_fee_returned = (self.dp_status == 1) & (rng.random(m) < 0.3)
         self.ch_dispute = np.full(n, -1, np.int32)
         self.ch_dispute[charge_ids] = np.arange(m, dtype=np.int32)
+
+    def _lost_dispute_on_an_invoice(self) -> None:
+        """One dispute on a paid Billing invoice's payment, lost (issue 19: the payout journal
+        books it, the invoice stays paid, the report links dispute, invoice and customer).
+
+        The cardholder disputes 2-10 days after paying; the merchant accepts within the day
+        (Stripe closes an accepted dispute as ``lost`` at once). Its withdrawal (amount and the
+        dispute fee, one balance transaction) is available at once, so the next automatic
+        payout sweeps it up. The invoice: paid in full by one USD charge (not in Checkout,
+        not refunded, not already disputed) of at most ``LOST_INVOICE_DISPUTE_MAX``, so that
+        day's payout stays positive. Appended after every other dispute (created no earlier
+        than the last), so no dispute id shifts; drawn from an rng of its own (seed + 1922),
+        so nothing else is drawn differently. None when no invoice fits."""
+        c = self.config
+        rng = np.random.default_rng(c.seed + 1922)
+        first = self.inv_charge
+        n_inv = len(first)
+        created = self.charges.created
+        last = int(self.disputes.created[-1]) if len(self.disputes) else c.start
+        lo = np.maximum(created[first] + 2 * DAY, last + 1)
+        hi = np.minimum(created[first] + 10 * DAY, c.end - 3 * DAY)
+        eligible = np.nonzero(
+            ~self.ch_failed[first]
+            & (self.ch_auth[first] == 0)
+            & (self.ch_refund[first] < 0)
+            & (self.ch_dispute[first] < 0)
+            & ~self.ch_is_fx_invoice[first]
+            & (self.ch_settle[first] == 0)
+            & (self.inv_second_charge < 0)
+            & ~np.isin(np.arange(n_inv), self.cs_invoice)
+            & (self.inv_total <= LOST_INVOICE_DISPUTE_MAX)
+            & (lo <= hi)
+        )[0]
+        if not len(eligible):
+            return
+        j = int(eligible[rng.integers(0, len(eligible))])
+        i = int(first[j])
+        at = int(rng.integers(int(lo[j]), int(hi[j]) + 1))
+        closed = at + int(rng.integers(HOUR, DAY))
+        self.disputes = Table(np.append(self.disputes.created, at))
+        self.dp_charge = np.append(self.dp_charge, i).astype(np.int32)
+        self.dp_status = np.append(self.dp_status, 2).astype(np.int8)  # lost
+        self.dp_closed_at = np.append(self.dp_closed_at, closed)
+        self.dp_fee_returned = np.append(self.dp_fee_returned, False)
+        self.ch_dispute[i] = len(self.disputes) - 1
 
     # -- balance transactions and payouts --------------------------------------------------
     def _balance_transactions_and_payouts(self) -> None:

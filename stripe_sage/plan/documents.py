@@ -428,6 +428,20 @@ def classify_charges(charges: pl.DataFrame, invoice_payments: pl.DataFrame) -> p
     return paid.join(links, on="id", how="left")
 
 
+def refunded_invoices(invoice_payments: pl.DataFrame, invoices: pl.DataFrame) -> pl.DataFrame:
+    """Per charge that paid a Stripe invoice (a paid invoice payment): the invoice and its
+    Stripe number (null until staged), for the reason of a refund of that charge."""
+    paid = invoice_payments.filter(pl.col("status") == "paid").select("charge", "invoice")
+    numbers = invoices.select(
+        pl.col("id").alias("invoice"), pl.col("number").alias("invoice_number")
+    )
+    return (
+        paid.join(numbers, on="invoice", how="left")
+        .sort("charge", "invoice")
+        .unique(subset="charge", keep="first", maintain_order=True)
+    )
+
+
 def with_settlement(
     df: pl.DataFrame, bts: pl.DataFrame, bt_col: str, sign: int = 1
 ) -> pl.DataFrame:
@@ -1040,9 +1054,14 @@ def plan_refunds(
     periods: pl.DataFrame | None = None,
     charge_refunds: pl.DataFrame | None = None,
     credited_refunds: Sequence[str] = (),
+    refunded_invoices: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Every refund that moved money → a credit memo against Stripe Clearing; a refund that
     later failed → also a journal entry reversing it (Dr Clearing, Cr Sales Returns).
+
+    A refund of an invoice payment without a credit note is such a memo too (the invoice
+    stays paid, as in Stripe); its reason names the invoice, by its Stripe number (else its
+    id): ``refunded_invoices`` (``refunded_invoices()``: charge → invoice, number).
 
     A refund of a foreign-currency sale reverses the sale at the charge's own rate (the memo)
     and a journal moves the rest of what it cost at the refund's rate between Stripe Clearing
@@ -1150,6 +1169,26 @@ def plan_refunds(
     )
     settle = money_string(pl.col("memo_amount"), pl.col("settlement_currency"))
     df = df.with_columns(error.alias("error"))
+    if refunded_invoices is None or refunded_invoices.is_empty():
+        df = df.with_columns(pl.lit(None, pl.String).alias("_invoice_name"))
+    else:
+        names = refunded_invoices.select(
+            "charge", pl.coalesce("invoice_number", "invoice").alias("_invoice_name")
+        ).unique(subset="charge", keep="first", maintain_order=True)
+        df = df.join(names, on="charge", how="left")
+    # The invoice's name is never cut off: what is before it is shortened to fit 60.
+    invoice_part = pl.concat_str([pl.lit(", invoice "), pl.col("_invoice_name")])
+    said = pl.concat_str([pl.col("m_reason"), pl.lit(" "), pl.col("presentment")])
+    reason = (
+        pl.when(pl.col("_invoice_name").is_not_null())
+        .then(
+            pl.concat_str(
+                [said.str.slice(0, pl.lit(60) - invoice_part.str.len_chars()), invoice_part]
+            )
+        )
+        .otherwise(said)
+        .str.slice(0, 60)
+    )
     memos = df.with_columns(
         pl.lit("credit_memo").alias("doc_type"),
         pl.struct(
@@ -1158,9 +1197,7 @@ def plan_refunds(
             settle.alias("amount"),
             pl.col("settlement_currency").alias("currency"),
             pl.col("id").alias("reference"),
-            pl.concat_str([pl.col("m_reason"), pl.lit(" "), pl.col("presentment")])
-            .str.slice(0, 60)
-            .alias("reason"),
+            reason.alias("reason"),
             clearing.alias("gl_account"),
         ).alias("payload"),
         pl.concat_list([pl.col("customer_key")]).alias("depends_on"),

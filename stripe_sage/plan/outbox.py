@@ -31,6 +31,7 @@ from stripe_sage.plan.documents import (
     plan_guest_customer,
     plan_invoices,
     plan_refunds,
+    refunded_invoices,
 )
 from stripe_sage.plan.fx import invoice_payment_shares, invoice_settlements
 from stripe_sage.plan.items import plan_default_item, plan_items
@@ -308,7 +309,19 @@ def _document_slices(
                 "FROM staging.credit_notes WHERE status = 'issued') "
                 "WHERE r IN (SELECT id FROM staging.refunds)"
             )["id"].to_list()
-        yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds, credited)
+            # The invoices the refunded charges paid: a refund's reason names its invoice.
+            paid = refunded_invoices(
+                st.frame(
+                    "SELECT p.* FROM staging.invoice_payments p "
+                    "WHERE p.charge IN (SELECT charge FROM _plan_slice)"
+                ),
+                st.frame(
+                    "SELECT i.id, i.number FROM staging.invoices i WHERE i.id IN ("
+                    "SELECT p.invoice FROM staging.invoice_payments p "
+                    "WHERE p.charge IN (SELECT charge FROM _plan_slice))"
+                ),
+            )
+        yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds, credited, paid)
 
     yield from _payout_documents(st, mapping, pf, scoped)
 

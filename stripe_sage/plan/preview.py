@@ -17,6 +17,7 @@ from stripe_sage.plan.documents import (
     plan_guest_customer,
     plan_invoices,
     plan_refunds,
+    refunded_invoices,
 )
 from stripe_sage.plan.items import plan_items
 from stripe_sage.plan.orders import plan_orders
@@ -150,6 +151,7 @@ def preview(
             st.table("balance_transactions"),
             mapping,
             charge_refunds=st.table("refunds"),
+            refunded_invoices=refunded_invoices(st.table("invoice_payments"), st.table("invoices")),
         )
     elif stream == "customers":
         docs = plan_customers(rows, mapping)

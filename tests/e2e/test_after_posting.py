@@ -3,13 +3,15 @@ per customer Sage's open AR equals Stripe's open ``amount_remaining`` (invariant
 
 The business is the sandbox's default (the one ``make demo`` serves): it holds credit notes
 on open and paid invoices, voided and uncollectible invoices, invoices that used the
-customer's credit balance and customers holding credit; between two runs Stripe collects a
+customer's credit balance and customers holding credit, refunds of invoice payments without
+a credit note and a lost dispute on an invoice payment; between two runs Stripe collects a
 written-off invoice. What Stripe implies is read from the
 Stripe sandbox over HTTP, what Sage holds from the Sage sandbox over HTTP.
 """
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -70,6 +72,8 @@ def world(
                 "charges": stripe_all(s, "/v1/charges"),
                 "refunds": stripe_all(s, "/v1/refunds"),
                 "customers": stripe_all(s, "/v1/customers"),
+                "disputes": stripe_all(s, "/v1/disputes"),
+                "invoice_payments": stripe_all(s, "/v1/invoice_payments"),
                 "recovered": [written_off[0], collected.json()["id"]],
                 # The second run is also the rerun of everything else: exactly once.
                 "sage_counts": [first_run, sage_counts(env)],
@@ -79,7 +83,9 @@ def world(
                 n: sage_all(c, n)
                 for n in ("invoices", "creditmemos", "cashreceipts", "journalentries")
             }
-        yield env, result, {**stripe, **{f"sage_{k}": v for k, v in sage.items()}}
+        d = {**stripe, **{f"sage_{k}": v for k, v in sage.items()}}
+        d["lost_invoice_disputes"] = lost_invoice_disputes(env, d)
+        yield env, result, d
 
 
 def minor(amount: str) -> int:
@@ -209,6 +215,25 @@ def test_the_report_ties_ar_out_per_customer_and_renders_it(
     row = summary[summary.index("USD") : summary.index("USD") + 7]
     assert row == ["USD", str(usd["customers"]), *[to_decimal_string(usd[k], "USD") for k in
                    ("sage_open", "stripe_open")], "0.00", "0.00", "0.00"]  # fmt: skip
+    # The page links each lost dispute on an invoice payment to its invoice (Stripe and Sage
+    # numbers), its customer and the payout whose journal booked it, in one row.
+    sage_no = {i["reference"]: i["invoice_no"] for i in d["sage_invoices"]}
+    flat = " ".join(text.split()).split("Lost disputes on invoiced sales")[1]
+    for lost in d["lost_invoice_disputes"]:
+        inv, cus = lost["invoice"], lost["customer"]
+        cells = [
+            lost["dispute"]["id"],
+            to_decimal_string(lost["dispute"]["amount"], "USD"),
+            lost["dispute"]["reason"],
+            lost["dispute"]["charge"],
+            inv["id"],
+            inv["number"],
+            sage_no[inv["id"]],
+            cus["id"],
+            html.escape(cus["name"] or ""),
+            lost["payout"],
+        ]
+        assert " ".join(" ".join(cells).split()) in flat  # fmt: skip
 
 
 def rendered_text(page: Path, tmp_path: Path) -> str:
@@ -259,3 +284,102 @@ def test_a_written_off_invoice_collected_later_is_a_recovery_journal(world: Any)
     [ch] = [c for c in d["charges"] if c["id"] == charge]
     lines = {ln["account"]: (minor(ln["debit"]), minor(ln["credit"])) for ln in journal["lines"]}
     assert lines == {CLEARING: (ch["amount"], 0), "6300": (0, ch["amount"])}
+
+
+def lost_invoice_disputes(env: Env, d: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stripe's lost disputes on invoice payments, each with its invoice, customer and the
+    payout that paid out its balance transaction (from Stripe's ``?payout=`` lists)."""
+    invoice_of = {
+        p["payment"]["charge"]: p["invoice"] for p in d["invoice_payments"] if p["status"] == "paid"
+    }
+    invoices = {i["id"]: i for i in d["invoices"]}
+    customers = {c["id"]: c for c in d["customers"]}
+    lost = [x for x in d["disputes"] if x["status"] == "lost" and x["charge"] in invoice_of]
+    out = []
+    with env.stripe() as s:
+        payouts = stripe_all(s, "/v1/payouts")
+        swept = {
+            b["id"]: p for p in payouts for b in stripe_all(s, "/v1/balance_transactions",
+                                                            payout=p["id"])
+        }  # fmt: skip
+    for x in lost:
+        inv = invoices[invoice_of[x["charge"]]]
+        [bt] = x["balance_transactions"]  # lost: the withdrawal (amount and fee) only
+        out.append(
+            {"dispute": x, "invoice": inv, "customer": customers[inv["customer"]],
+             "bt": bt, "payout": swept[bt["id"]]["id"], "payout_amount": swept[bt["id"]]["amount"]}
+        )  # fmt: skip
+    assert out, "the default business has a lost dispute on an invoice payment"
+    return out
+
+
+def test_a_lost_dispute_on_an_invoice_stays_in_its_payout_journal(world: Any) -> None:
+    """ACCOUNTING.md: the payout journal books it (Chargebacks, Dispute Fees); the invoice
+    stays paid in Sage as in Stripe (no memo, its receipt stands, its customer's AR is
+    Stripe's); the report's rows link dispute, invoice and customer."""
+    env, _, d = world
+    sage_invoice = {i["reference"]: i for i in d["sage_invoices"]}
+    journals = {j["reference"]: j for j in d["sage_journalentries"]}
+    with env.stripe() as s:
+        for lost in d["lost_invoice_disputes"]:
+            dispute, inv, bt = lost["dispute"], lost["invoice"], lost["bt"]
+            assert inv["status"] == "paid" and inv["amount_remaining"] == 0
+            sage = sage_invoice[inv["id"]]
+            assert minor(sage["balance_due"]) == 0 and minor(sage["total"]) == inv["total"]
+            refs = {inv["id"], dispute["id"], dispute["charge"]}
+            assert not [m for m in d["sage_creditmemos"] if m["reference"] in refs]
+            [receipt] = [r for r in d["sage_cashreceipts"] if r["reference"] == dispute["charge"]]
+            assert [a["invoice_no"] for a in receipt["apply_to"]] == [sage["invoice_no"]]
+            # The payout's journal: Chargebacks and Dispute Fees for what Stripe took (with any
+            # other dispute it swept up), the Bank line the payout to the cent, balanced.
+            members = stripe_all(s, "/v1/balance_transactions", payout=lost["payout"])
+            disputed = [
+                b for b in members if b["reporting_category"] in ("dispute", "dispute_reversal")
+            ]
+            assert bt["id"] in {b["id"] for b in disputed}
+            journal = journals[lost["payout"]]
+            net: Counter[str] = Counter()
+            for line in journal["lines"]:
+                net[line["account"]] += minor(line["debit"]) - minor(line["credit"])
+            assert sum(net.values()) == 0
+            assert net["6110"] == -sum(b["amount"] for b in disputed)  # accounts.chargebacks
+            assert net["6120"] == sum(b["fee"] for b in disputed)  # accounts.dispute_fees
+            assert net["6110"] >= dispute["amount"] and net["6120"] >= bt["fee"] == 1500
+            assert net["1000"] == lost["payout_amount"] > 0  # accounts.bank USD
+    # The report's rows: dispute → invoice (Stripe and Sage numbers) → customer, and payout.
+    from stripe_sage.reconcile.report import invoice_disputes
+
+    with Staging(env.db, read_only=True) as st:
+        rows = invoice_disputes(st).to_dicts()
+    expected = [
+        (x["dispute"]["id"], x["invoice"]["id"], x["invoice"]["number"],
+         sage_invoice[x["invoice"]["id"]]["invoice_no"], x["customer"]["id"],
+         x["customer"]["name"], x["payout"])
+        for x in d["lost_invoice_disputes"]
+    ]  # fmt: skip
+    got = [
+        (r["dispute"], r["invoice"], r["invoice_number"], r["sage_invoice_no"], r["customer"],
+         r["customer_name"], r["payout"])
+        for r in rows
+    ]  # fmt: skip
+    assert got == expected
+
+
+def test_a_refund_of_an_invoice_payment_without_a_credit_note_names_the_invoice(
+    world: Any,
+) -> None:
+    """A refund memo as for any refund (to Stripe Clearing, the invoice stays paid), its
+    reason naming the invoice by its Stripe number."""
+    _, _, d = world
+    invoice_of = {
+        p["payment"]["charge"]: p["invoice"] for p in d["invoice_payments"] if p["status"] == "paid"
+    }
+    number = {i["id"]: i["number"] for i in d["invoices"]}
+    through_note = {x["refund"] for cn in d["credit_notes"] for x in cn["refunds"]}
+    by_ref = {m["reference"]: m for m in d["sage_creditmemos"]}
+    plain = [r for r in d["refunds"] if r["charge"] in invoice_of and r["id"] not in through_note]
+    assert plain  # the default business has some
+    for r in plain:
+        memo = by_ref[r["id"]]
+        assert memo["reason"].endswith(f", invoice {number[invoice_of[r['charge']]]}")
+        assert memo["invoice_no"] is None and memo["gl_account"] == CLEARING

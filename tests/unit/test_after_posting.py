@@ -114,7 +114,7 @@ def test_a_refund_a_credit_note_names_is_not_planned_again() -> None:
     from tests.unit.test_transform import bts, charges, periods
 
     usd = {"amount": 5_000, "currency": "USD", "balance_transaction": "txn_1"}
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"id": "re_a", "amount": 1_000, "balance_transaction": "txn_ra"},
         {"id": "re_b", "amount": 2_000, "balance_transaction": "txn_rb"},
     ]
@@ -129,6 +129,72 @@ def test_a_refund_a_credit_note_names_is_not_planned_again() -> None:
     docs = plan_refunds(*args, credited_refunds=["re_a"])
     assert "credit_memo:re_b" in set(docs["doc_key"])
     assert not any("re_a" in k for k in docs["doc_key"])
+
+
+def test_a_refund_of_an_invoice_payment_without_a_credit_note_names_the_invoice() -> None:
+    """ACCOUNTING.md "Stripe Billing, completely": a refund memo as for any refund (to Stripe
+    Clearing, no ``invoice_no``: the invoice stays paid), its reason naming the invoice by
+    its Stripe number, else its id; never cut off, however long what comes before it."""
+    from stripe_sage.plan.documents import plan_refunds, refunded_invoices
+    from tests.unit.test_defaults import refunds
+    from tests.unit.test_transform import bts, charges, periods
+
+    mapping = load_mapping()
+    sales = charges(
+        {"id": "ch_inv", "balance_transaction": "txn_1"},
+        {"id": "ch_new", "balance_transaction": "txn_2"},  # its invoice not staged yet
+        {"id": "ch_plain", "balance_transaction": "txn_3"},
+        {"id": "ch_fx", "balance_transaction": "txn_4", "currency": "KWD", "amount": 3_250},
+        {"id": "ch_eur", "balance_transaction": "txn_5", "currency": "EUR", "amount": 925},
+    )
+    rows: list[dict[str, Any]] = [
+        {"id": "re_inv", "charge": "ch_inv", "balance_transaction": "txn_r1",
+         "reason": "duplicate"},
+        {"id": "re_new", "charge": "ch_new", "balance_transaction": "txn_r2"},
+        {"id": "re_plain", "charge": "ch_plain", "balance_transaction": "txn_r3"},
+        {"id": "re_fx", "charge": "ch_fx", "balance_transaction": "txn_r4", "currency": "KWD",
+         "amount": 3_250, "reason": "fraudulent"},
+        {"id": "re_eur", "charge": "ch_eur", "balance_transaction": "txn_r5", "currency": "EUR",
+         "amount": 925, "reason": "requested_by_customer"},
+    ]  # fmt: skip
+    moves = [
+        {"id": f"txn_{k}", "amount": 1_000} for k in (1, 2, 3)
+    ] + [
+        {"id": "txn_4", "amount": 1_000_00, "exchange_rate": 30.769231},
+        *({"id": f"txn_r{k}", "amount": -1_000} for k in (1, 2, 3)),
+        {"id": "txn_r4", "amount": -1_000_00, "exchange_rate": 30.769231},
+        {"id": "txn_5", "amount": 1_000, "exchange_rate": 1.081081},
+        {"id": "txn_r5", "amount": -1_000, "exchange_rate": 1.081081},
+    ]  # fmt: skip
+    payments = pl.DataFrame(
+        {
+            "charge": ["ch_inv", "ch_new", "ch_fx", "ch_plain", "ch_eur"],
+            "invoice": ["in_1", "in_2", "in_1PlongStripeInvoiceId00", "in_open", "in_eur"],
+            "status": ["paid", "paid", "paid", "open", "paid"],  # open: it paid nothing
+        }
+    )
+    staged = pl.DataFrame(
+        {
+            "id": ["in_1", "in_fx", "in_open", "in_eur"],
+            "number": ["A1B2C3-0007", "X", "Y", "A1B2C3D4-0012"],
+        }
+    )
+    paid = refunded_invoices(payments, staged)
+    docs = plan_refunds(refunds(*rows), sales, bts(*moves), mapping, periods(), None, (), paid)
+    p = payloads(docs)
+    assert p["credit_memo:re_inv"]["reason"] == "Duplicate charge USD 10.00, invoice A1B2C3-0007"
+    assert p["credit_memo:re_new"]["reason"] == "Stripe refund USD 10.00, invoice in_2"
+    assert p["credit_memo:re_plain"]["reason"] == "Stripe refund USD 10.00"  # no invoice
+    # A foreign sale keeps its presentment amount and rate when the name fits in Sage's 60 ...
+    assert p["credit_memo:re_eur"]["reason"] == (
+        "Customer request EUR 9.25 @1.081081, invoice A1B2C3D4-0012"
+    )
+    # ... and when it does not, what comes before the invoice's name gives way.
+    assert p["credit_memo:re_fx"]["reason"] == (
+        "Fraudulent charge KWD 3., invoice in_1PlongStripeInvoiceId00"
+    )
+    for key in ("credit_memo:re_inv", "credit_memo:re_new", "credit_memo:re_fx"):
+        assert "invoice_no" not in p[key] and p[key]["gl_account"] == "1050"  # stays paid
 
 
 def test_credit_balance_used_by_an_invoice_is_a_memo_from_customer_credit() -> None:

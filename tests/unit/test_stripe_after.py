@@ -177,3 +177,73 @@ def test_credit_balances_have_stripes_shape_and_add_up(
     if other != holding[0]["id"]:
         r = api.get(f"/v1/customers/{other}/balance_transactions/{stranger}")
         assert r.status_code == 404
+
+
+# -- a lost dispute on an invoice payment ------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_api() -> TestClient:
+    """The default business (seed 7, 1,000 charges: the one ``make demo`` serves)."""
+    world = StripeWorld(BusinessConfig(end=END), clock=lambda: END)
+    app = create_stripe_app(world=world, api_key=KEY, rate_limit=None)
+    return TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
+
+
+def test_a_lost_dispute_on_an_invoice_payment_lands_in_a_payout(default_api: TestClient) -> None:
+    disputes = list_all(default_api, "/v1/disputes")
+    payments = list_all(default_api, "/v1/invoice_payments")
+    paid_by = {p["payment"]["charge"]: p["invoice"] for p in payments if p["status"] == "paid"}
+    [lost] = [d for d in disputes if d["status"] == "lost" and d["charge"] in paid_by]
+    assert set(lost) == fixture_keys("dispute")  # Stripe's current shape
+    # Appended after every other dispute: no dispute's id moved.
+    assert lost["created"] >= max(d["created"] for d in disputes)
+    charge = default_api.get(f"/v1/charges/{lost['charge']}").json()
+    assert charge["disputed"] and lost["amount"] == charge["amount"]
+    invoice = default_api.get(f"/v1/invoices/{paid_by[lost['charge']]}").json()
+    assert invoice["status"] == "paid" and invoice["amount_remaining"] == 0  # stays paid
+    assert invoice["currency"] == "usd" and invoice["customer"] == charge["customer"]
+    # One balance transaction: the amount withdrawn and the dispute fee, paid out.
+    [bt] = lost["balance_transactions"]
+    assert (bt["reporting_category"], bt["amount"], bt["fee"]) == ("dispute", -lost["amount"], 1500)
+    payouts = [
+        p
+        for p in list_all(default_api, "/v1/payouts")
+        if bt["id"] in {b["id"] for b in list_all(default_api, "/v1/balance_transactions",
+                                                   payout=p["id"])}
+    ]  # fmt: skip
+    [payout] = payouts
+    assert payout["automatic"] and payout["amount"] > 0
+    swept = list_all(default_api, "/v1/balance_transactions", payout=payout["id"])
+    assert sum(b["net"] for b in swept if b["type"] != "payout") == payout["amount"]
+    events = [
+        e["type"]
+        for e in list_all(default_api, "/v1/events", type="charge.dispute.*")
+        if e["data"]["object"]["id"] == lost["id"]
+    ]
+    assert sorted(events) == sorted(
+        ["charge.dispute.created", "charge.dispute.funds_withdrawn", "charge.dispute.closed"]
+    )
+
+
+def test_the_lost_invoice_dispute_moves_nothing_else() -> None:
+    """Drawn from its own rng and appended: without it the business is the same but for
+    that one dispute, its balance transaction and the one payout that swept it up."""
+    import numpy as np
+
+    from devkit.sandbox.stripe_business import BT_DISPUTE, Business
+
+    class Without(Business):
+        def _lost_dispute_on_an_invoice(self) -> None:
+            pass
+
+    config = BusinessConfig(end=END)
+    b, a = Business(config), Without(config)
+    assert len(b.disputes) == len(a.disputes) + 1
+    for col in ("dp_charge", "dp_status", "dp_closed_at", "dp_fee_returned"):
+        assert np.array_equal(getattr(b, col)[:-1], getattr(a, col)), col
+    for col in ("ch_amount", "ch_customer", "ch_failed", "rf_charge", "inv_charge"):
+        assert np.array_equal(getattr(b, col), getattr(a, col)), col
+    assert len(b.payouts) == len(a.payouts)
+    changed = np.nonzero(b.po_amount != a.po_amount)[0]
+    x = b.bt_of(BT_DISPUTE, len(b.disputes) - 1)
+    assert changed.tolist() == [b.bt_payout[x]]
+    assert int(a.po_amount[changed[0]] - b.po_amount[changed[0]]) == -(b.bt_amount[x] - b.bt_fee[x])
