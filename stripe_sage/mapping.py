@@ -232,6 +232,11 @@ class OrderMapping(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
+    # A session is listed while still open and completes moments after its charge: a charge
+    # made while a payment-mode session was open waits until sessions have been read this
+    # long after the charge (its completion read with them). 0: the charge posts as soon as
+    # sessions are read up to it (a session's completion may then be missed).
+    completion_grace_seconds: int = Field(default=600, ge=0, le=86_400)
 
 
 class Mapping(BaseModel):

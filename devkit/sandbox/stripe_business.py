@@ -73,6 +73,10 @@ DISPUTE_FEE = 1500
 LOST_INVOICE_DISPUTE_MAX = 10_000
 BILLING_FEE = 2500
 # Authorizations: 0 a normal (captured or failed) charge, else never captured and ...
+# A Checkout Session completes this many seconds after the charge that paid it (as in
+# Stripe, where the payment succeeds first): a read in between sees the charge and the
+# session still open.
+SESSION_COMPLETES_AFTER = 1
 AUTH_PENDING, AUTH_EXPIRED, AUTH_RELEASED = 1, 2, 3  # ... still open, expired, released
 AUTH_EXPIRY = 7 * DAY  # Stripe's card authorizations lapse after 7 days
 # Shares of the everyday shapes, per 1000 charges (customers: per 1000 customers), and the
@@ -1075,7 +1079,11 @@ class Business:
 
         add(self.customers.created, "customer.created", np.arange(len(self.customers)))
         ncs = np.arange(len(self.checkout_sessions))
-        add(self.charges.created[self.cs_charge] + 1, "checkout.session.completed", ncs)
+        add(
+            self.charges.created[self.cs_charge] + SESSION_COMPLETES_AFTER,
+            "checkout.session.completed",
+            ncs,
+        )
         gone = np.nonzero(self.cu_deleted_at)[0]
         add(self.cu_deleted_at[gone], "customer.deleted", gone)
         add(

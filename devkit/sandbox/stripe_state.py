@@ -48,6 +48,7 @@ from devkit.sandbox.stripe_business import (
     DAY,
     EVENT_TYPES,
     HOUR,
+    SESSION_COMPLETES_AFTER,
     SETTLEMENT_CURRENCIES,
     Business,
     BusinessConfig,
@@ -1808,7 +1809,7 @@ class StripeWorld:
         ch = self.charge(i)
         cs_id = self.make_id("checkout_sessions", s)
         created = int(b.checkout_sessions.created[s])
-        complete = ch.created <= t
+        complete = ch.created + SESSION_COMPLETES_AFTER <= t
         items, shipping, discount = self._checkout_parts(s)
         j = int(b.cs_invoice[s])
         guest = ch.customer < 0

@@ -22,6 +22,13 @@ the ``checkout_sessions`` stream has been listed (with its events) up to the cha
 ``created`` (a session always exists before the charge that pays it), or its payment intent
 was looked up on Stripe by the webhook path (``staging.checkout_lookups``). Until then it
 waits, with a reason.
+
+A session listed while still open names no payment intent yet, and it completes moments
+after its charge: a run can read the charge and the open session but not the completion.
+So a charge made while a payment-mode session created within the day before it (a session
+expires after 24 hours) was staged open counts as asked only once sessions (and their
+events) were read ``orders.completion_grace_seconds`` after the charge; until then it waits,
+naming the open session.
 """
 
 from __future__ import annotations
@@ -42,6 +49,14 @@ from stripe_sage.plan.documents import (
 )
 from stripe_sage.plan.item_codes import line_item
 from stripe_sage.plan.line_amounts import line_price_exprs
+
+# Sessions expire 24 hours after they are created: an older open one cannot be this charge's.
+SESSION_LIFETIME = dt.timedelta(days=1)
+
+OPEN_SESSION_SCHEMA: dict[str, pl.DataType] = {
+    "open_session": pl.String(),
+    "open_created": pl.Datetime("us", "UTC"),
+}
 
 SESSION_LINK_SCHEMA: dict[str, pl.DataType] = {
     "payment_intent": pl.String(),
@@ -89,6 +104,7 @@ def link_charges_to_sessions(
     looked_up: pl.DataFrame,
     sessions_read_until: dt.datetime | None,
     mapping: Mapping,
+    open_sessions: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """``charges`` with ``order_session`` (the goods session the charge paid: it posts only
     its receipt, applied to that session's invoice) and ``session_wait`` (a ``waiting:``
@@ -96,7 +112,9 @@ def link_charges_to_sessions(
 
     ``sessions``: staged sessions naming the charges' payment intents (SESSION_LINK_SCHEMA);
     ``looked_up``: payment intents Stripe was asked about (column ``payment_intent``);
-    ``sessions_read_until``: how far the ``checkout_sessions`` stream has been listed."""
+    ``sessions_read_until``: how far the ``checkout_sessions`` stream has been listed;
+    ``open_sessions``: staged payment-mode sessions still open (OPEN_SESSION_SCHEMA) created
+    up to a day before the charges (module docstring)."""
     if not mapping.orders.enabled or charges.is_empty():
         return charges.with_columns(
             pl.lit(None, pl.String).alias("order_session"),
@@ -108,18 +126,25 @@ def link_charges_to_sessions(
         on="payment_intent",
         how="left",
     )
+    df = _latest_open_session(df, open_sessions)
     goods = pl.col("session_goods").fill_null(False)
     complete = pl.col("session_status") == "complete"
+    grace = dt.timedelta(seconds=mapping.orders.completion_grace_seconds)
     if sessions_read_until is None:
         listed = pl.lit(False)
+        listed_late = pl.lit(False)
     else:
-        listed = pl.col("created") <= pl.lit(sessions_read_until).cast(charges.schema["created"])
-    unknown = (
+        until = pl.lit(sessions_read_until).cast(charges.schema["created"])
+        listed = pl.col("created") <= until
+        listed_late = (pl.col("created") + pl.lit(grace)) <= until
+    maybe_unread = (
         pl.col("payment_intent").is_not_null()
         & pl.col("session").is_null()
         & ~pl.col("_asked").fill_null(False)
-        & ~listed
     )
+    unknown = maybe_unread & ~listed
+    # Read up to the charge, but a session was open then: its completion may not be read yet.
+    completing = maybe_unread & listed & pl.col("open_session").is_not_null() & ~listed_late
     return df.with_columns(
         pl.when(goods & complete).then(pl.col("session")).alias("order_session"),
         pl.when(goods & ~complete)
@@ -140,8 +165,43 @@ def link_charges_to_sessions(
                 pl.col("payment_intent"),
             )
         )
+        .when(completing)
+        .then(
+            pl.format(
+                "waiting: checkout session {} was open when this payment was made (payment "
+                "intent {}); it posts once sessions are read {} s after it (with its order if "
+                "the session completes with it)",
+                pl.col("open_session"),
+                pl.col("payment_intent"),
+                pl.lit(mapping.orders.completion_grace_seconds),
+            )
+        )
         .alias("session_wait"),
-    ).drop("session", "session_status", "session_goods", "_asked")
+    ).drop("session", "session_status", "session_goods", "_asked", "open_session")
+
+
+def _latest_open_session(charges: pl.DataFrame, open_sessions: pl.DataFrame | None) -> pl.DataFrame:
+    """``charges`` with ``open_session``: the latest staged open session created within a
+    session's lifetime before the charge, or null."""
+    if open_sessions is None or open_sessions.is_empty():
+        return charges.with_columns(pl.lit(None, pl.String).alias("open_session"))
+    key = charges.schema["created"]
+    opened = open_sessions.select(
+        "open_session", pl.col("open_created").cast(key).alias("_opened")
+    ).sort("_opened")
+    return (
+        charges.with_row_index("_order")
+        .sort("created")
+        .join_asof(
+            opened,
+            left_on="created",
+            right_on="_opened",
+            strategy="backward",
+            tolerance=SESSION_LIFETIME,
+        )
+        .sort("_order")
+        .drop("_order", "_opened")
+    )
 
 
 def plan_orders(

@@ -192,7 +192,7 @@ def _document_slices(
         st, "charges", _todo("charges", "cash_receipt:", scoped=scoped), slice_rows
     ):
         with st.registered(
-            "_plan_slice", charges.select("id", "balance_transaction", "payment_intent")
+            "_plan_slice", charges.select("id", "balance_transaction", "payment_intent", "created")
         ):
             bts = st.frame(bts_of_slice)
             invoice_payments = st.frame(
@@ -220,6 +220,14 @@ def _document_slices(
                 "SELECT payment_intent FROM staging.checkout_lookups "
                 "WHERE payment_intent IN (SELECT payment_intent FROM _plan_slice)"
             )
+            # Sessions still open when these charges were made (plan/orders.py): one may
+            # complete with a charge of this slice after sessions were read.
+            open_sessions = st.frame(
+                "SELECT id AS open_session, created AS open_created "
+                "FROM staging.checkout_sessions WHERE status = 'open' AND mode = 'payment' "
+                "AND created <= (SELECT max(created) FROM _plan_slice) "
+                "AND created >= (SELECT min(created) FROM _plan_slice) - INTERVAL 1 DAY"
+            )
             # Invoices these charges paid that were written off first: a recovery, not a
             # receipt (issue 19).
             written_off = st.frame(
@@ -228,7 +236,7 @@ def _document_slices(
                 "staging.invoice_payments p WHERE p.charge IN (SELECT id FROM _plan_slice))"
             )
         charges = link_charges_to_sessions(
-            charges, sessions, looked_up, sessions_read_until, mapping
+            charges, sessions, looked_up, sessions_read_until, mapping, open_sessions
         )
         orders: set[str] | None = None
         if sales_orders is not None:

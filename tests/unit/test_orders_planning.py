@@ -14,7 +14,12 @@ import pytest
 
 from stripe_sage.mapping import load_mapping
 from stripe_sage.plan.documents import plan_charges
-from stripe_sage.plan.orders import SESSION_LINK_SCHEMA, link_charges_to_sessions, plan_orders
+from stripe_sage.plan.orders import (
+    OPEN_SESSION_SCHEMA,
+    SESSION_LINK_SCHEMA,
+    link_charges_to_sessions,
+    plan_orders,
+)
 
 UTC = dt.UTC
 T0 = dt.datetime(2026, 6, 1, 12, tzinfo=UTC)
@@ -216,6 +221,61 @@ def test_which_charges_wait_for_a_session(mapping: Any) -> None:
     )
     out = link_charges_to_sessions(charges, sessions, looked_up, None, off)
     assert out["order_session"].null_count() == out["session_wait"].null_count() == out.height
+
+
+def test_a_charge_made_while_a_session_was_open_waits_until_its_completion_could_be_read(
+    mapping: Any,
+) -> None:
+    """The race of docs/accounting.md §5: sessions were listed after the charge, but one
+    was still open (no payment intent yet) and completes moments later. The charge waits
+    until sessions are read the grace after it; a charge with no session open in the day
+    before it, or made long after sessions were read past it, posts at once."""
+    minute = dt.timedelta(minutes=1)
+    charges = charges_frame(
+        {"id": "ch_racing", "payment_intent": "pi_racing", "created": T0},
+        {"id": "ch_alone", "payment_intent": "pi_alone", "created": T0 + dt.timedelta(days=3)},
+        {"id": "ch_settled", "payment_intent": "pi_settled", "created": T0 - 30 * minute},
+        {"id": "ch_asked", "payment_intent": "pi_asked", "created": T0},
+    )
+    open_sessions = pl.DataFrame(
+        [("cs_open_1", T0 - 5 * minute), ("cs_open_0", T0 - 40 * minute)],
+        schema=OPEN_SESSION_SCHEMA,
+        orient="row",
+    )
+    no_sessions = pl.DataFrame(schema=SESSION_LINK_SCHEMA)
+    looked_up = pl.DataFrame({"payment_intent": ["pi_asked"]})
+    grace = mapping.orders.completion_grace_seconds
+    assert grace > 60
+
+    def waits(read_until: dt.datetime, over: Any = mapping) -> dict[str, str | None]:
+        out = link_charges_to_sessions(
+            charges, no_sessions, looked_up, read_until, over, open_sessions
+        )
+        assert out["order_session"].null_count() == out.height
+        assert out["id"].to_list() == charges["id"].to_list()  # order kept
+        return dict(zip(out["id"], out["session_wait"], strict=True))
+
+    # Read one second after the racing charge: its session may complete with it.
+    early = waits(T0 + dt.timedelta(seconds=1))
+    assert early["ch_racing"] is not None and "cs_open_1" in early["ch_racing"]
+    assert "pi_racing" in early["ch_racing"] and early["ch_racing"].startswith("waiting: ")
+    assert early["ch_settled"] is None  # read 30 minutes after it: past the grace
+    assert early["ch_asked"] is None  # Stripe was asked: no session names it
+    assert early["ch_alone"] is not None and "not read up to" in early["ch_alone"]
+    # Read the grace after it: the session's completion would have been read with it.
+    late = waits(T0 + dt.timedelta(seconds=grace))
+    assert late["ch_racing"] is None
+    # With no grace the old rule: read up to the charge is enough.
+    none = mapping.model_copy(
+        update={"orders": mapping.orders.model_copy(update={"completion_grace_seconds": 0})}
+    )
+    assert waits(T0 + dt.timedelta(seconds=1), none)["ch_racing"] is None
+    # A session opened more than a day before the charge had expired: it is not waited for.
+    stale = charges.with_columns(pl.lit(T0 + dt.timedelta(days=1, hours=1)).alias("created"))
+    out = link_charges_to_sessions(
+        stale, no_sessions, looked_up, T0 + dt.timedelta(days=2), mapping, open_sessions
+    )
+    assert out["session_wait"].null_count() == out.height
 
 
 def a_charge(**over: Any) -> dict[str, Any]:
