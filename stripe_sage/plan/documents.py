@@ -1071,7 +1071,7 @@ def plan_refunds(
     names (issue 19): they post through that note's memo only, never a second time."""
     df = refunds.filter(
         pl.col("balance_transaction").is_not_null()
-        & ~pl.col("id").is_in(pl.Series(list(credited_refunds), dtype=pl.String))
+        & ~pl.col("id").is_in(sorted(credited_refunds))
     )
     if df.is_empty():
         return empty_docs()
