@@ -45,6 +45,7 @@ from prefect.concurrency.context import ConcurrencyContext
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import get_current_settings
+from prefect.states import Crashed
 
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
@@ -267,6 +268,30 @@ def _give_back(holder: Holder | None) -> str:
     return "its lease is gone already"
 
 
+def _mark_run_crashed(holder: Holder) -> str:
+    """The dead holder's flow run, if the server still shows it running, is marked Crashed
+    (nobody else will: its process is gone), so the Prefect UI does not show it running for
+    ever. Its flow run on a temporary server died with that server: nothing to mark."""
+    if holder.flow_run_id is None or holder.embedded:
+        return ""
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(UUID(holder.flow_run_id))
+        except (ObjectNotFound, PrefectHTTPStatusError):
+            return ""
+        if run.state is None or run.state.is_final():
+            return ""
+        client.set_flow_run_state(
+            run.id,
+            Crashed(
+                message=f"its process (pid {holder.pid} on {holder.host}) died holding the "
+                "DuckDB writer slot; the slot was given back to the next run"
+            ),
+            force=True,
+        )
+    return "; its flow run is marked Crashed"
+
+
 def reclaim_dead_holder(
     record: HolderRecord,
     unrecorded_since: float | None,
@@ -281,7 +306,7 @@ def reclaim_dead_holder(
         holder = record.read()
         if holder is not None:
             record.write(None)  # under the lock: nobody else gives this slot back
-            how = _give_back(holder)
+            how = _give_back(holder) + _mark_run_crashed(holder)
             log.warning("the DuckDB writer slot's holder is gone (%s): %s", holder.describe(), how)
             return None
         if not _embedded() or not _slot_taken():

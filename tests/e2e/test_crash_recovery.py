@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -27,14 +28,22 @@ pytestmark = pytest.mark.e2e
 
 # A process that takes the writer slot, says so, holds it for argv[1] seconds, then reports
 # the limit's taken slots once it gave it back (argv[2]: the grace for a slot nobody recorded).
+# With HOLD_IN_FLOW set it holds the slot inside a flow run, as the product's flows do.
 HOLD = """
-import json, sys, time
+import json, os, sys, time
+from prefect import flow, runtime
 from prefect.client.orchestration import get_client
 from tasks.writer import UNRECORDED_GRACE_SECONDS, WRITER_LIMIT, writer_slot
 grace = float(sys.argv[2]) if len(sys.argv) > 2 else UNRECORDED_GRACE_SECONDS
-with writer_slot(unrecorded_grace=grace) as slot:
-    print(json.dumps({"pid": __import__("os").getpid(), **slot}), flush=True)
-    time.sleep(float(sys.argv[1]))
+def hold():
+    with writer_slot(unrecorded_grace=grace) as slot:
+        run = str(runtime.flow_run.id or "")
+        print(json.dumps({"pid": os.getpid(), "flow_run_id": run, **slot}), flush=True)
+        time.sleep(float(sys.argv[1]))
+if os.environ.get("HOLD_IN_FLOW"):
+    flow(name="hold_writer_slot")(hold)()
+else:
+    hold()
 with get_client(sync_client=True) as c:
     taken = c.read_global_concurrency_limit_by_name(WRITER_LIMIT).active_slots
 print(json.dumps({"active_slots_after": taken}), flush=True)
@@ -86,7 +95,9 @@ def test_a_holder_killed_while_holding_the_slot_frees_it_within_seconds(
     prefect_env: dict[str, str], tmp_path: Path
 ) -> None:
     log = tmp_path / "processes.log"
-    dead = holder(prefect_env, 3600, log)
+    on_server = "PREFECT_API_URL" in prefect_env
+    # On a server the killed holder runs in a flow run, which must not stay Running for ever.
+    dead = holder({**prefect_env, "HOLD_IN_FLOW": "1"} if on_server else prefect_env, 3600, log)
     orphans: list[psutil.Process] = []
     waiter: subprocess.Popen[str] | None = None
     try:
@@ -111,6 +122,12 @@ def test_a_holder_killed_while_holding_the_slot_frees_it_within_seconds(
         after = json.loads(waiter.stdout.readline())
         assert after == {"active_slots_after": 0}  # given back once, not twice
         assert waiter.wait(60) == 0
+        if on_server:
+            assert held["flow_run_id"], held
+            url = f"{prefect_env['PREFECT_API_URL']}/flow_runs/{held['flow_run_id']}"
+            state = httpx.get(url, timeout=30).raise_for_status().json()["state"]
+            assert state["type"] == "CRASHED", state
+            assert f"pid {held['pid']}" in state["message"], state
     finally:
         for proc in (dead, waiter):
             if proc is not None and proc.poll() is None:
