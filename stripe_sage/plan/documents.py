@@ -1070,8 +1070,7 @@ def plan_refunds(
     already); the default is ``refunds`` itself. ``credited_refunds``: refunds a credit note
     names (issue 19): they post through that note's memo only, never a second time."""
     df = refunds.filter(
-        pl.col("balance_transaction").is_not_null()
-        & ~pl.col("id").is_in(sorted(credited_refunds))
+        pl.col("balance_transaction").is_not_null() & ~pl.col("id").is_in(sorted(credited_refunds))
     )
     if df.is_empty():
         return empty_docs()
