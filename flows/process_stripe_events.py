@@ -9,7 +9,7 @@ from prefect import flow
 from flows.lifecycle import flow_run
 from flows.stages import run_stages
 from stripe_sage.settings import Settings
-from stripe_sage.stripe.webhooks import Inbox
+from stripe_sage.store.inbox import Inbox
 
 
 @flow(name="process_stripe_events", log_prints=True)

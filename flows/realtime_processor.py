@@ -48,7 +48,8 @@ from flows.stages import Stage, run_stages, run_status
 from stripe_sage.realtime import Backoff, Refresh, batch_should_run
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
-from stripe_sage.stripe.webhooks import Inbox, events_by_stream
+from stripe_sage.store.inbox import Inbox
+from stripe_sage.stripe.webhooks import events_by_stream
 from tasks.alerts import auth_error_in, emit_auth_failed
 from tasks.context import run_logger
 from tasks.inbox import mark_processed

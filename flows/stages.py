@@ -26,7 +26,7 @@ from flows.lifecycle import FlowRun
 from quality.runner import Engine
 from stripe_sage.metrics import peak_rss_mb
 from stripe_sage.runtime import RunContext
-from stripe_sage.stripe.webhooks import Inbox
+from stripe_sage.store.inbox import Inbox
 from tasks.context import in_run
 from tasks.inbox import drain_inbox, mark_processed
 from tasks.reconcile import itemise_payouts, reconciliation_report

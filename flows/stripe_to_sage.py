@@ -12,8 +12,8 @@ from prefect.logging import get_run_logger
 from flows.lifecycle import flow_run
 from flows.stages import run_stages
 from stripe_sage.settings import Settings
+from stripe_sage.store.inbox import Inbox
 from stripe_sage.stripe.streams import LISTED_STREAMS
-from stripe_sage.stripe.webhooks import Inbox
 
 
 @flow(name="stripe_to_sage", log_prints=True)

@@ -7,8 +7,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from stripe_sage.store.inbox import Inbox
 from stripe_sage.stripe.extract import Extractor
-from stripe_sage.stripe.webhooks import Inbox, events_by_stream
+from stripe_sage.stripe.webhooks import events_by_stream
 from tasks.context import run_logger
 
 

@@ -274,7 +274,8 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     import uvicorn
 
     from stripe_sage.settings import Settings
-    from stripe_sage.stripe.webhooks import Inbox, Notifier, create_receiver
+    from stripe_sage.store.inbox import Inbox
+    from stripe_sage.stripe.webhooks import Notifier, create_receiver
 
     settings = Settings()
     inbox = Inbox(settings.webhook_inbox)

@@ -311,7 +311,7 @@ def test_micro_batch_quality_matches_the_scheduled_run(
     from flows.realtime_processor import process_batch
     from stripe_sage.runtime import RunContext
     from stripe_sage.settings import Settings
-    from stripe_sage.stripe.webhooks import Inbox
+    from stripe_sage.store.inbox import Inbox
 
     with rt.env.stripe() as s:
         clean = [c["id"] for c in stripe_all(s, "/v1/charges")[:20]]

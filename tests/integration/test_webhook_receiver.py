@@ -20,7 +20,8 @@ from starlette.routing import Route
 from devkit.sandbox.runner import ThreadedServer
 from devkit.sandbox.stripe_app import create_stripe_app, sign_payload
 from devkit.sandbox.stripe_business import BusinessConfig
-from stripe_sage.stripe.webhooks import TRIGGER_EVENT, Inbox, Notifier, create_receiver
+from stripe_sage.store.inbox import Inbox
+from stripe_sage.stripe.webhooks import TRIGGER_EVENT, Notifier, create_receiver
 
 pytestmark = pytest.mark.integration
 SECRET = "whsec_receiver_test_secret"

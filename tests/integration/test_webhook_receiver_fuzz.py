@@ -20,7 +20,8 @@ import pytest
 
 from devkit.sandbox.runner import ThreadedServer
 from devkit.sandbox.stripe_app import sign_payload
-from stripe_sage.stripe.webhooks import Inbox, create_receiver, events_by_stream
+from stripe_sage.store.inbox import Inbox
+from stripe_sage.stripe.webhooks import create_receiver, events_by_stream
 
 pytestmark = pytest.mark.integration
 SECRET = "whsec_fuzz_secret"

@@ -14,9 +14,6 @@ SCANNED = ("stripe_sage", "flows", "tasks", "quality", "deployments")
 STORE = Path("stripe_sage/store")
 # Files that run SQL on connections that are not the staging file, each with its reason.
 ALLOWED = {
-    # The webhook inbox is SQLite, owned by its Inbox class (its named operations): the
-    # receiver never opens the DuckDB staging file, which a running flow may hold.
-    Path("stripe_sage/stripe/webhooks.py"): "the webhook inbox (SQLite)",
     # The finance console's own users, sessions and actions (SQLite, its own store).
     Path("stripe_sage/console/store.py"): "the console's own store (SQLite)",
     # Read-only connections to the published analysts' snapshot, never the staging file:
