@@ -256,9 +256,14 @@ def plan_payouts(
         else pl.DataFrame()
     )
     if not members.is_empty():
-        members = members.filter(pl.col("type") != "payout")
+        # Sorted: a journal's lines follow its transactions' order, the same on every plan
+        # (a join's row order is not guaranteed; a re-planned or previewed journal whose
+        # lines moved would read as changed).
+        members = members.filter(pl.col("type") != "payout").sort(
+            "payout", "created", "balance_transaction"
+        )
     grouped = (
-        {key[0]: g.to_dicts() for key, g in members.group_by("payout")}
+        {key[0]: g.to_dicts() for key, g in members.group_by("payout", maintain_order=True)}
         if not members.is_empty()
         else {}
     )

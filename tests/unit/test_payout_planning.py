@@ -305,3 +305,46 @@ def test_on_an_automatic_account_days_a_manual_payout_swept_get_their_daily_jour
         # A paid automatic payout not itemised yet may be the one that lists them: wait.
         st.con.execute("UPDATE staging.payouts SET status = 'paid' WHERE id = 'po_auto3'")
         assert planned() == {}
+
+
+def test_a_payout_journal_is_the_same_whatever_order_its_transactions_are_read_in() -> None:
+    """A re-planned or previewed journal must not read as changed because a join returned
+    its transactions in another order: its lines follow the transactions' time."""
+    t = dt.datetime(2026, 6, 2, 9, tzinfo=UTC)
+    rows = [
+        ("txn_1", "charge", t, 10_000, 320, "ch_1"),
+        ("txn_2", "dispute", t + dt.timedelta(hours=1), -5_000, 1_500, "dp_1"),
+        ("txn_3", "other_adjustment", t + dt.timedelta(hours=2), -700, 0, None),
+        ("txn_4", "refund", t + dt.timedelta(hours=3), -2_000, 0, "re_1"),
+        ("txn_5", "fee", t + dt.timedelta(hours=4), -150, 0, None),
+    ]
+    bts = bts_frame(rows)
+    net = sum(r[3] - r[4] for r in rows)
+    payouts = pl.DataFrame(
+        {
+            "id": ["po_1"],
+            "automatic": [True],
+            "status": ["paid"],
+            "currency": ["USD"],
+            "amount": [net],
+            "arrival_date": [t + dt.timedelta(days=2)],
+            "failure_balance_transaction": [None],
+        }
+    )
+    items = pl.DataFrame(
+        {"payout": ["po_1"] * len(rows), "balance_transaction": [r[0] for r in rows]}
+    )
+    payloads = {
+        plan_payouts(
+            payouts,
+            items.sample(fraction=1.0, shuffle=True, seed=seed),
+            bts.sample(fraction=1.0, shuffle=True, seed=seed + 100),
+            MAPPING,
+        )["payload"][0]
+        for seed in range(8)
+    }
+    assert len(payloads) == 1, payloads
+    accounts = [line["account"] for line in json.loads(payloads.pop())["lines"]]
+    # By the transactions' time: merchant fees (the charge), the dispute's fee and amount,
+    # the adjustment, then the bank and clearing (the charge and refund are own documents).
+    assert accounts == ["6100", "6120", "6110", "6190", "1000", "1050"], accounts
