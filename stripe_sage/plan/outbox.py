@@ -374,10 +374,11 @@ def _after_posting_documents(
     )
     for invoices in _rows_to_plan(st, "invoices", closing, slice_rows):
         yield plan_invoice_closures(invoices, mapping, pf, tax_rates)
+    # A credit-balance memo reads its invoice's row only: in scope when the invoice is.
     credit_used = (
         f"{_not_quarantined('invoices')} AND s.ending_balance - s.starting_balance > 0 "
         "AND NOT EXISTS (SELECT 1 FROM _settled k "
-        f"WHERE k.doc_key = 'credit_memo:{BALANCE_PREFIX}' || s.id)"
+        f"WHERE k.doc_key = 'credit_memo:{BALANCE_PREFIX}' || s.id){in_scope(scoped)}"
     )
     for invoices in _rows_to_plan(st, "invoices", credit_used, slice_rows):
         yield plan_credit_balances(invoices, mapping, pf)
