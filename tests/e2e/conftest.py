@@ -15,8 +15,8 @@ DEFAULT = BusinessConfig()  # the business `make demo` serves
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect API for the whole session (it takes ~10 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
+    """A temporary Prefect API for the whole session (its database copied migrated)."""
+    from tests.helpers.servers import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=90):
         yield

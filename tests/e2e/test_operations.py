@@ -21,7 +21,7 @@ import yaml
 
 from devkit.sandbox.runner import free_port
 from tests.helpers.business import Env, make_env, product_env
-from tests.helpers.servers import BIN, ROOT, Prefect, wait_for
+from tests.helpers.servers import BIN, ROOT, Prefect, migrated_prefect_db, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -81,18 +81,21 @@ def runs_of(db: Path, flow: str) -> list[dict[str, Any]]:
 
 
 def test_deployments_register_from_prefect_yaml_and_a_scheduled_run_fires(ops: Ops) -> None:
-    # The checked-in file, with the main sync's schedule shortened to 20 s for the test.
+    # The checked-in file, with the main sync's schedule shortened to 20 s for the test,
+    # anchored at the deploy's start (by default the anchor is when the server got the
+    # deployment: the first run would come 20 s after the deploy ended, not after it began).
     spec = yaml.safe_load(PREFECT_YAML.read_text())
+    ops.prefect.cli("work-pool", "create", POOL, "--type", "process")
+    anchor = dt.datetime.now(dt.UTC).isoformat()
     for d in spec["deployments"]:
         if d["name"] == "stripe-to-sage":
-            d["schedules"] = [{"interval": 20}]
+            d["schedules"] = [{"interval": 20, "anchor_date": anchor}]
     keepalive = next(d for d in spec["deployments"] if d["name"] == "realtime-processor")
     assert keepalive["schedules"] == [{"interval": 60}]
     assert keepalive["concurrency_limit"]["collision_strategy"] == "CANCEL_NEW"
     keepalive["schedules"] = []  # this test's worker runs the scheduled sync only
     test_yaml = ops.tmp / "prefect.yaml"
     test_yaml.write_text(yaml.safe_dump(spec))
-    ops.prefect.cli("work-pool", "create", POOL, "--type", "process")
     ops.prefect.cli("deploy", "--prefect-file", str(test_yaml), "--all")
 
     deployments = {d["name"]: d for d in ops.prefect.api("POST", "/deployments/filter", json={})}
@@ -390,6 +393,9 @@ def test_serve_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> 
     import psutil
 
     port, hook_port = free_port(), free_port()
+    # A home the server ran in before (its database migrated): what serve starts is tested
+    # here, not Prefect's first migration (tests/helpers/servers.py builds that).
+    migrated_prefect_db(tmp_path / "prefect" / "prefect.db")
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect"),

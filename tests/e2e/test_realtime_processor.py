@@ -152,7 +152,12 @@ def test_events_wait_while_prefect_is_down_then_are_processed(rt: Realtime) -> N
     rt.start_processor()  # Prefect is not up: the processor cannot start its flow run
     charge = new_charge(rt.env)
     wait_for(lambda: (rt.health() or {}).get("unprocessed", 0) > 0, 60, "the event stored")
-    time.sleep(3)
+    # The processor tried to start its flow run, could not reach Prefect, and will try again.
+    wait_for(
+        lambda: "starting again in" in (rt.tmp / "processor.log").read_text(),
+        120,
+        "the processor's first attempt to reach Prefect",
+    )
     assert (rt.health() or {}).get("unprocessed", 0) > 0  # it waits in the inbox
     assert charge not in receipts(rt.env)
     assert rt.children["processor"].poll() is None  # and the processor keeps trying

@@ -4,11 +4,16 @@ each a process on loopback with its own home, stopped by the fixture that starte
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,9 @@ from devkit.sandbox.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+# Prefect databases migrated once per Prefect version, copied for each new server: migrating
+# a fresh SQLite database is most of a server's start (~11 s to start, ~4 s from a copy).
+CACHE = Path(tempfile.gettempdir()) / "stripe-sage-tests"
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -46,33 +54,107 @@ def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
 
 
 class PostgresDatabase:
-    """A fresh database on the machine's PostgreSQL (loopback, trust auth), dropped after."""
+    """A fresh database on the machine's PostgreSQL (loopback, trust auth), dropped after:
+    a copy of a template a Prefect server of this version migrated (see ``CACHE``)."""
 
     def __init__(self) -> None:
         self.name = f"prefect_{uuid.uuid4().hex[:10]}"
-        self.url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{self.name}"
+        self.url = self.url_of(self.name)
 
-    def _psql(self, sql: str) -> None:
-        subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql],
-            check=True,
+    @staticmethod
+    def url_of(name: str) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+
+    @staticmethod
+    def _psql(sql: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-tAc", sql],
+            check=check,
             capture_output=True,
             timeout=60,
         )
 
+    @classmethod
+    def template(cls) -> str:
+        """The migrated template for this Prefect version (the first call builds it)."""
+        name = "prefect_template_" + re.sub(r"\W", "_", version("prefect"))
+        if cls._psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'").stdout.strip():
+            return name
+        build = f"prefect_build_{uuid.uuid4().hex[:10]}"
+        cls._psql(f"CREATE DATABASE {build}")
+        with tempfile.TemporaryDirectory() as tmp:
+            builder = Prefect(Path(tmp), database_url=cls.url_of(build))
+            builder.start()
+            builder.stop()
+        if cls._psql(f"ALTER DATABASE {build} RENAME TO {name}", check=False).returncode:
+            cls._psql(f"DROP DATABASE IF EXISTS {build} WITH (FORCE)")  # built by another run
+        return name
+
     def create(self) -> None:
-        self._psql(f"CREATE DATABASE {self.name}")
+        self._psql(f"CREATE DATABASE {self.name} TEMPLATE {self.template()}")
 
     def drop(self) -> None:
         self._psql(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+
+
+def _backup(src: Path, dst: Path) -> None:
+    """Copy a SQLite database consistently (WAL included) through a temporary file, so a
+    concurrent reader (another pytest worker) never sees half of it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}")
+    source, target = sqlite3.connect(src), sqlite3.connect(tmp)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    os.replace(tmp, dst)
+
+
+def migrated_prefect_db(target: Path) -> None:
+    """Put a migrated Prefect SQLite database (blocks registered) at ``target``: a copy of
+    one a server of this Prefect version built and left (the first call builds it)."""
+    cached = CACHE / f"prefect-{version('prefect')}.db"
+    if not cached.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            builder = Prefect(Path(tmp), migrated=False)
+            builder.start()
+            builder.stop()
+            _backup(Path(tmp) / "prefect.db", cached)
+    _backup(cached, target)
+
+
+@contextmanager
+def prefect_test_harness(server_startup_timeout: int = 90) -> Iterator[None]:
+    """Prefect's ``prefect_test_harness`` (a temporary API for flows run in this process),
+    its SQLite database copied migrated instead of migrated at start-up (see ``CACHE``)."""
+    import prefect.testing.utilities as utilities
+
+    original = utilities.mkdtemp
+
+    def seeded_mkdtemp() -> str:
+        temp_dir = original()
+        # The harness's database file (prefect/testing/utilities.py): if Prefect renames it,
+        # the copy is unused and the server migrates a fresh one, as before.
+        migrated_prefect_db(Path(temp_dir) / "prefect-test.db")
+        return temp_dir
+
+    utilities.mkdtemp = seeded_mkdtemp  # type: ignore[assignment]
+    try:
+        with utilities.prefect_test_harness(server_startup_timeout=server_startup_timeout):
+            utilities.mkdtemp = original
+            yield
+    finally:
+        utilities.mkdtemp = original
 
 
 class Prefect:
     """A Prefect server process on loopback with its own home; SQLite unless a database URL
     is given."""
 
-    def __init__(self, home: Path, database_url: str | None = None) -> None:
+    def __init__(self, home: Path, database_url: str | None = None, migrated: bool = True) -> None:
         self.home = home
+        self.migrated = migrated  # SQLite: start from a copy of a migrated database
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.database_url = database_url or "sqlite+aiosqlite:///" + str(home / "prefect.db")
@@ -94,6 +176,9 @@ class Prefect:
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        sqlite = self.database_url.removeprefix("sqlite+aiosqlite:///")
+        if self.migrated and sqlite != self.database_url and not Path(sqlite).exists():
+            migrated_prefect_db(Path(sqlite))
         self.proc = spawn(
             [
                 str(BIN / "prefect"),
