@@ -60,6 +60,7 @@ from tasks.writer import WriterWaiters, emit_state_alerts, open_run
 FLOW = "realtime_processor"
 # Per batch: no report, no snapshot (the refresh does them), and no volume comparison.
 BATCH_STAGES: tuple[Stage, ...] = ("extract", "stage", "quality", "plan", "load", "write_back")
+SYNC_BATCH_STAGES: tuple[Stage, ...] = ("extract", "stage", "quality", "plan", "load")
 INTERRUPTED = (
     "interrupted: the processor stopped mid-batch; the batch's events stayed unprocessed "
     "and were processed again by later batches"
@@ -83,13 +84,15 @@ def process_batch(
     retry_documents: bool = False,
     full_plan: bool = False,
     recheck_waits: bool = False,
+    during_sync: SyncEventPump | None = None,
 ) -> dict[str, Any]:
     """One micro-batch under its own run id, recorded in ``ops.runs``; raises what failed
     it (recorded as ``failed``), its events then still unprocessed. Events that name no
     object of a stream (``balance.available``) and no documents to retry need no stage at
     all: they are only marked processed. The batch plans only what it staged and what
     depends on it, unless ``full_plan``; with ``recheck_waits`` it also retrieves again the
-    charges whose balance transaction Stripe had not created yet."""
+    charges whose balance transaction Stripe had not created yet. ``during_sync``: the
+    batch is served by a sync's own run (:class:`SyncEventPump`)."""
     run_id = str(uuid.uuid4())
     rows = inbox.unprocessed(settings.processor_batch_events)
     changed, echoes = events_by_stream(rows)
@@ -97,14 +100,18 @@ def process_batch(
         mark_processed.fn(inbox, [r["event_id"] for r in rows], run_id)
         return {"events": len(rows), "status": "completed", "run_id": run_id, "staged": {}}
     batch = ctx.for_batch(run_id, retry_budget=settings.processor_retry_budget)
+    if during_sync is not None:
+        batch.loader.only_run = run_id  # the sync's loader posts the sync's documents
     run = FlowRun(settings, FLOW, batch.run_id, runtime.flow_run.id, ctx=batch)
     try:
         with recorded(run, trigger="webhook"):
             counts = run_stages(
                 batch,
                 run,
-                stages=BATCH_STAGES,
+                # During a sync, the sync's write-back writes the batch's values too.
+                stages=SYNC_BATCH_STAGES if during_sync else BATCH_STAGES,
                 inbox=inbox,
+                plan_excludes_run=during_sync.unchecked_run if during_sync else None,
                 inbox_limit=settings.processor_batch_events,
                 previous_rows={},
                 quality_engine="polars",
@@ -126,6 +133,69 @@ def process_batch(
 process_batch_task = task(name="process-batch", cache_policy=NO_CACHE)(process_batch)
 
 
+class SyncEventPump:
+    """Webhook events served by a sync's own run while it holds the DuckDB writer.
+
+    The processor hands the writer to a sync and gets it back when the sync ends: a 10k-charge
+    first sync holds it for minutes, and events would wait that long. So the sync serves them
+    itself: at its yield points (``flows/stages.py``: while its streams are listed, between
+    two stages, between two steps of its load's rounds, between two write-backs) it calls
+    the pump, which runs a micro-batch of what the inbox holds (``process_batch``, the
+    processor's own) at most every ``SYNC_SERVE_SECONDS``, on the sync's warm connection and
+    clients, under the extractor's write lock (the sync's page writer waits meanwhile).
+
+    What keeps the two apart: the batch stages, checks and plans under its own run id; until
+    the sync's quality has checked the sync's rows, none of them enters a batch's plan (and a
+    batch that would need a full plan plans nothing: the sync's plan covers it); the batch's
+    loader posts only what the batch planned (the sync's loader posts the rest, the batch's
+    leftovers included); the sync drains no events itself (the pump serves them all, those
+    waiting when it started first); the sync's write-back writes the batch's values. A
+    failed batch leaves its events unprocessed and is retried after a backoff; the sync goes
+    on. Between the end of a batch and the start of the next, the sync has at least
+    ``SYNC_SERVE_SECONDS`` of its own."""
+
+    def __init__(self, ctx: RunContext, inbox: Inbox, settings: Settings) -> None:
+        self.ctx, self.inbox, self.settings = ctx, inbox, settings
+        self.every = settings.sync_serve_seconds
+        self.unchecked_run: str | None = ctx.run_id
+        self.backoff = Backoff(initial=1.0, cap=30.0)
+        self.next_look = 0.0
+        self.busy = False
+        self.stats: dict[str, int] = dict.fromkeys(("batches", "events", "failed_batches"), 0)
+
+    def sync_checked(self) -> None:
+        """The sync's quality ran: its rows may enter a batch's plan."""
+        self.unchecked_run = None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.busy or not self.every or now < self.next_look or not self.backoff.ready(now):
+            return
+        self.next_look = now + self.every
+        if not self.inbox.waiting():
+            return
+        self.busy = True  # a batch's own loader never serves events
+        try:
+            with self.ctx.extractor.write_lock:
+                counts = process_batch(self.ctx, self.inbox, self.settings, during_sync=self)
+        except Exception as exc:
+            self.stats["failed_batches"] += 1
+            wait = self.backoff.failed(time.monotonic())
+            run_logger().warning(
+                "event batch served during the sync failed (%s: %s); its events wait, next "
+                "attempt in %.1f s", type(exc).__name__, str(exc)[:300], wait,
+            )  # fmt: skip
+            return
+        finally:
+            self.busy = False
+            # The sync's own share: at least SYNC_SERVE_SECONDS between the end of a batch
+            # and the start of the next.
+            self.next_look = time.monotonic() + self.every
+        self.backoff.succeeded()
+        self.stats["batches"] += 1
+        self.stats["events"] += int(counts.get("events") or 0)
+
+
 def refresh(ctx: RunContext, run_id: str) -> None:
     """The whole-run epilogue, for everything the batches since the last one changed."""
     data_dir = ctx.settings.staging_db.parent
@@ -141,6 +211,7 @@ def _hold(
     deadline: float | None,
     stats: dict[str, Any],
     alerts: Refresh,
+    full_plan: Refresh,
 ) -> None:
     """Hold the writer and process batches until stopped, past ``deadline``, or someone on
     this machine waits for the writer (then hand it over)."""
@@ -148,9 +219,6 @@ def _hold(
     waiters = WriterWaiters()
     backoff = Backoff(initial=0.5, cap=30.0)
     pending_refresh = Refresh(every=settings.processor_refresh_seconds, last=time.monotonic())
-    # The first batch plans everything unsettled (what changed while no processor ran),
-    # then one at most every PROCESSOR_FULL_PLAN_SECONDS.
-    full_plan = Refresh(every=settings.processor_full_plan_seconds, changed=True)
     # Charges that succeeded before Stripe created their balance transaction: no event says
     # when it appears, so they are retrieved again after 1 s, 2 s, 4 s ... (at most a
     # minute apart) for as long as any waits; their receipts wait meanwhile, never dead.
@@ -254,10 +322,18 @@ def realtime_processor(run_for: float | None = None) -> dict[str, Any]:
     # The dead-letter and waiting-age alerts a run raises as it ends, at most once an
     # interval (across hand-overs of the writer).
     alerts = Refresh(every=settings.processor_alert_seconds, changed=True)
+    # The first batch plans everything unsettled (what changed while no processor ran),
+    # then one at most every PROCESSOR_FULL_PLAN_SECONDS.
+    full_plan = Refresh(every=settings.processor_full_plan_seconds, changed=True)
     while not STOP.is_set() and (deadline is None or time.monotonic() < deadline):
-        _hold(settings, inbox, session, deadline, stats, alerts)
+        _hold(settings, inbox, session, deadline, stats, alerts, full_plan)
         # Handed over: let the waiters take the slot first, then queue behind them.
         while waiters.others() and not STOP.is_set():
             STOP.wait(0.2)
+        # Whoever held the writer meanwhile (a sync) planned everything unsettled, and
+        # served the events: the next full plan is due an interval from now, not at once
+        # (at 10k charges a full plan is seconds the events after the sync would wait).
+        full_plan.ran(time.monotonic())
+        full_plan.touched()
     logging.getLogger(__name__).info("real-time processor stopped: %s", stats)
     return stats

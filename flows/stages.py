@@ -18,9 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from prefect.futures import wait as prefect_wait
 
 from flows.lifecycle import FlowRun
 from quality.runner import Engine
@@ -136,20 +139,42 @@ def _plain(task: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _list_streams(
-    ctx: RunContext, streams: tuple[str, ...], full_refresh: bool, since: int | None
+    ctx: RunContext,
+    streams: tuple[str, ...],
+    full_refresh: bool,
+    since: int | None,
+    serve: Callable[[], None],
 ) -> dict[str, dict[str, Any]]:
-    """Every stream at once (each its own task run in a flow run, a thread outside one)."""
+    """Every stream at once (each its own task run in a flow run, a thread outside one),
+    serving events (``serve``) every half second while they are listed."""
     if in_run():
         futures = [extract_stream.submit(ctx.extractor, s, full_refresh, since) for s in streams]
+        while prefect_wait(futures, timeout=0.5).not_done:
+            serve()
         results = [f.result() for f in futures]
     else:
         with ThreadPoolExecutor(max(1, len(streams))) as pool:
-            results = list(
-                pool.map(
-                    lambda s: extract_stream.fn(ctx.extractor, s, full_refresh, since), streams
-                )
-            )
+            jobs = [
+                pool.submit(extract_stream.fn, ctx.extractor, s, full_refresh, since)
+                for s in streams
+            ]
+            while futures_wait(jobs, timeout=0.5).not_done:
+                serve()
+            results = [j.result() for j in jobs]
     return {r["stream"]: r for r in results}
+
+
+class EventServer(Protocol):
+    """Serves webhook events at a sync's yield points (flows/realtime_processor.py
+    ``SyncEventPump``): called often, it runs a micro-batch when one is due."""
+
+    def __call__(self) -> None: ...
+
+    def sync_checked(self) -> None: ...
+
+
+def _no_events() -> None:
+    return None
 
 
 def run_status(loads: dict[str, Any]) -> str:
@@ -181,6 +206,8 @@ def run_stages(
     checkpoint: bool = True,
     scoped_plan: bool = False,
     recheck_waits: bool = False,
+    plan_excludes_run: str | None = None,
+    events: EventServer | None = None,
 ) -> dict[str, Any]:
     """Run ``stages`` of the sequence, in its order, recording into ``run.counts``.
 
@@ -200,8 +227,11 @@ def run_stages(
     ``scoped_plan``: plan only what this run staged and what depends on it (a micro-batch;
     ``stripe_sage/plan/scope.py``), not every unsettled row. ``recheck_waits``: the
     extract retrieves again the charges staged before their balance transaction existed.
+    ``plan_excludes_run``: a sync whose rows quality has not checked yet (plan/outbox.py);
+    ``events``: serves webhook events at the run's yield points (a sync holding the writer).
     """
     call = _call if task_runs else _plain
+    serve: Callable[[], None] = events if events is not None else _no_events
     counts = run.counts
     clock = clock or FlowClock(counts)
     settings = ctx.settings
@@ -212,16 +242,19 @@ def run_stages(
     if previous_rows is None and "quality" in stages:
         previous_rows = st.row_counts()
 
+    serve()  # what waited while this run started
     if "extract" in stages:
         with clock.stage("extract") as row:
             if streams is not None:
-                counts["extract"] = _list_streams(ctx, streams, full_refresh, since)
+                counts["extract"] = _list_streams(ctx, streams, full_refresh, since, serve)
+                serve()
                 counts["events"] = call(extract_events, ctx.extractor, streams)
                 row["rows"] = sum(x["listed"] for x in counts["extract"].values())
             if inbox is not None:
                 inbox_ids = call(drain_inbox, ctx.extractor, inbox, inbox_limit, recheck_waits)
                 if streams is None:
                     counts["events"] = len(inbox_ids)
+        serve()
 
     if "stage" in stages:
         with clock.stage("stage") as row:
@@ -235,14 +268,18 @@ def run_stages(
             row["rows"] = sum(counts["staged"].values())
         with clock.stage("itemise") as row:
             counts["payouts_itemised"] = row["rows"] = call(itemise_payouts, ctx.reader, st, run_id)
+        serve()
 
     if "quality" in stages:
         with clock.stage("quality") as row:
             docs = data_dir / "data_docs" if data_docs else None
-            q = call(quality, st, run_id, previous_rows or {}, docs, quality_engine)
+            q = call(quality, st, run_id, previous_rows or {}, docs, quality_engine, events)
             counts["quarantined"] = q.quarantined
             counts["data_docs"] = q.docs_path
             row["rows"] = sum(q.rows.values())
+        if events is not None:
+            events.sync_checked()
+        serve()
 
     if "plan" in stages:
         with clock.stage("transform") as row:
@@ -250,7 +287,17 @@ def run_stages(
             # Planned slice by slice into the outbox: a 1M-charge first run is ~2M payloads,
             # never all in memory at once; the loader reads them back in pages.
             planned = call(
-                plan, st, ctx.loader, ctx.mapping, periods, ctx.sage, run_id, dry_run, scoped_plan
+                plan,
+                st,
+                ctx.loader,
+                ctx.mapping,
+                periods,
+                ctx.sage,
+                run_id,
+                dry_run,
+                scoped_plan,
+                plan_excludes_run,
+                events,
             )
             counts["planned"] = planned["planned"]
             row["rows"] = sum(planned["planned"].values())
@@ -263,8 +310,13 @@ def run_stages(
             return counts
 
     if "load" in stages:
+        serve()
         with clock.stage("load") as row:
-            counts["load"] = call(load, ctx.loader)
+            ctx.loader.interleave = events
+            try:
+                counts["load"] = call(load, ctx.loader)
+            finally:
+                ctx.loader.interleave = None
             counts["sage_client"] = ctx.sage.stats.as_dict()
             row["rows"] = sum(counts["load"]["posted"].values()) + sum(
                 counts["load"]["dead"].values()
@@ -272,13 +324,14 @@ def run_stages(
 
     if "write_back" in stages:
         with clock.stage("write_back"):
-            counts["write_back"] = call(write_back_task, ctx.reader, st, run_id)
+            counts["write_back"] = call(write_back_task, ctx.reader, st, run_id, events)
             counts["stripe_client"] = dict(ctx.reader.stats)
         counts["totals"] = st.outbox_totals()
     if inbox is not None:
         counts["inbox"] = call(mark_processed, inbox, inbox_ids, run_id)
 
     if "report" in stages:
+        serve()
         counts["reconciliation"] = call(
             reconciliation_report, st, ctx.mapping, run_id, data_dir / "reconciliation.html"
         )
@@ -286,6 +339,7 @@ def run_stages(
     if "load" in stages:
         run.finish(run_status(counts["load"]))
     if "snapshot" in stages:
+        serve()
         counts["console"] = _call(copy_console_records, st, settings.console_store)
         # After the run's row is recorded, so the snapshot holds it.
         with clock.stage("publish"):

@@ -10,6 +10,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.lifecycle import flow_run
+from flows.realtime_processor import SyncEventPump
 from flows.stages import run_stages
 from stripe_sage.settings import Settings
 from stripe_sage.store.inbox import Inbox
@@ -41,17 +42,28 @@ def stripe_to_sage(
         backfill_days=backfill_days,
         window_days=window_days,
     ) as run:
-        # The scheduled sync drains the webhook inbox too: nothing waits on a trigger.
+        # The scheduled sync drains the webhook inbox too: nothing waits on a trigger. And
+        # while it holds the writer it serves the events that arrive meanwhile itself (the
+        # real-time processor waits for the writer until the sync ends).
         inbox = Inbox(settings.webhook_inbox) if settings.webhook_inbox.exists() else None
+        pump = (
+            SyncEventPump(run.context, inbox, settings)
+            if inbox is not None and not dry_run and settings.sync_serve_seconds
+            else None
+        )
         counts = run_stages(
             run.context,
             run,
             streams=wanted,
             full_refresh=full_refresh or since is not None,
             since=int(since.timestamp()) if since else None,
-            inbox=inbox,
+            # With a pump, every event goes through it (none waits for the sync's load).
+            inbox=None if pump is not None else inbox,
             dry_run=dry_run,
+            events=pump,
         )
+        if pump is not None:
+            counts["events_served_during_sync"] = dict(pump.stats)
         status = run.status or "completed"
         counts["status"] = status
         counts["run_id"] = run.run_id

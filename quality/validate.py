@@ -5,6 +5,7 @@ per stream for the run's artifacts and Data Docs."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,11 @@ def validate_all(
     previous_rows: dict[str, int] | None = None,
     slice_rows: int = QUALITY_SLICE_ROWS,
     engine: Engine = "gx",
+    between: Callable[[], None] | None = None,
 ) -> QualityOutcome:
     """Validate what this run staged, ``slice_rows`` rows at a time; failing rows go to
-    ``staging.quarantine``. ``engine``: see ``quality.runner.validate_stream``."""
+    ``staging.quarantine``. ``engine``: see ``quality.runner.validate_stream``. ``between``
+    is called after each stream (a sync serves webhook events there)."""
     outcome = QualityOutcome()
     validations = []
     for stream in STREAM_ORDER:
@@ -85,6 +88,8 @@ def validate_all(
         outcome.quarantined[stream] = v.quarantine["id"].n_unique() if v.quarantine.height else 0
         outcome.results.extend({"stream": stream, **r} for r in v.results)
         validations.append(v)
+        if between is not None:
+            between()
     outcome.markdown = render_markdown(validations) if validations else ""
     if docs_dir is not None and validations:
         path = build_data_docs(validations, docs_dir)

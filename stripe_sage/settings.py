@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # and waiting-age alerts (tasks/alerts.py), as a scheduled run does at its end.
     processor_full_plan_seconds: float = Field(default=60.0, ge=0)
     processor_alert_seconds: float = Field(default=300.0, ge=0)
+    # While a sync holds the DuckDB writer, its own run serves webhook events at most this
+    # often (a micro-batch between two steps of its stages: flows/realtime_processor.py
+    # SyncEventPump); 0: events wait for the end of the sync.
+    sync_serve_seconds: float = Field(default=1.0, ge=0)
     # The finance console (`stripe-sage console`): its own store (users, sessions, actions;
     # never the staging file), where it listens, and how long a session lasts unused.
     console_store: Path = Field(default=Path("data/console.sqlite3"))

@@ -73,6 +73,8 @@ def plan(
     run_id: str | None = None,
     dry_run: bool = False,
     scoped: bool = False,
+    excludes_run: str | None = None,
+    between: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Plan the Sage documents the staged data implies, slice by slice into the outbox
     (``dry_run``: only count them; ``scoped``: only what run ``run_id`` staged and what
@@ -85,6 +87,8 @@ def plan(
         None if dry_run else loader.enqueue,
         run_id=run_id,
         scope_run_id=run_id if scoped else None,
+        scope_excludes_run=excludes_run if scoped else None,
+        between=between,
         sage_customers=(lambda: sage_customer_emails(sage.list_customers())) if sage else None,
         **(sage_lookups(sage) if sage else SageLookups()),
     )
@@ -125,8 +129,11 @@ def load(loader: Loader) -> dict[str, Any]:
 
 
 @task(name="write-back-to-stripe", cache_policy=NO_CACHE)
-def write_back_task(reader: StripeReader, st: Staging, run_id: str) -> dict[str, Any]:
-    """Sage ids into Stripe metadata (customers, charges), bounded per run."""
-    counts = write_back(reader, st, run_id)
+def write_back_task(
+    reader: StripeReader, st: Staging, run_id: str, between: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Sage ids into Stripe metadata (customers, charges), bounded per run; ``between`` is
+    called before each write (a sync serves webhook events there)."""
+    counts = write_back(reader, st, run_id, between=between)
     run_logger().info("write-back to Stripe: %s", counts)
     return counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import task
@@ -29,6 +30,7 @@ def quality(
     previous_rows: dict[str, int],
     docs_dir: Path | None,
     engine: Engine = "gx",
+    between: Callable[[], None] | None = None,
 ) -> QualityOutcome:
     outcome = validate_all(
         st,
@@ -37,6 +39,7 @@ def quality(
         docs_dir=docs_dir,
         previous_rows=previous_rows,
         engine=engine,
+        between=between,
     )
     if outcome.results and in_run():
         create_table_artifact(

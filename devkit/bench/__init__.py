@@ -301,8 +301,10 @@ def bench_reconcile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _realtime(args: argparse.Namespace) -> dict[str, Any]:
-    from devkit.bench.realtime import bench_realtime
+    from devkit.bench.realtime import bench_during_sync, bench_realtime
 
+    if args.during_sync:
+        return bench_during_sync(charges=args.during_sync)
     return bench_realtime(
         events=args.events,
         burst=args.burst,

@@ -87,6 +87,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--events", type=int, default=20, help="realtime: single events to time")
     p.add_argument(
+        "--during-sync",
+        type=int,
+        default=0,
+        metavar="CHARGES",
+        help="realtime: instead, events at 1/s during the first sync of a business of this "
+        "many charges (issue 22: p95 <= 5 s)",
+    )
+    p.add_argument(
         "--burst", type=int, default=1000, help="realtime: events in the burst (0: none)"
     )
     p.add_argument(

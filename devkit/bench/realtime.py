@@ -28,6 +28,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +118,38 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def bench_realtime(
-    events: int = 20,
-    charges: int = 200,
-    burst: int = 1000,
-    mechanisms: bool = True,
-) -> dict[str, Any]:
+@dataclass
+class _Stack:
+    """What a real-time bench runs against: both sandboxes, a Prefect server, the receiver
+    (and, once started, the processor), each its own process, in ``tmp``."""
+
+    tmp: Path
+    pair: SandboxPair
+    env: dict[str, str]
+    hook: str
+    secret: str
+    receiver_port: int
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        out = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        self.procs[name] = subprocess.Popen(args, env=self.env, stdout=out, stderr=out, cwd=ROOT)
+        return self.procs[name]
+
+    def clients(self) -> tuple[httpx.Client, httpx.Client]:
+        pair = self.pair
+        stripe = httpx.Client(
+            base_url=pair.stripe_url, headers={"Authorization": f"Bearer {pair.stripe_key}"}
+        )
+        sage = httpx.Client(
+            base_url=pair.sage_url, headers={"Authorization": f"Bearer {pair.sage_key}"}
+        )
+        return stripe, sage
+
+
+@contextmanager
+def _stack(charges: int, initial_sync: bool) -> Iterator[_Stack]:
+    """Start everything (the initial sync first, when asked), stop it all on leaving."""
     tmp = Path(tempfile.mkdtemp(prefix="stripe-sage-realtime-"))
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -132,51 +161,74 @@ def bench_realtime(
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
     }
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def spawn(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        out = open(tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
-        procs[name] = subprocess.Popen(args, env=env, stdout=out, stderr=out, cwd=ROOT)
-        return procs[name]
-
     pair = SandboxPair(
         BusinessConfig(seed=71, charges=charges, end=1_782_777_600), sage_db=tmp / "sage.sqlite3"
     )
-    result: dict[str, Any] = {"work_dir": str(tmp)}
+    receiver_port = free_port()
+    stack = _Stack(
+        tmp,
+        pair,
+        {**os.environ, **prefect_env},
+        f"http://127.0.0.1:{receiver_port}/stripe/webhook",
+        os.environ.get("STRIPE_WEBHOOK_SECRET", SECRET),
+        receiver_port,
+    )
     try:
-        spawn(
+        stack.spawn(
             "server",
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            {**os.environ, **prefect_env},
         )
         _wait(lambda: httpx.get(api + "/health", timeout=2).status_code == 200, 120, "Prefect")
         pair.start()
-        receiver_port = free_port()
-        hook = f"http://127.0.0.1:{receiver_port}/stripe/webhook"
-        env = {
-            **os.environ,
-            **prefect_env,
-            "STRIPE_API_BASE": pair.stripe_url,
-            "SAGEPRO_BASE_URL": pair.sage_url,
-            "STAGING_DB": str(tmp / "staging_db.duckdb"),
-            "WEBHOOK_INBOX": str(tmp / "inbox.sqlite3"),
-            "STRIPE_MAX_RPS": "200",
-        }
-        secret = env.get("STRIPE_WEBHOOK_SECRET", SECRET)
-        subprocess.run(
-            [str(BIN / "stripe-sage"), "sync"],
-            env=env, cwd=ROOT, check=True, capture_output=True, timeout=600,
-        )  # fmt: skip
-        spawn("receiver", [str(BIN / "stripe-sage"), "webhooks", "--port", str(receiver_port)], env)
-        processor = spawn("processor", [str(BIN / "stripe-sage"), "processor"], env)
+        stack.env.update(
+            STRIPE_API_BASE=pair.stripe_url,
+            SAGEPRO_BASE_URL=pair.sage_url,
+            STAGING_DB=str(tmp / "staging_db.duckdb"),
+            WEBHOOK_INBOX=str(tmp / "inbox.sqlite3"),
+            STRIPE_MAX_RPS="200",
+        )
+        if initial_sync:
+            subprocess.run(
+                [str(BIN / "stripe-sage"), "sync"],
+                env=stack.env, cwd=ROOT, check=True, capture_output=True, timeout=600,
+            )  # fmt: skip
+        stack.spawn(
+            "receiver", [str(BIN / "stripe-sage"), "webhooks", "--port", str(receiver_port)]
+        )
         health = f"http://127.0.0.1:{receiver_port}/healthz"
         _wait(lambda: httpx.get(health).status_code == 200, 60, "the receiver", 0.2)
-        stripe = httpx.Client(
-            base_url=pair.stripe_url, headers={"Authorization": f"Bearer {pair.stripe_key}"}
-        )
-        sage = httpx.Client(
-            base_url=pair.sage_url, headers={"Authorization": f"Bearer {pair.sage_key}"}
-        )
+        yield stack
+    finally:
+        for p in reversed(list(stack.procs.values())):
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        pair.stop()
+
+
+def _ack_figures(probe: AckProbe) -> dict[str, Any]:
+    acks = probe.times
+    return {
+        "requests": len(acks),
+        "errors": probe.errors,
+        "p50_ms": round(statistics.median(acks) * 1000, 1),
+        "p99_ms": round(_quantile(acks, 0.99) * 1000, 1),
+    }
+
+
+def bench_realtime(
+    events: int = 20,
+    charges: int = 200,
+    burst: int = 1000,
+    mechanisms: bool = True,
+) -> dict[str, Any]:
+    with _stack(charges, initial_sync=True) as stack:
+        result: dict[str, Any] = {"work_dir": str(stack.tmp)}
+        processor = stack.spawn("processor", [str(BIN / "stripe-sage"), "processor"])
+        stripe, sage = stack.clients()
+        hook, secret = stack.hook, stack.secret
         stripe.post("/_sandbox/webhook_endpoints", json={"url": hook, "secret": secret})
         customer = stripe.get("/v1/customers", params={"limit": 1}).json()["data"][0]["id"]
 
@@ -197,37 +249,112 @@ def bench_realtime(
                 if i:
                     latencies.append(time.monotonic() - t0)
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))  # 1 event a second
-            result["single_events"] = {
-                "events": len(latencies),
-                "p50_s": round(statistics.median(latencies), 3),
-                "p95_s": round(_quantile(latencies, 0.95), 3),
-                "max_s": round(max(latencies), 3),
-            }
+            result["single_events"] = _latency_figures(latencies)
             if burst:
                 result["burst"] = _burst(
-                    stripe, sage, hook, secret, Path(env["WEBHOOK_INBOX"]), burst
+                    stripe, sage, hook, secret, Path(stack.env["WEBHOOK_INBOX"]), burst
                 )
-        acks = probe.times
-        result["receiver_ack"] = {
-            "requests": len(acks),
-            "errors": probe.errors,
-            "p50_ms": round(statistics.median(acks) * 1000, 1),
-            "p99_ms": round(_quantile(acks, 0.99) * 1000, 1),
-        }
+        result["receiver_ack"] = _ack_figures(probe)
         result["processor_peak_rss_mb"] = _peak_rss_mb(processor.pid)
         if mechanisms:
             from devkit.bench.prefect_mechanisms import measure
 
-            result["prefect_mechanisms"] = measure({**os.environ, **prefect_env})
+            result["prefect_mechanisms"] = measure(stack.env)
         return result
-    finally:
-        for p in reversed(list(procs.values())):
-            p.terminate()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        pair.stop()
+
+
+def _latency_figures(latencies: list[float]) -> dict[str, Any]:
+    return {
+        "events": len(latencies),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p95_s": round(_quantile(latencies, 0.95), 3),
+        "max_s": round(max(latencies), 3),
+    }
+
+
+def bench_during_sync(charges: int = 10_000) -> dict[str, Any]:
+    """Single events at 1/s while the first scheduled sync of a ``charges`` business runs
+    (the processor hands it the writer; the sync serves the events meanwhile): each timed
+    from the charge's creation until Sage holds its cash receipt, for the events created
+    while the sync ran; the sync's own duration and what it served."""
+    with _stack(charges, initial_sync=False) as stack:
+        result: dict[str, Any] = {"work_dir": str(stack.tmp), "charges": charges}
+        stripe, sage = stack.clients()
+        hook, secret = stack.hook, stack.secret
+        stripe.post("/_sandbox/webhook_endpoints", json={"url": hook, "secret": secret})
+        # A customer of its own, posted by the processor before the sync starts: the timed
+        # charges' receipts then depend on nothing the sync itself still has to post.
+        customer = stripe.post(
+            "/v1/customers", data={"name": "Realtime Bench", "email": "bench@example.com"}
+        ).json()["id"]
+        processor = stack.spawn("processor", [str(BIN / "stripe-sage"), "processor"])
+        _wait(
+            lambda: stripe.get(f"/v1/customers/{customer}").json()["metadata"].get(
+                "sage_customer_id"
+            ),
+            300, "the bench's customer in Sage", 0.2,
+        )  # fmt: skip
+        found: dict[str, float] = {}
+        created: dict[str, float] = {}
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set() or len(found) < len(created):
+                for charge in [c for c in list(created) if c not in found]:
+                    try:
+                        r = sage.get("/api/v1/cashreceipts", params={"reference": charge})
+                        if r.json()["data"]:
+                            found[charge] = time.monotonic()
+                    except httpx.HTTPError:
+                        pass
+                time.sleep(0.05)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        with AckProbe(hook, secret) as probe:
+            started = time.monotonic()
+            sync = subprocess.Popen(
+                [str(BIN / "stripe-sage"), "sync"],
+                env=stack.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            poller.start()
+            i = 0
+            while sync.poll() is None:
+                t0 = time.monotonic()
+                charge = stripe.post(
+                    "/_sandbox/activity",
+                    json={"action": "charge", "customer": customer, "amount": 2000 + i},
+                ).json()["id"]
+                created[charge] = t0
+                i += 1
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))  # 1 event a second
+            out = sync.communicate()[0].decode()
+            sync_s = time.monotonic() - started
+            stop.set()
+            poller.join(300)
+        missing = [c for c in created if c not in found]
+        latencies = [found[c] - t for c, t in created.items() if c in found]
+        result["sync"] = {
+            "exit_code": sync.returncode,
+            "seconds": round(sync_s, 1),
+            "served": next((ln.strip() for ln in out.splitlines() if "served" in ln), None),
+        }
+        slowest = sorted(
+            (
+                (round(t - started, 1), round(found[c] - t, 2))
+                for c, t in created.items()
+                if c in found
+            ),
+            key=lambda x: -x[1],
+        )[:10]
+        result["events_during_sync"] = {
+            **_latency_figures(latencies),
+            "missing": len(missing),
+            "slowest": [{"created_at_s": a, "latency_s": b} for a, b in slowest],
+        }
+        result["receiver_ack"] = _ack_figures(probe)
+        result["processor_peak_rss_mb"] = _peak_rss_mb(processor.pid)
+        (stack.tmp / "sync.out").write_text(out)
+        return result
 
 
 def _inbox(path: Path, sql: str, *args: Any) -> Any:

@@ -24,6 +24,11 @@ def print_run(title: str, result: dict[str, Any]) -> None:
     print("  extracted   " + ", ".join(f"{s} {n}" for s, n in extracted.items() if n) or "-")
     if events.get("events"):
         print(f"  events      {events['events']} read, re-fetched {events.get('changed')}")
+    if served := result.get("events_served_during_sync"):
+        print(
+            f"  served      {served['events']} webhook events in {served['batches']} "
+            f"batches while the sync held the writer ({served['failed_batches']} failed)"
+        )
     quarantined = {k: v for k, v in (result.get("quarantined") or {}).items() if v}
     print(f"  quarantined {quarantined or 'none'}")
     print(f"  planned     {result.get('planned') or {}}")

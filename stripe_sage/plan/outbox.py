@@ -36,7 +36,7 @@ from stripe_sage.plan.documents import (
 from stripe_sage.plan.fx import invoice_payment_shares, invoice_settlements
 from stripe_sage.plan.items import plan_default_item, plan_items
 from stripe_sage.plan.orders import link_charges_to_sessions, plan_order_items, plan_orders
-from stripe_sage.plan.scope import build_scope, in_scope
+from stripe_sage.plan.scope import SCOPE_TABLE, build_scope, in_scope
 from stripe_sage.reconcile.report import (
     TOPUP_CATEGORIES,
     daily_recognition_sql,
@@ -509,6 +509,7 @@ def plan_slices(
     customer_exists: Callable[[str], bool] | None = None,
     sales_orders: Callable[[list[str]], set[str]] | None = None,
     scope_run_id: str | None = None,
+    scope_excludes_run: str | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Every Sage document the staged data implies that the outbox does not hold yet, as
     frames of at most a slice's documents (customers first, then charges, invoices, refunds
@@ -522,8 +523,15 @@ def plan_slices(
     which of the given ERP order ids Sage has (the others post on account). Without them
     (previews, tests) the guest customer is created and every ERP order taken as known.
     ``scope_run_id``: plan only what that run (a micro-batch) staged and what depends on it
-    (plan/scope.py); the same documents as the full plan gives for them."""
+    (plan/scope.py); the same documents as the full plan gives for them.
+    ``scope_excludes_run``: a sync in progress whose staged rows quality has not checked yet
+    (a micro-batch it serves): those rows stay out of the scope, and a batch that would need
+    a full plan plans nothing (the sync's own plan covers it)."""
     scoped = scope_run_id is not None and build_scope(st, scope_run_id)
+    if scope_run_id is not None and scope_excludes_run is not None:
+        if not scoped:
+            return
+        st.drop_from_scope(SCOPE_TABLE, scope_excludes_run)
     # Records still failing planning the same way are dead letters already.
     still_failing = st.frame(
         "SELECT doc_key, reason AS error FROM ops.dead_letters WHERE error_code = 'planning' "
@@ -605,6 +613,8 @@ def plan_into_outbox(
     customer_exists: Callable[[str], bool] | None = None,
     sales_orders: Callable[[list[str]], set[str]] | None = None,
     scope_run_id: str | None = None,
+    scope_excludes_run: str | None = None,
+    between: Callable[[], None] | None = None,
 ) -> PlanTotals:
     """Plan slice by slice, each slice into the outbox (``enqueue``) before the next is read;
     with ``enqueue=None`` (a dry run) only count. Memory is one slice's documents. Flagged
@@ -621,6 +631,7 @@ def plan_into_outbox(
         customer_exists=customer_exists,
         sales_orders=sales_orders,
         scope_run_id=scope_run_id,
+        scope_excludes_run=scope_excludes_run,
     ):
         for doc_type, n in docs.group_by("doc_type").len().iter_rows():
             totals.planned[doc_type] = totals.planned.get(doc_type, 0) + n
@@ -633,6 +644,10 @@ def plan_into_outbox(
             if flagged.height:
                 record_flags(st, flagged, run_id)
             totals.enqueue_seconds += time.perf_counter() - t
+        if between is not None:
+            # Between two slices nothing of the plan is open (each slice is read by keyset
+            # into memory): a sync serves webhook events here.
+            between()
     return totals
 
 

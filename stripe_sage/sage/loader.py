@@ -253,6 +253,12 @@ class Loader:
         self._sleep, self._clock = sleep, clock
         self.stats = LoadStats()
         self._halt = threading.Event()
+        # A micro-batch served during a sync posts only what it planned (the sync's loader
+        # posts the rest, the batch's leftovers included).
+        self.only_run: str | None = None
+        # Called between two steps of a round (nothing of this loader touches DuckDB in the
+        # meantime; its threads only talk to Sage): a sync serves webhook events there.
+        self.interleave: Callable[[], None] | None = None
 
     # -- planning → outbox ----------------------------------------------------------------
     def enqueue(self, docs: pl.DataFrame) -> int:
@@ -397,7 +403,7 @@ class Loader:
         return "pending", f"waits for {reason}", kind
 
     def pending_count(self) -> int:
-        return self.st.pending_count()
+        return self.st.pending_count(self.only_run)
 
     def revive_unblocked(self) -> int:
         """Blocked documents go back to pending once nothing blocks them any more (what they
@@ -484,18 +490,29 @@ class Loader:
                 max(wait, 0.0),
             )
             if wait > 0:
-                self._sleep(wait)
+                self._wait(wait)
         if self.stats.rounds > 1:
             self.stats.retry_seconds = self._clock() - started
-        self.stats.deferred = Counter(self.st.pending_by_type())
+        self.stats.deferred = Counter(self.st.pending_by_type(self.only_run))
         if self.stats.deferred and not self._halt.is_set():
             self.st.note_deferred(
                 f"deferred: not taken by Sage within the retry budget "
                 f"({self.retry_budget:.0f} s, {self.stats.rounds} rounds); the next run "
-                "retries it. Last answer: "
+                "retries it. Last answer: ",
+                self.only_run,
             )
         self.stats.states = self.st.state_counts()
         return self.stats
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep between rounds; in short steps when a sync serves events meanwhile."""
+        if self.interleave is None:
+            self._sleep(seconds)
+            return
+        end = self._clock() + seconds
+        while (left := end - self._clock()) > 0:
+            self.interleave()
+            self._sleep(min(left, 0.5))
 
     def _round_backoff(self, idle: int) -> float:
         """Seconds between round starts: short while rounds make progress (scattered
@@ -524,6 +541,8 @@ class Loader:
         try:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sage") as pool:
                 while True:
+                    if self.interleave is not None:
+                        self.interleave()
                     halted = self._halt.is_set()
                     self._refill(rnd, done)
                     now = self._clock()
@@ -546,6 +565,8 @@ class Loader:
                         continue
                     # Until a document finishes, or a held one is due.
                     due = rnd.held[0][0] - self._clock() if rnd.held else None
+                    if self.interleave is not None:  # back within half a second to serve
+                        due = 0.5 if due is None else min(due, 0.5)
                     finished, _ = futures_wait(
                         list(rnd.inflight),
                         timeout=None if due is None else max(due, 0.0),
@@ -569,9 +590,9 @@ class Loader:
         this one's documents have left the queue (what is held or failed waits apart)."""
         while rnd.phase is not None and len(rnd.ready) < self.batch_size:
             if rnd.phase < 0:
-                rnd.phases = self.st.pending_phases()
+                rnd.phases = self.st.pending_phases(self.only_run)
             else:
-                rows = self.st.pending_page(rnd.phase, rnd.after, self.page_size)
+                rows = self.st.pending_page(rnd.phase, rnd.after, self.page_size, self.only_run)
                 if rows:
                     rnd.after = rows[-1][0]
                     self._classify(rows, rnd, done, front=False)

@@ -714,14 +714,23 @@ class Staging:
         return out
 
     # -- the outbox, as the loader reads it -------------------------------------------------
-    def pending_count(self) -> int:
-        """Documents still to post (``pending``)."""
-        return self.count_where("sage.outbox", "status = 'pending'")
+    def pending_count(self, run_id: str | None = None) -> int:
+        """Documents still to post (``pending``); with ``run_id``, only those that run
+        planned (a micro-batch served during a sync posts its own, not the sync's)."""
+        if run_id is None:
+            return self.count_where("sage.outbox", "status = 'pending'")
+        row = self.con.execute(
+            "SELECT count(*) FROM sage.outbox WHERE status = 'pending' AND run_id = ?", [run_id]
+        ).fetchall()
+        return int(row[0][0])
 
-    def pending_by_type(self) -> dict[str, int]:
-        """Pending documents per document type (what a run leaves deferred)."""
+    def pending_by_type(self, run_id: str | None = None) -> dict[str, int]:
+        """Pending documents per document type (what a run leaves deferred), of run
+        ``run_id`` only when given."""
         rows = self.con.execute(
-            "SELECT doc_type, count(*) FROM sage.outbox WHERE status = 'pending' GROUP BY ALL"
+            "SELECT doc_type, count(*) FROM sage.outbox WHERE status = 'pending' "
+            "AND (?::VARCHAR IS NULL OR run_id = ?::VARCHAR) GROUP BY ALL",
+            [run_id, run_id],
         ).fetchall()
         return {str(t): int(n) for t, n in rows}
 
@@ -733,23 +742,29 @@ class Staging:
             ).fetchall()
         }
 
-    def pending_phases(self) -> list[int]:
-        """The phases that still have pending documents, in posting order."""
+    def pending_phases(self, run_id: str | None = None) -> list[int]:
+        """The phases that still have pending documents, in posting order (of run
+        ``run_id`` only, when given)."""
         return [
             int(r[0])
             for r in self.con.execute(
-                "SELECT DISTINCT phase FROM sage.outbox WHERE status = 'pending' ORDER BY phase"
+                "SELECT DISTINCT phase FROM sage.outbox WHERE status = 'pending' "
+                "AND ($run_id IS NULL OR run_id = $run_id) ORDER BY phase",
+                {"run_id": run_id},
             ).fetchall()
         ]
 
-    def pending_page(self, phase: int, after: str, limit: int) -> list[tuple[Any, ...]]:
+    def pending_page(
+        self, phase: int, after: str, limit: int, run_id: str | None = None
+    ) -> list[tuple[Any, ...]]:
         """One keyset page of a phase's pending documents after ``after`` (by ``doc_key``):
-        ``(doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts)``."""
+        ``(doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts)``; of
+        run ``run_id`` only, when given."""
         return self.con.execute(
             "SELECT doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts "
-            "FROM sage.outbox WHERE status = 'pending' AND phase = ? AND doc_key > ? "
-            "ORDER BY doc_key LIMIT ?",
-            [phase, after, limit],
+            "FROM sage.outbox WHERE status = 'pending' AND phase = $phase AND doc_key > $after "
+            "AND ($run_id IS NULL OR run_id = $run_id) ORDER BY doc_key LIMIT $limit",
+            {"phase": phase, "after": after, "limit": limit, "run_id": run_id},
         ).fetchall()
 
     def sage_numbers(self, refs: list[str]) -> dict[str, str]:
@@ -865,13 +880,13 @@ class Staging:
                 [now_utc(), list(keys)],
             )
 
-    def note_deferred(self, prefix: str) -> None:
-        """Prefix the reason of every pending document with ``prefix`` (the retry budget
-        ran out: the next run retries them)."""
+    def note_deferred(self, prefix: str, run_id: str | None = None) -> None:
+        """Prefix the reason of every pending document (of run ``run_id``, when given) with
+        ``prefix`` (the retry budget ran out: the next run retries them)."""
         self._exec(
             "UPDATE sage.outbox SET last_error = ? || coalesce(last_error, 'not sent') "
-            "WHERE status = 'pending'",
-            [prefix],
+            "WHERE status = 'pending' AND (?::VARCHAR IS NULL OR run_id = ?::VARCHAR)",
+            [prefix, run_id, run_id],
         )
 
     def count_attempts(self, keys: Sequence[str]) -> None:
@@ -1150,6 +1165,16 @@ class Staging:
             return False
         self.con.execute(scope_sql, {"run_id": run_id})
         return True
+
+    def drop_from_scope(self, scope_table: str, run_id: str) -> None:
+        """Take out of the planner's scope table every id whose staged row run ``run_id``
+        wrote (a sync in progress: quality has not checked its rows yet)."""
+        for stream in STREAMS.values():
+            self.con.execute(
+                f"DELETE FROM {scope_table} WHERE id IN "
+                f"(SELECT id FROM staging.{stream.name} WHERE run_id = ?)",
+                [run_id],
+            )
 
     def dead_among(self, keys: Sequence[str]) -> list[str]:
         """Those of ``keys`` whose documents are dead (e.g. dead again after a replay)."""

@@ -12,6 +12,7 @@ limit, and is recorded in ``sage.writeback`` so it is never sent twice. The meta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from stripe_sage.errors import NotFoundError
@@ -25,12 +26,18 @@ def pending(st: Staging, limit: int) -> list[tuple[str, str, str, str]]:
 
 
 def write_back(
-    reader: StripeReader, st: Staging, run_id: str, limit: int = 1_000
+    reader: StripeReader,
+    st: Staging,
+    run_id: str,
+    limit: int = 1_000,
+    between: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write up to ``limit`` values this run (the rest next run: Stripe's write budget is the
-    bound, not the pipeline)."""
+    bound, not the pipeline); ``between`` is called before each write."""
     done: dict[str, int] = {}
     for path, stripe_id, field, value in pending(st, limit):
+        if between is not None:
+            between()
         try:
             reader.update(
                 path,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -187,6 +188,11 @@ def test_a_sync_and_the_processor_overlap_without_lock_errors(rt: Realtime) -> N
     out = sync.communicate(timeout=300)[0].decode()
     assert sync.returncode == 0, out[-3000:]
     assert "lock" not in out.lower()
+    # The sync served the events that arrived while it held the writer (issue 22), instead
+    # of leaving them for the processor after it: some batches ran, none failed.
+    served = re.search(r"served +(\d+) webhook events in (\d+) batches .*\((\d+) failed\)", out)
+    assert served is not None, out[-3000:]
+    assert int(served[1]) >= 1 and int(served[2]) >= 1 and served[3] == "0", served[0]
     wait_for(lambda: set(during) <= set(receipts(rt.env)), 120, "every charge's receipt")
     wait_for(rt.drained, 60, "the inbox drained")
     assert rt.children["processor"].poll() is None  # the processor took the writer back

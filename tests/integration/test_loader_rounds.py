@@ -174,3 +174,58 @@ def dependents_of_frame(docs: pl.DataFrame, doc_key: str) -> list[str]:
         wanted = set(step) - set(found)
         found += list(wanted)
     return found
+
+
+def test_a_batch_served_during_a_sync_posts_only_what_it_planned(env: Env) -> None:
+    """A micro-batch a sync serves (flows/realtime_processor.py ``SyncEventPump``) loads with
+    ``only_run``: it posts its own documents (a customer, what depends on it, and what they
+    depend on), not the sync's; its document that waits for one of the sync's stays pending
+    for the sync's loader, after at most one more round, and only it is reported deferred."""
+    with env.client() as client:
+        docs = plan(env, client)
+    with env.client() as client:
+        Loader(env.st, client, run_id="sync", concurrency=2).enqueue(docs)
+        deps = {
+            k: list(d or [])
+            for k, d in env.st.con.execute("SELECT doc_key, depends_on FROM sage.outbox").fetchall()
+        }
+        customers = [
+            k
+            for (k,) in env.st.con.execute(
+                "SELECT doc_key FROM sage.outbox WHERE doc_type = 'customer' ORDER BY doc_key"
+            ).fetchall()
+        ]
+        for customer in customers:  # the first whose documents need nothing outside the outbox
+            mine = {customer}
+            for _ in range(3):  # its invoices, their receipts
+                mine |= {d for k in list(mine) for d in dependents_of(env, k)}
+            while grown := {d for k in mine for d in deps.get(k, [])} - mine:  # what they need
+                mine |= grown
+            if mine <= set(deps) and any(k.startswith("cash_receipt:") for k in mine):
+                break
+        else:
+            raise AssertionError("no customer whose documents the outbox holds entirely")
+        other = next(
+            k
+            for k in sorted(deps)
+            if k.startswith("invoice:")
+            and k not in mine
+            and set(deps[k]) <= set(deps)
+            and any(d not in mine for d in deps[k])
+        )
+        env.st.con.execute(
+            "UPDATE sage.outbox SET run_id = 'batch' WHERE doc_key IN (SELECT unnest(?))",
+            [sorted(mine | {other})],
+        )
+        batch = Loader(env.st, client, run_id="batch", concurrency=2)
+        batch.only_run = "batch"
+        stats = batch.run()
+    rows = outbox(env.st)
+    assert {k: rows[k]["status"] for k in mine} == dict.fromkeys(mine, "posted")
+    assert rows[other]["status"] == "pending"  # it needs a document of the sync's
+    rest = {k: r["status"] for k, r in rows.items() if k not in mine}
+    assert set(rest.values()) == {"pending"}, rest
+    assert sum(stats.deferred.values()) == 1 and stats.rounds <= 2, stats.as_dict()
+    noted = dict(env.st.con.execute("SELECT doc_key, last_error FROM sage.outbox").fetchall())
+    assert (noted[other] or "").startswith("deferred")
+    assert not any((noted[k] or "").startswith("deferred") for k in rest if k != other)

@@ -32,7 +32,7 @@ from devkit.sandbox.paging import stripe_all
 from devkit.sandbox.stripe_business import BusinessConfig
 from stripe_sage.mapping import Mapping, load_mapping
 from stripe_sage.plan.after_posting import BALANCE_PREFIX, WRITE_OFF_PREFIX
-from stripe_sage.plan.outbox import plan_documents, plan_into_outbox
+from stripe_sage.plan.outbox import plan_documents, plan_into_outbox, plan_slices
 from stripe_sage.sage.client import SageProClient
 from stripe_sage.sage.loader import Loader
 from stripe_sage.store.staging import Staging
@@ -260,3 +260,40 @@ def test_an_invoice_staged_after_the_charges_and_refunds_of_its_payments(
         assert f"cash_receipt:{chosen['charge']}" not in keys
         memo = batch.scoped.filter(pl.col("doc_key") == f"credit_memo:{chosen['refund']}")
         assert chosen["number"] in json.loads(memo["payload"][0])["reason"]
+
+
+def test_a_batch_served_during_a_sync_plans_none_of_the_syncs_unchecked_rows(
+    world: World, tmp_path: Path
+) -> None:
+    """A sync serving webhook events (flows/realtime_processor.py ``SyncEventPump``) before
+    its quality has checked its own rows: the batch's scope leaves those rows out (their
+    documents are the sync's to plan, once checked), and keeps the batch's own."""
+    path = tmp_path / "stripe_sage.duckdb"
+    shutil.copy(world.template, path)
+    mapping = load_mapping()
+    with Staging(path) as st:
+        refund, charge = one(
+            st,
+            "SELECT r.id, r.charge FROM staging.refunds r JOIN staging.charges c "
+            "ON c.id = r.charge WHERE r.balance_transaction IS NOT NULL ORDER BY r.id LIMIT 1",
+        )
+        # The batch re-fetched the refund; everything else is the sync's, unchecked.
+        st.con.execute("UPDATE staging.refunds SET run_id = ? WHERE id = ?", [BATCH, refund])
+
+        def planned(**kw: Any) -> set[str]:
+            frames = list(plan_slices(st, mapping, world.periods, scope_run_id=BATCH, **kw))
+            # Stripe rows only: the mapping's own documents (the default item, the guest
+            # customer: ``default:…``, ``guest:…``) are no row of any run.
+            return {s for f in frames for s in f["stripe_id"].to_list() if ":" not in s}
+
+        normal = planned()
+        served = planned(scope_excludes_run=RUN)
+        # Tax rates staged by the batch: a scoped plan is not possible, and a full one
+        # would take in the sync's unchecked rows: the batch plans nothing.
+        st.con.execute("UPDATE staging.tax_rates SET run_id = ? WHERE rowid = 0", [BATCH])
+        assert st.count("staging.tax_rates WHERE run_id = 'batch'") == 1
+        with_tax = planned(scope_excludes_run=RUN)
+    assert {refund, charge} <= normal  # the refund's charge is in a batch's scope
+    assert refund in served
+    assert served <= {refund}, served - {refund}
+    assert with_tax == set()
