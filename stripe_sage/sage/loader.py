@@ -167,6 +167,7 @@ class Outcome:
     # True: this attempt's lookup found no such document in Sage and nothing sent after it
     # can have been acted on: the next attempt needs no lookup, whatever came before.
     absent: bool = False
+    finished: int = 0  # when the attempt ended, in the order of the run's attempts
 
 
 @dataclass
@@ -256,6 +257,7 @@ class Loader:
         # A micro-batch served during a sync posts only what it planned (the sync's loader
         # posts the rest, the batch's leftovers included).
         self.only_run: str | None = None
+        self._finish_order = itertools.count(1)
         # Called between two steps of a round (nothing of this loader touches DuckDB in the
         # meantime; its threads only talk to Sage): a sync serves webhook events there.
         self.interleave: Callable[[], None] | None = None
@@ -573,7 +575,13 @@ class Loader:
                         return_when=FIRST_COMPLETED,
                     )
                     if finished:
-                        jobs = [(rnd.inflight.pop(f), f.result()) for f in finished]
+                        # In the order they ended: "Sage posted something since this one was
+                        # sent" must not count posts that ended after it failed (a busy main
+                        # thread collects several at once).
+                        jobs = sorted(
+                            ((rnd.inflight.pop(f), f.result()) for f in finished),
+                            key=lambda jo: jo[1].finished,
+                        )
                         auth = self._record(rnd, jobs, done) or auth
                         if len(rnd.posted_rows) + len(rnd.notes) >= self.batch_size:
                             self._flush(rnd)
@@ -653,7 +661,7 @@ class Loader:
             # A document Sage was seen not to hold (a lookup found nothing, and nothing sent
             # since can have been acted on) needs no lookup first, whatever its attempts.
             row = (*job.row[:6], 0) if job.row[0] in self._absent else job.row
-            rnd.inflight[pool.submit(self._post_one, row, job.xref)] = job
+            rnd.inflight[pool.submit(self._post_in_order, row, job.xref)] = job
 
     def _record(
         self, rnd: _Round, finished: list[tuple[_Job, Outcome]], done: list[int]
@@ -727,6 +735,12 @@ class Loader:
         rnd.unsent = Counter()
         posted, rnd.posted_rows = rnd.posted_rows, []
         self._mark_posted_many(posted)
+
+    def _post_in_order(self, row: tuple[Any, ...], xref: dict[str, str]) -> Outcome:
+        """:meth:`_post_one`, its outcome stamped with when it ended (``Outcome.finished``)."""
+        outcome = self._post_one(row, xref)
+        outcome.finished = next(self._finish_order)  # atomic under the GIL
+        return outcome
 
     def _post_one(self, row: tuple[Any, ...], xref: dict[str, str]) -> Outcome:
         doc_key, doc_type, collection, stripe_id, payload, _, attempts = row
