@@ -27,6 +27,7 @@ import pytest
 from stripe_sage.stripe.streams import LISTED_STREAMS
 from tests.helpers.business import (
     Env,
+    by_reference,
     is_goods_order,
     make_env,
     run_flow,
@@ -130,13 +131,6 @@ def goods(d: dict[str, Any]) -> list[dict[str, Any]]:
 def charge_of(d: dict[str, Any], pi: str) -> dict[str, Any]:
     (charge,) = [c for c in d["charges"] if c["payment_intent"] == pi]
     return charge
-
-
-def by_reference(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for doc in docs:
-        out.setdefault(doc.get("reference") or "", []).append(doc)
-    return out
 
 
 def test_the_business_holds_every_order_shape(runs: dict[str, Any]) -> None:

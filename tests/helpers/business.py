@@ -317,6 +317,14 @@ def daily_journals(env: Env) -> int:
     return sum(days.values())
 
 
+def by_reference(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Sage documents grouped by their ``reference`` (a Stripe id)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        out.setdefault(doc.get("reference") or "", []).append(doc)
+    return out
+
+
 def is_goods_order(session: dict[str, Any]) -> bool:
     """A Checkout Session that becomes a Sage sales order (docs/accounting.md)."""
     return (

@@ -31,7 +31,7 @@ from stripe_sage.mapping import load_mapping
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 from stripe_sage.stripe.streams import LISTED_STREAMS
-from tests.helpers.business import is_goods_order
+from tests.helpers.business import by_reference, is_goods_order
 
 pytestmark = pytest.mark.integration
 
@@ -78,13 +78,6 @@ def run_at(settings: Settings, now: int) -> dict[str, Any]:
         if run.status is None:
             run.finish("test")
     return counts
-
-
-def by_reference(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for doc in docs:
-        out.setdefault(doc.get("reference") or "", []).append(doc)
-    return out
 
 
 def sage_side(pair: SandboxPair) -> dict[str, dict[str, list[dict[str, Any]]]]:
