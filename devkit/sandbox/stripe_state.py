@@ -276,6 +276,8 @@ class StripeWorld:
         # Products keep the fixed ids their invoice lines name (not index-encoded ids).
         self.products = product_catalog(config)
         self._product_index = {p["id"]: k for k, p in enumerate(self.products)}
+        # Invoice payments are named after their invoice: id → index, built when first asked.
+        self._invoice_payment_index: dict[str, int] | None = None
         # Tax rates too (issue 18): the few rates the account's invoices name.
         # created from the business's start, like the products, so a backfill from it reads them
         self.tax_rates = tax_rate_objects(self.tpl["tax_rate"], config.start + 30)
@@ -287,6 +289,11 @@ class StripeWorld:
             return str(self.products[index]["id"])
         if resource == "tax_rates":
             return str(self.tax_rates[index]["id"])
+        if resource == "invoice_payments":
+            # As Stripe's: named after the invoice (its second part with a "2").
+            j = int(self.b.ip_invoice[index])
+            first = int(self.b.ip_charge[index]) == int(self.b.inv_charge[j])
+            return f"inpay_{self.make_id('invoices', j)[3:]}" + ("" if first else "2")
         prefix = RESOURCES[resource][0]
         tail = ((index + 1) * 0x9E3779B97F4A7C15 ^ self._salt) & _MASK
         return f"{prefix}_{_b62(index, 7)}{_b62(tail, 11)}"
@@ -297,6 +304,13 @@ class StripeWorld:
             return self._product_index.get(obj_id)
         if resource == "tax_rates":
             return self._tax_rate_index.get(obj_id)
+        if resource == "invoice_payments":
+            if self._invoice_payment_index is None:
+                n = self.count("invoice_payments")
+                self._invoice_payment_index = {
+                    self.make_id("invoice_payments", p): p for p in range(n)
+                }
+            return self._invoice_payment_index.get(obj_id)
         prefix = RESOURCES[resource][0] + "_"
         if not obj_id.startswith(prefix) or len(obj_id) != len(prefix) + 18:
             return None
@@ -1293,7 +1307,7 @@ class StripeWorld:
         inv_id = self.make_id("invoices", j)
         obj = dict(self.tpl["invoice_payment"])
         obj.update(
-            id=f"inpay_{inv_id[3:]}" + ("" if first else "2"),
+            id=self.make_id("invoice_payments", p),
             amount_paid=ch.amount if paid else 0,
             amount_requested=ch.amount,
             created=int(b.invoices.created[j]) if first else ch.created,
