@@ -138,6 +138,11 @@ def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+# The outbox rows of one planning run, or of every run when ``$run_id`` is NULL (a micro-batch
+# served during a sync posts only its own: flows/realtime_processor.py SyncEventPump).
+_OF_RUN = "($run_id IS NULL OR run_id = $run_id)"
+
+
 class Staging:
     """The staging database. ``with Staging(path) as st: ...``."""
 
@@ -169,7 +174,7 @@ class Staging:
         if not read_only:
             self.migrate()
 
-    def _exec(self, sql: str, params: Sequence[Any] | None = None) -> None:
+    def _exec(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
         """Run a statement to completion (DuckDB 2 keeps a result pending until fetched)."""
         self.con.execute(sql, params or []).fetchall()
 
@@ -717,10 +722,9 @@ class Staging:
     def pending_count(self, run_id: str | None = None) -> int:
         """Documents still to post (``pending``); with ``run_id``, only those that run
         planned (a micro-batch served during a sync posts its own, not the sync's)."""
-        if run_id is None:
-            return self.count_where("sage.outbox", "status = 'pending'")
         row = self.con.execute(
-            "SELECT count(*) FROM sage.outbox WHERE status = 'pending' AND run_id = ?", [run_id]
+            f"SELECT count(*) FROM sage.outbox WHERE status = 'pending' AND {_OF_RUN}",
+            {"run_id": run_id},
         ).fetchall()
         return int(row[0][0])
 
@@ -728,9 +732,9 @@ class Staging:
         """Pending documents per document type (what a run leaves deferred), of run
         ``run_id`` only when given."""
         rows = self.con.execute(
-            "SELECT doc_type, count(*) FROM sage.outbox WHERE status = 'pending' "
-            "AND (?::VARCHAR IS NULL OR run_id = ?::VARCHAR) GROUP BY ALL",
-            [run_id, run_id],
+            f"SELECT doc_type, count(*) FROM sage.outbox WHERE status = 'pending' AND {_OF_RUN} "
+            "GROUP BY ALL",
+            {"run_id": run_id},
         ).fetchall()
         return {str(t): int(n) for t, n in rows}
 
@@ -749,7 +753,7 @@ class Staging:
             int(r[0])
             for r in self.con.execute(
                 "SELECT DISTINCT phase FROM sage.outbox WHERE status = 'pending' "
-                "AND ($run_id IS NULL OR run_id = $run_id) ORDER BY phase",
+                f"AND {_OF_RUN} ORDER BY phase",
                 {"run_id": run_id},
             ).fetchall()
         ]
@@ -763,7 +767,7 @@ class Staging:
         return self.con.execute(
             "SELECT doc_key, doc_type, collection, stripe_id, payload, depends_on, attempts "
             "FROM sage.outbox WHERE status = 'pending' AND phase = $phase AND doc_key > $after "
-            "AND ($run_id IS NULL OR run_id = $run_id) ORDER BY doc_key LIMIT $limit",
+            f"AND {_OF_RUN} ORDER BY doc_key LIMIT $limit",
             {"phase": phase, "after": after, "limit": limit, "run_id": run_id},
         ).fetchall()
 
@@ -884,9 +888,9 @@ class Staging:
         """Prefix the reason of every pending document (of run ``run_id``, when given) with
         ``prefix`` (the retry budget ran out: the next run retries them)."""
         self._exec(
-            "UPDATE sage.outbox SET last_error = ? || coalesce(last_error, 'not sent') "
-            "WHERE status = 'pending' AND (?::VARCHAR IS NULL OR run_id = ?::VARCHAR)",
-            [prefix, run_id, run_id],
+            "UPDATE sage.outbox SET last_error = $prefix || coalesce(last_error, 'not sent') "
+            f"WHERE status = 'pending' AND {_OF_RUN}",
+            {"prefix": prefix, "run_id": run_id},
         )
 
     def count_attempts(self, keys: Sequence[str]) -> None:
@@ -1169,12 +1173,10 @@ class Staging:
     def drop_from_scope(self, scope_table: str, run_id: str) -> None:
         """Take out of the planner's scope table every id whose staged row run ``run_id``
         wrote (a sync in progress: quality has not checked its rows yet)."""
-        for stream in STREAMS.values():
-            self.con.execute(
-                f"DELETE FROM {scope_table} WHERE id IN "
-                f"(SELECT id FROM staging.{stream.name} WHERE run_id = ?)",
-                [run_id],
-            )
+        written = " UNION ALL ".join(
+            f"SELECT id FROM staging.{s} WHERE run_id = $run_id" for s in STREAMS
+        )
+        self.con.execute(f"DELETE FROM {scope_table} WHERE id IN ({written})", {"run_id": run_id})
 
     def dead_among(self, keys: Sequence[str]) -> list[str]:
         """Those of ``keys`` whose documents are dead (e.g. dead again after a replay)."""
