@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from stripe_sage.errors import NotFoundError
 from stripe_sage.mapping import Mapping
-from stripe_sage.plan.documents import sage_customer_emails
+from stripe_sage.plan.customers import sage_customer_emails
 from stripe_sage.plan.outbox import plan_into_outbox
 from stripe_sage.sage.client import SageProClient
 from stripe_sage.sage.loader import Loader

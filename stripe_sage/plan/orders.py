@@ -38,12 +38,12 @@ import datetime as dt
 import polars as pl
 
 from stripe_sage.mapping import Mapping
+from stripe_sage.plan.customers import guest_customer_key
 from stripe_sage.plan.documents import (
     _docs,
     empty_docs,
     exponent_expr,
     first_error,
-    guest_customer_key,
     local_date,
     money_string,
 )

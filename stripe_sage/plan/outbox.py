@@ -21,19 +21,17 @@ from stripe_sage.plan.after_posting import (
     plan_credit_notes,
     plan_invoice_closures,
 )
-from stripe_sage.plan.documents import (
+from stripe_sage.plan.cash_receipts import plan_charges
+from stripe_sage.plan.credit_memos import plan_refunds, refunded_invoices
+from stripe_sage.plan.customers import (
     GUEST_KEY,
-    empty_docs,
-    periods_frame,
-    plan_charges,
     plan_customer_updates,
     plan_customers,
     plan_guest_customer,
-    plan_invoices,
-    plan_refunds,
-    refunded_invoices,
 )
+from stripe_sage.plan.documents import empty_docs, periods_frame
 from stripe_sage.plan.fx import invoice_payment_shares, invoice_settlements
+from stripe_sage.plan.invoices import plan_invoices
 from stripe_sage.plan.items import plan_default_item, plan_items
 from stripe_sage.plan.orders import link_charges_to_sessions, plan_order_items, plan_orders
 from stripe_sage.plan.scope import SCOPE_TABLE, build_scope, in_scope

@@ -53,7 +53,7 @@ from stripe_sage.errors import (
     StripeSageError,
     ValidationError,
 )
-from stripe_sage.plan.documents import sage_customer_id
+from stripe_sage.plan.customers import sage_customer_id
 from stripe_sage.plan.item_codes import sage_item_code
 from stripe_sage.sage.client import SageProClient
 from stripe_sage.store.staging import Staging, now_utc

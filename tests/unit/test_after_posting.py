@@ -109,7 +109,7 @@ def test_credit_note_on_an_open_invoice_is_a_memo_against_it() -> None:
 
 
 def test_a_refund_a_credit_note_names_is_not_planned_again() -> None:
-    from stripe_sage.plan.documents import plan_refunds
+    from stripe_sage.plan.credit_memos import plan_refunds
     from tests.unit.test_defaults import refunds
     from tests.unit.test_transform import bts, charges, periods
 
@@ -135,7 +135,7 @@ def test_a_refund_of_an_invoice_payment_without_a_credit_note_names_the_invoice(
     """ACCOUNTING.md "Stripe Billing, completely": a refund memo as for any refund (to Stripe
     Clearing, no ``invoice_no``: the invoice stays paid), its reason naming the invoice by
     its Stripe number, else its id; never cut off, however long what comes before it."""
-    from stripe_sage.plan.documents import plan_refunds, refunded_invoices
+    from stripe_sage.plan.credit_memos import plan_refunds, refunded_invoices
     from tests.unit.test_defaults import refunds
     from tests.unit.test_transform import bts, charges, periods
 
@@ -234,7 +234,7 @@ def test_credit_balance_used_by_an_invoice_is_a_memo_from_customer_credit() -> N
 
 
 def test_a_written_off_invoice_collected_later_books_a_recovery_not_a_receipt() -> None:
-    from stripe_sage.plan.documents import plan_charges
+    from stripe_sage.plan.cash_receipts import plan_charges
     from tests.unit.test_transform import bts, charges, periods
 
     mapping = load_mapping(None)

@@ -12,13 +12,10 @@ import pytest
 
 from stripe_sage.errors import ConfigurationError
 from stripe_sage.mapping import default_mapping_text, load_mapping
-from stripe_sage.plan.documents import (
-    plan_charges,
-    plan_customers,
-    plan_guest_customer,
-    plan_refunds,
-    shorten,
-)
+from stripe_sage.plan.cash_receipts import plan_charges
+from stripe_sage.plan.credit_memos import plan_refunds
+from stripe_sage.plan.customers import plan_customers, plan_guest_customer
+from stripe_sage.plan.documents import shorten
 from stripe_sage.plan.outbox import plan_documents
 from stripe_sage.store.staging import Staging
 from tests.unit.test_transform import NO_PAYMENTS, bts, charges, payloads, periods, ts

@@ -13,9 +13,9 @@ import polars as pl
 import pytest
 
 from stripe_sage.mapping import load_mapping
-from stripe_sage.plan.documents import plan_invoices
 from stripe_sage.plan.fx import COMPONENT_SCHEMA, SIGN, settle_invoice_amounts
 from stripe_sage.plan.invoice_tax import TAXES_DTYPE
+from stripe_sage.plan.invoices import plan_invoices
 from stripe_sage.sage.loader import wait_kind
 from stripe_sage.store.staging import Staging
 

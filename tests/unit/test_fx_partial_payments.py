@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from stripe_sage.mapping import load_mapping
-from stripe_sage.plan.documents import plan_charges
+from stripe_sage.plan.cash_receipts import plan_charges
 from stripe_sage.plan.fx import invoice_payment_shares, invoice_settlements
 from tests.unit.test_fx_refunds import account_total
 from tests.unit.test_transform import bts, charges, payloads, periods, ts

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from stripe_sage.mapping import load_mapping
-from stripe_sage.plan.documents import plan_refunds
+from stripe_sage.plan.credit_memos import plan_refunds
 from tests.unit.test_defaults import refunds
 from tests.unit.test_transform import bts, charges, payloads, periods, ts
 

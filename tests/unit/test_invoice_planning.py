@@ -17,8 +17,8 @@ import pytest
 
 from stripe_sage.errors import ConfigurationError
 from stripe_sage.mapping import Mapping, default_mapping_text, load_mapping
-from stripe_sage.plan.documents import plan_invoices
 from stripe_sage.plan.invoice_tax import TAXES_DTYPE
+from stripe_sage.plan.invoices import plan_invoices
 
 CA, IL, CHI, VAT = "txr_ca", "txr_il", "txr_chi", "txr_vat"
 RATES = pl.DataFrame(

@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 
 from stripe_sage.mapping import default_mapping_text, load_mapping
-from stripe_sage.plan.documents import plan_charges, plan_invoices
+from stripe_sage.plan.cash_receipts import plan_charges
+from stripe_sage.plan.invoices import plan_invoices
 from stripe_sage.plan.items import plan_default_item, plan_items, sage_item_code
 from tests.unit.test_transform import NO_PAYMENTS, bts, charges, periods
 

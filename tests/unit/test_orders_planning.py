@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from stripe_sage.mapping import load_mapping
-from stripe_sage.plan.documents import plan_charges
+from stripe_sage.plan.cash_receipts import plan_charges
 from stripe_sage.plan.orders import (
     OPEN_SESSION_SCHEMA,
     SESSION_LINK_SCHEMA,

@@ -13,14 +13,10 @@ from polars.testing import assert_series_equal
 from stripe_sage.errors import ConfigurationError
 from stripe_sage.mapping import default_mapping_text, load_mapping
 from stripe_sage.money import UnknownCurrencyError, from_decimal_string, to_decimal_string
-from stripe_sage.plan.documents import (
-    money_string,
-    periods_frame,
-    plan_charges,
-    plan_customers,
-    plan_refunds,
-    sage_customer_id,
-)
+from stripe_sage.plan.cash_receipts import plan_charges
+from stripe_sage.plan.credit_memos import plan_refunds
+from stripe_sage.plan.customers import plan_customers, sage_customer_id
+from stripe_sage.plan.documents import money_string, periods_frame
 
 pytestmark = pytest.mark.unit
 UTC = dt.UTC
