@@ -5,12 +5,15 @@ A succeeded, captured charge becomes a cash receipt in the settlement currency, 
 the invoice it paid: the Stripe Billing invoice's, a Checkout order's, or else its own Sage
 invoice (or sales order and invoice), planned here too. A charge that paid a written-off
 invoice becomes a recovery journal instead of a receipt; a payment of a foreign-currency
-invoice also a Realized FX journal.
+invoice also a Realized FX journal. ``select_inputs`` reads what a slice of charges is
+planned from.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -31,8 +34,11 @@ from stripe_sage.plan.documents import (
     presentment,
     with_settlement,
 )
-from stripe_sage.plan.fx import PAYMENT_SHARE_SCHEMA
+from stripe_sage.plan.fx import PAYMENT_SHARE_SCHEMA, invoice_payment_shares
+from stripe_sage.plan.invoices import paying_charges
 from stripe_sage.plan.item_codes import default_item_key
+from stripe_sage.plan.orders import link_charges_to_sessions
+from stripe_sage.store.staging import Staging
 
 
 def captured(df: pl.DataFrame) -> pl.Expr:
@@ -431,3 +437,90 @@ def _charge_item(mapping: Mapping) -> tuple[pl.Expr, pl.Expr]:
     if "item" in mapping.charges.invoice:
         return pl.col("inv_item"), pl.lit([], pl.List(pl.String))
     return pl.lit(mapping.items.default_item), pl.lit([default_item_key(mapping)])
+
+
+# -- selection: the staged rows a slice of charges is planned from ------------------------
+@dataclass(frozen=True)
+class ChargeInputs:
+    """What ``plan_charges`` plans one slice of charges from."""
+
+    charges: pl.DataFrame  # the slice, linked to its Checkout sessions (plan/orders.py)
+    bts: pl.DataFrame  # the charges' balance transactions
+    invoice_payments: pl.DataFrame  # the charges' invoice payments
+    written_off: pl.DataFrame  # the invoices they paid that were written off first
+    payment_shares: pl.DataFrame  # their shares of foreign-currency invoices (plan/fx.py)
+
+
+def sessions_read_until(st: Staging) -> dt.datetime | None:
+    """How far the ``checkout_sessions`` stream has been listed (its created cursor): every
+    session created before it is staged, with the events read in the same run."""
+    state = st.sync_state("checkout_sessions") or {}
+    cursor = state.get("created_cursor")
+    return None if cursor is None else dt.datetime.fromtimestamp(int(cursor), dt.UTC)
+
+
+def select_inputs(
+    st: Staging,
+    charges: pl.DataFrame,
+    mapping: Mapping,
+    read_until: dt.datetime | None,
+) -> ChargeInputs:
+    """The staged rows a slice of ``charges`` is planned from, read while the slice is
+    registered as ``_plan_slice``; ``read_until``: :func:`sessions_read_until`, read once
+    per plan."""
+    with st.registered(
+        "_plan_slice", charges.select("id", "balance_transaction", "payment_intent", "created")
+    ):
+        bts = st.frame(
+            "SELECT b.* FROM staging.balance_transactions b "
+            "WHERE b.id IN (SELECT balance_transaction FROM _plan_slice)"
+        )
+        invoice_payments = st.frame(
+            "SELECT p.* FROM staging.invoice_payments p "
+            "WHERE p.charge IN (SELECT id FROM _plan_slice)"
+        )
+        # Every payment of the invoices these charges paid, with its charge and what
+        # Stripe settled: a part of a foreign-currency invoice receipts its share at the
+        # rate the invoice was booked at (plan/fx.py).
+        all_payments = st.frame(
+            "SELECT p.* FROM staging.invoice_payments p WHERE p.invoice IN "
+            "(SELECT invoice FROM staging.invoice_payments "
+            "WHERE charge IN (SELECT id FROM _plan_slice))"
+        )
+        paying, paying_bts = paying_charges(st, all_payments)
+        # Quarantined sessions too: their charge's receipt is then blocked by the
+        # order's missing invoice (named), never posted as a second, standalone sale.
+        sessions = st.frame(
+            "SELECT payment_intent, id AS session, status AS session_status, "
+            "(mode = 'payment' AND NOT coalesce(invoice_creation, false)) AS session_goods "
+            "FROM staging.checkout_sessions "
+            "WHERE payment_intent IN (SELECT payment_intent FROM _plan_slice)"
+        )
+        looked_up = st.frame(
+            "SELECT payment_intent FROM staging.checkout_lookups "
+            "WHERE payment_intent IN (SELECT payment_intent FROM _plan_slice)"
+        )
+        # Sessions still open when these charges were made (plan/orders.py): one may
+        # complete with a charge of this slice after sessions were read.
+        open_sessions = st.frame(
+            "SELECT id AS open_session, created AS open_created "
+            "FROM staging.checkout_sessions WHERE status = 'open' AND mode = 'payment' "
+            "AND created <= (SELECT max(created) FROM _plan_slice) "
+            "AND created >= (SELECT min(created) FROM _plan_slice) - INTERVAL 1 DAY"
+        )
+        # Invoices these charges paid that were written off first: a recovery, not a
+        # receipt (issue 19).
+        written_off = st.frame(
+            "SELECT id, marked_uncollectible_at FROM staging.invoices "
+            "WHERE marked_uncollectible_at IS NOT NULL AND id IN (SELECT p.invoice FROM "
+            "staging.invoice_payments p WHERE p.charge IN (SELECT id FROM _plan_slice))"
+        )
+    return ChargeInputs(
+        charges=link_charges_to_sessions(
+            charges, sessions, looked_up, read_until, mapping, open_sessions
+        ),
+        bts=bts,
+        invoice_payments=invoice_payments,
+        written_off=written_off,
+        payment_shares=invoice_payment_shares(all_payments, paying, paying_bts),
+    )

@@ -4,11 +4,13 @@ Every refund that moved money becomes a credit memo against Stripe Clearing; a r
 later failed also a journal entry reversing it; a refund of a foreign-currency sale also a
 Realized FX journal for what it cost beyond the sale. The memos of an invoice's later life
 (credit notes, voids, write-offs, credit balances) are in ``after_posting``.
+``select_inputs`` reads what a slice of refunds is planned from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -30,6 +32,7 @@ from stripe_sage.plan.documents import (
     presentment,
     with_settlement,
 )
+from stripe_sage.store.staging import Staging, not_quarantined
 
 
 def refunded_invoices(invoice_payments: pl.DataFrame, invoices: pl.DataFrame) -> pl.DataFrame:
@@ -317,4 +320,67 @@ def _refund_fx_journals(
             mapping.accounts.clearing, default=None
         ),
         gain=-pl.col("fx_difference"),
+    )
+
+
+# -- selection: the staged rows a slice of refunds is planned from ------------------------
+@dataclass(frozen=True)
+class RefundInputs:
+    """What ``plan_refunds`` plans one slice of refunds from."""
+
+    charges: pl.DataFrame  # the refunded charges (unquarantined)
+    bts: pl.DataFrame  # the refunds', their failures' and their charges' balance transactions
+    charge_refunds: pl.DataFrame  # every refund of those charges
+    credited: list[str]  # refunds a credit note names
+    refunded_invoices: pl.DataFrame  # the invoices the refunded charges paid
+
+
+def select_inputs(st: Staging, refunds: pl.DataFrame) -> RefundInputs:
+    """The staged rows a slice of ``refunds`` is planned from, read while the slice is
+    registered as ``_plan_slice``."""
+    with st.registered(
+        "_plan_slice",
+        refunds.select("charge", "balance_transaction", "failure_balance_transaction"),
+    ):
+        # The charges' own balance transactions too: their rate converts a foreign sale
+        # back; and every refund of those charges (a partial refund's share of the sale
+        # depends on the refunds before it, posted or not).
+        bts = st.frame(
+            "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN ("
+            "SELECT balance_transaction FROM _plan_slice "
+            "UNION ALL SELECT failure_balance_transaction FROM _plan_slice "
+            "UNION ALL SELECT c.balance_transaction FROM staging.charges c "
+            "WHERE c.id IN (SELECT charge FROM _plan_slice))"
+        )
+        charges = st.frame(
+            "SELECT s.* FROM staging.charges s "
+            "WHERE s.id IN (SELECT charge FROM _plan_slice) AND " + not_quarantined("charges")
+        )
+        charge_refunds = st.frame(
+            "SELECT r.* FROM staging.refunds r WHERE r.charge IN (SELECT charge FROM _plan_slice)"
+        )
+        # Refunds a credit note names post through the note's memo (issue 19).
+        credited = st.frame(
+            "SELECT DISTINCT r AS id FROM (SELECT unnest(refunds) AS r "
+            "FROM staging.credit_notes WHERE status = 'issued') "
+            "WHERE r IN (SELECT id FROM staging.refunds)"
+        )["id"].to_list()
+        # The invoices the refunded charges paid: a refund's reason names its invoice.
+        paid = refunded_invoices(
+            st.frame(
+                "SELECT p.* FROM staging.invoice_payments p "
+                "WHERE p.charge IN (SELECT charge FROM _plan_slice)"
+            ),
+            st.frame(
+                "SELECT i.id, i.number FROM staging.invoices i WHERE i.id IN ("
+                "SELECT p.invoice FROM staging.invoice_payments p "
+                "WHERE p.charge IN (SELECT charge FROM _plan_slice))"
+            ),
+        )
+    return RefundInputs(
+        charges=charges,
+        bts=bts,
+        charge_refunds=charge_refunds,
+        credited=credited,
+        refunded_invoices=paid,
     )

@@ -4,19 +4,22 @@ Each Stripe customer is linked to the Sage customer its ``metadata.sage_customer
 else to the one Sage customer with its email, else created under a deterministic id
 (``sage_customer_id``). Charges without a Stripe customer post to one guest customer
 (``plan_guest_customer``), and Stripe-side changes to customers Sage already has become
-customer updates (``plan_customer_updates``).
+customer updates (``plan_customer_updates``). Beside them, what the outbox reads for them:
+``customer_columns``, ``select_sage_customers``, ``select_changed``, and whether the guest
+customer is still to plan (``guest_planned``, ``guest_needed``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import polars as pl
 
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.documents import _docs, apply_rules, empty_docs, join_errors, with_derived
+from stripe_sage.store.staging import Staging
 
 GUEST_KEY = "guest"  # stripe_id of the guest customer document: doc_key customer:guest:<id>
 
@@ -196,3 +199,70 @@ def plan_customer_updates(changed: pl.DataFrame, mapping: Mapping) -> pl.DataFra
         join_errors().alias("error"),
     )
     return _docs(df, key_col="update_key")
+
+
+# -- selection: the staged rows these planners read ---------------------------------------
+# The latest charge's billing details of each customer (name fallbacks: a customer without a
+# name, or deleted in Stripe, is named as the card holder named themselves at checkout).
+CHARGE_BILLING = (
+    "(SELECT ch.{col} FROM staging.charges ch WHERE ch.customer = {alias}.id "
+    "AND ch.{col} IS NOT NULL ORDER BY ch.created DESC LIMIT 1)"
+)
+
+
+def customer_columns(alias: str = "s") -> str:
+    """``<alias>.*`` and the derived columns a customer mapping may read."""
+    return (
+        f"{alias}.*, "
+        + CHARGE_BILLING.format(col="billing_name", alias=alias)
+        + " AS charge_billing_name, "
+        + CHARGE_BILLING.format(col="billing_email", alias=alias)
+        + " AS charge_billing_email"
+    )
+
+
+def select_sage_customers(
+    st: Staging,
+    new_customers: pl.DataFrame,
+    sage_customers: Callable[[], pl.DataFrame] | None,
+) -> pl.DataFrame | None:
+    """Sage's customers for email matching (``plan_customers``), each with the Stripe
+    customer it is linked to: listed only when some of ``new_customers`` has no
+    ``metadata.sage_customer_id`` (else None)."""
+    if (
+        sage_customers is None
+        or not new_customers.filter(pl.col("sage_customer_id").is_null()).height
+    ):
+        return None
+    linked = st.frame(
+        "SELECT sage_id AS customer_id, stripe_id AS linked_to FROM sage.xref "
+        "WHERE doc_type = 'customer'"
+    )
+    return sage_customers().join(linked, on="customer_id", how="left")
+
+
+def guest_planned(st: Staging, gid: str) -> bool:
+    """The outbox settled the guest customer in either form (created, or linked): once it is
+    created, Sage has it, and it must not be planned again as a link."""
+    return bool(st.settled_among([f"{t}:{GUEST_KEY}:{gid}" for t in ("customer", "customer_link")]))
+
+
+def guest_needed(st: Staging) -> bool:
+    """Some succeeded charge has no Stripe customer (the guest customer is created on first
+    need, not on an account that never has guest checkout)."""
+    return st.guest_charge_staged()
+
+
+def select_changed(st: Staging, run_id: str) -> pl.DataFrame:
+    """Customers run ``run_id`` changed that Sage already has, with what was last sent for
+    them (``plan_customer_updates``)."""
+    return st.frame(
+        f"SELECT {customer_columns('c')}, "
+        "(SELECT CAST(o.payload AS VARCHAR) FROM sage.outbox o "
+        "WHERE o.status = 'posted' AND (o.stripe_id = c.id OR o.stripe_id LIKE c.id || ':%') "
+        "AND o.doc_type IN ('customer', 'customer_link', 'customer_update') "
+        "ORDER BY o.posted_at DESC LIMIT 1) AS last_sent "
+        "FROM staging.customers c JOIN sage.xref x ON x.stripe_id = c.id "
+        "AND x.doc_type = 'customer' WHERE c.run_id = ? AND x.run_id <> ?",
+        [run_id, run_id],
+    )

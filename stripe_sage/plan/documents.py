@@ -4,15 +4,17 @@ The planners are the modules beside this one, each named after the Sage document
 ``customers`` (Stripe customers → Sage customers), ``cash_receipts`` (where a Stripe charge
 becomes a Sage cash receipt: ``plan_charges``), ``invoices`` (Stripe Billing invoices → Sage
 invoices), ``credit_memos`` (Stripe refunds → Sage credit memos), ``after_posting`` (what
-follows a posted invoice), ``orders`` (Checkout → sales orders) and ``items``; ``outbox``
-reads the staged rows each needs and calls it. Every planner is ``DataFrame(s) → DataFrame``,
-built from expressions (no row loops), with money kept in integer minor units until
-``money_string`` renders the payload. The output of every planner has the columns of
-``DOC_SCHEMA``: one row per Sage document, its JSON payload (with ``@xref:<doc_key>``
-placeholders the loader resolves to Sage numbers), the documents it depends on, and
-``error`` — a clear reason when the record cannot become a valid document (it is then
-dead-lettered instead of posted), or, prefixed ``waiting:``, what it still waits for (a
-balance transaction not staged yet): such documents are planned again by the next run.
+follows a posted invoice), ``orders`` (Checkout → sales orders) and ``items``. A family's
+selection sits beside its planner (e.g. ``cash_receipts.select_inputs``: the staged rows a
+slice of charges is planned from); ``outbox`` slices the rows still to plan and calls both.
+Every planner is ``DataFrame(s) → DataFrame``, built from expressions (no row loops), with
+money kept in integer minor units until ``money_string`` renders the payload. The output of
+every planner has the columns of ``DOC_SCHEMA``: one row per Sage document, its JSON payload
+(with ``@xref:<doc_key>`` placeholders the loader resolves to Sage numbers), the documents
+it depends on, and ``error`` — a clear reason when the record cannot become a valid document
+(it is then dead-lettered instead of posted), or, prefixed ``waiting:``, what it still waits
+for (a balance transaction not staged yet): such documents are planned again by the next
+run.
 
 This module keeps only what the planners share: ``DOC_SCHEMA`` and ``_docs`` (the projection
 onto it, with the closed-period policy and the required fields), money and date expressions,

@@ -4,10 +4,13 @@ A finalized invoice (open, paid, void or uncollectible) becomes a Sage invoice w
 lines, discounts and tax; one in a currency that is not a settlement currency posts once
 Stripe settled its payment, restated at that rate. What follows a posted invoice (credit
 notes, voids, write-offs, credit balances) is in ``after_posting``; the invoice of a charge
-that paid no Stripe invoice in ``cash_receipts``.
+that paid no Stripe invoice in ``cash_receipts``. ``select_inputs`` reads what a slice of
+invoices is planned from.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -21,10 +24,11 @@ from stripe_sage.plan.documents import (
     local_date,
     money_string,
 )
-from stripe_sage.plan.fx import settle_foreign_invoices
+from stripe_sage.plan.fx import invoice_settlements, settle_foreign_invoices
 from stripe_sage.plan.invoice_tax import TAX_LINES_SCHEMA, TAXES_DTYPE, invoice_tax_lines
 from stripe_sage.plan.item_codes import line_item
 from stripe_sage.plan.line_amounts import line_price_exprs
+from stripe_sage.store.staging import Staging, not_quarantined
 
 
 def plan_invoices(
@@ -199,3 +203,48 @@ def _with_tax_columns(frame: pl.DataFrame) -> pl.DataFrame:
         pl.col("tax_inclusive").fill_null(0),
         pl.col("tax_exclusive").fill_null(0),
     )
+
+
+# -- selection: the staged rows a slice of invoices is planned from -----------------------
+@dataclass(frozen=True)
+class InvoiceInputs:
+    """What ``plan_invoices`` plans one slice of invoices from (with the tax rates)."""
+
+    lines: pl.DataFrame  # their unquarantined lines, with product_staged
+    settlements: pl.DataFrame  # what Stripe settled for the charges that paid them (plan/fx.py)
+
+
+def select_inputs(st: Staging, invoices: pl.DataFrame) -> InvoiceInputs:
+    """The staged rows a slice of ``invoices`` is planned from, read while the slice is
+    registered as ``_plan_slice``."""
+    with st.registered("_plan_slice", invoices.select("id")):
+        lines = st.frame(
+            # product_staged: a line's item comes from its product (see plan/items.py).
+            "SELECT s.*, s.product IN (SELECT id FROM staging.products) AS product_staged "
+            "FROM staging.invoice_lines s "
+            "WHERE s.invoice IN (SELECT id FROM _plan_slice) AND "
+            + not_quarantined("invoice_lines")
+        )
+        # What Stripe settled for the charges that paid the slice's invoices: a foreign-
+        # currency invoice posts at that (plan/fx.py).
+        payments = st.frame(
+            "SELECT p.* FROM staging.invoice_payments p "
+            "WHERE p.invoice IN (SELECT id FROM _plan_slice)"
+        )
+        paying, paying_bts = paying_charges(st, payments)
+    return InvoiceInputs(lines=lines, settlements=invoice_settlements(payments, paying, paying_bts))
+
+
+def paying_charges(st: Staging, payments: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The staged charges behind ``payments`` (invoice payments) and their balance
+    transactions: what a foreign-currency invoice's rate and shares come from (plan/fx.py)."""
+    with st.registered("_paying", payments.select("charge")):
+        paying = st.frame(
+            "SELECT c.* FROM staging.charges c WHERE c.id IN (SELECT charge FROM _paying)"
+        )
+        paying_bts = st.frame(
+            "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN "
+            "(SELECT c.balance_transaction FROM staging.charges c "
+            "WHERE c.id IN (SELECT charge FROM _paying))"
+        )
+    return paying, paying_bts

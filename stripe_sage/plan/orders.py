@@ -49,6 +49,7 @@ from stripe_sage.plan.documents import (
 )
 from stripe_sage.plan.item_codes import line_item
 from stripe_sage.plan.line_amounts import line_price_exprs
+from stripe_sage.store.staging import Staging, not_quarantined
 
 # Sessions expire 24 hours after they are created: an older open one cannot be this charge's.
 SESSION_LIFETIME = dt.timedelta(days=1)
@@ -346,3 +347,16 @@ def plan_orders(
         pl.concat_list([base_deps, pl.concat_list([order_key])]).alias("depends_on"),
     )
     return pl.concat([_docs(orders, mapping, periods), _docs(invoices, mapping, periods)])
+
+
+# -- selection: the staged rows a slice of sessions is planned from -----------------------
+def select_inputs(st: Staging, sessions: pl.DataFrame) -> pl.DataFrame:
+    """The unquarantined line items of a slice of ``sessions`` (with ``product_staged``),
+    read while the slice is registered as ``_plan_slice``."""
+    with st.registered("_plan_slice", sessions.select("id")):
+        return st.frame(
+            "SELECT s.*, s.product IN (SELECT id FROM staging.products) AS product_staged "
+            "FROM staging.checkout_line_items s "
+            "WHERE s.session IN (SELECT id FROM _plan_slice) AND "
+            + not_quarantined("checkout_line_items")
+        )

@@ -1,6 +1,8 @@
-"""Planning into the outbox: the staged rows each document family needs, read slice by slice,
-turned into Sage documents by the planners beside this module, and enqueued before the next
-slice is read. No Prefect import: the ``plan`` task wraps it, tests call it."""
+"""Planning into the outbox: the staged rows still to plan, slice by slice (rows the outbox
+has not settled, not quarantined, in the batch's scope); for each slice, the rows its
+documents need, read by the family's selection beside its planner (e.g.
+``cash_receipts.select_inputs``), turned into Sage documents by that planner, and enqueued
+before the next slice is read. No Prefect import: the ``plan`` task wraps it, tests call it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 import polars as pl
 
 from stripe_sage.mapping import Mapping
+from stripe_sage.plan import cash_receipts, credit_memos, customers, invoices, orders
 from stripe_sage.plan.after_posting import (
     BALANCE_PREFIX,
     VOID_PREFIX,
@@ -22,18 +25,16 @@ from stripe_sage.plan.after_posting import (
     plan_invoice_closures,
 )
 from stripe_sage.plan.cash_receipts import plan_charges
-from stripe_sage.plan.credit_memos import plan_refunds, refunded_invoices
+from stripe_sage.plan.credit_memos import plan_refunds
 from stripe_sage.plan.customers import (
-    GUEST_KEY,
     plan_customer_updates,
     plan_customers,
     plan_guest_customer,
 )
 from stripe_sage.plan.documents import empty_docs, periods_frame
-from stripe_sage.plan.fx import invoice_payment_shares, invoice_settlements
 from stripe_sage.plan.invoices import plan_invoices
 from stripe_sage.plan.items import plan_default_item, plan_items
-from stripe_sage.plan.orders import link_charges_to_sessions, plan_order_items, plan_orders
+from stripe_sage.plan.orders import plan_order_items, plan_orders
 from stripe_sage.plan.scope import SCOPE_TABLE, build_scope, in_scope
 from stripe_sage.reconcile.report import (
     TOPUP_CATEGORIES,
@@ -42,7 +43,7 @@ from stripe_sage.reconcile.report import (
     plan_payouts,
     plan_topups,
 )
-from stripe_sage.store.staging import SETTLED_DOCUMENTS, Staging, now_utc
+from stripe_sage.store.staging import SETTLED_DOCUMENTS, Staging, not_quarantined, now_utc
 
 # -- planning ------------------------------------------------------------------------------
 # Planning reads the staged rows in slices (keyset on id) and hands each slice's documents
@@ -56,13 +57,6 @@ PAYOUT_SLICE = 20  # payouts carry all their balance transactions (~3,000 a day 
 _SETTLED = SETTLED_DOCUMENTS
 
 
-def _not_quarantined(stream: str, alias: str = "s") -> str:
-    return (
-        f"NOT EXISTS (SELECT 1 FROM staging.quarantine q WHERE q.stream = '{stream}' "
-        f"AND q.id = {alias}.id)"
-    )
-
-
 def _todo(stream: str, *prefixes: str, alternatives: bool = False, scoped: bool = False) -> str:
     """SQL condition on ``s`` (a row of ``staging.<stream>``): not quarantined, and some of
     its documents (``prefixes`` of doc_key) not settled; with ``alternatives``, none of them
@@ -71,7 +65,7 @@ def _todo(stream: str, *prefixes: str, alternatives: bool = False, scoped: bool 
         f"EXISTS (SELECT 1 FROM _settled k WHERE k.doc_key = '{p}' || s.id)" for p in prefixes
     ]
     joined = (" OR " if alternatives else " AND ").join(settled)
-    return f"{_not_quarantined(stream)} AND NOT ({joined}){in_scope(scoped)}"
+    return f"{not_quarantined(stream)} AND NOT ({joined}){in_scope(scoped)}"
 
 
 def _rows_to_plan(st: Staging, stream: str, todo: str, size: int) -> Iterator[pl.DataFrame]:
@@ -91,37 +85,6 @@ def _rows_to_plan(st: Staging, stream: str, todo: str, size: int) -> Iterator[pl
         after = rows["id"][-1]
 
 
-# The latest charge's billing details of each customer (name fallbacks: a customer without a
-# name, or deleted in Stripe, is named as the card holder named themselves at checkout).
-CHARGE_BILLING = (
-    "(SELECT ch.{col} FROM staging.charges ch WHERE ch.customer = {alias}.id "
-    "AND ch.{col} IS NOT NULL ORDER BY ch.created DESC LIMIT 1)"
-)
-
-
-def customer_columns(alias: str = "s") -> str:
-    """``<alias>.*`` and the derived columns a customer mapping may read."""
-    return (
-        f"{alias}.*, "
-        + CHARGE_BILLING.format(col="billing_name", alias=alias)
-        + " AS charge_billing_name, "
-        + CHARGE_BILLING.format(col="billing_email", alias=alias)
-        + " AS charge_billing_email"
-    )
-
-
-def _guest_planned(st: Staging, gid: str) -> bool:
-    """The outbox settled the guest customer in either form (created, or linked): once it is
-    created, Sage has it, and it must not be planned again as a link."""
-    return bool(st.settled_among([f"{t}:{GUEST_KEY}:{gid}" for t in ("customer", "customer_link")]))
-
-
-def _guest_needed(st: Staging) -> bool:
-    """Some succeeded charge has no Stripe customer (the guest customer is created on first
-    need, not on an account that never has guest checkout)."""
-    return st.guest_charge_staged()
-
-
 def _document_slices(
     st: Staging,
     mapping: Mapping,
@@ -135,147 +98,63 @@ def _document_slices(
     scoped: bool = False,
 ) -> Iterator[pl.DataFrame]:
     """The documents the staged data implies, a slice at a time (before the final check
-    against the outbox, see :func:`plan_slices`). Each slice is registered as
-    ``_plan_slice`` while the rows its documents need (balance transactions, charges,
-    lines, items) are read for it."""
+    against the outbox, see :func:`plan_slices`). For each slice of rows still to plan, the
+    family's selection beside its planner (``cash_receipts.select_inputs``, …) reads the
+    rows its documents need (balance transactions, charges, lines, items), then its planner
+    turns them into documents."""
+    columns = customers.customer_columns()
     new_customers = st.frame(
-        f"WITH _settled AS ({_SETTLED}) SELECT {customer_columns()} FROM staging.customers s "
-        "WHERE "
+        f"WITH _settled AS ({_SETTLED}) SELECT {columns} FROM staging.customers s WHERE "
         + _todo("customers", "customer:", "customer_link:", alternatives=True, scoped=scoped)
     )
-    sage = None
-    if (
-        sage_customers is not None
-        and new_customers.filter(pl.col("sage_customer_id").is_null()).height
-    ):
-        linked = st.frame(
-            "SELECT sage_id AS customer_id, stripe_id AS linked_to FROM sage.xref "
-            "WHERE doc_type = 'customer'"
-        )
-        sage = sage_customers().join(linked, on="customer_id", how="left")
+    sage = customers.select_sage_customers(st, new_customers, sage_customers)
     if not new_customers.is_empty():  # (each planner costs ~10 ms even on no rows)
         yield plan_customers(new_customers, mapping, sage)
     del new_customers
     gid = mapping.charges.guest_customer_id
-    if gid and not _guest_planned(st, gid) and _guest_needed(st):
+    if gid and not customers.guest_planned(st, gid) and customers.guest_needed(st):
         in_sage = customer_exists(gid) if customer_exists is not None else False
         yield plan_guest_customer(mapping, in_sage)
     if run_id is not None:
-        # Customers this run changed that Sage already has, with what was last sent for them.
-        changed = st.frame(
-            f"SELECT {customer_columns('c')}, "
-            "(SELECT CAST(o.payload AS VARCHAR) FROM sage.outbox o "
-            "WHERE o.status = 'posted' AND (o.stripe_id = c.id OR o.stripe_id LIKE c.id || ':%') "
-            "AND o.doc_type IN ('customer', 'customer_link', 'customer_update') "
-            "ORDER BY o.posted_at DESC LIMIT 1) AS last_sent "
-            "FROM staging.customers c JOIN sage.xref x ON x.stripe_id = c.id "
-            "AND x.doc_type = 'customer' WHERE c.run_id = ? AND x.run_id <> ?",
-            [run_id, run_id],
-        )
+        changed = customers.select_changed(st, run_id)
         if not changed.is_empty():
             yield plan_customer_updates(changed, mapping)
     yield from _item_documents(st, mapping, scoped)
     pf = periods_frame(periods) if periods else None
-    bts_of_slice = (
-        "SELECT b.* FROM staging.balance_transactions b "
-        "WHERE b.id IN (SELECT balance_transaction FROM _plan_slice)"
-    )
 
     yield from _order_documents(st, mapping, pf, slice_rows, scoped)
 
     known_orders: set[str] = set()  # ERP order ids Sage has (asked once each per run)
     asked: set[str] = set()
-    sessions_read_until = _sessions_read_until(st)
+    read_until = cash_receipts.sessions_read_until(st)
     for charges in _rows_to_plan(
         st, "charges", _todo("charges", "cash_receipt:", scoped=scoped), slice_rows
     ):
-        with st.registered(
-            "_plan_slice", charges.select("id", "balance_transaction", "payment_intent", "created")
-        ):
-            bts = st.frame(bts_of_slice)
-            invoice_payments = st.frame(
-                "SELECT p.* FROM staging.invoice_payments p "
-                "WHERE p.charge IN (SELECT id FROM _plan_slice)"
-            )
-            # Every payment of the invoices these charges paid, with its charge and what
-            # Stripe settled: a part of a foreign-currency invoice receipts its share at the
-            # rate the invoice was booked at (plan/fx.py).
-            all_payments = st.frame(
-                "SELECT p.* FROM staging.invoice_payments p WHERE p.invoice IN "
-                "(SELECT invoice FROM staging.invoice_payments "
-                "WHERE charge IN (SELECT id FROM _plan_slice))"
-            )
-            paying, paying_bts = _paying_charges(st, all_payments)
-            # Quarantined sessions too: their charge's receipt is then blocked by the
-            # order's missing invoice (named), never posted as a second, standalone sale.
-            sessions = st.frame(
-                "SELECT payment_intent, id AS session, status AS session_status, "
-                "(mode = 'payment' AND NOT coalesce(invoice_creation, false)) AS session_goods "
-                "FROM staging.checkout_sessions "
-                "WHERE payment_intent IN (SELECT payment_intent FROM _plan_slice)"
-            )
-            looked_up = st.frame(
-                "SELECT payment_intent FROM staging.checkout_lookups "
-                "WHERE payment_intent IN (SELECT payment_intent FROM _plan_slice)"
-            )
-            # Sessions still open when these charges were made (plan/orders.py): one may
-            # complete with a charge of this slice after sessions were read.
-            open_sessions = st.frame(
-                "SELECT id AS open_session, created AS open_created "
-                "FROM staging.checkout_sessions WHERE status = 'open' AND mode = 'payment' "
-                "AND created <= (SELECT max(created) FROM _plan_slice) "
-                "AND created >= (SELECT min(created) FROM _plan_slice) - INTERVAL 1 DAY"
-            )
-            # Invoices these charges paid that were written off first: a recovery, not a
-            # receipt (issue 19).
-            written_off = st.frame(
-                "SELECT id, marked_uncollectible_at FROM staging.invoices "
-                "WHERE marked_uncollectible_at IS NOT NULL AND id IN (SELECT p.invoice FROM "
-                "staging.invoice_payments p WHERE p.charge IN (SELECT id FROM _plan_slice))"
-            )
-        charges = link_charges_to_sessions(
-            charges, sessions, looked_up, sessions_read_until, mapping, open_sessions
-        )
-        orders: set[str] | None = None
+        ci = cash_receipts.select_inputs(st, charges, mapping, read_until)
+        known: set[str] | None = None  # (None: not checked)
         if sales_orders is not None:
-            ids = sorted(set(charges["erp_order_id"].drop_nulls().to_list()) - asked)
+            ids = sorted(set(ci.charges["erp_order_id"].drop_nulls().to_list()) - asked)
             if ids:
                 known_orders |= sales_orders(ids)
                 asked.update(ids)
-            orders = known_orders
-        shares = invoice_payment_shares(all_payments, paying, paying_bts)
+            known = known_orders
         yield plan_charges(
-            charges,
-            bts,
-            invoice_payments,
+            ci.charges,
+            ci.bts,
+            ci.invoice_payments,
             mapping,
             pf,
-            orders,
-            written_off=written_off,
-            payment_shares=shares,
+            known,
+            written_off=ci.written_off,
+            payment_shares=ci.payment_shares,
         )
 
     tax_rates = st.table("tax_rates")  # a handful of rows: the Sage tax codes come from them
-    for invoices in _rows_to_plan(
+    for rows in _rows_to_plan(
         st, "invoices", _todo("invoices", "invoice:", scoped=scoped), slice_rows
     ):
-        with st.registered("_plan_slice", invoices.select("id")):
-            lines = st.frame(
-                # product_staged: a line's item comes from its product (see plan/items.py).
-                "SELECT s.*, s.product IN (SELECT id FROM staging.products) AS product_staged "
-                "FROM staging.invoice_lines s "
-                "WHERE s.invoice IN (SELECT id FROM _plan_slice) AND "
-                + _not_quarantined("invoice_lines")
-            )
-            # What Stripe settled for the charges that paid the slice's invoices: a foreign-
-            # currency invoice posts at that (plan/fx.py).
-            payments = st.frame(
-                "SELECT p.* FROM staging.invoice_payments p "
-                "WHERE p.invoice IN (SELECT id FROM _plan_slice)"
-            )
-            paying, paying_bts = _paying_charges(st, payments)
-        settlements = invoice_settlements(payments, paying, paying_bts)
-        yield plan_invoices(invoices, lines, mapping, pf, tax_rates, settlements)
+        ii = invoices.select_inputs(st, rows)
+        yield plan_invoices(rows, ii.lines, mapping, pf, tax_rates, ii.settlements)
 
     yield from _after_posting_documents(st, mapping, pf, tax_rates, slice_rows, scoped)
 
@@ -287,64 +166,19 @@ def _document_slices(
         scoped=scoped,
     )
     for refunds in _rows_to_plan(st, "refunds", refunds_todo, slice_rows):
-        with st.registered(
-            "_plan_slice",
-            refunds.select("charge", "balance_transaction", "failure_balance_transaction"),
-        ):
-            # The charges' own balance transactions too: their rate converts a foreign sale
-            # back; and every refund of those charges (a partial refund's share of the sale
-            # depends on the refunds before it, posted or not).
-            bts = st.frame(
-                "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN ("
-                "SELECT balance_transaction FROM _plan_slice "
-                "UNION ALL SELECT failure_balance_transaction FROM _plan_slice "
-                "UNION ALL SELECT c.balance_transaction FROM staging.charges c "
-                "WHERE c.id IN (SELECT charge FROM _plan_slice))"
-            )
-            charges = st.frame(
-                "SELECT s.* FROM staging.charges s "
-                "WHERE s.id IN (SELECT charge FROM _plan_slice) AND " + _not_quarantined("charges")
-            )
-            charge_refunds = st.frame(
-                "SELECT r.* FROM staging.refunds r "
-                "WHERE r.charge IN (SELECT charge FROM _plan_slice)"
-            )
-            # Refunds a credit note names post through the note's memo (issue 19).
-            credited = st.frame(
-                "SELECT DISTINCT r AS id FROM (SELECT unnest(refunds) AS r "
-                "FROM staging.credit_notes WHERE status = 'issued') "
-                "WHERE r IN (SELECT id FROM staging.refunds)"
-            )["id"].to_list()
-            # The invoices the refunded charges paid: a refund's reason names its invoice.
-            paid = refunded_invoices(
-                st.frame(
-                    "SELECT p.* FROM staging.invoice_payments p "
-                    "WHERE p.charge IN (SELECT charge FROM _plan_slice)"
-                ),
-                st.frame(
-                    "SELECT i.id, i.number FROM staging.invoices i WHERE i.id IN ("
-                    "SELECT p.invoice FROM staging.invoice_payments p "
-                    "WHERE p.charge IN (SELECT charge FROM _plan_slice))"
-                ),
-            )
-        yield plan_refunds(refunds, charges, bts, mapping, pf, charge_refunds, credited, paid)
+        ri = credit_memos.select_inputs(st, refunds)
+        yield plan_refunds(
+            refunds,
+            ri.charges,
+            ri.bts,
+            mapping,
+            pf,
+            ri.charge_refunds,
+            ri.credited,
+            ri.refunded_invoices,
+        )
 
     yield from _payout_documents(st, mapping, pf, scoped)
-
-
-def _paying_charges(st: Staging, payments: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The staged charges behind ``payments`` (invoice payments) and their balance
-    transactions: what a foreign-currency invoice's rate and shares come from (plan/fx.py)."""
-    with st.registered("_paying", payments.select("charge")):
-        paying = st.frame(
-            "SELECT c.* FROM staging.charges c WHERE c.id IN (SELECT charge FROM _paying)"
-        )
-        paying_bts = st.frame(
-            "SELECT b.* FROM staging.balance_transactions b WHERE b.id IN "
-            "(SELECT c.balance_transaction FROM staging.charges c "
-            "WHERE c.id IN (SELECT charge FROM _paying))"
-        )
-    return paying, paying_bts
 
 
 def _after_posting_documents(
@@ -362,7 +196,7 @@ def _after_posting_documents(
     ):
         yield plan_credit_notes(notes, mapping, pf, tax_rates)
     closing = (
-        f"{_not_quarantined('invoices')} AND ("
+        f"{not_quarantined('invoices')} AND ("
         "(s.status = 'void' AND NOT EXISTS (SELECT 1 FROM _settled k "
         f"WHERE k.doc_key = 'credit_memo:{VOID_PREFIX}' || s.id)) OR "
         # Written off, even if Stripe collected it later (then a recovery journal follows).
@@ -370,24 +204,16 @@ def _after_posting_documents(
         "AND NOT EXISTS (SELECT 1 FROM _settled k "
         f"WHERE k.doc_key = 'credit_memo:{WRITE_OFF_PREFIX}' || s.id))){in_scope(scoped)}"
     )
-    for invoices in _rows_to_plan(st, "invoices", closing, slice_rows):
-        yield plan_invoice_closures(invoices, mapping, pf, tax_rates)
+    for rows in _rows_to_plan(st, "invoices", closing, slice_rows):
+        yield plan_invoice_closures(rows, mapping, pf, tax_rates)
     # A credit-balance memo reads its invoice's row only: in scope when the invoice is.
     credit_used = (
-        f"{_not_quarantined('invoices')} AND s.ending_balance - s.starting_balance > 0 "
+        f"{not_quarantined('invoices')} AND s.ending_balance - s.starting_balance > 0 "
         "AND NOT EXISTS (SELECT 1 FROM _settled k "
         f"WHERE k.doc_key = 'credit_memo:{BALANCE_PREFIX}' || s.id){in_scope(scoped)}"
     )
-    for invoices in _rows_to_plan(st, "invoices", credit_used, slice_rows):
-        yield plan_credit_balances(invoices, mapping, pf)
-
-
-def _sessions_read_until(st: Staging) -> dt.datetime | None:
-    """How far the ``checkout_sessions`` stream has been listed (its created cursor): every
-    session created before it is staged, with the events read in the same run."""
-    state = st.sync_state("checkout_sessions") or {}
-    cursor = state.get("created_cursor")
-    return None if cursor is None else dt.datetime.fromtimestamp(int(cursor), dt.UTC)
+    for rows in _rows_to_plan(st, "invoices", credit_used, slice_rows):
+        yield plan_credit_balances(rows, mapping, pf)
 
 
 def _order_documents(
@@ -407,14 +233,7 @@ def _order_documents(
         if first:
             yield plan_order_items(mapping)
             first = False
-        with st.registered("_plan_slice", sessions.select("id")):
-            items = st.frame(
-                "SELECT s.*, s.product IN (SELECT id FROM staging.products) AS product_staged "
-                "FROM staging.checkout_line_items s "
-                "WHERE s.session IN (SELECT id FROM _plan_slice) AND "
-                + _not_quarantined("checkout_line_items")
-            )
-        yield plan_orders(sessions, items, mapping, pf)
+        yield plan_orders(sessions, orders.select_inputs(st, sessions), mapping, pf)
 
 
 def _item_documents(st: Staging, mapping: Mapping, scoped: bool = False) -> Iterator[pl.DataFrame]:
@@ -463,7 +282,7 @@ def _balance_documents(
     topups = st.frame(
         f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.balance_transactions s "
         "WHERE s.reporting_category IN (SELECT unnest(?::VARCHAR[])) AND "
-        + _not_quarantined("balance_transactions")
+        + not_quarantined("balance_transactions")
         + " AND NOT EXISTS (SELECT 1 FROM _settled k WHERE k.doc_key = "
         "'journal_entry:' || s.reporting_category || ':' || coalesce(s.source, s.id))"
         + in_scope(scoped),
@@ -476,7 +295,7 @@ def _balance_documents(
     unitemised = st.frame(
         f"WITH _settled AS ({_SETTLED}) SELECT s.* FROM staging.balance_transactions s "
         f"WHERE {daily_recognition_sql(st.payouts_manual_only(), 's')} AND "
-        + _not_quarantined("balance_transactions")
+        + not_quarantined("balance_transactions")
         + " AND CAST(timezone('UTC', s.created) AS DATE) < ? "
         "AND NOT EXISTS (SELECT 1 FROM _settled k WHERE k.doc_key = 'journal_entry:stripe_day:' "
         "|| upper(s.currency) || ':' || CAST(CAST(timezone('UTC', s.created) AS DATE) AS VARCHAR))",

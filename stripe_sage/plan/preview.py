@@ -12,11 +12,15 @@ from typing import Any
 from stripe_sage.mapping import Mapping
 from stripe_sage.plan.cash_receipts import plan_charges
 from stripe_sage.plan.credit_memos import plan_refunds, refunded_invoices
-from stripe_sage.plan.customers import guest_customer_key, plan_customers, plan_guest_customer
+from stripe_sage.plan.customers import (
+    customer_columns,
+    guest_customer_key,
+    plan_customers,
+    plan_guest_customer,
+)
 from stripe_sage.plan.invoices import plan_invoices
 from stripe_sage.plan.items import plan_items
 from stripe_sage.plan.orders import plan_orders
-from stripe_sage.plan.outbox import customer_columns
 from stripe_sage.reconcile.report import plan_payouts
 from stripe_sage.store.staging import Staging
 

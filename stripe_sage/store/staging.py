@@ -77,6 +77,15 @@ def keys_in(keys: Sequence[str]) -> str:
     return "(" + ", ".join("?" * len(keys)) + ")"
 
 
+def not_quarantined(stream: str, alias: str = "s") -> str:
+    """SQL condition: the row ``alias`` of ``staging.<stream>`` is not quarantined (the
+    planner reads no quarantined row)."""
+    return (
+        f"NOT EXISTS (SELECT 1 FROM staging.quarantine q WHERE q.stream = '{stream}' "
+        f"AND q.id = {alias}.id)"
+    )
+
+
 def _connect(
     path: Path, read_only: bool, config: dict[str, Any], wait_seconds: float = 120.0
 ) -> duckdb.DuckDBPyConnection:
