@@ -29,8 +29,8 @@ def _touched(table: str, col: str = "id") -> str:
 
 
 # Each rule: ids whose documents depend on what the batch staged (a row B whose documents
-# read a row A, A staged by a batch without B). Planning reads, per document family
-# (plan/outbox.py):
+# read a row A, A staged by a batch without B). Planning reads, per document family (its
+# ``select_inputs`` beside its planner, e.g. plan/cash_receipts.py; slices: plan/outbox.py):
 # - charges (receipt, own invoice and order, recovery and Realized FX journals) ← their
 #   balance transaction, checkout session or lookup, customer, invoice payments; and, through
 #   the invoices they paid: the invoice (written off before the charge: a recovery journal,
