@@ -532,15 +532,24 @@ class _GxPayload:
     stream: str
 
 
+@dataclass
+class _DocsSite:
+    """One Data Docs directory's GX context and the results it lists, oldest first."""
+
+    context: Any
+    results: OrderedDict[Any, None] = field(default_factory=OrderedDict)
+
+
 class _GreatExpectations:
     DATASOURCE = "stripe_sage"
     BATCH_DEFINITION = "whole_frame"
     DOCS_SITE = "stripe_sage"
     MAX_DOCS_DIRS = 8
+    MAX_RESULTS_PER_SITE = 400  # ~25 runs of every stream
 
     _lock = threading.RLock()
     _default: _GreatExpectations | None = None
-    _docs: OrderedDict[Path, dict[tuple[str, str], _GxPayload]] = OrderedDict()
+    _docs: OrderedDict[Path, _DocsSite] = OrderedDict()
 
     def __init__(self, context: Any) -> None:
         self.context = context
@@ -569,6 +578,23 @@ class _GreatExpectations:
             progress_bars=ProgressBarsConfig(globally=False),
         )
         return gx.get_context(project_config=config, mode="ephemeral")
+
+    @classmethod
+    def _site_context(cls, docs_dir: Path) -> Any:
+        """An ephemeral context whose one Data Docs site is ``docs_dir``."""
+        context = cls._ephemeral_context()
+        context.add_data_docs_site(
+            cls.DOCS_SITE,
+            {
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        return context
 
     def _batch_definition(self, asset_name: str) -> Any:
         sources = self.context.data_sources
@@ -755,9 +781,12 @@ class _GreatExpectations:
     def build_docs(cls, validations: Sequence[StreamValidation], docs_dir: Path) -> Path:
         """Render Data Docs with GX's site builder into ``docs_dir``.
 
-        A throwaway ephemeral context holds exactly the results this ``docs_dir`` has been
-        given by this process, so its index lists them and nothing else, and no result stays
-        in the process context's memory.
+        One ephemeral context per ``docs_dir`` (the last ``MAX_DOCS_DIRS`` kept) holds the
+        results this process gave that directory, the latest ``MAX_RESULTS_PER_SITE``, so
+        its index lists them and nothing else. Only the pages of the new results and of
+        their suites are rendered (GX's incremental build); the earlier pages are on disk
+        already. Rendering every page again on each run made a process's n-th run render
+        n runs' pages, and kept every result of a long-lived process in memory.
         """
         from great_expectations.core.run_identifier import RunIdentifier
         from great_expectations.data_context.types.resource_identifiers import (
@@ -767,38 +796,31 @@ class _GreatExpectations:
 
         key = docs_dir.resolve()
         with cls._lock:
-            registered = cls._docs.pop(key, {})
-            for v in validations:
-                registered[(v.gx.stream, v.gx.run_id)] = v.gx
-            cls._docs[key] = registered
+            site = cls._docs.pop(key, None) or _DocsSite(cls._site_context(key))
+            cls._docs[key] = site
             while len(cls._docs) > cls.MAX_DOCS_DIRS:
                 cls._docs.popitem(last=False)
-            payloads = list(registered.values())
 
-            context = cls._ephemeral_context()
-            context.add_data_docs_site(
-                cls.DOCS_SITE,
-                {
-                    "class_name": "SiteBuilder",
-                    "store_backend": {
-                        "class_name": "TupleFilesystemStoreBackend",
-                        "base_directory": str(key),
-                    },
-                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                },
-            )
-            for p in payloads:
+            context = site.context
+            changed: list[Any] = []
+            for v in validations:
+                p = v.gx
                 context.suites.add_or_update(p.suite)
                 run = RunIdentifier(run_name=p.run_id, run_time=p.run_time)
                 p.result.meta["run_id"] = run
                 p.result.meta["validation_time"] = p.run_time
+                suite_key = ExpectationSuiteIdentifier(name=p.suite.name)
                 result_key = ValidationResultIdentifier(
-                    expectation_suite_identifier=ExpectationSuiteIdentifier(name=p.suite.name),
-                    run_id=run,
-                    batch_identifier=p.stream,
+                    expectation_suite_identifier=suite_key, run_id=run, batch_identifier=p.stream
                 )
                 context.validation_results_store.set(result_key, p.result)
-            context.build_data_docs(site_names=[cls.DOCS_SITE])
+                site.results.pop(result_key, None)
+                site.results[result_key] = None
+                changed += [suite_key, result_key]
+            while len(site.results) > cls.MAX_RESULTS_PER_SITE:
+                oldest, _ = site.results.popitem(last=False)
+                context.validation_results_store.remove_key(oldest)
+            context.build_data_docs(site_names=[cls.DOCS_SITE], resource_identifiers=changed)
         index = key / "index.html"
         if not index.exists():
             raise FileNotFoundError(f"GX reported success but wrote no {index}")

@@ -378,6 +378,38 @@ def test_validate_stream_with_docs_dir_writes_docs(tmp_path: Path) -> None:
     assert "staging.payouts" in (tmp_path / "index.html").read_text()
 
 
+def test_a_later_run_renders_only_its_own_pages_and_the_index_lists_both(tmp_path: Path) -> None:
+    first = validate(Rows("charges", 3))
+    build_data_docs([first], tmp_path)
+    page = next((tmp_path / "validations" / "staging" / "charges" / RUN).rglob("*.html"))
+    page.write_text("rendered by the first run")  # a second full build would overwrite it
+    later = validate_stream(
+        "charges", Rows("charges", 2).frame(), now=NOW, run_id="run-later",
+        known_ids=known(2),
+    )  # fmt: skip
+    index = build_data_docs([later], tmp_path)
+    assert index is not None
+    assert page.read_text() == "rendered by the first run"
+    assert list((tmp_path / "validations" / "staging" / "charges" / "run-later").rglob("*.html"))
+    text = index.read_text()
+    assert RUN in text and "run-later" in text
+
+
+def test_a_sites_index_keeps_the_latest_results_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner._GreatExpectations, "MAX_RESULTS_PER_SITE", 2)
+    for n in range(3):
+        v = validate_stream(
+            "payouts", Rows("payouts", 1).frame(), now=NOW, run_id=f"run-{n}", known_ids=known(1)
+        )
+        index = build_data_docs([v], tmp_path)
+    assert index is not None
+    text = index.read_text()
+    assert "run-0" not in text
+    assert "run-1" in text and "run-2" in text
+
+
 def test_given_gx_docs_fail_then_plain_html_report_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
