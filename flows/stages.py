@@ -303,6 +303,8 @@ def run_stages(
             row["rows"] = sum(planned["planned"].values())
             row["enqueued"] = planned["enqueued"]
             row["enqueue_seconds"] = planned["enqueue_seconds"]
+            if planned["superseded"]:  # waits another document replaced: in the run history
+                counts["superseded_waits"] = planned["superseded"]
         if dry_run:
             counts["dry_run"] = True
             counts["planned_errors"] = planned["planned_errors"]

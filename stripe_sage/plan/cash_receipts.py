@@ -40,6 +40,13 @@ from stripe_sage.plan.item_codes import default_item_key
 from stripe_sage.plan.orders import link_charges_to_sessions
 from stripe_sage.store.staging import Staging
 
+# A charge that paid a written-off invoice posts this journal instead of its receipt.
+RECOVERY_PREFIX = "journal_entry:recovery:"
+# (waiting doc-key prefix, the prefix of the document that replaces it): a receipt that
+# waited (say for its balance transaction) while the invoice's write-off was not staged yet
+# is replaced by the recovery journal once it is, and must not wait for ever.
+REPLACED_WAITS = (("cash_receipt:", RECOVERY_PREFIX),)
+
 
 def captured(df: pl.DataFrame) -> pl.Expr:
     """Money exists: the charge was captured. An authorization not captured yet plans

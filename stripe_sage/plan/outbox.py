@@ -24,7 +24,7 @@ from stripe_sage.plan.after_posting import (
     plan_credit_notes,
     plan_invoice_closures,
 )
-from stripe_sage.plan.cash_receipts import plan_charges
+from stripe_sage.plan.cash_receipts import RECOVERY_PREFIX, REPLACED_WAITS, plan_charges
 from stripe_sage.plan.credit_memos import plan_refunds
 from stripe_sage.plan.customers import (
     plan_customer_updates,
@@ -128,7 +128,11 @@ def _document_slices(
     asked: set[str] = set()
     read_until = cash_receipts.sessions_read_until(st)
     for charges in _rows_to_plan(
-        st, "charges", _todo("charges", "cash_receipt:", scoped=scoped), slice_rows
+        st,
+        "charges",
+        # One document or the other: a charge paying a written-off invoice is a recovery.
+        _todo("charges", "cash_receipt:", RECOVERY_PREFIX, alternatives=True, scoped=scoped),
+        slice_rows,
     ):
         ci = cash_receipts.select_inputs(st, charges, mapping, read_until)
         known: set[str] | None = None  # (None: not checked)
@@ -407,6 +411,7 @@ class PlanTotals:
     flagged: int = 0  # planned documents posted as planned but flagged for a person
     enqueued: int = 0  # rows the outbox took
     enqueue_seconds: float = 0.0  # of the planning time, what the outbox inserts took
+    superseded: list[str] = field(default_factory=list)  # waiting rows another plan replaced
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -415,6 +420,7 @@ class PlanTotals:
             "flagged": self.flagged,
             "enqueued": self.enqueued,
             "enqueue_seconds": round(self.enqueue_seconds, 3),
+            "superseded": self.superseded,
         }
 
 
@@ -465,6 +471,9 @@ def plan_into_outbox(
             # Between two slices nothing of the plan is open (each slice is read by keyset
             # into memory): a sync serves webhook events here.
             between()
+    if enqueue is not None:
+        for waiting_prefix, replacement_prefix in REPLACED_WAITS:
+            totals.superseded += st.drop_waits_replaced(waiting_prefix, replacement_prefix)
     return totals
 
 

@@ -261,6 +261,27 @@ def test_an_invoice_staged_after_the_charges_and_refunds_of_its_payments(
         memo = batch.scoped.filter(pl.col("doc_key") == f"credit_memo:{chosen['refund']}")
         assert chosen["number"] in json.loads(memo["payload"][0])["reason"]
 
+        # Before the invoice came, the charge's receipt waited for its balance transaction;
+        # the recovery journal replaces it, so that wait must not last for ever.
+        receipt, recovery = (
+            f"cash_receipt:{chosen['charge']}",
+            f"journal_entry:recovery:{chosen['charge']}",
+        )
+        status = "SELECT status FROM sage.outbox WHERE doc_key = ?"
+        assert batch.st.con.execute(status, [receipt]).fetchall() == [("waiting",)]
+        with SageProClient(world.pair.sage_url, world.pair.sage_key) as client:
+            loader = Loader(batch.st, client, run_id=BATCH)
+            totals = plan_into_outbox(
+                batch.st, load_mapping(), world.periods, loader.enqueue, scope_run_id=BATCH
+            )
+        assert totals.superseded == [receipt]
+        assert batch.st.con.execute(status, [receipt]).fetchall() == []
+        assert batch.st.con.execute(status, [recovery]).fetchall() == [("waiting",)]
+        # ... and is not planned again.
+        assert receipt not in set(
+            plan_documents(batch.st, load_mapping(), world.periods)["doc_key"]
+        )
+
 
 def test_a_batch_served_during_a_sync_plans_none_of_the_syncs_unchecked_rows(
     world: World, tmp_path: Path
