@@ -162,6 +162,7 @@ class SyncEventPump:
         self.next_look = 0.0
         self.busy = False
         self.stats: dict[str, int] = dict.fromkeys(("batches", "events", "failed_batches"), 0)
+        self.served_seconds = 0.0  # the sync's step timings leave this out (flows/stages.py)
 
     def sync_checked(self) -> None:
         """The sync's quality ran: its rows may enter a batch's plan."""
@@ -175,6 +176,7 @@ class SyncEventPump:
         if not self.inbox.waiting():
             return
         self.busy = True  # a batch's own loader never serves events
+        started = time.perf_counter()
         try:
             with self.ctx.extractor.write_lock:
                 counts = process_batch(self.ctx, self.inbox, self.settings, during_sync=self)
@@ -188,6 +190,7 @@ class SyncEventPump:
             return
         finally:
             self.busy = False
+            self.served_seconds += time.perf_counter() - started
             # The sync's own share: at least SYNC_SERVE_SECONDS between the end of a batch
             # and the start of the next.
             self.next_look = time.monotonic() + self.every

@@ -111,21 +111,31 @@ class Clock(Protocol):
 
 
 class FlowClock:
-    """Seconds and peak RSS per step into ``counts["timings"]`` and ``counts["peak_rss_mb"]``."""
+    """Seconds and peak RSS per step into ``counts["timings"]`` and ``counts["peak_rss_mb"]``.
 
-    def __init__(self, counts: dict[str, Any]) -> None:
+    ``served``: the seconds the run has spent serving webhook events so far (a sync's
+    ``SyncEventPump``); a step's time leaves them out, and ``timings["served_events"]`` holds
+    them, so that a sync's extract or load does not look slower for the batches it served."""
+
+    def __init__(self, counts: dict[str, Any], served: Callable[[], float] | None = None) -> None:
         self.timings: dict[str, float] = counts.setdefault("timings", {})
         self.peaks: dict[str, float] = counts.setdefault("peak_rss_mb", {})
+        self.served = served
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
         key = TIMING_KEYS.get(name)
         t = time.perf_counter()
+        served_before = self.served() if self.served is not None else 0.0
         with progress(name) as row:
             yield row
         if key is not None:
-            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t
+            served = self.served() - served_before if self.served is not None else 0.0
+            own = time.perf_counter() - t - served
+            self.timings[key] = self.timings.get(key, 0.0) + own
             self.peaks[key] = peak_rss_mb()
+            if served:
+                self.timings["served_events"] = self.timings.get("served_events", 0.0) + served
 
 
 def _call(task: Any, *args: Any, **kwargs: Any) -> Any:
@@ -167,6 +177,8 @@ def _list_streams(
 class EventServer(Protocol):
     """Serves webhook events at a sync's yield points (flows/realtime_processor.py
     ``SyncEventPump``): called often, it runs a micro-batch when one is due."""
+
+    served_seconds: float  # spent serving so far
 
     def __call__(self) -> None: ...
 
@@ -233,7 +245,9 @@ def run_stages(
     call = _call if task_runs else _plain
     serve: Callable[[], None] = events if events is not None else _no_events
     counts = run.counts
-    clock = clock or FlowClock(counts)
+    clock = clock or FlowClock(
+        counts, served=(lambda: events.served_seconds) if events is not None else None
+    )
     settings = ctx.settings
     st = ctx.staging
     run_id = run.run_id

@@ -193,6 +193,8 @@ def test_a_sync_and_the_processor_overlap_without_lock_errors(rt: Realtime) -> N
     served = re.search(r"served +(\d+) webhook events in (\d+) batches .*\((\d+) failed\)", out)
     assert served is not None, out[-3000:]
     assert int(served[1]) >= 1 and int(served[2]) >= 1 and served[3] == "0", served[0]
+    # ... and the sync's step timings leave their time out, shown apart.
+    assert re.search(r"served_events \d+\.\d\d", out), out[-3000:]
     wait_for(lambda: set(during) <= set(receipts(rt.env)), 120, "every charge's receipt")
     wait_for(rt.drained, 60, "the inbox drained")
     assert rt.children["processor"].poll() is None  # the processor took the writer back

@@ -35,3 +35,21 @@ def test_each_step_prints_its_rows_and_rate_and_a_failure_says_so() -> None:
     assert lines[1].startswith("✓ plan") and "rows" not in lines[1]
     assert lines[2].startswith("✗ load failed")
     assert "extract" in counts["timings"]  # the run's own timings are kept as before
+
+
+def test_a_steps_time_leaves_out_the_events_the_run_served_during_it() -> None:
+    """A sync serving webhook events (``SyncEventPump``) inside its load: the load's own
+    time excludes the batches' time, which the timings show apart."""
+    served = [0.0]
+    counts: dict = {}
+    clock = FlowClock(counts, served=lambda: served[0])
+    with clock.stage("load"):
+        t = time.perf_counter()
+        time.sleep(0.3)  # a batch served inside the load ...
+        served[0] += time.perf_counter() - t
+        time.sleep(0.05)  # ... and the load's own work
+    with clock.stage("write_back"):
+        time.sleep(0.02)
+    assert 0.04 <= counts["timings"]["load"] < 0.2, counts
+    assert 0.3 <= counts["timings"]["served_events"] < 0.35, counts
+    assert set(counts["timings"]) == {"load", "write_back", "served_events"}
