@@ -7,6 +7,7 @@ log line or an exception shows ``**********``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +83,10 @@ class Settings(BaseSettings):
     # often (a micro-batch between two steps of its stages: flows/realtime_processor.py
     # SyncEventPump); 0: events wait for the end of the sync.
     sync_serve_seconds: float = Field(default=1.0, ge=0)
+    # How the scheduled and manual syncs check staged rows: "gx", Great Expectations with
+    # its Data Docs (data/data_docs/); "polars", the same checks with the same outcomes in
+    # Polars (the real-time processor's engine), no Data Docs: a few seconds less per sync.
+    quality_engine: Literal["gx", "polars"] = Field(default="gx")
     # The finance console (`stripe-sage console`): its own store (users, sessions, actions;
     # never the staging file), where it listens, and how long a session lasts unused.
     console_store: Path = Field(default=Path("data/console.sqlite3"))

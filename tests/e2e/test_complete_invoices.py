@@ -19,6 +19,7 @@ import pytest
 
 from stripe_sage.mapping import load_mapping
 from tests.helpers.business import (
+    ACCOUNTING_QUALITY,
     Env,
     is_goods_order,
     make_env,
@@ -46,7 +47,7 @@ def billing_env(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None)
 
 @pytest.fixture()
 def env(billing_env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
-    use_env(billing_env, monkeypatch)
+    use_env(billing_env, monkeypatch, quality=ACCOUNTING_QUALITY)
     return billing_env
 
 
@@ -197,7 +198,7 @@ def test_under_the_fault_mix_complete_invoices_and_orders_post_exactly_once(
     orders (``_orders_posted_once``) each post exactly once."""
     env = make_env(tmp_path, charges=150, seed=19, monkeypatch=monkeypatch)
     with env.pair:
-        use_env(env, monkeypatch)
+        use_env(env, monkeypatch, quality=ACCOUNTING_QUALITY)
         first, second, injected = run_twice_under_sage_faults(
             env, seed=18, commit_then_503_rate=0.1
         )

@@ -11,7 +11,15 @@ import duckdb
 import pytest
 import stripe
 
-from tests.helpers.business import Env, is_plain, make_env, run_flow, stripe_all, use_env
+from tests.helpers.business import (
+    ACCOUNTING_QUALITY,
+    Env,
+    is_plain,
+    make_env,
+    run_flow,
+    stripe_all,
+    use_env,
+)
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -22,7 +30,7 @@ def cm(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Itera
     mp = pytest.MonkeyPatch()
     env = make_env(tmp_path_factory.mktemp("customers"), charges=160, seed=61, monkeypatch=mp)
     with env.pair:
-        use_env(env, mp)
+        use_env(env, mp, quality=ACCOUNTING_QUALITY)
         w = env.pair.world
         plain = [
             k
@@ -56,7 +64,7 @@ def cm(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Itera
 
 @pytest.fixture()
 def env(cm: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
-    use_env(cm, monkeypatch)
+    use_env(cm, monkeypatch, quality=ACCOUNTING_QUALITY)
     return cm
 
 

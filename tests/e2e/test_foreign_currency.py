@@ -25,6 +25,7 @@ from stripe_sage.money import exponent
 from stripe_sage.reconcile.report import clearing_check
 from stripe_sage.store.staging import Staging
 from tests.helpers.business import (
+    ACCOUNTING_QUALITY,
     Env,
     fx_payment_shares,
     fx_refund_shares,
@@ -59,7 +60,7 @@ def fx_run(
     mapping["settlement_currencies"] = ["USD", "EUR"]
     (tmp / "mapping.yaml").write_text(yaml.safe_dump(mapping))
     with env.pair:
-        use_env(env, mp)
+        use_env(env, mp, quality=ACCOUNTING_QUALITY)
         mp.setenv("MAPPING_FILE", str(tmp / "mapping.yaml"))
         result = run_flow(trigger="test")
         with env.stripe() as s:

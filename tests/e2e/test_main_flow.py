@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -50,6 +51,8 @@ def env(main_env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
 # The module's tests build on each other in order: first run, second run, new activity.
 def test_first_run_posts_exactly_what_the_business_implies(env: Env) -> None:
     result = run_flow(trigger="test")
+    # The default engine: Great Expectations, its Data Docs beside the staging file.
+    assert result["data_docs"] and Path(result["data_docs"]).is_file(), result["data_docs"]
     expected = expected_documents(env)
     box = outbox(env)
     posted = box.get("posted", Counter())

@@ -13,7 +13,15 @@ import duckdb
 import pytest
 
 from stripe_sage.mapping import default_mapping_text
-from tests.helpers.business import Env, make_env, run_flow, sage_all, stripe_all, use_env
+from tests.helpers.business import (
+    ACCOUNTING_QUALITY,
+    Env,
+    make_env,
+    run_flow,
+    sage_all,
+    stripe_all,
+    use_env,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +31,7 @@ def recon_env(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -
     mp = pytest.MonkeyPatch()
     env = make_env(tmp_path_factory.mktemp("recon"), charges=300, seed=31, monkeypatch=mp)
     with env.pair:
-        use_env(env, mp)
+        use_env(env, mp, quality=ACCOUNTING_QUALITY)
         # A payout's arrival falls in a closed period: its journal moves to the next one.
         with env.sage() as c:
             assert (
@@ -37,7 +45,7 @@ def recon_env(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -
 
 @pytest.fixture()
 def env(recon_env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
-    use_env(recon_env, monkeypatch)
+    use_env(recon_env, monkeypatch, quality=ACCOUNTING_QUALITY)
     return recon_env
 
 
@@ -134,7 +142,7 @@ def test_a_mapping_file_without_a_category_takes_its_default_and_every_payout_po
     mapping.write_text(default_mapping_text().replace("  fee: merchant_fees\n", ""))
     env = make_env(tmp_path, charges=120, seed=41, monkeypatch=monkeypatch)
     with env.pair:
-        use_env(env, monkeypatch)
+        use_env(env, monkeypatch, quality=ACCOUNTING_QUALITY)
         monkeypatch.setenv("MAPPING_FILE", str(mapping))
         run_flow(trigger="test")
         con = duckdb.connect(str(env.db), read_only=True)

@@ -423,8 +423,19 @@ def product_env(env: Env, db: Path | None = None, **extra: str) -> dict[str, str
     }
 
 
-def use_env(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in product_env(env).items():
+# Great Expectations costs about half of an in-process e2e module's CPU (docs/benchmarks.md,
+# "The test suite's time"). It runs where quality is the subject and over every everyday
+# shape (the main flow, failure paths, the default business, payout shapes, the deployed
+# sync's subprocesses); the modules whose subject is the accounting of one family check
+# their rows with the Polars engine, a product setting whose outcomes
+# tests/unit/test_quality_engines.py proves equal to GX's.
+ACCOUNTING_QUALITY = "polars"
+
+
+def use_env(env: Env, monkeypatch: pytest.MonkeyPatch, *, quality: str = "gx") -> None:
+    """The product's settings for this environment in this process; ``quality``: the
+    syncs' engine (``QUALITY_ENGINE``)."""
+    for key, value in product_env(env, QUALITY_ENGINE=quality).items():
         monkeypatch.setenv(key, value)
 
 

@@ -42,3 +42,15 @@ def test_a_bad_poll_interval_is_refused_naming_the_field(monkeypatch: pytest.Mon
     monkeypatch.setenv("RUNNER_POLL_SECONDS", "0")
     with pytest.raises(ValueError, match="runner_poll_seconds"):
         Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_the_syncs_quality_engine_is_great_expectations_unless_polars_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("QUALITY_ENGINE", raising=False)
+    assert Settings(_env_file=None).quality_engine == "gx"  # type: ignore[call-arg]
+    monkeypatch.setenv("QUALITY_ENGINE", "polars")
+    assert Settings(_env_file=None).quality_engine == "polars"  # type: ignore[call-arg]
+    monkeypatch.setenv("QUALITY_ENGINE", "pandas")
+    with pytest.raises(ValueError, match="quality_engine"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
