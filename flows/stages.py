@@ -120,17 +120,17 @@ class FlowClock:
     def __init__(self, counts: dict[str, Any], served: Callable[[], float] | None = None) -> None:
         self.timings: dict[str, float] = counts.setdefault("timings", {})
         self.peaks: dict[str, float] = counts.setdefault("peak_rss_mb", {})
-        self.served = served
+        self.served = served or (lambda: 0.0)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
         key = TIMING_KEYS.get(name)
         t = time.perf_counter()
-        served_before = self.served() if self.served is not None else 0.0
+        served_before = self.served()
         with progress(name) as row:
             yield row
         if key is not None:
-            served = self.served() - served_before if self.served is not None else 0.0
+            served = self.served() - served_before
             own = time.perf_counter() - t - served
             self.timings[key] = self.timings.get(key, 0.0) + own
             self.peaks[key] = peak_rss_mb()

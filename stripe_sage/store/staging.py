@@ -853,21 +853,13 @@ class Staging:
         planned as ``<replacement_prefix><id>`` (in the outbox in any state): they never
         reached Sage and will never be planned again, so they would wait for ever. Returns
         their doc keys."""
-        with self.transaction():
-            gone = self.con.execute(
-                "SELECT o.doc_key FROM sage.outbox o WHERE o.status = 'waiting' "
-                "AND starts_with(o.doc_key, $old) AND EXISTS (SELECT 1 FROM sage.outbox r "
-                "WHERE r.doc_key = $new || substr(o.doc_key, length($old) + 1))",
-                {"old": waiting_prefix, "new": replacement_prefix},
-            ).fetchall()
-            keys = [k for (k,) in gone]
-            if keys:
-                self._exec(
-                    "DELETE FROM sage.outbox WHERE status = 'waiting' "
-                    "AND doc_key IN (SELECT unnest(?::VARCHAR[]))",
-                    [keys],
-                )
-        return keys
+        gone = self.con.execute(
+            "DELETE FROM sage.outbox o WHERE o.status = 'waiting' "
+            "AND starts_with(o.doc_key, $old) AND EXISTS (SELECT 1 FROM sage.outbox r "
+            "WHERE r.doc_key = $new || substr(o.doc_key, length($old) + 1)) RETURNING o.doc_key",
+            {"old": waiting_prefix, "new": replacement_prefix},
+        ).fetchall()
+        return [k for (k,) in gone]
 
     def unposted_documents(self, keys: Sequence[str]) -> list[tuple[str, str, str, str, Any, Any]]:
         """``(doc_type, stripe_id, doc_key, status, last_error, wait_kind)`` of those of
