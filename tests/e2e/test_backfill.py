@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from stripe_sage.stripe.streams import STREAMS
-from tests.helpers.business import Env, make_env, use_env
+from tests.helpers.business import ACCOUNTING_QUALITY, Env, make_env, use_env
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +60,7 @@ def test_dask_backfill_equals_the_single_process_run(
     from flows.backfill import backfill
     from flows.stripe_to_sage import stripe_to_sage
 
-    use_env(business, monkeypatch)
+    use_env(business, monkeypatch, quality=ACCOUNTING_QUALITY)
     single = tmp_path / "single.duckdb"
     monkeypatch.setenv("STAGING_DB", str(single))
     stripe_to_sage(dry_run=True, trigger="test")

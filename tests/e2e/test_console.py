@@ -32,6 +32,7 @@ import pytest
 from devkit.sandbox.runner import free_port
 from stripe_sage.console import reads
 from tests.helpers.business import (
+    ACCOUNTING_QUALITY,
     Env,
     is_plain,
     make_env,
@@ -78,7 +79,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> 
         default_mapping_text().replace("unknown_erp_order: on_account", "unknown_erp_order: reject")
     )
     with env.pair:
-        use_env(env, mp)
+        use_env(env, mp, quality=ACCOUNTING_QUALITY)
         mp.setenv("MAPPING_FILE", str(strict))
         store = tmp / "console.sqlite3"
         mp.setenv("CONSOLE_STORE", str(store))  # the runs in this process copy its records
@@ -104,7 +105,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> 
             ).fetchall()[0][0]
         child_env = {
             **os.environ,
-            **product_env(env),
+            **product_env(env, QUALITY_ENGINE=ACCOUNTING_QUALITY),
             "MAPPING_FILE": str(strict),
             "CONSOLE_STORE": str(store),
             "PREFECT_HOME": str(tmp / "prefect"),

@@ -13,6 +13,7 @@ import duckdb
 import pytest
 
 from tests.helpers.business import (
+    ACCOUNTING_QUALITY,
     Env,
     expected_documents,
     is_plain,
@@ -29,9 +30,11 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture()
 def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None) -> Iterator[Env]:
+    """A business of its own; its syncs check rows with the Polars engine, but for the test
+    whose subject is quality (tests/helpers/business.py ``ACCOUNTING_QUALITY``)."""
     env = make_env(tmp_path, charges=120, seed=23, monkeypatch=monkeypatch)
     with env.pair:
-        use_env(env, monkeypatch)
+        use_env(env, monkeypatch, quality=ACCOUNTING_QUALITY)
         yield env
 
 
@@ -86,7 +89,10 @@ def test_with_sage_faults_everything_is_posted_exactly_once(fresh: Env) -> None:
     assert fx, "FX journals among the documents posted under faults"
 
 
-def test_bad_records_are_quarantined_or_dead_lettered_and_the_rest_posts(fresh: Env) -> None:
+def test_bad_records_are_quarantined_or_dead_lettered_and_the_rest_posts(
+    fresh: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_env(fresh, monkeypatch)  # Great Expectations, the default engine, quarantines here
     w = fresh.pair.world
     good = next(k for k in range(w.count("customers")) if is_plain(w.render("customers", k)))
     with fresh.stripe() as s:
@@ -117,6 +123,7 @@ def test_bad_records_are_quarantined_or_dead_lettered_and_the_rest_posts(fresh: 
             },
         ).json()["id"]
     result = run_flow(trigger="test")
+    assert result["data_docs"] and Path(result["data_docs"]).is_file()  # GX checked the rows
     con = duckdb.connect(str(fresh.db), read_only=True)
     quarantine = con.sql('SELECT id, "check", reason FROM staging.quarantine').fetchall()
     letters = {k: r for k, r in con.sql("SELECT doc_key, reason FROM ops.dead_letters").fetchall()}

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from devkit.sandbox.runner import free_port
-from tests.helpers.business import Env, make_env, product_env
+from tests.helpers.business import ACCOUNTING_QUALITY, Env, make_env, product_env
 from tests.helpers.servers import BIN, ROOT, Prefect, migrated_prefect_db, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -40,9 +40,12 @@ class Ops:
         self.last_log = tmp / "no-sync-yet.log"
 
     def sync(self, db: Path, **extra: str) -> subprocess.Popen[bytes]:
-        """``stripe-sage sync`` in its own process, as a scheduled or webhook run would be."""
+        """``stripe-sage sync`` in its own process, as a scheduled or webhook run would be.
+        Its quality runs on the Polars engine (tests/helpers/business.py
+        ``ACCOUNTING_QUALITY``): the deployed run of the first test keeps Great Expectations."""
         self.last_log = self.tmp / f"sync-{os.urandom(3).hex()}.log"
         log = open(self.last_log, "ab")  # noqa: SIM115
+        extra = {"QUALITY_ENGINE": ACCOUNTING_QUALITY, **extra}
         return subprocess.Popen(
             [str(BIN / "stripe-sage"), "sync"],
             env={**os.environ, **self.prefect.env(), **ops_env(self.env, db, **extra)},
@@ -146,6 +149,9 @@ def test_deployments_register_from_prefect_yaml_and_a_scheduled_run_fires(ops: O
     assert recorded[run["id"]]["trigger"] == "schedule"
     assert recorded[run["id"]]["status"] in ("completed", "completed_with_dead_letters")
     assert sum(recorded[run["id"]]["counts"]["load"]["posted"].values()) > 0
+    # The deployed run checked its rows with Great Expectations (the default engine).
+    docs = recorded[run["id"]]["counts"]["data_docs"]
+    assert docs and Path(docs).is_file(), docs
 
 
 def _interval(run: dict[str, Any]) -> tuple[dt.datetime, dt.datetime]:

@@ -21,6 +21,7 @@ import pytest
 
 from devkit.sandbox.stripe_business import MADE_UP_CATEGORY
 from tests.helpers.business import (
+    ACCOUNTING_QUALITY,
     OWN_DOCUMENT,
     Env,
     expected_documents,
@@ -67,7 +68,7 @@ def _business(tmp: pytest.TempPathFactory, name: str, seed: int, manual: bool) -
         interim_manual_payouts=not manual,
     )
     with env.pair:
-        use_env(env, mp)
+        use_env(env, mp, quality=ACCOUNTING_QUALITY)
         result = run_flow(trigger="test")
         yield Shapes(env, result)
     mp.undo()
@@ -384,7 +385,7 @@ def test_no_dead_letters_and_exactly_once_on_rerun(
     name: str, request: pytest.FixtureRequest
 ) -> None:
     shapes: Shapes = request.getfixturevalue(name)
-    use_env(shapes.env, request.getfixturevalue("monkeypatch"))
+    use_env(shapes.env, request.getfixturevalue("monkeypatch"), quality=ACCOUNTING_QUALITY)
     assert not any(shapes.result["load"]["dead"].values()), shapes.result["load"]
     again = run_flow(trigger="test")
     assert sum(again["load"]["posted"].values()) == 0
@@ -429,7 +430,7 @@ def test_a_manual_account_under_sage_faults_posts_each_journal_exactly_once(
 ) -> None:
     env = make_env(tmp_path, charges=80, seed=71, monkeypatch=monkeypatch, manual_payouts=True)
     with env.pair:
-        use_env(env, monkeypatch)
+        use_env(env, monkeypatch, quality=ACCOUNTING_QUALITY)
         first, second, injected = run_twice_under_sage_faults(
             env, seed=11, commit_then_503_rate=0.15
         )

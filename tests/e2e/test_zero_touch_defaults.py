@@ -18,7 +18,14 @@ from typing import Any
 import duckdb
 import pytest
 
-from tests.helpers.business import make_env, run_flow, sage_all, stripe_all, use_env
+from tests.helpers.business import (
+    ACCOUNTING_QUALITY,
+    make_env,
+    run_flow,
+    sage_all,
+    stripe_all,
+    use_env,
+)
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -31,7 +38,7 @@ def zt(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Itera
     mp = pytest.MonkeyPatch()
     env = make_env(tmp_path_factory.mktemp("zero_touch"), charges=60, seed=29, monkeypatch=mp)
     with env.pair:
-        use_env(env, mp)
+        use_env(env, mp, quality=ACCOUNTING_QUALITY)
         made: dict[str, str] = {}
         with env.stripe() as s:
 

@@ -423,11 +423,13 @@ def product_env(env: Env, db: Path | None = None, **extra: str) -> dict[str, str
     }
 
 
-# Great Expectations costs about half of an in-process e2e module's CPU (docs/benchmarks.md,
-# "The test suite's time"). It runs where quality is the subject and over every everyday
-# shape (the main flow, failure paths, the default business, payout shapes, the deployed
-# sync's subprocesses); the modules whose subject is the accounting of one family check
-# their rows with the Polars engine, a product setting whose outcomes
+# Great Expectations costs about half of an in-process e2e module's CPU, most of a flow run's
+# (docs/benchmarks.md, "The test suite's time"). It runs where quality is the subject and
+# over every everyday shape once: the main flow (with its Data Docs), the failure paths and
+# quarantine, the default business, the deployed sync of test_operations and the scheduled
+# sync whose quarantine the real-time processor's must equal. The modules whose subject is
+# something else (one accounting family, payouts, the console, backfills, the operations'
+# own syncs) check their rows with the Polars engine: a product setting whose outcomes
 # tests/unit/test_quality_engines.py proves equal to GX's.
 ACCOUNTING_QUALITY = "polars"
 
