@@ -46,8 +46,17 @@ def test_postgres_server_two_workers_backfill_equals_single_process(
     assert "postgresql" in prefect.database_url
     prefect.cli("work-pool", "create", POOL, "--type", "process")
     prefect.cli("deploy", "--prefect-file", str(PREFECT_YAML), "--all")
-    # No schedule should fire during the test: only the backfill runs.
-    prefect.cli("deployment", "schedule", "pause", "--all")
+    # No schedule should fire during the test: only the backfill runs. (What `prefect
+    # deployment schedule pause --all` and `prefect deployment run` do, through the API: each
+    # `prefect` command costs ~4 s of CPU to start.)
+    deployments = prefect.api("POST", "/deployments/filter", json={})
+    for d in deployments:
+        for schedule in d["schedules"]:
+            prefect.api(
+                "PATCH",
+                f"/deployments/{d['id']}/schedules/{schedule['id']}",
+                json={"active": False},
+            )
 
     fanned = tmp / "fanned" / "stripe_sage.duckdb"
     fanned.parent.mkdir()
@@ -58,18 +67,18 @@ def test_postgres_server_two_workers_backfill_equals_single_process(
         prefect.start_worker(POOL, worker_env, tmp / f"worker-{i}.log", "--limit", "2")
         for i in range(2)
     ]
-    prefect.cli(
-        "deployment",
-        "run",
-        "backfill/backfill",
-        "--param",
-        "fan_out=deployments",
-        "--param",
-        "workers=4",
-        "--param",
-        "window_days=7",
-        "--param",
-        "then_sync=false",
+    backfill_id = next(d["id"] for d in deployments if d["name"] == "backfill")
+    prefect.api(
+        "POST",
+        f"/deployments/{backfill_id}/create_flow_run",
+        json={
+            "parameters": {
+                "fan_out": "deployments",
+                "workers": 4,
+                "window_days": 7,
+                "then_sync": False,
+            }
+        },
     )
 
     def backfill_done() -> dict | None:
