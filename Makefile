@@ -44,10 +44,11 @@ browser:
 test: install browser
 	$(BIN)/pytest -m "not slow" -q -n 3 --dist loadfile --durations=25
 
-# The unit tier alone (pure functions, no servers): under a minute. Only tests/unit is
-# collected: collecting the other tiers imports Prefect and the sandboxes for nothing.
+# The unit tier alone (pure functions, no servers): under a minute, on both cores (one
+# process took 80 s on a slower machine of this kind). Only tests/unit is collected:
+# collecting the other tiers imports Prefect and the sandboxes for nothing.
 test-unit: install
-	$(BIN)/pytest tests/unit -m unit -q
+	$(BIN)/pytest tests/unit -m unit -q -n 2
 
 test-all: install
 	$(BIN)/pytest -q
