@@ -130,6 +130,16 @@ def migrated_prefect_db(target: Path) -> None:
     _backup(cached, target)
 
 
+# Services the harness's server runs for nobody: no test reads its task runs (the task-run
+# recorder builds them from every task's events: the largest part of the harness's CPU after
+# the API itself), and no automation is installed on it (triggers and actions). The event
+# persister stays: tests read the alerts' events.
+HARNESS_SERVICES_OFF = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+}
+
+
 @contextmanager
 def prefect_test_harness(server_startup_timeout: int = 90) -> Iterator[None]:
     """Prefect's ``prefect_test_harness`` (a temporary API for flows run in this process),
@@ -147,8 +157,8 @@ def prefect_test_harness(server_startup_timeout: int = 90) -> Iterator[None]:
 
     utilities.mkdtemp = seeded_mkdtemp  # type: ignore[assignment]
     # The harness's server process takes this process's environment when it starts.
-    saved = {key: os.environ.get(key) for key in ON_A_MIGRATED_COPY}
-    os.environ.update(ON_A_MIGRATED_COPY)
+    saved = {key: os.environ.get(key) for key in {**ON_A_MIGRATED_COPY, **HARNESS_SERVICES_OFF}}
+    os.environ.update({**ON_A_MIGRATED_COPY, **HARNESS_SERVICES_OFF})
     try:
         with utilities.prefect_test_harness(server_startup_timeout=server_startup_timeout):
             utilities.mkdtemp = original
