@@ -150,8 +150,9 @@ def prefect_test_harness(server_startup_timeout: int = 90) -> Iterator[None]:
 
     def seeded_mkdtemp() -> str:
         temp_dir = original()
-        # The harness's database file (prefect/testing/utilities.py): if Prefect renames it,
-        # the copy is unused and the server migrates a fresh one, as before.
+        # The harness's database file (prefect/testing/utilities.py). If Prefect renames it,
+        # the server starts on an empty database it does not migrate (ON_A_MIGRATED_COPY):
+        # every e2e test then fails at its first API call, loudly, not silently slower.
         migrated_prefect_db(Path(temp_dir) / "prefect-test.db")
         return temp_dir
 
