@@ -158,8 +158,9 @@ def prefect_test_harness(server_startup_timeout: int = 90) -> Iterator[None]:
 
     utilities.mkdtemp = seeded_mkdtemp  # type: ignore[assignment]
     # The harness's server process takes this process's environment when it starts.
-    saved = {key: os.environ.get(key) for key in {**ON_A_MIGRATED_COPY, **HARNESS_SERVICES_OFF}}
-    os.environ.update({**ON_A_MIGRATED_COPY, **HARNESS_SERVICES_OFF})
+    server_env = {**ON_A_MIGRATED_COPY, **HARNESS_SERVICES_OFF}
+    saved = {key: os.environ.get(key) for key in server_env}
+    os.environ.update(server_env)
     try:
         with utilities.prefect_test_harness(server_startup_timeout=server_startup_timeout):
             utilities.mkdtemp = original
