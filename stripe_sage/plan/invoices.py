@@ -27,7 +27,7 @@ from stripe_sage.plan.documents import (
 from stripe_sage.plan.fx import invoice_settlements, settle_foreign_invoices
 from stripe_sage.plan.invoice_tax import TAX_LINES_SCHEMA, TAXES_DTYPE, invoice_tax_lines
 from stripe_sage.plan.item_codes import line_item
-from stripe_sage.plan.line_amounts import line_price_exprs
+from stripe_sage.plan.line_amounts import with_line_prices
 from stripe_sage.store.staging import Staging, not_quarantined
 
 
@@ -74,17 +74,19 @@ def plan_invoices(
     else:
         item, item_dep = line_item(pl.col("product"), mapping)
     staged = pl.col("product_staged") if "product_staged" in lines.columns else pl.lit(True)
-    # Stripe's quantity kept (stock moves by it), the unit price exact to v1.1's 4 extra decimals
-    quantity, unit_price = line_price_exprs(
-        pl.col("_net"), pl.col("quantity"), exponent_expr(pl.col("currency"))
-    )
     lines = lines.with_columns((pl.col("amount") - pl.col("tax_inclusive")).alias("_net"))
-    ln = apply_rules(lines, mapping.invoices.line, "l_").with_columns(
+    # Stripe's quantity kept (stock moves by it), the unit price exact to v1.1's 4 extra decimals
+    ln = with_line_prices(
+        apply_rules(lines, mapping.invoices.line, "l_"),
+        pl.col("_net"),
+        pl.col("quantity"),
+        exponent_expr(pl.col("currency")),
+        quantity_as="q",
+        price_as="unit_price",
+    ).with_columns(
         item.alias("_item"),
         item_dep.alias("_item_key"),
         (pl.col("product").is_not_null() & ~staged.fill_null(False)).alias("_unstaged"),
-        quantity.alias("q"),
-        unit_price.alias("unit_price"),
     )
     ln = (
         ln.sort("invoice", "position")

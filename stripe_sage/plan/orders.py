@@ -8,7 +8,7 @@ the session posts only its cash receipt, applied to that invoice (``plan_charges
 - Its documents are keyed by the session id (``sales_order:cs_…``, ``invoice:cs_…``) and
   reference the payment intent (``pi_…``): a session id is longer than Sage's 30 characters.
 - Lines: the product's item (as Billing lines: ``item_codes.line_item``), Stripe's quantity, the
-  unit price net of tax (an inclusive tax is subtracted; ``line_amounts.line_price_exprs`` keeps
+  unit price net of tax (an inclusive tax is subtracted; ``line_amounts.with_line_prices`` keeps
   the extension exact), the line's description; shipping is a line of the mapping's shipping
   item. The session's discount is the invoice's ``discount_amount`` (Sage v1.1, as on Billing
   invoices); the sales order carries the lines before it (Sage's sales order has no discount
@@ -48,7 +48,7 @@ from stripe_sage.plan.documents import (
     money_string,
 )
 from stripe_sage.plan.item_codes import line_item
-from stripe_sage.plan.line_amounts import line_price_exprs
+from stripe_sage.plan.line_amounts import with_line_prices
 from stripe_sage.store.staging import Staging, not_quarantined
 
 # Sessions expire 24 hours after they are created: an older open one cannot be this charge's.
@@ -223,16 +223,19 @@ def plan_orders(
     net = pl.col("amount_subtotal") - pl.when(pl.col("tax_inclusive")).then(
         pl.col("amount_tax")
     ).otherwise(0)
-    quantity, unit_price = line_price_exprs(
-        net, pl.col("quantity"), exponent_expr(pl.col("currency"))
-    )
     lines = (
-        items.with_columns(
+        with_line_prices(
+            items,
+            net,
+            pl.col("quantity"),
+            exponent_expr(pl.col("currency")),
+            quantity_as="_q",
+            price_as="_price",
+        )
+        .with_columns(
             item.alias("_item"),
             item_key.alias("_item_key"),
             (pl.col("product").is_not_null() & ~staged.fill_null(False)).alias("_unstaged"),
-            quantity.alias("_q"),
-            unit_price.alias("_price"),
             net.alias("_net"),
         )
         .sort("session", "position")

@@ -11,7 +11,7 @@ import pytest
 
 from stripe_sage.money import exponent
 from stripe_sage.plan.documents import exponent_expr
-from stripe_sage.plan.line_amounts import line_price, line_price_exprs
+from stripe_sage.plan.line_amounts import line_price, with_line_prices
 
 pytestmark = pytest.mark.unit
 
@@ -60,10 +60,15 @@ def test_polars_form_equals_reference_and_is_exact() -> None:
         for _ in range(5000)
     ]
     df = pl.DataFrame(rows, schema=["amount", "quantity", "currency"], orient="row")
-    q, price = line_price_exprs(
-        pl.col("amount"), pl.col("quantity"), exponent_expr(pl.col("currency"))
+    out = with_line_prices(
+        df,
+        pl.col("amount"),
+        pl.col("quantity"),
+        exponent_expr(pl.col("currency")),
+        quantity_as="q",
+        price_as="price",
     )
-    out = df.with_columns(q.alias("q"), price.alias("price"))
+    assert out.columns == ["amount", "quantity", "currency", "q", "price"]  # no step left
     for amount, quantity, currency, q_s, price_s in out.iter_rows():
         assert (q_s, price_s) == line_price(amount, quantity, currency)
         exp = exponent(currency)
