@@ -20,6 +20,7 @@ import pytest
 from devkit.sandbox.launch import SandboxPair
 from devkit.sandbox.paging import sage_all, stripe_all
 from devkit.sandbox.stripe_business import BusinessConfig
+from tests.helpers import http
 
 __all__ = ["sage_all", "stripe_all"]  # re-exported: the tests list both sides through the devkit
 
@@ -41,13 +42,13 @@ class Env:
     secrets: list[str]
 
     def stripe(self) -> httpx.Client:
-        return httpx.Client(
+        return http.client(
             base_url=self.pair.stripe_url,
             headers={"Authorization": f"Bearer {self.pair.stripe_key}"},
         )
 
     def sage(self) -> httpx.Client:
-        return httpx.Client(
+        return http.client(
             base_url=self.pair.sage_url, headers={"Authorization": f"Bearer {self.pair.sage_key}"}
         )
 

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from devkit.sandbox.runner import free_port
+from tests.helpers import http
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -230,7 +231,7 @@ class Prefect:
 
     def healthy(self) -> bool:
         try:
-            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+            return http.get(self.url + "/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -259,7 +260,7 @@ class Prefect:
         return proc
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
-        response = httpx.request(method, self.url + path, timeout=30, **kw)
+        response = http.request(method, self.url + path, timeout=30, **kw)
         response.raise_for_status()
         return response.json() if response.content else None
 

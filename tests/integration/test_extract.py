@@ -28,6 +28,7 @@ from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, OVERLAP, Extractor, PageWriter, window_size
 from stripe_sage.stripe.streams import LISTED_STREAMS, STREAMS
+from tests.helpers import http as loopback
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +93,7 @@ def extractor(
 
 
 def stripe_http(pair: SandboxPair) -> httpx.Client:
-    return httpx.Client(
+    return loopback.client(
         base_url=pair.stripe_url, headers={"Authorization": f"Bearer {pair.stripe_key}"}
     )
 

@@ -36,6 +36,7 @@ from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, Extractor
 from tasks.sage import sage_lookups
+from tests.helpers import http as loopback
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +69,7 @@ class Env:
         return SageProClient(self.pair.sage_url, kw.pop("api_key", self.pair.sage_key), **kw)
 
     def http(self) -> httpx.Client:
-        return httpx.Client(
+        return loopback.client(
             base_url=self.pair.sage_url, headers={"Authorization": f"Bearer {self.pair.sage_key}"}
         )
 
@@ -109,11 +110,11 @@ def extracted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbo
 @pytest.fixture()
 def env(extracted: tuple[SandboxPair, Path], tmp_path: Path) -> Iterator[Env]:
     pair, template = extracted
-    httpx.post(f"{pair.sage_url}/_sandbox/reset").raise_for_status()
+    loopback.post(f"{pair.sage_url}/_sandbox/reset").raise_for_status()
     shutil.copy(template, tmp_path / "stripe_sage.duckdb")
     with Staging(tmp_path / "stripe_sage.duckdb") as st:
         yield Env(pair, st)
-    httpx.delete(f"{pair.sage_url}/_sandbox/faults").raise_for_status()
+    loopback.delete(f"{pair.sage_url}/_sandbox/faults").raise_for_status()
 
 
 def plan(env: Env, client: SageProClient, mapping: Mapping | None = None) -> pl.DataFrame:
@@ -688,7 +689,7 @@ def test_two_runs_racing_for_the_same_new_products_create_each_item_once(
     import threading
 
     pair, template = extracted
-    httpx.post(f"{pair.sage_url}/_sandbox/reset").raise_for_status()
+    loopback.post(f"{pair.sage_url}/_sandbox/reset").raise_for_status()
     refused_item_posts: list[int] = []
 
     def record(response: httpx.Response) -> None:
@@ -706,7 +707,7 @@ def test_two_runs_racing_for_the_same_new_products_create_each_item_once(
 
     def load(st: Staging, n: int) -> None:
         try:
-            http = httpx.Client(timeout=30.0, event_hooks={"response": [record]})
+            http = loopback.client(timeout=30.0, event_hooks={"response": [record]})
             with http, SageProClient(pair.sage_url, pair.sage_key, http_client=http) as client:
                 docs = plan_documents(
                     st, load_mapping(), client.fiscal_periods(), **sage_lookups(client)
@@ -719,7 +720,7 @@ def test_two_runs_racing_for_the_same_new_products_create_each_item_once(
             errors.append(exc)
 
     try:
-        with httpx.Client(base_url=pair.sage_url) as http:
+        with loopback.client(base_url=pair.sage_url) as http:
             http.post(
                 "/_sandbox/faults",
                 json={"slow_rate": 1.0, "slow_seconds": 0.3, "only_methods": ["GET"]},
@@ -730,7 +731,7 @@ def test_two_runs_racing_for_the_same_new_products_create_each_item_once(
         for t in threads:
             t.join(timeout=300)
         assert not errors, errors
-        with httpx.Client(base_url=pair.sage_url) as http:
+        with loopback.client(base_url=pair.sage_url) as http:
             http.delete("/_sandbox/faults").raise_for_status()
         outboxes = [outbox(st) for st in runs]
         items_of = [
@@ -758,14 +759,14 @@ def test_two_runs_racing_for_the_same_new_products_create_each_item_once(
             p: ["created", "linked"] for p in made
         }
         # Sage holds one item per product; the race really happened (a POST was refused).
-        with httpx.Client(base_url=pair.sage_url, headers=auth(pair)) as http:
+        with loopback.client(base_url=pair.sage_url, headers=auth(pair)) as http:
             references = Counter(i["reference"] for i in sage_all(http, "items"))
         assert all(references[k.removeprefix("item:")] == 1 for k in items_of[0])
         assert refused_item_posts, "no two POSTs of the same item met: the race did not happen"
     finally:
         for st in runs:
             st.close()
-        httpx.delete(f"{pair.sage_url}/_sandbox/faults").raise_for_status()
+        loopback.delete(f"{pair.sage_url}/_sandbox/faults").raise_for_status()
 
 
 def auth(pair: SandboxPair) -> dict[str, str]:
