@@ -41,14 +41,19 @@ browser:
 # worker): most e2e time is waiting on Prefect servers and flow-run processes, so a third
 # worker fills the cores while the others wait.
 # The costliest modules start first (tests/helpers/scheduling.py, times from the last run).
+# The tests write bytecode caches as Python does by default, even where the machine sets
+# PYTHONDONTWRITEBYTECODE (as the CI machines do): otherwise each of the ~100 processes a run
+# starts compiles the project's modules from source again, and each pytest worker rewrites
+# and compiles every test module again (~15 s of CPU per run). __pycache__ is git-ignored.
+NO_DONTWRITE := env -u PYTHONDONTWRITEBYTECODE
 test: install browser
-	$(BIN)/pytest -m "not slow" -q -n 3 --dist loadfile --durations=25
+	$(NO_DONTWRITE) $(BIN)/pytest -m "not slow" -q -n 3 --dist loadfile --durations=25
 
 # The unit tier alone (pure functions, no servers): under a minute, on both cores (one
 # process took 80 s on a slower machine of this kind). Only tests/unit is collected:
 # collecting the other tiers imports Prefect and the sandboxes for nothing.
 test-unit: install
-	$(BIN)/pytest tests/unit -m unit -q -n 2
+	$(NO_DONTWRITE) $(BIN)/pytest tests/unit -m unit -q -n 2
 
 test-all: install
 	$(BIN)/pytest -q
