@@ -311,7 +311,8 @@ def test_analysts_query_a_consistent_snapshot_while_a_sync_runs(env: Env) -> Non
     stop = threading.Event()
 
     def analyst() -> None:
-        while not stop.is_set():
+        # An analyst's pace, not a spin: a tight loop took a core from the sync it watches.
+        while not stop.wait(0.02):
             try:
                 con = duckdb.connect(str(snapshot), read_only=True)
                 posted = con.execute(

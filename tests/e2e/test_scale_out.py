@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.test_backfill import table_contents
 from tests.e2e.test_operations import POOL, PREFECT_YAML, ops_env
-from tests.helpers.business import Env, make_env
+from tests.helpers.business import ACCOUNTING_QUALITY, Env, make_env
 from tests.helpers.servers import BIN, ROOT, PostgresDatabase, Prefect, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -60,7 +60,14 @@ def test_postgres_server_two_workers_backfill_equals_single_process(
 
     fanned = tmp / "fanned" / "stripe_sage.duckdb"
     fanned.parent.mkdir()
-    worker_env = ops_env(env, fanned, BACKFILL_DIR=str(tmp / "shared-backfill"))
+    # Both backfills check their rows with the Polars engine (tests/helpers/business.py
+    # ``ACCOUNTING_QUALITY``): this test is about the fan-out, not about quality.
+    worker_env = ops_env(
+        env,
+        fanned,
+        BACKFILL_DIR=str(tmp / "shared-backfill"),
+        QUALITY_ENGINE=ACCOUNTING_QUALITY,
+    )
     # Each worker runs at most 2 flow runs at a time: the parent backfill and its four groups
     # of windows cannot all land on the worker that polls first.
     workers = [
@@ -117,7 +124,11 @@ def test_postgres_server_two_workers_backfill_equals_single_process(
             "7",
             "--no-sync",
         ],
-        env={**os.environ, **prefect.env(), **ops_env(env, single)},
+        env={
+            **os.environ,
+            **prefect.env(),
+            **ops_env(env, single, QUALITY_ENGINE=ACCOUNTING_QUALITY),
+        },
         cwd=ROOT,
         capture_output=True,
         text=True,

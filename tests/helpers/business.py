@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import duckdb
 import httpx
@@ -429,10 +429,10 @@ def product_env(env: Env, db: Path | None = None, **extra: str) -> dict[str, str
 # over every everyday shape once: the main flow (with its Data Docs), the failure paths and
 # quarantine, the default business, the deployed sync of test_operations and the scheduled
 # sync whose quarantine the real-time processor's must equal. The modules whose subject is
-# something else (one accounting family, payouts, the console, backfills, the operations'
-# own syncs) check their rows with the Polars engine: a product setting whose outcomes
-# tests/unit/test_quality_engines.py proves equal to GX's.
-ACCOUNTING_QUALITY = "polars"
+# something else (one accounting family, payouts, the console, backfills and the scale-out,
+# the operations' own syncs, the checkout race) check their rows with the Polars engine: a
+# product setting whose outcomes tests/unit/test_quality_engines.py proves equal to GX's.
+ACCOUNTING_QUALITY: Final = "polars"
 
 
 def use_env(env: Env, monkeypatch: pytest.MonkeyPatch, *, quality: str = "gx") -> None:

@@ -31,7 +31,7 @@ from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 from stripe_sage.stripe.streams import LISTED_STREAMS
 from tests.helpers import http
-from tests.helpers.business import by_reference, is_goods_order
+from tests.helpers.business import ACCOUNTING_QUALITY, by_reference, is_goods_order
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,13 @@ def run_at(settings: Settings, now: int) -> dict[str, Any]:
         RunContext.open(settings, run_id, now=now) as ctx,
         recorded(FlowRun(settings, "test", run_id, ctx=ctx), trigger="test") as run,
     ):
-        counts = run_stages(ctx, run, stages=THROUGH_LOAD, streams=LISTED_STREAMS)
+        counts = run_stages(
+            ctx,
+            run,
+            stages=THROUGH_LOAD,
+            streams=LISTED_STREAMS,
+            quality_engine=ACCOUNTING_QUALITY,  # this test is about the race, not quality
+        )
         if run.status is None:
             run.finish("test")
     return counts
