@@ -458,6 +458,35 @@ def create_stripe_app(
                 raise StripeApiError(
                     400, f"Received unknown parameter: {key}", code="parameter_unknown", param=key
                 )
+        if isinstance(params.get("metadata"), dict):
+            check_metadata(params["metadata"])
+
+    def check_metadata(metadata: JSON) -> None:
+        """Stripe's limits on metadata: up to 50 keys, keys up to 40 characters, values up
+        to 500 (https://docs.stripe.com/metadata)."""
+        if len(metadata) > 50:
+            raise StripeApiError(
+                400,
+                "You can have at most 50 metadata keys.",
+                code="parameter_invalid_string_length",
+            )
+        for key, value in metadata.items():
+            if len(key) > 40:
+                raise StripeApiError(
+                    400,
+                    f"Metadata keys can have up to 40 characters, but you passed in a key that "
+                    f"is {len(key)} characters.",
+                    code="parameter_invalid_string_length",
+                    param=f"metadata[{key}]",
+                )
+            if isinstance(value, str) and len(value) > 500:
+                raise StripeApiError(
+                    400,
+                    f"Metadata values can have up to 500 characters, but you passed in a value "
+                    f"that is {len(value)} characters.",
+                    code="parameter_invalid_string_length",
+                    param=f"metadata[{key}]",
+                )
 
     def expand_set(params: JSON, resource: str, prefix: str = "") -> frozenset[str]:
         raw = params.get("expand", [])
