@@ -212,8 +212,8 @@ def run_stages(
     previous_rows: dict[str, int] | None = None,
     dry_run: bool = False,
     clock: Clock | None = None,
-    quality_engine: Engine = "gx",
-    data_docs: bool = True,
+    quality_engine: Engine | None = None,
+    data_docs: bool | None = None,
     task_runs: bool = True,
     checkpoint: bool = True,
     scoped_plan: bool = False,
@@ -230,7 +230,8 @@ def run_stages(
     before the extract; ``{}``: no comparison). A ``dry_run`` plans without enqueuing and
     ends the run there (``dry_run``); a run through the load records its status
     (``run_status``) before the snapshot, so the snapshot holds the run's own row in
-    ``ops.runs``. ``quality_engine`` and ``data_docs``: how quality runs (the real-time
+    ``ops.runs``. ``quality_engine`` and ``data_docs``: how quality runs (by default the
+    run's ``QUALITY_ENGINE``, with Data Docs under Great Expectations only; the real-time
     processor's micro-batches: Polars, no Data Docs; ``quality.runner.validate_stream``).
     ``task_runs=False`` calls each stage's plain function even inside a run: the processor
     makes a whole micro-batch one task run (a task run costs ~7 ms idle, far more on a busy
@@ -243,6 +244,8 @@ def run_stages(
     ``events``: serves webhook events at the run's yield points (a sync holding the writer).
     """
     call = _call if task_runs else _plain
+    engine: Engine = quality_engine or ctx.settings.quality_engine
+    with_docs = engine == "gx" if data_docs is None else data_docs
     serve: Callable[[], None] = events if events is not None else _no_events
     counts = run.counts
     clock = clock or FlowClock(
@@ -286,8 +289,8 @@ def run_stages(
 
     if "quality" in stages:
         with clock.stage("quality") as row:
-            docs = data_dir / "data_docs" if data_docs else None
-            q = call(quality, st, run_id, previous_rows or {}, docs, quality_engine, events)
+            docs = data_dir / "data_docs" if with_docs else None
+            q = call(quality, st, run_id, previous_rows or {}, docs, engine, events)
             counts["quarantined"] = q.quarantined
             counts["data_docs"] = q.docs_path
             row["rows"] = sum(q.rows.values())

@@ -61,8 +61,6 @@ def stripe_to_sage(
             inbox=None if pump is not None else inbox,
             dry_run=dry_run,
             events=pump,
-            quality_engine=settings.quality_engine,
-            data_docs=settings.quality_engine == "gx",
         )
         if pump is not None:
             counts["events_served_during_sync"] = dict(pump.stats)

@@ -84,6 +84,9 @@ def test_dask_backfill_equals_the_single_process_run(
         status = con.execute("SELECT status FROM ops.runs WHERE flow = 'backfill'").fetchall()
     assert windows == counts["windows"]
     assert status == [("completed",)]
+    # It checked its rows with the engine QUALITY_ENGINE names (Polars here: no Data Docs),
+    # as the scheduled sync does.
+    assert counts["quarantined"] is not None and counts["data_docs"] is None
 
     # The next scheduled run goes on incrementally from the backfill's cursors.
     after = stripe_to_sage(dry_run=True, trigger="test")
