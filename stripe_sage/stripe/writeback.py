@@ -6,7 +6,8 @@ their numbers go into the charge's ``metadata.sage_invoice_no`` / ``sage_order_n
 Checkout order's into its payment intent's, the acknowledgement back to the shop); the code
 of a product's Sage item goes into the product's ``metadata.sage_item``. Each
 write carries an idempotency key derived from what it writes, respects the reader's rate
-limit, and is recorded in ``sage.writeback`` so it is never sent twice. The metadata-only
+limit, and is recorded in ``sage.writeback`` so it is not sent again (after a crash, the last
+few unrecorded ones are, under the same keys: Stripe answers with the first response). The metadata-only
 ``*.updated`` events this causes change no mapped field, so they post nothing back to Sage.
 """
 
