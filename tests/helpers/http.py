@@ -2,7 +2,7 @@
 
 httpx builds an SSL context for every client it makes (loading certifi's CA bundle: ~20 ms of
 CPU each), and ``httpx.get``/``httpx.post`` make a client per call. The tests poll servers in
-loops and open clients per helper call, so that was about a thousand CA-bundle loads per
+loops and open clients per helper call, so that was over a thousand CA-bundle loads per
 ``make test`` for nothing: every server here is plain HTTP on 127.0.0.1. These helpers give
 each client one shared, default (verifying) context instead; each call still opens its own
 connection, as ``httpx.get`` does."""
