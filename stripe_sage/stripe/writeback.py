@@ -7,8 +7,9 @@ Checkout order's into its payment intent's, the acknowledgement back to the shop
 of a product's Sage item goes into the product's ``metadata.sage_item``. Each
 write carries an idempotency key derived from what it writes, respects the reader's rate
 limit, and is recorded in ``sage.writeback`` so it is not sent again (after a crash, the last
-few unrecorded ones are, under the same keys: Stripe answers with the first response). The metadata-only
-``*.updated`` events this causes change no mapped field, so they post nothing back to Sage.
+few unrecorded ones are, under the same keys: Stripe answers with the first response). The
+metadata-only ``*.updated`` events this causes change no mapped field, so they post nothing
+back to Sage.
 """
 
 from __future__ import annotations
