@@ -1084,7 +1084,7 @@ class Staging:
 
     def record_writebacks(self, written: Sequence[tuple[str, str, str, str]], run_id: str) -> None:
         """Metadata values written into Stripe, each (stripe id, field, value, outcome:
-        written, or gone when the object was deleted meanwhile), so they are never sent again
+        written, or gone when the object was deleted meanwhile), so they are not sent again
         (``sage.writeback``). One statement for many: DuckDB's cost per statement (~3 ms)
         was most of a write-back's time."""
         latest = {(sid, field): (sid, field, value, out) for sid, field, value, out in written}
