@@ -114,8 +114,7 @@ def process_batch(
                 plan_excludes_run=during_sync.unchecked_run if during_sync else None,
                 inbox_limit=settings.processor_batch_events,
                 previous_rows={},
-                quality_engine="polars",
-                data_docs=False,
+                quality_engine="polars",  # no Data Docs with it
                 task_runs=False,
                 checkpoint=False,
                 scoped_plan=not full_plan,

@@ -31,7 +31,7 @@ import pytest
 
 from devkit.sandbox.runner import free_port
 from stripe_sage.console import reads
-from tests.helpers import http
+from tests.helpers import loopback
 from tests.helpers.business import (
     ACCOUNTING_QUALITY,
     Env,
@@ -139,7 +139,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> 
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    if http.get(url + "/login", timeout=2).status_code == 200:
+                    if loopback.get(url + "/login", timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
@@ -226,7 +226,7 @@ def test_a_post_without_the_csrf_token_is_refused(console: Console, browser: Any
         assert r.status == 403
     # The same request from another site's page carries no cookie (SameSite=Strict) and no
     # session: refused before anything else.
-    r = http.post(console.url + "/actions/replay", data={"doc_key": key})
+    r = loopback.post(console.url + "/actions/replay", data={"doc_key": key})
     assert r.status_code == 401
     page.goto(console.url + "/actions")
     assert "Nothing yet." in page.inner_text("main")
@@ -415,7 +415,8 @@ def test_reconciliation_drills_down_from_a_payout_to_its_transactions(
     lines = csv_text.strip().splitlines()
     assert lines[0].startswith("id,created,type") and len(lines) == len(items) + 1
     # The CSV needs a login too.
-    assert http.get(f"{console.url}/reconciliation.csv", follow_redirects=False).status_code == 303
+    unauthenticated = loopback.get(f"{console.url}/reconciliation.csv", follow_redirects=False)
+    assert unauthenticated.status_code == 303
 
 
 def _preview_shows(page: Any, *texts: str) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import http
+from tests.helpers import loopback
 from tests.helpers.servers import ROOT, Prefect, migrated_prefect_db, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -152,7 +152,7 @@ def test_a_holder_killed_while_holding_the_slot_frees_it_within_seconds(
         if on_server:
             assert held["flow_run_id"], held
             url = f"{prefect_env['PREFECT_API_URL']}/flow_runs/{held['flow_run_id']}"
-            state = http.get(url, timeout=30).raise_for_status().json()["state"]
+            state = loopback.get(url, timeout=30).raise_for_status().json()["state"]
             assert state["type"] == "CRASHED", state
             assert f"pid {held['pid']}" in state["message"], state
     finally:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from devkit.sandbox.runner import free_port
-from tests.helpers import http
+from tests.helpers import loopback
 from tests.helpers.business import ACCOUNTING_QUALITY, Env, make_env, product_env
 from tests.helpers.servers import BIN, ROOT, Prefect, migrated_prefect_db, wait_for
 
@@ -431,14 +431,15 @@ def test_serve_starts_everything_and_ctrl_c_stops_it_cleanly(tmp_path: Path) -> 
 
         def deployments() -> set[str]:
             try:
-                r = http.post(api + "/deployments/filter", json={}, timeout=5)
+                r = loopback.post(api + "/deployments/filter", json={}, timeout=5)
                 return {d["name"] for d in r.json()} if r.status_code == 200 else set()
             except httpx.HTTPError:
                 return set()
 
         names = wait_for(lambda: len(deployments()) == 8 and deployments(), 180, "8 deployments")
         assert "stripe-to-sage" in names and "realtime-processor" in names
-        automations = {a["name"] for a in http.post(api + "/automations/filter", json={}).json()}
+        found = loopback.post(api + "/automations/filter", json={}).json()
+        automations = {a["name"] for a in found}
         assert "stripe-sage: run failed" in automations
         health = wait_for(
             lambda: _get_json(f"http://127.0.0.1:{hook_port}/healthz"), 60, "the receiver"
@@ -466,6 +467,6 @@ def _get_json(url: str) -> dict[str, Any] | None:
     import httpx
 
     try:
-        return http.get(url, timeout=2).json()
+        return loopback.get(url, timeout=2).json()
     except httpx.HTTPError:
         return None

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from devkit.sandbox.runner import free_port
-from tests.helpers import http
+from tests.helpers import loopback
 from tests.helpers.business import (
     Env,
     expected_documents,
@@ -84,7 +84,7 @@ class Realtime:
 
     def health(self) -> dict[str, Any] | None:
         try:
-            return http.get(f"http://127.0.0.1:{self.receiver_port}/healthz", timeout=2).json()
+            return loopback.get(f"http://127.0.0.1:{self.receiver_port}/healthz", timeout=2).json()
         except httpx.HTTPError:
             return None
 
@@ -249,7 +249,7 @@ def _processor_events(rt: Realtime, name: str, since: float) -> list[tuple[float
             },
             "limit": 50,
         }
-        events = http.post(f"{rt.prefect.url}/events/filter", json=body, timeout=10).json()
+        events = loopback.post(f"{rt.prefect.url}/events/filter", json=body, timeout=10).json()
         found = [
             (dt.datetime.fromisoformat(e["occurred"]).timestamp(), e["payload"])
             for e in events.get("events", [])

@@ -20,7 +20,7 @@ import pytest
 from devkit.sandbox.launch import SandboxPair
 from devkit.sandbox.paging import sage_all, stripe_all
 from devkit.sandbox.stripe_business import BusinessConfig
-from tests.helpers import http
+from tests.helpers import loopback
 
 __all__ = ["sage_all", "stripe_all"]  # re-exported: the tests list both sides through the devkit
 
@@ -42,13 +42,13 @@ class Env:
     secrets: list[str]
 
     def stripe(self) -> httpx.Client:
-        return http.client(
+        return loopback.client(
             base_url=self.pair.stripe_url,
             headers={"Authorization": f"Bearer {self.pair.stripe_key}"},
         )
 
     def sage(self) -> httpx.Client:
-        return http.client(
+        return loopback.client(
             base_url=self.pair.sage_url, headers={"Authorization": f"Bearer {self.pair.sage_key}"}
         )
 

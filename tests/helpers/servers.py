@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from devkit.sandbox.runner import free_port
-from tests.helpers import http
+from tests.helpers import loopback
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -231,7 +231,7 @@ class Prefect:
 
     def healthy(self) -> bool:
         try:
-            return http.get(self.url + "/health", timeout=2).status_code == 200
+            return loopback.get(self.url + "/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -260,7 +260,7 @@ class Prefect:
         return proc
 
     def api(self, method: str, path: str, **kw: Any) -> Any:
-        response = http.request(method, self.url + path, timeout=30, **kw)
+        response = loopback.request(method, self.url + path, timeout=30, **kw)
         response.raise_for_status()
         return response.json() if response.content else None
 

@@ -30,7 +30,7 @@ from stripe_sage.mapping import load_mapping
 from stripe_sage.runtime import RunContext
 from stripe_sage.settings import Settings
 from stripe_sage.stripe.streams import LISTED_STREAMS
-from tests.helpers import http
+from tests.helpers import loopback
 from tests.helpers.business import ACCOUNTING_QUALITY, by_reference, is_goods_order
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def run_at(settings: Settings, now: int) -> dict[str, Any]:
 
 def sage_side(pair: SandboxPair) -> dict[str, dict[str, list[dict[str, Any]]]]:
     headers = {"Authorization": f"Bearer {pair.sage_key}"}
-    with http.client(base_url=pair.sage_url, headers=headers) as c:
+    with loopback.client(base_url=pair.sage_url, headers=headers) as c:
         return {
             name: by_reference(sage_all(c, name))
             for name in ("salesorders", "invoices", "cashreceipts")
@@ -112,7 +112,7 @@ def test_a_charge_read_before_its_session_completes_waits_then_posts_with_its_or
     pair, clock, settings = world
     grace = load_mapping(settings.mapping_file).orders.completion_grace_seconds
     headers = {"Authorization": f"Bearer {pair.stripe_key}"}
-    with http.client(base_url=pair.stripe_url, headers=headers) as s:
+    with loopback.client(base_url=pair.stripe_url, headers=headers) as s:
         sessions = [x for x in stripe_all(s, "/v1/checkout/sessions") if is_goods_order(x)]
         assert sessions, "the business has goods Checkout Sessions"
         paid = {

@@ -28,7 +28,7 @@ from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, OVERLAP, Extractor, PageWriter, window_size
 from stripe_sage.stripe.streams import LISTED_STREAMS, STREAMS
-from tests.helpers import http as loopback
+from tests.helpers import loopback
 
 pytestmark = pytest.mark.integration
 

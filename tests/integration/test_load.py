@@ -36,7 +36,7 @@ from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, Extractor
 from tasks.sage import sage_lookups
-from tests.helpers import http as loopback
+from tests.helpers import loopback
 
 pytestmark = pytest.mark.integration
 

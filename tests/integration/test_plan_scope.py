@@ -38,7 +38,7 @@ from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, Extractor
 from stripe_sage.stripe.streams import LISTED_STREAMS
-from tests.helpers import http
+from tests.helpers import loopback
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         clock=lambda: NOW,
     ) as pair:
         headers = {"Authorization": f"Bearer {pair.stripe_key}"}
-        with http.client(base_url=pair.stripe_url, headers=headers) as s:
+        with loopback.client(base_url=pair.stripe_url, headers=headers) as s:
             written_off = [
                 i["id"] for i in stripe_all(s, "/v1/invoices") if i["status"] == "uncollectible"
             ]

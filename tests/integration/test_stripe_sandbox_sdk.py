@@ -18,7 +18,7 @@ import stripe
 from devkit.sandbox.runner import ThreadedServer
 from devkit.sandbox.stripe_app import create_stripe_app
 from devkit.sandbox.stripe_business import BusinessConfig
-from tests.helpers import http
+from tests.helpers import loopback
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def all_charges(client: stripe.StripeClient) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def raw(server: ThreadedServer) -> Iterator[httpx.Client]:
-    with http.client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}) as c:
+    with loopback.client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}) as c:
         yield c
 
 
@@ -96,7 +96,7 @@ def test_auto_paging_returns_every_charge_once_newest_first(
     assert len(set(ids)) == CHARGES
     created = [c["created"] for c in all_charges]
     assert created == sorted(created, reverse=True)
-    info = http.get(f"{server.url}/_sandbox/info").json()
+    info = loopback.get(f"{server.url}/_sandbox/info").json()
     assert info["counts"]["charges"] == CHARGES
     assert all(c["object"] == "charge" for c in all_charges)
     # Since 2022-11-15 refunds are not embedded unless expanded.
@@ -243,7 +243,7 @@ def test_raw_expand_forms_both_accepted(server: ThreadedServer) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     bodies = []
     for key in ("expand[]", "expand[0]"):
-        r = http.get(
+        r = loopback.get(
             f"{server.url}/v1/charges",
             params={"limit": 20, key: "data.balance_transaction"},
             headers=headers,
@@ -254,7 +254,7 @@ def test_raw_expand_forms_both_accepted(server: ThreadedServer) -> None:
         assert all(not isinstance(c["balance_transaction"], str) for c in data)
         bodies.append(data)
     assert bodies[0] == bodies[1]
-    two = http.get(
+    two = loopback.get(
         f"{server.url}/v1/charges",
         headers=headers,
         params=[
@@ -266,7 +266,7 @@ def test_raw_expand_forms_both_accepted(server: ThreadedServer) -> None:
     assert two.status_code == 200
     assert all("refunds" in c for c in two.json()["data"])
     # A list expansion must carry the data. prefix, as on Stripe.
-    bad = http.get(
+    bad = loopback.get(
         f"{server.url}/v1/charges", headers=headers, params={"expand[]": "balance_transaction"}
     )
     assert bad.status_code == 400

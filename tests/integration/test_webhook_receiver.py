@@ -22,7 +22,7 @@ from devkit.sandbox.stripe_app import create_stripe_app, sign_payload
 from devkit.sandbox.stripe_business import BusinessConfig
 from stripe_sage.store.inbox import Inbox
 from stripe_sage.stripe.webhooks import TRIGGER_EVENT, Notifier, create_receiver
-from tests.helpers import http
+from tests.helpers import loopback
 
 pytestmark = pytest.mark.integration
 SECRET = "whsec_receiver_test_secret"
@@ -62,7 +62,7 @@ def post(url: str, body: bytes, signature: str | None) -> httpx.Response:
     headers = {"Content-Type": "application/json"}
     if signature is not None:
         headers["Stripe-Signature"] = signature
-    return http.post(url, content=body, headers=headers)
+    return loopback.post(url, content=body, headers=headers)
 
 
 def test_signed_event_is_stored_once(receiver: tuple[str, Inbox]) -> None:
@@ -130,7 +130,7 @@ def test_sandbox_deliveries_with_duplicates_and_shuffling_are_stored_once(
     app = create_stripe_app(
         BusinessConfig(seed=3, charges=100, end=END), api_key=KEY, rate_limit=None
     )
-    with ThreadedServer(app) as srv, http.client(base_url=srv.url) as stripe_api:
+    with ThreadedServer(app) as srv, loopback.client(base_url=srv.url) as stripe_api:
         stripe_api.post(
             "/_sandbox/webhook_endpoints",
             json={"url": url, "secret": SECRET, "duplicate_rate": 0.3, "shuffle_window": 10},

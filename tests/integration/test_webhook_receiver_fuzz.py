@@ -22,7 +22,7 @@ from devkit.sandbox.runner import ThreadedServer
 from devkit.sandbox.stripe_app import sign_payload
 from stripe_sage.store.inbox import Inbox
 from stripe_sage.stripe.webhooks import create_receiver, events_by_stream
-from tests.helpers import http
+from tests.helpers import loopback
 
 pytestmark = pytest.mark.integration
 SECRET = "whsec_fuzz_secret"
@@ -31,7 +31,7 @@ SECRET = "whsec_fuzz_secret"
 @pytest.fixture()
 def receiver(tmp_path: Path) -> Iterator[tuple[str, Inbox, httpx.Client]]:
     inbox = Inbox(tmp_path / "inbox.sqlite3")
-    with ThreadedServer(create_receiver(inbox, [SECRET])) as srv, http.client() as client:
+    with ThreadedServer(create_receiver(inbox, [SECRET])) as srv, loopback.client() as client:
         yield srv.url + "/stripe/webhook", inbox, client
 
 

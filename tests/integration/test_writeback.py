@@ -18,7 +18,7 @@ from stripe_sage.store.staging import Staging
 from stripe_sage.stripe.client import StripeReader
 from stripe_sage.stripe.extract import DAY, Extractor
 from stripe_sage.stripe.writeback import write_back
-from tests.helpers import http as loopback
+from tests.helpers import loopback
 from tests.helpers.business import END
 
 pytestmark = pytest.mark.integration
